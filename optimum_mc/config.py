@@ -1,0 +1,210 @@
+"""MCConfig: every option of MC quantization and online dynamic pruning, validated before any weight is loaded."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import MCConfigError
+from .packing import SUPPORTED_BITS
+
+ALLOCATION_MODES = ("layer", "global", "random", "frequency")
+NONEXPERT_METHODS = ("gptq", "bnb_nf4")
+EXPERT_BITS = (1, 2, 3, 4)
+
+# Results of quantization written into config.json; users do not set them.
+_RESULT_FIELDS = ("moe_layers", "expert_bits", "expert_factors", "linear_bits", "odp_thresholds", "odp_layer_scores")
+
+
+def _err(msg: str) -> MCConfigError:
+    return MCConfigError(msg)
+
+
+class MCConfig(QuantizationConfigMixin):
+    """Configuration of MC (Mixture Compressor) quantization, registered with transformers as method ``"mc"``.
+
+    Quantization (PMQ):
+        bits: target average bit-width of the routed experts (e.g. 2.5).
+        candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit.
+        attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
+        group_size: quantization group size along the input dimension (-1: one group per row).
+        allocation: ``"layer"`` (the paper: the same budget in every MoE layer), ``"global"`` (one budget over
+            all layers), or the baselines ``"random"`` / ``"frequency"`` (same per-layer budget).
+        alpha, beta, gamma: exponents of the allocation objective phi^alpha * w^beta * eps^gamma
+            (activation frequency, routing-weight mass, quantization loss).
+        allocation_constraints: require at least one expert at the top and one at the middle candidate
+            bit-width in every layer (the paper's constraints).
+        nonexpert_method: ``"gptq"`` or ``"bnb_nf4"`` (bitsandbytes 4-bit for attention / dense layers).
+        modules_to_not_convert: module names (or name suffixes) kept in float.
+    GPTQ:
+        damp_percent: Hessian damping as a fraction of its mean diagonal.
+        act_order: process columns by decreasing Hessian diagonal (groups keep their original columns).
+        block_size: columns per lazy-batch update.
+        min_expert_tokens: experts routed fewer calibration tokens use calibration-free quantization.
+    Calibration:
+        dataset: ``None``/``"builtin"`` (offline text shipped with the package), a list of strings, a path to a
+            text file or folder of .txt files, or a ``datasets`` name.
+        tokenizer: tokenizer object or path (default: the model's own).
+        num_samples, seq_len: number and length (tokens) of calibration sequences.
+        seed: seed of everything random (sampling, random allocation).
+        show_progress: tqdm progress bars.
+    Online dynamic pruning (ODP):
+        odp: enable ODP at inference.
+        odp_threshold: ``None`` (per-layer median ratio from calibration), a float in (0, 1], or one per MoE layer.
+        odp_protect_ratio: fraction of tokens per sequence that keep all experts (in [0, 1]).
+        odp_layers: ``None`` (default share of the MoE layers, ranked on calibration), an int (how many), or a
+            list of layer indices.
+    """
+
+    def __init__(
+        self,
+        bits: float = 2.5,
+        candidate_bits: list[int] | tuple[int, ...] = (1, 2, 3),
+        attn_bits: int | None = 4,
+        group_size: int = 128,
+        allocation: str = "layer",
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        allocation_constraints: bool = True,
+        nonexpert_method: str = "gptq",
+        modules_to_not_convert: list[str] | None = None,
+        damp_percent: float = 0.01,
+        act_order: bool = True,
+        block_size: int = 128,
+        min_expert_tokens: int = 16,
+        dataset: str | list[str] | None = None,
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        seq_len: int = 512,
+        seed: int = 0,
+        show_progress: bool = True,
+        odp: bool = False,
+        odp_threshold: float | list[float] | None = None,
+        odp_protect_ratio: float = 0.02,
+        odp_layers: int | list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = "mc"
+        self.bits = bits
+        self.candidate_bits = list(candidate_bits) if candidate_bits is not None else None
+        self.attn_bits = attn_bits
+        self.group_size = group_size
+        self.allocation = allocation
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.allocation_constraints = allocation_constraints
+        self.nonexpert_method = nonexpert_method
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.damp_percent = damp_percent
+        self.act_order = act_order
+        self.block_size = block_size
+        self.min_expert_tokens = min_expert_tokens
+        self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
+        self.tokenizer = tokenizer
+        self.num_samples = num_samples
+        self.seq_len = seq_len
+        self.seed = seed
+        self.show_progress = show_progress
+        self.odp = odp
+        self.odp_threshold = list(odp_threshold) if isinstance(odp_threshold, (list, tuple)) else odp_threshold
+        self.odp_protect_ratio = odp_protect_ratio
+        self.odp_layers = list(odp_layers) if isinstance(odp_layers, (list, tuple)) else odp_layers
+        kwargs.pop("quant_method", None)
+        for name in _RESULT_FIELDS:
+            setattr(self, name, kwargs.pop(name, None))
+        if kwargs:
+            raise _err(f"unknown MCConfig option(s): {', '.join(sorted(kwargs))}.")
+        self.post_init()
+
+    # ------------------------------------------------------------------ validation
+    def post_init(self) -> None:
+        """Validate every option; raise :class:`MCConfigError` naming the problem and the fix."""
+        cb = self.candidate_bits
+        if not cb or any(isinstance(b, bool) or not isinstance(b, int) or b not in EXPERT_BITS for b in cb):
+            raise _err(f"candidate_bits must be a non-empty list drawn from {EXPERT_BITS}, got {cb!r}.")
+        if len(set(cb)) != len(cb):
+            raise _err(f"candidate_bits has duplicates: {cb!r}.")
+        self.candidate_bits = sorted(cb)
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
+            raise _err(f"bits must be a number, got {self.bits!r}.")
+        lo, hi = min(cb), max(cb)
+        if not lo <= self.bits <= hi:
+            raise _err(
+                f"bits={self.bits} is infeasible with candidate_bits={cb}: the average must lie in [{lo}, {hi}]; "
+                f"change bits or candidate_bits."
+            )
+        if self.attn_bits is not None and (
+            isinstance(self.attn_bits, bool) or self.attn_bits not in SUPPORTED_BITS or self.attn_bits == 1
+        ):
+            raise _err(f"attn_bits must be one of (2, 3, 4, 8) or None (keep float), got {self.attn_bits!r}.")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (
+            self.group_size == -1 or (self.group_size > 0 and self.group_size % 32 == 0)
+        ):
+            raise _err(f"group_size must be a positive multiple of 32 or -1 (one group per row), got {self.group_size!r}.")
+        if self.allocation not in ALLOCATION_MODES:
+            raise _err(f"allocation must be one of {ALLOCATION_MODES}, got {self.allocation!r}.")
+        for name in ("alpha", "beta", "gamma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise _err(f"{name} must be a finite number >= 0, got {v!r}.")
+        if self.nonexpert_method not in NONEXPERT_METHODS:
+            raise _err(f"nonexpert_method must be one of {NONEXPERT_METHODS}, got {self.nonexpert_method!r}.")
+        if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
+            raise _err(f"damp_percent must be in (0, 1), got {self.damp_percent!r}.")
+        for name in ("block_size", "num_samples", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise _err(f"{name} must be a positive integer, got {v!r}.")
+        if self.seq_len < 8:
+            raise _err(f"seq_len={self.seq_len} is too short for calibration; use at least 8 tokens (512 typical).")
+        if isinstance(self.min_expert_tokens, bool) or not isinstance(self.min_expert_tokens, int) or (
+            self.min_expert_tokens < 0
+        ):
+            raise _err(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise _err(f"seed must be an integer, got {self.seed!r}.")
+        ds = self.dataset
+        if isinstance(ds, list) and (not ds or not all(isinstance(t, str) for t in ds)):
+            raise _err("dataset given as a list must be a non-empty list of strings (calibration texts).")
+        if ds is not None and not isinstance(ds, (str, list)):
+            raise _err(f"dataset must be None, 'builtin', a path, a datasets name or a list of texts, got {ds!r}.")
+        self._check_odp()
+
+    def _check_odp(self) -> None:
+        thr = self.odp_threshold
+        vals = thr if isinstance(thr, list) else ([] if thr is None else [thr])
+        for t in vals:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+                raise _err(f"odp_threshold values must lie in (0, 1], got {t!r}.")
+        r = self.odp_protect_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
+            raise _err(f"odp_protect_ratio must lie in [0, 1], got {r!r}.")
+        layers = self.odp_layers
+        if isinstance(layers, list):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise _err(f"odp_layers must be layer indices >= 0, got {layers!r}.")
+        elif layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+            raise _err(f"odp_layers must be None, a count >= 0 or a list of layer indices, got {layers!r}.")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_uniform(self) -> bool:
+        return len(self.candidate_bits) == 1
+
+    @property
+    def is_quantized(self) -> bool:
+        """True once quantization results (per-expert bits) are stored in the config."""
+        return self.expert_bits is not None
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k != "tokenizer"}
+        if self.tokenizer is not None and isinstance(self.tokenizer, str):
+            d["tokenizer"] = self.tokenizer
+        return d
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MCConfig) and self.to_dict() == other.to_dict()
