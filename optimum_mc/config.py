@@ -140,10 +140,14 @@ class MCConfig(QuantizationConfigMixin):
             isinstance(self.attn_bits, bool) or self.attn_bits not in SUPPORTED_BITS or self.attn_bits == 1
         ):
             raise _err(f"attn_bits must be one of (2, 3, 4, 8) or None (keep float), got {self.attn_bits!r}.")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (
-            self.group_size == -1 or (self.group_size > 0 and self.group_size % 32 == 0)
+        if (
+            not isinstance(self.group_size, int)
+            or isinstance(self.group_size, bool)
+            or not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 32 == 0))
         ):
-            raise _err(f"group_size must be a positive multiple of 32 or -1 (one group per row), got {self.group_size!r}.")
+            raise _err(
+                f"group_size must be a positive multiple of 32 or -1 (one group per row), got {self.group_size!r}."
+            )
         if self.allocation not in ALLOCATION_MODES:
             raise _err(f"allocation must be one of {ALLOCATION_MODES}, got {self.allocation!r}.")
         for name in ("alpha", "beta", "gamma"):
@@ -160,8 +164,10 @@ class MCConfig(QuantizationConfigMixin):
                 raise _err(f"{name} must be a positive integer, got {v!r}.")
         if self.seq_len < 8:
             raise _err(f"seq_len={self.seq_len} is too short for calibration; use at least 8 tokens (512 typical).")
-        if isinstance(self.min_expert_tokens, bool) or not isinstance(self.min_expert_tokens, int) or (
-            self.min_expert_tokens < 0
+        if (
+            isinstance(self.min_expert_tokens, bool)
+            or not isinstance(self.min_expert_tokens, int)
+            or (self.min_expert_tokens < 0)
         ):
             raise _err(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -75,9 +75,7 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return (q.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
-def rtn_quantize(
-    weight: torch.Tensor, bits: int, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest (calibration-free) quantization of ``(out, in)`` weights.
 
     Returns uint8 codes ``(out, in)`` and fp16 scales / zeros ``(out, in // group_size)``.

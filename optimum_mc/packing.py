@@ -30,7 +30,9 @@ def packed_words(n: int, bits: int) -> int:
     """Number of int32 words holding ``n`` codes of ``bits`` bits (``n`` must be a multiple of 32)."""
     check_bits(bits)
     if n % WORD_BITS:
-        raise ShapeError(f"the packed dimension must be a multiple of {WORD_BITS}, got {n}; pad or pick another shape.")
+        raise ShapeError(
+            f"the packed dimension must be a multiple of {WORD_BITS}, got {n}; pad or pick another shape."
+        )
     return n * bits // WORD_BITS
 
 

@@ -70,7 +70,9 @@ def dequantize(
     return torch.ops.optimum_mc.dequantize(qweight, scales, zeros, bits, dtype)
 
 
-def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> torch.Tensor:
     """``x @ dequantize(...).T`` for ``x`` of shape ``(..., in)``; output ``(..., out)`` in ``x.dtype``."""
     in_features = check_packed(qweight, scales, zeros, bits)
     if not x.dtype.is_floating_point:
