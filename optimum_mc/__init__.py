@@ -1,3 +1,14 @@
-"""optimum-mc: MC (Mixture Compressor) for Mixture-of-Experts LLMs, as a transformers quantizer."""
+"""optimum-mc: MC (Mixture Compressor) for Mixture-of-Experts LLMs, as a transformers quantizer.
+
+``import optimum_mc`` registers quantization method "mc" with transformers.
+"""
+
+from .config import MCConfig
+from .errors import MCError
+from .registration import register as _register
 
 __version__ = "0.1.0"
+
+_register()
+
+__all__ = ["MCConfig", "MCError", "__version__"]

@@ -124,3 +124,16 @@ def router_probabilities(arch: MoEArchitecture, router_logits: torch.Tensor) -> 
     if arch.score_fn == "sigmoid":
         return router_logits.float().sigmoid()
     return router_logits.float().softmax(-1)
+
+
+def layer_module_names(model: nn.Module) -> dict[int, str]:
+    """Module name of every decoder layer, by index (e.g. ``{0: "model.layers.0"}``)."""
+    ids = {id(layer): i for i, layer in enumerate(decoder_layers(model))}
+    return {ids[id(m)]: n for n, m in model.named_modules() if id(m) in ids}
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``root`` by ``new``."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)

@@ -1,0 +1,110 @@
+"""Forward hooks that record what calibration needs from one decoder layer.
+
+- :class:`LinearInputs`: input Hessians ``2/n X^T X`` of plain ``nn.Linear`` modules (attention, shared experts,
+  dense MLPs) for GPTQ.
+- :class:`RoutingCapture`: for one MoE block, the router's per-expert probabilities and the tokens routed to each
+  expert together with their routing weights (what the experts module receives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..architectures import MoEArchitecture, router_probabilities
+from ..gptq import HessianAccumulator
+
+
+class LinearInputs:
+    """Accumulate the input Hessian of each given ``nn.Linear`` while the layer runs."""
+
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        self.hessians = {
+            name: HessianAccumulator(m.in_features, device=torch.device("cpu")) for name, m in modules.items()
+        }
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.hessians[name].add(args[0].detach())
+
+        return hook
+
+    def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.output_energy += output.detach().float().pow(2).sum().item()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@dataclass
+class ExpertTokens:
+    """Calibration tokens routed to one expert: inputs ``(n, H)`` and their routing weights ``(n,)`` (fp32, CPU)."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)
+
+    def cat(self, hidden_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.inputs:
+            return torch.zeros(0, hidden_dim), torch.zeros(0)
+        return torch.cat(self.inputs), torch.cat(self.weights)
+
+
+class RoutingCapture:
+    """Record routing statistics and per-expert routed tokens of one MoE block."""
+
+    def __init__(self, arch: MoEArchitecture, router: nn.Module, experts: nn.Module) -> None:
+        self.arch = arch
+        self.num_experts = int(experts.num_experts)
+        self.hidden_dim = int(experts.hidden_dim)
+        e = self.num_experts
+        self.tokens = 0
+        self.counts = torch.zeros(e, dtype=torch.float64)
+        self.prob_sum = torch.zeros(e, dtype=torch.float64)  # sum of the router probability over selecting tokens
+        self.ratios: list[torch.Tensor] = []  # routing weight of slots 2..k divided by the top-1 weight
+        self.experts = [ExpertTokens() for _ in range(e)]
+        self.output_energy = 0.0  # sum over tokens of ||experts output||^2 (the routed part of the block output)
+        self._handles = [
+            router.register_forward_hook(self._router_hook),
+            experts.register_forward_pre_hook(self._experts_hook),
+            experts.register_forward_hook(self._experts_out_hook),
+        ]
+
+    def _router_hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        logits, weights, index = output[0], output[1], output[2]
+        probs = router_probabilities(self.arch, logits.reshape(-1, logits.shape[-1]).detach())
+        index = index.reshape(-1, index.shape[-1])
+        self.tokens += index.shape[0]
+        selected = probs.gather(1, index).double().cpu()
+        flat = index.reshape(-1).cpu()
+        self.counts += torch.bincount(flat, minlength=self.num_experts).double()
+        self.prob_sum.index_add_(0, flat, selected.reshape(-1))
+        w = weights.reshape(index.shape).detach().float()
+        if w.shape[-1] > 1:
+            top1 = w.max(-1, keepdim=True).values.clamp_min(1e-20)
+            ratio = (w / top1).sort(-1, descending=True).values[:, 1:]
+            self.ratios.append(ratio.cpu())
+
+    def _experts_hook(self, module: nn.Module, args: tuple) -> None:
+        hidden, index, weights = args[0], args[1], args[2]
+        hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu()
+        index = index.detach().cpu()
+        weights = weights.detach().float().cpu()
+        for e in torch.unique(index).tolist():
+            if e >= self.num_experts:
+                continue
+            tok, slot = torch.where(index == e)
+            self.experts[e].inputs.append(hidden[tok])
+            self.experts[e].weights.append(weights[tok, slot])
+
+    def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.output_energy += output.detach().float().pow(2).sum().item()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,101 @@
+"""Check a quantized checkpoint's tensors against its MC config before any weight is loaded.
+
+transformers would otherwise fail late with a generic size-mismatch error, or worse, leave missing buffers
+uninitialized. We read only the safetensors headers (cheap) and compare every expected packed tensor: present,
+right dtype, right shape for its bit-width, and its bytes actually inside the file (truncation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+
+from .errors import CheckpointError
+from .packing import WORD_BITS
+
+_DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def read_safetensors_header(path: str) -> dict:
+    """The JSON header of a safetensors file, with each tensor's end offset checked against the file size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header); re-save or re-download it.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path} is truncated (header of {n} bytes in a {size}-byte file).")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({exc}).") from exc
+    data = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        end = info["data_offsets"][1]
+        if end > data:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {key!r} ends at byte {end} of a {data}-byte data section; "
+                f"re-save or re-download the checkpoint."
+            )
+    header.pop("__metadata__", None)
+    return header
+
+
+def packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple]:
+    """Expected (dtype, shape) of the three packed buffers of one matrix."""
+    g = in_features if group_size == -1 else group_size
+    groups = in_features // g
+    return {
+        "qweight": ("int32", (out_features, in_features * bits // WORD_BITS)),
+        "scales": ("float16", (out_features, groups)),
+        "zeros": ("float16", (out_features, groups)),
+    }
+
+
+def _layer_key(key: str) -> tuple[int, str] | None:
+    """``(layer index, rest after the MoE/attention attribute)`` for keys like ``...layers.3.<attr>.<rest>``."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1]), ".".join(parts[i + 2 :])
+    return None
+
+
+def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]]) -> None:
+    """Compare ``expected[(layer, suffix)] = (dtype, shape)`` with the checkpoint; raise CheckpointError.
+
+    ``suffix`` is matched against the end of each checkpoint key of that layer, so renamed block attributes
+    (e.g. Mixtral's ``mlp`` saved as ``block_sparse_moe``) do not matter.
+    """
+    found: dict[tuple[int, str], tuple[str, tuple]] = {}
+    by_layer: dict[int, list[tuple[str, dict]]] = {}
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            raise CheckpointError(f"{path}: MC checkpoints are read from safetensors only (no pickle).")
+        for key, info in read_safetensors_header(str(path)).items():
+            lk = _layer_key(key)
+            if lk is not None:
+                by_layer.setdefault(lk[0], []).append((lk[1], info))
+    problems = []
+    for (layer, suffix), (dtype, shape) in expected.items():
+        hit = next(
+            (info for rest, info in by_layer.get(layer, []) if rest == suffix or rest.endswith("." + suffix)), None
+        )
+        if hit is None:
+            problems.append(f"missing layers.{layer}.*{suffix}")
+            continue
+        got = (_DTYPES.get(hit["dtype"], hit["dtype"]), tuple(hit["shape"]))
+        found[(layer, suffix)] = got
+        if got != (dtype, shape):
+            problems.append(f"layers.{layer}.*{suffix}: expected {dtype}{list(shape)}, found {got[0]}{list(got[1])}")
+    if problems:
+        head = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+        raise CheckpointError(
+            f"the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size): {head}. "
+            f"The checkpoint is incomplete, truncated or was edited; re-save it from the quantized model."
+        )

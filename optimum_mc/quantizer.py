@@ -1,0 +1,207 @@
+"""The transformers HfQuantizer for method "mc": transformers' hooks, delegating to the pipeline (no math here)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+
+from .architectures import MoEArchitecture, layer_module_names, moe_blocks, require_moe, set_submodule
+from .checkpoint import check_checkpoint, packed_shapes
+from .config import MCConfig
+from .errors import CheckpointError, MCConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> dict:
+    """``{(layer, suffix): (dtype, shape)}`` of every packed tensor a checkpoint of ``cfg`` must hold."""
+    blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
+    names = layer_module_names(model)
+    out = {}
+    for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
+        ex = blocks[idx].experts
+        i2, h = int(ex.gate_up_proj.shape[1]), int(ex.gate_up_proj.shape[2])
+        for e, b in enumerate(bits):
+            for part, (o, n) in (("gate_up", (i2, h)), ("down", (h, i2 // 2))):
+                for buf, spec in packed_shapes(o, n, b, cfg.group_size).items():
+                    out[(idx, f"{arch.experts_attr}.packed.{e}.{part}.{buf}")] = spec
+    for full, b in (cfg.linear_bits or {}).items():
+        idx = next(i for i, n in names.items() if full.startswith(n + "."))
+        m = model.get_submodule(full)
+        for buf, spec in packed_shapes(m.out_features, m.in_features, b, cfg.group_size).items():
+            out[(idx, full[len(names[idx]) + 1 :] + "." + buf)] = spec
+    return out
+
+
+def check_results_match_model(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> None:
+    """The stored allocation must describe this model's MoE layers and linear modules."""
+    if cfg.expert_bits is None or cfg.moe_layers is None:
+        raise CheckpointError(
+            "quantization_config has no per-expert bits (expert_bits): the checkpoint is not an MC model."
+        )
+    blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
+    if sorted(blocks) != list(cfg.moe_layers) or len(cfg.expert_bits) != len(cfg.moe_layers):
+        raise CheckpointError(
+            f"quantization_config lists MoE layers {cfg.moe_layers} with {len(cfg.expert_bits)} bit lists, "
+            f"but the model has MoE layers {sorted(blocks)}."
+        )
+    for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
+        n = int(blocks[idx].experts.num_experts)
+        if len(bits) != n or any(b not in (1, 2, 3, 4) for b in bits):
+            raise CheckpointError(f"layer {idx}: expert_bits {bits} must list {n} bit-widths from (1, 2, 3, 4).")
+    for name in cfg.linear_bits or {}:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(
+                f"quantization_config lists linear {name!r}, which the model does not have."
+            ) from exc
+        if not isinstance(m, nn.Linear):
+            raise CheckpointError(
+                f"quantization_config lists {name!r} as a linear layer but it is {type(m).__name__}."
+            )
+
+
+def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> None:
+    """Replace float experts / linears by empty packed modules shaped from ``cfg`` (on the meta device)."""
+    from .nn import MCExperts, QuantLinear
+
+    blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
+    for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
+        blk = blocks[idx]
+        old = blk.experts
+        new = MCExperts(
+            int(old.num_experts),
+            int(old.gate_up_proj.shape[2]),
+            int(old.gate_up_proj.shape[1] // 2),
+            list(bits),
+            cfg.group_size,
+            old.act_fn,
+            dtype=old.gate_up_proj.dtype,
+            device="meta",
+        )
+        setattr(blk.block, arch.experts_attr, new)
+    for name, b in (cfg.linear_bits or {}).items():
+        m = model.get_submodule(name)
+        new = QuantLinear(
+            m.in_features,
+            m.out_features,
+            b,
+            cfg.group_size,
+            bias=m.bias is not None,
+            dtype=m.weight.dtype,
+            device="meta",
+        )
+        set_submodule(model, name, new)
+
+
+def _float_experts_class(block_module: nn.Module) -> type:
+    mod = sys.modules[type(block_module).__module__]
+    found = [
+        v for k, v in vars(mod).items() if isinstance(v, type) and k.endswith("Experts") and issubclass(v, nn.Module)
+    ]
+    if len(found) != 1:
+        raise MCConfigError(
+            f"cannot find the float experts class of {type(block_module).__name__} to dequantize into."
+        )
+    return found[0]
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every packed module by its float equivalent (``model.dequantize()``)."""
+    from .nn import MCExperts, QuantLinear
+
+    arch = require_moe(model)
+    for blk in moe_blocks(model, arch):
+        ex = blk.experts
+        if isinstance(ex, MCExperts):
+            gate_up, down = ex.dequantize()
+            cls = _float_experts_class(blk.block)
+            with torch.device("meta"):
+                new = cls(model.config.get_text_config())
+            dt = dtype or gate_up.dtype
+            new.gate_up_proj = nn.Parameter(gate_up.to(dt), requires_grad=False)
+            new.down_proj = nn.Parameter(down.to(dt), requires_grad=False)
+            new.act_fn = ex.act_fn
+            setattr(blk.block, arch.experts_attr, new)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            lin = m.to_linear()
+            if dtype is not None:
+                lin = lin.to(dtype)
+            set_submodule(model, name, lin)
+    return model
+
+
+class MCQuantizer(HfQuantizer):
+    """Quantize MoE models with MC at load time, and load MC checkpoints."""
+
+    requires_calibration = False
+    required_packages = ["ortools"]
+
+    def __init__(self, quantization_config: MCConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            import ortools  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - ortools is a hard dependency
+            raise ImportError("optimum-mc needs OR-Tools for the bit allocation: pip install ortools") from exc
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        cfg: MCConfig = self.quantization_config
+        arch = require_moe(model)
+        if self.pre_quantized:
+            check_results_match_model(model, cfg, arch)
+            if checkpoint_files:
+                check_checkpoint(checkpoint_files, expected_tensors(model, cfg, arch))
+            build_quantized_skeleton(model, cfg, arch)
+        else:
+            from .allocation import check_feasible
+
+            check_feasible(
+                [int(b.experts.num_experts) for b in moe_blocks(model, arch)],
+                cfg.candidate_bits,
+                cfg.bits,
+                cfg.allocation_constraints,
+            )
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        cfg: MCConfig = self.quantization_config
+        if not self.pre_quantized:
+            from .pipeline import quantize_model
+
+            quantize_model(model, cfg)
+        else:
+            missing = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+            if missing:
+                raise CheckpointError(
+                    f"{len(missing)} packed tensors were not in the checkpoint (e.g. {missing[:3]}); "
+                    f"re-save it from the quantized model."
+                )
+        self._apply_odp(model)
+        return model
+
+    def _apply_odp(self, model) -> None:
+        cfg: MCConfig = self.quantization_config
+        if not cfg.odp:
+            return
+        from .pruning import set_odp_from_config
+
+        set_odp_from_config(model, cfg)
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize_model(model, dtype)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

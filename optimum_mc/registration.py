@@ -1,0 +1,32 @@
+"""Register MCConfig / MCQuantizer with transformers as quantization method "mc" (idempotent)."""
+
+from __future__ import annotations
+
+METHOD = "mc"
+
+
+def register() -> None:
+    """Make ``quant_method="mc"`` known to transformers; safe to call any number of times."""
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    from .config import MCConfig
+    from .quantizer import MCQuantizer
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(METHOD) is not MCConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(METHOD, None)
+        register_quantization_config(METHOD)(MCConfig)
+    if AUTO_QUANTIZER_MAPPING.get(METHOD) is not MCQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(METHOD, None)
+        register_quantizer(METHOD)(MCQuantizer)
+
+
+def is_registered() -> bool:
+    """Whether transformers currently maps "mc" to optimum-mc's classes."""
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    return AUTO_QUANTIZER_MAPPING.get(METHOD) is not None

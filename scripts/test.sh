@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the tests need (CPU torch first, then the package with its test extra) and run them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+ruff check optimum_mc tests scripts
+python -m pytest -n 2 -q "$@"
