@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from .errors import CheckpointError
 from .packing import WORD_BITS
 
-_DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+_DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
 
 
 def read_safetensors_header(path: str) -> dict:
@@ -54,6 +54,16 @@ def packed_shapes(out_features: int, in_features: int, bits: int, group_size: in
         "qweight": ("int32", (out_features, in_features * bits // WORD_BITS)),
         "scales": ("float16", (out_features, groups)),
         "zeros": ("float16", (out_features, groups)),
+    }
+
+
+def nf4_shapes(out_features: int, in_features: int, blocksize: int = 64) -> dict[str, tuple]:
+    """Expected (dtype, shape) of the buffers of one NF4Linear."""
+    n = out_features * in_features
+    return {
+        "weight_nf4": ("uint8", (n // 2, 1)),
+        "absmax": ("float32", (n // blocksize,)),
+        "quant_map": ("float32", (16,)),
     }
 
 

@@ -34,7 +34,8 @@ class MCConfig(QuantizationConfigMixin):
         allocation: ``"layer"`` (the paper: the same budget in every MoE layer), ``"global"`` (one budget over
             all layers), or the baselines ``"random"`` / ``"frequency"`` (same per-layer budget).
         alpha, beta, gamma: exponents of the allocation objective phi^alpha * w^beta * eps^gamma
-            (activation frequency, routing-weight mass, quantization loss).
+            (activation frequency, routing-weight mass, quantization loss); defaults 1, 1.5, 2 as in the
+            reference implementation.
         allocation_constraints: require at least one expert at the top and one at the middle candidate
             bit-width in every layer (the paper's constraints).
         nonexpert_method: ``"gptq"`` or ``"bnb_nf4"`` (bitsandbytes 4-bit for attention / dense layers).
@@ -67,8 +68,8 @@ class MCConfig(QuantizationConfigMixin):
         group_size: int = 128,
         allocation: str = "layer",
         alpha: float = 1.0,
-        beta: float = 1.0,
-        gamma: float = 1.0,
+        beta: float = 1.5,
+        gamma: float = 2.0,
         allocation_constraints: bool = True,
         nonexpert_method: str = "gptq",
         modules_to_not_convert: list[str] | None = None,

@@ -29,6 +29,7 @@ from .errors import CalibrationError
 from .gptq import gptq_quantize
 from .group_quant import check_finite
 from .nn import MCExperts, QuantLinear
+from .nn.nf4_linear import NF4Linear
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class _Run:
         lin = linear_targets(layer, block, self.arch, self.config) if with_linears else {}
         for name, m in lin.items():
             check_finite(m.weight, f"layer {idx} {name}.weight")
-        lin_capture = LinearInputs(lin)
+        lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {})
         routing = RoutingCapture(self.arch, block.router, block.experts) if block is not None else None
         try:
             float_out = run_layer(layer, batches)
@@ -133,7 +134,7 @@ class _Run:
         if routing.tokens == 0:
             raise CalibrationError(f"MoE layer {idx} saw no calibration tokens.")
         freq = (routing.counts / routing.tokens).float()
-        mass = (routing.prob_sum / routing.counts.clamp_min(1)).float()
+        mass = (routing.prob_sum / routing.tokens).float()
         never = [e for e in range(routing.num_experts) if routing.counts[e] == 0]
         if never:
             logger.warning(
@@ -148,6 +149,10 @@ class _Run:
     def quantize_linears(self, idx: int, layer: nn.Module, lin: dict, capture: LinearInputs) -> None:
         bits = self.config.attn_bits
         for name, m in lin.items():
+            self.linear_bits[f"{self.layer_names[idx]}.{name}"] = bits
+            if self.config.nonexpert_method == "bnb_nf4":
+                set_submodule(layer, name, NF4Linear.from_linear(m))
+                continue
             h = capture.hessians[name]
             w = m.weight.detach().float()
             codes, scales, zeros = gptq_quantize(
@@ -162,7 +167,6 @@ class _Run:
             bias = m.bias.detach() if m.bias is not None else None
             new = QuantLinear.from_codes(codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype)
             set_submodule(layer, name, new.to(m.weight.device))
-            self.linear_bits[f"{self.layer_names[idx]}.{name}"] = bits
 
     def replace_experts(self, idx: int, bits: list[int], cands: list[dict[int, ExpertQuant]]) -> None:
         block = self.blocks[idx]

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from .architectures import MoEArchitecture, layer_module_names, moe_blocks, require_moe, set_submodule
-from .checkpoint import check_checkpoint, packed_shapes
+from .checkpoint import check_checkpoint, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
 
@@ -33,7 +33,11 @@ def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> 
     for full, b in (cfg.linear_bits or {}).items():
         idx = next(i for i, n in names.items() if full.startswith(n + "."))
         m = model.get_submodule(full)
-        for buf, spec in packed_shapes(m.out_features, m.in_features, b, cfg.group_size).items():
+        if cfg.nonexpert_method == "bnb_nf4":
+            specs = nf4_shapes(m.out_features, m.in_features)
+        else:
+            specs = packed_shapes(m.out_features, m.in_features, b, cfg.group_size)
+        for buf, spec in specs.items():
             out[(idx, full[len(names[idx]) + 1 :] + "." + buf)] = spec
     return out
 
@@ -70,6 +74,7 @@ def check_results_match_model(model: nn.Module, cfg: MCConfig, arch: MoEArchitec
 def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> None:
     """Replace float experts / linears by empty packed modules shaped from ``cfg`` (on the meta device)."""
     from .nn import MCExperts, QuantLinear
+    from .nn.nf4_linear import NF4Linear
 
     blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
     for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
@@ -88,6 +93,10 @@ def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitect
         setattr(blk.block, arch.experts_attr, new)
     for name, b in (cfg.linear_bits or {}).items():
         m = model.get_submodule(name)
+        if cfg.nonexpert_method == "bnb_nf4":
+            kw = dict(bias=m.bias is not None, dtype=m.weight.dtype, device="meta")
+            set_submodule(model, name, NF4Linear(m.in_features, m.out_features, **kw))
+            continue
         new = QuantLinear(
             m.in_features,
             m.out_features,
@@ -115,6 +124,7 @@ def _float_experts_class(block_module: nn.Module) -> type:
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every packed module by its float equivalent (``model.dequantize()``)."""
     from .nn import MCExperts, QuantLinear
+    from .nn.nf4_linear import NF4Linear
 
     arch = require_moe(model)
     for blk in moe_blocks(model, arch):
@@ -130,7 +140,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             new.act_fn = ex.act_fn
             setattr(blk.block, arch.experts_attr, new)
     for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, NF4Linear)):
             lin = m.to_linear()
             if dtype is not None:
                 lin = lin.to(dtype)

@@ -78,3 +78,40 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.08)
     return model.eval()
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+    "Mixture of experts models route every token to a few experts chosen by a router network.",
+    "Quantization stores weights with fewer bits; calibration text tells which errors matter most.",
+    "import os\nimport sys\nfor name in sorted(os.listdir('.')):\n    print(name, len(name))\n",
+    "A journey of a thousand miles begins with a single step. Knowledge speaks, but wisdom listens.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (offline, deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny(family: str, path, seed: int = 0, **overrides) -> str:
+    """Save a tiny model of ``family`` and its tokenizer to ``path``; return the path as a string."""
+    tok = tiny_tokenizer()
+    model = tiny_model(family, seed=seed, vocab_size=len(tok), **overrides)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -1,8 +1,8 @@
 """Per-expert factors of PMQ: activation frequency, routing-weight mass, and quantization loss per bit-width.
 
 - frequency phi(e): share of calibration tokens routed to expert e (counting every top-k slot).
-- weight mass w(e): mean router probability (softmax/sigmoid before top-k renormalization) over the tokens that
-  select e.
+- weight mass w(e): router probability (softmax/sigmoid before top-k renormalization) summed over the tokens that
+  select e, per calibration token.
 - loss eps(e, b): squared error of the MoE block output when only expert e is quantized to b bits, relative to the
   block output energy. Only tokens routed to e change, by ``r * (f_q(x) - f(x))``, so
   ``eps(e, b) = sum_{t -> e} ||r_t (f_q(x_t) - f(x_t))||^2 / sum_t ||y_t||^2``.

@@ -1,0 +1,165 @@
+"""GPTQ for one weight matrix given its input Hessian and bit-width, plus the calibration-free fallback.
+
+GPTQ (Frantar et al., 2023) quantizes columns one at a time and spreads each column's rounding error onto the
+not-yet-quantized columns through the inverse Hessian's Cholesky factor; updates to later column blocks are
+applied lazily, once per block. Codes are chosen on exactly the stored fp16 grid (``group_quant``), so
+``dequantize_matrix`` reproduces what GPTQ optimized.
+
+With ``act_order`` columns are processed by decreasing Hessian diagonal. Our packed format has no group index
+(``g_idx``): groups stay contiguous in the original column order, so each group's scale / zero are fixed from the
+original weights before the loop ("static groups") and every processed column uses its original group's grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ShapeError
+from .group_quant import check_finite, check_group_size, dequantize_codes, group_qparams, quantize_codes
+
+QuantResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8 (out,in), scales/zeros fp16 (out,G)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x x^T`` over rows of inputs ``(..., in_features)``, in fp64 for stability."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.num_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"inputs have {x.shape[-1]} features, the Hessian expects {self.in_features}.")
+        x = x.to(self._sum.device, torch.float64)
+        self._sum.addmm_(x.t(), x)
+        self.num_tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2/n X^T X`` as fp32 (zeros when no token was seen)."""
+        return (self._sum * (2.0 / max(self.num_tokens, 1))).float()
+
+
+def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` after damping; retries with more damping if not positive definite."""
+    diag_mean = torch.diag(h).mean().clamp_min(1e-8)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damp = damp_percent
+    for _ in range(8):
+        try:
+            lower = torch.linalg.cholesky(h + damp * diag_mean * eye)
+            inv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inv, upper=True)
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise ShapeError("the Hessian is not positive definite even after heavy damping; check the calibration inputs.")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> QuantResult:
+    """Quantize ``weight (out, in)`` with GPTQ; return codes and fp16 per-group scales / zeros."""
+    out_f, in_f = weight.shape
+    g = check_group_size(in_f, group_size)
+    if hessian.shape != (in_f, in_f):
+        raise ShapeError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={in_f}.")
+    check_finite(weight)
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    groups = in_f // g
+    scales = torch.zeros(out_f, groups)
+    zeros = torch.zeros(out_f, groups)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    if act_order:
+        # static groups: parameters from the original-order weights (dead columns zeroed as GPTQ sees them)
+        s, z = group_qparams(w.reshape(out_f, groups, g), bits)
+        scales.copy_(s)
+        zeros.copy_(z)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    col_group = (perm if act_order else torch.arange(in_f)) // g
+
+    hinv = _inverse_cholesky(h, damp_percent)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    for b0 in range(0, in_f, block_size):
+        b1 = min(b0 + block_size, in_f)
+        wb = w[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        hb = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            grp = int(col_group[col])
+            if not act_order and col % g == 0:
+                s, z = group_qparams(w[:, col : col + g].clone() if j == 0 else _group_view(w, wb, b0, col, g), bits)
+                scales[:, grp], zeros[:, grp] = s, z
+            s, z = scales[:, grp], zeros[:, grp]
+            q = quantize_codes(wb[:, j : j + 1], s, z, bits)
+            codes[:, col] = q[:, 0]
+            deq = dequantize_codes(q, s, z)[:, 0]
+            e = (wb[:, j] - deq) / hb[j, j]
+            wb[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+        w[:, b0:b1] = wb
+    if act_order:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+    return codes, scales.half(), zeros.half()
+
+
+def _group_view(w: torch.Tensor, wb: torch.Tensor, b0: int, col: int, g: int) -> torch.Tensor:
+    """The current (partly updated) weights of the group starting at ``col``, merging the block in progress."""
+    cur = w[:, col : col + g].clone()
+    j0 = col - b0
+    n = min(wb.shape[1] - j0, g)
+    cur[:, :n] = wb[:, j0 : j0 + n]
+    return cur
+
+
+def calibration_free_quantize(weight: torch.Tensor, bits: int, group_size: int, grid: int = 20) -> QuantResult:
+    """Quantization without calibration data: per-group MSE-optimal range shrinking (clip search).
+
+    For every group the min/max range (or, at 1 bit, the binary magnitude) is shrunk by factors in
+    ``[0.5, 1]`` and the factor with the lowest weight MSE is kept — better than plain round-to-nearest on the
+    heavy-tailed weights of real models, at the cost of ``grid`` quantizations.
+    """
+    out_f, in_f = weight.shape
+    g = check_group_size(in_f, group_size)
+    check_finite(weight)
+    wg = weight.detach().float().reshape(out_f, in_f // g, g)
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_s = torch.zeros(wg.shape[:2])
+    best_z = torch.zeros(wg.shape[:2])
+    center = wg.mean(-1, keepdim=True) if bits == 1 else (wg.amax(-1, keepdim=True) + wg.amin(-1, keepdim=True)) / 2
+    for i in range(grid + 1):
+        shrink = 1.0 - 0.5 * i / grid
+        cand = center + (wg - center).clamp(-1e30, 1e30) * shrink if bits > 1 else wg
+        if bits > 1:
+            lo = center + (wg.amin(-1, keepdim=True) - center) * shrink
+            hi = center + (wg.amax(-1, keepdim=True) - center) * shrink
+            cand = torch.cat([lo, hi], -1)
+            s, z = group_qparams(cand, bits)
+        else:
+            s, z = group_qparams(wg, 1)
+            s = (s * (0.5 + i / grid)).half().float().clamp_min(2.0**-24)  # magnitude from 0.5x to 1.5x
+            z = (0.5 - center[..., 0] / s).half().float()
+        q = quantize_codes(wg, s, z, bits)
+        err = (dequantize_codes(q, s, z) - wg).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    codes = quantize_codes(wg, best_s, best_z, bits).reshape(out_f, in_f)
+    return codes, best_s.half(), best_z.half()

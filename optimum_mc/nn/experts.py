@@ -1,0 +1,125 @@
+"""MCExperts: the fused experts module of transformers 5.x MoE layers, each expert at its own bit-width.
+
+Same interface as ``MixtralExperts`` & co.: ``forward(hidden_states, top_k_index, top_k_weights)`` with the
+fused layout (gate and up stacked in one ``(2I, H)`` matrix, ``down`` ``(H, I)``). Routing slots whose index is
+``>= num_experts`` are skipped (online dynamic pruning marks dropped slots that way). Buffers are named
+``packed.<e>.gate_up.*`` / ``packed.<e>.down.*`` so transformers' checkpoint conversions (which match
+``gate_up_proj`` / ``down_proj`` and per-expert ``w1/w2/w3``) leave them alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, UnsupportedArchitectureError
+from .linear import QuantLinear
+
+QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class PackedExpert(nn.Module):
+    """One expert: fused gate/up and down projections as :class:`QuantLinear`."""
+
+    def __init__(self, hidden: int, inter: int, bits: int, group_size: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.gate_up = QuantLinear(hidden, 2 * inter, bits, group_size, dtype=dtype, device=device)
+        self.down = QuantLinear(inter, hidden, bits, group_size, dtype=dtype, device=device)
+
+
+def float_experts_shape(module: nn.Module) -> tuple[int, int, int]:
+    """``(num_experts, hidden, intermediate)`` of a transformers fused experts module; typed error otherwise."""
+    if hasattr(module, "gate_up_proj_bias") or getattr(module, "is_transposed", False):
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__} stores experts transposed with interleaved gate/up and biases (gpt-oss "
+            f"layout), which MCExperts does not support."
+        )
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor) or gu.dim() != 3:
+        raise UnsupportedArchitectureError(f"{type(module).__name__} is not a fused (gate_up_proj, down_proj) module.")
+    e, two_i, h = gu.shape
+    if two_i % 2 or tuple(dn.shape) != (e, h, two_i // 2):
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__}: gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} are not the "
+            f"(E, 2I, H) / (E, H, I) layout."
+        )
+    return e, h, two_i // 2
+
+
+class MCExperts(nn.Module):
+    """Mixed-precision experts: expert ``e`` is stored at ``bits[e]`` bits."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        bits: list[int],
+        group_size: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if len(bits) != num_experts:
+            raise CheckpointError(f"got {len(bits)} bit-widths for {num_experts} experts.")
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.bits, self.group_size, self.act_fn, self.dtype = list(bits), group_size, act_fn, dtype
+        self.packed = nn.ModuleList(
+            PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device) for b in bits
+        )
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits: list[int], group_size: int) -> MCExperts:
+        """Round-to-nearest conversion of a transformers fused experts module."""
+        from ..group_quant import rtn_quantize
+
+        e, h, i = float_experts_shape(module)
+        dtype, device = module.gate_up_proj.dtype, module.gate_up_proj.device
+        new = cls(e, h, i, bits, group_size, module.act_fn, dtype, device)
+        for k, b in enumerate(bits):
+            new.set_expert(
+                k,
+                gate_up=rtn_quantize(module.gate_up_proj[k].detach(), b, group_size),
+                down=rtn_quantize(module.down_proj[k].detach(), b, group_size),
+            )
+        return new
+
+    def set_expert(self, e: int, gate_up: QuantTriple, down: QuantTriple) -> None:
+        """Store expert ``e`` from codes / scales / zeros of its two matrices."""
+        self.packed[e].gate_up.set_codes(*gate_up)
+        self.packed[e].down.set_codes(*down)
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` in the module dtype."""
+        gu = torch.stack([p.gate_up.dequantize_weight(self.dtype) for p in self.packed])
+        dn = torch.stack([p.down.dequantize_weight(self.dtype) for p in self.packed])
+        return gu, dn
+
+    def expert_nbytes(self, e: int) -> int:
+        """Packed bytes of expert ``e`` (both matrices, with scales and zeros)."""
+        return self.packed[e].gate_up.nbytes() + self.packed[e].down.nbytes()
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.packed[e].gate_up(x).chunk(2, dim=-1)
+        return self.packed[e].down(self.act_fn(gate) * up)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        flat = top_k_index.reshape(top_k_index.shape[0], -1)
+        hit = torch.unique(flat)
+        for e in hit.tolist():
+            if e < 0 or e >= self.num_experts:
+                continue
+            token, slot = torch.where(flat == e)
+            y = self.expert_forward(e, hidden_states[token])
+            y = y * top_k_weights[token, slot, None].to(y.dtype)
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, bits={self.bits}, group_size={self.group_size}"

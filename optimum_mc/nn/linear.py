@@ -1,0 +1,119 @@
+"""QuantLinear: a drop-in for ``nn.Linear`` holding one packed low-bit weight (attention, shared experts, MLPs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..group_quant import check_group_size, rtn_quantize
+from ..kernels import dequantize, qmatmul
+from ..packing import check_bits, pack, packed_words
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W`` stored as b-bit codes and per-group fp16 scale / zero (docs/format.md).
+
+    Buffers: ``qweight`` int32 ``(out, in * bits / 32)``, ``scales`` and ``zeros`` fp16 ``(out, in / group)``,
+    optional ``bias`` in ``dtype``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = 128,
+        bias: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.group_size = check_group_size(in_features, group_size)
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        groups = in_features // self.group_size
+        words = packed_words(in_features, bits)
+        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> QuantLinear:
+        """Build from uint8 codes ``(out, in)`` and fp16 scales / zeros ``(out, groups)``."""
+        out_f, in_f = codes.shape
+        group = in_f // scales.shape[1]
+        new = cls(in_f, out_f, bits, group, bias is not None, dtype, codes.device)
+        new.set_codes(codes, scales, zeros)
+        if bias is not None:
+            new.bias.copy_(bias.detach().to(dtype))
+        return new
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128) -> QuantLinear:
+        """Round-to-nearest quantization of an ``nn.Linear`` (no calibration)."""
+        codes, scales, zeros = rtn_quantize(linear.weight.detach(), bits, group_size)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls.from_codes(codes, scales, zeros, bits, bias, linear.weight.dtype)
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Pack ``codes`` into this module's buffers."""
+        if codes.shape != (self.out_features, self.in_features):
+            raise CheckpointError(f"codes {tuple(codes.shape)} do not fit {self.out_features}x{self.in_features}.")
+        if scales.shape != self.scales.shape or zeros.shape != self.zeros.shape:
+            raise CheckpointError(f"scales/zeros must be {tuple(self.scales.shape)}, got {tuple(scales.shape)}.")
+        self.qweight.copy_(pack(codes, self.bits))
+        self.scales.copy_(scales.to(torch.float16))
+        self.zeros.copy_(zeros.to(torch.float16))
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The ``(out, in)`` weight this module computes with."""
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, dtype or self.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """An equivalent float ``nn.Linear`` (for ``model.dequantize()``)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.qweight.device)
+        lin = lin.to(self.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantize_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = qmatmul(x, self.qweight, self.scales, self.zeros, self.bits)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def nbytes(self) -> int:
+        """Packed storage of the weight (codes + scales + zeros)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if buf is None or key not in state_dict:
+                continue
+            got = state_dict[key]
+            if got.shape != buf.shape or (name != "bias" and got.dtype != buf.dtype):
+                raise CheckpointError(
+                    f"{key}: expected {buf.dtype} {tuple(buf.shape)} for a {self.bits}-bit "
+                    f"{self.out_features}x{self.in_features} weight (group {self.group_size}), "
+                    f"checkpoint has {got.dtype} {tuple(got.shape)}; the checkpoint does not match its config."
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,148 @@
+"""Quality benchmark on real weights: perplexity of float / uniform / MC / ablations / bitsandbytes NF4.
+
+    python scripts/bench_quality.py                       # everything (about 10-20 min on 2 CPU cores)
+    python scripts/bench_quality.py --variants float,mc-2.5,uniform-2 --max-windows 40   # a quick subset
+
+Perplexity uses non-overlapping 256-token windows of ../shared/data/dev.{code,docs,quotes}.txt with the model's
+tokenizer; the mean is over the three domains. Calibration uses the package's offline builtin text (never the dev
+text). Results go to stdout as a markdown table and to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE.parent.parent / "shared" / "models" / "mc-ref-mixtral"
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+DOMAINS = ("code", "docs", "quotes")
+
+
+def variant_config(name: str, seed: int, num_samples: int, seq_len: int):
+    """MCConfig of a named variant ("mc-2.5", "uniform-2", "random-2.5", "frequency-2.5", "global-2.5", ...)."""
+    import optimum_mc
+
+    kind, _, value = name.partition("-")
+    common = dict(seed=seed, num_samples=num_samples, seq_len=seq_len, show_progress=False)
+    if kind == "uniform":
+        b = int(value)
+        return optimum_mc.MCConfig(bits=b, candidate_bits=[b], **common)
+    if kind == "mc":
+        return optimum_mc.MCConfig(bits=float(value), **common)
+    if kind in ("random", "frequency", "global"):
+        return optimum_mc.MCConfig(bits=float(value), allocation=kind if kind != "global" else "global", **common)
+    if kind == "mcnf4":
+        return optimum_mc.MCConfig(bits=float(value), nonexpert_method="bnb_nf4", **common)
+    raise SystemExit(f"unknown variant {name!r}")
+
+
+def load_variant(name: str, model_path: str, args):
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    if name == "float":
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    elif name == "bnb-nf4":
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        nf4_everything(model)
+    else:
+        cfg = variant_config(name, args.seed, args.num_samples, args.seq_len)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, quantization_config=cfg)
+    return model.eval(), time.perf_counter() - t0
+
+
+def nf4_everything(model) -> None:
+    """The familiar ~4-bit baseline: bitsandbytes NF4 on experts (parametrization) and every linear layer."""
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    from optimum_mc.architectures import moe_blocks, set_submodule
+    from optimum_mc.nn.nf4_linear import NF4Linear
+
+    for blk in moe_blocks(model):
+        for p in ("gate_up_proj", "down_proj"):
+            replace_parameter_4bit(blk.experts, p, quant_type="nf4", blocksize=64)
+    skip = {id(m) for blk in moe_blocks(model) for m in blk.router.modules()}
+    for name, m in list(model.named_modules()):
+        if type(m) is torch.nn.Linear and id(m) not in skip and name != "lm_head":
+            set_submodule(model, name, NF4Linear.from_linear(m))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument(
+        "--variants",
+        default="float,bnb-nf4,uniform-4,uniform-3,uniform-2,mc-3.0,mc-2.5,mc-2.0,mc-1.5,"
+        "global-2.5,random-2.5,frequency-2.5",
+    )
+    p.add_argument("--max-windows", type=int, default=None, help="windows per domain (default: all)")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write results here")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.model):
+        print(f"error: model folder {args.model} not found", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from transformers import AutoTokenizer
+
+    from optimum_mc.evaluation import perplexity, token_windows
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    windows = {
+        d: token_windows(tok, (Path(args.data) / f"dev.{d}.txt").read_text(encoding="utf-8"), 256, args.max_windows)
+        for d in DOMAINS
+    }
+    rows = []
+    for name in args.variants.split(","):
+        model, seconds = load_variant(name, args.model, args)
+        ppl = {d: perplexity(model, w) for d, w in windows.items()}
+        ppl["mean"] = sum(ppl[d] for d in DOMAINS) / len(DOMAINS)
+        qc = getattr(model.config, "quantization_config", None)
+        bits = getattr(qc, "expert_bits", None)
+        avg = sum(map(sum, bits)) / sum(map(len, bits)) if bits else None
+        size = _model_bytes(model)
+        rows.append({"variant": name, "load_seconds": round(seconds, 1), "avg_expert_bits": avg, "bytes": size, **ppl})
+        print(
+            f"{name:>14}: " + " ".join(f"{d}={ppl[d]:.2f}" for d in (*DOMAINS, "mean")) + f"  ({seconds:.1f}s)",
+            flush=True,
+        )
+        del model
+    print()
+    print("| variant | avg expert bits | code | docs | quotes | mean | size (MB) | load+quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = "-" if r["avg_expert_bits"] is None else f"{r['avg_expert_bits']:.2f}"
+        print(
+            f"| {r['variant']} | {b} | {r['code']:.2f} | {r['docs']:.2f} | {r['quotes']:.2f} | {r['mean']:.2f} "
+            f"| {r['bytes'] / 2**20:.2f} | {r['load_seconds']} |"
+        )
+    if args.json:
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.json)), delete=False) as f:
+            json.dump(rows, f, indent=2)
+        os.replace(f.name, args.json)
+    return 0
+
+
+def _model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
