@@ -21,7 +21,7 @@ QuantResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8 (ou
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum x x^T`` over rows of inputs ``(..., in_features)``, in fp64 for stability."""
+    """Running ``H = 2/n * sum x x^T`` over rows of inputs ``(..., in_features)`` (fp32 products, fp64 sum)."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
@@ -32,8 +32,8 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1])
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"inputs have {x.shape[-1]} features, the Hessian expects {self.in_features}.")
-        x = x.to(self._sum.device, torch.float64)
-        self._sum.addmm_(x.t(), x)
+        x = x.to(self._sum.device, torch.float32)
+        self._sum += (x.t() @ x).double()  # fp32 GEMM, fp64 running sum
         self.num_tokens += x.shape[0]
 
     @property
@@ -67,64 +67,79 @@ def gptq_quantize(
     act_order: bool = False,
 ) -> QuantResult:
     """Quantize ``weight (out, in)`` with GPTQ; return codes and fp16 per-group scales / zeros."""
+    return gptq_quantize_multi(weight, hessian, [bits], group_size, damp_percent, block_size, act_order)[0]
+
+
+def gptq_quantize_multi(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: list[int],
+    group_size: int,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> list[QuantResult]:
+    """GPTQ of one matrix at several bit-widths at once (one column loop; results as if run separately)."""
     out_f, in_f = weight.shape
     g = check_group_size(in_f, group_size)
     if hessian.shape != (in_f, in_f):
         raise ShapeError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={in_f}.")
     check_finite(weight)
-    w = weight.detach().float().clone()
+    nb = len(bits)
+    w0 = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w0[:, dead] = 0.0
 
     groups = in_f // g
-    scales = torch.zeros(out_f, groups)
-    zeros = torch.zeros(out_f, groups)
+    scales = torch.zeros(nb, out_f, groups)
+    zeros = torch.zeros(nb, out_f, groups)
+    maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32).view(nb, 1)
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
     if act_order:
         # static groups: parameters from the original-order weights (dead columns zeroed as GPTQ sees them)
-        s, z = group_qparams(w.reshape(out_f, groups, g), bits)
-        scales.copy_(s)
-        zeros.copy_(z)
-        w = w[:, perm]
+        for k, b in enumerate(bits):
+            scales[k], zeros[k] = group_qparams(w0.reshape(out_f, groups, g), b)
+        w0 = w0[:, perm]
         h = h[perm][:, perm]
-    col_group = (perm if act_order else torch.arange(in_f)) // g
+    col_group = ((perm if act_order else torch.arange(in_f)) // g).tolist()
+    w = w0.unsqueeze(0).repeat(nb, 1, 1)  # (nb, out, in)
 
     hinv = _inverse_cholesky(h, damp_percent)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    codes = torch.zeros(nb, out_f, in_f, dtype=torch.uint8)
     for b0 in range(0, in_f, block_size):
         b1 = min(b0 + block_size, in_f)
-        wb = w[:, b0:b1].clone()
+        wb = w[:, :, b0:b1].clone()
         err = torch.zeros_like(wb)
         hb = hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = b0 + j
-            grp = int(col_group[col])
+            grp = col_group[col]
             if not act_order and col % g == 0:
-                s, z = group_qparams(w[:, col : col + g].clone() if j == 0 else _group_view(w, wb, b0, col, g), bits)
-                scales[:, grp], zeros[:, grp] = s, z
-            s, z = scales[:, grp], zeros[:, grp]
-            q = quantize_codes(wb[:, j : j + 1], s, z, bits)
-            codes[:, col] = q[:, 0]
-            deq = dequantize_codes(q, s, z)[:, 0]
-            e = (wb[:, j] - deq) / hb[j, j]
-            wb[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)
-            err[:, j] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-        w[:, b0:b1] = wb
+                cur = _group_view(w, wb, b0, col, g)
+                for k, b in enumerate(bits):
+                    scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b)
+            s, z = scales[:, :, grp], zeros[:, :, grp]  # (nb, out)
+            q = torch.clamp(torch.round(wb[:, :, j] / s + z), min=torch.zeros_like(maxq), max=maxq)
+            codes[:, :, col] = q.to(torch.uint8)
+            e = (wb[:, :, j] - (q - z) * s) / hb[j, j]
+            wb[:, :, j:] -= e.unsqueeze(2) * hb[j, j:].view(1, 1, -1)
+            err[:, :, j] = e
+        w[:, :, b1:] -= err @ hinv[b0:b1, b1:]
+        w[:, :, b0:b1] = wb
     if act_order:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-    return codes, scales.half(), zeros.half()
+        codes = codes[:, :, torch.argsort(perm)]
+    return [(codes[k], scales[k].half(), zeros[k].half()) for k in range(nb)]
 
 
 def _group_view(w: torch.Tensor, wb: torch.Tensor, b0: int, col: int, g: int) -> torch.Tensor:
-    """The current (partly updated) weights of the group starting at ``col``, merging the block in progress."""
-    cur = w[:, col : col + g].clone()
+    """The current (partly updated) weights ``(nb, out, g)`` of the group starting at ``col``, merging the block
+    in progress (``wb``) with the lazily updated rest (``w``)."""
+    cur = w[:, :, col : col + g].clone()
     j0 = col - b0
-    n = min(wb.shape[1] - j0, g)
-    cur[:, :n] = wb[:, j0 : j0 + n]
+    n = min(wb.shape[-1] - j0, g)
+    cur[:, :, :n] = wb[:, :, j0 : j0 + n]
     return cur
 
 

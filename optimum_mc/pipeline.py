@@ -22,7 +22,7 @@ from .allocation import ExpertFactors, allocate_bits, check_feasible, format_all
 from .architectures import MoEArchitecture, MoEBlock, layer_module_names, moe_blocks, require_moe, set_submodule
 from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches
-from .calibration.factors import ExpertQuant, GPTQOptions, expert_loss, quantize_expert
+from .calibration.factors import ExpertQuant, GPTQOptions, expert_forward, expert_loss, quantize_expert
 from .calibration.sequential import LayerBatch, capture_layer_inputs, iterate_layers, run_layer
 from .config import MCConfig
 from .errors import CalibrationError
@@ -121,12 +121,12 @@ class _Run:
             check_finite(w_gu, f"layer {idx} expert {e} gate_up_proj")
             check_finite(w_dn, f"layer {idx} expert {e} down_proj")
             x, r = routing.experts[e].cat(routing.hidden_dim)
-            for b in bits_to_try[e]:
-                q = quantize_expert(w_gu, w_dn, x, experts.act_fn, b, self.opts)
-                cands[e][b] = q
-                if need_loss:
+            cands[e] = quantize_expert(w_gu, w_dn, x, experts.act_fn, bits_to_try[e], self.opts)
+            if need_loss:
+                ref = expert_forward(x, w_gu, w_dn, experts.act_fn)
+                for b, q in cands[e].items():
                     loss[e, cb.index(b)] = expert_loss(
-                        x, r, w_gu, w_dn, q, experts.act_fn, self.config.group_size, routing.output_energy
+                        x, r, ref, q, experts.act_fn, self.config.group_size, routing.output_energy
                     )
         return cands, loss
 
@@ -235,8 +235,10 @@ class _Run:
                     for e, b in enumerate(bits):
                         if b not in cands[e]:  # random / frequency allocations quantize only what they chose
                             x, _ = routing.experts[e].cat(routing.hidden_dim)
-                            cands[e][b] = quantize_expert(
-                                experts.gate_up_proj[e], experts.down_proj[e], x, experts.act_fn, b, self.opts
+                            cands[e].update(
+                                quantize_expert(
+                                    experts.gate_up_proj[e], experts.down_proj[e], x, experts.act_fn, [b], self.opts
+                                )
                             )
                     self.factors[idx].methods = [cands[e][b].method for e, b in enumerate(bits)]
                     self.bits[idx] = bits

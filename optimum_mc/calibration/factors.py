@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gptq import HessianAccumulator, calibration_free_quantize, gptq_quantize
+from ..gptq import HessianAccumulator, calibration_free_quantize, gptq_quantize_multi
 from ..group_quant import dequantize_matrix
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8, scales fp16, zeros fp16
@@ -52,46 +52,58 @@ def expert_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
 
 
 def quantize_expert(
-    w_gate_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor, act_fn: Callable, bits: int, opts: GPTQOptions
-) -> ExpertQuant:
-    """GPTQ both matrices of one expert from its routed tokens ``x`` (fp32 ``(n, H)``), or fall back.
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    x: torch.Tensor,
+    act_fn: Callable,
+    bits: list[int],
+    opts: GPTQOptions,
+) -> dict[int, ExpertQuant]:
+    """Quantize one expert at each of ``bits`` from its routed tokens ``x`` (fp32 ``(n, H)``).
 
-    Experts that received fewer than ``opts.min_tokens`` tokens use calibration-free quantization.
+    GPTQ runs once per matrix for all bit-widths (shared Hessians and column loop). Experts that received fewer
+    than ``opts.min_tokens`` tokens use calibration-free quantization (``gptq.calibration_free_quantize``).
     """
     w_gate_up, w_down = w_gate_up.float(), w_down.float()
+    if not bits:
+        return {}
     if x.shape[0] < max(opts.min_tokens, 1):
-        return ExpertQuant(
-            bits,
-            calibration_free_quantize(w_gate_up, bits, opts.group_size),
-            calibration_free_quantize(w_down, bits, opts.group_size),
-            "calibration-free",
-        )
+        return {
+            b: ExpertQuant(
+                b,
+                calibration_free_quantize(w_gate_up, b, opts.group_size),
+                calibration_free_quantize(w_down, b, opts.group_size),
+                "calibration-free",
+            )
+            for b in bits
+        }
     h_in = HessianAccumulator(w_gate_up.shape[1], device=x.device)
     h_in.add(x)
     gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
     h_mid = HessianAccumulator(w_down.shape[1], device=x.device)
     h_mid.add(act_fn(gate) * up)
     kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
-    gu = gptq_quantize(w_gate_up, h_in.hessian, bits, opts.group_size, **kw)
-    dn = gptq_quantize(w_down, h_mid.hessian, bits, opts.group_size, **kw)
-    return ExpertQuant(bits, gu, dn, "gptq")
+    gu = gptq_quantize_multi(w_gate_up, h_in.hessian, bits, opts.group_size, **kw)
+    dn = gptq_quantize_multi(w_down, h_mid.hessian, bits, opts.group_size, **kw)
+    return {b: ExpertQuant(b, gu[k], dn[k], "gptq") for k, b in enumerate(bits)}
 
 
 def expert_loss(
     x: torch.Tensor,
     r: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    reference: torch.Tensor,
     quant: ExpertQuant,
     act_fn: Callable,
     group_size: int,
     output_energy: float,
 ) -> float:
-    """eps(e, b): weighted squared change of the block output over routed tokens, relative to ``output_energy``."""
+    """eps(e, b): weighted squared change of the block output over routed tokens, relative to ``output_energy``.
+
+    ``reference`` is the float expert's output on ``x`` (:func:`expert_forward`).
+    """
     if x.shape[0] == 0:
         return 0.0
-    ref = expert_forward(x, w_gate_up.float(), w_down.float(), act_fn)
     q_gu, q_dn = quant.dequantized(group_size)
     out = expert_forward(x, q_gu, q_dn, act_fn)
-    err = ((out - ref) * r.unsqueeze(-1)).pow(2).sum().item()
+    err = ((out - reference) * r.unsqueeze(-1)).pow(2).sum().item()
     return err / max(output_energy, 1e-30)
