@@ -1,5 +1,11 @@
-"""Kernels for packed low-bit weights: torch.library ops with per-device implementations."""
+"""Kernels for packed low-bit weights: torch.library ops with per-device implementations.
 
+Importing this package registers the fast CPU kernels and, when Triton is importable, the Triton CUDA kernels.
+"""
+
+from . import cpu
 from .ops import check_packed, dequantize, qmatmul
+
+cpu.register()
 
 __all__ = ["check_packed", "dequantize", "qmatmul"]
