@@ -5,10 +5,11 @@
 
 from .config import MCConfig
 from .errors import MCError
+from .pruning import calibrate_odp, get_odp_stats, reset_odp_stats, set_odp
 from .registration import register as _register
 
 __version__ = "0.1.0"
 
 _register()
 
-__all__ = ["MCConfig", "MCError", "__version__"]
+__all__ = ["MCConfig", "MCError", "calibrate_odp", "get_odp_stats", "reset_odp_stats", "set_odp", "__version__"]

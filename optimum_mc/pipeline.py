@@ -34,6 +34,7 @@ from .nn.nf4_linear import NF4Linear
 logger = logging.getLogger(__name__)
 
 CALIBRATION_BATCH_SIZE = 8
+ODP_CALIBRATION_SAMPLES = 16  # sequences used to measure ODP thresholds and layer sensitivity after quantizing
 
 
 @dataclass
@@ -314,6 +315,9 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None) -> dict:
         known = dict(zip(run.moe_layers, solved))
     run.sequential_pass(capture_layer_inputs(model, input_ids, CALIBRATION_BATCH_SIZE), known, quantize=True)
     run.store()
+    from .pruning import calibrate_odp
+
+    calibrate_odp(model, input_ids=input_ids[:ODP_CALIBRATION_SAMPLES])
     model.train(was_training)
     logger.info(
         "MC bit allocation:\n%s", format_allocation_table(config.expert_bits, config.moe_layers, config.candidate_bits)

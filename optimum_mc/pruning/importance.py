@@ -1,0 +1,111 @@
+"""Token importance for ODP's protection: attention received x L1 norm of the hidden state (paper Eq. 6).
+
+Attention received by key token j = the column mean of the attention probabilities over the queries that can
+attend to it (causal: queries i >= j, and never padding), averaged over heads. The reference implementation sums
+rows instead, which is 1 for every token and collapses the score to the norm; we implement the column version.
+
+With ``sdpa`` (the default) probabilities are never materialized, so ODP installs an attention function
+("mc_odp") that calls the model's original attention and, for layers where ODP is active, recomputes the
+probabilities from the same query / key tensors in chunks of ``CHUNK`` queries (memory O(chunk x keys) per head):
+exact, at the cost of one more QK^T pass. Decode steps (one new token with a KV cache) give each new token only
+its own attention; with ``round(ratio * 1) = 0`` no token is protected then, so decode uses the plain rule.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+ATTN_NAME = "mc_odp"
+CHUNK = 256
+
+
+def received_attention(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the current tokens (the last ``Lq`` keys): mean attention received ``(B, Lq)`` and validity ``(B, Lq)``.
+
+    ``query (B, Hq, Lq, D)``, ``key (B, Hkv, Lk, D)``; ``mask`` is None (causal), boolean (True = attend) or
+    additive float, broadcastable to ``(B, 1|H, Lq, Lk)``.
+    """
+    b, hq, lq, d = query.shape
+    lk = key.shape[2]
+    if key.shape[1] != hq:
+        key = key.repeat_interleave(hq // key.shape[1], dim=1)
+    scale = scaling if scaling is not None else d**-0.5
+    col_sum = torch.zeros(b, hq, lk, dtype=torch.float32, device=query.device)
+    col_cnt = torch.zeros(b, 1, lk, dtype=torch.float32, device=query.device)
+    offset = lk - lq
+    kpos = torch.arange(lk, device=query.device)
+    for s in range(0, lq, CHUNK):
+        q = query[:, :, s : s + CHUNK].float()
+        scores = q @ key.float().transpose(-1, -2) * scale  # (B, H, c, Lk)
+        if mask is None:
+            qpos = torch.arange(s, s + q.shape[2], device=query.device) + offset
+            allowed = (kpos.view(1, -1) <= qpos.view(-1, 1)).view(1, 1, q.shape[2], lk)
+        elif mask.dtype == torch.bool:
+            allowed = mask[..., s : s + q.shape[2], :lk]
+        else:
+            allowed = mask[..., s : s + q.shape[2], :lk] > torch.finfo(mask.dtype).min / 2
+            scores = scores + mask[..., s : s + q.shape[2], :lk].float()
+        allowed = allowed.expand(b, -1, -1, -1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        col_sum += probs.sum(2)
+        col_cnt += allowed[:, :1].float().sum(2)
+    received = (col_sum.mean(1) / col_cnt[:, 0].clamp_min(1.0))[:, offset:]
+    valid = (col_cnt[:, 0] > 0)[:, offset:]
+    return received, valid
+
+
+def _eager_for(module: nn.Module):
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def odp_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Attention function "mc_odp": the model's original attention, plus importance for ODP layers."""
+    out = module._mc_odp_inner(module, query, key, value, attention_mask, **kwargs)
+    state = getattr(module, "_mc_odp_state", None)
+    if state is not None and state.enabled:
+        if state.protect_ratio > 0 and query.shape[2] > 1:
+            state.received, state.valid = received_attention(query, key, attention_mask, kwargs.get("scaling"))
+        else:
+            state.received = None
+            state.valid = _valid_only(query, key, attention_mask)
+    return out
+
+
+def _valid_only(query, key, mask) -> torch.Tensor | None:
+    """Non-padding current tokens ``(B, Lq)`` from the mask (None when there is no mask: all valid)."""
+    if mask is None:
+        return None
+    lq, lk = query.shape[2], key.shape[2]
+    m = mask[:, :1, :, :lk]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return allowed.any(2)[:, 0, lk - lq :].expand(query.shape[0], -1)
+
+
+def install_attention(model: nn.Module, attention_modules: list[nn.Module]) -> None:
+    """Route every attention module through :func:`odp_attention` (idempotent; restorable)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = model.config
+    current = cfg._attn_implementation
+    if current == ATTN_NAME:
+        return
+    original = current or "sdpa"
+    ALL_ATTENTION_FUNCTIONS.register(ATTN_NAME, odp_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    for m in attention_modules:
+        m._mc_odp_inner = ALL_ATTENTION_FUNCTIONS.get_interface(original, _eager_for(m))
+    model._mc_odp_original_attn = original
+    cfg._attn_implementation = ATTN_NAME
+
+
+def uninstall_attention(model: nn.Module) -> None:
+    original = getattr(model, "_mc_odp_original_attn", None)
+    if original is not None and model.config._attn_implementation == ATTN_NAME:
+        model.config._attn_implementation = original

@@ -1,0 +1,336 @@
+"""Online dynamic pruning on a loaded model: switch it on/off, calibrate thresholds, rank layers, read statistics.
+
+ODP lives at the router/experts boundary of every supported architecture: a forward hook on each MoE router
+rewrites ``(router_logits, top_k_weights, top_k_index)`` with :mod:`.rule`, so the experts module (float or
+:class:`~optimum_mc.nn.MCExperts`) simply skips dropped slots. All state sits on the model's modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..architectures import decoder_layers, moe_blocks, require_moe
+from ..errors import MCConfigError
+from .importance import install_attention, uninstall_attention
+from .rule import apply_drop, drop_mask, protected_tokens, slot_ratios
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LAYER_SHARE = 0.625  # the paper prunes about 20 of 32 layers
+
+
+@dataclass
+class ODPStats:
+    tokens: int = 0
+    slots: int = 0
+    evaluated: int = 0
+    params: float = 0.0
+    bytes: float = 0.0
+
+    def as_dict(self) -> dict:
+        t = max(self.tokens, 1)
+        return {
+            "tokens": self.tokens,
+            "expert_evaluations": self.evaluated,
+            "skipped_fraction": 1.0 - self.evaluated / max(self.slots, 1),
+            "active_expert_params_per_token": self.params / t,
+            "active_expert_bytes_per_token": self.bytes / t,
+        }
+
+
+@dataclass
+class ODPLayerState:
+    """ODP settings and counters of one MoE layer (attached to its router and attention modules)."""
+
+    layer_idx: int
+    num_experts: int
+    threshold: float
+    protect_ratio: float
+    enabled: bool
+    expert_params: torch.Tensor
+    expert_bytes: torch.Tensor
+    stats: ODPStats = field(default_factory=ODPStats)
+    received: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    handle: object | None = None
+
+    def router_hook(self, module: nn.Module, args: tuple, output: tuple):
+        logits, weights, index = output[0], output[1], output[2]
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        flat_w = weights.reshape(-1, weights.shape[-1])
+        flat_i = index.reshape(-1, index.shape[-1])
+        t = flat_i.shape[0]
+        valid = self.valid.reshape(-1) if self.valid is not None and self.valid.numel() == t else None
+        if self.enabled:
+            drop = drop_mask(flat_w, self.threshold)
+            if self.received is not None and self.received.numel() == t:
+                importance = self.received * hidden.float().abs().sum(-1).reshape(self.received.shape)
+                vmask = self.valid if self.valid is not None else torch.ones_like(self.received, dtype=torch.bool)
+                keep_all = protected_tokens(importance, vmask, self.protect_ratio).reshape(-1)
+                drop &= ~keep_all.unsqueeze(-1)
+            flat_i, flat_w = apply_drop(flat_i, flat_w, drop, self.num_experts)
+        self._count(flat_i, valid)
+        self.received = self.valid = None
+        return (logits, flat_w.reshape(weights.shape), flat_i.reshape(index.shape), *output[3:])
+
+    @torch.no_grad()
+    def _count(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
+        if valid is not None:
+            index = index[valid.to(index.device)]
+        live = index < self.num_experts
+        used = index.masked_fill(~live, 0).cpu()
+        live = live.cpu()
+        self.stats.tokens += index.shape[0]
+        self.stats.slots += index.numel()
+        self.stats.evaluated += int(live.sum())
+        self.stats.params += float((self.expert_params[used] * live).sum())
+        self.stats.bytes += float((self.expert_bytes[used] * live).sum())
+
+
+def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(experts, "expert_nbytes"):
+        e, h, i = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
+        params = torch.full((e,), 3.0 * h * i)
+        return params, torch.tensor([float(experts.expert_nbytes(k)) for k in range(e)])
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    per = float(gu[0].numel() + dn[0].numel())
+    e = gu.shape[0]
+    return torch.full((e,), per), torch.full((e,), per * gu.element_size())
+
+
+def _states(model: nn.Module) -> dict[int, ODPLayerState]:
+    return {b.layer_idx: b.router._mc_odp for b in moe_blocks(model) if hasattr(b.router, "_mc_odp")}
+
+
+def _check(model, threshold, protect_ratio, layers) -> list[int]:
+    arch = require_moe(model)
+    blocks = list(moe_blocks(model, arch))
+    if any(b.top_k < 2 for b in blocks):
+        raise MCConfigError(
+            "ODP drops the second and later experts of a token; this model routes to 1 expert (top-1)."
+        )
+    vals = threshold if isinstance(threshold, (list, tuple)) else ([] if threshold is None else [threshold])
+    for t in vals:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise MCConfigError(f"ODP thresholds must lie in (0, 1], got {t!r}.")
+    if isinstance(threshold, (list, tuple)) and len(threshold) != len(blocks):
+        raise MCConfigError(f"got {len(threshold)} ODP thresholds for {len(blocks)} MoE layers.")
+    if isinstance(protect_ratio, bool) or not isinstance(protect_ratio, (int, float)) or not 0 <= protect_ratio <= 1:
+        raise MCConfigError(f"ODP protect_ratio must lie in [0, 1], got {protect_ratio!r}.")
+    moe = [b.layer_idx for b in blocks]
+    if isinstance(layers, (list, tuple)):
+        unknown = sorted(set(layers) - set(moe))
+        if unknown:
+            raise MCConfigError(f"ODP layers {unknown} are not MoE layers of this model (MoE layers: {moe}).")
+    elif layers is not None and (
+        isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= len(moe)
+    ):
+        raise MCConfigError(f"ODP layers must be a count in [0, {len(moe)}] or a list of MoE layer indices.")
+    return moe
+
+
+def _calibration(model: nn.Module) -> tuple[list[float] | None, list[float] | None]:
+    qc = getattr(model.config, "quantization_config", None)
+    thr = getattr(qc, "odp_thresholds", None) or getattr(model, "_mc_odp_thresholds", None)
+    scores = getattr(qc, "odp_layer_scores", None) or getattr(model, "_mc_odp_layer_scores", None)
+    return thr, scores
+
+
+def select_layers(moe_layers: list[int], scores: list[float] | None, layers) -> list[int]:
+    """MoE layers where ODP is applied: explicit list, or the ``n`` layers with the lowest pruning error."""
+    if isinstance(layers, (list, tuple)):
+        return sorted(layers)
+    n = round(DEFAULT_LAYER_SHARE * len(moe_layers)) if layers is None else layers
+    if scores is None:
+        return moe_layers[:n] if layers is not None else list(moe_layers)
+    order = sorted(range(len(moe_layers)), key=lambda k: (scores[k], k))
+    return sorted(moe_layers[k] for k in order[:n])
+
+
+def set_odp(
+    model: nn.Module,
+    enabled: bool = True,
+    *,
+    threshold: float | list[float] | None = None,
+    protect_ratio: float = 0.02,
+    layers: int | list[int] | None = None,
+) -> list[int]:
+    """Switch online dynamic pruning on (or off) without reloading; return the layers it is active in.
+
+    ``threshold``: None uses the per-layer medians measured at quantization (or by :func:`calibrate_odp`; a
+    float model without them is calibrated on the builtin text), a float, or one per MoE layer.
+    ``layers``: None (default share of MoE layers, least-hurt first), a count, or MoE layer indices.
+    """
+    moe = _check(model, threshold, protect_ratio, layers)
+    if not enabled:
+        for st in _states(model).values():
+            st.enabled = False
+        uninstall_attention(model)
+        _restore_experts_implementation(model)
+        return []
+    thr, scores = _calibration(model)
+    if threshold is None and thr is None:
+        thr, scores = calibrate_odp(model)
+    if isinstance(threshold, (list, tuple)):
+        per_layer = [float(t) for t in threshold]
+    elif threshold is not None:
+        per_layer = [float(threshold)] * len(moe)
+    else:
+        per_layer = [float(t) for t in thr]
+    active = set(select_layers(moe, scores, layers))
+    attn = []
+    layer_list = decoder_layers(model)
+    for blk, t in zip(moe_blocks(model), per_layer):
+        st = getattr(blk.router, "_mc_odp", None)
+        if st is None:
+            params, nbytes = _expert_sizes(blk.experts)
+            st = ODPLayerState(blk.layer_idx, blk.num_experts, t, protect_ratio, False, params, nbytes)
+            st.handle = blk.router.register_forward_hook(st.router_hook)
+            blk.router._mc_odp = st
+        st.threshold, st.protect_ratio, st.enabled = t, float(protect_ratio), blk.layer_idx in active
+        attn_mod = layer_list[blk.layer_idx].self_attn
+        attn_mod._mc_odp_state = st
+        attn.append(attn_mod)
+    install_attention(model, [layer.self_attn for layer in layer_list])
+    _eager_experts(model)
+    return sorted(active)
+
+
+def _eager_experts(model: nn.Module) -> None:
+    """Float experts under transformers' ``grouped_mm`` do not skip dropped slots (index == num_experts) outside
+    expert parallelism; its eager implementation does, so ODP switches float experts to it while enabled."""
+    cfg = model.config
+    impl = getattr(cfg, "_experts_implementation", None)
+    if impl not in (None, "eager") and not hasattr(model, "_mc_odp_original_experts"):
+        model._mc_odp_original_experts = impl
+        cfg._experts_implementation = "eager"
+
+
+def _restore_experts_implementation(model: nn.Module) -> None:
+    original = getattr(model, "_mc_odp_original_experts", None)
+    if original is not None:
+        model.config._experts_implementation = original
+        del model._mc_odp_original_experts
+
+
+def get_odp_stats(model: nn.Module) -> dict:
+    """Per-layer and total statistics since the last reset: skipped share, active expert params / bytes per token."""
+    states = _states(model)
+    layers = {i: st.stats.as_dict() | {"enabled": st.enabled, "threshold": st.threshold} for i, st in states.items()}
+    total = ODPStats()
+    for st in states.values():
+        total.slots += st.stats.slots
+        total.evaluated += st.stats.evaluated
+        total.params += st.stats.params
+        total.bytes += st.stats.bytes
+        total.tokens = max(total.tokens, st.stats.tokens)
+    out = total.as_dict()
+    out["active_expert_params_per_token"] = sum(s["active_expert_params_per_token"] for s in layers.values())
+    out["active_expert_bytes_per_token"] = sum(s["active_expert_bytes_per_token"] for s in layers.values())
+    return {"layers": layers, "total": out}
+
+
+def reset_odp_stats(model: nn.Module) -> None:
+    """Zero the ODP statistics of every layer."""
+    for st in _states(model).values():
+        st.stats = ODPStats()
+
+
+@torch.no_grad()
+def calibrate_odp(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    tokenizer=None,
+    num_samples: int = 16,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> tuple[list[float], list[float]]:
+    """Median top-k/top-1 weight ratio per MoE layer, and each layer's relative output error under ODP.
+
+    Without ``input_ids``, windows of the builtin offline text are tokenized with ``tokenizer`` (default: the
+    model's own). Results are stored on the model (and its MC quantization config, when present).
+    """
+    blocks = list(moe_blocks(model, require_moe(model)))
+    if input_ids is None:
+        from ..calibration.data import calibration_batches
+        from ..pipeline import resolve_tokenizer
+
+        qc = getattr(model.config, "quantization_config", None)
+        tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, _TokenizerOnly(qc))
+        input_ids = calibration_batches(None, tok, num_samples, seq_len, seed)
+    device = next(model.parameters()).device
+    states = _states(model)
+    was = {i: st.enabled for i, st in states.items()}
+    for st in states.values():
+        st.enabled = False
+
+    def run(hooks: list[tuple[nn.Module, object]]) -> None:
+        handles = [m.register_forward_hook(h) for m, h in hooks]
+        try:
+            for s in range(0, input_ids.shape[0], batch_size):
+                model(input_ids=input_ids[s : s + batch_size].to(device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
+    # pass 1: the ratio of every non-top slot's weight to its token's top-1 weight
+    ratios: dict[int, list[torch.Tensor]] = {b.layer_idx: [] for b in blocks}
+
+    def ratio_hook(idx):
+        def hook(mod, args, out):
+            r, is_top = slot_ratios(out[1].reshape(-1, out[1].shape[-1]))
+            ratios[idx].append(r[~is_top].cpu())
+
+        return hook
+
+    # pass 2: relative change of each MoE layer's routed output when ODP (median threshold) is applied
+    errors = {b.layer_idx: [0.0, 0.0] for b in blocks}
+
+    def error_hook(idx, ne, thr):
+        def hook(mod, args, out):
+            if getattr(mod, "_mc_odp_inner_call", False):
+                return
+            hidden, index, weights = args[0], args[1], args[2]
+            drop = drop_mask(weights.reshape(-1, weights.shape[-1]), thr).reshape(index.shape)
+            i2, w2 = apply_drop(index, weights, drop, ne)
+            mod._mc_odp_inner_call = True
+            try:
+                pruned = mod(hidden, i2, w2)
+            finally:
+                mod._mc_odp_inner_call = False
+            errors[idx][0] += (pruned - out).float().pow(2).sum().item()
+            errors[idx][1] += out.float().pow(2).sum().item()
+
+        return hook
+
+    try:
+        run([(b.router, ratio_hook(b.layer_idx)) for b in blocks])
+        thresholds = [float(torch.cat(ratios[b.layer_idx]).median()) if ratios[b.layer_idx] else 0.5 for b in blocks]
+        thresholds = [min(max(t, 1e-6), 1.0) for t in thresholds]
+        run([(b.experts, error_hook(b.layer_idx, b.num_experts, t)) for b, t in zip(blocks, thresholds)])
+    finally:
+        for i, st in states.items():
+            st.enabled = was[i]
+    scores = [errors[b.layer_idx][0] / max(errors[b.layer_idx][1], 1e-30) for b in blocks]
+    model._mc_odp_thresholds, model._mc_odp_layer_scores = thresholds, scores
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and getattr(qc, "quant_method", None) == "mc":
+        qc.odp_thresholds, qc.odp_layer_scores = thresholds, scores
+    return thresholds, scores
+
+
+class _TokenizerOnly:
+    def __init__(self, qc) -> None:
+        self.tokenizer = getattr(qc, "tokenizer", None)
+
+
+def set_odp_from_config(model: nn.Module, cfg) -> list[int]:
+    """Apply the ODP options of an MCConfig (used when loading / after quantizing with ``odp=True``)."""
+    return set_odp(
+        model, True, threshold=cfg.odp_threshold, protect_ratio=cfg.odp_protect_ratio, layers=cfg.odp_layers
+    )
