@@ -1,0 +1,93 @@
+"""Read an MC folder without loading the model: allocation table, size breakdown, allocation heatmap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .allocation import format_allocation_table
+from .checkpoint import read_safetensors_header
+from .config import MCConfig
+
+_ELEM = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "F64": 8}
+
+
+def load_quant_config(path: str | Path) -> MCConfig | None:
+    """The MCConfig stored in a model folder's config.json (None if it is not an MC model)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    if not qc or qc.get("quant_method") != "mc":
+        return None
+    return MCConfig.from_dict(qc)
+
+
+def allocation_table(cfg: MCConfig) -> str:
+    """Per-layer bit table of the experts."""
+    return format_allocation_table(cfg.expert_bits, cfg.moe_layers, sorted({b for r in cfg.expert_bits for b in r}))
+
+
+def _bits_for(key: str, cfg: MCConfig) -> int:
+    """Bit-width of the packed matrix stored under ``key`` according to the config."""
+    if ".packed." in key:
+        parts = key.split(".")
+        layer = int(parts[parts.index("layers") + 1])
+        expert = int(parts[parts.index("packed") + 1])
+        return cfg.expert_bits[cfg.moe_layers.index(layer)][expert]
+    return int(cfg.attn_bits or 4)
+
+
+def size_breakdown(path: str | Path, cfg: MCConfig) -> str:
+    """Bytes of experts / quantized linears / float parts, with bits per weight including scales and zeros."""
+    names = ("experts (packed)", "linears (packed)", "float (embeddings, norms, routers, head)")
+    groups = {n: [0, 0] for n in names}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        for key, info in read_safetensors_header(str(f)).items():
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            nbytes = n * _ELEM.get(info["dtype"], 4)
+            packed = key.endswith((".qweight", ".scales", ".zeros", ".weight_nf4", ".absmax", ".quant_map"))
+            g = names[0] if ".packed." in key else names[1] if packed else names[2]
+            groups[g][0] += nbytes
+            if key.endswith(".qweight"):
+                rows, words = info["shape"]
+                groups[g][1] += rows * words * 32 // _bits_for(key, cfg)
+            elif key.endswith(".weight_nf4"):
+                groups[g][1] += 2 * n
+            elif not packed:
+                groups[g][1] += n
+    lines = ["part | MB | weights | bits/weight", "--- | --- | --- | ---"]
+    total_b = total_n = 0
+    for name, (b, n) in groups.items():
+        total_b, total_n = total_b + b, total_n + n
+        bpw = f"{8 * b / n:.2f}" if n else "-"
+        lines.append(f"{name} | {b / 2**20:.2f} | {n:,} | {bpw}")
+    lines.append(f"total | {total_b / 2**20:.2f} | {total_n:,} | {8 * total_b / max(total_n, 1):.2f}")
+    return "\n".join(lines)
+
+
+def plot_allocation(cfg: MCConfig, out: str) -> None:
+    """Heatmap of bits per (MoE layer, expert), written to ``out`` (PNG); needs matplotlib (extra "plots")."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from .errors import MCError
+
+        raise MCError("plotting needs matplotlib: pip install 'optimum-mc[plots]'") from exc
+    bits = cfg.expert_bits
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(bits[0]), 1 + 0.4 * len(bits)))
+    im = ax.imshow(bits, cmap="viridis", aspect="auto", vmin=1, vmax=4)
+    for i, row in enumerate(bits):
+        for j, b in enumerate(row):
+            ax.text(j, i, str(b), ha="center", va="center", color="white" if b < 3 else "black")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(bits)), [str(i) for i in cfg.moe_layers])
+    ax.set_title("MC bits per expert")
+    fig.colorbar(im, ax=ax, label="bits")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

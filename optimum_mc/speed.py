@@ -1,0 +1,59 @@
+"""Speed / memory benchmark behind ``optimum-mc bench``: float vs MC vs MC + ODP, ratios from one run."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+
+def _model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def _measure(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    model(input_ids=prompt[:, :8])  # warm-up
+    t = time.perf_counter()
+    model(input_ids=prompt, use_cache=False)
+    prefill = prompt.numel() / (time.perf_counter() - t)
+    t = time.perf_counter()
+    out = model.generate(prompt[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    decode = (out.shape[1] - 16) / (time.perf_counter() - t)
+    return prefill, decode
+
+
+def run_speed_bench(model, tokenizer, args, config) -> str:
+    """Markdown table of prefill / decode tokens per second and weight memory for the three variants."""
+    from .pipeline import quantize_model
+    from .pruning import get_odp_stats, reset_odp_stats, set_odp
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, len(tokenizer), (1, args.prompt_len), generator=g)
+    rows = [("float", *_measure(model, prompt, args.new_tokens), _model_bytes(model), None)]
+    quant = copy.deepcopy(model)
+    quantize_model(quant, config, tokenizer)
+    quant.config.quantization_config = config
+    rows.append(("MC", *_measure(quant, prompt, args.new_tokens), _model_bytes(quant), None))
+    set_odp(quant, True)
+    reset_odp_stats(quant)
+    pre, dec = _measure(quant, prompt, args.new_tokens)
+    skipped = get_odp_stats(quant)["total"]["skipped_fraction"]
+    rows.append(("MC + ODP", pre, dec, _model_bytes(quant), skipped))
+    base = rows[0]
+    lines = [
+        "| variant | prefill tok/s | decode tok/s | weights MB | prefill x | decode x | memory x | experts skipped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, pre, dec, mem, sk in rows:
+        lines.append(
+            f"| {name} | {pre:.0f} | {dec:.1f} | {mem / 2**20:.1f} | {pre / base[1]:.2f} | {dec / base[2]:.2f} "
+            f"| {mem / base[3]:.2f} | {'-' if sk is None else f'{100 * sk:.1f}%'} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The optimum-mc command: quantize / inspect / eval end to end on a tiny model, and user errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tiny_models import CORPUS, save_tiny
+
+from optimum_mc.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny("mixtral", tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("calib") / "calib.txt"
+    f.write_text("\n\n".join(CORPUS * 3), encoding="utf-8")
+    return f
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_dir, calib_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q")
+    code = main(["--quiet", "quantize", tiny_dir, "--bits", "2.5", "--group-size", "32", "--num-samples", "8",
+                 "--seq-len", "32", "--dataset", str(calib_file), "--output", str(out)])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_quantize_then_inspect(quantized_dir, tmp_path, capsys):
+    assert (quantized_dir / "model.safetensors").exists() and (quantized_dir / "tokenizer.json").exists()
+    png = tmp_path / "alloc.png"
+    assert main(["inspect", str(quantized_dir), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "overall average expert bits: 2.500" in out and "experts (packed)" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_reads_text_files(quantized_dir, calib_file, capsys):
+    assert main(["--quiet", "eval", str(quantized_dir), "--text", str(calib_file), "--window", "16"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("calib.txt: perplexity ") and float(line.split()[-1]) > 1
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["inspect", "/no/such/dir"], "not a model folder"),
+        (["eval", "/no/such/model"], "not found"),
+        (["eval", "{model}", "--text", "/no/such/file.txt"], "cannot read text file"),
+        (["quantize", "{model}", "--bits", "7", "--output", "/tmp/x"], "infeasible"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(argv, match, tiny_dir, capsys):
+    argv = [a.replace("{model}", tiny_dir) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_number_is_an_argparse_error():
+    res = subprocess.run([sys.executable, "-m", "optimum_mc", "quantize", "m", "--bits", "abc", "--output", "o"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2 and "is not a number" in res.stderr and "Traceback" not in res.stderr
