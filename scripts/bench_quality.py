@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument(
         "--variants",
-        default="float,bnb-nf4,uniform-4,uniform-3,uniform-2,mc-3.0,mc-2.5,mc-2.0,mc-1.5,"
-        "global-2.5,random-2.5,frequency-2.5",
+        default="float,bnb-nf4,uniform-2,uniform-3,mc-2.5,random-2.5,frequency-2.5,global-2.5,uniform-4,"
+        "mc-2.0,mc-3.0,mc-1.5",
     )
     p.add_argument("--max-windows", type=int, default=None, help="windows per domain (default: all)")
     p.add_argument("--num-samples", type=int, default=128)
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         del model
+        if args.json:
+            _write_json(args.json, rows)
     print()
     print("| variant | avg expert bits | code | docs | quotes | mean | size (MB) | load+quantize s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -128,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['variant']} | {b} | {r['code']:.2f} | {r['docs']:.2f} | {r['quotes']:.2f} | {r['mean']:.2f} "
             f"| {r['bytes'] / 2**20:.2f} | {r['load_seconds']} |"
         )
-    if args.json:
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.json)), delete=False) as f:
-            json.dump(rows, f, indent=2)
-        os.replace(f.name, args.json)
     return 0
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
+        json.dump(rows, f, indent=2)
+    os.replace(f.name, path)
 
 
 def _model_bytes(model) -> int:
