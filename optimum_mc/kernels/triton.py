@@ -1,0 +1,144 @@
+"""Triton kernels for the canonical packed format (CUDA; testable on CPU with ``TRITON_INTERPRET=1``).
+
+- ``_dequant_kernel``: packed codes -> ``(q - zero) * scale`` in fp32 (bit-identical to the reference), cast.
+- ``_gemm_kernel`` (prefill): tiles of ``x (M, K)`` times a weight tile dequantized in registers, fp32 accumulate.
+- ``_gemv_kernel`` (decode, few rows): each program owns ``BLOCK_N`` output rows of one ``x`` row and streams
+  the packed words of those rows once.
+
+Codes are read straight from the int32 words: code ``k`` of a row starts at stream bit ``k * bits``, i.e. word
+``(k * bits) >> 5``, shift ``(k * bits) & 31``; a 3-bit code that straddles two words takes its high bits from the
+next word. Importing this module never fails: ``TRITON_AVAILABLE`` says whether the kernels exist.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - Triton is an optional extra
+    TRITON_AVAILABLE = False
+
+GEMV_MAX_ROWS = 8
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _codes(qw_ptr, row, k, words_per_row, BITS: tl.constexpr):
+        """Codes at (row, k) (broadcast tensors) as int32."""
+        pos = k * BITS
+        word = pos >> 5
+        shift = (pos & 31).to(tl.uint32)
+        base = qw_ptr + row * words_per_row + word
+        w0 = tl.load(base).to(tl.uint32, bitcast=True)
+        v = w0 >> shift
+        if BITS == 3:
+            straddle = shift > 29
+            w1 = tl.load(base + 1, mask=straddle, other=0).to(tl.uint32, bitcast=True)
+            v = v | tl.where(straddle, w1 << (32 - shift), 0)
+        return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, words_per_row, groups, group_size,
+                        BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        ok = (rn < N) & (rk < K)
+        rn_c = tl.where(ok, rn, 0)
+        rk_c = tl.where(ok, rk, 0)
+        q = _codes(qw_ptr, rn_c, rk_c, words_per_row, BITS).to(tl.float32)
+        g = rk_c // group_size
+        s = tl.load(s_ptr + rn_c * groups + g).to(tl.float32)
+        z = tl.load(z_ptr + rn_c * groups + g).to(tl.float32)
+        d = q - z
+        tl.store(out_ptr + rn * K + rk, d * s, mask=ok)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, words_per_row, groups, gs, BITS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rn_c = tl.where(rn < N, rn, 0)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            kk = tl.where(rk < K, rk, 0)[:, None]
+            q = _codes(qw_ptr, rn_c[None, :], kk, words_per_row, BITS).to(tl.float32)  # (BLOCK_K, BLOCK_N)
+            g = kk // gs
+            s = tl.load(s_ptr + rn_c[None, :] * groups + g).to(tl.float32)
+            z = tl.load(z_ptr + rn_c[None, :] * groups + g).to(tl.float32)
+            w = tl.where(rk[:, None] < K, (q - z) * s, 0.0)
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, words_per_row, groups, group_size,
+                     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        m = tl.program_id(1)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn_c = tl.where(rn < N, rn, 0)[:, None]
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            kk = tl.where(rk < K, rk, 0)[None, :]
+            q = _codes(qw_ptr, rn_c, kk, words_per_row, BITS).to(tl.float32)
+            g = kk // group_size
+            s = tl.load(s_ptr + rn_c * groups + g).to(tl.float32)
+            z = tl.load(z_ptr + rn_c * groups + g).to(tl.float32)
+            acc += tl.sum((q - z) * s * x[None, :], axis=1)
+        tl.store(y_ptr + m * N + rn, acc, mask=rn < N)
+
+
+def _shapes(qweight, scales, bits):
+    n, words = qweight.shape
+    k = words * 32 // bits
+    groups = scales.shape[1]
+    return n, k, words, groups, k // groups
+
+
+def triton_dequantize(qweight, scales, zeros, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, k, words, groups, gs = _shapes(qweight, scales, bits)
+    out = torch.empty(n, k, dtype=torch.float32, device=qweight.device)
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, 64))
+    _dequant_kernel[grid](qweight, scales, zeros, out, n, k, words, groups, gs, BITS=bits, BLOCK_N=32, BLOCK_K=64)
+    return out.to(dtype)
+
+
+def triton_gemm(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
+    n, k, words, groups, gs = _shapes(qweight, scales, bits)
+    rows = x.reshape(-1, k).contiguous()
+    m = rows.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, 16), triton.cdiv(n, 32))
+    _gemm_kernel[grid](rows, qweight, scales, zeros, y, m, n, k, words, groups, gs,
+                       BITS=bits, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)  # fmt: skip
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def triton_gemv(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
+    n, k, words, groups, gs = _shapes(qweight, scales, bits)
+    rows = x.reshape(-1, k).contiguous()
+    m = rows.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, 32), m)
+    _gemv_kernel[grid](rows, qweight, scales, zeros, y, n, k, words, groups, gs, BITS=bits, BLOCK_N=32, BLOCK_K=64)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def triton_qmatmul(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    return (triton_gemv if rows <= GEMV_MAX_ROWS else triton_gemm)(x, qweight, scales, zeros, bits)
+
+
+def register() -> bool:
+    """Register the Triton kernels for the "cuda" key (when Triton imports); return whether they were."""
+    if not TRITON_AVAILABLE:
+        return False
+    torch.library.register_kernel("optimum_mc::dequantize", "cuda", triton_dequantize)
+    torch.library.register_kernel("optimum_mc::qmatmul", "cuda", triton_qmatmul)
+    return True
