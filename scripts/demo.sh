@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install what the demo needs (CPU torch first, then the package) and run the offline demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[plots]"
+python -m optimum_mc demo "$@"
