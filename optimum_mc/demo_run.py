@@ -16,7 +16,7 @@ def run_demo(quiet: bool = False) -> int:
     from .demo import build_demo_model, split_documents
     from .evaluation import perplexity, token_windows
     from .inspect_model import allocation_table
-    from .speed import _model_bytes
+    from .speed import model_bytes
 
     say = (lambda *a: None) if quiet else print
     path = build_demo_model(quiet=quiet)
@@ -52,10 +52,10 @@ def run_demo(quiet: bool = False) -> int:
     say("\n| model | size (MB) | expert weights (MB) | held-out perplexity |")
     say("|---|---|---|---|")
     say(
-        f"| float (fp32) | {_model_bytes(float_model) / 2**20:.2f} | {expert_bytes(float_model) / 2**20:.2f} | "
+        f"| float (fp32) | {model_bytes(float_model) / 2**20:.2f} | {expert_bytes(float_model) / 2**20:.2f} | "
         f"{ppl_float:.2f} |"
     )
-    say(f"| MC 2.5-bit | {_model_bytes(model) / 2**20:.2f} | {expert_bytes(model) / 2**20:.2f} | {ppl_mc:.2f} |")
+    say(f"| MC 2.5-bit | {model_bytes(model) / 2**20:.2f} | {expert_bytes(model) / 2**20:.2f} | {ppl_mc:.2f} |")
     say(f"| MC 2.5-bit + ODP ({100 * skipped:.1f}% expert evaluations skipped) | | | {ppl_odp:.2f} |")
     gen = pipeline("text-generation", model=model, tokenizer=tok)
     text = gen("def read_file(path):", max_new_tokens=40, do_sample=False)[0]["generated_text"]

@@ -267,11 +267,10 @@ class _Run:
         ]
 
 
-def resolve_tokenizer(model: nn.Module, config: MCConfig):
-    """The tokenizer for calibration: ``config.tokenizer`` (object or path) or the model's own."""
+def resolve_tokenizer(model: nn.Module, tok=None):
+    """The tokenizer for calibration: ``tok`` (object or path) or the model's own."""
     from transformers import AutoTokenizer
 
-    tok = config.tokenizer
     if tok is not None and not isinstance(tok, str):
         return tok
     path = tok or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
@@ -291,7 +290,7 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None) -> dict:
         [int(b.experts.num_experts) for b in blocks], config.candidate_bits, config.bits, config.allocation_constraints
     )
     t0 = time.perf_counter()
-    tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, config)
+    tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, config.tokenizer)
     input_ids = calibration_batches(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
     input_ids = getattr(input_ids, "input_ids", input_ids)
     run = _Run(model, config, arch)

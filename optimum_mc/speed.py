@@ -8,7 +8,7 @@ import time
 import torch
 
 
-def _model_bytes(model) -> int:
+def model_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
@@ -36,16 +36,16 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, len(tokenizer), (1, args.prompt_len), generator=g)
-    rows = [("float", *_measure(model, prompt, args.new_tokens), _model_bytes(model), None)]
+    rows = [("float", *_measure(model, prompt, args.new_tokens), model_bytes(model), None)]
     quant = copy.deepcopy(model)
     quantize_model(quant, config, tokenizer)
     quant.config.quantization_config = config
-    rows.append(("MC", *_measure(quant, prompt, args.new_tokens), _model_bytes(quant), None))
+    rows.append(("MC", *_measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
     set_odp(quant, True)
     reset_odp_stats(quant)
     pre, dec = _measure(quant, prompt, args.new_tokens)
     skipped = get_odp_stats(quant)["total"]["skipped_fraction"]
-    rows.append(("MC + ODP", pre, dec, _model_bytes(quant), skipped))
+    rows.append(("MC + ODP", pre, dec, model_bytes(quant), skipped))
     base = rows[0]
     lines = [
         "| variant | prefill tok/s | decode tok/s | weights MB | prefill x | decode x | memory x | experts skipped |",

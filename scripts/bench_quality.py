@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from optimum_mc.evaluation import perplexity, token_windows
+    from optimum_mc.speed import model_bytes
 
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = {
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         qc = getattr(model.config, "quantization_config", None)
         bits = getattr(qc, "expert_bits", None)
         avg = sum(map(sum, bits)) / sum(map(len, bits)) if bits else None
-        size = _model_bytes(model)
+        size = model_bytes(model)
         rows.append({"variant": name, "load_seconds": round(seconds, 1), "avg_expert_bits": avg, "bytes": size, **ppl})
         print(
             f"{name:>14}: " + " ".join(f"{d}={ppl[d]:.2f}" for d in (*DOMAINS, "mean")) + f"  ({seconds:.1f}s)",
@@ -137,15 +138,6 @@ def _write_json(path: str, rows: list[dict]) -> None:
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
         json.dump(rows, f, indent=2)
     os.replace(f.name, path)
-
-
-def _model_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
 
 
 if __name__ == "__main__":

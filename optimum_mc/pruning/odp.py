@@ -261,7 +261,7 @@ def calibrate_odp(
         from ..pipeline import resolve_tokenizer
 
         qc = getattr(model.config, "quantization_config", None)
-        tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, _TokenizerOnly(qc))
+        tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, getattr(qc, "tokenizer", None))
         input_ids = calibration_batches(None, tok, num_samples, seq_len, seed)
     device = next(model.parameters()).device
     states = _states(model)
@@ -322,11 +322,6 @@ def calibrate_odp(
     if qc is not None and getattr(qc, "quant_method", None) == "mc":
         qc.odp_thresholds, qc.odp_layer_scores = thresholds, scores
     return thresholds, scores
-
-
-class _TokenizerOnly:
-    def __init__(self, qc) -> None:
-        self.tokenizer = getattr(qc, "tokenizer", None)
 
 
 def set_odp_from_config(model: nn.Module, cfg) -> list[int]:
