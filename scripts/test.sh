@@ -2,6 +2,7 @@
 # Install what the tests need (CPU torch first, then the package with its test extra) and run them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # see optimum_mc/kernels/__init__.py
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 ruff check optimum_mc tests scripts

@@ -3,8 +3,15 @@
 Importing this package registers the fast CPU kernels and, when Triton is importable, the Triton CUDA kernels.
 """
 
-from . import cpu, triton
-from .ops import check_packed, dequantize, qmatmul
+import os
+
+# Our C kernels bring their own OpenMP runtime next to torch's; spinning idle threads of one starve the other
+# (GPTQ's small torch ops ran 5-10x slower once the kernels had run). Passive waiting avoids it; it must be set
+# before the kernel library is loaded (lazily, on first use). A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import cpu, triton  # noqa: E402
+from .ops import check_packed, dequantize, qmatmul  # noqa: E402
 
 cpu.register()
 triton.register()
