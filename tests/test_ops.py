@@ -30,7 +30,10 @@ def test_ops_meta_and_compile(bits):
     assert out.shape == (5, 48) and out.device.type == "meta"
     assert dequantize(p.to("meta"), s.to("meta"), z.to("meta"), bits, torch.bfloat16).dtype == torch.bfloat16
     compiled = torch.compile(lambda t: qmatmul(t, p, s, z, bits), backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), qmatmul_reference(x, p, s, z, bits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled(x), qmatmul(x, p, s, z, bits))  # same kernel, traced or not
+    ref = qmatmul_reference(x, p, s, z, bits)
+    bound = 1e-5 * (x.abs() @ dequantize_reference(p, s, z, bits, torch.float32).abs().t()).max()
+    assert (compiled(x) - ref).abs().max() <= bound  # only the fp32 summation order differs
 
 
 def test_validation_errors():

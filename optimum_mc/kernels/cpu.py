@@ -1,12 +1,15 @@
 """The fast CPU path: C kernels (``cpu_kernels.c``) compiled on first use and registered for the "cpu" key.
 
-- ``dequantize``: multithreaded unpack + ``(q - zero) * scale``, bit-identical to the reference.
-- ``qmatmul`` with few rows (decode, <= ``GEMV_MAX_ROWS``): a lookup-table GEMV reading the packed bits directly
-  (no dequantized copy); with more rows (prefill): dequantize once in C, then BLAS matmul.
+- ``dequantize``: multithreaded unpack + ``(q - zero) * scale`` in fp32, bit-identical to the reference.
+- ``qmatmul`` with at most ``GEMV_MAX_ROWS`` rows of ``x`` (decode): a fused GEMV that reads the packed bits
+  directly, never materializing a dequantized copy. With more rows (prefill): blocks of the weight are dequantized
+  in C into a reused fp32 buffer and multiplied with BLAS (``torch.mm``).
 
-The library is built with the system C compiler into ``$OPTIMUM_MC_CACHE`` (default ``~/.cache/optimum_mc``),
-named by a hash of source, flags and machine, written to a temporary file and renamed into place. Without a
-compiler, or with ``OPTIMUM_MC_CPU_KERNEL=reference``, the pure-torch reference serves the CPU instead.
+Every path computes in fp32 and casts the result to ``x.dtype``. The library is built with the system C compiler
+(``$CC``, ``cc``, ``gcc`` or ``clang``) into ``$OPTIMUM_MC_CACHE/kernels`` (default ``~/.cache/optimum_mc``),
+named by a hash of source, flags and CPU, written to a temporary file and renamed into place, then loaded with
+ctypes (which releases the GIL during calls). Without a compiler, when the build fails, or with
+``OPTIMUM_MC_CPU_KERNEL=reference``, the pure-torch reference serves the CPU instead (one warning is logged).
 """
 
 from __future__ import annotations
@@ -25,20 +28,24 @@ from pathlib import Path
 
 import torch
 
+from ..packing import SUPPORTED_BITS, WORD_BITS
 from .reference import dequantize_reference, qmatmul_reference
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
-GEMV_MAX_ROWS = 4
+ENV_KERNEL = "OPTIMUM_MC_CPU_KERNEL"
+GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
+GEMM_BLOCK_BYTES = 8 << 20  # fp32 weight block dequantized per BLAS call (fits the last-level cache)
 
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("OPTIMUM_MC_CACHE", Path.home() / ".cache" / "optimum_mc")) / "kernels"
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$OPTIMUM_MC_CACHE/kernels`` or ``~/.cache/optimum_mc/kernels``."""
+    root = os.environ.get("OPTIMUM_MC_CACHE") or Path.home() / ".cache" / "optimum_mc"
+    return Path(root) / "kernels"
 
 
 def _compiler() -> str | None:
@@ -48,21 +55,29 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> Path | None:
-    cc = _compiler()
-    if cc is None:
-        return None
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join((cc, *FLAGS, platform.machine(), platform.node())).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"mc_cpu_{key}.so"
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU model and feature flags (falls back to the platform)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "|".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in keys))
+
+
+def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile the kernels with ``cc`` unless a build for this source, flags and CPU is cached; return its path."""
+    key_src = b"\0".join([SOURCE.read_bytes(), " ".join((cc, *flags)).encode(), platform.machine().encode()])
+    key = hashlib.sha256(key_src + _cpu_id().encode()).hexdigest()[:16]
+    out = cache_dir() / f"mc_cpu_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)
+        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -71,67 +86,137 @@ def _build() -> Path | None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (reference path) when disabled or not buildable."""
-    if os.environ.get("OPTIMUM_MC_CPU_KERNEL", "").lower() == "reference" or sys.byteorder != "little":
+    """The loaded kernel library, or None when the reference serves the CPU (disabled, or not buildable)."""
+    if os.environ.get(ENV_KERNEL, "").strip().lower() == "reference":
+        return None
+    if sys.byteorder != "little":  # the kernels read int32 words as a little-endian byte stream
+        logger.warning("optimum-mc: big-endian CPU; CPU kernels fall back to the pure-torch reference")
+        return None
+    cc = _compiler()
+    if cc is None:
+        logger.warning("optimum-mc: no C compiler found ($CC, cc, gcc, clang); using the slow pure-torch reference")
         return None
     try:
-        path = _build()
-        if path is None:
-            logger.warning("optimum-mc: no C compiler found; CPU kernels fall back to the pure-torch reference")
-            return None
-        lib = ctypes.CDLL(str(path))
+        return load(build(cc))
+    except subprocess.CalledProcessError as exc:
+        logger.warning("optimum-mc: building the CPU kernels failed; using the pure-torch reference:\n%s", exc.stderr)
+        return None
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("optimum-mc: building the CPU kernels failed (%s); using the pure-torch reference", exc)
         return None
-    lib.mc_dequantize.argtypes = [_P, _P, _P, _P, _I, _I, ctypes.c_int, _I]
-    lib.mc_gemv_lut.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _I]
-    lib.mc_gemv_8bit.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I]
-    for f in (lib.mc_dequantize, lib.mc_gemv_lut, lib.mc_gemv_8bit):
-        f.restype = None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built kernel library and declare its C signatures."""
+    lib = ctypes.CDLL(str(path))
+    lib.mc_dequantize.argtypes = [_P, _P, _P, _P, _I64, _I64, _INT, _I64, _INT]
+    lib.mc_dequantize.restype = _INT
+    lib.mc_gemv.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _I64, _INT]
+    lib.mc_gemv.restype = _INT
     return lib
 
 
-def _params(qweight, scales, zeros):
-    return qweight.contiguous(), scales.float().contiguous(), zeros.float().contiguous()
+def _fast_path(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> ctypes.CDLL | None:
+    """The library if the C kernels take this matrix, else None: the reference then serves it (or raises the
+    typed error, for inputs that skipped ``ops.check_packed``). The C kernels need the canonical dtypes and
+    groups of whole 32-code blocks."""
+    lib = library()
+    if (
+        lib is None
+        or bits not in SUPPORTED_BITS
+        or qweight.dtype != torch.int32
+        or scales.dtype != torch.float16
+        or zeros.dtype != torch.float16
+        or qweight.dim() != 2
+        or qweight.numel() == 0
+        or scales.shape != zeros.shape
+        or scales.shape != (qweight.shape[0], scales.shape[-1])
+        or scales.shape[1] == 0
+        or qweight.shape[1] * WORD_BITS % bits
+        or (qweight.shape[1] * WORD_BITS // bits) % scales.shape[1]
+        or (qweight.shape[1] * WORD_BITS // bits // scales.shape[1]) % 32
+    ):
+        return None
+    return lib
+
+
+def _dequantize_into(lib, out: torch.Tensor, qweight, scales, zeros, bits: int, start: int, stop: int) -> None:
+    """Dequantize rows ``start:stop`` of contiguous ``qweight`` / fp16 ``scales`` / ``zeros`` into fp32 ``out``."""
+    words, groups = qweight.shape[1], scales.shape[1]
+    in_f = words * WORD_BITS // bits
+    rc = lib.mc_dequantize(
+        qweight.data_ptr() + start * words * 4,
+        scales.data_ptr() + start * groups * 2,
+        zeros.data_ptr() + start * groups * 2,
+        out.data_ptr(),
+        stop - start,
+        in_f,
+        bits,
+        in_f // groups,
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise MemoryError("optimum-mc CPU dequantize could not allocate its row buffer")
 
 
 def dequantize_cpu(qweight, scales, zeros, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    lib = library()
+    """CPU implementation of ``optimum_mc::dequantize``."""
+    lib = _fast_path(qweight, scales, zeros, bits)
     if lib is None:
         return dequantize_reference(qweight, scales, zeros, bits, dtype)
-    qw, s, z = _params(qweight, scales, zeros)
-    out_f = qw.shape[0]
-    in_f = qw.shape[1] * 32 // bits
-    out = torch.empty(out_f, in_f, dtype=torch.float32)
-    lib.mc_dequantize(qw.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), out_f, in_f, bits, in_f // s.shape[1])
+    qw, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    out = torch.empty(qw.shape[0], qw.shape[1] * WORD_BITS // bits, dtype=torch.float32)
+    _dequantize_into(lib, out, qw, s, z, bits, 0, qw.shape[0])
     return out.to(dtype)
 
 
+def _gemm(lib, xf: torch.Tensor, qw, s, z, bits: int) -> torch.Tensor:
+    """``xf @ W.T`` for many rows: dequantize row blocks of ``W`` into a reused fp32 buffer, multiply with BLAS."""
+    out_f, in_f = qw.shape[0], xf.shape[1]
+    block = max(1, min(out_f, GEMM_BLOCK_BYTES // (4 * in_f)))
+    buf = torch.empty(block, in_f, dtype=torch.float32)
+    if block == out_f:
+        _dequantize_into(lib, buf, qw, s, z, bits, 0, out_f)
+        return torch.mm(xf, buf.t())
+    y_t = torch.empty(out_f, xf.shape[0], dtype=torch.float32)
+    for start in range(0, out_f, block):
+        stop = min(out_f, start + block)
+        _dequantize_into(lib, buf, qw, s, z, bits, start, stop)
+        torch.mm(buf[: stop - start], xf.t(), out=y_t[start:stop])
+    return y_t.t().contiguous()
+
+
 def qmatmul_cpu(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
-    lib = library()
+    """CPU implementation of ``optimum_mc::qmatmul``: fused GEMV for few rows, dequantize + BLAS otherwise."""
+    lib = _fast_path(qweight, scales, zeros, bits)
     if lib is None:
         return qmatmul_reference(x, qweight, scales, zeros, bits)
-    out_f = qweight.shape[0]
-    in_f = x.shape[-1]
-    rows = x.reshape(-1, in_f)
-    if rows.shape[0] == 0:
-        return x.new_zeros((*x.shape[:-1], out_f))
-    if rows.shape[0] > GEMV_MAX_ROWS:
-        w = dequantize_cpu(qweight, scales, zeros, bits, torch.float32)
-        return (rows.float() @ w.t()).to(x.dtype).reshape(*x.shape[:-1], out_f)
-    qw, s, z = _params(qweight, scales, zeros)
-    xf = rows.float().contiguous()
-    y = torch.empty(rows.shape[0], out_f, dtype=torch.float32)
-    group = in_f // s.shape[1]
-    ptrs = (xf.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr())
-    if bits == 8:
-        lib.mc_gemv_8bit(*ptrs, rows.shape[0], out_f, in_f, group)
+    out_f, in_f, lead = qweight.shape[0], x.shape[-1], x.shape[:-1]
+    xf = x.reshape(-1, in_f)
+    if xf.dtype != torch.float32:
+        xf = xf.float()
+    xf, rows = xf.contiguous(), xf.shape[0]
+    if rows == 0:
+        return x.new_zeros((*lead, out_f))
+    qw, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    if rows <= GEMV_MAX_ROWS:
+        y = torch.empty(rows, out_f, dtype=torch.float32)
+        rc = lib.mc_gemv(
+            xf.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(),
+            rows, out_f, in_f, bits, in_f // s.shape[1], torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("optimum-mc CPU GEMV could not allocate its buffers")
+        if rc:
+            raise RuntimeError(f"optimum-mc CPU GEMV rejected bits={bits}, rows={rows} (internal error)")
     else:
-        lib.mc_gemv_lut(*ptrs, rows.shape[0], out_f, in_f, bits, group)
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+        y = _gemm(lib, xf, qw, s, z, bits)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*lead, out_f)
 
 
 def register() -> None:
-    """Register the CPU implementations of both ops (the dispatcher picks them for CPU tensors)."""
+    """Register the CPU implementations of both ops; the dispatcher then picks them for CPU tensors."""
     torch.library.register_kernel("optimum_mc::dequantize", "cpu", dequantize_cpu)
     torch.library.register_kernel("optimum_mc::qmatmul", "cpu", qmatmul_cpu)

@@ -1,129 +1,312 @@
-/* Fast CPU kernels for optimum-mc's packed low-bit weights (docs/format.md).
+/* Fast CPU kernels for optimum-mc's packed low-bit weights (layout: optimum_mc/packing.py, docs/format.md).
  *
- * Hand-written because no library reads our packed 1/2/3-bit layout. Plain C (no torch headers), compiled on
- * first use by kernels/cpu.py and called through ctypes.
+ * Hand-written because no library reads our packed 1/2/3-bit layout (3-bit codes straddle int32 words). Plain C
+ * (no torch headers, so it compiles in a second or two), built on first use by kernels/cpu.py, called via ctypes.
  *
- * Layout: codes of one row form a little-endian bit stream in int32 words; code i occupies stream bits
- * [i*bits, (i+1)*bits). A code dequantizes to (q - zero[g]) * scale[g] with g = i / group_size.
+ * Layout: the codes of one weight row form a little-endian bit stream; code i occupies stream bits
+ * [i*b, (i+1)*b). A code q of group g dequantizes to (q - zero[g]) * scale[g] in fp32; scale/zero are fp16.
  *
- * GEMV (decode): sum_k x_k * q_k is linear in the bits of the stream, so for every stream byte j a 256-entry
- * table T[j][v] = sum_{bit p set in v} x[(8j+p)/bits] * 2^((8j+p)%bits) turns 8/bits multiply-adds into one
- * lookup; y[o] = sum_g scale[o,g] * (sum_{bytes j of g} T[j][byte] - zero[o,g] * sum_{k in g} x_k).
- * Groups are whole bytes because group_size is a multiple of 32.
+ * Chunks: 8 consecutive codes take 8*b bits, i.e. exactly b bytes, so chunk c starts at byte b*c of the row for
+ * every bit-width. For b <= 4 one 32-bit load at that byte, broadcast to 8 lanes, holds the whole chunk; lane l
+ * keeps its code with a mask (after a shift by l*b, or, in the GEMV, without shifting: the lane then holds
+ * q * 2^(l*b), and the matching x was pre-multiplied by 2^-(l*b), which is exact). Loads at the last chunk of a
+ * row may read up to 3 bytes past it, so each kernel copies its own last row into a padded buffer first.
+ *
+ * GEMV (decode, few x rows): y[m,o] = sum_g scale[o,g] * (sum_{k in g} x[m,k] * q[o,k] - zero[o,g] * xsum[m,g]),
+ * reading the packed bits (no dequantized copy) and reusing each decoded chunk for up to 4 rows of x.
+ * Dequantize: evaluates (q - zero) * scale exactly as the reference does (-ffp-contract=off: no FMA contraction),
+ * so results are bit-identical.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static inline uint32_t code_at(const uint32_t *row, int64_t i, int bits) {
-    int64_t pos = i * bits;
-    int64_t word = pos >> 5;
-    int shift = (int)(pos & 31);
-    uint32_t v = row[word] >> shift;
-    if (shift + bits > 32) v |= row[word + 1] << (32 - shift);
-    return v & ((1u << bits) - 1u);
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+/* Exact fp16 -> fp32 conversion (per group, so its cost is small next to the codes). */
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0) {
+        float f = (float)man * 5.9604644775390625e-08f; /* man * 2^-24, exact */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+#endif
 }
 
-/* out[o, i] = (q - zero) * scale, fp32 */
-void mc_dequantize(const int32_t *qweight, const float *scales, const float *zeros, float *out, int64_t out_f,
-                   int64_t in_f, int bits, int64_t group_size) {
-    int64_t words = in_f * bits / 32;
-    int64_t groups = in_f / group_size;
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < out_f; o++) {
-        const uint32_t *row = (const uint32_t *)(qweight + o * words);
-        float *dst = out + o * in_f;
-        for (int64_t g = 0; g < groups; g++) {
-            float s = scales[o * groups + g], z = zeros[o * groups + g];
-            for (int64_t i = g * group_size; i < (g + 1) * group_size; i++) {
-                float q = (float)code_at(row, i, bits);
-                float d = q - z;
-                dst[i] = d * s;
+static inline uint32_t load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Row o of the packed matrix, or a padded copy of it if it is the last row (loads may run 3 bytes past it). */
+static inline const uint8_t *row_ptr(const uint8_t *base, int64_t o, int64_t rows, int64_t row_bytes, uint8_t *pad) {
+    const uint8_t *row = base + o * row_bytes;
+    if (o != rows - 1) return row;
+    memcpy(pad, row, (size_t)row_bytes);
+    return pad;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Dequantize: out[o, k] = (q[o, k] - zero[o, g]) * scale[o, g] in fp32.
+ * ------------------------------------------------------------------------------------------------------------- */
+static void dequantize_row(const uint8_t *row, const uint16_t *s16, const uint16_t *z16, float *dst, int64_t in_f,
+                           int bits, int64_t group_size) {
+    int64_t groups = in_f / group_size, chunks = group_size / 8;
+    for (int64_t g = 0; g < groups; g++) {
+        float s = half_to_float(s16[g]), z = half_to_float(z16[g]);
+        const uint8_t *src = row + g * group_size * bits / 8;
+        float *d = dst + g * group_size;
+#ifdef __AVX2__
+        __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+        if (bits == 8) {
+            for (int64_t c = 0; c < chunks; c++) {
+                __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * c)));
+                _mm256_storeu_ps(d + 8 * c, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), vz), vs));
+            }
+        } else {
+            __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+            __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+            for (int64_t c = 0; c < chunks; c++) {
+                __m256i v = _mm256_set1_epi32((int)load_u32(src + bits * c));
+                __m256i q = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+                _mm256_storeu_ps(d + 8 * c, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), vz), vs));
             }
         }
+#else
+        uint32_t mask = (1u << bits) - 1u;
+        for (int64_t c = 0; c < chunks; c++) {
+            uint64_t v = 0;
+            memcpy(&v, src + bits * c, (size_t)bits);
+            for (int l = 0; l < 8; l++) {
+                float q = (float)((uint32_t)(v >> (l * bits)) & mask);
+                float diff = q - z;
+                d[8 * c + l] = diff * s;
+            }
+        }
+#endif
     }
 }
 
-/* y[m, o] = sum_i x[m, i] * W[o, i] for m < M (small M), via per-byte lookup tables. */
-void mc_gemv_lut(const float *x, const int32_t *qweight, const float *scales, const float *zeros, float *y,
-                 int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size) {
-    int64_t row_bytes = in_f * bits / 8;
+/* Returns 0, or -1 when out of memory. */
+int mc_dequantize(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *out, int64_t rows,
+                  int64_t in_f, int bits, int64_t group_size, int threads) {
+    int64_t row_bytes = in_f * bits / 8, groups = in_f / group_size;
+    uint8_t *pad = (uint8_t *)malloc((size_t)row_bytes + 8);
+    if (pad == NULL) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * in_f >= (1 << 18))
+    for (int64_t o = 0; o < rows; o++) {
+        const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
+        dequantize_row(row, scales + o * groups, zeros + o * groups, out + o * in_f, in_f, bits, group_size);
+    }
+    free(pad);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * GEMV: y[m, o] = sum_k x[m, k] * W[o, k] for m < M (a few rows), reading the packed codes directly.
+ *
+ * xs holds x re-laid so that chunk c of row m multiplies xs[m*in_f + 8c .. 8c+7] (see prepare_x).
+ * ------------------------------------------------------------------------------------------------------------- */
+
+#ifdef __AVX2__
+#define PRESCALE_MAX_BITS 3 /* the AVX2 GEMV leaves 1-3 bit codes unshifted in their lanes */
+#else
+#define PRESCALE_MAX_BITS 0
+#endif
+
+/* xs = x with lane l of each chunk scaled by 2^-(l*b) where codes stay unshifted, else x; xsum = per-group sums. */
+static void prepare_x(const float *x, float *xs, float *xsum, int64_t M, int64_t in_f, int bits, int64_t group_size) {
     int64_t groups = in_f / group_size;
-    int64_t gbytes = group_size * bits / 8;
-    float *table = (float *)malloc(sizeof(float) * 256 * row_bytes);
-    float *xsum = (float *)malloc(sizeof(float) * groups);
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * in_f;
-#pragma omp parallel for schedule(static)
-        for (int64_t j = 0; j < row_bytes; j++) {
-            float w[8];
-            for (int p = 0; p < 8; p++) {
-                int64_t pos = 8 * j + p;
-                w[p] = xm[pos / bits] * (float)(1u << (pos % bits));
-            }
-            float *t = table + 256 * j;
-            t[0] = 0.0f;
-            for (int v = 1; v < 256; v++) t[v] = t[v & (v - 1)] + w[__builtin_ctz(v)];
+        float *dst = xs + m * in_f;
+        for (int64_t k = 0; k < in_f; k++) {
+            float f = bits <= PRESCALE_MAX_BITS ? (float)(1.0 / (double)(1u << ((k & 7) * bits))) : 1.0f;
+            dst[k] = xm[k] * f;
         }
         for (int64_t g = 0; g < groups; g++) {
             float acc = 0.0f;
-            for (int64_t i = g * group_size; i < (g + 1) * group_size; i++) acc += xm[i];
-            xsum[g] = acc;
-        }
-        float *ym = y + m * out_f;
-        int64_t blocks = (out_f + 3) / 4;
-#pragma omp parallel for schedule(static)
-        for (int64_t ob = 0; ob < blocks; ob++) {
-            /* four rows at a time: independent accumulators keep the load ports busy */
-            int64_t o0 = ob * 4;
-            int nr = (int)(out_f - o0 < 4 ? out_f - o0 : 4);
-            const uint8_t *rows[4];
-            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int r = 0; r < 4; r++) rows[r] = (const uint8_t *)(qweight) + (o0 + (r < nr ? r : 0)) * row_bytes;
-            for (int64_t g = 0; g < groups; g++) {
-                const float *t = table + 256 * g * gbytes;
-                const uint8_t *b0 = rows[0] + g * gbytes, *b1 = rows[1] + g * gbytes;
-                const uint8_t *b2 = rows[2] + g * gbytes, *b3 = rows[3] + g * gbytes;
-                float p0 = 0.0f, p1 = 0.0f, p2 = 0.0f, p3 = 0.0f;
-                for (int64_t j = 0; j < gbytes; j++) {
-                    const float *tj = t + 256 * j;
-                    p0 += tj[b0[j]];
-                    p1 += tj[b1[j]];
-                    p2 += tj[b2[j]];
-                    p3 += tj[b3[j]];
-                }
-                float ps[4] = {p0, p1, p2, p3};
-                for (int r = 0; r < nr; r++) {
-                    int64_t o = o0 + r;
-                    acc[r] += scales[o * groups + g] * (ps[r] - zeros[o * groups + g] * xsum[g]);
-                }
-            }
-            for (int r = 0; r < nr; r++) ym[o0 + r] = acc[r];
+            for (int64_t k = g * group_size; k < (g + 1) * group_size; k++) acc += xm[k];
+            xsum[m * groups + g] = acc;
         }
     }
-    free(table);
+}
+
+#ifdef __AVX2__
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One chunk of 8 codes as floats: q * 2^(l*b) for b <= 3, q for b = 4 and 8. */
+static inline __attribute__((always_inline)) __m256 decode_chunk(const uint8_t *src, int64_t c, const int BITS) {
+    if (BITS == 8) {
+        __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * c)));
+        return _mm256_cvtepi32_ps(q);
+    }
+    __m256i v = _mm256_set1_epi32((int)load_u32(src + BITS * c));
+    if (BITS == 4) {
+        v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+    }
+    const int mk = (1 << BITS) - 1;
+    __m256i mask = _mm256_setr_epi32(mk, mk << BITS, mk << (2 * BITS), mk << (3 * BITS), mk << (4 * BITS),
+                                     mk << (5 * BITS), mk << (6 * BITS), mk << (7 * BITS));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+}
+
+/* All M (<= 4) outputs of one weight row. */
+static inline __attribute__((always_inline)) void gemv_row(const uint8_t *row, const uint16_t *s16,
+                                                           const uint16_t *z16, const float *xs, const float *xsum,
+                                                           float *y, int64_t out_f, int64_t in_f, int64_t groups,
+                                                           int64_t group_size, const int BITS, const int M) {
+    const int U = M == 1 ? 4 : M == 2 ? 2 : 1; /* independent accumulators per x row: hide the FMA latency */
+    int64_t chunks = group_size / 8;
+    __m256 tot[4];
+    float corr[4];
+    for (int m = 0; m < M; m++) {
+        tot[m] = _mm256_setzero_ps();
+        corr[m] = 0.0f;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *src = row + g * group_size * BITS / 8;
+        const float *xg = xs + g * group_size;
+        __m256 acc[4][4];
+        for (int m = 0; m < M; m++)
+            for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < chunks; c += U) {
+            for (int u = 0; u < U; u++) {
+                __m256 q = decode_chunk(src, c + u, BITS);
+                for (int m = 0; m < M; m++)
+                    acc[m][u] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xg + m * in_f + 8 * (c + u)), acc[m][u]);
+            }
+        }
+        float s = half_to_float(s16[g]), z = half_to_float(z16[g]);
+        __m256 vs = _mm256_set1_ps(s);
+        for (int m = 0; m < M; m++) {
+            __m256 a = acc[m][0];
+            for (int u = 1; u < U; u++) a = _mm256_add_ps(a, acc[m][u]);
+            tot[m] = _mm256_fmadd_ps(a, vs, tot[m]);
+            corr[m] += s * z * xsum[m * groups + g];
+        }
+    }
+    for (int m = 0; m < M; m++) y[m * out_f] = hsum256(tot[m]) - corr[m];
+}
+#else
+static inline void gemv_row(const uint8_t *row, const uint16_t *s16, const uint16_t *z16, const float *xs,
+                            const float *xsum, float *y, int64_t out_f, int64_t in_f, int64_t groups,
+                            int64_t group_size, const int BITS, const int M) {
+    /* portable path: 8 lanes of plain C that compilers vectorize (SSE2, NEON); codes are shifted down */
+    uint32_t mask = (1u << BITS) - 1u;
+    for (int m = 0; m < M; m++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *src = row + g * group_size * BITS / 8;
+            const float *xg = xs + m * in_f + g * group_size;
+            float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t c = 0; c < group_size / 8; c++) {
+                uint64_t v = 0;
+                memcpy(&v, src + BITS * c, (size_t)BITS);
+                for (int l = 0; l < 8; l++) acc[l] += (float)((uint32_t)(v >> (l * BITS)) & mask) * xg[8 * c + l];
+            }
+            float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            float s = half_to_float(s16[g]), z = half_to_float(z16[g]);
+            total += s * (dot - z * xsum[m * groups + g]);
+        }
+        y[m * out_f] = total;
+    }
+}
+#endif
+
+typedef struct {
+    const uint8_t *qweight;
+    const uint16_t *scales, *zeros;
+    const float *xs, *xsum;
+    float *y;
+    int64_t out_f, in_f, group_size;
+    uint8_t *pad;
+} gemv_args;
+
+typedef void (*gemv_range_fn)(const gemv_args *a, int64_t begin, int64_t end);
+
+/* Rows [begin, end) for a compile-time bit-width and x-row count (one function each, so both are constants). */
+#define GEMV_RANGE(BITS, M)                                                                                         \
+    static void gemv_range_##BITS##_##M(const gemv_args *a, int64_t begin, int64_t end) {                           \
+        int64_t row_bytes = a->in_f * BITS / 8, groups = a->in_f / a->group_size;                                   \
+        for (int64_t o = begin; o < end; o++) {                                                                     \
+            const uint8_t *row = row_ptr(a->qweight, o, a->out_f, row_bytes, a->pad);                               \
+            gemv_row(row, a->scales + o * groups, a->zeros + o * groups, a->xs, a->xsum, a->y + o, a->out_f,        \
+                     a->in_f, groups, a->group_size, BITS, M);                                                      \
+        }                                                                                                           \
+    }
+#define GEMV_RANGES(BITS) GEMV_RANGE(BITS, 1) GEMV_RANGE(BITS, 2) GEMV_RANGE(BITS, 3) GEMV_RANGE(BITS, 4)
+GEMV_RANGES(1)
+GEMV_RANGES(2)
+GEMV_RANGES(3)
+GEMV_RANGES(4)
+GEMV_RANGES(8)
+
+static gemv_range_fn gemv_range(int bits, int64_t M) {
+#define GEMV_PICK(BITS)                                                                                             \
+    case BITS: return M == 1 ? gemv_range_##BITS##_1 : M == 2 ? gemv_range_##BITS##_2                              \
+                    : M == 3 ? gemv_range_##BITS##_3 : gemv_range_##BITS##_4;
+    switch (bits) {
+        GEMV_PICK(1)
+        GEMV_PICK(2)
+        GEMV_PICK(3)
+        GEMV_PICK(4)
+        GEMV_PICK(8)
+        default: return NULL;
+    }
+#undef GEMV_PICK
+}
+
+/* Static partition of the output rows over threads, in blocks of 4 rows. */
+static void parallel_rows(gemv_range_fn fn, const gemv_args *a, int threads, int64_t work) {
+    int64_t blocks = (a->out_f + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && work >= (1 << 19))
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t end = 4 * b + 4 < a->out_f ? 4 * b + 4 : a->out_f;
+        fn(a, 4 * b, end);
+    }
+}
+
+/* y (M, out_f) = x (M, in_f) @ W.T; returns 0, -1 for bad arguments (bits, M), -2 when out of memory. */
+int mc_gemv(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
+            int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads) {
+    if (M < 1 || gemv_range(bits, 1) == NULL) return -1;
+    int64_t groups = in_f / group_size, row_bytes = in_f * bits / 8;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * in_f));
+    float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * groups));
+    uint8_t *pad = (uint8_t *)malloc((size_t)row_bytes + 8);
+    int rc = (xs == NULL || xsum == NULL || pad == NULL) ? -2 : 0;
+    if (rc == 0) {
+        prepare_x(x, xs, xsum, M, in_f, bits, group_size);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) { /* four x rows per pass over the weights */
+            int64_t mm = M - m0 < 4 ? M - m0 : 4;
+            gemv_args a = {qweight, scales, zeros, xs + m0 * in_f, xsum + m0 * groups, y + m0 * out_f,
+                           out_f,   in_f,   group_size, pad};
+            parallel_rows(gemv_range(bits, mm), &a, threads, out_f * in_f * mm);
+        }
+    }
+    free(pad);
+    free(xs);
     free(xsum);
-}
-
-/* 8-bit GEMV: one code per byte, so a direct multiply-add beats a table. */
-void mc_gemv_8bit(const float *x, const int32_t *qweight, const float *scales, const float *zeros, float *y,
-                  int64_t M, int64_t out_f, int64_t in_f, int64_t group_size) {
-    int64_t groups = in_f / group_size;
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = x + m * in_f;
-#pragma omp parallel for schedule(static)
-        for (int64_t o = 0; o < out_f; o++) {
-            const uint8_t *row = (const uint8_t *)(qweight) + o * in_f;
-            float acc = 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                float dot = 0.0f, xs = 0.0f;
-                for (int64_t i = g * group_size; i < (g + 1) * group_size; i++) {
-                    dot += xm[i] * (float)row[i];
-                    xs += xm[i];
-                }
-                acc += scales[o * groups + g] * (dot - zeros[o * groups + g] * xs);
-            }
-            y[m * out_f + o] = acc;
-        }
-    }
+    return rc;
 }
