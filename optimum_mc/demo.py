@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 VOCAB = 2048
 SEQ = 128
-BATCH = 16
-TRAIN_SECONDS = 100.0
+BATCH = 8
+TRAIN_SECONDS = 110.0
 MAX_STEPS = 600
 
 
@@ -93,7 +93,7 @@ def build_demo_model(path: Path | None = None, seconds: float = TRAIN_SECONDS, q
     bar = tqdm(total=MAX_STEPS, desc="training demo MoE", disable=quiet)
     step = 0
     while step < MAX_STEPS and time.perf_counter() - start < seconds:
-        lr = 3e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(step / MAX_STEPS, 1.0)))
+        lr = 5e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(step / MAX_STEPS, 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr
         offs = torch.randint(0, data.numel() - SEQ - 1, (BATCH,), generator=g)

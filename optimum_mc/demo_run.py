@@ -27,7 +27,7 @@ def run_demo(quiet: bool = False) -> int:
     say(f"demo model: {path} (Mixtral layout, {float_model.num_parameters() / 1e6:.1f}M parameters)")
     ppl_float = perplexity(float_model, windows)
 
-    cfg = optimum_mc.MCConfig(bits=2.5, group_size=64, num_samples=64, seq_len=128, show_progress=not quiet)
+    cfg = optimum_mc.MCConfig(bits=2.5, group_size=64, num_samples=48, seq_len=128, show_progress=not quiet)
     if not quiet:
         logging.getLogger("optimum_mc").setLevel(logging.WARNING)
     t = time.perf_counter()

@@ -67,3 +67,16 @@ def test_bad_number_is_an_argparse_error():
     res = subprocess.run([sys.executable, "-m", "optimum_mc", "quantize", "m", "--bits", "abc", "--output", "o"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 2 and "is not a number" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_demo_model_builds_offline_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_mc.demo import build_demo_model
+
+    path = build_demo_model(tmp_path / "demo", seconds=2, quiet=True)
+    assert (path / "config.json").exists() and not list(tmp_path.glob(".demo-*"))  # renamed into place
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == "mixtral" and len(tok) == model.config.vocab_size
+    assert build_demo_model(path, seconds=2, quiet=True) == path  # cached: no retraining
