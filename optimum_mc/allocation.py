@@ -128,10 +128,12 @@ def _random(num_experts: int, candidate_bits: list[int], budget: int, constraint
     cb = sorted(candidate_bits)
     bits = [cb[0]] * num_experts
     order = rng.permutation(num_experts)
+    fixed = set()
     for e, b in zip(order, _required(cb, constraints)):
         bits[e] = b
+        fixed.add(int(e))  # keeps its required width, so the constraints hold to the end
     while True:
-        room = [e for e in range(num_experts) if bits[e] < cb[-1]]
+        room = [e for e in range(num_experts) if bits[e] < cb[-1] and e not in fixed]
         steps = [(e, cb[cb.index(bits[e]) + 1] - bits[e]) for e in room]
         steps = [(e, s) for e, s in steps if sum(bits) + s <= budget]
         if not steps:

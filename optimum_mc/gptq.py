@@ -117,7 +117,7 @@ def gptq_quantize_multi(
             col = b0 + j
             grp = col_group[col]
             if not act_order and col % g == 0:
-                cur = _group_view(w, wb, b0, col, g)
+                cur = _group_view(w, wb, err, hinv, b0, b1, col, g)
                 for k, b in enumerate(bits):
                     scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b)
             s, z = scales[:, :, grp], zeros[:, :, grp]  # (nb, out)
@@ -133,13 +133,17 @@ def gptq_quantize_multi(
     return [(codes[k], scales[k].half(), zeros[k].half()) for k in range(nb)]
 
 
-def _group_view(w: torch.Tensor, wb: torch.Tensor, b0: int, col: int, g: int) -> torch.Tensor:
-    """The current (partly updated) weights ``(nb, out, g)`` of the group starting at ``col``, merging the block
-    in progress (``wb``) with the lazily updated rest (``w``)."""
+def _group_view(
+    w: torch.Tensor, wb: torch.Tensor, err: torch.Tensor, hinv: torch.Tensor, b0: int, b1: int, col: int, g: int
+) -> torch.Tensor:
+    """The up-to-date weights ``(nb, out, g)`` of the group starting at ``col``: columns inside the current block
+    come from ``wb``; columns past it get this block's pending (lazy) updates applied, as plain GPTQ would have."""
     cur = w[:, :, col : col + g].clone()
     j0 = col - b0
     n = min(wb.shape[-1] - j0, g)
     cur[:, :, :n] = wb[:, :, j0 : j0 + n]
+    if n < g and j0 > 0:
+        cur[:, :, n:] -= err[:, :, :j0] @ hinv[b0:col, b1 : col + g]
     return cur
 
 
