@@ -17,7 +17,18 @@ from ..architectures import MoEArchitecture, router_probabilities
 from ..gptq import HessianAccumulator
 
 
-class LinearInputs:
+class _Hooks:
+    """Owns forward hook handles; ``remove()`` detaches them all."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class LinearInputs(_Hooks):
     """Accumulate the input Hessian of each given ``nn.Linear`` while the layer runs."""
 
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
@@ -35,11 +46,6 @@ class LinearInputs:
     def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.output_energy += output.detach().float().pow(2).sum().item()
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
 
 @dataclass
 class ExpertTokens:
@@ -54,7 +60,7 @@ class ExpertTokens:
         return torch.cat(self.inputs), torch.cat(self.weights)
 
 
-class RoutingCapture:
+class RoutingCapture(_Hooks):
     """Record routing statistics and per-expert routed tokens of one MoE block."""
 
     def __init__(self, arch: MoEArchitecture, router: nn.Module, experts: nn.Module) -> None:
@@ -103,8 +109,3 @@ class RoutingCapture:
 
     def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.output_energy += output.detach().float().pow(2).sum().item()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()

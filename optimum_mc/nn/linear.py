@@ -11,6 +11,17 @@ from ..kernels import dequantize, qmatmul
 from ..packing import check_bits, pack, packed_words
 
 
+def float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight (out, in)`` and ``bias`` (used by ``model.dequantize()``)."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` stored as b-bit codes and per-group fp16 scale / zero (docs/format.md).
 
@@ -82,13 +93,7 @@ class QuantLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An equivalent float ``nn.Linear`` (for ``model.dequantize()``)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.qweight.device)
-        lin = lin.to(self.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.dequantize_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return float_linear(self.dequantize_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = qmatmul(x, self.qweight, self.scales, self.zeros, self.bits)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ShapeError
+from .linear import float_linear
 
 NF4_BLOCKSIZE = 64
 
@@ -73,13 +74,8 @@ class NF4Linear(nn.Module):
         return bnb_f.dequantize_4bit(self.weight_nf4, self._state()).to(dtype or self.dtype)
 
     def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.absmax.device)
-        lin = lin.to(self.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.dequantize_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        """An equivalent float ``nn.Linear`` (for ``model.dequantize()``)."""
+        return float_linear(self.dequantize_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bnb, _ = _bnb()
