@@ -1,145 +1,259 @@
-"""PMQ bit allocation: pick each expert's bit-width under an average-bits budget with an integer program.
+"""PMQ bit allocation: each expert's bit-width under an average-bits budget, as an integer program (OR-Tools).
 
-For layer l, expert e and candidate bit-width b, the cost of giving e the width b is (the paper's objective)
+Objective (MC, Huang et al., ICLR 2025). With binary ``x[e, b]`` (expert ``e`` gets candidate width ``b``)::
 
-    phi_e^alpha * w_e^beta * eps(e, b)^gamma
+    minimize  sum_e sum_b  x[e, b] * phi_e^alpha * w_e^beta * eps(e, b)^gamma
+    s.t.      sum_b x[e, b] = 1                      (one width per expert)
+              sum_e sum_b b * x[e, b] = T            (the bit budget, see below)
+              sum_e x[e, top] >= 1, sum_e x[e, second] >= 1   per layer   (optional "constraints")
 
-with phi the activation frequency and w the routing-weight mass (both normalized to sum 1 per layer) and eps the
-block-output loss when only e is quantized at b bits. Binary variables x[e, b] with sum_b x[e, b] = 1 minimize
-the total cost subject to sum bits <= budget and, optionally, the paper's constraints: at least one expert at the
-top and one at the second-highest candidate bit-width in every layer. Solved exactly with OR-Tools CP-SAT
-(single worker, deterministic), costs scaled to integers with 1e-7 relative resolution; ties prefer using the
-whole budget.
+``phi`` is the activation frequency and ``w`` the routing-weight mass, both normalized to sum 1 per layer (as the
+reference implementation's ``norm_experts``), and ``eps(e, b)`` the block-output loss when only ``e`` is quantized
+at ``b`` bits. ``top`` / ``second`` are the highest and second-highest candidate widths (with two candidates only
+the top one is required; with one candidate the allocation is uniform).
 
-Modes: "layer" (one program per layer, budget floor(bits * E)), "global" (one program over all layers, budget
-floor(bits * sum E)), and the ablation baselines at the same per-layer budget: "random" (seeded random
-assignment) and "frequency" (the same program with eps(b) = 2^-b and beta = 0: more frequent experts get more
-bits, nothing else matters).
+Budget. The paper writes ``sum bits <= budget``; here the total is pinned to ``T``, the largest total the
+candidate widths (and constraints) can reach without exceeding ``floor(target * E + 1e-9)``, so the average is
+exactly the target whenever it is reachable and no bits are left unused when an extra bit would not lower the
+measured loss.
+
+Solver. OR-Tools CP-SAT, single worker and fixed seed (deterministic), proven optimal. Costs are made integral:
+each expert's row is shifted by its minimum (a per-expert constant, so the argmin is unchanged) and scaled so the
+largest shifted cost is about 1e12 (costs below 1e-12 of it become ties). CP-SAT's presolve is disabled: it turns
+this multiple-choice knapsack into a form whose LP bound is weak, and proofs then take minutes instead of
+milliseconds.
+
+Modes. "layer": one program per MoE layer with budget ``floor(target * E_l)``; "global": one program over all
+layers with budget ``floor(target * sum_l E_l)`` and the constraints still per layer. Baselines at the per-layer
+budget: "random" — experts visited in a seeded random order, each takes a uniformly random width among those that
+keep the exact total and the constraints reachable; "frequency" — the same program with ``w`` dropped and the
+loss replaced by ``2^-b``, i.e. cost ``phi_e * 2^-b``: a more frequent expert never gets fewer bits than a less
+frequent one (swapping their widths would lower the cost), and nothing but frequency matters.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import MCConfigError
+from .errors import CalibrationError, MCConfigError, ShapeError
 
-_RESOLUTION = 10_000_000
+MODES = ("layer", "global", "random", "frequency")
+_COST_RESOLUTION = 1e12  # integer units of the largest (shifted) cost in one program
+_INT_LIMIT = 2**60  # the sum of all integer costs stays below this
 
 
 @dataclass
 class ExpertFactors:
-    """Calibration factors of one MoE layer: frequency ``(E,)``, weight mass ``(E,)``, loss ``(E, C)``."""
+    """Calibration factors of one MoE layer with ``E`` experts and ``C`` candidate bit-widths.
+
+    frequency: ``(E,)`` activation frequency (any positive scale; normalized per layer).
+    weight_mass: ``(E,)`` routing-weight mass (any positive scale; normalized per layer).
+    loss: ``(E, C)`` quantization loss per candidate width (ascending candidate order).
+    """
 
     frequency: torch.Tensor
     weight_mass: torch.Tensor
     loss: torch.Tensor
 
+    @property
+    def num_experts(self) -> int:
+        return int(self.frequency.numel())
 
+
+# ---------------------------------------------------------------------------------------------------- budgets
 def layer_budget(num_experts: int, target_bits: float) -> int:
-    """Total expert bits allowed in a layer of ``num_experts`` experts."""
-    return int(np.floor(target_bits * num_experts + 1e-9))
+    """Total expert bits allowed for ``num_experts`` experts at an average of ``target_bits``."""
+    return int(math.floor(target_bits * num_experts + 1e-9))
 
 
-def _required(candidate_bits: list[int], constraints: bool) -> list[int]:
-    """Bit-widths that must appear at least once per layer."""
-    if not constraints or len(candidate_bits) < 2:
-        return []
+def required_bits(candidate_bits: list[int], constraints: bool) -> list[int]:
+    """Widths that must be used by at least one expert in every layer (top and second-highest candidate)."""
     cb = sorted(candidate_bits)
+    if not constraints or len(cb) < 2:
+        return []
     return [cb[-1], cb[-2]] if len(cb) >= 3 else [cb[-1]]
 
 
-def check_feasible(num_experts: list[int], candidate_bits: list[int], target_bits: float, constraints: bool) -> None:
-    """Raise :class:`MCConfigError` if no allocation can meet the budget (called before loading weights)."""
+def _reachable(num_free: int, candidate_bits: list[int], cap: int) -> int:
+    """Bitset (Python int) of the totals <= ``cap`` that ``num_free`` experts with free widths can reach."""
+    reach = 1 if cap >= 0 else 0
+    for _ in range(num_free):
+        if not reach:
+            break
+        reach = _shift_or(reach, candidate_bits, cap)
+    return reach
+
+
+def _shift_or(reach: int, candidate_bits: list[int], cap: int) -> int:
+    """One more free expert: the totals of ``reach`` plus any candidate width, kept <= ``cap``."""
+    out = 0
+    for b in candidate_bits:
+        out |= reach << b
+    return out & ((1 << (cap + 1)) - 1)
+
+
+def max_total_bits(num_experts: list[int], candidate_bits: list[int], budget: int, constraints: bool) -> int | None:
+    """The largest total <= ``budget`` reachable by layers of ``num_experts`` experts (``None``: none is)."""
     cb = sorted(candidate_bits)
-    req = _required(cb, constraints)
+    req = required_bits(cb, constraints)
+    if any(n < len(req) for n in num_experts):
+        return None
+    fixed = sum(req) * len(num_experts)
+    free = sum(num_experts) - len(req) * len(num_experts)
+    reach = _reachable(free, cb, budget - fixed)
+    return None if reach == 0 else fixed + reach.bit_length() - 1
+
+
+def check_feasible(
+    num_experts: list[int], candidate_bits: list[int], target_bits: float, constraints: bool, mode: str = "layer"
+) -> None:
+    """Raise :class:`MCConfigError` if no allocation meets the budget (cheap; called before any weight loads)."""
+    if mode not in MODES:
+        raise MCConfigError(f"allocation must be one of {MODES}, got {mode!r}.")
+    cb = sorted(candidate_bits)
+    if not cb or len(set(cb)) != len(cb) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in cb):
+        raise MCConfigError(f"candidate_bits must be distinct positive integers, got {candidate_bits!r}.")
+    if not num_experts or any(n < 1 for n in num_experts):
+        raise MCConfigError(f"every MoE layer needs at least one expert, got {num_experts!r}.")
+    if not math.isfinite(target_bits):
+        raise MCConfigError(f"bits must be finite, got {target_bits!r}.")
+    req = required_bits(cb, constraints)
     for n in num_experts:
         if n < len(req):
             raise MCConfigError(
-                f"a layer has {n} experts but the allocation constraints need {len(req)} distinct bit-widths; "
+                f"a layer has {n} expert(s) but the allocation constraints need one expert at each of {req} bits; "
                 f"pass allocation_constraints=False."
             )
-        least = sum(req) + (n - len(req)) * cb[0]
-        budget = layer_budget(n, target_bits)
-        if least > budget:
+    groups = [num_experts] if mode == "global" else [[n] for n in sorted(set(num_experts))]
+    for sizes in groups:
+        budget = layer_budget(sum(sizes), target_bits)
+        if max_total_bits(sizes, cb, budget, constraints) is None:
+            n = sum(sizes)
+            least = (sum(req) + (sizes[0] - len(req)) * cb[0]) / sizes[0]
+            where = "over all MoE layers" if mode == "global" else f"in a layer of {n} experts"
+            need = f"one expert at each of {req} bits and the rest at {cb[0]}" if req else f"every expert at {cb[0]}"
             raise MCConfigError(
-                f"bits={target_bits} is infeasible: with {n} experts the budget is {budget} bits, but the smallest "
-                f"allocation allowed is {least} bits (constraints require one expert at {req} bits, the rest at "
-                f"{cb[0]}). Raise bits, or pass allocation_constraints=False."
+                f"bits={target_bits} is infeasible with candidate_bits={cb}: the budget {where} is {budget} bits, "
+                f"but the smallest allocation ({need}) averages {least:.3f} bits per expert. "
+                f"Raise bits{', or pass allocation_constraints=False' if req else ''}."
             )
 
 
-def _costs(f: ExpertFactors, candidate_bits: list[int], alpha: float, beta: float, gamma: float) -> np.ndarray:
-    phi = f.frequency.double().clamp_min(0)
-    w = f.weight_mass.double().clamp_min(0)
-    phi = phi / phi.sum().clamp_min(1e-30)
-    w = w / w.sum().clamp_min(1e-30)
-    eps = f.loss.double().clamp_min(0)
-    sig = phi.pow(alpha) * w.pow(beta)
-    return (sig.unsqueeze(1) * eps.pow(gamma)).numpy()
+# ---------------------------------------------------------------------------------------------------- costs
+def _check_factors(factors: list[ExpertFactors], num_candidates: int) -> None:
+    for i, f in enumerate(factors):
+        e = f.num_experts
+        if e == 0 or f.frequency.dim() != 1 or f.weight_mass.shape != (e,) or f.loss.shape != (e, num_candidates):
+            raise ShapeError(
+                f"factors of MoE layer #{i}: frequency {tuple(f.frequency.shape)}, weight_mass "
+                f"{tuple(f.weight_mass.shape)} and loss {tuple(f.loss.shape)} must be (E,), (E,) and "
+                f"(E, {num_candidates}) with E >= 1."
+            )
+        for name in ("frequency", "weight_mass", "loss"):
+            t = getattr(f, name)
+            if not torch.isfinite(t).all() or (t < 0).any():
+                raise CalibrationError(f"{name} of MoE layer #{i} must be finite and >= 0.")
 
 
-def _solve(
-    costs: list[np.ndarray], candidate_bits: list[int], budget: int, per_layer_budget: bool, constraints: bool
-) -> list[list[int]]:
-    """Exact ILP over one or more layers (``per_layer_budget``: one budget per layer, else one shared)."""
+def objective_costs(f: ExpertFactors, alpha: float, beta: float, gamma: float) -> np.ndarray:
+    """``phi_e^alpha * w_e^beta * eps(e, b)^gamma`` as float64 ``(E, C)``, phi and w normalized per layer."""
+    phi = f.frequency.detach().cpu().double().clamp_min(0)
+    w = f.weight_mass.detach().cpu().double().clamp_min(0)
+    phi = phi / phi.sum() if phi.sum() > 0 else torch.full_like(phi, 1 / phi.numel())
+    w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / w.numel())
+    eps = f.loss.detach().cpu().double().clamp_min(0)
+    return (phi.pow(alpha) * w.pow(beta)).unsqueeze(1).mul(eps.pow(gamma)).numpy()
+
+
+def allocation_cost(
+    bits_per_layer: list[list[int]],
+    factors: list[ExpertFactors],
+    candidate_bits: list[int],
+    alpha: float = 1.0,
+    beta: float = 1.5,
+    gamma: float = 2.0,
+) -> float:
+    """The objective value of an allocation."""
+    cb = sorted(candidate_bits)
+    total = 0.0
+    for bits, f in zip(bits_per_layer, factors):
+        c = objective_costs(f, alpha, beta, gamma)
+        total += float(sum(c[e, cb.index(b)] for e, b in enumerate(bits)))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------- solvers
+def _solve(costs: list[np.ndarray], candidate_bits: list[int], total: int, constraints: bool) -> list[list[int]]:
+    """Exact minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits (CP-SAT)."""
     from ortools.sat.python import cp_model
 
-    cb = list(candidate_bits)
-    scale = max(float(max(c.max() for c in costs)), 1e-300)
+    cb = sorted(candidate_bits)
+    shifted = [c - c.min(axis=1, keepdims=True) for c in costs]
+    n = sum(c.shape[0] for c in shifted)
+    peak = max(float(c.max()) for c in shifted)
+    scale = min(_COST_RESOLUTION, _INT_LIMIT / n) / peak if peak > 0 else 0.0
+    req = [cb.index(b) for b in required_bits(cb, constraints)]
+
     model = cp_model.CpModel()
-    xs, bits_terms, obj = [], [], []
-    req = _required(cb, constraints)
-    for li, c in enumerate(costs):
-        layer_x = []
-        layer_bits = []
+    xs, bit_vars, bit_coefs, obj_vars, obj_coefs = [], [], [], [], []
+    for li, c in enumerate(shifted):
+        ic = np.rint(c * scale).astype(np.int64)
+        rows = []
         for e in range(c.shape[0]):
-            row = [model.NewBoolVar(f"x{li}_{e}_{b}") for b in cb]
-            model.AddExactlyOne(row)
-            layer_x.append(row)
+            row = [model.new_bool_var(f"x{li}_{e}_{b}") for b in cb]
+            model.add_exactly_one(row)
+            rows.append(row)
             for j, b in enumerate(cb):
-                layer_bits.append(b * row[j])
-                obj.append(int(round(c[e, j] / scale * _RESOLUTION)) * row[j])
-        for b in req:
-            j = cb.index(b)
-            model.Add(sum(row[j] for row in layer_x) >= 1)
-        if per_layer_budget:
-            model.Add(sum(layer_bits) <= budget)
-        xs.append(layer_x)
-        bits_terms.extend(layer_bits)
-    if not per_layer_budget:
-        model.Add(sum(bits_terms) <= budget)
-    # lexicographic: cost first, then use as many bits as allowed (a unit of cost outweighs all bits)
-    total_bits_max = sum(c.shape[0] for c in costs) * max(cb) + 1
-    model.Minimize(sum(obj) * total_bits_max - sum(bits_terms))
+                bit_vars.append(row[j])
+                bit_coefs.append(b)
+                if ic[e, j]:
+                    obj_vars.append(row[j])
+                    obj_coefs.append(int(ic[e, j]))
+        for j in req:
+            model.add(sum(row[j] for row in rows) >= 1)
+        xs.append(rows)
+    model.add(cp_model.LinearExpr.weighted_sum(bit_vars, bit_coefs) == total)
+    model.minimize(cp_model.LinearExpr.weighted_sum(obj_vars, obj_coefs))
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
-    status = solver.Solve(model)
-    if status not in (cp_model.OPTIMAL,):
-        raise MCConfigError("the bit-allocation program has no optimal solution; check bits and candidate_bits.")
-    return [[cb[next(j for j, v in enumerate(row) if solver.Value(v))] for row in layer_x] for layer_x in xs]
+    solver.parameters.cp_model_presolve = False
+    status = solver.solve(model)
+    if status != cp_model.OPTIMAL:
+        raise MCConfigError(f"the bit-allocation program was not solved ({solver.status_name(status)}).")
+    return [[cb[next(j for j, v in enumerate(row) if solver.boolean_value(v))] for row in rows] for rows in xs]
 
 
-def _random(num_experts: int, candidate_bits: list[int], budget: int, constraints: bool, seed: int) -> list[int]:
-    rng = np.random.default_rng(seed)
+def _random(num_experts: int, candidate_bits: list[int], total: int, constraints: bool, seed: int) -> list[int]:
+    """Seeded random widths with exactly ``total`` bits meeting the constraints."""
+    rng = random.Random(seed)
     cb = sorted(candidate_bits)
-    bits = [cb[0]] * num_experts
-    order = rng.permutation(num_experts)
-    fixed = set()
-    for e, b in zip(order, _required(cb, constraints)):
+    need = set(required_bits(cb, constraints))
+    reach = [1]  # reach[k]: bitset of the totals k free experts can reach
+    for _ in range(num_experts):
+        reach.append(_shift_or(reach[-1], cb, total))
+    order = list(range(num_experts))
+    rng.shuffle(order)
+    bits = [0] * num_experts
+    left = total
+    for k, e in enumerate(order):
+        rest = num_experts - k - 1
+        options = []
+        for b in cb:
+            still = need - {b}
+            cap = left - b - sum(still)
+            if len(still) <= rest and cap >= 0 and (reach[rest - len(still)] >> cap) & 1:
+                options.append(b)
+        b = rng.choice(options)  # non-empty: ``left`` was reachable before this expert
         bits[e] = b
-        fixed.add(int(e))  # keeps its required width, so the constraints hold to the end
-    while True:
-        room = [e for e in range(num_experts) if bits[e] < cb[-1] and e not in fixed]
-        steps = [(e, cb[cb.index(bits[e]) + 1] - bits[e]) for e in room]
-        steps = [(e, s) for e, s in steps if sum(bits) + s <= budget]
-        if not steps:
-            return bits
-        e, _ = steps[int(rng.integers(len(steps)))]
-        bits[e] = cb[cb.index(bits[e]) + 1]
+        need.discard(b)
+        left -= b
+    return bits
 
 
 def allocate_bits(
@@ -153,46 +267,54 @@ def allocate_bits(
     constraints: bool = True,
     seed: int = 0,
 ) -> list[list[int]]:
-    """Bits per expert for every layer in ``factors`` (see the module docstring for the modes)."""
+    """Bits per expert for every layer in ``factors`` (see the module docstring for objective and modes)."""
+    if mode not in MODES:
+        raise MCConfigError(f"allocation must be one of {MODES}, got {mode!r}.")
     cb = sorted(candidate_bits)
-    sizes = [int(f.frequency.numel()) for f in factors]
-    check_feasible(sizes, cb, target_bits, constraints)
+    if not factors:
+        return []
+    _check_factors(factors, len(cb))
+    sizes = [f.num_experts for f in factors]
+    check_feasible(sizes, cb, target_bits, constraints, mode)
     if len(cb) == 1:
         return [[cb[0]] * n for n in sizes]
+
+    def per_layer_total(n: int) -> int:
+        return max_total_bits([n], cb, layer_budget(n, target_bits), constraints)
+
     if mode == "random":
-        return [_random(n, cb, layer_budget(n, target_bits), constraints, seed + i) for i, n in enumerate(sizes)]
+        return [_random(n, cb, per_layer_total(n), constraints, seed + i) for i, n in enumerate(sizes)]
     if mode == "frequency":
         synthetic = torch.tensor([2.0**-b for b in cb], dtype=torch.float64)
         costs = [
-            _costs(
-                ExpertFactors(f.frequency, torch.ones_like(f.frequency), synthetic.expand(len(f.frequency), -1)),
-                cb,
-                1.0,
-                0.0,
-                1.0,
-            )
-            for f in factors
+            objective_costs(ExpertFactors(f.frequency, f.weight_mass, synthetic.expand(n, -1)), 1.0, 0.0, 1.0)
+            for f, n in zip(factors, sizes)
         ]
-        return [_solve([c], cb, layer_budget(n, target_bits), True, constraints)[0] for c, n in zip(costs, sizes)]
-    costs = [_costs(f, cb, alpha, beta, gamma) for f in factors]
-    if mode == "layer":
-        return [_solve([c], cb, layer_budget(n, target_bits), True, constraints)[0] for c, n in zip(costs, sizes)]
+    else:
+        costs = [objective_costs(f, alpha, beta, gamma) for f in factors]
     if mode == "global":
-        return _solve(costs, cb, layer_budget(sum(sizes), target_bits), False, constraints)
-    raise MCConfigError(f"unknown allocation mode {mode!r}.")
+        total = max_total_bits(sizes, cb, layer_budget(sum(sizes), target_bits), constraints)
+        return _solve(costs, cb, total, constraints)
+    return [_solve([c], cb, per_layer_total(n), constraints)[0] for c, n in zip(costs, sizes)]
 
 
+# ---------------------------------------------------------------------------------------------------- display
 def format_allocation_table(
     bits_per_layer: list[list[int]], layer_indices: list[int], candidate_bits: list[int]
 ) -> str:
-    """A readable per-layer table: bits of each expert, how many at each width, the layer average."""
+    """A readable per-layer table: each expert's width (one digit per expert, in groups of 8), how many experts
+    got each width, and the layer average; then the overall average."""
     cb = sorted(candidate_bits)
-    width = max(len(b) for b in bits_per_layer)
-    head = "layer | " + " ".join(f"e{e:<2d}" for e in range(width)) + " | " + " ".join(f"#{b}b" for b in cb) + " | avg"
-    lines = [head, "-" * len(head)]
+    rows = []
     for idx, bits in zip(layer_indices, bits_per_layer):
-        counts = " ".join(f"{bits.count(b):>3d}" for b in cb)
-        lines.append(f"{idx:>5d} | " + " ".join(f"{b:<3d}" for b in bits) + f" | {counts} | {np.mean(bits):.2f}")
+        digits = "".join(str(b) for b in bits)
+        packed = " ".join(digits[i : i + 8] for i in range(0, len(digits), 8))
+        counts = " ".join(f"{bits.count(b):>4d}" for b in cb)
+        rows.append((f"{idx:>5d}", packed, counts, f"{np.mean(bits):.3f}" if bits else "-"))
+    width = max([len(r[1]) for r in rows] + [len("experts (e0, e1, ...)")])
+    head = f"layer | {'experts (e0, e1, ...)':<{width}} | " + " ".join(f"{f'#{b}b':>4s}" for b in cb) + " |   avg"
+    lines = [head, "-" * len(head)]
+    lines += [f"{a} | {b:<{width}} | {c} | {d:>5s}" for a, b, c, d in rows]
     total = [b for layer in bits_per_layer for b in layer]
-    lines.append(f"overall average expert bits: {np.mean(total):.3f}")
+    lines.append(f"overall average expert bits: {np.mean(total):.3f}" if total else "no MoE layers")
     return "\n".join(lines)

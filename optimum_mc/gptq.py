@@ -1,60 +1,92 @@
 """GPTQ for one weight matrix given its input Hessian and bit-width, plus the calibration-free fallback.
 
 GPTQ (Frantar et al., 2023) quantizes columns one at a time and spreads each column's rounding error onto the
-not-yet-quantized columns through the inverse Hessian's Cholesky factor; updates to later column blocks are
-applied lazily, once per block. Codes are chosen on exactly the stored fp16 grid (``group_quant``), so
-``dequantize_matrix`` reproduces what GPTQ optimized.
+not-yet-quantized columns through the upper Cholesky factor of the (damped) inverse Hessian; updates to later
+column blocks are applied lazily, once per block ("lazy batch updates"). Codes are chosen on exactly the stored
+fp16 grid (:mod:`optimum_mc.group_quant`), so ``dequantize_matrix(codes, scales, zeros)`` is what GPTQ optimized.
 
-With ``act_order`` columns are processed by decreasing Hessian diagonal. Our packed format has no group index
-(``g_idx``): groups stay contiguous in the original column order, so each group's scale / zero are fixed from the
-original weights before the loop ("static groups") and every processed column uses its original group's grid.
+Groups. Without ``act_order`` a group's scale / zero are computed when its first column is reached, from the
+weights as updated so far (including updates still pending in the lazy batch, so the result does not depend on
+``block_size``). With ``act_order`` columns are processed by decreasing Hessian diagonal; our packed format has no
+group index (``g_idx``), so groups stay contiguous in the original column order: every group's scale / zero are
+fixed from the original weights before the loop ("static groups") and each processed column uses the grid of its
+original group.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .errors import ShapeError
+from .errors import CalibrationError, MCConfigError, ShapeError
 from .group_quant import check_finite, check_group_size, dequantize_codes, group_qparams, quantize_codes
+from .packing import check_bits
 
 QuantResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8 (out,in), scales/zeros fp16 (out,G)
 
+_FP16_TINY = 2.0**-24
+_MAX_DAMP_RETRIES = 8
+
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum x x^T`` over rows of inputs ``(..., in_features)`` (fp32 products, fp64 sum)."""
+    """Running ``H = 2/n * sum_t x_t x_t^T`` over input rows ``(..., in_features)`` (fp32 GEMMs, fp64 sum)."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features <= 0:
+            raise ShapeError(f"in_features must be a positive integer, got {in_features!r}.")
         self.in_features = in_features
         self._sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.num_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if x.shape[-1] != self.in_features:
-            raise ShapeError(f"inputs have {x.shape[-1]} features, the Hessian expects {self.in_features}.")
-        x = x.to(self._sum.device, torch.float32)
-        self._sum += (x.t() @ x).double()  # fp32 GEMM, fp64 running sum
+        """Add the rows of ``x`` (any leading shape, last dim ``in_features``)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ShapeError(f"inputs have shape {tuple(x.shape)}, the Hessian expects (..., {self.in_features}).")
+        x = x.reshape(-1, self.in_features).to(self._sum.device, torch.float32)
+        if x.shape[0] == 0:
+            return
+        self._sum += (x.t() @ x).double()
         self.num_tokens += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
-        """``2/n X^T X`` as fp32 (zeros when no token was seen)."""
+        """``2/n X^T X`` as fp32 (all zeros when no token was seen)."""
         return (self._sum * (2.0 / max(self.num_tokens, 1))).float()
 
 
+def hessian_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """GPTQ's objective ``tr((W - Q) H (W - Q)^T)`` (= ``2/n * ||(W - Q) X^T||^2`` for ``H = 2/n X^T X``)."""
+    delta = (weight.double() - dequantized.double()).to(hessian.device)
+    return float(((delta @ hessian.double()) * delta).sum())
+
+
+def weight_mse(weight: torch.Tensor, dequantized: torch.Tensor) -> float:
+    """Mean squared weight error."""
+    return float((weight.double() - dequantized.double()).pow(2).mean())
+
+
+def _check_options(damp_percent: float, block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise MCConfigError(f"block_size must be a positive integer, got {block_size!r}.")
+    if isinstance(damp_percent, bool) or not isinstance(damp_percent, (int, float)) or not 0 < damp_percent < 1:
+        raise MCConfigError(f"damp_percent must lie in (0, 1), got {damp_percent!r}.")
+
+
 def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``H^-1`` after damping; retries with more damping if not positive definite."""
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; damping grows 10x until it factors."""
     diag_mean = torch.diag(h).mean().clamp_min(1e-8)
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     damp = damp_percent
-    for _ in range(8):
-        try:
-            lower = torch.linalg.cholesky(h + damp * diag_mean * eye)
-            inv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inv, upper=True)
-        except torch.linalg.LinAlgError:
-            damp *= 10
-    raise ShapeError("the Hessian is not positive definite even after heavy damping; check the calibration inputs.")
+    for _ in range(_MAX_DAMP_RETRIES):
+        lower, info = torch.linalg.cholesky_ex(h + damp * diag_mean * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper
+        damp *= 10
+    raise CalibrationError(
+        "the Hessian is not positive definite even after heavy damping; check the calibration inputs "
+        "(degenerate or too few tokens)."
+    )
 
 
 def gptq_quantize(
@@ -66,7 +98,11 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
 ) -> QuantResult:
-    """Quantize ``weight (out, in)`` with GPTQ; return codes and fp16 per-group scales / zeros."""
+    """Quantize ``weight (out, in)`` with GPTQ given ``hessian (in, in)``.
+
+    Returns uint8 codes ``(out, in)`` and fp16 per-group scales / zeros ``(out, in // group_size)``, on the
+    weight's device. ``group_size=-1`` means one group per row.
+    """
     return gptq_quantize_multi(weight, hessian, [bits], group_size, damp_percent, block_size, act_order)[0]
 
 
@@ -79,35 +115,46 @@ def gptq_quantize_multi(
     block_size: int = 128,
     act_order: bool = False,
 ) -> list[QuantResult]:
-    """GPTQ of one matrix at several bit-widths at once (one column loop; results as if run separately)."""
+    """GPTQ of one matrix at several bit-widths in one column loop; each result equals a separate run."""
+    if weight.dim() != 2:
+        raise ShapeError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}.")
     out_f, in_f = weight.shape
     g = check_group_size(in_f, group_size)
     if hessian.shape != (in_f, in_f):
         raise ShapeError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={in_f}.")
+    for b in bits:
+        check_bits(b)
+    _check_options(damp_percent, block_size)
     check_finite(weight)
-    nb = len(bits)
-    w0 = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    if not torch.isfinite(hessian).all():
+        raise CalibrationError("the Hessian contains NaN/Inf; the calibration activations are not finite.")
+    if not bits:
+        return []
+
+    dev = weight.device
+    nb, groups = len(bits), in_f // g
+    w0 = weight.detach().to(dev, torch.float32).clone()
+    h = hessian.detach().to(dev, torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w0[:, dead] = 0.0
 
-    groups = in_f // g
-    scales = torch.zeros(nb, out_f, groups)
-    zeros = torch.zeros(nb, out_f, groups)
-    maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32).view(nb, 1)
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    scales = torch.zeros(nb, out_f, groups, device=dev)
+    zeros = torch.zeros(nb, out_f, groups, device=dev)
+    maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32, device=dev).view(nb, 1)
     if act_order:
-        # static groups: parameters from the original-order weights (dead columns zeroed as GPTQ sees them)
-        for k, b in enumerate(bits):
+        for k, b in enumerate(bits):  # static groups, from the original-order weights
             scales[k], zeros[k] = group_qparams(w0.reshape(out_f, groups, g), b)
-        w0 = w0[:, perm]
-        h = h[perm][:, perm]
-    col_group = ((perm if act_order else torch.arange(in_f)) // g).tolist()
-    w = w0.unsqueeze(0).repeat(nb, 1, 1)  # (nb, out, in)
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w0, h = w0[:, perm], h[perm][:, perm]
+        col_group = (perm // g).tolist()
+    else:
+        perm = None
+        col_group = [c // g for c in range(in_f)]
 
     hinv = _inverse_cholesky(h, damp_percent)
-    codes = torch.zeros(nb, out_f, in_f, dtype=torch.uint8)
+    w = w0.unsqueeze(0).repeat(nb, 1, 1)  # (nb, out, in), in processing order
+    codes = torch.zeros(nb, out_f, in_f, dtype=torch.uint8, device=dev)
     for b0 in range(0, in_f, block_size):
         b1 = min(b0 + block_size, in_f)
         wb = w[:, :, b0:b1].clone()
@@ -116,69 +163,95 @@ def gptq_quantize_multi(
         for j in range(b1 - b0):
             col = b0 + j
             grp = col_group[col]
-            if not act_order and col % g == 0:
-                cur = _group_view(w, wb, err, hinv, b0, b1, col, g)
+            if perm is None and col % g == 0:
+                cur = _current_group(w, wb, err, hinv, b0, b1, col, g)
                 for k, b in enumerate(bits):
                     scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b)
             s, z = scales[:, :, grp], zeros[:, :, grp]  # (nb, out)
-            q = torch.clamp(torch.round(wb[:, :, j] / s + z), min=torch.zeros_like(maxq), max=maxq)
+            q = torch.minimum(torch.round(wb[:, :, j] / s + z).clamp_min(0), maxq)
             codes[:, :, col] = q.to(torch.uint8)
             e = (wb[:, :, j] - (q - z) * s) / hb[j, j]
             wb[:, :, j:] -= e.unsqueeze(2) * hb[j, j:].view(1, 1, -1)
             err[:, :, j] = e
         w[:, :, b1:] -= err @ hinv[b0:b1, b1:]
         w[:, :, b0:b1] = wb
-    if act_order:
+    if perm is not None:
         codes = codes[:, :, torch.argsort(perm)]
     return [(codes[k], scales[k].half(), zeros[k].half()) for k in range(nb)]
 
 
-def _group_view(
+def _current_group(
     w: torch.Tensor, wb: torch.Tensor, err: torch.Tensor, hinv: torch.Tensor, b0: int, b1: int, col: int, g: int
 ) -> torch.Tensor:
-    """The up-to-date weights ``(nb, out, g)`` of the group starting at ``col``: columns inside the current block
-    come from ``wb``; columns past it get this block's pending (lazy) updates applied, as plain GPTQ would have."""
-    cur = w[:, :, col : col + g].clone()
-    j0 = col - b0
-    n = min(wb.shape[-1] - j0, g)
-    cur[:, :, :n] = wb[:, :, j0 : j0 + n]
-    if n < g and j0 > 0:
-        cur[:, :, n:] -= err[:, :, :j0] @ hinv[b0:col, b1 : col + g]
-    return cur
+    """Up-to-date weights ``(nb, out, g)`` of the group starting at ``col``: columns inside the current block come
+    from the block copy ``wb``; later columns get the block's pending (lazy) update applied."""
+    end = col + g
+    inside = wb[:, :, col - b0 : min(end, b1) - b0]
+    if end <= b1:
+        return inside
+    beyond = w[:, :, b1:end] - err @ hinv[b0:b1, b1:end]
+    return torch.cat([inside, beyond], dim=-1)
 
 
-def calibration_free_quantize(weight: torch.Tensor, bits: int, group_size: int, grid: int = 20) -> QuantResult:
-    """Quantization without calibration data: per-group MSE-optimal range shrinking (clip search).
+def calibration_free_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, grid: int = 20, refine_steps: int = 8
+) -> QuantResult:
+    """Quantization without calibration data: per-group weight-MSE minimization of the grid.
 
-    For every group the min/max range (or, at 1 bit, the binary magnitude) is shrunk by factors in
-    ``[0.5, 1]`` and the factor with the lowest weight MSE is kept — better than plain round-to-nearest on the
-    heavy-tailed weights of real models, at the cost of ``grid`` quantizations.
+    Method: (1) clipping search — each group's [min, max] range is shrunk about its midpoint by ratios in
+    ``[0.5, 1]`` (``grid + 1`` values, ratio 1 = plain round-to-nearest) and the best ratio per group is kept;
+    (2) alternating least squares (uniform-grid Lloyd iterations) — refit the affine map ``code -> value``
+    (scale, offset) to the group's weights by least squares, re-round the codes, repeat. At 1 bit only (2) runs,
+    starting from MC's binary form; it is then exactly 2-means clustering of the group. Every candidate is
+    evaluated on the fp16-rounded grid and a group only ever moves to a lower MSE, so the result is never worse
+    than :func:`~optimum_mc.group_quant.rtn_quantize`.
     """
+    if weight.dim() != 2:
+        raise ShapeError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}.")
+    check_bits(bits)
     out_f, in_f = weight.shape
     g = check_group_size(in_f, group_size)
     check_finite(weight)
     wg = weight.detach().float().reshape(out_f, in_f // g, g)
-    best_err = torch.full(wg.shape[:2], float("inf"))
-    best_s = torch.zeros(wg.shape[:2])
-    best_z = torch.zeros(wg.shape[:2])
-    center = wg.mean(-1, keepdim=True) if bits == 1 else (wg.amax(-1, keepdim=True) + wg.amin(-1, keepdim=True)) / 2
-    for i in range(grid + 1):
-        shrink = 1.0 - 0.5 * i / grid
-        cand = center + (wg - center).clamp(-1e30, 1e30) * shrink if bits > 1 else wg
-        if bits > 1:
-            lo = center + (wg.amin(-1, keepdim=True) - center) * shrink
-            hi = center + (wg.amax(-1, keepdim=True) - center) * shrink
-            cand = torch.cat([lo, hi], -1)
-            s, z = group_qparams(cand, bits)
-        else:
-            s, z = group_qparams(wg, 1)
-            s = (s * (0.5 + i / grid)).half().float().clamp_min(2.0**-24)  # magnitude from 0.5x to 1.5x
-            z = (0.5 - center[..., 0] / s).half().float()
-        q = quantize_codes(wg, s, z, bits)
-        err = (dequantize_codes(q, s, z) - wg).pow(2).sum(-1)
+
+    best_s, best_z = group_qparams(wg, bits)  # round-to-nearest: the starting point
+    best_err = _group_sse(wg, best_s, best_z, bits)
+
+    def consider(s: torch.Tensor, z: torch.Tensor) -> None:
+        nonlocal best_s, best_z, best_err
+        ok = torch.isfinite(s) & torch.isfinite(z) & (s >= _FP16_TINY)
+        s, z = torch.where(ok, s, best_s), torch.where(ok, z, best_z)
+        err = _group_sse(wg, s, z, bits)
         better = err < best_err
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
         best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
+
+    if bits > 1:
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        mid = (lo + hi) / 2
+        for i in range(1, grid + 1):
+            ratio = 1.0 - 0.5 * i / grid
+            consider(*group_qparams(torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1), bits))
+    for _ in range(refine_steps):
+        consider(*_affine_refit(wg, best_s, best_z, bits))
     codes = quantize_codes(wg, best_s, best_z, bits).reshape(out_f, in_f)
     return codes, best_s.half(), best_z.half()
+
+
+def _group_sse(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    q = quantize_codes(wg, s, z, bits)
+    return (dequantize_codes(q, s, z) - wg).pow(2).sum(-1)
+
+
+def _affine_refit(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares ``w ~ a * q + c`` per group for the current codes ``q``; as fp16-exact ``(scale, zero)``."""
+    q = quantize_codes(wg, s, z, bits).float()
+    qm, wm = q.mean(-1, keepdim=True), wg.mean(-1, keepdim=True)
+    var = (q - qm).pow(2).mean(-1)
+    cov = ((q - qm) * (wg - wm)).mean(-1)
+    a = cov / var.clamp_min(1e-30)
+    c = wm[..., 0] - a * qm[..., 0]
+    usable = (var > 0) & (a > _FP16_TINY)
+    scale = torch.where(usable, a, s).half().float()
+    zero = torch.where(usable, -c / scale.clamp_min(_FP16_TINY), z).half().float()
+    return scale, zero

@@ -1,25 +1,37 @@
 """Calibration sources -> token windows.
 
 Sources (``MCConfig.dataset``):
-- ``None`` / ``"builtin"``: offline text shipped with every Python installation — the reference documentation
-  topics of ``pydoc_data``, docstrings of standard-library modules, and standard-library source code, interleaved
-  in a fixed order (identical on machines with the same Python minor version). General English prose + code, no
-  network, not tuned to any evaluation text.
-- a list of strings: those texts.
-- a path to a text file, or to a folder (every ``*.txt`` inside, sorted).
-- any other string: a ``datasets`` name (its ``train`` split's ``text`` column), when ``datasets`` is installed
-  and the dataset is reachable.
 
-Documents are tokenized, joined with the tokenizer's EOS token, and ``num_samples`` windows of ``seq_len``
-tokens are drawn at seeded random offsets (a local ``torch.Generator``; no global RNG state is touched).
+- ``None`` / ``"builtin"``: offline text that ships with every Python installation — the reference documentation
+  topics of ``pydoc_data``, docstrings of a fixed list of standard-library modules, and those modules' source
+  code, interleaved in a fixed order (English prose + code; no network; not tuned to any evaluation text). The text
+  is a function of the Python build only: it is identical on machines running the same Python version (the same
+  minor version gives the same text up to the small documentation/source edits of patch releases), whatever else
+  has been imported, whatever ``PYTHONHASHSEED``.
+- a list of strings: those texts, one document each.
+- a path to a text file (one document), or to a folder (every ``*.txt`` directly inside it, sorted by name; one
+  document each). Files must be UTF-8 text; anything else raises :class:`CalibrationError` naming the file.
+- any other string: a ``datasets`` name, optionally ``"name:config"`` (e.g. ``"wikitext:wikitext-2-raw-v1"``) —
+  the ``text`` column of its ``train`` split, when the ``datasets`` library is installed and the dataset is
+  reachable (or cached).
+
+Every document is tokenized without special tokens and followed by the tokenizer's EOS token (its SEP token, or
+the tokens of a blank line, when it has no EOS); the concatenation is the token stream. ``num_samples`` windows of
+``seq_len`` tokens start at offsets drawn uniformly from a local ``torch.Generator`` seeded with ``seed``: the same
+source, tokenizer and seed give the same windows, and no global RNG state is read or changed. A stream shorter than
+``num_samples * seq_len`` tokens forces windows to overlap (logged as a warning); one shorter than ``seq_len``
+raises :class:`CalibrationError`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
+import sys
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +39,8 @@ import torch
 from ..errors import CalibrationError
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["calibration_batches", "describe_source", "load_documents", "tokenize_documents"]
 
 # Standard-library modules whose docstrings and source go into the builtin corpus (stable, pure-Python, varied).
 _STDLIB_MODULES = (
@@ -37,33 +51,51 @@ _STDLIB_MODULES = (
     "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "tokenize", "typing",
     "unittest.case", "urllib.parse", "uuid", "warnings", "zipfile",
 )  # fmt: skip
-_BUILTIN_CHARS = 2_500_000  # enough for 128 x 512 tokens with any common tokenizer
+_BUILTIN_CHARS = 2_500_000  # enough for 128 x 512 tokens with common tokenizers (~760k tokens with a 4096-entry BPE)
+_BUILTIN_NAMES = ("builtin",)
 
 
-def _builtin_documents() -> list[str]:
+def _is_builtin(dataset) -> bool:
+    return dataset is None or (isinstance(dataset, str) and dataset in _BUILTIN_NAMES)
+
+
+def _docstrings_of(name: str, mod) -> list[str]:
+    """The module docstring, then ``"attr: doc"`` of every attribute defined in ``name`` itself, by attribute name."""
+    docs = [mod.__doc__] if mod.__doc__ else []
+    for attr in sorted(vars(mod)):
+        try:
+            obj = getattr(mod, attr)
+            owner, doc = getattr(obj, "__module__", None), getattr(obj, "__doc__", None)
+        except Exception:  # noqa: BLE001 - exotic attributes just contribute nothing
+            continue
+        # only objects defined by the module itself: attributes other libraries attach at runtime do not count.
+        # A non-string __doc__ (a class's member descriptor, e.g. typing._SpecialForm) is kept as its str() for
+        # compatibility with earlier corpora, unless that text would hold a memory address.
+        if owner == name and doc and (isinstance(doc, str) or " at 0x" not in str(doc)):
+            docs.append(f"{attr}: {doc}")
+    return docs
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_corpus() -> tuple[str, ...]:
     docs: list[str] = []
     try:
         from pydoc_data.topics import topics
 
         docs.extend(topics[k] for k in sorted(topics))
     except ImportError:  # pragma: no cover - stripped Python builds
-        pass
+        logger.warning("pydoc_data is not available: the builtin calibration text has no documentation topics")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for name in _STDLIB_MODULES:
         try:
             mod = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a missing optional module just contributes nothing
             continue
-        if mod.__doc__:
-            docs.append(mod.__doc__)
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if getattr(obj, "__module__", None) == name and getattr(obj, "__doc__", None):
-                docs.append(f"{attr}: {obj.__doc__}")
+        docs.extend(_docstrings_of(name, mod))
         src = stdlib / (name.replace(".", os.sep) + ".py")
         if src.is_file():
             docs.append(src.read_text(encoding="utf-8", errors="replace"))
-    # interleave prose and code so any prefix of the corpus is mixed
+    # interleave prose (first half: topics, docstrings) and code so that any prefix of the corpus is mixed
     half = len(docs) // 2
     mixed = [d for pair in zip(docs[:half], docs[half:]) for d in pair] + docs[2 * half :]
     out, total = [], 0
@@ -72,75 +104,160 @@ def _builtin_documents() -> list[str]:
         total += len(d)
         if total >= _BUILTIN_CHARS:
             break
-    return out
+    return tuple(out)
+
+
+def _builtin_documents() -> list[str]:
+    """The builtin offline corpus (built once per process, then cached)."""
+    return list(_builtin_corpus())
 
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"cannot read calibration text file {path}: {exc}; pass UTF-8 text files.") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CalibrationError(f"cannot read calibration text file {path}: {exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"calibration file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); pass UTF-8 text files."
+        ) from exc
+    if "\x00" in text:
+        raise CalibrationError(f"calibration file {path} looks binary (contains NUL bytes); pass UTF-8 text files.")
+    return text.removeprefix("\ufeff")
 
 
-def load_documents(dataset: str | list[str] | None) -> list[str]:
-    """The calibration documents of a source (see the module docstring)."""
-    if dataset is None or dataset == "builtin":
-        return _builtin_documents()
-    if isinstance(dataset, (list, tuple)):
-        return [str(t) for t in dataset]
-    path = Path(dataset)
-    if path.is_file():
-        return [_read_text(path)]
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise CalibrationError(f"calibration folder {path} has no *.txt files.")
-        return [_read_text(f) for f in files]
+def _load_hf_dataset(name: str) -> list[str]:
     try:
         import datasets
     except ImportError as exc:
         raise CalibrationError(
-            f"calibration dataset {dataset!r} is not a file or folder, and the `datasets` library is not installed; "
-            f"pass texts, a local path, or None for the builtin offline text."
+            f"calibration dataset {name!r} is not an existing file or folder (looked for {Path(name).absolute()}), "
+            "and the `datasets` library is not installed to load it by name; pass a list of texts, a local .txt "
+            "file or folder, or None for the builtin offline text."
         ) from exc
+    ds_name, _, ds_config = name.partition(":")
     try:
-        ds = datasets.load_dataset(dataset, split="train")
+        ds = datasets.load_dataset(ds_name, ds_config or None, split="train")
     except Exception as exc:  # noqa: BLE001 - offline / unknown names end the same way for the user
         raise CalibrationError(
-            f"could not load dataset {dataset!r} ({exc}); offline? pass local texts instead."
+            f"calibration dataset {name!r} is not a file/folder and could not be loaded with datasets "
+            f"({type(exc).__name__}: {exc}); offline? pass local texts or None for the builtin offline text."
         ) from exc
-    return [t for t in ds["text"] if t]
+    if "text" not in ds.column_names:
+        raise CalibrationError(
+            f"dataset {name!r} has no 'text' column (columns: {ds.column_names}); pass the texts as a list instead."
+        )
+    return [t for t in ds["text"] if isinstance(t, str) and t]
 
 
-def describe_source(dataset: str | list[str] | None) -> str:
-    """A short description of a calibration source for logs."""
-    if dataset is None or dataset == "builtin":
-        return "builtin offline text (pydoc topics, stdlib docstrings and source)"
+def load_documents(dataset: str | os.PathLike | Sequence[str] | None) -> list[str]:
+    """The calibration documents of a source (see the module docstring)."""
+    if _is_builtin(dataset):
+        return _builtin_documents()
     if isinstance(dataset, (list, tuple)):
-        return f"{len(dataset)} user texts"
-    return f"{dataset!r}"
+        bad = [i for i, t in enumerate(dataset) if not isinstance(t, str)]
+        if bad:
+            raise CalibrationError(
+                f"calibration texts must be strings; item {bad[0]} is {type(dataset[bad[0]]).__name__}."
+            )
+        return list(dataset)
+    if not isinstance(dataset, (str, os.PathLike)):
+        raise CalibrationError(
+            f"calibration dataset must be None, 'builtin', a list of texts, a path or a datasets name; "
+            f"got {type(dataset).__name__}."
+        )
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return [_read_text(path)]
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        if not files:
+            raise CalibrationError(f"calibration folder {path} has no *.txt files.")
+        return [_read_text(f) for f in files]
+    if isinstance(dataset, os.PathLike) or path.is_absolute() or str(dataset).startswith(("~", "./", "../")):
+        raise CalibrationError(f"calibration file or folder {path} does not exist.")
+    return _load_hf_dataset(str(dataset))
+
+
+def describe_source(dataset: str | os.PathLike | Sequence[str] | None) -> str:
+    """A short description of a calibration source for logs (cheap: reads nothing)."""
+    if _is_builtin(dataset):
+        version = ".".join(map(str, sys.version_info[:3]))
+        return f"builtin offline text (Python {version} pydoc topics, stdlib docstrings and source)"
+    if isinstance(dataset, (list, tuple)):
+        chars = sum(len(t) for t in dataset if isinstance(t, str))
+        return f"{len(dataset)} user text{'s' if len(dataset) != 1 else ''} ({chars} characters)"
+    if isinstance(dataset, (str, os.PathLike)):
+        path = Path(dataset).expanduser()
+        if path.is_file():
+            return f"text file {path}"
+        if path.is_dir():
+            return f"folder {path} ({sum(1 for p in path.glob('*.txt') if p.is_file())} *.txt files)"
+        return f"datasets {str(dataset)!r} (train split, text column)"
+    return repr(dataset)
+
+
+def _separator_ids(tokenizer) -> list[int]:
+    for attr in ("eos_token_id", "sep_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if isinstance(tid, int):
+            return [tid]
+    return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer) -> list[int]:
+    """One token stream: each non-blank document's tokens (no special tokens), each followed by the separator."""
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        return []
+    sep = _separator_ids(tokenizer)
+    # verbose=False: long documents are fine here (they are cut into windows), no "longer than max length" warning
+    encoded = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    ids: list[int] = []
+    for d in encoded:
+        ids.extend(d)
+        ids.extend(sep)
+    return ids
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CalibrationError(f"{name} must be a positive integer, got {value!r}.")
+    return value
 
 
 def calibration_batches(
-    dataset: str | list[str] | None, tokenizer, num_samples: int, seq_len: int, seed: int
+    dataset: str | os.PathLike | Sequence[str] | None, tokenizer, num_samples: int, seq_len: int, seed: int
 ) -> torch.Tensor:
-    """``(num_samples, seq_len)`` token windows drawn deterministically from the source."""
-    docs = [d for d in load_documents(dataset) if d and d.strip()]
-    if not docs:
-        raise CalibrationError(f"calibration source {describe_source(dataset)} is empty.")
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for d in docs:
-        ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
-        ids.extend(sep)
+    """``(num_samples, seq_len)`` int64 token windows drawn deterministically (from ``seed``) from the source.
+
+    ``tokenizer`` is a transformers tokenizer (or a path/name for ``AutoTokenizer.from_pretrained``).
+    """
+    _positive_int("num_samples", num_samples)
+    _positive_int("seq_len", seq_len)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CalibrationError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    ids = tokenize_documents(load_documents(dataset), tokenizer)
     if len(ids) < seq_len:
         raise CalibrationError(
             f"calibration data has {len(ids)} tokens; need at least seq_len={seq_len} "
-            f"(add text or lower MCConfig.seq_len)."
+            f"(source: {describe_source(dataset)}; add text or lower MCConfig.seq_len)."
         )
-    if len(ids) < num_samples * seq_len:
+    needed = num_samples * seq_len
+    if len(ids) < needed:
         logger.warning(
-            "calibration data has %d tokens for %d x %d windows: windows will overlap", len(ids), num_samples, seq_len
+            "calibration data has %d tokens for %d windows of %d (%d tokens): windows overlap%s",
+            len(ids),
+            num_samples,
+            seq_len,
+            needed,
+            " heavily; add calibration text or lower num_samples" if 2 * len(ids) < needed else "",
         )
     tokens = torch.tensor(ids, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Test helpers: an offline tiny tokenizer (``tokenizer``) and a loopback mock Hugging Face Hub (``hub_server``)."""
