@@ -101,11 +101,18 @@ def moe_blocks(model: nn.Module, arch: MoEArchitecture | None = None) -> Iterato
     """Yield the MoE block of every decoder layer that has one (dense layers are skipped)."""
     arch = arch or get_architecture(model.config)
     for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, arch.block_attr, None)
-        if block is None or not hasattr(block, arch.experts_attr):
-            continue
-        shared = tuple(getattr(block, a) for a in arch.shared_expert_attrs if getattr(block, a, None) is not None)
-        yield MoEBlock(i, block, getattr(block, arch.router_attr), getattr(block, arch.experts_attr), shared)
+        blk = moe_block(layer, i, arch)
+        if blk is not None:
+            yield blk
+
+
+def moe_block(layer: nn.Module, layer_idx: int, arch: MoEArchitecture) -> MoEBlock | None:
+    """The MoE parts of one decoder layer, or ``None`` for a dense layer."""
+    block = getattr(layer, arch.block_attr, None)
+    if block is None or not hasattr(block, arch.experts_attr):
+        return None
+    shared = tuple(getattr(block, a) for a in arch.shared_expert_attrs if getattr(block, a, None) is not None)
+    return MoEBlock(layer_idx, block, getattr(block, arch.router_attr), getattr(block, arch.experts_attr), shared)
 
 
 def require_moe(model: nn.Module) -> MoEArchitecture:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -52,6 +53,14 @@ class MCConfig(QuantizationConfigMixin):
         num_samples, seq_len: number and length (tokens) of calibration sequences.
         seed: seed of everything random (sampling, random allocation).
         show_progress: tqdm progress bars.
+    Scale:
+        device: where calibration forwards and GPTQ run (``None``: ``"cuda"`` when available, else ``"cpu"``),
+            independent of where the model is placed. At load time the float decoder layers are streamed from the
+            checkpoint one at a time onto this device; only packed layers are kept.
+        resume_dir: folder where each finished layer is staged; a run interrupted (Ctrl-C, killed) restarts from
+            the last finished layer when given the same folder, model and options, and writes the same bytes.
+        offload_folder: where modules the final device map sends to ``"disk"`` are offloaded (default: a
+            temporary folder).
     Online dynamic pruning (ODP):
         odp: enable ODP at inference.
         odp_threshold: ``None`` (per-layer median ratio from calibration), a float in (0, 1], or one per MoE layer.
@@ -83,6 +92,9 @@ class MCConfig(QuantizationConfigMixin):
         seq_len: int = 512,
         seed: int = 0,
         show_progress: bool = True,
+        device: str | None = None,
+        resume_dir: str | None = None,
+        offload_folder: str | None = None,
         odp: bool = False,
         odp_threshold: float | list[float] | None = None,
         odp_protect_ratio: float = 0.02,
@@ -109,6 +121,9 @@ class MCConfig(QuantizationConfigMixin):
         self.seq_len = seq_len
         self.seed = seed
         self.show_progress = show_progress
+        self.device = str(device) if device is not None and not isinstance(device, str) else device
+        self.resume_dir = os.fspath(resume_dir) if resume_dir is not None else None
+        self.offload_folder = os.fspath(offload_folder) if offload_folder is not None else None
         self.odp = odp
         self.odp_threshold = list(odp_threshold) if isinstance(odp_threshold, (list, tuple)) else odp_threshold
         self.odp_protect_ratio = odp_protect_ratio
@@ -178,7 +193,23 @@ class MCConfig(QuantizationConfigMixin):
             raise _err("dataset given as a list must be a non-empty list of strings (calibration texts).")
         if ds is not None and not isinstance(ds, (str, list)):
             raise _err(f"dataset must be None, 'builtin', a path, a datasets name or a list of texts, got {ds!r}.")
+        self._check_scale()
         self._check_odp()
+
+    def _check_scale(self) -> None:
+        import torch
+
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise _err(
+                    f"device={self.device!r} is not a torch device; pass e.g. 'cpu', 'cuda' or 'cuda:1'."
+                ) from exc
+        for name in ("resume_dir", "offload_folder"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise _err(f"{name} must be a folder path, got {v!r}.")
 
     def _check_odp(self) -> None:
         thr = self.odp_threshold

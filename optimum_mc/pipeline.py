@@ -1,8 +1,9 @@
-"""Quantize a loaded float MoE model in place with MC's PMQ.
+"""Quantize a float MoE model with MC's PMQ, one decoder layer at a time.
 
-calibration data -> layer 0 inputs -> for each decoder layer: record routing and Hessians on the float layer ->
-expert candidates (GPTQ at each candidate bit-width) and their losses -> bit allocation (OR-Tools) -> packed
-modules replace the float ones -> the quantized layer's outputs feed the next layer.
+calibration data -> layer 0 inputs -> for each decoder layer: bring its float weights onto the calibration device
+(from memory, or straight from the checkpoint shards: calibration/layer_source.py) -> record routing and Hessians
+-> expert candidates and their losses -> bit allocation (OR-Tools) -> packed modules replace the float ones -> the
+quantized layer's outputs feed the next layer -> the layer is staged (calibration/stage.py: resume, flat memory).
 
 ``allocation="global"`` needs every layer's factors before any bits are known: a first pass measures them with
 float activations, the allocation is solved once, and a second pass quantizes sequentially at the chosen bits.
@@ -10,7 +11,10 @@ float activations, the allocation is solved once, and a second pass quantizes se
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,17 +23,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import ExpertFactors, allocate_bits, check_feasible, format_allocation_table
-from .architectures import MoEArchitecture, MoEBlock, layer_module_names, moe_blocks, require_moe, set_submodule
+from .architectures import MoEArchitecture, MoEBlock, get_architecture, moe_block, set_submodule
 from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_forward, expert_loss, quantize_expert
-from .calibration.sequential import LayerBatch, capture_layer_inputs, iterate_layers, run_layer
+from .calibration.layer_source import ResidentLayers
+from .calibration.sequential import LayerBatch, capture_layer_inputs, run_layer
+from .calibration.stage import Stage, fingerprint
 from .config import MCConfig
-from .errors import CalibrationError
+from .errors import CalibrationError, UnsupportedArchitectureError
 from .gptq import gptq_quantize
 from .group_quant import check_finite
 from .nn import MCExperts, QuantLinear
 from .nn.nf4_linear import NF4Linear
+from .placement import resolve_device
+from .skeleton import install_packed_skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -82,24 +90,34 @@ def _gptq_opts(config: MCConfig) -> GPTQOptions:
 class _Run:
     """State of one quantization run (kept off the modules and out of globals)."""
 
-    def __init__(self, model: nn.Module, config: MCConfig, arch: MoEArchitecture) -> None:
+    def __init__(self, model: nn.Module, config: MCConfig, arch: MoEArchitecture, source, device, stage) -> None:
         self.model, self.config, self.arch = model, config, arch
+        self.source, self.device, self.stage = source, device, stage
         self.opts = _gptq_opts(config)
-        self.blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
-        self.moe_layers = sorted(self.blocks)
-        self.layer_names = layer_module_names(model)
+        structures = [source.structure(i) for i in range(source.num_layers)]
+        self.moe_layers = [i for i, layer in enumerate(structures) if moe_block(layer, i, arch) is not None]
+        self.num_experts = {i: int(moe_block(structures[i], i, arch).experts.num_experts) for i in self.moe_layers}
+        self.blocks: dict[int, MoEBlock] = {}  # MoE parts of the layer being processed
+        self.layer_names = _layer_names(model)
         self.factors: dict[int, LayerFactors] = {}
         self.bits: dict[int, list[int]] = {}
         self.linear_bits: dict[str, int] = {}
         self.progress = config.show_progress
 
     # -- one layer ---------------------------------------------------------------------------------------------
+    def fetch(self, idx: int) -> nn.Module:
+        """Layer ``idx`` with float weights on the calibration device."""
+        layer = self.source.fetch(idx, self.device)
+        blk = moe_block(layer, idx, self.arch)
+        self.blocks = {idx: blk} if blk is not None else {}
+        return layer
+
     def measure(self, idx: int, layer: nn.Module, batches: list[LayerBatch], with_linears: bool):
         block = self.blocks.get(idx)
         lin = linear_targets(layer, block, self.arch, self.config) if with_linears else {}
         for name, m in lin.items():
             check_finite(m.weight, f"layer {idx} {name}.weight")
-        lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {})
+        lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {}, device=self.device)
         routing = RoutingCapture(self.arch, block.router, block.experts) if block is not None else None
         try:
             float_out = run_layer(layer, batches)
@@ -217,54 +235,157 @@ class _Run:
             seed=cfg.seed + idx,
         )[0]
 
-    def sequential_pass(self, batches: list[LayerBatch], known: dict[int, list[int]] | None, quantize: bool) -> None:
-        """One pass over the decoder layers. ``quantize=False`` only measures factors (float propagation)."""
-        layers = list(iterate_layers(self.model))
-        desc = "MC quantization" if quantize else "MC factors (global pass)"
-        for idx, layer in tqdm(layers, desc=desc, disable=not self.progress):
-            lin, lin_capture, routing, float_out = self.measure(idx, layer, batches, with_linears=quantize)
+    def quantize_layer(self, idx: int, layer: nn.Module, batches: list[LayerBatch], known: list[int] | None):
+        """Quantize one fetched float layer in place; return the next layer's inputs."""
+        lin, lin_capture, routing, _ = self.measure(idx, layer, batches, with_linears=True)
+        if routing is not None:
+            tries, need_loss = self.bits_to_try(idx, routing.num_experts, known)
+            cands, loss = self.expert_candidates(idx, routing, tries, need_loss)
+            lf = self.layer_factors(idx, routing, loss, cands)
+            if idx not in self.factors:
+                self.factors[idx] = lf
+            bits = known if known is not None else self.allocate_layer(idx, self.factors[idx])
+            experts = self.blocks[idx].experts
+            for e, b in enumerate(bits):
+                if b not in cands[e]:  # random / frequency allocations quantize only what they chose
+                    x, _ = routing.experts[e].cat(routing.hidden_dim)
+                    cands[e].update(
+                        quantize_expert(
+                            experts.gate_up_proj[e], experts.down_proj[e], x, experts.act_fn, [b], self.opts
+                        )
+                    )
+            self.factors[idx].methods = [cands[e][b].method for e, b in enumerate(bits)]
+            self.bits[idx] = bits
+            self.replace_experts(idx, bits, cands)
+            del cands, routing
+        self.quantize_linears(idx, layer, lin, lin_capture)
+        return run_layer(layer, batches)
+
+    def layer_record(self, idx: int) -> dict:
+        """What staging must remember of a finished layer to rebuild it and the run's results."""
+        prefix = self.layer_names[idx] + "."
+        lf = self.factors.get(idx)
+        return {
+            "bits": self.bits.get(idx),
+            "linear_bits": {n[len(prefix) :]: b for n, b in self.linear_bits.items() if n.startswith(prefix)},
+            "factors": _factors_exact(lf) if lf is not None else None,
+        }
+
+    def adopt_record(self, idx: int, record: dict) -> None:
+        """Take a staged layer's results as this run's."""
+        if record.get("factors") is not None:
+            self.factors[idx] = _factors_from_dict(record["factors"])
+        if record.get("bits") is not None:
+            self.bits[idx] = list(record["bits"])
+        prefix = self.layer_names[idx] + "."
+        self.linear_bits.update({prefix + n: b for n, b in record.get("linear_bits", {}).items()})
+
+    def rebuild_layer(self, idx: int) -> None:
+        """Put staged layer ``idx`` (packed) back into the model, on the CPU."""
+        tensors, record = self.stage.load_layer("quantize", idx)
+        if self.source.streams_from_disk:
+            layer = copy.deepcopy(self.source.structure(idx))
+        else:
+            layer = self.source.structure(idx)
+        install_packed_skeleton(
+            layer,
+            idx,
+            self.arch,
+            record.get("bits"),
+            record.get("linear_bits", {}),
+            self.config.group_size,
+            self.config.nonexpert_method,
+        )
+        layer.load_state_dict(tensors, strict=True, assign=True)
+        self.source.finish(idx, layer)
+        self.adopt_record(idx, record)
+
+    def factors_pass(self, batches: list[LayerBatch], start: int) -> None:
+        """Global allocation's first pass: factors of every MoE layer with float propagation (nothing replaced)."""
+        for idx in range(start):
+            if idx in self.moe_layers:
+                _, record = self.stage.load_layer("factors", idx)
+                self.adopt_record(idx, record)
+        for idx in tqdm(
+            range(start, self.source.num_layers), desc="MC factors (global pass)", disable=not self.progress
+        ):
+            layer = self.fetch(idx)
+            _, _, routing, batches = self.measure(idx, layer, batches, with_linears=False)
             if routing is not None:
-                kb = known.get(idx) if known else None
-                tries, need_loss = self.bits_to_try(idx, routing.num_experts, kb)
+                tries, need_loss = self.bits_to_try(idx, routing.num_experts, None)
                 cands, loss = self.expert_candidates(idx, routing, tries, need_loss)
-                lf = self.layer_factors(idx, routing, loss, cands)
-                if not quantize or idx not in self.factors:
-                    self.factors[idx] = lf
-                if quantize:
-                    bits = kb if kb is not None else self.allocate_layer(idx, self.factors[idx])
-                    experts = self.blocks[idx].experts
-                    for e, b in enumerate(bits):
-                        if b not in cands[e]:  # random / frequency allocations quantize only what they chose
-                            x, _ = routing.experts[e].cat(routing.hidden_dim)
-                            cands[e].update(
-                                quantize_expert(
-                                    experts.gate_up_proj[e], experts.down_proj[e], x, experts.act_fn, [b], self.opts
-                                )
-                            )
-                    self.factors[idx].methods = [cands[e][b].method for e, b in enumerate(bits)]
-                    self.bits[idx] = bits
-                    self.replace_experts(idx, bits, cands)
+                self.factors[idx] = self.layer_factors(idx, routing, loss, cands)
                 del cands, routing
-            if quantize:
-                self.quantize_linears(idx, layer, lin, lin_capture)
-                batches = run_layer(layer, batches)
-            else:
-                batches = float_out
+            self.source.finish(idx, layer)  # resident: back home; streamed: parked below
+            if self.source.streams_from_disk:
+                self.source.park(idx)
+            del layer
+            if self.stage is not None:
+                if idx in self.moe_layers:
+                    self.stage.save_layer("factors", idx, {}, self.layer_record(idx))
+                self.stage.commit("factors", idx + 1, [b.hidden for b in batches])
+
+    def quantize_pass(self, batches: list[LayerBatch], start: int, known: dict[int, list[int]] | None) -> None:
+        """Quantize every layer from ``start`` on, sequentially (quantized outputs feed the next layer)."""
+        for idx in range(start):
+            self.rebuild_layer(idx)
+            if self.source.streams_from_disk:
+                self.source.park(idx)
+        for idx in tqdm(range(start, self.source.num_layers), desc="MC quantization", disable=not self.progress):
+            layer = self.fetch(idx)
+            batches = self.quantize_layer(idx, layer, batches, known.get(idx) if known else None)
+            layer = self.source.finish(idx, layer)
+            if self.stage is not None:
+                self.stage.save_layer("quantize", idx, layer.state_dict(), self.layer_record(idx))
+                self.stage.commit("quantize", idx + 1, [b.hidden for b in batches])
+            if self.source.streams_from_disk:
+                self.source.park(idx)
+            del layer
+        if self.source.streams_from_disk:
+            for idx in range(self.source.num_layers):
+                self.rebuild_layer(idx)
 
     def store(self) -> None:
         cfg = self.config
         cfg.moe_layers = list(self.moe_layers)
         cfg.expert_bits = [list(map(int, self.bits[i])) for i in self.moe_layers]
         cfg.linear_bits = dict(sorted(self.linear_bits.items()))
-        cfg.expert_factors = [
-            {
-                "frequency": [round(float(v), 6) for v in self.factors[i].factors.frequency],
-                "weight_mass": [round(float(v), 6) for v in self.factors[i].factors.weight_mass],
-                "loss": [[float(f"{v:.6g}") for v in row] for row in self.factors[i].factors.loss.tolist()],
-                "method": self.factors[i].methods,
-            }
-            for i in self.moe_layers
-        ]
+        cfg.expert_factors = [_factors_dict(self.factors[i]) for i in self.moe_layers]
+
+
+def _factors_dict(lf: LayerFactors) -> dict:
+    return {
+        "frequency": [round(float(v), 6) for v in lf.factors.frequency],
+        "weight_mass": [round(float(v), 6) for v in lf.factors.weight_mass],
+        "loss": [[float(f"{v:.6g}") for v in row] for row in lf.factors.loss.tolist()],
+        "method": list(lf.methods),
+    }
+
+
+def _factors_exact(lf: LayerFactors) -> dict:
+    """Lossless form for staging (a resumed global allocation must see exactly the same factors)."""
+    f = lf.factors
+    return {
+        "frequency": f.frequency.tolist(),
+        "weight_mass": f.weight_mass.tolist(),
+        "loss": f.loss.tolist(),
+        "method": list(lf.methods),
+    }
+
+
+def _factors_from_dict(d: dict) -> LayerFactors:
+    f = ExpertFactors(
+        frequency=torch.tensor(d["frequency"], dtype=torch.float32),
+        weight_mass=torch.tensor(d["weight_mass"], dtype=torch.float32),
+        loss=torch.tensor(d["loss"], dtype=torch.float32),
+    )
+    return LayerFactors(f, list(d.get("method", [])))
+
+
+def _layer_names(model: nn.Module) -> dict[int, str]:
+    from .architectures import layer_module_names
+
+    return layer_module_names(model)
 
 
 def resolve_tokenizer(model: nn.Module, tok=None):
@@ -282,38 +403,126 @@ def resolve_tokenizer(model: nn.Module, tok=None):
         ) from exc
 
 
-def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None) -> dict:
-    """Quantize ``model`` in place with MC; fill the result fields of ``config``; return timing info."""
-    arch = require_moe(model)
-    blocks = list(moe_blocks(model, arch))
-    check_feasible(
-        [int(b.experts.num_experts) for b in blocks], config.candidate_bits, config.bits, config.allocation_constraints
+def run_fingerprint(model: nn.Module, config: MCConfig, source, input_ids: torch.Tensor, device) -> str:
+    """Digest of what decides a run's bytes: model config, checkpoint files, options, calibration tokens, device."""
+    options = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    files = [(os.path.basename(f), os.path.getsize(f)) for f in getattr(source, "files", [])]
+    tokens = hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest()
+    return fingerprint(
+        {
+            "model": model.config.to_diff_dict() if hasattr(model.config, "to_diff_dict") else str(model.config),
+            "files": files,
+            "options": options,
+            "tokens": tokens,
+            "device": device.type,
+            "dtype": str(next(iter(source.structure(0).parameters())).dtype),
+        }
     )
+
+
+_NOT_IN_FINGERPRINT = (
+    "show_progress",
+    "resume_dir",
+    "odp",
+    "odp_threshold",
+    "odp_protect_ratio",
+    "odp_layers",
+    "moe_layers",
+    "expert_bits",
+    "expert_factors",
+    "linear_bits",
+    "odp_thresholds",
+    "odp_layer_scores",
+)
+
+
+def _to_device(batches: list[LayerBatch], device: torch.device) -> list[LayerBatch]:
+    return [LayerBatch(b.hidden.to(device), _move(b.kwargs, device)) for b in batches]
+
+
+def _move(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=None, place=None) -> dict:
+    """Quantize ``model`` in place with MC; fill the result fields of ``config``; return timing info.
+
+    ``source`` says where the float decoder layers are (default: in ``model``; the quantizer passes a
+    :class:`CheckpointLayers` to stream them from the checkpoint). The packed layers end on the CPU when streamed,
+    or where the float layers were; ``place(model)``, when given, then moves the packed model to its final devices
+    before ODP thresholds are measured on it.
+    """
+    arch = get_architecture(model.config)
+    source = source if source is not None else ResidentLayers(model)
     t0 = time.perf_counter()
+    device = resolve_device(config.device)
     tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, config.tokenizer)
     input_ids = calibration_batches(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
     input_ids = getattr(input_ids, "input_ids", input_ids)
-    run = _Run(model, config, arch)
+    stage = None
+    if config.resume_dir is not None or source.streams_from_disk:
+        stage = Stage(config.resume_dir, run_fingerprint(model, config, source, input_ids, device))
+    run = _Run(model, config, arch, source, device, stage)
+    if not run.moe_layers:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no MoE layers; MC quantizes MoE models.")
+    check_feasible(
+        [run.num_experts[i] for i in run.moe_layers],
+        config.candidate_bits,
+        config.bits,
+        config.allocation_constraints,
+    )
     was_training = model.training
     model.eval()
-    known = None
-    if config.allocation == "global" and not config.is_uniform:
-        run.sequential_pass(capture_layer_inputs(model, input_ids, CALIBRATION_BATCH_SIZE), None, quantize=False)
-        factors = [run.factors[i].factors for i in run.moe_layers]
-        solved = allocate_bits(
-            factors,
-            config.candidate_bits,
-            config.bits,
-            "global",
-            config.alpha,
-            config.beta,
-            config.gamma,
-            constraints=config.allocation_constraints,
-            seed=config.seed,
+    progress = stage.resume() if stage is not None and not stage.temporary else None
+    if progress is not None:
+        logger.info(
+            "resuming MC quantization from %s (%s pass, layer %d)", stage.path, progress.phase, progress.next_layer
         )
-        known = dict(zip(run.moe_layers, solved))
-    run.sequential_pass(capture_layer_inputs(model, input_ids, CALIBRATION_BATCH_SIZE), known, quantize=True)
+
+    def batches_from(hidden: list[torch.Tensor] | None) -> list[LayerBatch]:
+        fresh = _to_device(capture_layer_inputs(model, input_ids, CALIBRATION_BATCH_SIZE), device)
+        if hidden is None:
+            return fresh
+        return [LayerBatch(h.to(device), b.kwargs) for h, b in zip(hidden, fresh)]
+
+    try:
+        known = None
+        if config.allocation == "global" and not config.is_uniform:
+            if progress is None or progress.phase == "factors":
+                start = progress.next_layer if progress is not None else 0
+                run.factors_pass(batches_from(progress.hidden if progress is not None else None), start)
+                progress = None
+            else:
+                for idx in run.moe_layers:
+                    _, record = stage.load_layer("factors", idx)
+                    run.adopt_record(idx, record)
+            factors = [run.factors[i].factors for i in run.moe_layers]
+            solved = allocate_bits(
+                factors,
+                config.candidate_bits,
+                config.bits,
+                "global",
+                config.alpha,
+                config.beta,
+                config.gamma,
+                constraints=config.allocation_constraints,
+                seed=config.seed,
+            )
+            known = dict(zip(run.moe_layers, solved))
+        start = progress.next_layer if progress is not None else 0
+        run.quantize_pass(batches_from(progress.hidden if progress is not None else None), start, known)
+    finally:
+        if stage is not None:
+            stage.cleanup()
     run.store()
+    if place is not None:
+        place(model)
     from .pruning import calibrate_odp
 
     calibrate_odp(model, input_ids=input_ids[:ODP_CALIBRATION_SAMPLES])

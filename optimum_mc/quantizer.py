@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from .architectures import MoEArchitecture, layer_module_names, moe_blocks, require_moe, set_submodule
+from .architectures import MoEArchitecture, decoder_layers, layer_module_names, moe_blocks, require_moe, set_submodule
 from .checkpoint import check_checkpoint, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
+from .skeleton import install_packed_skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -73,40 +74,12 @@ def check_results_match_model(model: nn.Module, cfg: MCConfig, arch: MoEArchitec
 
 def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> None:
     """Replace float experts / linears by empty packed modules shaped from ``cfg`` (on the meta device)."""
-    from .nn import MCExperts, QuantLinear
-    from .nn.nf4_linear import NF4Linear
-
-    blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
-    for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
-        blk = blocks[idx]
-        old = blk.experts
-        new = MCExperts(
-            int(old.num_experts),
-            int(old.gate_up_proj.shape[2]),
-            int(old.gate_up_proj.shape[1] // 2),
-            list(bits),
-            cfg.group_size,
-            old.act_fn,
-            dtype=old.gate_up_proj.dtype,
-            device="meta",
-        )
-        setattr(blk.block, arch.experts_attr, new)
-    for name, b in (cfg.linear_bits or {}).items():
-        m = model.get_submodule(name)
-        if cfg.nonexpert_method == "bnb_nf4":
-            kw = dict(bias=m.bias is not None, dtype=m.weight.dtype, device="meta")
-            set_submodule(model, name, NF4Linear(m.in_features, m.out_features, **kw))
-            continue
-        new = QuantLinear(
-            m.in_features,
-            m.out_features,
-            b,
-            cfg.group_size,
-            bias=m.bias is not None,
-            dtype=m.weight.dtype,
-            device="meta",
-        )
-        set_submodule(model, name, new)
+    names = layer_module_names(model)
+    bits = dict(zip(cfg.moe_layers, cfg.expert_bits))
+    for idx, layer in enumerate(decoder_layers(model)):
+        prefix = names[idx] + "."
+        lin = {n[len(prefix) :]: b for n, b in (cfg.linear_bits or {}).items() if n.startswith(prefix)}
+        install_packed_skeleton(layer, idx, arch, bits.get(idx), lin, cfg.group_size, cfg.nonexpert_method)
 
 
 def _float_experts_class(block_module: nn.Module) -> type:
@@ -148,22 +121,55 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     return model
 
 
+def _offloads(device_map) -> bool:
+    return isinstance(device_map, str) or (isinstance(device_map, dict) and "disk" in device_map.values())
+
+
 class MCQuantizer(HfQuantizer):
-    """Quantize MoE models with MC at load time, and load MC checkpoints."""
+    """Quantize MoE models with MC at load time, and load MC checkpoints.
+
+    Quantizing at load time streams the float decoder layers from the checkpoint's safetensors shards (only one
+    layer's float weights in memory, on ``MCConfig.device``); the packed model is then placed as the user's
+    ``device_map`` / ``max_memory`` ask.
+    """
 
     requires_calibration = False
     required_packages = ["ortools"]
 
     def __init__(self, quantization_config: MCConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
+        self._source = None
+        self._device_map = None
+        self._max_memory: dict | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         try:
             import ortools  # noqa: F401
         except ImportError as exc:  # pragma: no cover - ortools is a hard dependency
             raise ImportError("optimum-mc needs OR-Tools for the bit allocation: pip install ortools") from exc
+        if not self.pre_quantized:
+            from .placement import check_device_map, resolve_device
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+            resolve_device(self.quantization_config.device)
+            check_device_map(kwargs.get("device_map"))
+
+    def update_device_map(self, device_map):
+        """Keep the user's map for the packed model; load the layer-less skeleton without any disk offload."""
+        if self.pre_quantized:
+            return device_map
+        self._device_map = device_map
+        if isinstance(device_map, dict):
+            return {k: ("cpu" if v == "disk" else v) for k, v in device_map.items()}
+        return device_map
+
+    def adjust_max_memory(self, max_memory: dict) -> dict:
+        """Remember ``max_memory`` for placing the packed model; the skeleton (embeddings, head) is not limited."""
+        if self.pre_quantized:
+            return max_memory
+        self._max_memory = dict(max_memory) if max_memory else None
+        return {k: 2**62 for k in max_memory} if max_memory else max_memory
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs: Any):
         cfg: MCConfig = self.quantization_config
         arch = require_moe(model)
         if self.pre_quantized:
@@ -171,14 +177,25 @@ class MCQuantizer(HfQuantizer):
             if checkpoint_files:
                 check_checkpoint(checkpoint_files, expected_tensors(model, cfg, arch))
             build_quantized_skeleton(model, cfg, arch)
-        else:
-            from .allocation import check_feasible
+            return model
+        from .allocation import check_feasible
 
-            check_feasible(
-                [int(b.experts.num_experts) for b in moe_blocks(model, arch)],
-                cfg.candidate_bits,
-                cfg.bits,
-                cfg.allocation_constraints,
+        check_feasible(
+            [int(b.experts.num_experts) for b in moe_blocks(model, arch)],
+            cfg.candidate_bits,
+            cfg.bits,
+            cfg.allocation_constraints,
+        )
+        if checkpoint_files and all(str(f).endswith(".safetensors") for f in checkpoint_files):
+            from .calibration.layer_source import CheckpointLayers
+
+            self._source = CheckpointLayers(model, checkpoint_files, dtype)
+            ignore = set(model._keys_to_ignore_on_load_unexpected or ()) | set(self._source.ignore_patterns())
+            model._keys_to_ignore_on_load_unexpected = ignore
+        elif _offloads(self._device_map):
+            raise MCConfigError(
+                "quantizing with parts of the model offloaded needs a safetensors checkpoint (MC streams each "
+                "layer from it); convert the checkpoint to safetensors, or load without offloading."
             )
         return model
 
@@ -186,8 +203,15 @@ class MCQuantizer(HfQuantizer):
         cfg: MCConfig = self.quantization_config
         if not self.pre_quantized:
             from .pipeline import quantize_model
+            from .placement import place_model
 
-            quantize_model(model, cfg)
+            def place(m):
+                final = place_model(m, self._device_map, self._max_memory, cfg.offload_folder)
+                if final is not None and len(set(final.values())) > 1:
+                    m.hf_device_map = final
+
+            quantize_model(model, cfg, source=self._source, place=place)
+            self._source = None
         else:
             missing = [n for n, b in model.named_buffers() if b.device.type == "meta"]
             if missing:

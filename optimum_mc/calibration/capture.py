@@ -29,35 +29,53 @@ class _Hooks:
 
 
 class LinearInputs(_Hooks):
-    """Accumulate the input Hessian of each given ``nn.Linear`` while the layer runs."""
+    """Accumulate the input Hessian of each given ``nn.Linear`` while the layer runs.
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    Modules fed the very same input tensor (q/k/v projections, gate/up of a dense MLP) share one accumulator: their
+    Hessians are identical, so it is computed once (``hessians[k] is hessians[q]``).
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], device: torch.device | str = "cpu") -> None:
         self.hessians = {
-            name: HessianAccumulator(m.in_features, device=torch.device("cpu")) for name, m in modules.items()
+            name: HessianAccumulator(m.in_features, device=torch.device(device)) for name, m in modules.items()
         }
+        self._previous: tuple[torch.Tensor, HessianAccumulator] | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            self.hessians[name].add(args[0].detach())
+            x = args[0]
+            if self._previous is not None and self._previous[0] is x:
+                self.hessians[name] = self._previous[1]  # same input as the module before: same Hessian
+                return
+            acc = self.hessians[name]
+            acc.add(x.detach())
+            self._previous = (x, acc)
 
         return hook
 
-    def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.output_energy += output.detach().float().pow(2).sum().item()
+    def remove(self) -> None:
+        super().remove()
+        self._previous = None
 
 
 @dataclass
 class ExpertTokens:
-    """Calibration tokens routed to one expert: inputs ``(n, H)`` and their routing weights ``(n,)`` (fp32, CPU)."""
+    """Calibration tokens routed to one expert, as indices into the recorded experts inputs (no copies).
 
-    inputs: list[torch.Tensor] = field(default_factory=list)
+    ``cat`` gathers them: inputs ``(n, H)`` and routing weights ``(n,)``, fp32 on the calibration device.
+    """
+
+    store: list[torch.Tensor]
+    rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
 
     def cat(self, hidden_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.inputs:
-            return torch.zeros(0, hidden_dim), torch.zeros(0)
-        return torch.cat(self.inputs), torch.cat(self.weights)
+        if not self.rows:
+            device = self.store[0].device if self.store else "cpu"
+            return torch.zeros(0, hidden_dim, device=device), torch.zeros(0, device=device)
+        x = torch.cat([self.store[b][tok] for b, tok in self.rows]).float()
+        return x, torch.cat(self.weights)
 
 
 class RoutingCapture(_Hooks):
@@ -72,7 +90,8 @@ class RoutingCapture(_Hooks):
         self.counts = torch.zeros(e, dtype=torch.float64)
         self.prob_sum = torch.zeros(e, dtype=torch.float64)  # sum of the router probability over selecting tokens
         self.ratios: list[torch.Tensor] = []  # routing weight of slots 2..k divided by the top-1 weight
-        self.experts = [ExpertTokens() for _ in range(e)]
+        self.inputs: list[torch.Tensor] = []  # the experts module's input of every batch, (T, H), model dtype
+        self.experts = [ExpertTokens(self.inputs) for _ in range(e)]
         self.output_energy = 0.0  # sum over tokens of ||experts output||^2 (the routed part of the block output)
         self._handles = [
             router.register_forward_hook(self._router_hook),
@@ -97,14 +116,16 @@ class RoutingCapture(_Hooks):
 
     def _experts_hook(self, module: nn.Module, args: tuple) -> None:
         hidden, index, weights = args[0], args[1], args[2]
-        hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu()
-        index = index.detach().cpu()
-        weights = weights.detach().float().cpu()
+        hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+        index = index.detach()
+        weights = weights.detach().float()
+        batch = len(self.inputs)
+        self.inputs.append(hidden)
         for e in torch.unique(index).tolist():
             if e >= self.num_experts:
                 continue
             tok, slot = torch.where(index == e)
-            self.experts[e].inputs.append(hidden[tok])
+            self.experts[e].rows.append((batch, tok))
             self.experts[e].weights.append(weights[tok, slot])
 
     def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:

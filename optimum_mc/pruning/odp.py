@@ -263,7 +263,9 @@ def calibrate_odp(
         qc = getattr(model.config, "quantization_config", None)
         tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, getattr(qc, "tokenizer", None))
         input_ids = calibration_batches(None, tok, num_samples, seq_len, seed)
-    device = next(model.parameters()).device
+    from ..placement import input_device
+
+    device = input_device(model)
     states = _states(model)
     was = {i: st.enabled for i, st in states.items()}
     for st in states.values():

@@ -1,0 +1,191 @@
+"""Where a decoder layer's float weights come from while MC quantizes it, one layer at a time.
+
+- :class:`ResidentLayers`: the float model is already in memory (``quantize_model`` on a loaded model); a layer is
+  moved to the calibration device for its turn and its packed result goes back where the layer was.
+- :class:`CheckpointLayers`: quantization at load time. The decoder layers are never loaded by transformers: each
+  slot holds a parameter-free :class:`PendingLayer` and a layer's float tensors are read straight from the
+  checkpoint's safetensors shards (memory-mapped, only that layer's bytes) onto the calibration device, through
+  transformers' own key renaming and expert fusing (``convert_and_load_state_dict_in_model``), so every family's
+  checkpoint layout is handled exactly as ``from_pretrained`` handles it. The float layer is dropped as soon as its
+  packed form exists.
+
+Reading the shards beats the alternatives (keeping the float model in host RAM, or accelerate's disk offload):
+host memory stays at one layer whatever the model size, and nothing is copied to an offload folder first
+(accelerate would rewrite the 93 GB of Mixtral-8x7B before quantization could start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..architectures import decoder_layers
+from ..errors import CheckpointError
+
+
+class PendingLayer(nn.Module):
+    """Holds a decoder layer's slot while the layer's weights are elsewhere (checkpoint or staging folder)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):  # noqa: D401 - a placeholder must never run
+        raise RuntimeError(
+            f"decoder layer {self.index} is not loaded yet (MC quantization in progress or interrupted); "
+            f"load the quantized checkpoint instead."
+        )
+
+
+def _layer_key_pattern(index: int) -> re.Pattern:
+    return re.compile(rf"(^|\.)layers\.{index}\.")
+
+
+@contextlib.contextmanager
+def _quiet_transformers_bars() -> Iterator[None]:
+    """Silence transformers' per-call "Loading weights" bar while one layer is read (restored afterwards)."""
+    from transformers.utils import logging as tlog
+
+    was_disabled = not tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            tlog.enable_progress_bar()
+
+
+class ResidentLayers:
+    """Layers of a model whose float weights are already loaded."""
+
+    streams_from_disk = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._home: dict[int, torch.device] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    def structure(self, index: int) -> nn.Module:
+        """The layer as a module tree (weights may be anywhere; only its structure is read)."""
+        return decoder_layers(self.model)[index]
+
+    def fetch(self, index: int, device: torch.device) -> nn.Module:
+        layer = decoder_layers(self.model)[index]
+        home = next((p.device for p in layer.parameters()), device)
+        self._home[index] = home
+        return layer.to(device) if home != device else layer
+
+    def finish(self, index: int, layer: nn.Module) -> nn.Module:
+        """Put the quantized layer back where the float one lived; return it."""
+        home = self._home.pop(index, None)
+        layer = layer.to(home) if home is not None else layer
+        decoder_layers(self.model)[index] = layer
+        return layer
+
+
+class CheckpointLayers:
+    """Decoder layers streamed from safetensors shards, one at a time (see the module docstring)."""
+
+    streams_from_disk = True
+
+    def __init__(self, model: nn.Module, checkpoint_files: list[str], dtype: torch.dtype | None) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.model = model
+        self.files = list(checkpoint_files)
+        self.dtype = dtype
+        self.weight_mapping = get_model_conversion_mapping(model, None, None)
+        try:
+            self.dtype_plan = model._get_dtype_plan(dtype)
+        except (AttributeError, TypeError):  # older 5.x: no per-module dtype plan
+            self.dtype_plan = {}
+        layers = decoder_layers(model)
+        self._meta = list(layers)  # float layers on the meta device: structure only, not registered anywhere
+        for i in range(len(layers)):
+            layers[i] = PendingLayer(i)
+        self._keys = self._index_keys()
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _index_keys(self) -> dict[int, list[tuple[str, str]]]:
+        from safetensors import safe_open
+
+        out: dict[int, list[tuple[str, str]]] = {i: [] for i in range(len(self._meta))}
+        pats = [(i, _layer_key_pattern(i)) for i in out]
+        for path in self.files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    for i, pat in pats:
+                        if pat.search(key):
+                            out[i].append((path, key))
+                            break
+        for i, keys in out.items():
+            if not keys:
+                raise CheckpointError(
+                    f"the checkpoint has no tensors for decoder layer {i} ({len(self.files)} file(s)); it is "
+                    f"incomplete or not a float checkpoint of this model."
+                )
+        return out
+
+    @staticmethod
+    def ignore_patterns() -> list[str]:
+        """Checkpoint keys transformers must not report as unexpected (the layers MC reads itself)."""
+        return [r"(^|\.)layers\.\d+\."]
+
+    # -- per layer -----------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self._meta)
+
+    def structure(self, index: int) -> nn.Module:
+        """The float layer on the meta device (structure and shapes only)."""
+        return self._meta[index]
+
+    def fetch(self, index: int, device: torch.device) -> nn.Module:
+        """Read layer ``index`` from the shards onto ``device`` and install it in its slot; return it."""
+        from safetensors import safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        layers = decoder_layers(self.model)
+        layers[index] = copy.deepcopy(self._meta[index])  # the meta skeleton stays pristine for staged reloads
+        prefix = next(n for n, m in self.model.named_modules() if m is layers[index]) + "."
+        config = LoadStateDictConfig(
+            device_map={"": device}, dtype=self.dtype, dtype_plan=self.dtype_plan, weight_mapping=self.weight_mapping
+        )
+        with contextlib.ExitStack() as stack:
+            handles = {}
+            state = {}
+            for path, key in self._keys[index]:
+                if path not in handles:
+                    handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                state[key] = handles[path].get_slice(key)
+            with _quiet_transformers_bars():
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        layer = layers[index]
+        missing = sorted(k for k in info.missing_keys if k.startswith(prefix))
+        on_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
+        if missing or on_meta or info.mismatched_keys:
+            layers[index] = PendingLayer(index)
+            raise CheckpointError(
+                f"decoder layer {index} could not be read completely from the checkpoint: missing "
+                f"{(missing or on_meta)[:4]}, mismatched {sorted(info.mismatched_keys)[:2]}; the checkpoint does "
+                f"not match this model's config."
+            )
+        return layer
+
+    def finish(self, index: int, layer: nn.Module) -> nn.Module:
+        """Keep the quantized layer in its slot (the caller may stage it to disk and park the slot)."""
+        decoder_layers(self.model)[index] = layer
+        return layer
+
+    def park(self, index: int) -> None:
+        """Free the slot (its packed weights are staged on disk)."""
+        decoder_layers(self.model)[index] = PendingLayer(index)

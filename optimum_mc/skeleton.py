@@ -1,0 +1,45 @@
+"""Empty packed modules in place of float ones, shaped from stored bit-widths (checkpoint loading and staging)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .architectures import MoEArchitecture, moe_block, set_submodule
+
+
+def install_packed_skeleton(
+    layer: nn.Module,
+    layer_idx: int,
+    arch: MoEArchitecture,
+    expert_bits: list[int] | None,
+    linear_bits: dict[str, int],
+    group_size: int,
+    nonexpert_method: str,
+    device: str = "meta",
+) -> None:
+    """Replace, inside one decoder ``layer``, the experts and the linears named in ``linear_bits`` (names relative
+    to the layer) by empty packed modules on ``device``, ready for ``load_state_dict(..., assign=True)``."""
+    from .nn import MCExperts, QuantLinear
+    from .nn.nf4_linear import NF4Linear
+
+    blk = moe_block(layer, layer_idx, arch)
+    if expert_bits is not None and blk is not None:
+        old = blk.experts
+        new = MCExperts(
+            int(old.num_experts),
+            int(old.gate_up_proj.shape[2]),
+            int(old.gate_up_proj.shape[1] // 2),
+            list(expert_bits),
+            group_size,
+            old.act_fn,
+            dtype=old.gate_up_proj.dtype,
+            device=device,
+        )
+        setattr(blk.block, arch.experts_attr, new)
+    for name, b in linear_bits.items():
+        m = layer.get_submodule(name)
+        kw = dict(bias=m.bias is not None, dtype=m.weight.dtype, device=device)
+        if nonexpert_method == "bnb_nf4":
+            set_submodule(layer, name, NF4Linear(m.in_features, m.out_features, **kw))
+        else:
+            set_submodule(layer, name, QuantLinear(m.in_features, m.out_features, b, group_size, **kw))

@@ -1,0 +1,196 @@
+"""Quantizing larger-than-memory models: streamed layers, offload, device maps, resume, typed errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import CORPUS, save_tiny
+from transformers import AutoModelForCausalLM
+
+import optimum_mc
+from optimum_mc.architectures import decoder_layers
+from optimum_mc.calibration.layer_source import CheckpointLayers, PendingLayer
+from optimum_mc.errors import CheckpointError, MCConfigError
+from optimum_mc.pipeline import _Run, quantize_model
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 31, 8]])
+
+
+def mc_config(**kw) -> optimum_mc.MCConfig:
+    base = dict(bits=2.5, group_size=32, num_samples=8, seq_len=32, dataset=CORPUS, show_progress=False)
+    return optimum_mc.MCConfig(**{**base, **kw})
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def saved_digest(model, folder: Path) -> str:
+    model.save_pretrained(folder)
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    return save_tiny("mixtral", tmp_path_factory.mktemp("float"), num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def streamed(float_dir):
+    return AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config())
+
+
+def test_streamed_equals_resident(float_dir, streamed, tmp_path):
+    """Streaming layers from the shards gives exactly what quantizing the resident float model gives."""
+    resident = AutoModelForCausalLM.from_pretrained(float_dir)
+    cfg = mc_config()
+    quantize_model(resident, cfg)
+    assert cfg.expert_bits == streamed.config.quantization_config.expert_bits
+    assert torch.equal(logits(resident), logits(streamed))
+    sd_r, sd_s = resident.state_dict(), streamed.state_dict()
+    assert sd_r.keys() == sd_s.keys()
+    assert all(torch.equal(sd_r[k], sd_s[k]) for k in sd_r)
+
+
+def test_layers_are_never_loaded_by_transformers(float_dir, monkeypatch):
+    """During quantization only one float layer is materialized at a time; the others wait as placeholders."""
+    seen = []
+    original = _Run.quantize_layer
+
+    def spy(self, idx, layer, batches, known):
+        slots = decoder_layers(self.model)
+        float_layers = [i for i, m in enumerate(slots) if not isinstance(m, PendingLayer) and i != idx]
+        seen.append((idx, float_layers, all(p.device.type != "meta" for p in layer.parameters())))
+        return original(self, idx, layer, batches, known)
+
+    monkeypatch.setattr(_Run, "quantize_layer", spy)
+    AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config())
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert all(others == [] and materialized for _, others, materialized in seen)
+
+
+def test_offloaded_auto_device_map(float_dir, streamed, tmp_path):
+    """device_map="auto" with a tiny max_memory and an offload folder works (no meta-tensor crash)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir,
+        quantization_config=mc_config(offload_folder=str(tmp_path / "mc-offload")),
+        device_map="auto",
+        max_memory={"cpu": 60_000},
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert "disk" in set(model.hf_device_map.values())
+    assert torch.equal(logits(model), logits(streamed))
+
+
+def test_explicit_disk_map(float_dir, streamed, tmp_path):
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir,
+        quantization_config=mc_config(offload_folder=str(tmp_path / "mc-offload")),
+        device_map=device_map,
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert model.hf_device_map["model.layers.1"] == "disk"
+    assert torch.equal(logits(model), logits(streamed))
+
+
+@pytest.mark.parametrize("allocation", ["layer", "global"])
+def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, monkeypatch, allocation):
+    clean = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(allocation=allocation))
+    expected = saved_digest(clean, tmp_path / "clean")
+
+    resume = tmp_path / "resume"
+    original = _Run.quantize_layer
+    calls = []
+
+    def interrupted(self, idx, layer, batches, known):
+        calls.append(idx)
+        if idx == 2:
+            raise KeyboardInterrupt
+        return original(self, idx, layer, batches, known)
+
+    monkeypatch.setattr(_Run, "quantize_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        AutoModelForCausalLM.from_pretrained(
+            float_dir, quantization_config=mc_config(allocation=allocation, resume_dir=str(resume))
+        )
+    assert (resume / "progress.json").exists()
+    calls.clear()
+    monkeypatch.setattr(_Run, "quantize_layer", original)
+    counted = []
+
+    def counting(self, idx, layer, batches, known):
+        counted.append(idx)
+        return original(self, idx, layer, batches, known)
+
+    monkeypatch.setattr(_Run, "quantize_layer", counting)
+    resumed = AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=mc_config(allocation=allocation, resume_dir=str(resume))
+    )
+    assert counted == [2]  # layers 0 and 1 came from the resume folder
+    assert saved_digest(resumed, tmp_path / "resumed") == expected
+
+
+def test_resume_dir_of_another_config_is_refused(float_dir, tmp_path):
+    resume = tmp_path / "resume"
+    AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
+    with pytest.raises(MCConfigError, match="another model"):
+        AutoModelForCausalLM.from_pretrained(
+            float_dir, quantization_config=mc_config(bits=2.0, resume_dir=str(resume))
+        )
+
+
+def test_resume_dir_errors(float_dir, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(MCConfigError, match="resume_dir"):
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(a_file)))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(MCConfigError, match="not empty"):
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(busy)))
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused_before_loading(float_dir, monkeypatch):
+    called = []
+    monkeypatch.setattr(CheckpointLayers, "fetch", lambda *a, **k: called.append(1))
+    with pytest.raises(MCConfigError, match="no cuda device"):
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(device="cuda"))
+    assert not called
+
+
+def test_bad_device_strings():
+    with pytest.raises(MCConfigError, match="not a torch device"):
+        mc_config(device="gpu-please")
+    with pytest.raises(MCConfigError, match="meta"):
+        from optimum_mc.placement import resolve_device
+
+        resolve_device("meta")
+
+
+def test_incomplete_checkpoint_is_refused_before_work(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = Path(save_tiny("mixtral", tmp_path / "m"))
+    sd = load_file(path / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if ".layers.1." not in k}, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="decoder layer 1"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=mc_config())
