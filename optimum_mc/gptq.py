@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 
 from .errors import CalibrationError, MCConfigError, ShapeError
-from .group_quant import check_finite, check_group_size, dequantize_codes, group_qparams, quantize_codes
+from .group_quant import (
+    check_finite,
+    check_group_size,
+    check_zero_point,
+    dequantize_codes,
+    group_qparams,
+    quantize_codes,
+)
 from .packing import check_bits
 
 QuantResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8 (out,in), scales/zeros fp16 (out,G)
@@ -97,13 +104,14 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    zero_point: str = "float",
 ) -> QuantResult:
     """Quantize ``weight (out, in)`` with GPTQ given ``hessian (in, in)``.
 
     Returns uint8 codes ``(out, in)`` and fp16 per-group scales / zeros ``(out, in // group_size)``, on the
     weight's device. ``group_size=-1`` means one group per row.
     """
-    return gptq_quantize_multi(weight, hessian, [bits], group_size, damp_percent, block_size, act_order)[0]
+    return gptq_quantize_multi(weight, hessian, [bits], group_size, damp_percent, block_size, act_order, zero_point)[0]
 
 
 def gptq_quantize_multi(
@@ -114,6 +122,7 @@ def gptq_quantize_multi(
     damp_percent: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    zero_point: str = "float",
 ) -> list[QuantResult]:
     """GPTQ of one matrix at several bit-widths in one column loop; each result equals a separate run."""
     if weight.dim() != 2:
@@ -125,6 +134,7 @@ def gptq_quantize_multi(
     for b in bits:
         check_bits(b)
     _check_options(damp_percent, block_size)
+    check_zero_point(zero_point)
     check_finite(weight)
     if not torch.isfinite(hessian).all():
         raise CalibrationError("the Hessian contains NaN/Inf; the calibration activations are not finite.")
@@ -144,7 +154,7 @@ def gptq_quantize_multi(
     maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32, device=dev).view(nb, 1)
     if act_order:
         for k, b in enumerate(bits):  # static groups, from the original-order weights
-            scales[k], zeros[k] = group_qparams(w0.reshape(out_f, groups, g), b)
+            scales[k], zeros[k] = group_qparams(w0.reshape(out_f, groups, g), b, zero_point)
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w0, h = w0[:, perm], h[perm][:, perm]
         col_group = (perm // g).tolist()
@@ -166,7 +176,7 @@ def gptq_quantize_multi(
             if perm is None and col % g == 0:
                 cur = _current_group(w, wb, err, hinv, b0, b1, col, g)
                 for k, b in enumerate(bits):
-                    scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b)
+                    scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b, zero_point)
             s, z = scales[:, :, grp], zeros[:, :, grp]  # (nb, out)
             q = torch.minimum(torch.round(wb[:, :, j] / s + z).clamp_min(0), maxq)
             codes[:, :, col] = q.to(torch.uint8)
@@ -194,7 +204,12 @@ def _current_group(
 
 
 def calibration_free_quantize(
-    weight: torch.Tensor, bits: int, group_size: int, grid: int = 20, refine_steps: int = 8
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    grid: int = 20,
+    refine_steps: int = 8,
+    zero_point: str = "float",
 ) -> QuantResult:
     """Quantization without calibration data: per-group weight-MSE minimization of the grid.
 
@@ -204,7 +219,8 @@ def calibration_free_quantize(
     (scale, offset) to the group's weights by least squares, re-round the codes, repeat. At 1 bit only (2) runs,
     starting from MC's binary form; it is then exactly 2-means clustering of the group. Every candidate is
     evaluated on the fp16-rounded grid and a group only ever moves to a lower MSE, so the result is never worse
-    than :func:`~optimum_mc.group_quant.rtn_quantize`.
+    than :func:`~optimum_mc.group_quant.rtn_quantize`. ``zero_point="int"`` keeps every candidate's zero an
+    integer code (b >= 2).
     """
     if weight.dim() != 2:
         raise ShapeError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}.")
@@ -214,7 +230,8 @@ def calibration_free_quantize(
     check_finite(weight)
     wg = weight.detach().float().reshape(out_f, in_f // g, g)
 
-    best_s, best_z = group_qparams(wg, bits)  # round-to-nearest: the starting point
+    check_zero_point(zero_point)
+    best_s, best_z = group_qparams(wg, bits, zero_point)  # round-to-nearest: the starting point
     best_err = _group_sse(wg, best_s, best_z, bits)
 
     def consider(s: torch.Tensor, z: torch.Tensor) -> None:
@@ -231,9 +248,10 @@ def calibration_free_quantize(
         mid = (lo + hi) / 2
         for i in range(1, grid + 1):
             ratio = 1.0 - 0.5 * i / grid
-            consider(*group_qparams(torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1), bits))
+            clipped = torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1)
+            consider(*group_qparams(clipped, bits, zero_point))
     for _ in range(refine_steps):
-        consider(*_affine_refit(wg, best_s, best_z, bits))
+        consider(*_affine_refit(wg, best_s, best_z, bits, zero_point))
     codes = quantize_codes(wg, best_s, best_z, bits).reshape(out_f, in_f)
     return codes, best_s.half(), best_z.half()
 
@@ -243,8 +261,11 @@ def _group_sse(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) ->
     return (dequantize_codes(q, s, z) - wg).pow(2).sum(-1)
 
 
-def _affine_refit(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares ``w ~ a * q + c`` per group for the current codes ``q``; as fp16-exact ``(scale, zero)``."""
+def _affine_refit(
+    wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, zero_point: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares ``w ~ a * q + c`` per group for the current codes ``q``; as fp16-exact ``(scale, zero)``
+    (an integer code zero for ``zero_point="int"`` at b >= 2)."""
     q = quantize_codes(wg, s, z, bits).float()
     qm, wm = q.mean(-1, keepdim=True), wg.mean(-1, keepdim=True)
     var = (q - qm).pow(2).mean(-1)
@@ -253,5 +274,8 @@ def _affine_refit(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int)
     c = wm[..., 0] - a * qm[..., 0]
     usable = (var > 0) & (a > _FP16_TINY)
     scale = torch.where(usable, a, s).half().float()
-    zero = torch.where(usable, -c / scale.clamp_min(_FP16_TINY), z).half().float()
+    zero = -c / scale.clamp_min(_FP16_TINY)
+    if zero_point == "int" and bits > 1:
+        zero = torch.round(zero).clamp(0, (1 << bits) - 1)
+    zero = torch.where(usable, zero, z).half().float()
     return scale, zero

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import ExpertFactors, allocate_bits, check_feasible, format_allocation_table
+from .allocation import ExpertFactors, SolveReport, allocate_bits, check_feasible, format_allocation_table
 from .architectures import MoEArchitecture, MoEBlock, layer_module_names, moe_blocks, require_moe, set_submodule
 from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches
-from .calibration.factors import ExpertQuant, GPTQOptions, expert_forward, expert_loss, quantize_expert
+from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
 from .calibration.sequential import LayerBatch, capture_layer_inputs, iterate_layers, run_layer
 from .config import MCConfig
 from .errors import CalibrationError
@@ -76,6 +76,7 @@ def _gptq_opts(config: MCConfig) -> GPTQOptions:
         block_size=config.block_size,
         act_order=config.act_order,
         min_tokens=config.min_expert_tokens,
+        zero_point=config.zero_point,
     )
 
 
@@ -91,6 +92,7 @@ class _Run:
         self.factors: dict[int, LayerFactors] = {}
         self.bits: dict[int, list[int]] = {}
         self.linear_bits: dict[str, int] = {}
+        self.solve_reports: list[SolveReport] = []
         self.progress = config.show_progress
 
     # -- one layer ---------------------------------------------------------------------------------------------
@@ -100,7 +102,8 @@ class _Run:
         for name, m in lin.items():
             check_finite(m.weight, f"layer {idx} {name}.weight")
         lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {})
-        routing = RoutingCapture(self.arch, block.router, block.experts) if block is not None else None
+        keep_all = self.config.expert_hessian == "router-weighted"
+        routing = RoutingCapture(self.arch, block.router, block.experts, keep_all) if block is not None else None
         try:
             float_out = run_layer(layer, batches)
         finally:
@@ -111,25 +114,37 @@ class _Run:
 
     def expert_candidates(self, idx: int, routing: RoutingCapture, bits_to_try: list[list[int]], need_loss: bool):
         """Quantize each expert at each requested bit-width; return candidates and losses (E, C)."""
-        block = self.blocks[idx]
-        experts = block.experts
-        cb = self.config.candidate_bits
+        cfg = self.config
+        experts = self.blocks[idx].experts
+        cb = cfg.candidate_bits
         e_total = routing.num_experts
         cands: list[dict[int, ExpertQuant]] = [{} for _ in range(e_total)]
         loss = torch.zeros(e_total, len(cb), dtype=torch.float64)
+        method = "hessian" if cfg.allocation == "hessian" else cfg.loss_method
         for e in tqdm(range(e_total), desc=f"layer {idx} experts", leave=False, disable=not self.progress):
             w_gu, w_dn = experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
             check_finite(w_gu, f"layer {idx} expert {e} gate_up_proj")
             check_finite(w_dn, f"layer {idx} expert {e} down_proj")
-            x, r = routing.experts[e].cat(routing.hidden_dim)
-            cands[e] = quantize_expert(w_gu, w_dn, x, experts.act_fn, bits_to_try[e], self.opts)
+            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, bits_to_try[e])
             if need_loss:
-                ref = expert_forward(x, w_gu, w_dn, experts.act_fn)
-                for b, q in cands[e].items():
-                    loss[e, cb.index(b)] = expert_loss(
-                        x, r, ref, q, experts.act_fn, self.config.group_size, routing.output_energy
-                    )
+                x, r = routing.experts[e].cat(routing.hidden_dim)
+                loss[e] = torch.tensor(
+                    expert_losses(
+                        method, x, r, w_gu, w_dn, experts.act_fn, cb, self.opts, routing.output_energy,
+                        routing.tokens, cfg.heldout_fraction, seed=cfg.seed + 1009 * idx + e, candidates=cands[e],
+                    ),
+                    dtype=torch.float64,
+                )
         return cands, loss
+
+    def quantize_one(self, routing: RoutingCapture, e: int, w_gu, w_dn, act_fn, bits: list[int]) -> dict:
+        """GPTQ of expert ``e`` at ``bits`` from its routed tokens, or (``expert_hessian="router-weighted"``) from
+        every token weighted by its router probability."""
+        if self.config.expert_hessian == "router-weighted":
+            x, p = routing.router_weighted(e)
+            return quantize_expert(w_gu, w_dn, x, act_fn, bits, self.opts, token_weights=p)
+        x, _ = routing.experts[e].cat(routing.hidden_dim)
+        return quantize_expert(w_gu, w_dn, x, act_fn, bits, self.opts)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands) -> LayerFactors:
         if routing.tokens == 0:
@@ -164,6 +179,7 @@ class _Run:
                 damp_percent=self.config.damp_percent,
                 block_size=self.config.block_size,
                 act_order=self.config.act_order,
+                zero_point=self.config.zero_point,
             )
             bias = m.bias.detach() if m.bias is not None else None
             new = QuantLinear.from_codes(codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype)
@@ -191,14 +207,17 @@ class _Run:
 
     # -- passes ------------------------------------------------------------------------------------------------
     def bits_to_try(self, idx: int, num_experts: int, known: list[int] | None) -> tuple[list[list[int]], bool]:
+        """Widths to GPTQ before allocation, and whether losses are needed. Only ``loss_method="insample"`` needs
+        GPTQ at every candidate width; otherwise GPTQ runs after allocation at the chosen width only."""
         cfg = self.config
         if known is not None:
-            return [[b] for b in known], False
+            return [[] for _ in known], False
         if cfg.is_uniform:
             return [list(cfg.candidate_bits) for _ in range(num_experts)], False
-        if cfg.allocation in ("layer", "global"):
+        if cfg.allocation in ("layer", "global") and cfg.loss_method == "insample":
             return [list(cfg.candidate_bits) for _ in range(num_experts)], True
-        return [[] for _ in range(num_experts)], False  # random / frequency: bits first, then quantize
+        need_loss = cfg.allocation in ("layer", "global", "hessian")
+        return [[] for _ in range(num_experts)], need_loss
 
     def allocate_layer(self, idx: int, lf: LayerFactors) -> list[int]:
         cfg = self.config
@@ -215,6 +234,9 @@ class _Run:
             cfg.gamma,
             constraints=cfg.allocation_constraints,
             seed=cfg.seed + idx,
+            solver=cfg.allocation_solver,
+            time_limit=cfg.allocation_time_limit,
+            report=self.solve_reports,
         )[0]
 
     def sequential_pass(self, batches: list[LayerBatch], known: dict[int, list[int]] | None, quantize: bool) -> None:
@@ -234,13 +256,9 @@ class _Run:
                     bits = kb if kb is not None else self.allocate_layer(idx, self.factors[idx])
                     experts = self.blocks[idx].experts
                     for e, b in enumerate(bits):
-                        if b not in cands[e]:  # random / frequency allocations quantize only what they chose
-                            x, _ = routing.experts[e].cat(routing.hidden_dim)
-                            cands[e].update(
-                                quantize_expert(
-                                    experts.gate_up_proj[e], experts.down_proj[e], x, experts.act_fn, [b], self.opts
-                                )
-                            )
+                        if b not in cands[e]:  # GPTQ at the allocated width only
+                            w_gu, w_dn = experts.gate_up_proj[e].detach(), experts.down_proj[e].detach()
+                            cands[e].update(self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, [b]))
                     self.factors[idx].methods = [cands[e][b].method for e, b in enumerate(bits)]
                     self.bits[idx] = bits
                     self.replace_experts(idx, bits, cands)
@@ -310,6 +328,9 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None) -> dict:
             config.gamma,
             constraints=config.allocation_constraints,
             seed=config.seed,
+            solver=config.allocation_solver,
+            time_limit=config.allocation_time_limit,
+            report=run.solve_reports,
         )
         known = dict(zip(run.moe_layers, solved))
     run.sequential_pass(capture_layer_inputs(model, input_ids, CALIBRATION_BATCH_SIZE), known, quantize=True)
@@ -321,4 +342,8 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None) -> dict:
     logger.info(
         "MC bit allocation:\n%s", format_allocation_table(config.expert_bits, config.moe_layers, config.candidate_bits)
     )
-    return {"seconds": time.perf_counter() - t0, "calibration_tokens": int(input_ids.numel())}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "calibration_tokens": int(input_ids.numel()),
+        "allocation": [vars(r) for r in run.solve_reports],
+    }

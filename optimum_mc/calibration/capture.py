@@ -63,8 +63,11 @@ class ExpertTokens:
 class RoutingCapture(_Hooks):
     """Record routing statistics and per-expert routed tokens of one MoE block."""
 
-    def __init__(self, arch: MoEArchitecture, router: nn.Module, experts: nn.Module) -> None:
+    def __init__(self, arch: MoEArchitecture, router: nn.Module, experts: nn.Module, keep_all: bool = False) -> None:
         self.arch = arch
+        self.keep_all = keep_all  # also keep every token's input and router probabilities (router-weighted GPTQ)
+        self.all_inputs: list[torch.Tensor] = []
+        self.all_probs: list[torch.Tensor] = []
         self.num_experts = int(experts.num_experts)
         self.hidden_dim = int(experts.hidden_dim)
         e = self.num_experts
@@ -83,6 +86,8 @@ class RoutingCapture(_Hooks):
     def _router_hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
         logits, weights, index = output[0], output[1], output[2]
         probs = router_probabilities(self.arch, logits.reshape(-1, logits.shape[-1]).detach())
+        if self.keep_all:
+            self.all_probs.append(probs.float().cpu())
         index = index.reshape(-1, index.shape[-1])
         self.tokens += index.shape[0]
         selected = probs.gather(1, index).double().cpu()
@@ -98,6 +103,8 @@ class RoutingCapture(_Hooks):
     def _experts_hook(self, module: nn.Module, args: tuple) -> None:
         hidden, index, weights = args[0], args[1], args[2]
         hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu()
+        if self.keep_all:
+            self.all_inputs.append(hidden)
         index = index.detach().cpu()
         weights = weights.detach().float().cpu()
         for e in torch.unique(index).tolist():
@@ -109,3 +116,8 @@ class RoutingCapture(_Hooks):
 
     def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.output_energy += output.detach().float().pow(2).sum().item()
+
+    def router_weighted(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every calibration token's input ``(N, H)`` and its router probability for ``expert`` ``(N,)``
+        (needs ``keep_all=True``)."""
+        return torch.cat(self.all_inputs), torch.cat(self.all_probs)[:, expert]
