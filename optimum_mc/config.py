@@ -20,7 +20,15 @@ NONEXPERT_METHODS = ("gptq", "bnb_nf4")
 EXPERT_BITS = (1, 2, 3, 4)
 
 # Results of quantization written into config.json; users do not set them.
-_RESULT_FIELDS = ("moe_layers", "expert_bits", "expert_factors", "linear_bits", "odp_thresholds", "odp_layer_scores")
+_RESULT_FIELDS = (
+    "moe_layers",
+    "expert_bits",
+    "expert_factors",
+    "linear_bits",
+    "odp_thresholds",
+    "odp_layer_scores",
+    "tuned_exponents",
+)
 
 
 def _err(msg: str) -> MCConfigError:
@@ -44,7 +52,11 @@ class MCConfig(QuantizationConfigMixin):
         loss_method: how eps is measured: ``"rtn"`` (round-to-nearest, the authors' method; GPTQ then runs once
             per expert), ``"heldout"`` (GPTQ on a split of the routed tokens, measured on the rest) or
             ``"insample"`` (GPTQ and measurement on the same tokens).
-        heldout_fraction: share of each expert's routed tokens held out for ``loss_method="heldout"``.
+        heldout_fraction: share of each expert's routed tokens held out for ``loss_method="heldout"`` (and of the
+            calibration tokens held out for ``tune_exponents``).
+        tune_exponents: per MoE layer, pick (alpha, beta, gamma) from a small grid by the measured block-output
+            error of the resulting allocation on held-out calibration tokens (``allocation="layer"`` only); the
+            choice is stored in ``tuned_exponents``.
         allocation_solver: ``"cp-sat"`` (OR-Tools, hinted with the exact DP optimum; the solver of record) or
             ``"dp"`` (the exact dynamic program alone).
         allocation_time_limit: seconds CP-SAT may take per program (a stop before proof is logged).
@@ -88,6 +100,7 @@ class MCConfig(QuantizationConfigMixin):
         gamma: float = 1.0,
         loss_method: str = "rtn",
         heldout_fraction: float = 0.25,
+        tune_exponents: bool = False,
         allocation_solver: str = "cp-sat",
         allocation_time_limit: float = 60.0,
         allocation_constraints: bool = True,
@@ -120,6 +133,7 @@ class MCConfig(QuantizationConfigMixin):
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.loss_method = loss_method
         self.heldout_fraction = heldout_fraction
+        self.tune_exponents = tune_exponents
         self.allocation_solver = allocation_solver
         self.allocation_time_limit = allocation_time_limit
         self.allocation_constraints = allocation_constraints
@@ -221,6 +235,10 @@ class MCConfig(QuantizationConfigMixin):
         f = self.heldout_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
             raise _err(f"heldout_fraction must lie in (0, 1), got {f!r}.")
+        if not isinstance(self.tune_exponents, bool):
+            raise _err(f"tune_exponents must be True or False, got {self.tune_exponents!r}.")
+        if self.tune_exponents and self.allocation != "layer":
+            raise _err(f"tune_exponents=True needs allocation='layer', got allocation={self.allocation!r}.")
         t = self.allocation_time_limit
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise _err(f"allocation_time_limit must be a positive number of seconds, got {t!r}.")

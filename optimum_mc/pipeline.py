@@ -24,6 +24,7 @@ from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
 from .calibration.sequential import LayerBatch, capture_layer_inputs, iterate_layers, run_layer
+from .calibration.tuning import tune_layer
 from .config import MCConfig
 from .errors import CalibrationError
 from .gptq import gptq_quantize
@@ -93,6 +94,7 @@ class _Run:
         self.bits: dict[int, list[int]] = {}
         self.linear_bits: dict[str, int] = {}
         self.solve_reports: list[SolveReport] = []
+        self.tuned: dict[int, list[float]] = {}
         self.progress = config.show_progress
 
     # -- one layer ---------------------------------------------------------------------------------------------
@@ -219,19 +221,21 @@ class _Run:
         need_loss = cfg.allocation in ("layer", "global", "hessian")
         return [[] for _ in range(num_experts)], need_loss
 
-    def allocate_layer(self, idx: int, lf: LayerFactors) -> list[int]:
+    def allocate_layer(self, idx: int, lf: LayerFactors, routing: RoutingCapture | None = None) -> list[int]:
         cfg = self.config
         e = lf.factors.frequency.numel()
         if cfg.is_uniform:
             return [cfg.candidate_bits[0]] * e
+        exponents = (cfg.alpha, cfg.beta, cfg.gamma)
+        if cfg.tune_exponents and cfg.allocation == "layer" and routing is not None:
+            exponents = tune_layer(routing, self.blocks[idx].experts, lf.factors, cfg, cfg.seed + 7919 * idx)
+            self.tuned[idx] = list(exponents)
         return allocate_bits(
             [lf.factors],
             cfg.candidate_bits,
             cfg.bits,
             cfg.allocation,
-            cfg.alpha,
-            cfg.beta,
-            cfg.gamma,
+            *exponents,
             constraints=cfg.allocation_constraints,
             seed=cfg.seed + idx,
             solver=cfg.allocation_solver,
@@ -253,7 +257,7 @@ class _Run:
                 if not quantize or idx not in self.factors:
                     self.factors[idx] = lf
                 if quantize:
-                    bits = kb if kb is not None else self.allocate_layer(idx, self.factors[idx])
+                    bits = kb if kb is not None else self.allocate_layer(idx, self.factors[idx], routing)
                     experts = self.blocks[idx].experts
                     for e, b in enumerate(bits):
                         if b not in cands[e]:  # GPTQ at the allocated width only
@@ -274,6 +278,7 @@ class _Run:
         cfg.moe_layers = list(self.moe_layers)
         cfg.expert_bits = [list(map(int, self.bits[i])) for i in self.moe_layers]
         cfg.linear_bits = dict(sorted(self.linear_bits.items()))
+        cfg.tuned_exponents = [self.tuned[i] for i in self.moe_layers] if self.tuned else None
         cfg.expert_factors = [
             {
                 "frequency": [round(float(v), 6) for v in self.factors[i].factors.frequency],

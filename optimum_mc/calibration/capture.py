@@ -53,6 +53,10 @@ class ExpertTokens:
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
+    token_ids: list[torch.Tensor] = field(default_factory=list)  # position among all tokens the block saw
+
+    def ids(self) -> torch.Tensor:
+        return torch.cat(self.token_ids) if self.token_ids else torch.zeros(0, dtype=torch.long)
 
     def cat(self, hidden_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.inputs:
@@ -77,6 +81,7 @@ class RoutingCapture(_Hooks):
         self.ratios: list[torch.Tensor] = []  # routing weight of slots 2..k divided by the top-1 weight
         self.experts = [ExpertTokens() for _ in range(e)]
         self.output_energy = 0.0  # sum over tokens of ||experts output||^2 (the routed part of the block output)
+        self.seen = 0  # tokens the experts module has received so far
         self._handles = [
             router.register_forward_hook(self._router_hook),
             experts.register_forward_pre_hook(self._experts_hook),
@@ -113,6 +118,8 @@ class RoutingCapture(_Hooks):
             tok, slot = torch.where(index == e)
             self.experts[e].inputs.append(hidden[tok])
             self.experts[e].weights.append(weights[tok, slot])
+            self.experts[e].token_ids.append(tok + self.seen)
+        self.seen += hidden.shape[0]
 
     def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.output_energy += output.detach().float().pow(2).sum().item()
