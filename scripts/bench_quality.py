@@ -38,6 +38,7 @@ VARIANT_OPTIONS = {
     "mcsq": {"loss_method": "insample", "gamma": 2.0},  # the previous objective: in-sample eps, squared again
     "mcint": {"zero_point": "int"},
     "mcrw": {"expert_hessian": "router-weighted"},
+    "mctune": {"tune_exponents": True},
     "mcnf4": {"nonexpert_method": "bnb_nf4"},
 }
 
