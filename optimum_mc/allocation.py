@@ -297,9 +297,15 @@ class SolveReport:
 
 
 def _cpsat(
-    costs: list[np.ndarray], cb: list[int], total: int, constraints: bool, hint: list[list[int]], time_limit: float
-) -> tuple[list[list[int]], str]:
-    """CP-SAT on integer-scaled costs, hinted with ``hint``; returns its best allocation and status name."""
+    costs: list[np.ndarray],
+    cb: list[int],
+    total: int,
+    constraints: bool,
+    hint: list[list[int]] | None,
+    time_limit: float,
+) -> tuple[list[list[int]] | None, str]:
+    """CP-SAT on integer-scaled costs, hinted with ``hint`` (if any); returns its best allocation (``hint`` when it
+    found none) and status name."""
     from ortools.sat.python import cp_model
 
     shifted = [c - c.min(axis=1, keepdims=True) for c in costs]
@@ -318,7 +324,8 @@ def _cpsat(
             model.add_exactly_one(row)
             rows.append(row)
             for j, b in enumerate(cb):
-                model.add_hint(row[j], hint[li][e] == b)
+                if hint is not None:
+                    model.add_hint(row[j], hint[li][e] == b)
                 bit_vars.append(row[j])
                 bit_coefs.append(b)
                 if ic[e, j]:
@@ -370,10 +377,14 @@ def _solve(
                 time.perf_counter() - t0,
             )
     if report is not None:
-        objective = float(sum(c[np.arange(len(b)), [cb.index(x) for x in b]].sum() for c, b in zip(costs, bits)))
         n = sum(c.shape[0] for c in costs)
-        report.append(SolveReport(solver, status, time.perf_counter() - t0, objective, n))
+        report.append(SolveReport(solver, status, time.perf_counter() - t0, _objective(costs, cb, bits), n))
     return bits
+
+
+def _objective(costs: list[np.ndarray], cb: list[int], bits: list[list[int]]) -> float:
+    """Total cost of an allocation under the cost matrices ``costs``."""
+    return float(sum(c[np.arange(len(b)), [cb.index(x) for x in b]].sum() for c, b in zip(costs, bits)))
 
 
 def _random(num_experts: int, candidate_bits: list[int], total: int, constraints: bool, seed: int) -> list[int]:
