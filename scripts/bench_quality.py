@@ -120,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.model):
         print(f"error: model folder {args.model} not found", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from transformers import AutoTokenizer
 
     from optimum_mc.evaluation import perplexity, token_windows
