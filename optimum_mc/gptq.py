@@ -279,3 +279,118 @@ def _affine_refit(
         zero = torch.round(zero).clamp(0, (1 << bits) - 1)
     zero = torch.where(usable, zero, z).half().float()
     return scale, zero
+
+
+def gptq_quantize_batched(
+    weights: torch.Tensor,
+    hessians: torch.Tensor,
+    bits: list[int],
+    group_size: int,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    zero_point: str = "float",
+) -> list[QuantResult]:
+    """GPTQ of ``E`` same-shape matrices (e.g. one projection of every expert) at one width each, in one column loop.
+
+    ``weights (E, out, in)``, ``hessians (E, in, in)``, ``bits`` one width per matrix. Each result is identical
+    (``torch.equal``) to ``gptq_quantize(weights[e], hessians[e], bits[e], ...)``: the per-column work runs on all
+    matrices at once, while the operations whose rounding could depend on batching (Cholesky, the lazy-batch
+    matrix products, the grids) run per matrix, exactly as there.
+    """
+    if weights.dim() != 3 or hessians.dim() != 3:
+        raise ShapeError(
+            f"weights / hessians must be (E, out, in) / (E, in, in), got {tuple(weights.shape)} and "
+            f"{tuple(hessians.shape)}."
+        )
+    num, out_f, in_f = weights.shape
+    if hessians.shape != (num, in_f, in_f) or len(bits) != num:
+        raise ShapeError(
+            f"hessians {tuple(hessians.shape)} and {len(bits)} bit-widths do not match weights {tuple(weights.shape)}."
+        )
+    g = check_group_size(in_f, group_size)
+    for b in bits:
+        check_bits(b)
+    _check_options(damp_percent, block_size)
+    check_zero_point(zero_point)
+    check_finite(weights)
+    if not torch.isfinite(hessians).all():
+        raise CalibrationError("a Hessian contains NaN/Inf; the calibration activations are not finite.")
+    if num == 0:
+        return []
+    w0, h, dead = _prepare_batch(weights, hessians)
+    groups = in_f // g
+    dev = w0.device
+    scales = torch.zeros(num, out_f, groups, device=dev)
+    zeros = torch.zeros(num, out_f, groups, device=dev)
+    maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32, device=dev).view(num, 1)
+    perms = None
+    if act_order:
+        for e, b in enumerate(bits):
+            scales[e], zeros[e] = group_qparams(w0[e].reshape(out_f, groups, g), b, zero_point)
+        perms = torch.stack([torch.argsort(torch.diag(h[e]), descending=True, stable=True) for e in range(num)])
+        w0 = torch.stack([w0[e][:, perms[e]] for e in range(num)])
+        h = torch.stack([h[e][perms[e]][:, perms[e]] for e in range(num)])
+    hinv = torch.stack([_inverse_cholesky(h[e], damp_percent) for e in range(num)])
+    codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point)
+    if perms is not None:
+        codes = torch.stack([codes[e][:, torch.argsort(perms[e])] for e in range(num)])
+    return [(codes[e], scales[e].half(), zeros[e].half()) for e in range(num)]
+
+
+def _prepare_batch(weights: torch.Tensor, hessians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 copies with dead columns (zero Hessian diagonal) handled as in :func:`gptq_quantize_multi`."""
+    w0 = weights.detach().to(torch.float32).clone()
+    h = hessians.detach().to(weights.device, torch.float32).clone()
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diag == 0
+    diag[dead] = 1.0
+    w0.masked_fill_(dead.unsqueeze(1), 0.0)
+    return w0, h, dead
+
+
+def _batched_columns(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    bits: list[int],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    maxq: torch.Tensor,
+    g: int,
+    block_size: int,
+    perms: torch.Tensor | None,
+    zero_point: str,
+) -> torch.Tensor:
+    """The GPTQ column loop over ``(E, out, in)`` weights (processing order); fills scales / zeros for dynamic
+    groups; returns codes in processing order."""
+    num, out_f, in_f = w.shape
+    rows = torch.arange(num, device=w.device)
+    col_group = None if perms is None else perms // g
+    codes = torch.zeros(num, out_f, in_f, dtype=torch.uint8, device=w.device)
+    for b0 in range(0, in_f, block_size):
+        b1 = min(b0 + block_size, in_f)
+        wb = w[:, :, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        hb = hinv[:, b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col_group is None:
+                grp = col // g
+                if col % g == 0:
+                    for e in range(num):
+                        cur = _current_group(w[e : e + 1], wb[e : e + 1], err[e : e + 1], hinv[e], b0, b1, col, g)
+                        scales[e, :, grp], zeros[e, :, grp] = group_qparams(cur[0], bits[e], zero_point)
+                s, z = scales[:, :, grp], zeros[:, :, grp]
+            else:
+                grp = col_group[:, col]
+                s, z = scales[rows, :, grp], zeros[rows, :, grp]
+            q = torch.minimum(torch.round(wb[:, :, j] / s + z).clamp_min(0), maxq)
+            codes[:, :, col] = q.to(torch.uint8)
+            d = hb[:, j, j].unsqueeze(1)
+            e_col = (wb[:, :, j] - (q - z) * s) / d
+            wb[:, :, j:] -= e_col.unsqueeze(2) * hb[:, j, j:].unsqueeze(1)
+            err[:, :, j] = e_col
+        for e in range(num):
+            w[e : e + 1, :, b1:] -= err[e : e + 1] @ hinv[e, b0:b1, b1:]
+        w[:, :, b0:b1] = wb
+    return codes
