@@ -17,24 +17,37 @@ candidate widths (and constraints) can reach without exceeding ``floor(target * 
 exactly the target whenever it is reachable and no bits are left unused when an extra bit would not lower the
 measured loss.
 
-Solver. OR-Tools CP-SAT, single worker and fixed seed (deterministic), proven optimal. Costs are made integral:
-each expert's row is shifted by its minimum (a per-expert constant, so the argmin is unchanged) and scaled so the
-largest shifted cost is about 1e12 (costs below 1e-12 of it become ties). CP-SAT's presolve is disabled: it turns
-this multiple-choice knapsack into a form whose LP bound is weak, and proofs then take minutes instead of
-milliseconds.
+Solvers. The program is a multiple-choice knapsack (plus the required-width constraints). ``solve_dp`` solves it
+exactly by dynamic programming: per layer over (experts, exact bit total, which required widths are used yet),
+then a min-plus convolution over the layers' totals for the global mode; float64 costs, first-found ties; O(E *
+T * C * 4) per layer (milliseconds for 256 experts). OR-Tools CP-SAT is the solver of record
+(``allocation_solver="cp-sat"``, the default): it receives the DP optimum as a hint and proves it (or improves
+it on its integer-scaled costs) with a single worker and fixed seed (deterministic); a stop at the time limit
+before proof is logged and reported (:class:`SolveReport`). Costs are made integral for CP-SAT: each expert's row
+is shifted by its minimum (a per-expert constant, so the argmin is unchanged) and scaled so the largest shifted
+cost is about 1e12 (smaller differences become ties, which the hint resolves). CP-SAT's presolve is disabled: it
+turns this knapsack into a form whose LP bound is weak. ``allocation_solver="dp"`` skips CP-SAT.
 
 Modes. "layer": one program per MoE layer with budget ``floor(target * E_l)``; "global": one program over all
 layers with budget ``floor(target * sum_l E_l)`` and the constraints still per layer. Baselines at the per-layer
 budget: "random" — experts visited in a seeded random order, each takes a uniformly random width among those that
 keep the exact total and the constraints reachable; "frequency" — the same program with ``w`` dropped and the
 loss replaced by ``2^-b``, i.e. cost ``phi_e * 2^-b``: a more frequent expert never gets fewer bits than a less
-frequent one (swapping their widths would lower the cost), and nothing but frequency matters.
+frequent one (swapping their widths would lower the cost), and nothing but frequency matters; "hessian" — the
+paper's Hessian-based competitor (HAWQ-style): the cost is ``loss`` itself, which the pipeline fills with the
+Hessian-trace importance ``tr(H) / n * ||W - Q_b(W)||^2`` summed over the expert's matrices
+(:func:`~optimum_mc.calibration.factors.hessian_trace_loss`).
+
+Exponents. The paper's cost is ``phi * w^1.5 * eps`` with ``eps`` an un-squared Frobenius norm, i.e. alpha=1,
+beta=1.5, gamma=1 (the defaults; with them, the authors' released factor files give their released allocations).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +55,10 @@ import torch
 
 from .errors import CalibrationError, MCConfigError, ShapeError
 
-MODES = ("layer", "global", "random", "frequency")
+logger = logging.getLogger(__name__)
+
+MODES = ("layer", "global", "random", "frequency", "hessian")
+SOLVERS = ("cp-sat", "dp")
 _COST_RESOLUTION = 1e12  # integer units of the largest (shifted) cost in one program
 _INT_LIMIT = 2**60  # the sum of all integer costs stays below this
 
@@ -176,7 +192,7 @@ def allocation_cost(
     candidate_bits: list[int],
     alpha: float = 1.0,
     beta: float = 1.5,
-    gamma: float = 2.0,
+    gamma: float = 1.0,
 ) -> float:
     """The objective value of an allocation."""
     cb = sorted(candidate_bits)
@@ -187,12 +203,111 @@ def allocation_cost(
     return total
 
 
+# ---------------------------------------------------------------------------------------------------- exact DP
+def _required_flags(cb: list[int], constraints: bool) -> list[int]:
+    """Per candidate index, the bit of the required-width mask it sets (0 for widths that are not required)."""
+    req = required_bits(cb, constraints)
+    return [(1 << req.index(b)) if b in req else 0 for b in cb], len(req)
+
+
+def _layer_table(costs: np.ndarray, cb: list[int], cap: int, constraints: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Exact multiple-choice-knapsack DP of one layer over (experts, total bits, required-width flags).
+
+    Returns ``best (cap + 1,)``: the minimum cost of the layer with exactly ``t`` bits and every required width
+    used (``inf`` where impossible), and ``choice (E, masks, cap + 1)`` for :func:`_layer_backtrack`.
+    """
+    flags, num_req = _required_flags(cb, constraints)
+    masks = 1 << num_req
+    num_e = costs.shape[0]
+    dp = np.full((masks, cap + 1), np.inf)
+    dp[0, 0] = 0.0
+    choice = np.zeros((num_e, masks, cap + 1), dtype=np.int16)
+    for e in range(num_e):
+        new = np.full_like(dp, np.inf)
+        for j, b in enumerate(cb):
+            if b > cap:
+                continue
+            for m in range(masks):
+                cand = dp[m, : cap + 1 - b] + costs[e, j]
+                m2 = m | flags[j]
+                better = cand < new[m2, b:]
+                new[m2, b:][better] = cand[better]
+                choice[e, m2, b:][better] = j * masks + m
+        dp = new
+    return dp[masks - 1], choice
+
+
+def _layer_backtrack(choice: np.ndarray, cb: list[int], total: int) -> list[int]:
+    """The widths of the optimal layer allocation with ``total`` bits from :func:`_layer_table`'s choices."""
+    masks = choice.shape[1]
+    m, t = masks - 1, total
+    bits = [0] * choice.shape[0]
+    for e in range(choice.shape[0] - 1, -1, -1):
+        code = int(choice[e, m, t])
+        j, m = divmod(code, masks)
+        bits[e] = cb[j]
+        t -= cb[j]
+    return bits
+
+
+def solve_dp(costs: list[np.ndarray], candidate_bits: list[int], total: int, constraints: bool) -> list[list[int]]:
+    """Exact minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits (summed over layers).
+
+    Each layer's table gives its minimum cost for every exact bit total; the layers are then combined by a
+    min-plus convolution over totals. Costs are compared in float64, ties go to the first choice found.
+    """
+    cb = sorted(candidate_bits)
+    tables = [_layer_table(c, cb, min(total, cb[-1] * c.shape[0]), constraints) for c in costs]
+    acc = np.zeros(1)
+    splits = []
+    for best, _ in tables:
+        width = min(total, len(acc) - 1 + len(best) - 1) + 1
+        new = np.full(width, np.inf)
+        arg = np.zeros(width, dtype=np.int64)
+        for s in np.flatnonzero(np.isfinite(best)):
+            n = min(len(acc), width - s)
+            if n <= 0:
+                continue
+            cand = acc[:n] + best[s]
+            better = cand < new[s : s + n]
+            new[s : s + n][better] = cand[better]
+            arg[s : s + n][better] = s
+        acc = new
+        splits.append(arg)
+    if total >= len(acc) or not np.isfinite(acc[total]):
+        raise MCConfigError(f"no allocation reaches exactly {total} bits with candidate_bits={cb}.")
+    out, t = [], total
+    for (_, choice), arg in zip(reversed(tables), reversed(splits)):
+        s = int(arg[t])
+        out.append(_layer_backtrack(choice, cb, s))
+        t -= s
+    return out[::-1]
+
+
 # ---------------------------------------------------------------------------------------------------- solvers
-def _solve(costs: list[np.ndarray], candidate_bits: list[int], total: int, constraints: bool) -> list[list[int]]:
-    """Exact minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits (CP-SAT)."""
+@dataclass
+class SolveReport:
+    """How one allocation program was solved: solver, status (``OPTIMAL`` when proven), time, objective."""
+
+    solver: str
+    status: str
+    seconds: float
+    objective: float
+    num_experts: int
+
+
+def _cpsat(
+    costs: list[np.ndarray],
+    cb: list[int],
+    total: int,
+    constraints: bool,
+    hint: list[list[int]] | None,
+    time_limit: float,
+) -> tuple[list[list[int]] | None, str]:
+    """CP-SAT on integer-scaled costs, hinted with ``hint`` (if any); returns its best allocation (``hint`` when it
+    found none) and status name."""
     from ortools.sat.python import cp_model
 
-    cb = sorted(candidate_bits)
     shifted = [c - c.min(axis=1, keepdims=True) for c in costs]
     n = sum(c.shape[0] for c in shifted)
     peak = max(float(c.max()) for c in shifted)
@@ -209,6 +324,8 @@ def _solve(costs: list[np.ndarray], candidate_bits: list[int], total: int, const
             model.add_exactly_one(row)
             rows.append(row)
             for j, b in enumerate(cb):
+                if hint is not None:
+                    model.add_hint(row[j], hint[li][e] == b)
                 bit_vars.append(row[j])
                 bit_coefs.append(b)
                 if ic[e, j]:
@@ -223,10 +340,51 @@ def _solve(costs: list[np.ndarray], candidate_bits: list[int], total: int, const
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
     solver.parameters.cp_model_presolve = False
+    solver.parameters.max_time_in_seconds = float(time_limit)
     status = solver.solve(model)
-    if status != cp_model.OPTIMAL:
-        raise MCConfigError(f"the bit-allocation program was not solved ({solver.status_name(status)}).")
-    return [[cb[next(j for j, v in enumerate(row) if solver.boolean_value(v))] for row in rows] for rows in xs]
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return hint, solver.status_name(status)
+    bits = [[cb[next(j for j, v in enumerate(row) if solver.boolean_value(v))] for row in rows] for rows in xs]
+    return bits, solver.status_name(status)
+
+
+def _solve(
+    costs: list[np.ndarray],
+    candidate_bits: list[int],
+    total: int,
+    constraints: bool,
+    solver: str = "cp-sat",
+    time_limit: float = 60.0,
+    report: list[SolveReport] | None = None,
+) -> list[list[int]]:
+    """Minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits.
+
+    ``"dp"``: the exact dynamic program alone. ``"cp-sat"`` (solver of record): OR-Tools CP-SAT, hinted with the
+    DP optimum, proves (or improves) it within ``time_limit`` seconds; a stop before proof is logged as a warning
+    and kept in ``report``.
+    """
+    cb = sorted(candidate_bits)
+    t0 = time.perf_counter()
+    bits = solve_dp(costs, cb, total, constraints)
+    status = "OPTIMAL"
+    if solver == "cp-sat":
+        bits, status = _cpsat(costs, cb, total, constraints, bits, time_limit)
+        if status != "OPTIMAL":
+            logger.warning(
+                "bit allocation: CP-SAT stopped with status %s after %.1fs (allocation_time_limit); using its best "
+                "allocation, which is no worse than the exact dynamic program's on the integer-scaled costs.",
+                status,
+                time.perf_counter() - t0,
+            )
+    if report is not None:
+        n = sum(c.shape[0] for c in costs)
+        report.append(SolveReport(solver, status, time.perf_counter() - t0, _objective(costs, cb, bits), n))
+    return bits
+
+
+def _objective(costs: list[np.ndarray], cb: list[int], bits: list[list[int]]) -> float:
+    """Total cost of an allocation under the cost matrices ``costs``."""
+    return float(sum(c[np.arange(len(b)), [cb.index(x) for x in b]].sum() for c, b in zip(costs, bits)))
 
 
 def _random(num_experts: int, candidate_bits: list[int], total: int, constraints: bool, seed: int) -> list[int]:
@@ -263,13 +421,21 @@ def allocate_bits(
     mode: str = "layer",
     alpha: float = 1.0,
     beta: float = 1.5,
-    gamma: float = 2.0,
+    gamma: float = 1.0,
     constraints: bool = True,
     seed: int = 0,
+    solver: str = "cp-sat",
+    time_limit: float = 60.0,
+    report: list[SolveReport] | None = None,
 ) -> list[list[int]]:
-    """Bits per expert for every layer in ``factors`` (see the module docstring for objective and modes)."""
+    """Bits per expert for every layer in ``factors`` (see the module docstring for objective and modes).
+
+    ``report``, when given, receives one :class:`SolveReport` per program solved.
+    """
     if mode not in MODES:
         raise MCConfigError(f"allocation must be one of {MODES}, got {mode!r}.")
+    if solver not in SOLVERS:
+        raise MCConfigError(f"allocation_solver must be one of {SOLVERS}, got {solver!r}.")
     cb = sorted(candidate_bits)
     if not factors:
         return []
@@ -284,18 +450,22 @@ def allocate_bits(
 
     if mode == "random":
         return [_random(n, cb, per_layer_total(n), constraints, seed + i) for i, n in enumerate(sizes)]
-    if mode == "frequency":
-        synthetic = torch.tensor([2.0**-b for b in cb], dtype=torch.float64)
-        costs = [
-            objective_costs(ExpertFactors(f.frequency, f.weight_mass, synthetic.expand(n, -1)), 1.0, 0.0, 1.0)
-            for f, n in zip(factors, sizes)
-        ]
-    else:
-        costs = [objective_costs(f, alpha, beta, gamma) for f in factors]
+    costs = [_mode_costs(f, cb, mode, alpha, beta, gamma) for f in factors]
+    kw = dict(solver=solver, time_limit=time_limit, report=report)
     if mode == "global":
         total = max_total_bits(sizes, cb, layer_budget(sum(sizes), target_bits), constraints)
-        return _solve(costs, cb, total, constraints)
-    return [_solve([c], cb, per_layer_total(n), constraints)[0] for c, n in zip(costs, sizes)]
+        return _solve(costs, cb, total, constraints, **kw)
+    return [_solve([c], cb, per_layer_total(n), constraints, **kw)[0] for c, n in zip(costs, sizes)]
+
+
+def _mode_costs(f: ExpertFactors, cb: list[int], mode: str, alpha: float, beta: float, gamma: float) -> np.ndarray:
+    """The ``(E, C)`` cost matrix a mode minimizes (see the module docstring)."""
+    if mode == "frequency":
+        synthetic = torch.tensor([2.0**-b for b in cb], dtype=torch.float64).expand(f.num_experts, -1)
+        return objective_costs(ExpertFactors(f.frequency, f.weight_mass, synthetic), 1.0, 0.0, 1.0)
+    if mode == "hessian":
+        return f.loss.detach().cpu().double().clamp_min(0).numpy()
+    return objective_costs(f, alpha, beta, gamma)
 
 
 # ---------------------------------------------------------------------------------------------------- display

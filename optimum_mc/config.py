@@ -12,12 +12,24 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .errors import MCConfigError
 from .packing import SUPPORTED_BITS
 
-ALLOCATION_MODES = ("layer", "global", "random", "frequency")
+ALLOCATION_MODES = ("layer", "global", "random", "frequency", "hessian")
+LOSS_METHODS = ("rtn", "heldout", "insample")
+ALLOCATION_SOLVERS = ("cp-sat", "dp")
+ZERO_POINTS = ("float", "int")
+EXPERT_HESSIANS = ("routed", "router-weighted")
 NONEXPERT_METHODS = ("gptq", "bnb_nf4")
 EXPERT_BITS = (1, 2, 3, 4)
 
 # Results of quantization written into config.json; users do not set them.
-_RESULT_FIELDS = ("moe_layers", "expert_bits", "expert_factors", "linear_bits", "odp_thresholds", "odp_layer_scores")
+_RESULT_FIELDS = (
+    "moe_layers",
+    "expert_bits",
+    "expert_factors",
+    "linear_bits",
+    "odp_thresholds",
+    "odp_layer_scores",
+    "tuned_exponents",
+)
 
 
 def _err(msg: str) -> MCConfigError:
@@ -33,10 +45,22 @@ class MCConfig(QuantizationConfigMixin):
         attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
         group_size: quantization group size along the input dimension (-1: one group per row).
         allocation: ``"layer"`` (the paper: the same budget in every MoE layer), ``"global"`` (one budget over
-            all layers), or the baselines ``"random"`` / ``"frequency"`` (same per-layer budget).
+            all layers), or the baselines ``"random"`` / ``"frequency"`` / ``"hessian"`` (Hessian-trace
+            importance) at the same per-layer budget.
         alpha, beta, gamma: exponents of the allocation objective phi^alpha * w^beta * eps^gamma
-            (activation frequency, routing-weight mass, quantization loss); defaults 1, 1.5, 2 as in the
-            reference implementation.
+            (activation frequency, routing-weight mass, quantization loss, an un-squared norm); defaults 1, 1.5, 1:
+            the paper's cost phi * w^1.5 * eps.
+        loss_method: how eps is measured: ``"rtn"`` (round-to-nearest, the authors' method; GPTQ then runs once
+            per expert), ``"heldout"`` (GPTQ on a split of the routed tokens, measured on the rest) or
+            ``"insample"`` (GPTQ and measurement on the same tokens).
+        heldout_fraction: share of each expert's routed tokens held out for ``loss_method="heldout"`` (and of the
+            calibration tokens held out for ``tune_exponents``).
+        tune_exponents: per MoE layer, pick (alpha, beta, gamma) from a small grid by the measured block-output
+            error of the resulting allocation on held-out calibration tokens (``allocation="layer"`` only); the
+            choice is stored in ``tuned_exponents``.
+        allocation_solver: ``"cp-sat"`` (OR-Tools, hinted with the exact DP optimum; the solver of record) or
+            ``"dp"`` (the exact dynamic program alone).
+        allocation_time_limit: seconds CP-SAT may take per program (a stop before proof is logged).
         allocation_constraints: require at least one expert at the top and one at the middle candidate
             bit-width in every layer (the paper's constraints).
         nonexpert_method: ``"gptq"`` or ``"bnb_nf4"`` (bitsandbytes 4-bit for attention / dense layers).
@@ -46,6 +70,10 @@ class MCConfig(QuantizationConfigMixin):
         act_order: process columns by decreasing Hessian diagonal (groups keep their original columns).
         block_size: columns per lazy-batch update.
         min_expert_tokens: experts routed fewer calibration tokens use calibration-free quantization.
+        zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
+            1-bit keeps its binary form); both are stored in the same fp16 zero tensor.
+        expert_hessian: ``"routed"`` (an expert's GPTQ Hessian from the tokens routed to it) or
+            ``"router-weighted"`` (every calibration token, weighted by the expert's router probability).
     Calibration:
         dataset: ``None``/``"builtin"`` (offline text shipped with the package), a list of strings, a path to a
             text file or folder of .txt files, or a ``datasets`` name.
@@ -78,7 +106,12 @@ class MCConfig(QuantizationConfigMixin):
         allocation: str = "layer",
         alpha: float = 1.0,
         beta: float = 1.5,
-        gamma: float = 2.0,
+        gamma: float = 1.0,
+        loss_method: str = "rtn",
+        heldout_fraction: float = 0.25,
+        tune_exponents: bool = False,
+        allocation_solver: str = "cp-sat",
+        allocation_time_limit: float = 60.0,
         allocation_constraints: bool = True,
         nonexpert_method: str = "gptq",
         modules_to_not_convert: list[str] | None = None,
@@ -86,6 +119,8 @@ class MCConfig(QuantizationConfigMixin):
         act_order: bool = True,
         block_size: int = 128,
         min_expert_tokens: int = 16,
+        zero_point: str = "float",
+        expert_hessian: str = "routed",
         dataset: str | list[str] | None = None,
         tokenizer: Any = None,
         num_samples: int = 128,
@@ -108,6 +143,11 @@ class MCConfig(QuantizationConfigMixin):
         self.group_size = group_size
         self.allocation = allocation
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.loss_method = loss_method
+        self.heldout_fraction = heldout_fraction
+        self.tune_exponents = tune_exponents
+        self.allocation_solver = allocation_solver
+        self.allocation_time_limit = allocation_time_limit
         self.allocation_constraints = allocation_constraints
         self.nonexpert_method = nonexpert_method
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
@@ -115,6 +155,8 @@ class MCConfig(QuantizationConfigMixin):
         self.act_order = act_order
         self.block_size = block_size
         self.min_expert_tokens = min_expert_tokens
+        self.zero_point = zero_point
+        self.expert_hessian = expert_hessian
         self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
         self.tokenizer = tokenizer
         self.num_samples = num_samples
@@ -170,6 +212,7 @@ class MCConfig(QuantizationConfigMixin):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise _err(f"{name} must be a finite number >= 0, got {v!r}.")
+        self._check_pmq()
         if self.nonexpert_method not in NONEXPERT_METHODS:
             raise _err(f"nonexpert_method must be one of {NONEXPERT_METHODS}, got {self.nonexpert_method!r}.")
         if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
@@ -210,6 +253,26 @@ class MCConfig(QuantizationConfigMixin):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise _err(f"{name} must be a folder path, got {v!r}.")
+
+    def _check_pmq(self) -> None:
+        for name, allowed in (
+            ("loss_method", LOSS_METHODS),
+            ("allocation_solver", ALLOCATION_SOLVERS),
+            ("zero_point", ZERO_POINTS),
+            ("expert_hessian", EXPERT_HESSIANS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise _err(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        f = self.heldout_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise _err(f"heldout_fraction must lie in (0, 1), got {f!r}.")
+        if not isinstance(self.tune_exponents, bool):
+            raise _err(f"tune_exponents must be True or False, got {self.tune_exponents!r}.")
+        if self.tune_exponents and self.allocation != "layer":
+            raise _err(f"tune_exponents=True needs allocation='layer', got allocation={self.allocation!r}.")
+        t = self.allocation_time_limit
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise _err(f"allocation_time_limit must be a positive number of seconds, got {t!r}.")
 
     def _check_odp(self) -> None:
         thr = self.odp_threshold

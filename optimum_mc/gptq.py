@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 
 from .errors import CalibrationError, MCConfigError, ShapeError
-from .group_quant import check_finite, check_group_size, dequantize_codes, group_qparams, quantize_codes
+from .group_quant import (
+    check_finite,
+    check_group_size,
+    check_zero_point,
+    dequantize_codes,
+    group_qparams,
+    quantize_codes,
+)
 from .packing import check_bits
 
 QuantResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8 (out,in), scales/zeros fp16 (out,G)
@@ -97,13 +104,14 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    zero_point: str = "float",
 ) -> QuantResult:
     """Quantize ``weight (out, in)`` with GPTQ given ``hessian (in, in)``.
 
     Returns uint8 codes ``(out, in)`` and fp16 per-group scales / zeros ``(out, in // group_size)``, on the
     weight's device. ``group_size=-1`` means one group per row.
     """
-    return gptq_quantize_multi(weight, hessian, [bits], group_size, damp_percent, block_size, act_order)[0]
+    return gptq_quantize_multi(weight, hessian, [bits], group_size, damp_percent, block_size, act_order, zero_point)[0]
 
 
 def gptq_quantize_multi(
@@ -114,6 +122,7 @@ def gptq_quantize_multi(
     damp_percent: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    zero_point: str = "float",
 ) -> list[QuantResult]:
     """GPTQ of one matrix at several bit-widths in one column loop; each result equals a separate run."""
     if weight.dim() != 2:
@@ -125,6 +134,7 @@ def gptq_quantize_multi(
     for b in bits:
         check_bits(b)
     _check_options(damp_percent, block_size)
+    check_zero_point(zero_point)
     check_finite(weight)
     if not torch.isfinite(hessian).all():
         raise CalibrationError("the Hessian contains NaN/Inf; the calibration activations are not finite.")
@@ -144,7 +154,7 @@ def gptq_quantize_multi(
     maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32, device=dev).view(nb, 1)
     if act_order:
         for k, b in enumerate(bits):  # static groups, from the original-order weights
-            scales[k], zeros[k] = group_qparams(w0.reshape(out_f, groups, g), b)
+            scales[k], zeros[k] = group_qparams(w0.reshape(out_f, groups, g), b, zero_point)
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w0, h = w0[:, perm], h[perm][:, perm]
         col_group = (perm // g).tolist()
@@ -166,7 +176,7 @@ def gptq_quantize_multi(
             if perm is None and col % g == 0:
                 cur = _current_group(w, wb, err, hinv, b0, b1, col, g)
                 for k, b in enumerate(bits):
-                    scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b)
+                    scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b, zero_point)
             s, z = scales[:, :, grp], zeros[:, :, grp]  # (nb, out)
             q = torch.minimum(torch.round(wb[:, :, j] / s + z).clamp_min(0), maxq)
             codes[:, :, col] = q.to(torch.uint8)
@@ -194,7 +204,12 @@ def _current_group(
 
 
 def calibration_free_quantize(
-    weight: torch.Tensor, bits: int, group_size: int, grid: int = 20, refine_steps: int = 8
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    grid: int = 20,
+    refine_steps: int = 8,
+    zero_point: str = "float",
 ) -> QuantResult:
     """Quantization without calibration data: per-group weight-MSE minimization of the grid.
 
@@ -204,7 +219,8 @@ def calibration_free_quantize(
     (scale, offset) to the group's weights by least squares, re-round the codes, repeat. At 1 bit only (2) runs,
     starting from MC's binary form; it is then exactly 2-means clustering of the group. Every candidate is
     evaluated on the fp16-rounded grid and a group only ever moves to a lower MSE, so the result is never worse
-    than :func:`~optimum_mc.group_quant.rtn_quantize`.
+    than :func:`~optimum_mc.group_quant.rtn_quantize`. ``zero_point="int"`` keeps every candidate's zero an
+    integer code (b >= 2).
     """
     if weight.dim() != 2:
         raise ShapeError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}.")
@@ -214,7 +230,8 @@ def calibration_free_quantize(
     check_finite(weight)
     wg = weight.detach().float().reshape(out_f, in_f // g, g)
 
-    best_s, best_z = group_qparams(wg, bits)  # round-to-nearest: the starting point
+    check_zero_point(zero_point)
+    best_s, best_z = group_qparams(wg, bits, zero_point)  # round-to-nearest: the starting point
     best_err = _group_sse(wg, best_s, best_z, bits)
 
     def consider(s: torch.Tensor, z: torch.Tensor) -> None:
@@ -231,9 +248,10 @@ def calibration_free_quantize(
         mid = (lo + hi) / 2
         for i in range(1, grid + 1):
             ratio = 1.0 - 0.5 * i / grid
-            consider(*group_qparams(torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1), bits))
+            clipped = torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1)
+            consider(*group_qparams(clipped, bits, zero_point))
     for _ in range(refine_steps):
-        consider(*_affine_refit(wg, best_s, best_z, bits))
+        consider(*_affine_refit(wg, best_s, best_z, bits, zero_point))
     codes = quantize_codes(wg, best_s, best_z, bits).reshape(out_f, in_f)
     return codes, best_s.half(), best_z.half()
 
@@ -243,8 +261,11 @@ def _group_sse(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) ->
     return (dequantize_codes(q, s, z) - wg).pow(2).sum(-1)
 
 
-def _affine_refit(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares ``w ~ a * q + c`` per group for the current codes ``q``; as fp16-exact ``(scale, zero)``."""
+def _affine_refit(
+    wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, zero_point: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares ``w ~ a * q + c`` per group for the current codes ``q``; as fp16-exact ``(scale, zero)``
+    (an integer code zero for ``zero_point="int"`` at b >= 2)."""
     q = quantize_codes(wg, s, z, bits).float()
     qm, wm = q.mean(-1, keepdim=True), wg.mean(-1, keepdim=True)
     var = (q - qm).pow(2).mean(-1)
@@ -253,5 +274,123 @@ def _affine_refit(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int)
     c = wm[..., 0] - a * qm[..., 0]
     usable = (var > 0) & (a > _FP16_TINY)
     scale = torch.where(usable, a, s).half().float()
-    zero = torch.where(usable, -c / scale.clamp_min(_FP16_TINY), z).half().float()
+    zero = -c / scale.clamp_min(_FP16_TINY)
+    if zero_point == "int" and bits > 1:
+        zero = torch.round(zero).clamp(0, (1 << bits) - 1)
+    zero = torch.where(usable, zero, z).half().float()
     return scale, zero
+
+
+def gptq_quantize_batched(
+    weights: torch.Tensor,
+    hessians: torch.Tensor,
+    bits: list[int],
+    group_size: int,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    zero_point: str = "float",
+) -> list[QuantResult]:
+    """GPTQ of ``E`` same-shape matrices (e.g. one projection of every expert) at one width each, in one column loop.
+
+    ``weights (E, out, in)``, ``hessians (E, in, in)``, ``bits`` one width per matrix. Each result is identical
+    (``torch.equal``) to ``gptq_quantize(weights[e], hessians[e], bits[e], ...)``: the per-column work runs on all
+    matrices at once, while the operations whose rounding could depend on batching (Cholesky, the lazy-batch
+    matrix products, the grids) run per matrix, exactly as there.
+    """
+    if weights.dim() != 3 or hessians.dim() != 3:
+        raise ShapeError(
+            f"weights / hessians must be (E, out, in) / (E, in, in), got {tuple(weights.shape)} and "
+            f"{tuple(hessians.shape)}."
+        )
+    num, out_f, in_f = weights.shape
+    if hessians.shape != (num, in_f, in_f) or len(bits) != num:
+        raise ShapeError(
+            f"hessians {tuple(hessians.shape)} and {len(bits)} bit-widths do not match weights {tuple(weights.shape)}."
+        )
+    g = check_group_size(in_f, group_size)
+    for b in bits:
+        check_bits(b)
+    _check_options(damp_percent, block_size)
+    check_zero_point(zero_point)
+    check_finite(weights)
+    if not torch.isfinite(hessians).all():
+        raise CalibrationError("a Hessian contains NaN/Inf; the calibration activations are not finite.")
+    if num == 0:
+        return []
+    w0, h, dead = _prepare_batch(weights, hessians)
+    groups = in_f // g
+    dev = w0.device
+    scales = torch.zeros(num, out_f, groups, device=dev)
+    zeros = torch.zeros(num, out_f, groups, device=dev)
+    maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32, device=dev).view(num, 1)
+    perms = None
+    if act_order:
+        for e, b in enumerate(bits):
+            scales[e], zeros[e] = group_qparams(w0[e].reshape(out_f, groups, g), b, zero_point)
+        perms = torch.stack([torch.argsort(torch.diag(h[e]), descending=True, stable=True) for e in range(num)])
+        w0 = torch.stack([w0[e][:, perms[e]] for e in range(num)])
+        h = torch.stack([h[e][perms[e]][:, perms[e]] for e in range(num)])
+    hinv = torch.stack([_inverse_cholesky(h[e], damp_percent) for e in range(num)])
+    codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point)
+    if perms is not None:
+        codes = torch.stack([codes[e][:, torch.argsort(perms[e])] for e in range(num)])
+    return [(codes[e], scales[e].half(), zeros[e].half()) for e in range(num)]
+
+
+def _prepare_batch(weights: torch.Tensor, hessians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 copies with dead columns (zero Hessian diagonal) handled as in :func:`gptq_quantize_multi`."""
+    w0 = weights.detach().to(torch.float32).clone()
+    h = hessians.detach().to(weights.device, torch.float32).clone()
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diag == 0
+    diag[dead] = 1.0
+    w0.masked_fill_(dead.unsqueeze(1), 0.0)
+    return w0, h, dead
+
+
+def _batched_columns(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    bits: list[int],
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    maxq: torch.Tensor,
+    g: int,
+    block_size: int,
+    perms: torch.Tensor | None,
+    zero_point: str,
+) -> torch.Tensor:
+    """The GPTQ column loop over ``(E, out, in)`` weights (processing order); fills scales / zeros for dynamic
+    groups; returns codes in processing order."""
+    num, out_f, in_f = w.shape
+    rows = torch.arange(num, device=w.device)
+    col_group = None if perms is None else perms // g
+    codes = torch.zeros(num, out_f, in_f, dtype=torch.uint8, device=w.device)
+    for b0 in range(0, in_f, block_size):
+        b1 = min(b0 + block_size, in_f)
+        wb = w[:, :, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        hb = hinv[:, b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col_group is None:
+                grp = col // g
+                if col % g == 0:
+                    for e in range(num):
+                        cur = _current_group(w[e : e + 1], wb[e : e + 1], err[e : e + 1], hinv[e], b0, b1, col, g)
+                        scales[e, :, grp], zeros[e, :, grp] = group_qparams(cur[0], bits[e], zero_point)
+                s, z = scales[:, :, grp], zeros[:, :, grp]
+            else:
+                grp = col_group[:, col]
+                s, z = scales[rows, :, grp], zeros[rows, :, grp]
+            q = torch.minimum(torch.round(wb[:, :, j] / s + z).clamp_min(0), maxq)
+            codes[:, :, col] = q.to(torch.uint8)
+            d = hb[:, j, j].unsqueeze(1)
+            e_col = (wb[:, :, j] - (q - z) * s) / d
+            wb[:, :, j:] -= e_col.unsqueeze(2) * hb[:, j, j:].unsqueeze(1)
+            err[:, :, j] = e_col
+        for e in range(num):
+            w[e : e + 1, :, b1:] -= err[e : e + 1] @ hinv[e, b0:b1, b1:]
+        w[:, :, b0:b1] = wb
+    return codes

@@ -6,6 +6,12 @@ dequantizes to ``(q - zero) * scale`` for every bit-width. For b >= 2 the grid s
 with ``center`` the group mean and ``magnitude = mean |w - center|``, i.e. ``scale = 2 * magnitude`` and
 ``zero = 0.5 - center / scale``.
 
+Zero points. ``zero_point="float"`` (default): ``zero = -min / scale`` in fp16; for groups far from 0 with a small
+spread the scale is floored so the zero stays where fp16 is exact to 1/8 of a step (finite at every bit-width).
+``zero_point="int"`` (b >= 2): the GPTQ / compressed-tensors grid — it includes 0, the zero is an integer code
+clamped to ``[0, 2^b - 1]`` (exact in the fp16 zero tensor, so the packed format is unchanged). 1-bit groups keep
+the binary form in both modes (a two-level grid through 0 would waste one of its two levels).
+
 Scale and zero are rounded to fp16 *before* codes are chosen, so codes are optimal for the stored grid and the
 dequantized value is bit-identical everywhere the formula is evaluated in fp32.
 """
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NonFiniteWeightError, ShapeError
+from .errors import MCConfigError, NonFiniteWeightError, ShapeError
 from .packing import check_bits
 
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to zero
@@ -38,28 +44,55 @@ def check_finite(w: torch.Tensor, name: str = "weight") -> None:
         raise NonFiniteWeightError(f"{name} contains {bad} NaN/Inf values; fix the checkpoint before quantizing.")
 
 
-def group_qparams(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+ZERO_POINTS = ("float", "int")
+
+
+def check_zero_point(zero_point: str) -> str:
+    """Validate a zero-point form (``"float"`` or ``"int"``)."""
+    if zero_point not in ZERO_POINTS:
+        raise MCConfigError(f"zero_point must be one of {ZERO_POINTS}, got {zero_point!r}.")
+    return zero_point
+
+
+def group_qparams(w: torch.Tensor, bits: int, zero_point: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero (fp32 tensors holding fp16-representable values) for groups along the last dim of ``w``.
 
-    ``w``: ``(..., g)``; returns two tensors of shape ``(...,)``.
+    ``w``: ``(..., g)``; returns two tensors of shape ``(...,)``. ``zero_point="int"`` (b >= 2) gives the GPTQ
+    grid: it spans ``[min(lo, 0), max(hi, 0)]`` so 0 is on it, and the zero is an integer code in ``[0, 2^b - 1]``.
     """
     check_bits(bits)
+    check_zero_point(zero_point)
     w = w.float()
     if bits == 1:
-        center = w.mean(-1)
-        magnitude = (w - center.unsqueeze(-1)).abs().mean(-1)
-        floor = center.abs() * 2.0**-10 + _FP16_TINY  # constant group: keep center, tiny symmetric step
-        scale = (2 * torch.maximum(magnitude, floor)).half().float()
-        scale = scale.clamp_min(_FP16_TINY)
-        zero = (0.5 - center / scale).half().float()
-        return scale, zero
+        return _binary_qparams(w)
     maxq = (1 << bits) - 1
     lo, hi = w.amin(-1), w.amax(-1)
+    if zero_point == "int":
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+        scale = ((hi - lo) / maxq).half().float().clamp_min(_FP16_TINY)
+        flat = hi - lo <= 0
+        scale = torch.where(flat, torch.ones_like(scale), scale)
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+        return scale, zero
     rng = hi - lo
-    flat = rng <= torch.maximum(lo.abs(), hi.abs()) * 2.0**-12
-    rng = torch.where(flat, torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-8), rng)
-    scale = (rng / maxq).half().float().clamp_min(_FP16_TINY)
+    amax = torch.maximum(lo.abs(), hi.abs())
+    flat = rng <= amax * 2.0**-12
+    rng = torch.where(flat, amax.clamp_min(1e-8), rng)
+    # Offset groups (far from 0, small spread) would need |zero| beyond fp16's exact range: the scale floor keeps
+    # |zero| <= maxq + 128, where fp16 rounds the zero by at most 1/8 of a step.
+    scale = torch.maximum(rng / maxq, amax / (maxq + 128)).half().float().clamp_min(_FP16_TINY)
     zero = (-lo / scale).half().float()
+    return scale, zero
+
+
+def _binary_qparams(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MC's 1-bit form (both zero-point forms): ``center -/+ magnitude`` (module docstring)."""
+    center = w.mean(-1)
+    magnitude = (w - center.unsqueeze(-1)).abs().mean(-1)
+    floor = center.abs() * 2.0**-10 + _FP16_TINY  # constant group: keep center, tiny symmetric step
+    scale = (2 * torch.maximum(magnitude, floor)).half().float()
+    scale = scale.clamp_min(_FP16_TINY)
+    zero = (0.5 - center / scale).half().float()
     return scale, zero
 
 
@@ -75,7 +108,9 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return (q.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rtn_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, zero_point: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest (calibration-free) quantization of ``(out, in)`` weights.
 
     Returns uint8 codes ``(out, in)`` and fp16 scales / zeros ``(out, in // group_size)``.
@@ -84,7 +119,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torc
     g = check_group_size(in_f, group_size)
     check_finite(weight)
     wg = weight.float().reshape(out_f, in_f // g, g)
-    scale, zero = group_qparams(wg, bits)
+    scale, zero = group_qparams(wg, bits, zero_point)
     q = quantize_codes(wg, scale, zero, bits).reshape(out_f, in_f)
     return q, scale.half(), zero.half()
 

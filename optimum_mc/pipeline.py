@@ -22,15 +22,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import ExpertFactors, allocate_bits, check_feasible, format_allocation_table
+from .allocation import ExpertFactors, SolveReport, allocate_bits, check_feasible, format_allocation_table
 from .architectures import MoEArchitecture, MoEBlock, get_architecture, moe_block, set_submodule
 from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches
-from .calibration.factors import ExpertQuant, GPTQOptions, expert_forward, expert_loss, quantize_expert
+from .calibration.expert_gptq import quantize_experts
+from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
 from .calibration.layer_source import ResidentLayers
 from .calibration.sequential import LayerBatch, capture_layer_inputs, run_layer
 from .calibration.stage import Stage, fingerprint
-from .config import MCConfig
+from .calibration.tuning import tune_layer
+from .config import _RESULT_FIELDS, MCConfig
 from .errors import CalibrationError, UnsupportedArchitectureError
 from .gptq import gptq_quantize
 from .group_quant import check_finite
@@ -84,6 +86,7 @@ def _gptq_opts(config: MCConfig) -> GPTQOptions:
         block_size=config.block_size,
         act_order=config.act_order,
         min_tokens=config.min_expert_tokens,
+        zero_point=config.zero_point,
     )
 
 
@@ -102,6 +105,8 @@ class _Run:
         self.factors: dict[int, LayerFactors] = {}
         self.bits: dict[int, list[int]] = {}
         self.linear_bits: dict[str, int] = {}
+        self.solve_reports: list[SolveReport] = []
+        self.tuned: dict[int, list[float]] = {}
         self.progress = config.show_progress
 
     # -- one layer ---------------------------------------------------------------------------------------------
@@ -118,7 +123,8 @@ class _Run:
         for name, m in lin.items():
             check_finite(m.weight, f"layer {idx} {name}.weight")
         lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {}, device=self.device)
-        routing = RoutingCapture(self.arch, block.router, block.experts) if block is not None else None
+        keep_all = self.config.expert_hessian == "router-weighted"
+        routing = RoutingCapture(self.arch, block.router, block.experts, keep_all) if block is not None else None
         try:
             float_out = run_layer(layer, batches)
         finally:
@@ -129,25 +135,61 @@ class _Run:
 
     def expert_candidates(self, idx: int, routing: RoutingCapture, bits_to_try: list[list[int]], need_loss: bool):
         """Quantize each expert at each requested bit-width; return candidates and losses (E, C)."""
-        block = self.blocks[idx]
-        experts = block.experts
-        cb = self.config.candidate_bits
+        cfg = self.config
+        experts = self.blocks[idx].experts
+        cb = cfg.candidate_bits
         e_total = routing.num_experts
         cands: list[dict[int, ExpertQuant]] = [{} for _ in range(e_total)]
         loss = torch.zeros(e_total, len(cb), dtype=torch.float64)
+        method = "hessian" if cfg.allocation == "hessian" else cfg.loss_method
         for e in tqdm(range(e_total), desc=f"layer {idx} experts", leave=False, disable=not self.progress):
             w_gu, w_dn = experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
             check_finite(w_gu, f"layer {idx} expert {e} gate_up_proj")
             check_finite(w_dn, f"layer {idx} expert {e} down_proj")
-            x, r = routing.experts[e].cat(routing.hidden_dim)
-            cands[e] = quantize_expert(w_gu, w_dn, x, experts.act_fn, bits_to_try[e], self.opts)
+            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, bits_to_try[e])
             if need_loss:
-                ref = expert_forward(x, w_gu, w_dn, experts.act_fn)
-                for b, q in cands[e].items():
-                    loss[e, cb.index(b)] = expert_loss(
-                        x, r, ref, q, experts.act_fn, self.config.group_size, routing.output_energy
-                    )
+                x, r = routing.experts[e].cat(routing.hidden_dim)
+                loss[e] = torch.tensor(
+                    expert_losses(
+                        method,
+                        x,
+                        r,
+                        w_gu,
+                        w_dn,
+                        experts.act_fn,
+                        cb,
+                        self.opts,
+                        routing.output_energy,
+                        routing.tokens,
+                        cfg.heldout_fraction,
+                        seed=cfg.seed + 1009 * idx + e,
+                        candidates=cands[e],
+                    ),
+                    dtype=torch.float64,
+                )
         return cands, loss
+
+    def quantize_one(self, routing: RoutingCapture, e: int, w_gu, w_dn, act_fn, bits: list[int]) -> dict:
+        """GPTQ of expert ``e`` at ``bits`` from its routed tokens, or (``expert_hessian="router-weighted"``) from
+        every token weighted by its router probability."""
+        if self.config.expert_hessian == "router-weighted":
+            x, p = routing.router_weighted(e)
+            return quantize_expert(w_gu, w_dn, x, act_fn, bits, self.opts, token_weights=p)
+        x, _ = routing.experts[e].cat(routing.hidden_dim)
+        return quantize_expert(w_gu, w_dn, x, act_fn, bits, self.opts)
+
+    def quantize_batch(self, idx: int, routing: RoutingCapture, bits: dict[int, int]) -> dict[int, ExpertQuant]:
+        """GPTQ of the experts in ``bits`` (expert -> width) in batched column loops (same result as one by one)."""
+        experts = self.blocks[idx].experts
+        weighted = self.config.expert_hessian == "router-weighted"
+
+        def weights(e: int):
+            return experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
+
+        def tokens(e: int):
+            return routing.router_weighted(e) if weighted else (routing.experts[e].cat(routing.hidden_dim)[0], None)
+
+        return quantize_experts(weights, tokens, experts.act_fn, bits, self.opts)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands) -> LayerFactors:
         if routing.tokens == 0:
@@ -182,6 +224,7 @@ class _Run:
                 damp_percent=self.config.damp_percent,
                 block_size=self.config.block_size,
                 act_order=self.config.act_order,
+                zero_point=self.config.zero_point,
             )
             bias = m.bias.detach() if m.bias is not None else None
             new = QuantLinear.from_codes(codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype)
@@ -209,30 +252,38 @@ class _Run:
 
     # -- passes ------------------------------------------------------------------------------------------------
     def bits_to_try(self, idx: int, num_experts: int, known: list[int] | None) -> tuple[list[list[int]], bool]:
+        """Widths to GPTQ before allocation, and whether losses are needed. Only ``loss_method="insample"`` needs
+        GPTQ at every candidate width; otherwise GPTQ runs after allocation at the chosen width only."""
         cfg = self.config
         if known is not None:
-            return [[b] for b in known], False
+            return [[] for _ in known], False
         if cfg.is_uniform:
             return [list(cfg.candidate_bits) for _ in range(num_experts)], False
-        if cfg.allocation in ("layer", "global"):
+        if cfg.allocation in ("layer", "global") and cfg.loss_method == "insample":
             return [list(cfg.candidate_bits) for _ in range(num_experts)], True
-        return [[] for _ in range(num_experts)], False  # random / frequency: bits first, then quantize
+        need_loss = cfg.allocation in ("layer", "global", "hessian")
+        return [[] for _ in range(num_experts)], need_loss
 
-    def allocate_layer(self, idx: int, lf: LayerFactors) -> list[int]:
+    def allocate_layer(self, idx: int, lf: LayerFactors, routing: RoutingCapture | None = None) -> list[int]:
         cfg = self.config
         e = lf.factors.frequency.numel()
         if cfg.is_uniform:
             return [cfg.candidate_bits[0]] * e
+        exponents = (cfg.alpha, cfg.beta, cfg.gamma)
+        if cfg.tune_exponents and cfg.allocation == "layer" and routing is not None:
+            exponents = tune_layer(routing, self.blocks[idx].experts, lf.factors, cfg, cfg.seed + 7919 * idx)
+            self.tuned[idx] = list(exponents)
         return allocate_bits(
             [lf.factors],
             cfg.candidate_bits,
             cfg.bits,
             cfg.allocation,
-            cfg.alpha,
-            cfg.beta,
-            cfg.gamma,
+            *exponents,
             constraints=cfg.allocation_constraints,
             seed=cfg.seed + idx,
+            solver=cfg.allocation_solver,
+            time_limit=cfg.allocation_time_limit,
+            report=self.solve_reports,
         )[0]
 
     def quantize_layer(self, idx: int, layer: nn.Module, batches: list[LayerBatch], known: list[int] | None):
@@ -244,16 +295,10 @@ class _Run:
             lf = self.layer_factors(idx, routing, loss, cands)
             if idx not in self.factors:
                 self.factors[idx] = lf
-            bits = known if known is not None else self.allocate_layer(idx, self.factors[idx])
-            experts = self.blocks[idx].experts
-            for e, b in enumerate(bits):
-                if b not in cands[e]:  # random / frequency allocations quantize only what they chose
-                    x, _ = routing.experts[e].cat(routing.hidden_dim)
-                    cands[e].update(
-                        quantize_expert(
-                            experts.gate_up_proj[e], experts.down_proj[e], x, experts.act_fn, [b], self.opts
-                        )
-                    )
+            bits = known if known is not None else self.allocate_layer(idx, self.factors[idx], routing)
+            todo = {e: b for e, b in enumerate(bits) if b not in cands[e]}  # GPTQ at the allocated width only
+            for e, q in self.quantize_batch(idx, routing, todo).items():
+                cands[e][q.bits] = q
             self.factors[idx].methods = [cands[e][b].method for e, b in enumerate(bits)]
             self.bits[idx] = bits
             self.replace_experts(idx, bits, cands)
@@ -269,6 +314,7 @@ class _Run:
             "bits": self.bits.get(idx),
             "linear_bits": {n[len(prefix) :]: b for n, b in self.linear_bits.items() if n.startswith(prefix)},
             "factors": _factors_exact(lf) if lf is not None else None,
+            "tuned": self.tuned.get(idx),
         }
 
     def adopt_record(self, idx: int, record: dict) -> None:
@@ -277,6 +323,8 @@ class _Run:
             self.factors[idx] = _factors_from_dict(record["factors"])
         if record.get("bits") is not None:
             self.bits[idx] = list(record["bits"])
+        if record.get("tuned") is not None:
+            self.tuned[idx] = list(record["tuned"])
         prefix = self.layer_names[idx] + "."
         self.linear_bits.update({prefix + n: b for n, b in record.get("linear_bits", {}).items()})
 
@@ -350,6 +398,7 @@ class _Run:
         cfg.moe_layers = list(self.moe_layers)
         cfg.expert_bits = [list(map(int, self.bits[i])) for i in self.moe_layers]
         cfg.linear_bits = dict(sorted(self.linear_bits.items()))
+        cfg.tuned_exponents = [self.tuned[i] for i in self.moe_layers] if self.tuned else None
         cfg.expert_factors = [_factors_dict(self.factors[i]) for i in self.moe_layers]
 
 
@@ -423,16 +472,12 @@ def run_fingerprint(model: nn.Module, config: MCConfig, source, input_ids: torch
 _NOT_IN_FINGERPRINT = (
     "show_progress",
     "resume_dir",
+    "offload_folder",
     "odp",
     "odp_threshold",
     "odp_protect_ratio",
     "odp_layers",
-    "moe_layers",
-    "expert_bits",
-    "expert_factors",
-    "linear_bits",
-    "odp_thresholds",
-    "odp_layer_scores",
+    *_RESULT_FIELDS,
 )
 
 
@@ -513,6 +558,9 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
                 config.gamma,
                 constraints=config.allocation_constraints,
                 seed=config.seed,
+                solver=config.allocation_solver,
+                time_limit=config.allocation_time_limit,
+                report=run.solve_reports,
             )
             known = dict(zip(run.moe_layers, solved))
         start = progress.next_layer if progress is not None else 0
@@ -530,4 +578,8 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
     logger.info(
         "MC bit allocation:\n%s", format_allocation_table(config.expert_bits, config.moe_layers, config.candidate_bits)
     )
-    return {"seconds": time.perf_counter() - t0, "calibration_tokens": int(input_ids.numel())}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "calibration_tokens": int(input_ids.numel()),
+        "allocation": [vars(r) for r in run.solve_reports],
+    }

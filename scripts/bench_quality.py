@@ -26,22 +26,53 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
 DOMAINS = ("code", "docs", "quotes")
 
 
+# name prefix -> MCConfig options of the variant (the suffix after the last "-" is the average bit-width)
+VARIANT_OPTIONS = {
+    "mc": {},
+    "global": {"allocation": "global"},
+    "random": {"allocation": "random"},
+    "frequency": {"allocation": "frequency"},
+    "hessian": {"allocation": "hessian"},
+    "mcheldout": {"loss_method": "heldout"},
+    "mcinsample": {"loss_method": "insample"},
+    "mcsq": {"loss_method": "insample", "gamma": 2.0},  # the previous objective: in-sample eps, squared again
+    "mcint": {"zero_point": "int"},
+    "mcrw": {"expert_hessian": "router-weighted"},
+    "mctune": {"tune_exponents": True},
+    "mcnf4": {"nonexpert_method": "bnb_nf4"},
+}
+
+
 def variant_config(name: str, seed: int, num_samples: int, seq_len: int):
-    """MCConfig of a named variant ("mc-2.5", "uniform-2", "random-2.5", "frequency-2.5", "global-2.5", ...)."""
+    """MCConfig of a named variant: "mc-2.5", "uniform-2", "uniformint-2", "random-2.5", "hessian-2.5", ...
+    (see VARIANT_OPTIONS)."""
     import optimum_mc
 
-    kind, _, value = name.partition("-")
+    kind, _, value = name.rpartition("-")
     common = dict(seed=seed, num_samples=num_samples, seq_len=seq_len, show_progress=False)
-    if kind == "uniform":
+    if kind in ("uniform", "uniformint"):
         b = int(value)
-        return optimum_mc.MCConfig(bits=b, candidate_bits=[b], **common)
-    if kind == "mc":
-        return optimum_mc.MCConfig(bits=float(value), **common)
-    if kind in ("random", "frequency", "global"):
-        return optimum_mc.MCConfig(bits=float(value), allocation=kind if kind != "global" else "global", **common)
-    if kind == "mcnf4":
-        return optimum_mc.MCConfig(bits=float(value), nonexpert_method="bnb_nf4", **common)
+        zp = "int" if kind == "uniformint" else "float"
+        return optimum_mc.MCConfig(bits=b, candidate_bits=[b], zero_point=zp, **common)
+    if kind in VARIANT_OPTIONS:
+        return optimum_mc.MCConfig(bits=float(value), **VARIANT_OPTIONS[kind], **common)
     raise SystemExit(f"unknown variant {name!r}")
+
+
+def effective_expert_bits(model) -> float | None:
+    """Stored bits per routed-expert weight: packed codes + fp16 scales + fp16 zeros (None for float experts)."""
+    from optimum_mc.architectures import moe_blocks
+    from optimum_mc.nn import MCExperts
+
+    stored, weights = 0, 0
+    for blk in moe_blocks(model):
+        ex = blk.experts
+        if not isinstance(ex, MCExperts):
+            return None
+        for e in range(ex.num_experts):
+            stored += ex.expert_nbytes(e) * 8
+        weights += ex.num_experts * 3 * ex.hidden_dim * ex.intermediate_dim
+    return stored / weights if weights else None
 
 
 def load_variant(name: str, model_path: str, args):
@@ -89,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.model):
         print(f"error: model folder {args.model} not found", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from transformers import AutoTokenizer
 
     from optimum_mc.evaluation import perplexity, token_windows
@@ -114,7 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         bits = getattr(qc, "expert_bits", None)
         avg = sum(map(sum, bits)) / sum(map(len, bits)) if bits else None
         size = model_bytes(model)
-        rows.append({"variant": name, "load_seconds": round(seconds, 1), "avg_expert_bits": avg, "bytes": size, **ppl})
+        eff = effective_expert_bits(model)
+        rows.append(
+            {
+                "variant": name,
+                "load_seconds": round(seconds, 1),
+                "avg_expert_bits": avg,
+                "effective_expert_bits": eff,
+                "bytes": size,
+                **ppl,
+            }
+        )
         print(
             f"{name:>14}: " + " ".join(f"{d}={ppl[d]:.2f}" for d in (*DOMAINS, "mean")) + f"  ({seconds:.1f}s)",
             flush=True,
@@ -123,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             _write_json(args.json, rows)
     print()
-    print("| variant | avg expert bits | code | docs | quotes | mean | size (MB) | load+quantize s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | avg expert bits | effective bits | code | docs | quotes | mean | size (MB) | load+quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = "-" if r["avg_expert_bits"] is None else f"{r['avg_expert_bits']:.2f}"
+        eb = "-" if r["effective_expert_bits"] is None else f"{r['effective_expert_bits']:.3f}"
         print(
-            f"| {r['variant']} | {b} | {r['code']:.2f} | {r['docs']:.2f} | {r['quotes']:.2f} | {r['mean']:.2f} "
+            f"| {r['variant']} | {b} | {eb} | {r['code']:.2f} | {r['docs']:.2f} | {r['quotes']:.2f} | {r['mean']:.2f} "
             f"| {r['bytes'] / 2**20:.2f} | {r['load_seconds']} |"
         )
     return 0

@@ -94,7 +94,7 @@ def _factors(seed, e=5):
     return ExpertFactors(torch.rand(e, generator=g), torch.rand(e, generator=g), loss)
 
 
-def _brute(factors, cb, target, alpha=1.0, beta=1.5, gamma=2.0, per_layer=True):
+def _brute(factors, cb, target, alpha=1.0, beta=1.5, gamma=1.0, per_layer=True):
     best, best_bits = None, None
     sizes = [f.frequency.numel() for f in factors]
     costs = []
@@ -123,7 +123,7 @@ def _cost(factors, bits, cb):
     for f, b in zip(factors, bits):
         phi, w = f.frequency / f.frequency.sum(), f.weight_mass / f.weight_mass.sum()
         for e, be in enumerate(b):
-            total += (phi[e] * w[e] ** 1.5 * f.loss[e, cb.index(be)] ** 2).item()
+            total += (phi[e] * w[e] ** 1.5 * f.loss[e, cb.index(be)]).item()
     return total
 
 

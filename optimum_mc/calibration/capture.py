@@ -69,6 +69,10 @@ class ExpertTokens:
     store: list[torch.Tensor]
     rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
+    token_ids: list[torch.Tensor] = field(default_factory=list)  # position among all tokens the block saw
+
+    def ids(self) -> torch.Tensor:
+        return torch.cat(self.token_ids) if self.token_ids else torch.zeros(0, dtype=torch.long)
 
     def cat(self, hidden_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.rows:
@@ -81,8 +85,10 @@ class ExpertTokens:
 class RoutingCapture(_Hooks):
     """Record routing statistics and per-expert routed tokens of one MoE block."""
 
-    def __init__(self, arch: MoEArchitecture, router: nn.Module, experts: nn.Module) -> None:
+    def __init__(self, arch: MoEArchitecture, router: nn.Module, experts: nn.Module, keep_all: bool = False) -> None:
         self.arch = arch
+        self.keep_all = keep_all  # also keep every token's router probabilities (router-weighted GPTQ)
+        self.all_probs: list[torch.Tensor] = []
         self.num_experts = int(experts.num_experts)
         self.hidden_dim = int(experts.hidden_dim)
         e = self.num_experts
@@ -93,6 +99,7 @@ class RoutingCapture(_Hooks):
         self.inputs: list[torch.Tensor] = []  # the experts module's input of every batch, (T, H), model dtype
         self.experts = [ExpertTokens(self.inputs) for _ in range(e)]
         self.output_energy = 0.0  # sum over tokens of ||experts output||^2 (the routed part of the block output)
+        self.seen = 0  # tokens the experts module has received so far
         self._handles = [
             router.register_forward_hook(self._router_hook),
             experts.register_forward_pre_hook(self._experts_hook),
@@ -102,6 +109,8 @@ class RoutingCapture(_Hooks):
     def _router_hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
         logits, weights, index = output[0], output[1], output[2]
         probs = router_probabilities(self.arch, logits.reshape(-1, logits.shape[-1]).detach())
+        if self.keep_all:
+            self.all_probs.append(probs.float())
         index = index.reshape(-1, index.shape[-1])
         self.tokens += index.shape[0]
         selected = probs.gather(1, index).double().cpu()
@@ -120,13 +129,21 @@ class RoutingCapture(_Hooks):
         index = index.detach()
         weights = weights.detach().float()
         batch = len(self.inputs)
-        self.inputs.append(hidden)
+        self.inputs.append(hidden)  # kept once, in the model dtype; experts index into it
         for e in torch.unique(index).tolist():
             if e >= self.num_experts:
                 continue
             tok, slot = torch.where(index == e)
             self.experts[e].rows.append((batch, tok))
             self.experts[e].weights.append(weights[tok, slot])
+            self.experts[e].token_ids.append(tok + self.seen)
+        self.seen += hidden.shape[0]
 
     def _experts_out_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.output_energy += output.detach().float().pow(2).sum().item()
+
+    def router_weighted(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every calibration token's input ``(N, H)`` and its router probability for ``expert`` ``(N,)``
+        (needs ``keep_all=True``)."""
+        x = torch.cat(self.inputs).float()
+        return x, torch.cat(self.all_probs)[:, expert].to(x.device)
