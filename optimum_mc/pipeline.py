@@ -28,7 +28,7 @@ from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches
 from .calibration.expert_gptq import quantize_experts
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
-from .calibration.layer_source import ResidentLayers
+from .calibration.layer_source import ResidentLayers, release_memory
 from .calibration.sequential import LayerBatch, capture_layer_inputs, run_layer
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_BATCH_SIZE = 8
 ODP_CALIBRATION_SAMPLES = 16  # sequences used to measure ODP thresholds and layer sensitivity after quantizing
+# Round-to-nearest eps of an expert is measured on at most this many of its routed tokens (evenly spaced; the
+# squared error is rescaled to all of them): a relative output error is estimated to a few percent from 4k tokens,
+# while the full count would make eps cost 4 expert forwards over every routed token (docs/scale.md).
+RTN_LOSS_MAX_TOKENS = 4096
 
 
 @dataclass
@@ -149,6 +153,11 @@ class _Run:
             cands[e] = self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, bits_to_try[e])
             if need_loss:
                 x, r = routing.experts[e].cat(routing.hidden_dim)
+                energy = routing.output_energy
+                if method == "rtn" and x.shape[0] > RTN_LOSS_MAX_TOKENS:  # an evenly spaced sample, error rescaled
+                    keep = torch.linspace(0, x.shape[0] - 1, RTN_LOSS_MAX_TOKENS, device=x.device).long()
+                    energy = energy * RTN_LOSS_MAX_TOKENS / x.shape[0]
+                    x, r = x[keep], r[keep]
                 loss[e] = torch.tensor(
                     expert_losses(
                         method,
@@ -159,7 +168,7 @@ class _Run:
                         experts.act_fn,
                         cb,
                         self.opts,
-                        routing.output_energy,
+                        energy,
                         routing.tokens,
                         cfg.heldout_fraction,
                         seed=cfg.seed + 1009 * idx + e,
@@ -258,7 +267,7 @@ class _Run:
         if known is not None:
             return [[] for _ in known], False
         if cfg.is_uniform:
-            return [list(cfg.candidate_bits) for _ in range(num_experts)], False
+            return [[] for _ in range(num_experts)], False
         if cfg.allocation in ("layer", "global") and cfg.loss_method == "insample":
             return [list(cfg.candidate_bits) for _ in range(num_experts)], True
         need_loss = cfg.allocation in ("layer", "global", "hessian")
@@ -368,6 +377,7 @@ class _Run:
             if self.source.streams_from_disk:
                 self.source.park(idx)
             del layer
+            release_memory()
             if self.stage is not None:
                 if idx in self.moe_layers:
                     self.stage.save_layer("factors", idx, {}, self.layer_record(idx))
@@ -389,6 +399,7 @@ class _Run:
             if self.source.streams_from_disk:
                 self.source.park(idx)
             del layer
+            release_memory()
         if self.source.streams_from_disk:
             for idx in range(self.source.num_layers):
                 self.rebuild_layer(idx)

@@ -194,3 +194,15 @@ def test_incomplete_checkpoint_is_refused_before_work(tmp_path):
     save_file({k: v for k, v in sd.items() if ".layers.1." not in k}, path / "model.safetensors")
     with pytest.raises(CheckpointError, match="decoder layer 1"):
         AutoModelForCausalLM.from_pretrained(path, quantization_config=mc_config())
+
+
+def test_memory_model_packed_size_matches_a_real_run(streamed):
+    """The memory model's packed-size term agrees with the bytes of a quantized model (within 10%)."""
+    from optimum_mc.memory_model import estimate
+
+    cfg = streamed.config
+    est = estimate(cfg, bits=2.5, group_size=32, num_samples=8, seq_len=32)
+    layers = decoder_layers(streamed)
+    actual = sum(t.numel() * t.element_size() for layer in layers for t in layer.state_dict().values())
+    assert 0.9 * actual <= est.packed_model <= 1.1 * actual
+    assert est.host_peak > est.packed_model + est.outside_layers

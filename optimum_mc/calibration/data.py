@@ -222,6 +222,16 @@ def tokenize_documents(docs: Sequence[str], tokenizer) -> list[int]:
     return ids
 
 
+def token_stream(docs: Sequence[str], tokenizer, chunk: int = 32) -> torch.Tensor:
+    """:func:`tokenize_documents` as an int64 tensor, built ``chunk`` documents at a time (a Python list of every
+    token would cost ~36 bytes a token at the peak; the tensor costs 8)."""
+    parts = [
+        torch.tensor(tokenize_documents(docs[i : i + chunk], tokenizer), dtype=torch.long)
+        for i in range(0, len(docs), chunk)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CalibrationError(f"{name} must be a positive integer, got {value!r}.")
@@ -243,7 +253,7 @@ def calibration_batches(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    ids = tokenize_documents(load_documents(dataset), tokenizer)
+    ids = token_stream(load_documents(dataset), tokenizer)
     if len(ids) < seq_len:
         raise CalibrationError(
             f"calibration data has {len(ids)} tokens; need at least seq_len={seq_len} "
@@ -259,7 +269,7 @@ def calibration_batches(
             needed,
             " heavily; add calibration text or lower num_samples" if 2 * len(ids) < needed else "",
         )
-    tokens = torch.tensor(ids, dtype=torch.long)
+    tokens = ids
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len + 1, (num_samples,), generator=g)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])

@@ -21,23 +21,39 @@ WORKSPACE_BYTES = {"cpu": 256 << 20}
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 
 
-def expert_hessians(
+def _weighted(x: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    if token_weights is None:
+        return x
+    return x * token_weights.float().clamp_min(0).sqrt().unsqueeze(-1)
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    acc = HessianAccumulator(x.shape[-1], device=x.device)
+    acc.add(x)
+    return acc.hessian
+
+
+def input_hessian(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The gate/up projection's input Hessian from an expert's tokens ``x`` (optionally weighted)."""
+    return _hessian(_weighted(x, token_weights))
+
+
+def mid_hessian(
     w_gate_up: torch.Tensor, x: torch.Tensor, act_fn: Callable, token_weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input Hessians of an expert's gate/up and down projections from its tokens ``x`` (optionally weighted)."""
-    root = None if token_weights is None else token_weights.float().clamp_min(0).sqrt().unsqueeze(-1)
-    h_in = HessianAccumulator(w_gate_up.shape[1], device=x.device)
-    h_in.add(x if root is None else x * root)
+) -> torch.Tensor:
+    """The down projection's input Hessian: of ``act(gate(x)) * up(x)`` (optionally weighted)."""
     gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    mid = act_fn(gate) * up
-    h_mid = HessianAccumulator(w_gate_up.shape[0] // 2, device=x.device)
-    h_mid.add(mid if root is None else mid * root)
-    return h_in.hessian, h_mid.hessian
+    return _hessian(_weighted(act_fn(gate) * up, token_weights))
 
 
-def _chunk_size(hidden: int, inter: int, device: torch.device) -> int:
-    per_expert = 4 * (3 * hidden * inter + hidden * hidden + inter * inter)
-    return max(1, WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES) // per_expert)
+def stacked_bytes(hidden: int, inter: int) -> int:
+    """fp32 bytes one expert adds to a chunk's stacked weights + Hessians (the larger of the two projections)."""
+    return 4 * max(2 * inter * hidden + hidden * hidden, hidden * inter + inter * inter)
+
+
+def chunk_size(hidden: int, inter: int, device_type: str) -> int:
+    """Experts per batched GPTQ loop on a device type."""
+    return max(1, WORKSPACE_BYTES.get(device_type, DEFAULT_WORKSPACE_BYTES) // stacked_bytes(hidden, inter))
 
 
 def quantize_experts(
@@ -49,7 +65,10 @@ def quantize_experts(
 ) -> dict[int, ExpertQuant]:
     """Quantize the experts in ``bits`` (expert -> width) with GPTQ, batched; ``weights(e)`` gives fp32
     ``(gate_up, down)`` and ``tokens(e)`` the expert's calibration inputs and optional token weights. Experts with
-    fewer than ``opts.min_tokens`` tokens use calibration-free quantization, as :func:`quantize_expert` does."""
+    fewer than ``opts.min_tokens`` tokens use calibration-free quantization, as :func:`quantize_expert` does.
+
+    Per chunk, the gate/up matrices are stacked and quantized first, then the down matrices: only one projection's
+    stacked weights and Hessians are alive at a time (the down Hessians, ``I x I``, dominate)."""
     out: dict[int, ExpertQuant] = {}
     gptq: list[int] = []
     for e, b in bits.items():
@@ -67,28 +86,28 @@ def quantize_experts(
     if not gptq:
         return out
     w0 = weights(gptq[0])[0]
-    step = _chunk_size(w0.shape[1], w0.shape[0] // 2, w0.device)
-    kw = dict(
-        damp_percent=opts.damp_percent,
-        block_size=opts.block_size,
-        act_order=opts.act_order,
-        zero_point=opts.zero_point,
-    )
+    (two_i, hidden), dev = w0.shape, w0.device
+    step = chunk_size(hidden, two_i // 2, dev.type)
+    kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
+    kw["zero_point"] = opts.zero_point
     for start in range(0, len(gptq), step):
         chunk = gptq[start : start + step]
-        w_gu, w_dn, h_in, h_mid = [], [], [], []
-        for e in chunk:
+        widths = [bits[e] for e in chunk]
+        w = torch.empty(len(chunk), two_i, hidden, device=dev)
+        h = torch.empty(len(chunk), hidden, hidden, device=dev)
+        for k, e in enumerate(chunk):
+            w[k] = weights(e)[0]
+            h[k] = input_hessian(*tokens(e))
+        gu_q = gptq_quantize_batched(w, h, widths, opts.group_size, **kw)
+        w = torch.empty(len(chunk), hidden, two_i // 2, device=dev)
+        h = torch.empty(len(chunk), two_i // 2, two_i // 2, device=dev)
+        for k, e in enumerate(chunk):
             gu, dn = weights(e)
             x, tw = tokens(e)
-            hi, hm = expert_hessians(gu, x, act_fn, tw)
-            w_gu.append(gu)
-            w_dn.append(dn)
-            h_in.append(hi)
-            h_mid.append(hm)
-        widths = [bits[e] for e in chunk]
-        gu_q = gptq_quantize_batched(torch.stack(w_gu), torch.stack(h_in), widths, opts.group_size, **kw)
-        del w_gu, h_in
-        dn_q = gptq_quantize_batched(torch.stack(w_dn), torch.stack(h_mid), widths, opts.group_size, **kw)
+            w[k] = dn
+            h[k] = mid_hessian(gu, x, act_fn, tw)
+        dn_q = gptq_quantize_batched(w, h, widths, opts.group_size, **kw)
+        del w, h
         for k, e in enumerate(chunk):
             out[e] = ExpertQuant(bits[e], gu_q[k], dn_q[k], "gptq")
     return out

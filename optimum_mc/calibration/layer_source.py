@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
 import re
 from collections.abc import Iterator
 
@@ -40,6 +42,18 @@ class PendingLayer(nn.Module):
             f"decoder layer {self.index} is not loaded yet (MC quantization in progress or interrupted); "
             f"load the quantized checkpoint instead."
         )
+
+
+def release_memory() -> None:
+    """Give freed memory back after a layer: Python garbage, CUDA's cache, and glibc's heap (``malloc_trim``;
+    without it the host RSS keeps every layer's freed float tensors)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _layer_key_pattern(index: int) -> re.Pattern:

@@ -59,7 +59,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        kw["past_key_values"] = None
+        kw["cache" if "cache" in kw else "past_key_values"] = None  # no KV cache during calibration
         kw["use_cache"] = False
         captured.append(LayerBatch(hidden.detach(), kw))
         raise _StopForward

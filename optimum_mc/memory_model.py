@@ -1,0 +1,95 @@
+"""Peak memory of MC quantization, from a model config and the options (docs/scale.md explains every term).
+
+Streamed quantization holds, at its peak, the runtime, the modules outside the decoder layers, and either the
+working set of one layer (its float weights, the calibration activations, the GPTQ workspace) or, at the end, the
+packed model. Parameter counts come from the model built on the meta device, so every family is counted exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1 << 30
+RUNTIME_BYTES = int(0.45 * GiB)  # python + torch + transformers + ortools + tokenizer, measured (docs/scale.md)
+CUDA_CONTEXT_BYTES = int(0.6 * GiB)
+FETCH_FACTOR = 2.0  # a streamed layer costs ~2x its size while transformers fuses the per-expert tensors
+GPTQ_LOOP_FACTOR = 3.0  # the column loop's copies of a chunk's stacked weights and Hessians
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes, per place, at the peak of a streamed MC quantization."""
+
+    layer_float: int
+    activations: int
+    gptq_workspace: int
+    outside_layers: int
+    packed_model: int
+    device_peak: int | None  # None: calibration on the CPU
+    host_peak: int
+
+    def as_gib(self) -> dict[str, float | None]:
+        return {k: (None if v is None else round(v / GiB, 2)) for k, v in vars(self).items()}
+
+
+def _counts(config) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    """(params outside decoder layers, largest layer's params, params of the layers outside their experts,
+    [(experts, hidden, intermediate)] of the MoE layers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .architectures import decoder_layers, get_architecture, moe_block
+
+    arch = get_architecture(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    outside = sum(p.numel() for p in model.parameters() if id(p) not in in_layers)
+    largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    moe, rest = [], 0
+    for i, layer in enumerate(layers):
+        blk = moe_block(layer, i, arch)
+        expert_ids = set() if blk is None else {id(p) for p in blk.experts.parameters()}
+        rest += sum(p.numel() for p in layer.parameters() if id(p) not in expert_ids)
+        if blk is not None:
+            e, two_i, h = blk.experts.gate_up_proj.shape
+            moe.append((int(e), int(h), int(two_i) // 2))
+    return outside, largest, rest, moe
+
+
+def estimate(
+    config,
+    bits: float = 2.5,
+    attn_bits: int = 4,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    dtype_bytes: int = 2,
+    group_size: int = 128,
+    device: str = "cpu",
+) -> MemoryEstimate:
+    """Peak memory of quantizing a model of ``config`` (a transformers config) with MC at ``bits``.
+
+    Parameters of the layers outside their experts (attention, dense MLPs, shared experts) count at ``attn_bits``.
+    ``device``: where calibration runs ("cpu" or "cuda").
+    """
+    from .calibration.expert_gptq import chunk_size, stacked_bytes
+
+    outside, largest, rest, moe = _counts(config)
+    hidden = moe[0][1] if moe else int(config.hidden_size)
+    tokens = num_samples * seq_len
+    layer_float = int(FETCH_FACTOR * largest * dtype_bytes)
+    activations = 3 * tokens * hidden * dtype_bytes
+    gptq = max(int(GPTQ_LOOP_FACTOR * chunk_size(h, i, device) * stacked_bytes(h, i)) for _, h, i in moe)
+    per_weight = bits / 8 + 4 / group_size  # codes + fp16 scale and zero per group
+    expert_params = sum(3 * e * h * i for e, h, i in moe)
+    packed = int(expert_params * per_weight + rest * (attn_bits / 8 + 4 / group_size))
+    outside_bytes = outside * dtype_bytes
+    working = layer_float + activations + gptq
+    if device == "cpu":
+        host = RUNTIME_BYTES + outside_bytes + max(working, packed)
+        dev = None
+    else:
+        host = RUNTIME_BYTES + outside_bytes + packed + int(largest * dtype_bytes)  # + mmap pages of one layer
+        dev = CUDA_CONTEXT_BYTES + working
+    return MemoryEstimate(layer_float, activations, gptq, outside_bytes, packed, dev, host)
