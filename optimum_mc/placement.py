@@ -55,6 +55,24 @@ def check_device_map(device_map) -> None:
             raise MCConfigError(f"device_map[{name!r}]: {exc}") from exc
 
 
+def check_writable_folder(path: str | None, option: str) -> None:
+    """Create ``path`` if needed and prove it writable, or raise :class:`MCConfigError` (before any work)."""
+    if path is None:
+        return
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".optimum-mc-probe-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise MCConfigError(
+            f"{option}={path!r} is not a writable folder ({exc}); pass a folder you can write to."
+        ) from exc
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's ``input_ids`` belong: its embeddings' execution device (accelerate hooks) or weights."""
     emb = model.get_input_embeddings()

@@ -148,10 +148,11 @@ class MCQuantizer(HfQuantizer):
         except ImportError as exc:  # pragma: no cover - ortools is a hard dependency
             raise ImportError("optimum-mc needs OR-Tools for the bit allocation: pip install ortools") from exc
         if not self.pre_quantized:
-            from .placement import check_device_map, resolve_device
+            from .placement import check_device_map, check_writable_folder, resolve_device
 
             resolve_device(self.quantization_config.device)
             check_device_map(kwargs.get("device_map"))
+            check_writable_folder(self.quantization_config.offload_folder, "offload_folder")
 
     def update_device_map(self, device_map):
         """Keep the user's map for the packed model; load the layer-less skeleton without any disk offload."""

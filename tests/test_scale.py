@@ -206,3 +206,40 @@ def test_memory_model_packed_size_matches_a_real_run(streamed):
     actual = sum(t.numel() * t.element_size() for layer in layers for t in layer.state_dict().values())
     assert 0.9 * actual <= est.packed_model <= 1.1 * actual
     assert est.host_peak > est.packed_model + est.outside_layers
+
+
+def test_unwritable_offload_folder_is_refused_before_work(float_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    called = []
+    monkeypatch.setattr(CheckpointLayers, "fetch", lambda *a, **k: called.append(1))
+    with pytest.raises(MCConfigError, match="offload_folder"):
+        AutoModelForCausalLM.from_pretrained(
+            float_dir, quantization_config=mc_config(offload_folder=str(blocker / "sub")), device_map="auto"
+        )
+    assert not called
+
+
+def test_qkv_share_one_hessian():
+    """q/k/v see the same input tensor: one Hessian is accumulated and shared (not computed three times)."""
+    from torch import nn
+
+    from optimum_mc.calibration.capture import LinearInputs
+
+    q, k, v, o = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 32)
+    cap = LinearInputs({"q": q, "k": k, "v": v, "o": o})
+    calls = []
+    original = type(cap.hessians["q"]).add
+    x = torch.randn(5, 32)
+    try:
+        type(cap.hessians["q"]).add = lambda self, t: (calls.append(id(self)), original(self, t))
+        for _ in range(2):
+            q(x), k(x), v(x), o(torch.randn(5, 32))
+    finally:
+        type(cap.hessians["q"]).add = original
+        cap.remove()
+    assert cap.hessians["k"] is cap.hessians["q"] is cap.hessians["v"]
+    assert cap.hessians["o"] is not cap.hessians["q"]
+    assert len(calls) == 4  # (q, o) per batch
+    ref = 2 / 10 * (2 * x.t() @ x)  # H = 2/n sum x x^T over the 10 rows of two identical batches
+    assert torch.allclose(cap.hessians["q"].hessian, ref, rtol=1e-5, atol=1e-5)
