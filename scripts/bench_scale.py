@@ -125,7 +125,8 @@ from transformers import AutoModelForCausalLM
 from optimum_mc.pipeline import quantize_model
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
-cfg = optimum_mc.MCConfig(bits=2.5, show_progress=False, num_samples=args["samples"], seq_len=args["seq_len"],
+bits = dict(bits=2, candidate_bits=[2]) if args["mode"] == "uniform" else dict(bits=2.5)
+cfg = optimum_mc.MCConfig(**bits, show_progress=False, num_samples=args["samples"], seq_len=args["seq_len"],
                           device="cpu", offload_folder=args.get("mc_offload"))
 t0 = time.perf_counter()
 if args["mode"] == "resident":
@@ -167,6 +168,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resident-check", type=int, nargs="*", default=[], help="depths also quantized fully resident")
     ap.add_argument("--offload-check", type=int, nargs="*", default=[], help="depths also run with auto + offload")
+    ap.add_argument("--uniform-check", type=int, nargs="*", default=[], help="depths also run as uniform 2-bit GPTQ")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
@@ -184,6 +186,7 @@ def main() -> None:
             ["streamed"]
             + (["resident"] if n in a.resident_check else [])
             + (["offload"] if n in a.offload_check else [])
+            + (["uniform"] if n in a.uniform_check else [])
         )
         row = {"layers": n, "bf16_bytes": size}
         for mode in modes:
@@ -201,6 +204,9 @@ def main() -> None:
                 f"({r['peak_rss'] / size:.2f}x bf16 model), {r.get('device_map')}",
                 flush=True,
             )
+        if "uniform" in row:
+            row["mc_over_uniform_time"] = row["streamed"]["seconds"] / row["uniform"]["seconds"]
+            print(f"layers={n}: MC 2.5 time / uniform 2-bit GPTQ time = {row['mc_over_uniform_time']:.2f}", flush=True)
         if "resident" in row:
             row["same_bytes_as_resident"] = row["resident"]["sha256"] == row["streamed"]["sha256"]
             print(f"layers={n}: streamed and resident bytes identical: {row['same_bytes_as_resident']}", flush=True)
