@@ -76,7 +76,8 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -113,6 +114,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_dequantize.restype = _INT
     lib.mc_gemv.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _I64, _INT]
     lib.mc_gemv.restype = _INT
+    lib.mc_dequantize_bf16.argtypes = [_P, _P, _P, _P, _I64, _I64, _INT, _I64, _INT]
+    lib.mc_dequantize_bf16.restype = _INT
+    lib.mc_moe_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _INT]
+    lib.mc_moe_gemv.restype = _INT
+    lib.mc_moe_decode.argtypes = [_P, _I64, _I64, _P, _P, *[_P] * 7, _I64, _I64, _I64, _I64, _I64, _INT, _P, _INT]
+    lib.mc_moe_decode.restype = _INT
     return lib
 
 
