@@ -198,14 +198,21 @@ def qmatmul_cpu(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
     lib = _fast_path(qweight, scales, zeros, bits)
     if lib is None:
         return qmatmul_reference(x, qweight, scales, zeros, bits)
-    out_f, in_f, lead = qweight.shape[0], x.shape[-1], x.shape[:-1]
-    xf = x.reshape(-1, in_f)
+    return qmatmul_validated(lib, x, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bits)
+
+
+def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int) -> torch.Tensor:
+    """``qmatmul`` on a packed matrix already known to suit the C kernels (contiguous, canonical dtypes and shapes:
+    checked by :func:`_fast_path`, or once by the module holding it) and ``x`` with ``in_features`` columns."""
+    out_f, in_f, lead = qw.shape[0], x.shape[-1], x.shape[:-1]
+    xf = x if x.dim() == 2 else x.reshape(-1, in_f)
     if xf.dtype != torch.float32:
         xf = xf.float()
-    xf, rows = xf.contiguous(), xf.shape[0]
+    if not xf.is_contiguous():
+        xf = xf.contiguous()
+    rows = xf.shape[0]
     if rows == 0:
         return x.new_zeros((*lead, out_f))
-    qw, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if rows <= GEMV_MAX_ROWS:
         y = torch.empty(rows, out_f, dtype=torch.float32)
         rc = lib.mc_gemv(
@@ -220,7 +227,7 @@ def qmatmul_cpu(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
         y = _gemm(lib, xf, qw, s, z, bits)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y.view(*lead, out_f)
+    return y if x.dim() == 2 else y.view(*lead, out_f)
 
 
 def register() -> None:

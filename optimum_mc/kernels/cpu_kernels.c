@@ -131,13 +131,12 @@ int mc_dequantize(const uint8_t *qweight, const uint16_t *scales, const uint16_t
 /* xs = x with lane l of each chunk scaled by 2^-(l*b) where codes stay unshifted, else x; xsum = per-group sums. */
 static void prepare_x(const float *x, float *xs, float *xsum, int64_t M, int64_t in_f, int bits, int64_t group_size) {
     int64_t groups = in_f / group_size;
+    float f[8];
+    for (int l = 0; l < 8; l++) f[l] = bits <= PRESCALE_MAX_BITS ? (float)(1.0 / (double)(1u << (l * bits))) : 1.0f;
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * in_f;
         float *dst = xs + m * in_f;
-        for (int64_t k = 0; k < in_f; k++) {
-            float f = bits <= PRESCALE_MAX_BITS ? (float)(1.0 / (double)(1u << ((k & 7) * bits))) : 1.0f;
-            dst[k] = xm[k] * f;
-        }
+        for (int64_t k = 0; k < in_f; k++) dst[k] = xm[k] * f[k & 7];
         for (int64_t g = 0; g < groups; g++) {
             float acc = 0.0f;
             for (int64_t k = g * group_size; k < (g + 1) * group_size; k++) acc += xm[k];

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError
 from .activations import ACTIVATIONS
+from .eager import plain_eager
 from .ops import check_packed
 from .reference import moe_reference
 
@@ -132,16 +133,6 @@ def moe(
     return moe_op(x, top_k_index, top_k_weights, *lists, list(bits), activation)
 
 
-def _plain_eager(x: torch.Tensor) -> bool:
-    """True outside tracing / fake-tensor modes, for a plain tensor that does not need a gradient."""
-    return (
-        type(x) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not (x.requires_grad and torch.is_grad_enabled())
-    )
-
-
 def moe_op(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -163,7 +154,7 @@ def moe_op(
     """
     args = (x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
             down_scales, down_zeros, bits, activation)  # fmt: skip
-    if x.device.type == "cpu" and _plain_eager(x):
+    if x.device.type == "cpu" and plain_eager(x):
         fn = _EAGER.get("cpu")
         if fn is not None:
             return fn(*args)
