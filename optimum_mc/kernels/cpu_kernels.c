@@ -313,12 +313,15 @@ int mc_gemv(const float *x, const uint8_t *qweight, const uint16_t *scales, cons
 /* ---------------------------------------------------------------------------------------------------------------
  * Dequantize to bf16 (round to nearest even, like torch's cast): the prefill path feeds bf16 BLAS with it.
  * ------------------------------------------------------------------------------------------------------------- */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays a (quiet) NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+/* n floats to bf16, round to nearest even (NaN stays NaN); branch-free so the compiler vectorizes it. */
+static void floats_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t u;
+        memcpy(&u, &src[k], 4);
+        uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        uint32_t quiet = (u >> 16) | 0x40u;
+        dst[k] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);
+    }
 }
 
 /* Returns 0, or -1 when out of memory. */
@@ -340,8 +343,7 @@ int mc_dequantize_bf16(const uint8_t *qweight, const uint16_t *scales, const uin
             if (tmp == NULL) continue;
             const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
             dequantize_row(row, scales + o * groups, zeros + o * groups, tmp, in_f, bits, group_size);
-            uint16_t *d = out + o * in_f;
-            for (int64_t k = 0; k < in_f; k++) d[k] = float_to_bf16(tmp[k]);
+            floats_to_bf16(tmp, out + o * in_f, in_f);
         }
         free(tmp);
     }
