@@ -227,3 +227,17 @@ def test_quantized_model_compiles_and_static_cache_generate_matches_eager():
         model.forward = torch.compile(model.forward, backend="aot_eager")
         compiled = model.generate(ids, **kw)
     assert torch.equal(eager, compiled)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_bf16_dequantize_is_the_rounded_reference(bits):
+    lib = cpu.library()
+    if lib is None:
+        pytest.skip("no C compiler: the reference serves the CPU")
+    qw, s, z = _experts([bits], hidden=256, inter=128, group=64)[0][0]  # gate_up: 256 x 256
+    out = torch.empty(qw.shape[0], 256, dtype=torch.bfloat16)
+    assert lib.mc_dequantize_bf16(qw.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), qw.shape[0], 256, bits,
+                                  64, 2) == 0  # fmt: skip
+    from optimum_mc.kernels.reference import dequantize_reference
+
+    assert torch.equal(out, dequantize_reference(qw, s, z, bits, torch.float32).to(torch.bfloat16))

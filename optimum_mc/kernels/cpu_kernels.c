@@ -315,7 +315,14 @@ int mc_gemv(const float *x, const uint8_t *qweight, const uint16_t *scales, cons
  * ------------------------------------------------------------------------------------------------------------- */
 /* n floats to bf16, round to nearest even (NaN stays NaN); branch-free so the compiler vectorizes it. */
 static void floats_to_bf16(const float *src, uint16_t *dst, int64_t n) {
-    for (int64_t k = 0; k < n; k++) {
+    int64_t k = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    for (; k + 8 <= n; k += 8) { /* hardware round-to-nearest-even conversion */
+        __m128bh v = _mm256_cvtneps_pbh(_mm256_loadu_ps(src + k));
+        _mm_storeu_si128((__m128i *)(dst + k), (__m128i)v);
+    }
+#endif
+    for (; k < n; k++) {
         uint32_t u;
         memcpy(&u, &src[k], 4);
         uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -333,17 +340,23 @@ int mc_dequantize_bf16(const uint8_t *qweight, const uint16_t *scales, const uin
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1 && rows * in_f >= (1 << 18))
     {
-        float *tmp = (float *)malloc(sizeof(float) * (size_t)in_f);
+        /* a few rows at a time through an fp32 buffer that stays in L1/L2, then converted */
+        const int64_t chunk_rows = in_f >= 4096 ? 1 : 4096 / in_f;
+        float *tmp = (float *)malloc(sizeof(float) * (size_t)(in_f * chunk_rows));
         if (tmp == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t o = 0; o < rows; o++) {
+        for (int64_t c0 = 0; c0 < rows; c0 += chunk_rows) {
             if (tmp == NULL) continue;
-            const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
-            dequantize_row(row, scales + o * groups, zeros + o * groups, tmp, in_f, bits, group_size);
-            floats_to_bf16(tmp, out + o * in_f, in_f);
+            int64_t c1 = c0 + chunk_rows < rows ? c0 + chunk_rows : rows;
+            for (int64_t o = c0; o < c1; o++) {
+                const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
+                dequantize_row(row, scales + o * groups, zeros + o * groups, tmp + (o - c0) * in_f, in_f, bits,
+                               group_size);
+            }
+            floats_to_bf16(tmp, out + c0 * in_f, (c1 - c0) * in_f);
         }
         free(tmp);
     }
