@@ -31,6 +31,10 @@ class DeviceMismatchError(MCError, ValueError):
     """Tensors that must live on one device do not."""
 
 
+class RoutingError(MCError, ValueError):
+    """Routing indices / weights passed to the fused MoE op are out of range or of the wrong shape."""
+
+
 class CheckpointError(MCError, ValueError):
     """A quantized checkpoint's tensors disagree with its quantization config."""
 

@@ -19,21 +19,24 @@ import time
 
 import torch
 
-from optimum_mc.kernels import cpu, qmatmul
+from optimum_mc.kernels import cpu, moe, qmatmul
 from optimum_mc.packing import SUPPORTED_BITS, ideal_nbytes, pack, packed_nbytes
 
 SMALL = [(512, 256), (256, 512)]  # reference model experts (gate/up and down projections)
 LARGE = [(14336, 4096), (4096, 14336)]  # Mixtral-8x7B experts (w1/w3 and w2)
 
 
-def median_time(fn, min_time: float, min_runs: int = 5, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` over at least ``min_runs`` calls and ``min_time`` seconds."""
+def median_time(fn, min_time: float, min_runs: int = 5, warmup: int = 2, device: str = "cpu") -> float:
+    """Median wall time of ``fn()`` over at least ``min_runs`` calls and ``min_time`` seconds (CUDA: synchronized)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times, start = [], time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_time:
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -95,6 +98,53 @@ def main(argv=None) -> None:
                     f"| {tq * 1e3:.3f} | {t32 * 1e3:.3f} | {t16 * 1e3:.3f} |",
                     flush=True,
                 )
+    moe_section(args, min_time)
+
+
+def dense_moe(x, idx, wts, w1, w2) -> torch.Tensor:
+    """A float MoE layer, expert by expert (what transformers' eager experts do)."""
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        tok, slot = torch.where(idx == e)
+        g, u = torch.nn.functional.linear(x[tok], w1[e]).chunk(2, -1)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w2[e])
+        out.index_add_(0, tok, y * wts[tok, slot, None].to(x.dtype))
+    return out
+
+
+def moe_layer_rows(device: str, hidden: int, inter: int, experts: int, group: int, rows_list, min_time: float):
+    """The fused MoE op (``optimum_mc::moe``, experts at 2/3 bits alternating, top-2) vs the dense layer
+    (per-expert ``F.linear`` in fp16/bf16 on CUDA, fp32 and bf16 on CPU) on ``device``; prints markdown rows."""
+    gen = torch.Generator().manual_seed(1)
+    bits = [(2, 3)[e % 2] for e in range(experts)]
+    gate_up, down = [], []
+    for b in bits:
+        gate_up.append(tuple(t.to(device) for t in random_packed(2 * inter, hidden, b, group, gen)))
+        down.append(tuple(t.to(device) for t in random_packed(hidden, inter, b, group, gen)))
+    dtypes = (torch.float16, torch.bfloat16) if device.startswith("cuda") else (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
+        w1 = torch.randn(experts, 2 * inter, hidden, generator=gen).mul_(0.02).to(device, dtype)
+        w2 = torch.randn(experts, hidden, inter, generator=gen).mul_(0.02).to(device, dtype)
+        for rows in rows_list:
+            idx = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(rows)]).to(device)
+            wts = torch.rand(rows, 2, generator=gen).to(device)
+            x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
+
+            td = median_time(lambda: dense_moe(x, idx, wts, w1, w2), min_time, device=device)  # noqa: B023
+            tq = median_time(lambda: moe(x, idx, wts, gate_up, down, bits), min_time, device=device)  # noqa: B023
+            print(f"| {device} | {hidden}x{inter}x{experts} | {rows} | {str(dtype)[6:]} | {td / tq:.2f} "
+                  f"| {tq * 1e3:.3f} | {td * 1e3:.3f} |", flush=True)  # fmt: skip
+
+
+def moe_section(args, min_time: float) -> None:
+    """The fused MoE layer: the reference model's shape on CPU; Mixtral's too on CUDA when a GPU is present."""
+    print("\nfused MoE layer (2.5 bits mean, top-2) vs dense experts (dense time / packed time):\n")
+    print("| device | hidden x inter x experts | tokens | dtype | vs dense | packed ms | dense ms |")
+    print("|---|---|---|---|---|---|---|")
+    moe_layer_rows("cpu", 256, 512, 8, args.group_size, args.batches, min_time)
+    if torch.cuda.is_available():
+        for hidden, inter in ((256, 512), (4096, 14336)):
+            moe_layer_rows("cuda", hidden, inter, 8, args.group_size, args.batches, min_time)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,54 @@ def test_import_without_gpu_keeps_reference_on_cpu():
     x = torch.randn(2, 64)
     p = pack(q, 2)
     torch.testing.assert_close(qmatmul(x, p, s, z, 2), qmatmul_reference(x, p, s, z, 2), rtol=1e-5, atol=1e-5)
+
+
+MOE_CHECK = r"""
+import torch
+from optimum_mc.group_quant import rtn_quantize
+from optimum_mc.kernels.moe_triton import BLOCK_M, sorted_layout, triton_moe
+from optimum_mc.kernels.reference import moe_reference
+from optimum_mc.packing import pack
+
+g = torch.Generator().manual_seed(0)
+bits = [1, 2, 3, 4, 8, 3]  # every bit-width in one launch
+E, H, I = len(bits), 64, 96
+gu, dn = [], []
+for b in bits:
+    q, s, z = rtn_quantize(torch.randn(2 * I, H, generator=g) * 0.1, b, 32)
+    gu.append((pack(q, b), s, z))
+    q, s, z = rtn_quantize(torch.randn(H, I, generator=g) * 0.1, b, -1)  # another group size for down
+    dn.append((pack(q, b), s, z))
+lists = [[m[j] for m in gu] for j in range(3)] + [[m[j] for m in dn] for j in range(3)]
+for tokens in (1, 21):
+    for dtype in (torch.float32, torch.bfloat16):
+        idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+        idx[0, 1] = E  # dropped by ODP
+        w = torch.rand(tokens, 2, generator=g)
+        x = torch.randn(tokens, H, generator=g).to(dtype)
+        rows, block_expert = sorted_layout(idx, E)
+        kept = (idx < E).sum().item()
+        assert (rows < tokens * 2).sum().item() == kept  # every kept pair once, dropped ones nowhere
+        assert sorted(rows[rows < tokens * 2].tolist()) == sorted((idx.reshape(-1) < E).nonzero().view(-1).tolist())
+        for b in range(block_expert.numel()):  # one expert per block, and it is the pairs' expert
+            blk = rows[b * BLOCK_M:(b + 1) * BLOCK_M]
+            live = blk[blk < tokens * 2]
+            if live.numel():
+                assert (idx.reshape(-1)[live] == block_expert[b]).all()
+        for act in ("silu", "gelu_tanh"):
+            ref = moe_reference(x, idx, w, gu, dn, bits, act)
+            got = triton_moe(x, idx, w, *lists, bits, act)
+            assert got.dtype == dtype
+            # fp32: accumulation order; bf16: one rounding of the result
+            tol = (1e-5 if dtype == torch.float32 else 2 ** -7) * ref.float().abs().max().item() + 1e-6
+            err = (got.float() - ref.float()).abs().max().item()
+            assert err <= tol, (tokens, dtype, act, err, tol)
+print("ok")
+"""
+
+
+def test_triton_moe_matches_reference_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", MOE_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

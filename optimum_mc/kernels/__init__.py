@@ -10,10 +10,24 @@ import os
 # before the kernel library is loaded (lazily, on first use). A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import cpu, triton  # noqa: E402
+from . import cpu, moe_cpu, moe_triton, triton  # noqa: E402
+from .activations import ACTIVATIONS, activation_name  # noqa: E402
+from .moe import check_experts, check_routing, moe, moe_op  # noqa: E402
 from .ops import check_packed, dequantize, qmatmul  # noqa: E402
 
 cpu.register()
+moe_cpu.register()
 triton.register()
+moe_triton.register()
 
-__all__ = ["check_packed", "dequantize", "qmatmul"]
+__all__ = [
+    "ACTIVATIONS",
+    "activation_name",
+    "check_experts",
+    "check_packed",
+    "check_routing",
+    "dequantize",
+    "moe",
+    "moe_op",
+    "qmatmul",
+]

@@ -76,7 +76,8 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -113,6 +114,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_dequantize.restype = _INT
     lib.mc_gemv.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _I64, _INT]
     lib.mc_gemv.restype = _INT
+    lib.mc_dequantize_bf16.argtypes = [_P, _P, _P, _P, _I64, _I64, _INT, _I64, _INT]
+    lib.mc_dequantize_bf16.restype = _INT
+    lib.mc_moe_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _INT]
+    lib.mc_moe_gemv.restype = _INT
+    lib.mc_moe_decode.argtypes = [_P, _I64, _I64, _P, _P, *[_P] * 7, _I64, _I64, _I64, _I64, _I64, _INT, _P, _INT]
+    lib.mc_moe_decode.restype = _INT
     return lib
 
 
@@ -191,14 +198,21 @@ def qmatmul_cpu(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
     lib = _fast_path(qweight, scales, zeros, bits)
     if lib is None:
         return qmatmul_reference(x, qweight, scales, zeros, bits)
-    out_f, in_f, lead = qweight.shape[0], x.shape[-1], x.shape[:-1]
-    xf = x.reshape(-1, in_f)
+    return qmatmul_validated(lib, x, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bits)
+
+
+def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int) -> torch.Tensor:
+    """``qmatmul`` on a packed matrix already known to suit the C kernels (contiguous, canonical dtypes and shapes:
+    checked by :func:`_fast_path`, or once by the module holding it) and ``x`` with ``in_features`` columns."""
+    out_f, in_f, lead = qw.shape[0], x.shape[-1], x.shape[:-1]
+    xf = x if x.dim() == 2 else x.reshape(-1, in_f)
     if xf.dtype != torch.float32:
         xf = xf.float()
-    xf, rows = xf.contiguous(), xf.shape[0]
+    if not xf.is_contiguous():
+        xf = xf.contiguous()
+    rows = xf.shape[0]
     if rows == 0:
         return x.new_zeros((*lead, out_f))
-    qw, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if rows <= GEMV_MAX_ROWS:
         y = torch.empty(rows, out_f, dtype=torch.float32)
         rc = lib.mc_gemv(
@@ -213,7 +227,7 @@ def qmatmul_cpu(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
         y = _gemm(lib, xf, qw, s, z, bits)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y.view(*lead, out_f)
+    return y if x.dim() == 2 else y.view(*lead, out_f)
 
 
 def register() -> None:

@@ -131,13 +131,12 @@ int mc_dequantize(const uint8_t *qweight, const uint16_t *scales, const uint16_t
 /* xs = x with lane l of each chunk scaled by 2^-(l*b) where codes stay unshifted, else x; xsum = per-group sums. */
 static void prepare_x(const float *x, float *xs, float *xsum, int64_t M, int64_t in_f, int bits, int64_t group_size) {
     int64_t groups = in_f / group_size;
+    float f[8];
+    for (int l = 0; l < 8; l++) f[l] = bits <= PRESCALE_MAX_BITS ? (float)(1.0 / (double)(1u << (l * bits))) : 1.0f;
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * in_f;
         float *dst = xs + m * in_f;
-        for (int64_t k = 0; k < in_f; k++) {
-            float f = bits <= PRESCALE_MAX_BITS ? (float)(1.0 / (double)(1u << ((k & 7) * bits))) : 1.0f;
-            dst[k] = xm[k] * f;
-        }
+        for (int64_t k = 0; k < in_f; k++) dst[k] = xm[k] * f[k & 7];
         for (int64_t g = 0; g < groups; g++) {
             float acc = 0.0f;
             for (int64_t k = g * group_size; k < (g + 1) * group_size; k++) acc += xm[k];
@@ -308,5 +307,199 @@ int mc_gemv(const float *x, const uint8_t *qweight, const uint16_t *scales, cons
     free(pad);
     free(xs);
     free(xsum);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Dequantize to bf16 (round to nearest even, like torch's cast): the prefill path feeds bf16 BLAS with it.
+ * ------------------------------------------------------------------------------------------------------------- */
+/* n floats to bf16, round to nearest even (NaN stays NaN); branch-free so the compiler vectorizes it. */
+static void floats_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t k = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    for (; k + 8 <= n; k += 8) { /* hardware round-to-nearest-even conversion */
+        __m128bh v = _mm256_cvtneps_pbh(_mm256_loadu_ps(src + k));
+        _mm_storeu_si128((__m128i *)(dst + k), (__m128i)v);
+    }
+#endif
+    for (; k < n; k++) {
+        uint32_t u;
+        memcpy(&u, &src[k], 4);
+        uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        uint32_t quiet = (u >> 16) | 0x40u;
+        dst[k] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);
+    }
+}
+
+/* Returns 0, or -1 when out of memory. */
+int mc_dequantize_bf16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, uint16_t *out,
+                       int64_t rows, int64_t in_f, int bits, int64_t group_size, int threads) {
+    int64_t row_bytes = in_f * bits / 8, groups = in_f / group_size;
+    uint8_t *pad = (uint8_t *)malloc((size_t)row_bytes + 8);
+    if (pad == NULL) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && rows * in_f >= (1 << 18))
+    {
+        /* a few rows at a time through an fp32 buffer that stays in L1/L2, then converted */
+        const int64_t chunk_rows = in_f >= 4096 ? 1 : 4096 / in_f;
+        float *tmp = (float *)malloc(sizeof(float) * (size_t)(in_f * chunk_rows));
+        if (tmp == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t c0 = 0; c0 < rows; c0 += chunk_rows) {
+            if (tmp == NULL) continue;
+            int64_t c1 = c0 + chunk_rows < rows ? c0 + chunk_rows : rows;
+            for (int64_t o = c0; o < c1; o++) {
+                const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
+                dequantize_row(row, scales + o * groups, zeros + o * groups, tmp + (o - c0) * in_f, in_f, bits,
+                               group_size);
+            }
+            floats_to_bf16(tmp, out + c0 * in_f, (c1 - c0) * in_f);
+        }
+        free(tmp);
+    }
+    free(pad);
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Grouped GEMV for a mixture of experts: the rows of x routed to expert e are rows [start[e], start[e] + count[e])
+ * of x (sorted by expert); y rows correspond. Expert e's packed matrix (out_f, in_f) at bits[e] sits at
+ * qptr[e] / sptr[e] / zptr[e]. Work items are (expert, block of BLOCK_ROWS output rows), spread over threads, so
+ * every expert's weights are read once per call whatever the bit-width mix. Experts with count 0 cost nothing.
+ * ------------------------------------------------------------------------------------------------------------- */
+#define MOE_BLOCK_ROWS 64
+/* weights x rows below which one thread does it all: waking a second thread costs more than it saves there */
+#define MOE_PARALLEL_WORK (1 << 21)
+
+/* Returns 0, -1 for an unsupported bit-width, -2 when out of memory. */
+int mc_moe_gemv(const float *x, const int64_t *qptr, const int64_t *sptr, const int64_t *zptr, const int32_t *bits,
+                const int64_t *start, const int64_t *count, int64_t E, float *y, int64_t out_f, int64_t in_f,
+                int64_t group_size, int threads) {
+    int64_t groups = in_f / group_size, P = 0, items = 0, blocks = (out_f + MOE_BLOCK_ROWS - 1) / MOE_BLOCK_ROWS;
+    for (int64_t e = 0; e < E; e++) {
+        if (count[e] <= 0) continue;
+        if (gemv_range(bits[e], 1) == NULL) return -1;
+        P = start[e] + count[e] > P ? start[e] + count[e] : P;
+        items += blocks;
+    }
+    if (items == 0) return 0;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(P * in_f));
+    float *xsum = (float *)malloc(sizeof(float) * (size_t)(P * groups));
+    int64_t *item_expert = (int64_t *)malloc(sizeof(int64_t) * (size_t)items);
+    int rc = (xs == NULL || xsum == NULL || item_expert == NULL) ? -2 : 0;
+    int64_t work = 0;
+    if (rc == 0) {
+        int64_t n = 0;
+        for (int64_t e = 0; e < E; e++) {
+            if (count[e] <= 0) continue;
+            prepare_x(x + start[e] * in_f, xs + start[e] * in_f, xsum + start[e] * groups, count[e], in_f, bits[e],
+                      group_size);
+            for (int64_t b = 0; b < blocks; b++) item_expert[n++] = e * blocks + b;
+            work += count[e] * out_f * in_f;
+        }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work >= MOE_PARALLEL_WORK)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t e = item_expert[it] / blocks, b = item_expert[it] % blocks;
+            int64_t begin = b * MOE_BLOCK_ROWS, end = begin + MOE_BLOCK_ROWS < out_f ? begin + MOE_BLOCK_ROWS : out_f;
+            int eb = bits[e];
+            uint8_t *pad = NULL;
+            if (end == out_f) { /* this block holds the last row, whose 32-bit loads may run past the buffer */
+                pad = (uint8_t *)malloc((size_t)(in_f * eb / 8) + 8);
+                if (pad == NULL) {
+#pragma omp atomic write
+                    rc = -2;
+                    continue;
+                }
+            }
+            for (int64_t m0 = 0; m0 < count[e]; m0 += 4) {
+                int64_t mm = count[e] - m0 < 4 ? count[e] - m0 : 4, r = start[e] + m0;
+                gemv_args a = {(const uint8_t *)(intptr_t)qptr[e], (const uint16_t *)(intptr_t)sptr[e],
+                               (const uint16_t *)(intptr_t)zptr[e], xs + r * in_f, xsum + r * groups, y + r * out_f,
+                               out_f, in_f, group_size, pad};
+                gemv_range(eb, mm)(&a, begin, end);
+            }
+            free(pad);
+        }
+    }
+    free(item_expert);
+    free(xs);
+    free(xsum);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * A whole MoE layer for a few tokens (decode) in one call: sort the (token, slot) pairs by expert (counting sort;
+ * dropped slots, index == E, are left out), gather their rows of x, grouped GEMV of gate_up, act(gate) * up,
+ * grouped GEMV of down, then out[t] = sum of w[t, k] * y over the token's kept slots, in expert order.
+ * act: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation), 3 relu.
+ * ------------------------------------------------------------------------------------------------------------- */
+#include <math.h>
+
+static inline float activate(float v, int act) {
+    switch (act) {
+        case 0: return v / (1.0f + expf(-v));
+        case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        case 2: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+        default: return v > 0.0f ? v : 0.0f;
+    }
+}
+
+/* Returns 0, -1 for an unsupported bit-width, -2 when out of memory, -3 for an index outside [0, E]. */
+int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx, const float *w, const int64_t *gq,
+                  const int64_t *gs, const int64_t *gz, const int64_t *dq, const int64_t *ds, const int64_t *dz,
+                  const int32_t *bits, int64_t E, int64_t H, int64_t I, int64_t group_gu, int64_t group_dn, int act,
+                  float *out, int threads) {
+    memset(out, 0, sizeof(float) * (size_t)(T * H));
+    int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t));
+    int64_t *start = (int64_t *)calloc((size_t)E, sizeof(int64_t));
+    int64_t *fill = (int64_t *)calloc((size_t)E, sizeof(int64_t));
+    int64_t *pair = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T * K + 1));
+    int rc = (count == NULL || start == NULL || fill == NULL || pair == NULL) ? -2 : 0;
+    float *xg = NULL, *h = NULL, *y = NULL;
+    int64_t P = 0;
+    for (int64_t p = 0; rc == 0 && p < T * K; p++) {
+        if (idx[p] < 0 || idx[p] > E) rc = -3;
+        else if (idx[p] < E) count[idx[p]]++;
+    }
+    if (rc == 0) {
+        for (int64_t e = 0; e < E; e++) {
+            start[e] = P;
+            P += count[e];
+        }
+        for (int64_t p = 0; p < T * K; p++)
+            if (idx[p] < E) pair[start[idx[p]] + fill[idx[p]]++] = p;
+        xg = (float *)malloc(sizeof(float) * (size_t)(P * H + 1));
+        h = (float *)malloc(sizeof(float) * (size_t)(P * 2 * I + 1));
+        y = (float *)malloc(sizeof(float) * (size_t)(P * H + 1));
+        if (xg == NULL || h == NULL || y == NULL) rc = -2;
+    }
+    if (rc == 0 && P > 0) {
+        for (int64_t r = 0; r < P; r++) memcpy(xg + r * H, x + (pair[r] / K) * H, sizeof(float) * (size_t)H);
+        rc = mc_moe_gemv(xg, gq, gs, gz, bits, start, count, E, h, 2 * I, H, group_gu, threads);
+        if (rc == 0) {
+            for (int64_t r = 0; r < P; r++) {
+                float *hr = h + r * 2 * I, *ar = h + r * I; /* act(gate) * up, compacted in place into (P, I) */
+                for (int64_t j = 0; j < I; j++) ar[j] = activate(hr[j], act) * hr[I + j];
+            }
+            rc = mc_moe_gemv(h, dq, ds, dz, bits, start, count, E, y, H, I, group_dn, threads);
+        }
+        if (rc == 0) {
+            for (int64_t r = 0; r < P; r++) {
+                float wr = w[pair[r]], *o = out + (pair[r] / K) * H;
+                const float *yr = y + r * H;
+                for (int64_t j = 0; j < H; j++) o[j] += wr * yr[j];
+            }
+        }
+    }
+    free(count);
+    free(start);
+    free(fill);
+    free(pair);
+    free(xg);
+    free(h);
+    free(y);
     return rc;
 }

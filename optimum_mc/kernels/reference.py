@@ -23,3 +23,33 @@ def qmatmul_reference(
     """``x @ W.T`` with ``W`` dequantized in fp32; the result has ``x``'s dtype."""
     w = dequantize_reference(qweight, scales, zeros, bits, torch.float32)
     return (x.float() @ w.t()).to(x.dtype)
+
+
+def moe_reference(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    down: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    bits: list[int],
+    activation: str,
+) -> torch.Tensor:
+    """The fused MoE op, expert by expert: ``sum_slots w * down(act(gate) * up)`` in fp32, cast to ``x.dtype``.
+
+    ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed ``(qweight, scales, zeros)`` at ``bits[e]`` bits; slots
+    whose index is ``len(bits)`` (dropped by online dynamic pruning) are skipped.
+    """
+    from .activations import ACTIVATIONS
+
+    act = ACTIVATIONS[activation]
+    xf = x.float()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e, b in enumerate(bits):
+        token, slot = torch.where(top_k_index == e)
+        if token.numel() == 0:
+            continue
+        h = xf[token] @ dequantize_reference(*gate_up[e], b, torch.float32).t()
+        gate, up = h.chunk(2, dim=-1)
+        y = (act(gate) * up) @ dequantize_reference(*down[e], b, torch.float32).t()
+        out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
+    return out.to(x.dtype)

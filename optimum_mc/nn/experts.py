@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedArchitectureError
+from ..kernels import activation_name, check_routing, moe_op
 from .linear import QuantLinear
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -70,6 +71,8 @@ class MCExperts(nn.Module):
         self.packed = nn.ModuleList(
             PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device) for b in bits
         )
+        # the fused op's name for act_fn; None (an activation it does not know) keeps the per-expert loop
+        self.activation = activation_name(act_fn)
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: list[int], group_size: int) -> MCExperts:
@@ -106,9 +109,37 @@ class MCExperts(nn.Module):
         gate, up = self.packed[e].gate_up(x).chunk(2, dim=-1)
         return self.packed[e].down(self.act_fn(gate) * up)
 
+    def packed_weights(self) -> tuple[list[torch.Tensor], ...]:
+        """Six lists over experts: gate_up ``qweight``, ``scales``, ``zeros``, then the same of down.
+
+        Read straight from the submodules' buffer dicts (``nn.Module.__getattr__`` would cost ~1 µs per tensor,
+        which is most of a small decode step); never cached, so replaced buffers (``.to()``, loading) are seen.
+        """
+        gq, gs, gz, dq, ds, dz = [], [], [], [], [], []
+        for p in self.packed._modules.values():
+            g, d = p._modules["gate_up"]._buffers, p._modules["down"]._buffers
+            gq.append(g["qweight"])
+            gs.append(g["scales"])
+            gz.append(g["zeros"])
+            dq.append(d["qweight"])
+            ds.append(d["scales"])
+            dz.append(d["zeros"])
+        return gq, gs, gz, dq, ds, dz
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self.activation is None:
+            return self.forward_per_expert(hidden_states, top_k_index, top_k_weights)
+        # the packed buffers were validated when built or loaded (QuantLinear); only the routing is checked here
+        first = self.packed[0].gate_up.qweight
+        check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
+        return moe_op(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.bits, self.activation)
+
+    def forward_per_expert(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Expert-by-expert evaluation (a Python loop over the hit experts): for activations the fused op lacks."""
         out = torch.zeros_like(hidden_states)
         flat = top_k_index.reshape(top_k_index.shape[0], -1)
         hit = torch.unique(flat)

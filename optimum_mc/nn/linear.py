@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DeviceMismatchError, ShapeError
 from ..group_quant import check_group_size, rtn_quantize
-from ..kernels import dequantize, qmatmul
+from ..kernels import cpu, dequantize
+from ..kernels.eager import plain_eager
 from ..packing import check_bits, pack, packed_words
+
+_INT32, _FP16 = torch.int32, torch.float16
 
 
 def float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -49,6 +52,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._qshape, self._gshape = self.qweight.shape, self.scales.shape
+        # groups of whole 32-code blocks: what the C kernels take (others go through the dispatcher's reference)
+        self._cpu_kernel = self.group_size % 32 == 0
+        self._checked: tuple[torch.Tensor, ...] = ()  # the buffers last found fit for the C kernels
 
     @classmethod
     def from_codes(
@@ -96,8 +103,47 @@ class QuantLinear(nn.Module):
         return float_linear(self.dequantize_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = qmatmul(x, self.qweight, self.scales, self.zeros, self.bits)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
+        # The buffers' shapes and dtypes are fixed at construction and checked at load (_load_from_state_dict);
+        # _apply keeps scales / zeros in fp16 through .to(dtype). So a call only checks x and what could still
+        # have been swapped in by hand (cheap flag reads), then runs the kernel.
+        b = self._buffers
+        qw, s, z = b["qweight"], b["scales"], b["zeros"]
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(f"x has {x.shape[-1]} features, this layer expects {self.in_features}.")
+        if x.device != qw.device:
+            raise DeviceMismatchError(f"x is on {x.device} but the packed weight is on {qw.device}; move one.")
+        y = None
+        if x.device.type == "cpu" and x.dtype.is_floating_point and plain_eager(x) and self._cpu_kernel:
+            lib = cpu.library()  # cached
+            c = self._checked
+            fits = (c and c[0] is qw and c[1] is s and c[2] is z) or self._check_cpu_buffers(qw, s, z)
+            if lib is not None and fits:
+                y = cpu.qmatmul_validated(lib, x, qw, s, z, self.bits)
+        if y is None:
+            y = torch.ops.optimum_mc.qmatmul(x, qw, s, z, self.bits)
+        bias = b["bias"]
+        return y + bias.to(y.dtype) if bias is not None else y
+
+    def _check_cpu_buffers(self, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> bool:
+        """Whether the buffers are what the C kernels read; remembered (by identity) until a buffer is replaced."""
+        ok = (
+            qw.dtype == _INT32 and s.dtype == _FP16 and z.dtype == _FP16
+            and qw.shape == self._qshape and s.shape == self._gshape and z.shape == self._gshape
+            and qw.is_contiguous() and s.is_contiguous() and z.is_contiguous()
+        )  # fmt: skip
+        self._checked = (qw, s, z) if ok else ()
+        return ok
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move buffers like any module, but keep the grid fp16 (``model.to(torch.bfloat16)`` must not round it):
+        a cast of ``scales`` / ``zeros`` is undone exactly by moving the original to the new device instead."""
+        grid = {name: self._buffers[name] for name in ("scales", "zeros")}
+        super()._apply(fn, recurse)
+        for name, old in grid.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != _FP16:
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def nbytes(self) -> int:
         """Packed storage of the weight (codes + scales + zeros)."""

@@ -1,0 +1,170 @@
+"""``optimum_mc::moe``: one op for a whole mixed-precision MoE layer (all experts, both projections, routing sum).
+
+Schema: ``moe(x (T, H), top_k_index (T, K), top_k_weights (T, K), gate_up_{qweight,scales,zeros}: E tensors each,
+down_{qweight,scales,zeros}: E tensors each, bits: E ints, activation: str) -> (T, H)`` in ``x.dtype``: for every
+token ``sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = top_k_index[t, k]``; a slot whose index is
+``E`` (dropped by online dynamic pruning) contributes nothing and costs nothing. Expert ``e``'s fused ``(2I, H)``
+gate/up matrix and ``(I, H)``-input down matrix are packed at ``bits[e]`` bits (docs/format.md), so one call mixes
+bit-widths. Intermediates are fp32.
+
+The default implementation (every device) is the pure-torch reference; ``kernels/moe_cpu.py`` and
+``kernels/moe_triton.py`` register the fast ones for "cpu" and "cuda". The packed buffers are validated once, when
+the module holding them is built or loaded (:func:`check_experts`); :func:`check_routing` is the cheap per-call check
+of the routing tensors (shapes, dtypes, devices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError
+from .activations import ACTIVATIONS
+from .eager import plain_eager
+from .ops import check_packed
+from .reference import moe_reference
+
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("optimum_mc::moe", mutates_args=())
+def _moe_op(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_qweight: list[torch.Tensor],
+    gate_up_scales: list[torch.Tensor],
+    gate_up_zeros: list[torch.Tensor],
+    down_qweight: list[torch.Tensor],
+    down_scales: list[torch.Tensor],
+    down_zeros: list[torch.Tensor],
+    bits: list[int],
+    activation: str,
+) -> torch.Tensor:
+    check_index_values(top_k_index, len(bits))
+    gate_up = list(zip(gate_up_qweight, gate_up_scales, gate_up_zeros))
+    down = list(zip(down_qweight, down_scales, down_zeros))
+    return moe_reference(x, top_k_index, top_k_weights, gate_up, down, bits, activation)
+
+
+@_moe_op.register_fake
+def _(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight, down_scales,
+      down_zeros, bits, activation):  # fmt: skip
+    return torch.empty_like(x)
+
+
+def check_index_values(top_k_index: torch.Tensor, num_experts: int) -> None:
+    """Indices must lie in ``[0, E]`` (``E`` = dropped slot): a typed error on CPU, a device-side assert elsewhere
+    (raising there would need a device-to-host sync)."""
+    if top_k_index.numel() == 0:
+        return
+    if top_k_index.device.type == "cpu":
+        lo, hi = torch.aminmax(top_k_index)
+        if int(lo) < 0 or int(hi) > num_experts:
+            raise RoutingError(
+                f"top_k_index holds {int(lo)}..{int(hi)}; expert indices must lie in [0, {num_experts}] "
+                f"({num_experts} marks a dropped slot)."
+            )
+    else:
+        ok = ((top_k_index >= 0) & (top_k_index <= num_experts)).all()
+        torch._assert_async(ok, f"optimum_mc::moe: top_k_index outside [0, {num_experts}]")
+
+
+def check_experts(gate_up: Sequence[Packed], down: Sequence[Packed], bits: Sequence[int]) -> tuple[int, int]:
+    """Validate every expert's packed matrices once (at construction / load); return ``(hidden, intermediate)``."""
+    if not (len(gate_up) == len(down) == len(bits)) or not bits:
+        raise ShapeError(f"got {len(gate_up)} gate_up, {len(down)} down matrices and {len(bits)} bit-widths.")
+    shapes = set()
+    for e, b in enumerate(bits):
+        h = check_packed(*gate_up[e], b)
+        i = check_packed(*down[e], b)
+        two_i, h_out = gate_up[e][0].shape[0], down[e][0].shape[0]
+        if two_i != 2 * i or h_out != h:
+            raise ShapeError(f"expert {e}: gate_up is {two_i}x{h} and down {h_out}x{i}; need (2I, H) and (H, I).")
+        shapes.add((h, i, gate_up[e][1].shape[1], down[e][1].shape[1]))
+        if gate_up[e][0].device != gate_up[0][0].device or down[e][0].device != gate_up[0][0].device:
+            raise DeviceMismatchError(f"expert {e}'s packed weights are not on {gate_up[0][0].device}.")
+    if len(shapes) != 1:
+        raise ShapeError(f"experts differ in shape or group count: {sorted(shapes)}.")
+    h, i, _, _ = shapes.pop()
+    return h, i
+
+
+def check_routing(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, hidden: int,
+                  device: torch.device, activation: str) -> None:  # fmt: skip
+    """Cheap per-call checks of the op's non-weight inputs (shapes, dtypes, devices; never values)."""
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ShapeError(f"hidden states must be (tokens, {hidden}), got {tuple(x.shape)}.")
+    if not x.dtype.is_floating_point:
+        raise DTypeError(f"hidden states must be floating point, got {x.dtype}.")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != x.shape[0]:
+        raise RoutingError(f"top_k_index must be (tokens={x.shape[0]}, k), got {tuple(top_k_index.shape)}.")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise DTypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}.")
+    if top_k_weights.shape != top_k_index.shape:
+        raise RoutingError(f"top_k_weights {tuple(top_k_weights.shape)} must match top_k_index "
+                           f"{tuple(top_k_index.shape)}.")  # fmt: skip
+    if not top_k_weights.dtype.is_floating_point:
+        raise DTypeError(f"top_k_weights must be floating point, got {top_k_weights.dtype}.")
+    if not (x.device == top_k_index.device == top_k_weights.device == device):
+        raise DeviceMismatchError(
+            f"hidden states ({x.device}), top_k_index ({top_k_index.device}), top_k_weights "
+            f"({top_k_weights.device}) and the packed experts ({device}) must share a device."
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}.")
+
+
+def moe(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: Sequence[Packed],
+    down: Sequence[Packed],
+    bits: Sequence[int],
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Validated entry point of ``optimum_mc::moe``: ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed
+    ``(qweight, scales, zeros)``. Checks the packed experts too (modules check them once, at build / load)."""
+    hidden, _ = check_experts(gate_up, down, bits)
+    check_routing(x, top_k_index, top_k_weights, hidden, gate_up[0][0].device, activation)
+    lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
+    return moe_op(x, top_k_index, top_k_weights, *lists, list(bits), activation)
+
+
+def moe_op(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_qweight: list[torch.Tensor],
+    gate_up_scales: list[torch.Tensor],
+    gate_up_zeros: list[torch.Tensor],
+    down_qweight: list[torch.Tensor],
+    down_scales: list[torch.Tensor],
+    down_zeros: list[torch.Tensor],
+    bits: list[int],
+    activation: str,
+) -> torch.Tensor:
+    """``optimum_mc::moe`` on already-validated experts (what :class:`~optimum_mc.nn.MCExperts` calls).
+
+    In plain eager mode on CPU the registered CPU kernel is called directly: the ``torch.library`` dispatch layers
+    cost ~30 µs per call, a third of a small decode step. Under ``torch.compile``, fake tensors or autograd the op
+    goes through the dispatcher as usual (same kernel, so the same results).
+    """
+    args = (x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
+            down_scales, down_zeros, bits, activation)  # fmt: skip
+    if x.device.type == "cpu" and plain_eager(x):
+        fn = _EAGER.get("cpu")
+        if fn is not None:
+            return fn(*args)
+    return torch.ops.optimum_mc.moe(*args)
+
+
+_EAGER: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_eager(device_type: str, fn: Callable[..., torch.Tensor]) -> None:
+    """Register ``fn`` for ``device_type`` with the dispatcher and as :func:`moe_op`'s direct eager call."""
+    torch.library.register_kernel("optimum_mc::moe", device_type, fn)
+    _EAGER[device_type] = fn

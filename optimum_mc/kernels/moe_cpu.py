@@ -1,0 +1,176 @@
+"""CPU implementation of ``optimum_mc::moe`` on the C kernels (``cpu_kernels.c``).
+
+Token-expert pairs are sorted by expert (dropped slots sort last and are never computed). Each projection then
+runs as one grouped call for every expert at once:
+
+- experts with at most ``cpu.GEMV_MAX_ROWS`` routed rows (decode): ``mc_moe_gemv``, threaded over (expert,
+  64-row output block) work items, reading the packed bits directly, every bit-width in the same call;
+- experts with more rows (prefill): the expert's weight is dequantized in C in blocks (into bf16 when the hidden
+  states are bf16, for bf16 BLAS; into fp32 otherwise) and multiplied with BLAS.
+
+Between the projections ``act(gate) * up`` is one vectorized torch op over all pairs, and the routing-weighted sum
+is one ``index_add_``. Everything is computed in fp32 except the bf16 BLAS products (fp32 accumulation inside BLAS).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import cpu
+from .activations import ACTIVATIONS
+from .moe import check_index_values, register_eager
+from .reference import moe_reference
+
+# dequantized weight block per BLAS call: 8 MiB stays in the last-level cache; with several threads, larger blocks
+# mean fewer parallel regions (each one waits for every thread to be scheduled: milliseconds on a loaded machine)
+GEMM_BLOCK_BYTES = 8 << 20
+GEMM_BLOCK_BYTES_THREADED = 64 << 20
+
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # mc_moe_decode's activation argument
+_INT32, _FP16 = torch.int32, torch.float16
+
+
+def _fits(qws, ss, zs, bits: list[int], out_f: int, in_f: int) -> bool:
+    """Whether every expert's matrix is what the C kernels read: canonical dtypes, contiguous, ``(out_f, in_f)``
+    at its bits, one group count for all, groups of whole 32-code blocks. Cheap (shape and flag reads only)."""
+    groups = ss[0].shape[1] if ss[0].dim() == 2 else 0
+    if not groups or in_f % groups or (in_f // groups) % 32 or len(qws) != len(bits):
+        return False
+    for qw, s, z, b in zip(qws, ss, zs, bits):
+        if (
+            qw.dtype != _INT32 or s.dtype != _FP16 or z.dtype != _FP16
+            or qw.shape != (out_f, in_f * b // 32) or s.shape != (out_f, groups) or z.shape != (out_f, groups)
+            or not (qw.is_contiguous() and s.is_contiguous() and z.is_contiguous())
+            or b not in (1, 2, 3, 4, 8)
+        ):  # fmt: skip
+            return False
+    return True
+
+
+def _ptrs(ts) -> ctypes.Array:
+    return (ctypes.c_int64 * len(ts))(*(t.data_ptr() for t in ts))
+
+
+def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) -> None:
+    """``out = x @ W.T`` for many rows: dequantize row blocks of ``W`` (bf16 if ``x`` is bf16) and use BLAS."""
+    out_f, in_f = qw.shape[0], x.shape[1]
+    groups, words = s.shape[1], qw.shape[1]
+    bf16 = x.dtype == torch.bfloat16
+    budget = GEMM_BLOCK_BYTES if torch.get_num_threads() == 1 else GEMM_BLOCK_BYTES_THREADED
+    block = max(1, min(out_f, budget // ((2 if bf16 else 4) * in_f)))
+    buf = torch.empty(block, in_f, dtype=x.dtype)
+    fn = lib.mc_dequantize_bf16 if bf16 else lib.mc_dequantize
+    for start in range(0, out_f, block):
+        stop = min(out_f, start + block)
+        rc = fn(
+            qw.data_ptr() + start * words * 4, s.data_ptr() + start * groups * 2, z.data_ptr() + start * groups * 2,
+            buf.data_ptr(), stop - start, in_f, bits, in_f // groups, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise MemoryError("optimum-mc CPU dequantize could not allocate its row buffer")
+        y = torch.mm(x, buf[: stop - start].t())
+        out[:, start:stop] = y
+
+
+def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: list[int], counts: list[int],
+                    out_f: int) -> torch.Tensor:  # fmt: skip
+    """Rows ``starts[e] : starts[e] + counts[e]`` of ``x`` (fp32, or bf16 for the BLAS path) times expert ``e``'s
+    weight, for every expert; returns fp32 ``(rows, out_f)``."""
+    rows, in_f = x.shape
+    y = torch.empty(rows, out_f, dtype=torch.float32)
+    small = [c if c <= cpu.GEMV_MAX_ROWS else 0 for c in counts]
+    if any(small):
+        xf = x if x.dtype == torch.float32 else x.float()
+        # tables referenced by name until the call returns (a temporary's memory could be reused before it)
+        tables = (_ptrs(qws), _ptrs(ss), _ptrs(zs), (ctypes.c_int32 * len(bits))(*bits),
+                  (ctypes.c_int64 * len(bits))(*starts), (ctypes.c_int64 * len(bits))(*small))  # fmt: skip
+        rc = lib.mc_moe_gemv(
+            xf.data_ptr(), *tables, len(bits), y.data_ptr(), out_f, in_f,
+            in_f // ss[0].shape[1], torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("optimum-mc CPU MoE GEMV could not allocate its buffers")
+        if rc:
+            raise RuntimeError(f"optimum-mc CPU MoE GEMV rejected bits={bits} (internal error)")
+    for e, c in enumerate(counts):
+        if c > cpu.GEMV_MAX_ROWS:
+            a, b = starts[e], starts[e] + c
+            xe = x[a:b] if x.dtype in (torch.float32, torch.bfloat16) else x[a:b].float()
+            _dense_rows(lib, xe, qws[e], ss[e], zs[e], bits[e], y[a:b])
+    return y
+
+
+def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
+    """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
+    (tokens, hidden), k, inter = x.shape, top_k_index.shape[1], gu[0][0].shape[0] // 2
+    xf = x.float().contiguous()
+    idx = top_k_index.long().contiguous()
+    w = top_k_weights.float().contiguous()
+    out = torch.empty(tokens, hidden, dtype=torch.float32)
+    rc = lib.mc_moe_decode(
+        xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *(_ptrs(t) for t in (*gu, *dn)),
+        (ctypes.c_int32 * len(bits))(*bits), len(bits), hidden, inter, hidden // gu[1][0].shape[1],
+        inter // dn[1][0].shape[1], ACT_CODES[activation], out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == -3:
+        check_index_values(top_k_index, len(bits))  # raises the typed error
+    if rc == -2:
+        raise MemoryError("optimum-mc CPU MoE kernel could not allocate its buffers")
+    if rc:
+        raise RuntimeError(f"optimum-mc CPU MoE kernel failed with code {rc} (internal error)")
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
+    """Many tokens: pairs sorted by expert, grouped GEMV for experts with few rows, dequantize + BLAS for the rest."""
+    num_experts, (tokens, k) = len(bits), top_k_index.shape
+    check_index_values(top_k_index, num_experts)
+    flat = top_k_index.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
+    pairs = torch.argsort(flat, stable=True)[: sum(counts)]  # dropped slots (index E) sort last
+    token = pairs // k
+    starts = [0] * num_experts
+    for e in range(1, num_experts):
+        starts[e] = starts[e - 1] + counts[e - 1]
+    keep_bf16 = x.dtype == torch.bfloat16
+    xg = x.index_select(0, token)
+    xg = xg.contiguous() if keep_bf16 else xg.float().contiguous()
+    inter = gu[0][0].shape[0] // 2
+    h = _grouped_linear(lib, xg, *gu, bits, starts, counts, 2 * inter)
+    h = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
+    if keep_bf16:
+        h = h.to(torch.bfloat16)
+    y = _grouped_linear(lib, h.contiguous(), *dn, bits, starts, counts, x.shape[1])
+    y *= top_k_weights.reshape(-1).index_select(0, pairs).float().unsqueeze(1)
+    out = torch.zeros(tokens, x.shape[1], dtype=torch.float32)
+    out.index_add_(0, token, y)
+    return out.to(x.dtype)
+
+
+def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
+            down_scales, down_zeros, bits: list[int], activation: str) -> torch.Tensor:  # fmt: skip
+    """CPU implementation of ``optimum_mc::moe`` (the reference serves inputs the C kernels do not take)."""
+    lib = cpu.library()
+    gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
+    hidden, inter = x.shape[-1], (gate_up_qweight[0].shape[0] // 2 if gate_up_qweight else 0)
+    if (
+        lib is None
+        or x.dim() != 2
+        or activation not in ACT_CODES
+        or not inter
+        or not _fits(*gu, bits, 2 * inter, hidden)
+        or not _fits(*dn, bits, hidden, inter)
+    ):
+        check_index_values(top_k_index, len(bits))
+        return moe_reference(x, top_k_index, top_k_weights, list(zip(*gu)), list(zip(*dn)), bits, activation)
+    if x.shape[0] <= cpu.GEMV_MAX_ROWS:
+        return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
+    return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
+
+
+def register() -> None:
+    """Register the CPU implementation of ``optimum_mc::moe``."""
+    register_eager("cpu", moe_cpu)

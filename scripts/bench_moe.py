@@ -1,0 +1,122 @@
+"""One MoE layer, fused mixed-bit op vs the dense float layer: decode (1 token) and prefill (256 tokens) on CPU.
+
+    python scripts/bench_moe.py                           # Mixtral-8x7B layer: hidden 4096, intermediate 14336
+    python scripts/bench_moe.py --hidden 256 --inter 512  # the reference model's layer shape
+    python scripts/bench_moe.py --odp 0.2                 # 20% of tokens drop their second expert (ODP)
+
+Experts get bits 2, 3, 2, 3, ... (2.5 on average; ``--bits`` to change); codes are random (speed does not depend on
+the values). Dense = transformers' ``MixtralExperts`` forward (its eager loop over hit experts) with float weights in
+fp32 and in bf16; packed = ``optimum_mc::moe`` through ``MCExperts`` with fp32 and with bf16 hidden states. Every
+time is the median over routings drawn once and replayed for both; ratios are dense time / packed time from the
+same run (> 1: packed is faster). The dense fp32 weights of a Mixtral layer take 5.6 GB of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import torch
+import transformers
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+from optimum_mc.kernels import cpu
+from optimum_mc.nn import MCExperts
+
+
+def median_time(fn, calls: int, min_time: float) -> float:
+    fn(0)
+    times, start, i = [], time.perf_counter(), 0
+    while len(times) < calls or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+        i += 1
+    return statistics.median(times)
+
+
+def routings(tokens: int, experts: int, k: int, odp: float, n: int, gen: torch.Generator):
+    out = []
+    for _ in range(n):
+        idx = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+        w = torch.rand(tokens, k, generator=gen).softmax(-1)
+        drop = torch.rand(tokens, generator=gen) < odp
+        idx[drop, k - 1] = experts  # ODP marks a dropped slot with index E
+        out.append((idx, w))
+    return out
+
+
+def packed_experts(args, gen: torch.Generator) -> MCExperts:
+    act = torch.nn.SiLU()
+    mc = MCExperts(args.experts, args.hidden, args.inter, args.bits, args.group_size, act, torch.float32)
+    for p in mc.packed:
+        for lin in (p.gate_up, p.down):
+            lin.qweight.copy_(torch.randint(-(2**31), 2**31, lin.qweight.shape, dtype=torch.int64, generator=gen))
+            lin.scales.copy_((torch.rand(lin.scales.shape, generator=gen) * 2e-3 + 1e-4).half())
+            lin.zeros.copy_((torch.rand(lin.zeros.shape, generator=gen) * ((1 << lin.bits) - 1)).half())
+    return mc
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--inter", type=int, default=14336)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=None)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--odp", type=float, default=0.0, help="fraction of tokens dropping their last expert")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-time", type=float, default=2.0)
+    args = p.parse_args(argv)
+    args.bits = args.bits or [(2, 3)[e % 2] for e in range(args.experts)]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"{os.cpu_count()} cores, load average {load}; torch {torch.__version__}, {torch.get_num_threads()} threads;"
+          f" C kernels: {cpu.library() is not None}")  # fmt: skip
+    mean = sum(args.bits) / len(args.bits)
+    print(f"layer: hidden {args.hidden}, intermediate {args.inter}, {args.experts} experts top-{args.top_k}, "
+          f"bits {args.bits} (mean {mean:.2f}), group {args.group_size}, ODP {args.odp}\n")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    mc = packed_experts(args, gen)
+    cfg = transformers.MixtralConfig(hidden_size=args.hidden, intermediate_size=args.inter,
+                                     num_local_experts=args.experts, num_experts_per_tok=args.top_k)  # fmt: skip
+    cfg._experts_implementation = "eager"
+    times: dict[tuple[str, int], float] = {}
+    plans = {t: routings(t, args.experts, args.top_k, args.odp, 8, gen) for t in args.tokens}
+    xs = {t: torch.randn(t, args.hidden, generator=gen) for t in args.tokens}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.device("meta"):
+            dense = MixtralExperts(cfg)
+        dense.gate_up_proj = torch.nn.Parameter(torch.empty(dense.gate_up_proj.shape, dtype=dtype).normal_(0, 0.02))
+        dense.down_proj = torch.nn.Parameter(torch.empty(dense.down_proj.shape, dtype=dtype).normal_(0, 0.02))
+        dense.config = cfg
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        with torch.no_grad():
+            for t in args.tokens:
+                x, plan = xs[t].to(dtype), plans[t]
+                calls = 20 if t == 1 else 3
+                run_dense = lambda i: dense(x, plan[i % 8][0], plan[i % 8][1].to(dtype))  # noqa: B023, E731
+                run_packed = lambda i: mc(x, plan[i % 8][0], plan[i % 8][1])  # noqa: B023, E731
+                times[("dense " + name, t)] = median_time(run_dense, calls, args.min_time)
+                times[("packed " + name, t)] = median_time(run_packed, calls, args.min_time)
+        dense = None  # free the float weights before the next dtype
+        gc.collect()
+    print("| tokens | packed fp32 vs dense fp32 | packed bf16 vs dense bf16 | packed bf16 vs dense fp32 "
+          "| packed fp32 vs dense bf16 | dense fp32 ms | dense bf16 ms | packed fp32 ms "
+          "| packed bf16 ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in args.tokens:
+        d32, d16, p32, p16 = (times[(n, t)] for n in ("dense fp32", "dense bf16", "packed fp32", "packed bf16"))
+        print(f"| {t} | {d32 / p32:.2f} | {d16 / p16:.2f} | {d32 / p16:.2f} | {d16 / p32:.2f} | {d32 * 1e3:.2f} "
+              f"| {d16 * 1e3:.2f} | {p32 * 1e3:.2f} | {p16 * 1e3:.2f} |")  # fmt: skip
+    print(f"\nload average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
