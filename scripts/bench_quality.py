@@ -39,6 +39,7 @@ VARIANT_OPTIONS = {
     "mcint": {"zero_point": "int"},
     "mcrw": {"expert_hessian": "router-weighted"},
     "mctune": {"tune_exponents": True},
+    "mcmse": {"alpha": 0.0, "beta": 0.0, "gamma": 2.0},  # cost = squared block-output error (additive over experts)
     "mcnf4": {"nonexpert_method": "bnb_nf4"},
 }
 

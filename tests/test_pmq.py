@@ -89,7 +89,9 @@ def test_dp_equals_brute_force_and_cpsat(cb, sizes, target, constraints, seed):
 
 def test_cpsat_is_the_solver_of_record_and_reports():
     cb = [1, 2, 3]
-    fs = [ExpertFactors(torch.rand(16) + 0.01, torch.rand(16) + 0.01, torch.rand(16, 3).sort(1, True).values)]
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    fs = [ExpertFactors(rand(16) + 0.01, rand(16) + 0.01, rand(16, 3).sort(1, True).values)]
     for mode in ("layer", "global"):
         report: list[SolveReport] = []
         a = allocate_bits(fs * 3, cb, 2.5, mode, report=report)
@@ -202,8 +204,9 @@ def test_layer_deltas_error_matches_a_direct_block_output():
 
 def test_tune_exponents_picks_the_smallest_measured_error():
     e = 6
-    f = ExpertFactors(torch.linspace(1, 2, e), torch.linspace(2, 1, e), torch.rand(e, 3).sort(1, True).values)
     gen = torch.Generator().manual_seed(0)
+    loss = torch.rand(e, 3, generator=gen).sort(1, True).values
+    f = ExpertFactors(torch.linspace(1, 2, e), torch.linspace(2, 1, e), loss)
     changes = [{b: torch.randn(10, 4, generator=gen) / b for b in (1, 2, 3)} for _ in range(e)]
     deltas = HeldoutDeltas(10, 4, [torch.arange(10)] * e, changes)
     best, bits, errors = tune_exponents(f, [1, 2, 3], 2.5, deltas)
@@ -214,15 +217,20 @@ def test_tune_exponents_picks_the_smallest_measured_error():
 # ---------------------------------------------------------------- zero points
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_integer_zero_points_are_codes_and_grid_contains_zero(bits):
-    w = torch.randn(16, 4, 32) * torch.rand(16, 4, 1) + torch.randn(16, 4, 1) * 0.5
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 4, 32, generator=gen) * torch.rand(16, 4, 1, generator=gen)
+    w = w + torch.randn(16, 4, 1, generator=gen) * 0.5
     s, z = group_qparams(w, bits, "int")
     assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= (1 << bits) - 1
     assert torch.equal(s, s.half().float())
     zero_code = quantize_codes(torch.zeros(16, 4, 1), s, z, bits)
     assert torch.equal(zero_code.float()[..., 0], z)  # 0 is exactly on the grid
     err = (dequantize_matrix(*rtn_quantize(w.reshape(16, 128), bits, 32, "int"), 32) - w.reshape(16, 128)).abs()
-    step = s.repeat_interleave(32, dim=1)
-    assert (err <= step * 0.5 + 1e-6).all()
+    step = s.reshape(16, 4).repeat_interleave(32, dim=1)
+    # rounding the zero to a code shifts the grid by <= 1/2 step, so the range ends may be clamped by up to one
+    # step; fp16 rounding of the scale adds <= 2^-11 relative over 2^b steps
+    assert (err <= step * (1.0 + (1 << bits) * 2.0**-11) + 1e-6).all()
+    assert (err <= step * 0.5 + 1e-6).float().mean() > 0.9  # interior values: nearest grid point
 
 
 @pytest.mark.parametrize("zero_point", ["float", "int"])
