@@ -117,6 +117,7 @@ class _Run:
     def fetch(self, idx: int) -> nn.Module:
         """Layer ``idx`` with float weights on the calibration device."""
         layer = self.source.fetch(idx, self.device)
+        release_memory()  # the per-expert tensors transformers fused
         blk = moe_block(layer, idx, self.arch)
         self.blocks = {idx: blk} if blk is not None else {}
         return layer
@@ -575,7 +576,14 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
             )
             known = dict(zip(run.moe_layers, solved))
         start = progress.next_layer if progress is not None else 0
-        run.quantize_pass(batches_from(progress.hidden if progress is not None else None), start, known)
+        batches = batches_from(progress.hidden if progress is not None else None)
+        if source.streams_from_disk:
+            source.park_outside(stage)
+        try:
+            run.quantize_pass(batches, start, known)
+        finally:
+            if source.streams_from_disk:
+                source.restore_outside()
     finally:
         if stage is not None:
             stage.cleanup()

@@ -86,7 +86,10 @@ def test_offloaded_auto_device_map(float_dir, streamed, tmp_path):
         offload_folder=str(tmp_path / "offload"),
     )
     assert "disk" in set(model.hf_device_map.values())
-    assert torch.equal(logits(model), logits(streamed))
+    assert model.config.quantization_config.expert_bits == streamed.config.quantization_config.expert_bits
+    # same packed weights; offloaded experts run expert by expert (accelerate loads each QuantLinear as it runs),
+    # the resident ones in the fused op: equal up to the float summation order
+    torch.testing.assert_close(logits(model), logits(streamed), rtol=1e-5, atol=1e-5)
 
 
 def test_explicit_disk_map(float_dir, streamed, tmp_path):
@@ -106,7 +109,8 @@ def test_explicit_disk_map(float_dir, streamed, tmp_path):
         offload_folder=str(tmp_path / "offload"),
     )
     assert model.hf_device_map["model.layers.1"] == "disk"
-    assert torch.equal(logits(model), logits(streamed))
+    assert model.config.quantization_config.expert_bits == streamed.config.quantization_config.expert_bits
+    torch.testing.assert_close(logits(model), logits(streamed), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("allocation", ["layer", "global"])

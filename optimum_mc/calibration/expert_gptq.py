@@ -12,38 +12,14 @@ from collections.abc import Callable
 
 import torch
 
-from ..gptq import HessianAccumulator, calibration_free_quantize, gptq_quantize_batched
+from ..gptq import calibration_free_quantize, gptq_quantize_batched
 from .factors import ExpertQuant, GPTQOptions
+from .hessians import input_hessian, mid_hessian
 
 # Stacked fp32 weights + Hessians of one chunk (the column loop needs about 3x this): small on the host, where the
 # quantization's peak RSS is budgeted (docs/scale.md), larger on accelerators.
 WORKSPACE_BYTES = {"cpu": 256 << 20}
 DEFAULT_WORKSPACE_BYTES = 2 << 30
-
-
-def _weighted(x: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
-    if token_weights is None:
-        return x
-    return x * token_weights.float().clamp_min(0).sqrt().unsqueeze(-1)
-
-
-def _hessian(x: torch.Tensor) -> torch.Tensor:
-    acc = HessianAccumulator(x.shape[-1], device=x.device)
-    acc.add(x)
-    return acc.hessian
-
-
-def input_hessian(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The gate/up projection's input Hessian from an expert's tokens ``x`` (optionally weighted)."""
-    return _hessian(_weighted(x, token_weights))
-
-
-def mid_hessian(
-    w_gate_up: torch.Tensor, x: torch.Tensor, act_fn: Callable, token_weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The down projection's input Hessian: of ``act(gate(x)) * up(x)`` (optionally weighted)."""
-    gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    return _hessian(_weighted(act_fn(gate) * up, token_weights))
 
 
 def stacked_bytes(hidden: int, inter: int) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gptq import HessianAccumulator, calibration_free_quantize, gptq_quantize_multi
+from ..gptq import calibration_free_quantize, gptq_quantize_multi
 from ..group_quant import dequantize_matrix, rtn_quantize
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8, scales fp16, zeros fp16
@@ -91,17 +91,12 @@ def quantize_expert(
             )
             for b in bits
         }
-    root = None if token_weights is None else token_weights.float().clamp_min(0).sqrt().unsqueeze(-1)
-    h_in = HessianAccumulator(w_gate_up.shape[1], device=x.device)
-    h_in.add(x if root is None else x * root)
-    gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    mid = act_fn(gate) * up
-    h_mid = HessianAccumulator(w_down.shape[1], device=x.device)
-    h_mid.add(mid if root is None else mid * root)
+    from .hessians import input_hessian, mid_hessian
+
     kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
     kw["zero_point"] = opts.zero_point
-    gu = gptq_quantize_multi(w_gate_up, h_in.hessian, bits, opts.group_size, **kw)
-    dn = gptq_quantize_multi(w_down, h_mid.hessian, bits, opts.group_size, **kw)
+    gu = gptq_quantize_multi(w_gate_up, input_hessian(x, token_weights), bits, opts.group_size, **kw)
+    dn = gptq_quantize_multi(w_down, mid_hessian(w_gate_up, x, act_fn, token_weights), bits, opts.group_size, **kw)
     return {b: ExpertQuant(b, gu[k], dn[k], "gptq") for k, b in enumerate(bits)}
 
 

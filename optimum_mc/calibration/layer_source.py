@@ -56,6 +56,15 @@ def release_memory() -> None:
         pass
 
 
+def _own_memory(layer: nn.Module) -> None:
+    """Copy the tensors that transformers left as views of the memory-mapped shard (those it only renamed; the fused
+    experts are new tensors): one small view keeps the whole mapping, and every page read from it, resident."""
+    with torch.no_grad():
+        for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+            if not t.is_meta and not name.endswith(("gate_up_proj", "down_proj")):
+                t.data = t.data.clone()
+
+
 def _layer_key_pattern(index: int) -> re.Pattern:
     return re.compile(rf"(^|\.)layers\.{index}\.")
 
@@ -72,6 +81,21 @@ def _quiet_transformers_bars() -> Iterator[None]:
     finally:
         if not was_disabled:
             tlog.enable_progress_bar()
+
+
+def _outside_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The input embeddings and (untied) output head, by name: the large modules outside the decoder layers."""
+    out = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if outp is not None and getattr(outp, "weight", None) is getattr(inp, "weight", None):
+        return {}  # tied: parking would untie them; they stay resident
+    for module in (inp, outp):
+        if module is not None and id(module) in names and names[id(module)] not in out:
+            if any(p.is_meta for p in module.parameters()):
+                continue
+            out[names[id(module)]] = module
+    return out
 
 
 class ResidentLayers:
@@ -184,6 +208,7 @@ class CheckpointLayers:
             with _quiet_transformers_bars():
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         layer = layers[index]
+        _own_memory(layer)
         missing = sorted(k for k in info.missing_keys if k.startswith(prefix))
         on_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
         if missing or on_meta or info.mismatched_keys:
@@ -194,6 +219,31 @@ class CheckpointLayers:
                 f"not match this model's config."
             )
         return layer
+
+    def park_outside(self, stage) -> None:
+        """Move the embeddings and head to the staging folder while the layers are processed (they are needed only
+        to capture the first layer's inputs and, at the end, to run the whole model)."""
+        self._outside = _outside_modules(self.model)
+        tensors = {}
+        for name, module in self._outside.items():
+            for pname, p in module.named_parameters(recurse=False):
+                tensors[f"{name}.{pname}"] = p
+        if tensors:
+            stage.save_layer("outside", 0, tensors, {"names": sorted(tensors)})
+            for module in self._outside.values():
+                module.to("meta")
+        self._outside_stage = stage if tensors else None
+
+    def restore_outside(self) -> None:
+        """Bring the embeddings and head back (see :meth:`park_outside`)."""
+        stage = getattr(self, "_outside_stage", None)
+        if stage is None:
+            return
+        tensors, _ = stage.load_layer("outside", 0)
+        for name, module in self._outside.items():
+            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            module.load_state_dict(own, strict=False, assign=True)
+        self._outside_stage = None
 
     def finish(self, index: int, layer: nn.Module) -> nn.Module:
         """Keep the quantized layer in its slot (the caller may stage it to disk and park the slot)."""

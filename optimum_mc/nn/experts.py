@@ -129,10 +129,11 @@ class MCExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.activation is None:
+        first = self.packed[0].gate_up.qweight
+        if self.activation is None or first.is_meta:
+            # meta buffers: offloaded by accelerate, whose hooks load them only when each QuantLinear runs
             return self.forward_per_expert(hidden_states, top_k_index, top_k_weights)
         # the packed buffers were validated when built or loaded (QuantLinear); only the routing is checked here
-        first = self.packed[0].gate_up.qweight
         check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
         return moe_op(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.bits, self.activation)
 
