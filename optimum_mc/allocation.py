@@ -223,6 +223,7 @@ def _solve(costs: list[np.ndarray], candidate_bits: list[int], total: int, const
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
     solver.parameters.cp_model_presolve = False
+    solver.parameters.catch_sigint_signal = False  # issue 11: leave Ctrl-C to Python (KeyboardInterrupt)
     status = solver.solve(model)
     if status != cp_model.OPTIMAL:
         raise MCConfigError(f"the bit-allocation program was not solved ({solver.status_name(status)}).")
