@@ -43,9 +43,9 @@ def check_output_dir(target: str | os.PathLike, source: str | os.PathLike | None
     Raises OutputPathError when ``target`` (or a parent) is a file, is the ``source`` model folder, or cannot be
     written (a probe folder is created and removed in the nearest existing parent).
     """
-    target = Path(target).expanduser()
-    if str(target).strip() == "":
+    if not str(target).strip():
         raise OutputPathError("the output path is empty; pass a folder to save into.")
+    target = Path(target).expanduser()
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{target} is a file, not a folder: choose another output path or remove the file.")
     for parent in target.absolute().parents:
