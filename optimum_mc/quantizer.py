@@ -127,6 +127,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     from .nn.nf4_linear import NF4Linear
 
     arch = require_moe(model)
+    if isinstance(dtype, str):  # transformers passes config.dtype, a string once the config was (re)loaded
+        dtype = getattr(torch, dtype)
     for blk in moe_blocks(model, arch):
         ex = blk.experts
         if isinstance(ex, MCExperts):

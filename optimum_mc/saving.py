@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
 import tempfile
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -210,21 +210,47 @@ def verify_saved_model(model, folder: Path) -> None:
         raise SaveError(f"the saved checkpoint does not verify: {exc} Nothing was replaced.") from exc
 
 
-def atomic_save_pretrained(model, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-    """``save_pretrained`` of an MC model, written atomically and verified (see the module docstring)."""
+def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+    """Run ``save(model, folder, ...)`` (transformers' save_pretrained) atomically and verified (module docstring)."""
     push = kwargs.pop("push_to_hub", False)
     hub_kwargs = {
         k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs
     }
     source = getattr(model, "_mc_source_dir", None)
     with atomic_directory(save_directory, source, verify=lambda d: verify_saved_model(model, d)) as tmp:
-        type(model).save_pretrained(model, tmp, *args, **kwargs)
+        save(model, tmp, *args, **kwargs)
     if push:
         repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
         model.push_to_hub(repo_id, **hub_kwargs)
 
 
+def _is_mc_model(model) -> bool:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    return "_mc_source_dir" in model.__dict__ and getattr(qc, "quant_method", None) == "mc"
+
+
+def _patch_save_pretrained() -> None:
+    """Route ``PreTrainedModel.save_pretrained`` of MC models (only) through :func:`atomic_save_pretrained`.
+
+    A class-level wrapper rather than an attribute on the model, so pickling / deep-copying a model is unaffected.
+    """
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+    if getattr(original, "_mc_atomic", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if not _is_mc_model(self):
+            return original(self, save_directory, *args, **kwargs)
+        return atomic_save_pretrained(self, original, save_directory, *args, **kwargs)
+
+    save_pretrained._mc_atomic = True
+    PreTrainedModel.save_pretrained = save_pretrained
+
+
 def install_atomic_save(model, source: str | os.PathLike | None = None) -> None:
     """Make ``model.save_pretrained`` atomic and verified; ``source``: a float folder it must never overwrite."""
     model._mc_source_dir = str(source) if source is not None else None
-    model.save_pretrained = types.MethodType(atomic_save_pretrained, model)
+    _patch_save_pretrained()

@@ -144,12 +144,12 @@ def test_top1_calibration_stores_no_nan_thresholds():
 
 
 def test_top1_with_odp_refused_before_loading_weights(ws, monkeypatch):
-    import optimum_mc.pipeline as pipeline
+    from optimum_mc.quantizer import MCQuantizer
 
     def never(*a, **k):
-        raise AssertionError("quantization started")
+        raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(pipeline, "quantize_model", never)
+    monkeypatch.setattr(MCQuantizer, "_process_model_after_weight_loading", never)
     before = snapshot(ws)
     with pytest.raises(MCConfigError, match="top-1.*odp=False"):
         AutoModelForCausalLM.from_pretrained(ws / "top1", quantization_config=MCConfig(**QUICK, odp=True))
@@ -366,6 +366,21 @@ def test_quantized_model_never_saved_over_its_source(ws, tmp_path):
     assert_intact(before, src)
 
 
+def test_pickled_and_dequantized_models_save(ws, mc_model, tmp_path):
+    import copy
+    import pickle
+
+    again = pickle.loads(pickle.dumps(mc_model))
+    again.save_pretrained(tmp_path / "pickled")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "pickled").config.quantization_config.expert_bits
+    plain = copy.deepcopy(mc_model).dequantize()
+    plain.save_pretrained(tmp_path / "float")  # a float model now: saved by transformers as usual
+    assert (
+        getattr(AutoModelForCausalLM.from_pretrained(tmp_path / "float").config, "quantization_config", None) is None
+    )
+    assert not temporaries(tmp_path)
+
+
 def test_save_over_existing_replaces_weights_keeps_tokenizer(ws, mc_model, tmp_path):
     d = tmp_path / "mc"
     shutil.copytree(ws / "mc", d)
@@ -472,12 +487,12 @@ def test_cli_mistakes_before_work(ws, monkeypatch, capsys, argv, no_load, code, 
 
 
 def test_cli_ctrl_c_exits_130_and_saves_nothing(ws, monkeypatch, capsys):
-    import optimum_mc.pipeline as pipeline
+    from optimum_mc.quantizer import MCQuantizer
 
-    def interrupted(*a, **k):
+    def interrupted(*a, **k):  # Ctrl-C during calibration / solve / GPTQ
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "quantize_model", interrupted)
+    monkeypatch.setattr(MCQuantizer, "_process_model_after_weight_loading", interrupted)
     before = snapshot(ws)
     assert main(["--quiet", "quantize", str(ws / "src"), "--output", str(ws / "mc")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
