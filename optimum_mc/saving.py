@@ -170,6 +170,8 @@ def atomic_directory(
     On any exception (KeyboardInterrupt included) the temporary folder is removed and ``target`` is untouched.
     """
     target = check_output_dir(target, source).absolute()
+    if target.is_symlink():  # replace the folder the link points to, keep the link
+        target = target.resolve()
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale(parent, target.name)

@@ -433,6 +433,17 @@ def test_killed_save_leaves_previous_checkpoint(ws, tmp_path, sig, existing):
         AutoModelForCausalLM.from_pretrained(target)  # still loads
 
 
+def test_save_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(real)
+    with atomic_directory(tmp_path / "link") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "link").is_symlink() and (real / "config.json").exists() and (real / "old.txt").exists()
+    assert not temporaries(tmp_path)
+
+
 def test_killed_between_renames_restores_previous(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
