@@ -4,8 +4,8 @@ An interrupted save (exception, Ctrl-C, SIGKILL, power loss after fsync) never l
 the target: the previous content stays as it was until the complete new folder is renamed into place. Folders left
 behind by a killed process (``.<name>.mc-tmp-<pid>-*``) are removed by the next save into the same parent; a
 previous checkpoint moved aside (``.<name>.mc-old-<pid>-*``) by a save killed between its two renames is moved
-back. Files of the previous folder that the new save does not write and that are not weights (e.g. a tokenizer
-saved earlier) are carried over.
+back. Files of the previous folder that the new save does not write, other than the previous model's top-level
+weights, shard index and config (e.g. a tokenizer saved earlier, notes, sub-folders), are carried over.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,8 +25,11 @@ from .errors import OutputPathError, SaveError
 
 TMP_TAG = ".mc-tmp-"
 OLD_TAG = ".mc-old-"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".index.json")
-REPLACED_FILES = ("config.json", "generation_config.json")
+# top-level files a new save replaces (transformers' weight / shard / index names); everything else is carried over
+_REPLACED = re.compile(
+    r"^(model|pytorch_model|tf_model|flax_model)(-\d{5}-of-\d{5})?\.(safetensors|bin|h5|msgpack)(\.index\.json)?$"
+    r"|^(config|generation_config)\.json$"
+)
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -126,15 +130,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _carry_over(old: Path, new: Path) -> None:
-    """Copy files of ``old`` that ``new`` lacks and that are not weights (tokenizer, README, ...)."""
+    """Link (or copy) into ``new`` the files of ``old`` it lacks, except the previous model's weights / config."""
     for dirpath, _, files in os.walk(old):
         rel = Path(dirpath).relative_to(old)
         for f in files:
-            if f.endswith(WEIGHT_SUFFIXES) or f in REPLACED_FILES:
+            if rel == Path(".") and _REPLACED.match(f):
                 continue
             dst = new / rel / f
-            if not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(Path(dirpath) / f, dst)
+            except OSError:
                 shutil.copy2(Path(dirpath) / f, dst)
 
 

@@ -275,7 +275,10 @@ def test_damaged_checkpoint_refused(ws, tmp_path, edit_tensors, edit_dir, exc, m
 
 
 def test_plugin_not_imported_raises(ws):
-    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(ws / 'mc')!r})"
+    code = (  # "import optimum_mc_autoload" is the line of the installed optimum_mc-autoload.pth
+        "import optimum_mc_autoload\nfrom transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(ws / 'mc')!r})"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPTIMUM_MC_NO_AUTOLOAD="1")
     before = snapshot(ws)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -385,8 +388,13 @@ def test_save_over_existing_replaces_weights_keeps_tokenizer(ws, mc_model, tmp_p
     d = tmp_path / "mc"
     shutil.copytree(ws / "mc", d)
     (d / "model.safetensors").write_bytes(b"stale")  # replaced, not carried over
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")  # an older sharded save: dropped
+    (d / "notes").mkdir()
+    (d / "notes" / "run.pt").write_bytes(b"user data")  # not a model file: kept
     mc_model.save_pretrained(d)
     assert (d / "tokenizer.json").read_bytes() == (ws / "mc" / "tokenizer.json").read_bytes()
+    assert (d / "notes" / "run.pt").read_bytes() == b"user data"
+    assert not (d / "model-00001-of-00002.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(d).config.quantization_config.expert_bits
     assert not temporaries(tmp_path)
 
