@@ -199,8 +199,9 @@ def atomic_directory(
 
 
 def verify_saved_model(model, folder: Path) -> None:
-    """Check a folder just written by ``save_pretrained``: config.json names method "mc", and every tensor of the
-    model is in its safetensors files with its shape, inside the file (not truncated)."""
+    """Check a folder just written by ``save_pretrained``: config.json names method "mc", every tensor of the
+    model is in its safetensors files with its shape, inside the file (not truncated), and every scale / zero is
+    finite."""
     from .checkpoint import check_all_tensors
 
     cfg_path = folder / "config.json"
@@ -218,6 +219,31 @@ def verify_saved_model(model, folder: Path) -> None:
         check_all_tensors(model, files, getattr(model, "hf_quantizer", None))
     except Exception as exc:
         raise SaveError(f"the saved checkpoint does not verify: {exc} Nothing was replaced.") from exc
+    bad = _nonfinite_quant_params(files)
+    if bad:
+        raise SaveError(
+            f"the quantized model holds NaN/Inf scales or zeros ({', '.join(bad[:3])}); such a checkpoint would be "
+            f"refused at load. Re-quantize (e.g. with other attn_bits / group_size) and report this. Nothing was "
+            f"replaced."
+        )
+
+
+def _nonfinite_quant_params(files: list[str]) -> list[str]:
+    """Names of saved quantization parameters (scales, zeros, absmax) holding NaN or Inf."""
+    import torch
+    from safetensors import safe_open
+
+    from .verify import PACKED_FLOAT_BUFFERS
+
+    bad = []
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key.rsplit(".", 1)[-1] in PACKED_FLOAT_BUFFERS:
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad.append(key)
+    return bad
 
 
 def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args, **kwargs) -> None:

@@ -359,6 +359,18 @@ def test_unverifiable_save_changes_nothing(ws, mc_model, monkeypatch):
     assert_intact(before, ws)
 
 
+def test_non_finite_scales_never_saved(ws, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(ws / "mc")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.zeros.view(-1)[0] = float("inf")  # e.g. an fp16 zero overflow
+    d = tmp_path / "mc"
+    shutil.copytree(ws / "mc", d)
+    before = snapshot(d)
+    with pytest.raises(SaveError, match="NaN/Inf scales or zeros.*k_proj.zeros.*Re-quantize"):
+        model.save_pretrained(d)
+    assert_intact(before, d)
+
+
 def test_quantized_model_never_saved_over_its_source(ws, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ws / "src", src)
