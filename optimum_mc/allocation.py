@@ -341,6 +341,7 @@ def _cpsat(
     solver.parameters.random_seed = 0
     solver.parameters.cp_model_presolve = False
     solver.parameters.max_time_in_seconds = float(time_limit)
+    solver.parameters.catch_sigint_signal = False  # leave Ctrl-C to Python (KeyboardInterrupt)
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return hint, solver.status_name(status)

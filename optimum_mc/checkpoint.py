@@ -8,12 +8,15 @@ right dtype, right shape for its bit-width, and its bytes actually inside the fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Iterable
 
 from .errors import CheckpointError
 from .packing import WORD_BITS
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
 
@@ -108,4 +111,58 @@ def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple
         raise CheckpointError(
             f"the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size): {head}. "
             f"The checkpoint is incomplete, truncated or was edited; re-save it from the quantized model."
+        )
+
+
+def _ignored_missing(model) -> list:
+    import re
+
+    return [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+
+
+def check_all_tensors(model, files: Iterable[str], quantizer=None) -> None:
+    """Every tensor the (meta, skeleton-built) model expects must be in the checkpoint with its shape.
+
+    Checkpoint keys are mapped to model keys with transformers' own conversion mapping (renamed block attributes,
+    base-model prefix); tied weights and keys the model declares optional are not required. Catches a checkpoint
+    missing its router, embeddings, norms or any quantized linear before transformers would initialize them
+    randomly.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # pragma: no cover - another transformers layout: packed tensors were checked already
+        logger.warning("optimum-mc: this transformers version has no conversion mapping; only packed tensors checked")
+        return
+
+    meta = model.state_dict()
+    transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    found: set[str] = set()
+    converted = False
+    problems = []
+    for path in files:
+        for key, info in read_safetensors_header(str(path)).items():
+            name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if pattern is not None:  # merged / split by a converter: shapes change, only presence is known
+                converted = True
+                found.add(name)
+                continue
+            found.add(name)
+            want = meta.get(name)
+            if want is not None and tuple(want.shape) != tuple(info["shape"]):
+                problems.append(f"{key}: expected shape {list(want.shape)}, found {list(info['shape'])}")
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    ignore = _ignored_missing(model)
+    missing = [k for k in meta if k not in found and k not in tied and not any(p.search(k) for p in ignore)]
+    if converted:  # a converter's other targets are filled from the same sources
+        missing = [k for k in missing if not any(k.rsplit(".", 1)[0] in f for f in found)]
+    problems = [f"missing {k}" for k in missing] + problems
+    if problems:
+        head = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+        raise CheckpointError(
+            f"the checkpoint does not hold every tensor of the model: {head}. Those weights would be initialized "
+            f"randomly; re-save the checkpoint from the quantized model (or re-download it)."
         )

@@ -1,7 +1,9 @@
 """The ``optimum-mc`` command: quantize, eval, inspect, bench, demo.
 
-User mistakes (unknown paths, unreadable files, bad numbers, invalid options) print one line to stderr and exit
-with code 2; a failure inside the library exits with 1 and a traceback.
+User mistakes (unknown paths, unreadable files, bad numbers, invalid options, unusable output paths) print one
+line to stderr and exit with code 2, checked before any model is loaded or quantized where possible. A failed Hub
+upload prints one line and exits 1 (the local save is kept); Ctrl-C prints one line and exits 130, leaving no
+partial files (saves are atomic). Any other failure inside the library exits with 1 and a traceback.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def _window(text: str) -> int:
+    v = _positive_int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be >= 2 (a window predicts its tokens from the previous ones)"
+        )
     return v
 
 
@@ -110,22 +121,49 @@ def _perplexities(model, tok, texts: dict[str, str], window: int, max_windows: i
 # ----------------------------------------------------------------------------------------------- commands
 
 
+def _check_output(output: str, model: str) -> Path:
+    from .errors import OutputPathError
+    from .saving import check_output_dir
+
+    try:
+        return check_output_dir(output, model if os.path.isdir(model) else None)
+    except OutputPathError as exc:
+        raise UsageError(f"--output: {exc}") from exc
+
+
+def _push(model, tok, repo: str, out: Path) -> int:
+    try:
+        model.push_to_hub(repo)
+        tok.push_to_hub(repo)
+    except Exception as exc:  # noqa: BLE001 - any Hub / network failure: the local save is what matters
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(
+            f"optimum-mc: error: could not push to {repo!r} ({type(exc).__name__}: {first}); the model is saved in "
+            f"{out}: push it later with huggingface-cli upload {repo} {out}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def cmd_quantize(args) -> int:
+    out = _check_output(args.output, args.model)  # before the (long) quantization
     cfg = _config_from_args(args)
     t0 = time.perf_counter()
     model, tok = _load(args.model, cfg, args.quiet)
     seconds = time.perf_counter() - t0
     from .inspect_model import allocation_table
+    from .saving import atomic_directory
 
-    out = Path(args.output)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    with atomic_directory(out, args.model if os.path.isdir(args.model) else None) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     if not args.quiet:
         print(allocation_table(model.config.quantization_config))
         print(f"quantized in {seconds:.1f}s, saved to {out}")
     if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub)
-        tok.push_to_hub(args.push_to_hub)
+        if _push(model, tok, args.push_to_hub, out):
+            return 1
         if not args.quiet:
             print(f"pushed to {args.push_to_hub}")
     return 0
@@ -168,7 +206,23 @@ def _lm_eval(model, tok, tasks: str) -> None:
     print(json.dumps(res["results"], indent=2, default=str))
 
 
+def _fmt(t) -> str:
+    import math
+
+    ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+    return f"{t:.3f}" if ok else "n/a"
+
+
+def _check_plot(path: str | None) -> None:
+    if path is None:
+        return
+    parent = Path(path).absolute().parent
+    if Path(path).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write --plot {path}: pass a PNG file path inside an existing, writable folder")
+
+
 def cmd_inspect(args) -> int:
+    _check_plot(args.plot)
     from .inspect_model import load_quant_config, plot_allocation, size_breakdown
 
     path = Path(args.dir)
@@ -183,9 +237,12 @@ def cmd_inspect(args) -> int:
     print()
     print(size_breakdown(path, cfg))
     if cfg.odp_thresholds:
-        print("\nODP thresholds per MoE layer: " + ", ".join(f"{t:.3f}" for t in cfg.odp_thresholds))
+        print("\nODP thresholds per MoE layer: " + ", ".join(_fmt(t) for t in cfg.odp_thresholds))
     if args.plot:
-        plot_allocation(cfg, args.plot)
+        try:
+            plot_allocation(cfg, args.plot)
+        except OSError as exc:
+            raise UsageError(f"cannot write --plot {args.plot}: {exc.strerror or exc}") from exc
         print(f"allocation heatmap written to {args.plot}")
     return 0
 
@@ -240,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--text", action="append", help="UTF-8 text file (repeatable)")
     e.add_argument("--dataset", default=None)
-    e.add_argument("--window", type=_positive_int, default=256)
+    e.add_argument("--window", type=_window, default=256)
     e.add_argument("--max-windows", type=_positive_int, default=None)
     e.add_argument("--odp", action="store_true")
     e.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval tasks (needs lm-eval)")
@@ -277,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MCError) as exc:
         print(f"optimum-mc: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("optimum-mc: interrupted; nothing was saved or left half-written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

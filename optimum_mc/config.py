@@ -36,6 +36,15 @@ def _err(msg: str) -> MCConfigError:
     return MCConfigError(msg)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise _err(f"{name} must be True or False, got {v!r} ({type(v).__name__}); strings like 'no' are not read.")
+
+
 class MCConfig(QuantizationConfigMixin):
     """Configuration of MC (Mixture Compressor) quantization, registered with transformers as method ``"mc"``.
 
@@ -150,7 +159,8 @@ class MCConfig(QuantizationConfigMixin):
         self.allocation_time_limit = allocation_time_limit
         self.allocation_constraints = allocation_constraints
         self.nonexpert_method = nonexpert_method
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        mtc = modules_to_not_convert
+        self.modules_to_not_convert = list(mtc) if isinstance(mtc, (list, tuple)) else mtc
         self.damp_percent = damp_percent
         self.act_order = act_order
         self.block_size = block_size
@@ -195,7 +205,7 @@ class MCConfig(QuantizationConfigMixin):
                 f"change bits or candidate_bits."
             )
         if self.attn_bits is not None and (
-            isinstance(self.attn_bits, bool) or self.attn_bits not in SUPPORTED_BITS or self.attn_bits == 1
+            not _is_int(self.attn_bits) or self.attn_bits not in SUPPORTED_BITS or self.attn_bits == 1
         ):
             raise _err(f"attn_bits must be one of (2, 3, 4, 8) or None (keep float), got {self.attn_bits!r}.")
         if (
@@ -236,8 +246,24 @@ class MCConfig(QuantizationConfigMixin):
             raise _err("dataset given as a list must be a non-empty list of strings (calibration texts).")
         if ds is not None and not isinstance(ds, (str, list)):
             raise _err(f"dataset must be None, 'builtin', a path, a datasets name or a list of texts, got {ds!r}.")
+        if isinstance(ds, str) and not ds.strip():
+            raise _err("dataset='' names nothing; use None (builtin text), a path, a datasets name or a text list.")
+        self._check_types()
         self._check_scale()
         self._check_odp()
+
+    def _check_types(self) -> None:
+        """Booleans are bools, module lists are lists of names, the tokenizer is a tokenizer or a path."""
+        for name in ("allocation_constraints", "act_order", "show_progress", "odp"):
+            _check_bool(name, getattr(self, name))
+        mtc = self.modules_to_not_convert
+        if mtc is not None and (not isinstance(mtc, list) or not all(isinstance(m, str) and m for m in mtc)):
+            raise _err(f"modules_to_not_convert must be a list of module names, e.g. ['q_proj'], got {mtc!r}.")
+        tok = self.tokenizer
+        if tok is not None and not isinstance(tok, str) and not callable(getattr(tok, "encode", None)):
+            raise _err(f"tokenizer must be None, a path / Hub id, or a tokenizer object, got {tok!r}.")
+        if isinstance(tok, str) and not tok.strip():
+            raise _err("tokenizer='' names nothing; use None (the model's own tokenizer) or a path / Hub id.")
 
     def _check_scale(self) -> None:
         import torch

@@ -53,3 +53,11 @@ class NonFiniteWeightError(MCError, ValueError):
 
 class PluginNotImportedError(MCError, RuntimeError):
     """An "mc" checkpoint is being loaded while optimum_mc is not registered with transformers."""
+
+
+class OutputPathError(MCError, ValueError):
+    """A save target is unusable: a file, the source model's own folder, or not writable."""
+
+
+class SaveError(MCError, OSError):
+    """A save did not complete or its result did not verify; the previous content of the target is intact."""

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from .architectures import MoEArchitecture, decoder_layers, layer_module_names, moe_blocks, require_moe, set_submodule
-from .checkpoint import check_checkpoint, nf4_shapes, packed_shapes
+from .checkpoint import check_all_tensors, check_checkpoint, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
 from .skeleton import install_packed_skeleton
@@ -100,6 +100,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     from .nn.nf4_linear import NF4Linear
 
     arch = require_moe(model)
+    if isinstance(dtype, str):  # transformers passes config.dtype, a string once the config was (re)loaded
+        dtype = getattr(torch, dtype)
     for blk in moe_blocks(model, arch):
         ex = blk.experts
         if isinstance(ex, MCExperts):
@@ -173,11 +175,17 @@ class MCQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs: Any):
         cfg: MCConfig = self.quantization_config
         arch = require_moe(model)
+        if cfg.odp:  # issue 11: top-1 + ODP refused before any weight is loaded
+            from .pruning import check_odp_supported
+
+            check_odp_supported(model)
         if self.pre_quantized:
             check_results_match_model(model, cfg, arch)
             if checkpoint_files:
                 check_checkpoint(checkpoint_files, expected_tensors(model, cfg, arch))
             build_quantized_skeleton(model, cfg, arch)
+            if checkpoint_files:  # every tensor, not only packed ones
+                check_all_tensors(model, checkpoint_files, self)
             return model
         from .allocation import check_feasible
 
@@ -202,6 +210,10 @@ class MCQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         cfg: MCConfig = self.quantization_config
+        from .saving import install_atomic_save
+        from .verify import check_finite_loaded, check_finite_weights
+
+        (check_finite_loaded if self.pre_quantized else check_finite_weights)(model)  # issue 11
         if not self.pre_quantized:
             from .pipeline import quantize_model
             from .placement import place_model
@@ -221,6 +233,7 @@ class MCQuantizer(HfQuantizer):
                     f"re-save it from the quantized model."
                 )
         self._apply_odp(model)
+        install_atomic_save(model, None if self.pre_quantized else getattr(model.config, "_name_or_path", None))
         return model
 
     def _apply_odp(self, model) -> None:

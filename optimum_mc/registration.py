@@ -23,6 +23,18 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(METHOD) is not MCQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(METHOD, None)
         register_quantizer(METHOD)(MCQuantizer)
+    _guard()
+
+
+def _guard() -> None:
+    """Refuse configs holding MC results under another quant_method (see optimum_mc_autoload), even under -S."""
+    try:
+        import transformers.quantizers.auto as auto
+
+        from optimum_mc_autoload import install_guard
+    except ImportError:  # pragma: no cover - the start-up module is installed with the package
+        return
+    install_guard(auto)
 
 
 def is_registered() -> bool:

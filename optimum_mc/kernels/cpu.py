@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..filecheck import digest_path, find_verified
 from ..packing import SUPPORTED_BITS, WORD_BITS
 from .reference import dequantize_reference, qmatmul_reference
 
@@ -69,15 +70,18 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     """Compile the kernels with ``cc`` unless a build for this source, flags and CPU is cached; return its path."""
     key_src = b"\0".join([SOURCE.read_bytes(), " ".join((cc, *flags)).encode(), platform.machine().encode()])
     key = hashlib.sha256(key_src + _cpu_id().encode()).hexdigest()[:16]
-    out = cache_dir() / f"mc_cpu_{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".tmp.so", dir=out.parent)
+    cached, bad = find_verified(cache_dir(), f"mc_cpu_{key}", ".so")  # issue 11: never dlopen a damaged file
+    if bad:
+        logger.warning("optimum-mc: removed damaged cached CPU kernels %s (checksum mismatch); rebuilding", bad[0])
+    if cached is not None:
+        return cached
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"mc_cpu_{key}", suffix=".tmp.so", dir=cache_dir())
     os.close(fd)
     try:
         cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        out = digest_path(cache_dir(), f"mc_cpu_{key}", ".so", tmp)  # the name carries a checksum of the bytes
         os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -110,6 +114,9 @@ def library() -> ctypes.CDLL | None:
 def load(path: Path) -> ctypes.CDLL:
     """Load a built kernel library and declare its C signatures."""
     lib = ctypes.CDLL(str(path))
+    missing = [name for name in ("mc_dequantize", "mc_gemv") if not hasattr(lib, name)]
+    if missing:  # issue 11: an OSError makes library() fall back to the reference with one warning
+        raise OSError(f"{path} lacks the symbols {missing}; delete it to rebuild")
     lib.mc_dequantize.argtypes = [_P, _P, _P, _P, _I64, _I64, _INT, _I64, _INT]
     lib.mc_dequantize.restype = _INT
     lib.mc_gemv.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _I64, _INT]

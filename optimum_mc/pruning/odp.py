@@ -36,7 +36,7 @@ class ODPStats:
         return {
             "tokens": self.tokens,
             "expert_evaluations": self.evaluated,
-            "skipped_fraction": 1.0 - self.evaluated / max(self.slots, 1),
+            "skipped_fraction": 1.0 - self.evaluated / self.slots if self.slots else 0.0,
             "active_expert_params_per_token": self.params / t,
             "active_expert_bytes_per_token": self.bytes / t,
         }
@@ -106,13 +106,23 @@ def _states(model: nn.Module) -> dict[int, ODPLayerState]:
     return {b.layer_idx: b.router._mc_odp for b in moe_blocks(model) if hasattr(b.router, "_mc_odp")}
 
 
-def _check(model, threshold, protect_ratio, layers) -> list[int]:
-    arch = require_moe(model)
-    blocks = list(moe_blocks(model, arch))
+def check_odp_supported(model: nn.Module) -> None:
+    """Raise MCConfigError for models ODP cannot prune (top-1 routing); cheap, runs before any weight loads."""
+    blocks = list(moe_blocks(model, require_moe(model)))
     if any(b.top_k < 2 for b in blocks):
         raise MCConfigError(
-            "ODP drops the second and later experts of a token; this model routes to 1 expert (top-1)."
+            "ODP drops the second and later experts of a token; this model routes to 1 expert (top-1). "
+            "Leave odp=False (drop --odp) for this model."
         )
+
+
+def _check(model, enabled, threshold, protect_ratio, layers) -> list[int]:
+    if not isinstance(enabled, bool):
+        raise MCConfigError(f"set_odp's enabled must be True or False, got {enabled!r}; strings are not read.")
+    arch = require_moe(model)
+    blocks = list(moe_blocks(model, arch))
+    if enabled:
+        check_odp_supported(model)
     vals = threshold if isinstance(threshold, (list, tuple)) else ([] if threshold is None else [threshold])
     for t in vals:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
@@ -165,7 +175,7 @@ def set_odp(
     float model without them is calibrated on the builtin text), a float, or one per MoE layer.
     ``layers``: None (default share of MoE layers, least-hurt first), a count, or MoE layer indices.
     """
-    moe = _check(model, threshold, protect_ratio, layers)
+    moe = _check(model, enabled, threshold, protect_ratio, layers)
     if not enabled:
         for st in _states(model).values():
             st.enabled = False
@@ -256,6 +266,9 @@ def calibrate_odp(
     model's own). Results are stored on the model (and its MC quantization config, when present).
     """
     blocks = list(moe_blocks(model, require_moe(model)))
+    if any(b.top_k < 2 for b in blocks):
+        logger.info("optimum-mc: top-1 routing, nothing for ODP to prune; no ODP thresholds are stored")
+        return [], []
     if input_ids is None:
         from ..calibration.data import calibration_batches
         from ..pipeline import resolve_tokenizer
@@ -312,7 +325,7 @@ def calibrate_odp(
 
     try:
         run([(b.router, ratio_hook(b.layer_idx)) for b in blocks])
-        thresholds = [float(torch.cat(ratios[b.layer_idx]).median()) if ratios[b.layer_idx] else 0.5 for b in blocks]
+        thresholds = [_median_or(ratios[b.layer_idx], 0.5) for b in blocks]
         thresholds = [min(max(t, 1e-6), 1.0) for t in thresholds]
         run([(b.experts, error_hook(b.layer_idx, b.num_experts, t)) for b, t in zip(blocks, thresholds)])
     finally:
@@ -324,6 +337,15 @@ def calibrate_odp(
     if qc is not None and getattr(qc, "quant_method", None) == "mc":
         qc.odp_thresholds, qc.odp_layer_scores = thresholds, scores
     return thresholds, scores
+
+
+def _median_or(parts: list[torch.Tensor], default: float) -> float:
+    """Median of the concatenated ratios; ``default`` when there are none or the median is not finite."""
+    if not parts:
+        return default
+    r = torch.cat(parts)
+    r = r[torch.isfinite(r)]
+    return float(r.median()) if r.numel() else default
 
 
 def set_odp_from_config(model: nn.Module, cfg) -> list[int]:
