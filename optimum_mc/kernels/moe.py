@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError
+from ..errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError, UnsupportedArchitectureError
 from .activations import ACTIVATIONS
 from .eager import plain_eager
 from .ops import check_packed
@@ -113,7 +113,7 @@ def check_routing(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: tor
             f"({top_k_weights.device}) and the packed experts ({device}) must share a device."
         )
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}.")
+        raise UnsupportedArchitectureError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}.")
 
 
 def moe(
