@@ -204,8 +204,9 @@ def allocation_cost(
 
 
 # ---------------------------------------------------------------------------------------------------- exact DP
-def _required_flags(cb: list[int], constraints: bool) -> list[int]:
-    """Per candidate index, the bit of the required-width mask it sets (0 for widths that are not required)."""
+def _required_flags(cb: list[int], constraints: bool) -> tuple[list[int], int]:
+    """Per candidate index, the bit of the required-width mask it sets (0 for widths that are not required), and
+    the number of required widths."""
     req = required_bits(cb, constraints)
     return [(1 << req.index(b)) if b in req else 0 for b in cb], len(req)
 
