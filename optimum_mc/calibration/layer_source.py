@@ -172,6 +172,30 @@ class CheckpointLayers:
                 )
         return out
 
+    def check_finite(self) -> None:
+        """Scan every layer tensor of the shards once (one tensor in memory at a time) and refuse NaN/Inf weights
+        before any quantization work: a bad router or expert would otherwise surface layers later."""
+        from safetensors import safe_open
+
+        from ..errors import NonFiniteWeightError
+
+        bad = []
+        by_file: dict[str, list[str]] = {}
+        for keys in self._keys.values():
+            for path, key in keys:
+                by_file.setdefault(path, []).append(key)
+        for path, keys in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for key in keys:
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        bad.append(key)
+        if bad:
+            raise NonFiniteWeightError(
+                f"the checkpoint has NaN/Inf weights in {len(bad)} tensors (e.g. {bad[:3]}); quantization needs "
+                f"finite weights: re-download or repair the checkpoint."
+            )
+
     @staticmethod
     def ignore_patterns() -> list[str]:
         """Checkpoint keys transformers must not report as unexpected (the layers MC reads itself)."""
