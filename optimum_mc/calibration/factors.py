@@ -56,10 +56,20 @@ class ExpertQuant:
         return dequantize_matrix(*self.gate_up, group_size), dequantize_matrix(*self.down, group_size)
 
 
+FORWARD_CHUNK = 1024  # tokens per step: bounds the (tokens x 2I) intermediate of a measurement forward
+
+
 def expert_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, act_fn: Callable) -> torch.Tensor:
-    """The expert MLP of transformers' fused layout: ``down(act(gate(x)) * up(x))`` in fp32."""
-    gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    return (act_fn(gate) * up) @ w_down.t()
+    """The expert MLP of transformers' fused layout: ``down(act(gate(x)) * up(x))`` in fp32, in token chunks."""
+    if x.shape[0] <= FORWARD_CHUNK:
+        gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
+        return (act_fn(gate) * up) @ w_down.t()
+    return torch.cat(
+        [
+            expert_forward(x[i : i + FORWARD_CHUNK], w_gate_up, w_down, act_fn)
+            for i in range(0, x.shape[0], FORWARD_CHUNK)
+        ]
+    )
 
 
 def quantize_expert(

@@ -56,6 +56,15 @@ def release_memory() -> None:
         pass
 
 
+def _open_shard(path: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt", backend="pread")
+    except TypeError:  # safetensors without the pread backend
+        return safe_open(path, framework="pt")
+
+
 def _own_memory(layer: nn.Module) -> None:
     """Copy the tensors that transformers left as views of the memory-mapped shard (those it only renamed; the fused
     experts are new tensors): one small view keeps the whole mapping, and every page read from it, resident."""
@@ -212,7 +221,6 @@ class CheckpointLayers:
 
     def fetch(self, index: int, device: torch.device) -> nn.Module:
         """Read layer ``index`` from the shards onto ``device`` and install it in its slot; return it."""
-        from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -226,8 +234,8 @@ class CheckpointLayers:
             handles = {}
             state = {}
             for path, key in self._keys[index]:
-                if path not in handles:
-                    handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                if path not in handles:  # pread, not mmap: pages read are not mapped into this process
+                    handles[path] = stack.enter_context(_open_shard(path))
                 state[key] = handles[path].get_slice(key)
             with _quiet_transformers_bars():
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
