@@ -329,9 +329,13 @@ def gptq_quantize_batched(
         for e, b in enumerate(bits):
             scales[e], zeros[e] = group_qparams(w0[e].reshape(out_f, groups, g), b, zero_point)
         perms = torch.stack([torch.argsort(torch.diag(h[e]), descending=True, stable=True) for e in range(num)])
-        w0 = torch.stack([w0[e][:, perms[e]] for e in range(num)])
-        h = torch.stack([h[e][perms[e]][:, perms[e]] for e in range(num)])
-    hinv = torch.stack([_inverse_cholesky(h[e], damp_percent) for e in range(num)])
+        for e in range(num):  # in place, one matrix at a time (bounded extra memory)
+            w0[e] = w0[e][:, perms[e]]
+            h[e] = h[e][perms[e]][:, perms[e]]
+    hinv = torch.empty_like(h)
+    for e in range(num):
+        hinv[e] = _inverse_cholesky(h[e], damp_percent)
+    del h
     codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point)
     if perms is not None:
         codes = torch.stack([codes[e][:, torch.argsort(perms[e])] for e in range(num)])

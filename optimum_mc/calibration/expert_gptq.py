@@ -18,7 +18,7 @@ from .hessians import input_hessian, mid_hessian
 
 # Stacked fp32 weights + Hessians of one chunk (the column loop needs about 3x this): small on the host, where the
 # quantization's peak RSS is budgeted (docs/scale.md), larger on accelerators.
-WORKSPACE_BYTES = {"cpu": 256 << 20}
+WORKSPACE_BYTES = {"cpu": 128 << 20}
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 
 
@@ -75,6 +75,7 @@ def quantize_experts(
             w[k] = weights(e)[0]
             h[k] = input_hessian(*tokens(e))
         gu_q = gptq_quantize_batched(w, h, widths, opts.group_size, **kw)
+        del w, h
         w = torch.empty(len(chunk), hidden, two_i // 2, device=dev)
         h = torch.empty(len(chunk), two_i // 2, two_i // 2, device=dev)
         for k, e in enumerate(chunk):
