@@ -321,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.quiet = getattr(args, "quiet", False)
+    if args.command == "quantize":
+        # a dedicated quantization process: oneDNN's and torch's per-shape primitive caches grow with every new
+        # GEMM shape (each expert's token count is one) and are never reused here (docs/scale.md)
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+        os.environ.setdefault("LRU_CACHE_CAPACITY", "1")
     if args.quiet:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         logging.disable(logging.WARNING)

@@ -154,6 +154,8 @@ print(json.dumps({"seconds": seconds, "peak_rss": hwm, "sha256": h.hexdigest() i
 
 def run_child(args: dict) -> dict:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")  # as `optimum-mc quantize` sets (docs/scale.md)
+    env.setdefault("LRU_CACHE_CAPACITY", "1")
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({args['mode']}):\n{proc.stderr[-4000:]}")

@@ -284,11 +284,13 @@ def calibrate_odp(
     for st in states.values():
         st.enabled = False
 
+    body = getattr(model, "base_model", model)  # the decoder only: no (batch x seq x vocab) logits are needed
+
     def run(hooks: list[tuple[nn.Module, object]]) -> None:
         handles = [m.register_forward_hook(h) for m, h in hooks]
         try:
             for s in range(0, input_ids.shape[0], batch_size):
-                model(input_ids=input_ids[s : s + batch_size].to(device), use_cache=False)
+                body(input_ids=input_ids[s : s + batch_size].to(device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
