@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_mc.architectures import moe_blocks
 from optimum_mc.nn import MCExperts, QuantLinear
+from optimum_mc.speed import measure
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -38,17 +38,6 @@ def quantize_rtn(model, group: int = 128):
     return model
 
 
-@torch.no_grad()
-def measure(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s over the whole prompt, greedy decode tokens/s after a 16-token prompt)."""
-    model(input_ids=prompt[:, :8])  # warm-up
-    t = time.perf_counter()
-    model(input_ids=prompt, use_cache=False)
-    prefill = prompt.numel() / (time.perf_counter() - t)
-    t = time.perf_counter()
-    out = model.generate(prompt[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    decode = (out.shape[1] - 16) / (time.perf_counter() - t)
-    return prefill, decode
 
 
 def main(argv=None) -> None:
