@@ -23,13 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import ExpertFactors, SolveReport, allocate_bits, check_feasible, format_allocation_table
-from .architectures import MoEArchitecture, MoEBlock, get_architecture, moe_block, set_submodule
+from .architectures import MoEArchitecture, MoEBlock, get_architecture, layer_module_names, moe_block, set_submodule
 from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches
 from .calibration.expert_gptq import quantize_experts
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
 from .calibration.layer_source import ResidentLayers, release_memory
-from .calibration.sequential import LayerBatch, capture_layer_inputs, run_layer
+from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
 from .config import _RESULT_FIELDS, MCConfig
@@ -105,7 +105,7 @@ class _Run:
         self.moe_layers = [i for i, layer in enumerate(structures) if moe_block(layer, i, arch) is not None]
         self.num_experts = {i: int(moe_block(structures[i], i, arch).experts.num_experts) for i in self.moe_layers}
         self.blocks: dict[int, MoEBlock] = {}  # MoE parts of the layer being processed
-        self.layer_names = _layer_names(model)
+        self.layer_names = layer_module_names(model)
         self.factors: dict[int, LayerFactors] = {}
         self.bits: dict[int, list[int]] = {}
         self.linear_bits: dict[str, int] = {}
@@ -443,12 +443,6 @@ def _factors_from_dict(d: dict) -> LayerFactors:
     return LayerFactors(f, list(d.get("method", [])))
 
 
-def _layer_names(model: nn.Module) -> dict[int, str]:
-    from .architectures import layer_module_names
-
-    return layer_module_names(model)
-
-
 def resolve_tokenizer(model: nn.Module, tok=None):
     """The tokenizer for calibration: ``tok`` (object or path) or the model's own."""
     from transformers import AutoTokenizer
@@ -494,17 +488,7 @@ _NOT_IN_FINGERPRINT = (
 
 
 def _to_device(batches: list[LayerBatch], device: torch.device) -> list[LayerBatch]:
-    return [LayerBatch(b.hidden.to(device), _move(b.kwargs, device)) for b in batches]
-
-
-def _move(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
+    return [LayerBatch(b.hidden.to(device), move_to(b.kwargs, device)) for b in batches]
 
 
 def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=None, place=None) -> dict:

@@ -38,15 +38,16 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def move_to(obj: Any, device: torch.device) -> Any:
+    """``obj`` (tensors inside tuples / lists / dicts) moved to ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(move_to(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [move_to(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: move_to(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -84,7 +85,7 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
     device = _module_device(layer)
     out = []
     for b in batches:
-        y = layer(_to(b.hidden, device), **_to(b.kwargs, device))
+        y = layer(move_to(b.hidden, device), **move_to(b.kwargs, device))
         y = y[0] if isinstance(y, tuple) else y
         out.append(LayerBatch(y.detach(), b.kwargs))
     return out

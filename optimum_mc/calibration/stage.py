@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import MCConfigError
+from ..placement import check_writable_folder
 
 FORMAT = "optimum-mc-stage/1"
 _PROGRESS = "progress.json"
@@ -75,20 +76,9 @@ class Stage:
             path = tempfile.mkdtemp(prefix="optimum-mc-stage-")
         self.path = Path(path)
         self.digest = digest
-        self._check_writable()
-
-    def _check_writable(self) -> None:
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise MCConfigError(
-                f"resume_dir {str(self.path)!r} is not a writable folder ({exc}); pass a folder you can write to."
-            ) from exc
         if self.path.is_file():
             raise MCConfigError(f"resume_dir {str(self.path)!r} is a file; pass a folder.")
+        check_writable_folder(str(self.path), "resume_dir")
 
     # -- resume -------------------------------------------------------------------------------------------------
     def resume(self) -> Progress | None:
