@@ -1,5 +1,5 @@
 """``python -m optimum_mc`` = the ``optimum-mc`` command."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .allocation import ExpertFactors, SolveReport, allocate_bits, check_feasible, format_allocation_table
 from .architectures import MoEArchitecture, MoEBlock, get_architecture, layer_module_names, moe_block, set_submodule
 from .calibration.capture import LinearInputs, RoutingCapture
-from .calibration.data import calibration_batches
+from .calibration.data import calibration_batches, resolve_tokenizer
 from .calibration.expert_gptq import quantize_experts
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
 from .calibration.layer_source import ResidentLayers, release_memory
@@ -441,21 +441,6 @@ def _factors_from_dict(d: dict) -> LayerFactors:
         loss=torch.tensor(d["loss"], dtype=torch.float32),
     )
     return LayerFactors(f, list(d.get("method", [])))
-
-
-def resolve_tokenizer(model: nn.Module, tok=None):
-    """The tokenizer for calibration: ``tok`` (object or path) or the model's own."""
-    from transformers import AutoTokenizer
-
-    if tok is not None and not isinstance(tok, str):
-        return tok
-    path = tok or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same fix for the user
-        raise CalibrationError(
-            f"could not load a tokenizer for calibration from {path!r} ({exc}); pass MCConfig(tokenizer=...)."
-        ) from exc
 
 
 def run_fingerprint(model: nn.Module, config: MCConfig, source, input_ids: torch.Tensor, device) -> str:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_mc.architectures import moe_blocks
 from optimum_mc.nn import MCExperts, QuantLinear
-from optimum_mc.speed import measure
+from optimum_mc.tools.speed import measure
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -36,8 +36,6 @@ def quantize_rtn(model, group: int = 128):
             if isinstance(lin, torch.nn.Linear):
                 setattr(module, name, QuantLinear.from_linear(lin, 4, group))
     return model
-
-
 
 
 def main(argv=None) -> None:

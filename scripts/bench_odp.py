@@ -39,7 +39,7 @@ def moe_timer(model):
 
 def measure(model, timer: dict, windows: dict) -> tuple[float, float]:
     """Mean perplexity over the domains and the seconds spent in MoE blocks."""
-    from optimum_mc.evaluation import perplexity
+    from optimum_mc.tools.evaluation import perplexity
 
     timer["t"] = 0.0
     ppl = {d: perplexity(model, w) for d, w in windows.items()}
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import optimum_mc
-    from optimum_mc.evaluation import token_windows
+    from optimum_mc.tools.evaluation import token_windows
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))

@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from transformers import AutoTokenizer
 
-    from optimum_mc.evaluation import perplexity, token_windows
-    from optimum_mc.speed import model_bytes
+    from optimum_mc.tools.evaluation import perplexity, token_windows
+    from optimum_mc.tools.speed import model_bytes
 
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = {

@@ -1,6 +1,6 @@
 """Build (train) the embedded demo MoE into a folder; ``optimum-mc demo`` does the same on first use.
 
-    python scripts/build_demo_model.py [--output DIR] [--seconds 100]
+python scripts/build_demo_model.py [--output DIR] [--seconds 100]
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from optimum_mc.demo import TRAIN_SECONDS, build_demo_model, cache_path
+from optimum_mc.tools.demo import TRAIN_SECONDS, build_demo_model, cache_path
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

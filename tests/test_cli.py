@@ -8,7 +8,7 @@ import sys
 import pytest
 from tiny_models import CORPUS, save_tiny
 
-from optimum_mc.cli import main
+from optimum_mc.tools.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_bad_number_is_an_argparse_error():
 def test_demo_model_builds_offline_and_loads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_mc.demo import build_demo_model
+    from optimum_mc.tools.demo import build_demo_model
 
     path = build_demo_model(tmp_path / "demo", seconds=2, quiet=True)
     assert (path / "config.json").exists() and not list(tmp_path.glob(".demo-*"))  # renamed into place

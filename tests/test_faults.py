@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM
 
 import optimum_mc
 from optimum_mc import MCConfig
-from optimum_mc.cli import main
 from optimum_mc.errors import (
     CheckpointError,
     MCConfigError,
@@ -34,6 +33,7 @@ from optimum_mc.errors import (
     SaveError,
 )
 from optimum_mc.saving import OLD_TAG, TMP_TAG, atomic_directory, clean_stale
+from optimum_mc.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False)
@@ -481,7 +481,7 @@ def test_killed_between_renames_restores_previous(tmp_path):
 
 
 def _no_load(monkeypatch):
-    import optimum_mc.cli as cli
+    import optimum_mc.tools.cli as cli
 
     monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_mc
-from optimum_mc.evaluation import perplexity, token_windows
+from optimum_mc.tools.evaluation import perplexity, token_windows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "mc-ref-mixtral"

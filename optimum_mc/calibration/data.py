@@ -273,3 +273,18 @@ def calibration_batches(
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len + 1, (num_samples,), generator=g)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def resolve_tokenizer(model: torch.nn.Module, tok=None):
+    """The tokenizer for calibration: ``tok`` (object or path) or the model's own."""
+    from transformers import AutoTokenizer
+
+    if tok is not None and not isinstance(tok, str):
+        return tok
+    path = tok or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same fix for the user
+        raise CalibrationError(
+            f"could not load a tokenizer for calibration from {path!r} ({exc}); pass MCConfig(tokenizer=...)."
+        ) from exc

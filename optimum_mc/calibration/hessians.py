@@ -45,5 +45,3 @@ def mid_hessian(
         return act_fn(gate) * up
 
     return _hessian(_weighted(x, token_weights), mid)
-
-

@@ -270,8 +270,7 @@ def calibrate_odp(
         logger.info("optimum-mc: top-1 routing, nothing for ODP to prune; no ODP thresholds are stored")
         return [], []
     if input_ids is None:
-        from ..calibration.data import calibration_batches
-        from ..pipeline import resolve_tokenizer
+        from ..calibration.data import calibration_batches, resolve_tokenizer
 
         qc = getattr(model.config, "quantization_config", None)
         tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, getattr(qc, "tokenizer", None))

@@ -32,8 +32,8 @@ def measure(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]
 
 def run_speed_bench(model, tokenizer, args, config) -> str:
     """Markdown table of prefill / decode tokens per second and weight memory for the three variants."""
-    from .pipeline import quantize_model
-    from .pruning import get_odp_stats, reset_odp_stats, set_odp
+    from ..pipeline import quantize_model
+    from ..pruning import get_odp_stats, reset_odp_stats, set_odp
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, len(tokenizer), (1, args.prompt_len), generator=g)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .allocation import format_allocation_table
-from .checkpoint import read_safetensors_header
-from .config import MCConfig
+from ..allocation import format_allocation_table
+from ..checkpoint import read_safetensors_header
+from ..config import MCConfig
 
 _ELEM = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "F64": 8}
 
@@ -74,7 +74,7 @@ def plot_allocation(cfg: MCConfig, out: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        from .errors import MCError
+        from ..errors import MCError
 
         raise MCError("plotting needs matplotlib: pip install 'optimum-mc[plots]'") from exc
     bits = cfg.expert_bits

@@ -106,7 +106,7 @@ def _texts(files: list[str]) -> dict[str, str]:
 
 
 def _perplexities(model, tok, texts: dict[str, str], window: int, max_windows: int | None) -> dict[str, float]:
-    from .errors import CalibrationError
+    from ..errors import CalibrationError
     from .evaluation import perplexity, token_windows
 
     out = {}
@@ -122,8 +122,8 @@ def _perplexities(model, tok, texts: dict[str, str], window: int, max_windows: i
 
 
 def _check_output(output: str, model: str) -> Path:
-    from .errors import OutputPathError
-    from .saving import check_output_dir
+    from ..errors import OutputPathError
+    from ..saving import check_output_dir
 
     try:
         return check_output_dir(output, model if os.path.isdir(model) else None)
@@ -152,8 +152,8 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     model, tok = _load(args.model, cfg, args.quiet)
     seconds = time.perf_counter() - t0
+    from ..saving import atomic_directory
     from .inspect_model import allocation_table
-    from .saving import atomic_directory
 
     with atomic_directory(out, args.model if os.path.isdir(args.model) else None) as tmp:
         model.save_pretrained(tmp)
@@ -172,8 +172,8 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     texts = _texts(args.text or [])
     if args.dataset:
-        from .calibration.data import load_documents
-        from .errors import CalibrationError
+        from ..calibration.data import load_documents
+        from ..errors import CalibrationError
 
         try:
             texts[args.dataset] = "\n\n".join(load_documents(args.dataset))
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from .errors import MCError
+    from ..errors import MCError
 
     try:
         return args.func(args)

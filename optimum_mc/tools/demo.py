@@ -32,7 +32,7 @@ def cache_path() -> Path:
 
 def split_documents() -> tuple[list[str], list[str]]:
     """Builtin offline documents split 9:1 into train and held-out text."""
-    from .calibration.data import load_documents
+    from ..calibration.data import load_documents
 
     docs = [d for d in load_documents(None) if d.strip()]
     return [d for i, d in enumerate(docs) if i % 10], [d for i, d in enumerate(docs) if i % 10 == 0]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> torch.Tensor:
