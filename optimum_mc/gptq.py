@@ -80,15 +80,27 @@ def _check_options(damp_percent: float, block_size: int) -> None:
 
 def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; damping grows 10x until it factors."""
-    diag_mean = torch.diag(h).mean().clamp_min(1e-8)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return _inverse_cholesky_(h.clone(), damp_percent)
+
+
+def _inverse_cholesky_(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """:func:`_inverse_cholesky` computed in ``h``'s own storage (``h`` is overwritten and returned): at most two
+    more matrices of its size are alive at once, which bounds GPTQ's peak on large (intermediate-sized) Hessians.
+    Bit-identical to the out-of-place form (the damped diagonal is recomputed from the saved one on each try)."""
+    diag = torch.diag(h).clone()
+    diag_mean = diag.mean().clamp_min(1e-8)
     damp = damp_percent
     for _ in range(_MAX_DAMP_RETRIES):
-        lower, info = torch.linalg.cholesky_ex(h + damp * diag_mean * eye)
+        h.diagonal().copy_(diag + damp * diag_mean)
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(upper).all():
-                return upper
+                h.copy_(upper)
+                return h
         damp *= 10
     raise CalibrationError(
         "the Hessian is not positive definite even after heavy damping; check the calibration inputs "
@@ -162,7 +174,7 @@ def gptq_quantize_multi(
         perm = None
         col_group = [c // g for c in range(in_f)]
 
-    hinv = _inverse_cholesky(h, damp_percent)
+    hinv = _inverse_cholesky_(h, damp_percent)  # h is this function's own copy
     w = w0.unsqueeze(0).repeat(nb, 1, 1)  # (nb, out, in), in processing order
     codes = torch.zeros(nb, out_f, in_f, dtype=torch.uint8, device=dev)
     for b0 in range(0, in_f, block_size):
@@ -290,13 +302,15 @@ def gptq_quantize_batched(
     block_size: int = 128,
     act_order: bool = False,
     zero_point: str = "float",
+    consume: bool = False,
 ) -> list[QuantResult]:
     """GPTQ of ``E`` same-shape matrices (e.g. one projection of every expert) at one width each, in one column loop.
 
     ``weights (E, out, in)``, ``hessians (E, in, in)``, ``bits`` one width per matrix. Each result is identical
     (``torch.equal``) to ``gptq_quantize(weights[e], hessians[e], bits[e], ...)``: the per-column work runs on all
     matrices at once, while the operations whose rounding could depend on batching (Cholesky, the lazy-batch
-    matrix products, the grids) run per matrix, exactly as there.
+    matrix products, the grids) run per matrix, exactly as there. ``consume=True`` lets it work in the storage of
+    ``weights`` / ``hessians`` (fp32, same device) instead of copies; both are then overwritten.
     """
     if weights.dim() != 3 or hessians.dim() != 3:
         raise ShapeError(
@@ -318,7 +332,7 @@ def gptq_quantize_batched(
         raise CalibrationError("a Hessian contains NaN/Inf; the calibration activations are not finite.")
     if num == 0:
         return []
-    w0, h, dead = _prepare_batch(weights, hessians)
+    w0, h, dead = _prepare_batch(weights, hessians, consume)
     groups = in_f // g
     dev = w0.device
     scales = torch.zeros(num, out_f, groups, device=dev)
@@ -332,20 +346,28 @@ def gptq_quantize_batched(
         for e in range(num):  # in place, one matrix at a time (bounded extra memory)
             w0[e] = w0[e][:, perms[e]]
             h[e] = h[e][perms[e]][:, perms[e]]
-    hinv = torch.empty_like(h)
-    for e in range(num):
-        hinv[e] = _inverse_cholesky(h[e], damp_percent)
-    del h
+    for e in range(num):  # in place, one matrix at a time
+        _inverse_cholesky_(h[e], damp_percent)
+    hinv = h
     codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point)
     if perms is not None:
         codes = torch.stack([codes[e][:, torch.argsort(perms[e])] for e in range(num)])
     return [(codes[e], scales[e].half(), zeros[e].half()) for e in range(num)]
 
 
-def _prepare_batch(weights: torch.Tensor, hessians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 copies with dead columns (zero Hessian diagonal) handled as in :func:`gptq_quantize_multi`."""
-    w0 = weights.detach().to(torch.float32).clone()
-    h = hessians.detach().to(weights.device, torch.float32).clone()
+def _prepare_batch(
+    weights: torch.Tensor, hessians: torch.Tensor, consume: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 working tensors (copies unless ``consume``) with dead columns (zero Hessian diagonal) handled as in
+    :func:`gptq_quantize_multi`."""
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        fresh = t.dtype != torch.float32 or t.device != weights.device
+        t = t.to(weights.device, torch.float32)
+        return t if consume or fresh else t.clone()
+
+    w0, h = own(weights), own(hessians)
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag == 0
     diag[dead] = 1.0

@@ -36,6 +36,15 @@ def packed_words(n: int, bits: int) -> int:
     return n * bits // WORD_BITS
 
 
+# int64 elements of the bit-stream temporaries per chunk of rows (16 MiB): the stream is ``bits`` times the codes'
+# size in int64, several hundred MB for one expert matrix if built at once.
+_STREAM_ELEMENTS = 1 << 21
+
+
+def _row_chunks(rows: int, per_row: int) -> range:
+    return range(0, rows, max(1, _STREAM_ELEMENTS // max(per_row, 1)))
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``(..., n)`` with values in ``[0, 2**bits)`` into int32 words ``(..., n * bits / 32)``."""
     check_bits(bits)
@@ -43,16 +52,20 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise DTypeError(f"pack expects an integer tensor of codes, got {codes.dtype}.")
     n = codes.shape[-1]
     words = packed_words(n, bits)
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing.")
-    shifts = torch.arange(bits, device=c.device, dtype=torch.int64)
-    stream = (c.unsqueeze(-1) >> shifts) & 1  # (..., n, bits): the bit stream, code-major
-    stream = stream.reshape(*c.shape[:-1], words, WORD_BITS)
-    word_shifts = torch.arange(WORD_BITS, device=c.device, dtype=torch.int64)
-    value = (stream << word_shifts).sum(-1)  # unsigned 32-bit value in an int64
-    value = torch.where(value >= 1 << 31, value - (1 << 32), value)
-    return value.to(torch.int32)
+    flat = codes.reshape(-1, n)
+    out = torch.empty(flat.shape[0], words, dtype=torch.int32, device=codes.device)
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int64)
+    word_shifts = torch.arange(WORD_BITS, device=codes.device, dtype=torch.int64)
+    step = _row_chunks(flat.shape[0], n * bits).step
+    for r0 in range(0, flat.shape[0], step):
+        c = flat[r0 : r0 + step].to(torch.int64)
+        stream = (c.unsqueeze(-1) >> shifts) & 1  # (rows, n, bits): the bit stream, code-major
+        stream = stream.reshape(c.shape[0], words, WORD_BITS)
+        value = (stream << word_shifts).sum(-1)  # unsigned 32-bit value in an int64
+        out[r0 : r0 + step] = torch.where(value >= 1 << 31, value - (1 << 32), value).to(torch.int32)
+    return out.reshape(*codes.shape[:-1], words)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
@@ -65,11 +78,17 @@ def unpack(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tenso
         n = total
     if n != total:
         raise ShapeError(f"{packed.shape[-1]} words hold {total} {bits}-bit codes, not {n}.")
+    flat = packed.reshape(-1, packed.shape[-1])
+    out = torch.empty(flat.shape[0], n, dtype=torch.uint8, device=packed.device)
     word_shifts = torch.arange(WORD_BITS, device=packed.device, dtype=torch.int32)
-    stream = (packed.unsqueeze(-1) >> word_shifts) & 1  # (..., w, 32)
-    stream = stream.reshape(*packed.shape[:-1], n, bits)
     shifts = torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (stream << shifts).sum(-1).to(torch.uint8)
+    step = _row_chunks(flat.shape[0], n * bits // 2).step  # int32 temporaries: half the int64 budget's bytes
+    for r0 in range(0, flat.shape[0], step):
+        w = flat[r0 : r0 + step]
+        stream = (w.unsqueeze(-1) >> word_shifts) & 1  # (rows, w, 32)
+        stream = stream.reshape(w.shape[0], n, bits)
+        out[r0 : r0 + step] = (stream << shifts).sum(-1).to(torch.uint8)
+    return out.reshape(*packed.shape[:-1], n)
 
 
 def packed_nbytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:

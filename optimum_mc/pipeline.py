@@ -28,7 +28,7 @@ from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches, resolve_tokenizer
 from .calibration.expert_gptq import quantize_experts
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
-from .calibration.layer_source import ResidentLayers, release_memory
+from .calibration.layer_source import ResidentLayers, release_memory, return_large_frees_to_the_os
 from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_BATCH_SIZE = 8
 ODP_CALIBRATION_SAMPLES = 16  # sequences used to measure ODP thresholds and layer sensitivity after quantizing
+ODP_CALIBRATION_BATCH = 2  # sequences per forward there: its activations come on top of the whole packed model
 # Round-to-nearest eps of an expert is measured on at most this many of its routed tokens (evenly spaced; the
 # squared error is rescaled to all of them): a relative output error is estimated to a few percent from 4k tokens,
 # while the full count would make eps cost 4 expert forwards over every routed token (docs/scale.md).
@@ -122,7 +123,9 @@ class _Run:
         self.blocks = {idx: blk} if blk is not None else {}
         return layer
 
-    def measure(self, idx: int, layer: nn.Module, batches: list[LayerBatch], with_linears: bool):
+    def measure(self, idx: int, layer: nn.Module, batches: list[LayerBatch], with_linears: bool, keep: bool = True):
+        """Run the float layer with hooks recording linear-input Hessians and routing; its outputs are returned
+        when ``keep`` (the factors pass propagates them) and dropped at once otherwise."""
         block = self.blocks.get(idx)
         lin = linear_targets(layer, block, self.arch, self.config) if with_linears else {}
         for name, m in lin.items():
@@ -131,7 +134,7 @@ class _Run:
         keep_all = self.config.expert_hessian == "router-weighted"
         routing = RoutingCapture(self.arch, block.router, block.experts, keep_all) if block is not None else None
         try:
-            float_out = run_layer(layer, batches)
+            float_out = run_layer(layer, batches, keep)
         finally:
             lin_capture.remove()
             if routing is not None:
@@ -188,8 +191,9 @@ class _Run:
         x, _ = routing.experts[e].cat(routing.hidden_dim)
         return quantize_expert(w_gu, w_dn, x, act_fn, bits, self.opts)
 
-    def quantize_batch(self, idx: int, routing: RoutingCapture, bits: dict[int, int]) -> dict[int, ExpertQuant]:
-        """GPTQ of the experts in ``bits`` (expert -> width) in batched column loops (same result as one by one)."""
+    def quantize_batch(self, idx: int, routing: RoutingCapture, bits: dict[int, int], emit) -> None:
+        """GPTQ of the experts in ``bits`` (expert -> width) in batched column loops (same result as one by one);
+        each result goes to ``emit(e, quant)`` as soon as its chunk is done."""
         experts = self.blocks[idx].experts
         weighted = self.config.expert_hessian == "router-weighted"
 
@@ -197,9 +201,11 @@ class _Run:
             return experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
 
         def tokens(e: int):
-            return routing.router_weighted(e) if weighted else (routing.experts[e].cat(routing.hidden_dim)[0], None)
+            if weighted:
+                return routing.router_weighted(e)
+            return routing.experts[e].cat(routing.hidden_dim, native=True)[0], None
 
-        return quantize_experts(weights, tokens, experts.act_fn, bits, self.opts)
+        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands) -> LayerFactors:
         if routing.tokens == 0:
@@ -240,23 +246,22 @@ class _Run:
             new = QuantLinear.from_codes(codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype)
             set_submodule(layer, name, new.to(m.weight.device))
 
-    def replace_experts(self, idx: int, bits: list[int], cands: list[dict[int, ExpertQuant]]) -> None:
-        block = self.blocks[idx]
-        old = block.experts
-        dtype, device = old.gate_up_proj.dtype, old.gate_up_proj.device
-        new = MCExperts(
+    def packed_experts(self, idx: int, bits: list[int]) -> MCExperts:
+        """An empty packed experts module for MoE layer ``idx`` at ``bits`` (filled expert by expert)."""
+        old = self.blocks[idx].experts
+        return MCExperts(
             int(old.num_experts),
             int(old.gate_up_proj.shape[2]),
             int(old.gate_up_proj.shape[1] // 2),
             bits,
             self.config.group_size,
             old.act_fn,
-            dtype=dtype,
-            device=device,
+            dtype=old.gate_up_proj.dtype,
+            device=old.gate_up_proj.device,
         )
-        for e, b in enumerate(bits):
-            q = cands[e][b]
-            new.set_expert(e, gate_up=q.gate_up, down=q.down)
+
+    def replace_experts(self, idx: int, new: MCExperts) -> None:
+        block = self.blocks[idx]
         setattr(block.block, self.arch.experts_attr, new)
         block.experts = new
 
@@ -298,7 +303,7 @@ class _Run:
 
     def quantize_layer(self, idx: int, layer: nn.Module, batches: list[LayerBatch], known: list[int] | None):
         """Quantize one fetched float layer in place; return the next layer's inputs."""
-        lin, lin_capture, routing, _ = self.measure(idx, layer, batches, with_linears=True)
+        lin, lin_capture, routing, _ = self.measure(idx, layer, batches, with_linears=True, keep=False)
         if routing is not None:
             tries, need_loss = self.bits_to_try(idx, routing.num_experts, known)
             cands, loss = self.expert_candidates(idx, routing, tries, need_loss)
@@ -306,15 +311,27 @@ class _Run:
             if idx not in self.factors:
                 self.factors[idx] = lf
             bits = known if known is not None else self.allocate_layer(idx, self.factors[idx], routing)
-            todo = {e: b for e, b in enumerate(bits) if b not in cands[e]}  # GPTQ at the allocated width only
-            for e, q in self.quantize_batch(idx, routing, todo).items():
-                cands[e][q.bits] = q
-            self.factors[idx].methods = [cands[e][b].method for e, b in enumerate(bits)]
+            new = self.packed_experts(idx, bits)
+            methods = [""] * len(bits)
+
+            def emit(e: int, q: ExpertQuant) -> None:  # packed at once: unpacked codes never pile up
+                new.set_expert(e, gate_up=q.gate_up, down=q.down)
+                methods[e] = q.method
+
+            todo = {}
+            for e, b in enumerate(bits):
+                if b in cands[e]:
+                    emit(e, cands[e][b])
+                else:
+                    todo[e] = b  # GPTQ at the allocated width only
+            del cands
+            self.quantize_batch(idx, routing, todo, emit)
+            self.factors[idx].methods = methods
             self.bits[idx] = bits
-            self.replace_experts(idx, bits, cands)
-            del cands, routing
+            self.replace_experts(idx, new)
+            del routing, new
         self.quantize_linears(idx, layer, lin, lin_capture)
-        return run_layer(layer, batches)
+        return run_layer(layer, batches, replace=True)
 
     def layer_record(self, idx: int) -> dict:
         """What staging must remember of a finished layer to rebuild it and the run's results."""
@@ -487,6 +504,7 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
     arch = get_architecture(model.config)
     source = source if source is not None else ResidentLayers(model)
     t0 = time.perf_counter()
+    return_large_frees_to_the_os()
     device = resolve_device(config.device)
     tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, config.tokenizer)
     input_ids = calibration_batches(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
@@ -561,7 +579,8 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
         place(model)
     from .pruning import calibrate_odp
 
-    calibrate_odp(model, input_ids=input_ids[:ODP_CALIBRATION_SAMPLES])
+    release_memory()
+    calibrate_odp(model, input_ids=input_ids[:ODP_CALIBRATION_SAMPLES], batch_size=ODP_CALIBRATION_BATCH)
     model.train(was_training)
     logger.info(
         "MC bit allocation:\n%s", format_allocation_table(config.expert_bits, config.moe_layers, config.candidate_bits)

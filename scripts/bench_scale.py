@@ -125,6 +125,10 @@ from transformers import AutoModelForCausalLM
 from optimum_mc.pipeline import quantize_model
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
+if args.get("trace"):
+    sys.path.insert(0, args["scripts"])
+    from memory_trace import trace_pipeline
+    tracer = trace_pipeline()
 bits = dict(bits=2, candidate_bits=[2]) if args["mode"] == "uniform" else dict(bits=2.5)
 cfg = optimum_mc.MCConfig(**bits, show_progress=False, num_samples=args["samples"], seq_len=args["seq_len"],
                           device="cpu", offload_folder=args.get("mc_offload"))
@@ -141,10 +145,19 @@ else:
 seconds = time.perf_counter() - t0
 out = Path(args["save"])
 if args["mode"] != "offload":
-    model.save_pretrained(out)
+    if args.get("trace"):
+        with tracer.phase("save_pretrained"):
+            model.save_pretrained(out)
+    else:
+        model.save_pretrained(out)
 h = hashlib.sha256()
 for f in sorted(out.glob("*.safetensors")):
-    h.update(f.read_bytes())
+    with open(f, "rb") as fh:  # in chunks: reading whole files here would count in the peak being measured
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+if args.get("trace"):
+    tracer.stop()
+    print(tracer.report(), file=sys.stderr)
 status = Path("/proc/self/status").read_text()
 hwm = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
 print(json.dumps({"seconds": seconds, "peak_rss": hwm, "sha256": h.hexdigest() if args["mode"] != "offload" else None,
@@ -157,6 +170,8 @@ def run_child(args: dict) -> dict:
     env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")  # as `optimum-mc quantize` sets (docs/scale.md)
     env.setdefault("LRU_CACHE_CAPACITY", "1")
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
+    if args.get("trace"):
+        print(proc.stderr[proc.stderr.find("peak RSS by phase") :], flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({args['mode']}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -171,6 +186,7 @@ def main() -> None:
     ap.add_argument("--resident-check", type=int, nargs="*", default=[], help="depths also quantized fully resident")
     ap.add_argument("--offload-check", type=int, nargs="*", default=[], help="depths also run with auto + offload")
     ap.add_argument("--uniform-check", type=int, nargs="*", default=[], help="depths also run as uniform 2-bit GPTQ")
+    ap.add_argument("--trace", action="store_true", help="print the peak RSS of each pipeline phase (memory_trace.py)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
@@ -183,7 +199,8 @@ def main() -> None:
             build_tokenizer(folder)
         else:
             size = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-        common = dict(model=str(folder), samples=a.samples, seq_len=a.seq_len, threads=a.threads)
+        common = dict(model=str(folder), samples=a.samples, seq_len=a.seq_len, threads=a.threads, trace=a.trace)
+        common["scripts"] = str(Path(__file__).resolve().parent)
         modes = (
             ["streamed"]
             + (["resident"] if n in a.resident_check else [])

@@ -44,3 +44,37 @@ def test_batched_shape_errors():
     with pytest.raises(ShapeError):
         gptq_quantize_batched(weights, hessians, [2], 32)
     assert gptq_quantize_batched(weights[:0], hessians[:0], [], 32) == []
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consuming_the_workspace_gives_the_same_result(act_order):
+    """``consume=True`` (work in the caller's stacked buffers, no copies) changes nothing but memory."""
+    weights, hessians = _batch()
+    bits = [1, 2, 3, 4, 8]
+    kw = dict(act_order=act_order)
+    want = gptq_quantize_batched(weights, hessians, bits, 32, **kw)
+    got = gptq_quantize_batched(weights.clone(), hessians.clone(), bits, 32, consume=True, **kw)
+    for (c1, s1, z1), (c2, s2, z2) in zip(want, got):
+        assert torch.equal(c1, c2) and torch.equal(s1, s2) and torch.equal(z1, z2)
+
+
+def test_in_place_inverse_cholesky_is_bit_identical_to_the_textbook_form():
+    """The in-place factorization equals ``cholesky((H + damp*mean(diag)*I)^-1)^T`` computed out of place, including
+    when the first damping fails and is raised (the damped diagonal is rebuilt from the saved one)."""
+    from optimum_mc.gptq import _inverse_cholesky_
+
+    def textbook(h, damp):
+        mean = torch.diag(h).mean().clamp_min(1e-8)
+        while True:
+            lower, info = torch.linalg.cholesky_ex(h + damp * mean * torch.eye(h.shape[0]))
+            if int(info) == 0:
+                return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+            damp *= 10
+
+    _, hessians = _batch()
+    for h in hessians:
+        assert torch.equal(_inverse_cholesky_(h.clone(), 0.01), textbook(h, 0.01))
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(48, 3, generator=g)
+    indefinite = v @ v.t() - 0.05 * torch.eye(48)  # not PD at 1% damping, PD after raising it
+    assert torch.equal(_inverse_cholesky_(indefinite.clone(), 0.01), textbook(indefinite, 0.01))

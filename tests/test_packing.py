@@ -62,3 +62,17 @@ def test_bad_input_errors():
         pack(torch.full((1, 32), 4), 2)
     with pytest.raises(DTypeError):
         unpack(torch.zeros(1, 2, dtype=torch.int64), 2)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_chunked_packing_equals_one_piece(bits, monkeypatch):
+    """Packing / unpacking in row chunks (bounded bit-stream temporaries) gives the same words and codes."""
+    import optimum_mc.packing as packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 7, 64), generator=g, dtype=torch.uint8)
+    whole = packing.pack(codes, bits)
+    monkeypatch.setattr(packing, "_STREAM_ELEMENTS", 64 * bits * 2)  # two rows per chunk: 11 chunks
+    chunked = packing.pack(codes, bits)
+    assert torch.equal(chunked, whole)
+    assert torch.equal(packing.unpack(chunked, bits), codes)

@@ -247,3 +247,29 @@ def test_qkv_share_one_hessian():
     assert len(calls) == 4  # (q, o) per batch
     ref = 2 / 10 * (2 * x.t() @ x)  # H = 2/n sum x x^T over the 10 rows of two identical batches
     assert torch.allclose(cap.hessians["q"].hessian, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "phimoe"])
+def test_streamed_experts_are_fused_in_place_exactly(family, tmp_path):
+    """A streamed layer's per-expert checkpoint tensors are fused by copying into place (no stack / concatenate
+    copies), giving exactly the parameters transformers' own loading gives, for every family."""
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from optimum_mc.calibration.layer_source import fuse_experts_in_place
+
+    path = save_tiny(family, tmp_path / family, num_hidden_layers=2)
+    reference = AutoModelForCausalLM.from_pretrained(path)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(reference.config)
+    files = sorted(Path(path).glob("*.safetensors"))
+    with safe_open(str(files[0]), framework="pt") as f:
+        state = {k: f.get_slice(k) for k in f.keys() if ".layers.1." in k}
+        per_expert = [k for k in state if ".experts.0." in k]
+        fused = fuse_experts_in_place(meta, state, get_model_conversion_mapping(meta, None, None), "cpu")
+    expected = dict(reference.named_parameters())
+    new = {k: v for k, v in fused.items() if k not in state}
+    if per_expert:  # a per-expert checkpoint layout: every expert tensor went into a fused parameter
+        assert new and not any(".experts.0." in k for k in fused)
+    for name, tensor in new.items():
+        assert torch.equal(tensor, expected[name]), name

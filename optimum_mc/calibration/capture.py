@@ -63,7 +63,8 @@ class LinearInputs(_Hooks):
 class ExpertTokens:
     """Calibration tokens routed to one expert, as indices into the recorded experts inputs (no copies).
 
-    ``cat`` gathers them: inputs ``(n, H)`` and routing weights ``(n,)``, fp32 on the calibration device.
+    ``cat`` gathers them: inputs ``(n, H)`` (fp32, or the model dtype with ``native=True``: half the memory, for
+    consumers that convert chunk by chunk) and routing weights ``(n,)``, on the calibration device.
     """
 
     store: list[torch.Tensor]
@@ -74,12 +75,12 @@ class ExpertTokens:
     def ids(self) -> torch.Tensor:
         return torch.cat(self.token_ids) if self.token_ids else torch.zeros(0, dtype=torch.long)
 
-    def cat(self, hidden_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def cat(self, hidden_dim: int, native: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.rows:
             device = self.store[0].device if self.store else "cpu"
             return torch.zeros(0, hidden_dim, device=device), torch.zeros(0, device=device)
-        x = torch.cat([self.store[b][tok] for b, tok in self.rows]).float()
-        return x, torch.cat(self.weights)
+        x = torch.cat([self.store[b][tok] for b, tok in self.rows])
+        return (x if native else x.float()), torch.cat(self.weights)
 
 
 class RoutingCapture(_Hooks):
@@ -143,7 +144,7 @@ class RoutingCapture(_Hooks):
         self.output_energy += output.detach().float().pow(2).sum().item()
 
     def router_weighted(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every calibration token's input ``(N, H)`` and its router probability for ``expert`` ``(N,)``
-        (needs ``keep_all=True``)."""
-        x = torch.cat(self.inputs).float()
+        """Every calibration token's input ``(N, H)`` (model dtype) and its router probability for ``expert``
+        ``(N,)`` (needs ``keep_all=True``)."""
+        x = torch.cat(self.inputs)
         return x, torch.cat(self.all_probs)[:, expert].to(x.device)

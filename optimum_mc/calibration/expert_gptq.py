@@ -38,24 +38,37 @@ def quantize_experts(
     act_fn: Callable,
     bits: dict[int, int],
     opts: GPTQOptions,
+    emit: Callable[[int, ExpertQuant], None] | None = None,
 ) -> dict[int, ExpertQuant]:
     """Quantize the experts in ``bits`` (expert -> width) with GPTQ, batched; ``weights(e)`` gives fp32
     ``(gate_up, down)`` and ``tokens(e)`` the expert's calibration inputs and optional token weights. Experts with
     fewer than ``opts.min_tokens`` tokens use calibration-free quantization, as :func:`quantize_expert` does.
 
     Per chunk, the gate/up matrices are stacked and quantized first, then the down matrices: only one projection's
-    stacked weights and Hessians are alive at a time (the down Hessians, ``I x I``, dominate)."""
+    stacked weights and Hessians are alive at a time (the down Hessians, ``I x I``, dominate). With ``emit``, each
+    result is handed to ``emit(e, quant)`` as soon as it exists and not kept (the returned dict is empty).
+    Token inputs may come in the model dtype: Hessians convert them to fp32 chunk by chunk."""
     out: dict[int, ExpertQuant] = {}
+
+    def done(e: int, q: ExpertQuant) -> None:
+        if emit is None:
+            out[e] = q
+        else:
+            emit(e, q)
+
     gptq: list[int] = []
     for e, b in bits.items():
         x, _ = tokens(e)
         if x.shape[0] < max(opts.min_tokens, 1):
             w_gu, w_dn = weights(e)
-            out[e] = ExpertQuant(
-                b,
-                calibration_free_quantize(w_gu, b, opts.group_size, zero_point=opts.zero_point),
-                calibration_free_quantize(w_dn, b, opts.group_size, zero_point=opts.zero_point),
-                "calibration-free",
+            done(
+                e,
+                ExpertQuant(
+                    b,
+                    calibration_free_quantize(w_gu, b, opts.group_size, zero_point=opts.zero_point),
+                    calibration_free_quantize(w_dn, b, opts.group_size, zero_point=opts.zero_point),
+                    "calibration-free",
+                ),
             )
         else:
             gptq.append(e)
@@ -63,6 +76,7 @@ def quantize_experts(
         return out
     w0 = weights(gptq[0])[0]
     (two_i, hidden), dev = w0.shape, w0.device
+    del w0  # only its shape and device were needed
     step = chunk_size(hidden, two_i // 2, dev.type)
     kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
     kw["zero_point"] = opts.zero_point
@@ -73,8 +87,8 @@ def quantize_experts(
         h = torch.empty(len(chunk), hidden, hidden, device=dev)
         for k, e in enumerate(chunk):
             w[k] = weights(e)[0]
-            h[k] = input_hessian(*tokens(e))
-        gu_q = gptq_quantize_batched(w, h, widths, opts.group_size, **kw)
+            input_hessian(*tokens(e), out=h[k])
+        gu_q = gptq_quantize_batched(w, h, widths, opts.group_size, consume=True, **kw)
         del w, h
         w = torch.empty(len(chunk), hidden, two_i // 2, device=dev)
         h = torch.empty(len(chunk), two_i // 2, two_i // 2, device=dev)
@@ -82,9 +96,12 @@ def quantize_experts(
             gu, dn = weights(e)
             x, tw = tokens(e)
             w[k] = dn
-            h[k] = mid_hessian(gu, x, act_fn, tw)
-        dn_q = gptq_quantize_batched(w, h, widths, opts.group_size, **kw)
+            del dn
+            mid_hessian(gu, x, act_fn, tw, out=h[k])
+            del gu, x, tw
+        dn_q = gptq_quantize_batched(w, h, widths, opts.group_size, consume=True, **kw)
         del w, h
         for k, e in enumerate(chunk):
-            out[e] = ExpertQuant(bits[e], gu_q[k], dn_q[k], "gptq")
+            done(e, ExpertQuant(bits[e], gu_q[k], dn_q[k], "gptq"))
+        del gu_q, dn_q
     return out

@@ -56,6 +56,29 @@ def release_memory() -> None:
         pass
 
 
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD)
+_M_MMAP_THRESHOLD = -3
+
+
+def return_large_frees_to_the_os(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes and more with their own mappings (glibc ``M_MMAP_THRESHOLD``).
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large blocks are freed, so later tensors of a
+    few MiB come from the heap, where freed memory stays resident: over a layer's many GPTQ and activation buffers
+    the process keeps hundreds of MB it no longer uses (measured: docs/scale.md). Fixing the threshold makes every
+    freed tensor of 1 MiB or more go straight back. Process-wide and lasting (glibc has no "restore"); a user's
+    own ``MALLOC_MMAP_THRESHOLD_`` setting is left alone. No-op off glibc.
+    """
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    except (OSError, AttributeError):
+        pass
+
+
 def _open_shard(path: str):
     from safetensors import safe_open
 
@@ -72,6 +95,76 @@ def _own_memory(layer: nn.Module) -> None:
         for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
             if not t.is_meta and not name.endswith(("gate_up_proj", "down_proj")):
                 t.data = t.data.clone()
+
+
+_STACKING_OPS = (("MergeModulelist",), ("MergeModulelist", "Concatenate"))
+
+
+def fuse_experts_in_place(model: nn.Module, state: dict, weight_mapping: list, device) -> dict:
+    """Replace per-expert checkpoint slices (``experts.{e}.w1.weight`` ...) by the fused tensors they form
+    (``experts.gate_up_proj``), each built by copying every expert's slice straight into its place.
+
+    transformers' converters would first read every expert's tensors, then stack, then concatenate: about three
+    copies of a layer's experts at once, the largest transient of a streamed layer. Only converters made of
+    ``MergeModulelist(dim=0)`` and optionally ``Concatenate(dim=1)`` (stack experts, then join the projections'
+    rows in source-pattern order: what transformers does for every MoE family's gate/up and down) are fused here;
+    anything else, or anything that does not add up to the model's parameter shape, is left to transformers. The
+    fused tensor gets the model parameter's dtype, so transformers' own load then only places it.
+    """
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [m for m in weight_mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in weight_mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    groups: dict[str, list[tuple[str, int, str]]] = {}  # target -> (source pattern, expert, checkpoint key)
+    for key in state:
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        conv = by_pattern.get(pattern)
+        if conv is None or target not in meta:
+            continue
+        ops = tuple(type(op).__name__ for op in conv.operations)
+        if ops not in _STACKING_OPS or any(getattr(op, "dim", None) != d for op, d in zip(conv.operations, (0, 1))):
+            continue
+        regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+        found = re.search(regex, key)
+        if found is None or len(found.groups()) != 1:
+            continue
+        groups.setdefault(target, []).append((pattern, int(found.group(1)), key))
+    out = dict(state)
+    for target, items in groups.items():
+        fused = _fuse(meta[target], items, by_pattern[items[0][0]].source_patterns, state, device)
+        if fused is None:
+            continue
+        for _, _, key in items:
+            del out[key]
+        out[target] = fused
+    return out
+
+
+def _fuse(param: torch.Tensor, items: list[tuple[str, int, str]], patterns: list[str], state: dict, device):
+    """The fused ``(E, rows, ...)`` tensor for ``param``, or ``None`` if the slices do not tile it exactly."""
+    num = param.shape[0]
+    rows: dict[str, int] = {}
+    seen: dict[str, set[int]] = {}
+    for pattern, e, key in items:
+        shape = tuple(state[key].get_shape())
+        if len(shape) != param.dim() - 1 or tuple(shape[1:]) != tuple(param.shape[2:]) or not 0 <= e < num:
+            return None
+        if rows.setdefault(pattern, shape[0]) != shape[0] or e in seen.setdefault(pattern, set()):
+            return None
+        seen[pattern].add(e)
+    order = [p for p in patterns if p in rows]
+    if sum(rows.values()) != param.shape[1] or any(len(seen[p]) != num for p in order):
+        return None
+    offset = {}
+    start = 0
+    for p in order:
+        offset[p], start = start, start + rows[p]
+    fused = torch.empty(param.shape, dtype=param.dtype, device=device)
+    for pattern, e, key in items:
+        fused[e, offset[pattern] : offset[pattern] + rows[pattern]].copy_(state[key][:])
+    return fused
 
 
 def _layer_key_pattern(index: int) -> re.Pattern:
@@ -237,6 +330,7 @@ class CheckpointLayers:
                 if path not in handles:  # pread, not mmap: pages read are not mapped into this process
                     handles[path] = stack.enter_context(_open_shard(path))
                 state[key] = handles[path].get_slice(key)
+            state = fuse_experts_in_place(self.model, state, self.weight_mapping, device)
             with _quiet_transformers_bars():
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         layer = layers[index]

@@ -80,15 +80,27 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
-    """Run ``layer`` on every batch; return the batches with its outputs as the next layer's inputs."""
+def run_layer(
+    layer: nn.Module, batches: list[LayerBatch], keep: bool = True, replace: bool = False
+) -> list[LayerBatch] | None:
+    """Run ``layer`` on every batch; return the batches with its outputs as the next layer's inputs.
+
+    ``keep=False`` drops each output at once (a pass run only for what hooks record); ``replace=True`` writes
+    each output into its batch in place of the input, so the inputs and outputs of all batches never coexist
+    (the caller must not need the inputs afterwards)."""
     device = _module_device(layer)
     out = []
     for b in batches:
         y = layer(move_to(b.hidden, device), **move_to(b.kwargs, device))
-        y = y[0] if isinstance(y, tuple) else y
-        out.append(LayerBatch(y.detach(), b.kwargs))
-    return out
+        y = (y[0] if isinstance(y, tuple) else y).detach()
+        if replace:
+            b.hidden = y
+        elif keep:
+            out.append(LayerBatch(y, b.kwargs))
+        del y
+    if replace:
+        return batches
+    return out if keep else None
 
 
 def iterate_layers(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:

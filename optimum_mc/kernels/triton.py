@@ -7,20 +7,26 @@
 
 Codes are read straight from the int32 words: code ``k`` of a row starts at stream bit ``k * bits``, i.e. word
 ``(k * bits) >> 5``, shift ``(k * bits) & 31``; a 3-bit code that straddles two words takes its high bits from the
-next word. Importing this module never fails: ``TRITON_AVAILABLE`` says whether the kernels exist.
+next word. Importing this module never fails: ``TRITON_AVAILABLE`` says whether the kernels exist. Triton is only
+imported where it can run: with CUDA, or under its CPU interpreter (``TRITON_INTERPRET=1``); elsewhere its ~100 MB
+native library would only add to the resident memory of CPU quantization and inference.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+TRITON_AVAILABLE = False
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton
+        import triton.language as tl
 
-    TRITON_AVAILABLE = True
-except ImportError:  # pragma: no cover - Triton is an optional extra
-    TRITON_AVAILABLE = False
+        TRITON_AVAILABLE = True
+    except ImportError:  # pragma: no cover - Triton is an optional extra
+        pass
 
 GEMV_MAX_ROWS = 8
 
