@@ -5,13 +5,21 @@
 
 Perplexity uses non-overlapping 256-token windows of ../shared/data/dev.{code,docs,quotes}.txt with the model's
 tokenizer; the mean is over the three domains. Calibration uses the package's offline builtin text (never the dev
-text). Results go to stdout as a markdown table and to --json.
+text). Results go to stdout as a markdown table and to --json (with every window's mean next-token NLL).
+
+Paired comparison (is a difference more than the evaluation text's noise?): for two variants, each window gives
+``d = NLL_A - NLL_B`` (same tokens); the table reports the mean of ``d`` per domain and over all windows, its
+standard error ``sd(d) / sqrt(n)`` and the relative perplexity change ``exp(mean d) - 1``. "A better" means the
+upper end of the 95% interval, ``mean + 1.96 SE``, is below 0.
+
+    python scripts/bench_quality.py --compare mc-2.5 --report a.json b.json   # paired table from saved runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -41,6 +49,19 @@ VARIANT_OPTIONS = {
     "mctune": {"tune_exponents": True},
     "mcmse": {"alpha": 0.0, "beta": 0.0, "gamma": 2.0},  # cost = squared block-output error (additive over experts)
     "mcnf4": {"nonexpert_method": "bnb_nf4"},
+    # expected block-output error: cost = eps^2 (additive over experts), eps from held-out GPTQ
+    "mcmseho": {"loss_method": "heldout", "alpha": 0.0, "beta": 0.0, "gamma": 2.0},
+    # global allocation, eps relative to the decoder layer's output (residual stream) so layers compare
+    "globalres": {"allocation": "global", "loss_normalizer": "residual"},
+    "globalmseres": {"allocation": "global", "loss_normalizer": "residual", "alpha": 0.0, "beta": 0.0, "gamma": 2.0},
+    "globalmsehores": {
+        "allocation": "global",
+        "loss_normalizer": "residual",
+        "loss_method": "heldout",
+        "alpha": 0.0,
+        "beta": 0.0,
+        "gamma": 2.0,
+    },
 }
 
 
@@ -107,6 +128,64 @@ def nf4_everything(model) -> None:
             set_submodule(model, name, NF4Linear.from_linear(m))
 
 
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """Mean next-token negative log-likelihood of each window (scored independently)."""
+    out = []
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s : s + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        out += nll.mean(dim=1).tolist()
+    return out
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Paired per-window difference of mean NLL, ``a - b``, per domain and over all windows: (mean, SE, n)."""
+    out = {}
+    pooled = []
+    for d in DOMAINS:
+        diff = torch.tensor(a["window_nll"][d], dtype=torch.float64) - torch.tensor(b["window_nll"][d])
+        pooled.append(diff)
+        out[d] = _mean_se(diff)
+    out["all"] = _mean_se(torch.cat(pooled))
+    return out
+
+
+def _mean_se(diff: torch.Tensor) -> tuple[float, float, int]:
+    n = diff.numel()
+    se = float(diff.std(unbiased=True)) / n**0.5 if n > 1 else float("inf")
+    return float(diff.mean()), se, n
+
+
+def paired_table(rows: list[dict], baseline: str) -> str:
+    """Markdown: ``baseline`` against every other row with per-window NLL (negative = ``baseline`` better)."""
+    import math
+
+    by = {r["variant"]: r for r in rows if "window_nll" in r}
+    if baseline not in by:
+        return f"(no per-window NLL for {baseline!r})"
+    lines = [
+        f"| {baseline} vs | " + " | ".join(f"{d}: Δppl (95% CI)" for d in (*DOMAINS, "all")) + " | verdict |",
+        "|---|" + "---|" * (len(DOMAINS) + 2),
+    ]
+    for name, r in by.items():
+        if name == baseline:
+            continue
+        res = paired(by[baseline], r)
+        cells, better, worse = [], 0, 0
+        for d in (*DOMAINS, "all"):
+            m, se, _ = res[d]
+            lo, hi = math.exp(m - 1.96 * se) - 1, math.exp(m + 1.96 * se) - 1
+            cells.append(f"{100 * (math.exp(m) - 1):+.3f}% [{100 * lo:+.3f}, {100 * hi:+.3f}]")
+            if d != "all":
+                better += hi < 0
+                worse += lo > 0
+        verdict = f"better on {better}/{len(DOMAINS)}, worse on {worse}/{len(DOMAINS)}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -122,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--compare", default="mc-2.5", help="baseline of the paired per-window table")
+    p.add_argument("--report", nargs="+", default=None, help="only print tables from these saved --json files")
     args = p.parse_args(argv)
+    if args.report:
+        rows = [r for f in args.report for r in json.loads(Path(f).read_text())]
+        print(markdown_table(rows))
+        print()
+        print(paired_table(rows, args.compare))
+        return 0
     if not os.path.isdir(args.model):
         print(f"error: model folder {args.model} not found", file=sys.stderr)
         return 2
@@ -130,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from transformers import AutoTokenizer
 
-    from optimum_mc.tools.evaluation import perplexity, token_windows
+    from optimum_mc.tools.evaluation import token_windows
     from optimum_mc.tools.speed import model_bytes
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -141,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants.split(","):
         model, seconds = load_variant(name, args.model, args)
-        ppl = {d: perplexity(model, w) for d, w in windows.items()}
+        nll = {d: window_nll(model, w) for d, w in windows.items()}
+        ppl = {d: math.exp(sum(v) / len(v)) for d, v in nll.items()}  # equal windows: the usual perplexity
         ppl["mean"] = sum(ppl[d] for d in DOMAINS) / len(DOMAINS)
         qc = getattr(model.config, "quantization_config", None)
         bits = getattr(qc, "expert_bits", None)
@@ -156,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 "effective_expert_bits": eff,
                 "bytes": size,
                 **ppl,
+                "window_nll": nll,
+                "expert_bits": getattr(qc, "expert_bits", None),
             }
         )
         print(
@@ -166,16 +256,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             _write_json(args.json, rows)
     print()
-    print("| variant | avg expert bits | effective bits | code | docs | quotes | mean | size (MB) | load+quantize s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(markdown_table(rows))
+    print()
+    print(paired_table(rows, args.compare))
+    return 0
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| variant | avg expert bits | effective bits | code | docs | quotes | mean | size (MB) | load+quantize s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         b = "-" if r["avg_expert_bits"] is None else f"{r['avg_expert_bits']:.2f}"
         eb = "-" if r["effective_expert_bits"] is None else f"{r['effective_expert_bits']:.3f}"
-        print(
-            f"| {r['variant']} | {b} | {eb} | {r['code']:.2f} | {r['docs']:.2f} | {r['quotes']:.2f} | {r['mean']:.2f} "
+        lines.append(
+            f"| {r['variant']} | {b} | {eb} | {r['code']:.3f} | {r['docs']:.3f} | {r['quotes']:.3f} | {r['mean']:.3f} "
             f"| {r['bytes'] / 2**20:.2f} | {r['load_seconds']} |"
         )
-    return 0
+    return "\n".join(lines)
 
 
 def _write_json(path: str, rows: list[dict]) -> None:
