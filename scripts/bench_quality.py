@@ -67,9 +67,11 @@ VARIANT_OPTIONS = {
 
 def variant_config(name: str, seed: int, num_samples: int, seq_len: int):
     """MCConfig of a named variant: "mc-2.5", "uniform-2", "uniformint-2", "random-2.5", "hessian-2.5", ...
-    (see VARIANT_OPTIONS)."""
+    (see VARIANT_OPTIONS); a suffix "@N" sets the seed (calibration sample, random allocation) to N."""
     import optimum_mc
 
+    name, _, at = name.partition("@")
+    seed = int(at) if at else seed
     kind, _, value = name.rpartition("-")
     common = dict(seed=seed, num_samples=num_samples, seq_len=seq_len, show_progress=False)
     if kind in ("uniform", "uniformint"):
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 **ppl,
                 "window_nll": nll,
                 "expert_bits": getattr(qc, "expert_bits", None),
+                "expert_factors": getattr(qc, "expert_factors", None),
             }
         )
         print(
