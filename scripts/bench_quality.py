@@ -160,31 +160,34 @@ def _mean_se(diff: torch.Tensor) -> tuple[float, float, int]:
     return float(diff.mean()), se, n
 
 
-def paired_table(rows: list[dict], baseline: str) -> str:
-    """Markdown: ``baseline`` against every other row with per-window NLL (negative = ``baseline`` better)."""
-    import math
-
+def paired_table(rows: list[dict], baseline: str, pairs: list[tuple[str, str]] | None = None) -> str:
+    """Markdown, one line per pair ``(a, b)`` (default: ``baseline`` against every other row with per-window NLL):
+    relative perplexity change of ``a`` vs ``b`` with its 95% interval (negative = ``a`` better)."""
     by = {r["variant"]: r for r in rows if "window_nll" in r}
-    if baseline not in by:
-        return f"(no per-window NLL for {baseline!r})"
+    if pairs is None:
+        if baseline not in by:
+            return f"(no per-window NLL for {baseline!r})"
+        pairs = [(baseline, name) for name in by if name != baseline]
     lines = [
-        f"| {baseline} vs | " + " | ".join(f"{d}: Δppl (95% CI)" for d in (*DOMAINS, "all")) + " | verdict |",
+        "| a vs b | " + " | ".join(f"{d}: Δppl [95% CI]" for d in (*DOMAINS, "all")) + " | a better / worse on |",
         "|---|" + "---|" * (len(DOMAINS) + 2),
     ]
-    for name, r in by.items():
-        if name == baseline:
+    for a, b in pairs:
+        if a not in by or b not in by:
+            lines.append(f"| {a} vs {b} | (missing) |")
             continue
-        res = paired(by[baseline], r)
+        res = paired(by[a], by[b])
         cells, better, worse = [], 0, 0
         for d in (*DOMAINS, "all"):
-            m, se, _ = res[d]
+            m, se, n = res[d]
             lo, hi = math.exp(m - 1.96 * se) - 1, math.exp(m + 1.96 * se) - 1
             cells.append(f"{100 * (math.exp(m) - 1):+.3f}% [{100 * lo:+.3f}, {100 * hi:+.3f}]")
             if d != "all":
                 better += hi < 0
                 worse += lo > 0
-        verdict = f"better on {better}/{len(DOMAINS)}, worse on {worse}/{len(DOMAINS)}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
+        lines.append(
+            f"| {a} vs {b} (n={res['all'][2]}) | " + " | ".join(cells) + f" | {better} / {worse} of {len(DOMAINS)} |"
+        )
     return "\n".join(lines)
 
 
@@ -204,13 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--compare", default="mc-2.5", help="baseline of the paired per-window table")
+    p.add_argument("--pairs", default=None, help="paired table for these 'A:B' pairs, comma-separated")
     p.add_argument("--report", nargs="+", default=None, help="only print tables from these saved --json files")
     args = p.parse_args(argv)
     if args.report:
         rows = [r for f in args.report for r in json.loads(Path(f).read_text())]
         print(markdown_table(rows))
         print()
-        print(paired_table(rows, args.compare))
+        print(paired_table(rows, args.compare, _pairs(args.pairs)))
         return 0
     if not os.path.isdir(args.model):
         print(f"error: model folder {args.model} not found", file=sys.stderr)
@@ -261,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table(rows))
     print()
-    print(paired_table(rows, args.compare))
+    print(paired_table(rows, args.compare, _pairs(args.pairs)))
     return 0
+
+
+def _pairs(spec: str | None) -> list[tuple[str, str]] | None:
+    return None if not spec else [tuple(p.split(":", 1)) for p in spec.split(",")]
 
 
 def markdown_table(rows: list[dict]) -> str:
