@@ -17,6 +17,7 @@ LOSS_METHODS = ("rtn", "heldout", "insample")
 ALLOCATION_SOLVERS = ("cp-sat", "dp")
 ZERO_POINTS = ("float", "int")
 EXPERT_HESSIANS = ("routed", "router-weighted")
+LOSS_NORMALIZERS = ("block", "residual")
 NONEXPERT_METHODS = ("gptq", "bnb_nf4")
 EXPERT_BITS = (1, 2, 3, 4)
 
@@ -62,6 +63,9 @@ class MCConfig(QuantizationConfigMixin):
         loss_method: how eps is measured: ``"rtn"`` (round-to-nearest, the authors' method; GPTQ then runs once
             per expert), ``"heldout"`` (GPTQ on a split of the routed tokens, measured on the rest) or
             ``"insample"`` (GPTQ and measurement on the same tokens).
+        loss_normalizer: what eps is relative to: ``"block"`` (the MoE block's routed output, the paper) or
+            ``"residual"`` (the decoder layer's output, residual stream included). Within one layer it only scales
+            every cost alike; with ``allocation="global"`` it decides how layers compare.
         heldout_fraction: share of each expert's routed tokens held out for ``loss_method="heldout"`` (and of the
             calibration tokens held out for ``tune_exponents``).
         tune_exponents: per MoE layer, pick (alpha, beta, gamma) from a small grid by the measured block-output
@@ -117,6 +121,7 @@ class MCConfig(QuantizationConfigMixin):
         beta: float = 1.5,
         gamma: float = 1.0,
         loss_method: str = "rtn",
+        loss_normalizer: str = "block",
         heldout_fraction: float = 0.25,
         tune_exponents: bool = False,
         allocation_solver: str = "cp-sat",
@@ -153,6 +158,7 @@ class MCConfig(QuantizationConfigMixin):
         self.allocation = allocation
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.loss_method = loss_method
+        self.loss_normalizer = loss_normalizer
         self.heldout_fraction = heldout_fraction
         self.tune_exponents = tune_exponents
         self.allocation_solver = allocation_solver
@@ -283,6 +289,7 @@ class MCConfig(QuantizationConfigMixin):
     def _check_pmq(self) -> None:
         for name, allowed in (
             ("loss_method", LOSS_METHODS),
+            ("loss_normalizer", LOSS_NORMALIZERS),
             ("allocation_solver", ALLOCATION_SOLVERS),
             ("zero_point", ZERO_POINTS),
             ("expert_hessian", EXPERT_HESSIANS),

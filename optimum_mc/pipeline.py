@@ -139,6 +139,8 @@ class _Run:
             lin_capture.remove()
             if routing is not None:
                 routing.remove()
+        if routing is not None:  # the decoder layer's output energy (residual stream): loss_normalizer="residual"
+            routing.residual_energy = sum(float(b.hidden.float().pow(2).sum()) for b in float_out)
         return lin, lin_capture, routing, float_out
 
     def expert_candidates(self, idx: int, routing: RoutingCapture, bits_to_try: list[list[int]], need_loss: bool):
@@ -157,7 +159,7 @@ class _Run:
             cands[e] = self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, bits_to_try[e])
             if need_loss:
                 x, r = routing.experts[e].cat(routing.hidden_dim)
-                energy = routing.output_energy
+                energy = routing.output_energy if cfg.loss_normalizer == "block" else routing.residual_energy
                 if method == "rtn" and x.shape[0] > RTN_LOSS_MAX_TOKENS:  # an evenly spaced sample, error rescaled
                     keep = torch.linspace(0, x.shape[0] - 1, RTN_LOSS_MAX_TOKENS, device=x.device).long()
                     energy = energy * RTN_LOSS_MAX_TOKENS / x.shape[0]

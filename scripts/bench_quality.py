@@ -5,13 +5,21 @@
 
 Perplexity uses non-overlapping 256-token windows of ../shared/data/dev.{code,docs,quotes}.txt with the model's
 tokenizer; the mean is over the three domains. Calibration uses the package's offline builtin text (never the dev
-text). Results go to stdout as a markdown table and to --json.
+text). Results go to stdout as a markdown table and to --json (with every window's mean next-token NLL).
+
+Paired comparison (is a difference more than the evaluation text's noise?): for two variants, each window gives
+``d = NLL_A - NLL_B`` (same tokens); the table reports the mean of ``d`` per domain and over all windows, its
+standard error ``sd(d) / sqrt(n)`` and the relative perplexity change ``exp(mean d) - 1``. "A better" means the
+upper end of the 95% interval, ``mean + 1.96 SE``, is below 0.
+
+    python scripts/bench_quality.py --compare mc-2.5 --report a.json b.json   # paired table from saved runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -41,14 +49,29 @@ VARIANT_OPTIONS = {
     "mctune": {"tune_exponents": True},
     "mcmse": {"alpha": 0.0, "beta": 0.0, "gamma": 2.0},  # cost = squared block-output error (additive over experts)
     "mcnf4": {"nonexpert_method": "bnb_nf4"},
+    # expected block-output error: cost = eps^2 (additive over experts), eps from held-out GPTQ
+    "mcmseho": {"loss_method": "heldout", "alpha": 0.0, "beta": 0.0, "gamma": 2.0},
+    # global allocation, eps relative to the decoder layer's output (residual stream) so layers compare
+    "globalres": {"allocation": "global", "loss_normalizer": "residual"},
+    "globalmseres": {"allocation": "global", "loss_normalizer": "residual", "alpha": 0.0, "beta": 0.0, "gamma": 2.0},
+    "globalmsehores": {
+        "allocation": "global",
+        "loss_normalizer": "residual",
+        "loss_method": "heldout",
+        "alpha": 0.0,
+        "beta": 0.0,
+        "gamma": 2.0,
+    },
 }
 
 
 def variant_config(name: str, seed: int, num_samples: int, seq_len: int):
     """MCConfig of a named variant: "mc-2.5", "uniform-2", "uniformint-2", "random-2.5", "hessian-2.5", ...
-    (see VARIANT_OPTIONS)."""
+    (see VARIANT_OPTIONS); a suffix "@N" sets the seed (calibration sample, random allocation) to N."""
     import optimum_mc
 
+    name, _, at = name.partition("@")
+    seed = int(at) if at else seed
     kind, _, value = name.rpartition("-")
     common = dict(seed=seed, num_samples=num_samples, seq_len=seq_len, show_progress=False)
     if kind in ("uniform", "uniformint"):
@@ -107,6 +130,67 @@ def nf4_everything(model) -> None:
             set_submodule(model, name, NF4Linear.from_linear(m))
 
 
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """Mean next-token negative log-likelihood of each window (scored independently)."""
+    out = []
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s : s + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        out += nll.mean(dim=1).tolist()
+    return out
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Paired per-window difference of mean NLL, ``a - b``, per domain and over all windows: (mean, SE, n)."""
+    out = {}
+    pooled = []
+    for d in DOMAINS:
+        diff = torch.tensor(a["window_nll"][d], dtype=torch.float64) - torch.tensor(b["window_nll"][d])
+        pooled.append(diff)
+        out[d] = _mean_se(diff)
+    out["all"] = _mean_se(torch.cat(pooled))
+    return out
+
+
+def _mean_se(diff: torch.Tensor) -> tuple[float, float, int]:
+    n = diff.numel()
+    se = float(diff.std(unbiased=True)) / n**0.5 if n > 1 else float("inf")
+    return float(diff.mean()), se, n
+
+
+def paired_table(rows: list[dict], baseline: str, pairs: list[tuple[str, str]] | None = None) -> str:
+    """Markdown, one line per pair ``(a, b)`` (default: ``baseline`` against every other row with per-window NLL):
+    relative perplexity change of ``a`` vs ``b`` with its 95% interval (negative = ``a`` better)."""
+    by = {r["variant"]: r for r in rows if "window_nll" in r}
+    if pairs is None:
+        if baseline not in by:
+            return f"(no per-window NLL for {baseline!r})"
+        pairs = [(baseline, name) for name in by if name != baseline]
+    lines = [
+        "| a vs b | " + " | ".join(f"{d}: Δppl [95% CI]" for d in (*DOMAINS, "all")) + " | a better / worse on |",
+        "|---|" + "---|" * (len(DOMAINS) + 2),
+    ]
+    for a, b in pairs:
+        if a not in by or b not in by:
+            lines.append(f"| {a} vs {b} | (missing) |")
+            continue
+        res = paired(by[a], by[b])
+        cells, better, worse = [], 0, 0
+        for d in (*DOMAINS, "all"):
+            m, se, n = res[d]
+            lo, hi = math.exp(m - 1.96 * se) - 1, math.exp(m + 1.96 * se) - 1
+            cells.append(f"{100 * (math.exp(m) - 1):+.3f}% [{100 * lo:+.3f}, {100 * hi:+.3f}]")
+            if d != "all":
+                better += hi < 0
+                worse += lo > 0
+        lines.append(
+            f"| {a} vs {b} (n={res['all'][2]}) | " + " | ".join(cells) + f" | {better} / {worse} of {len(DOMAINS)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -122,7 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--compare", default="mc-2.5", help="baseline of the paired per-window table")
+    p.add_argument("--pairs", default=None, help="paired table for these 'A:B' pairs, comma-separated")
+    p.add_argument("--report", nargs="+", default=None, help="only print tables from these saved --json files")
     args = p.parse_args(argv)
+    if args.report:
+        rows = [r for f in args.report for r in json.loads(Path(f).read_text())]
+        print(markdown_table(rows))
+        print()
+        print(paired_table(rows, args.compare, _pairs(args.pairs)))
+        return 0
     if not os.path.isdir(args.model):
         print(f"error: model folder {args.model} not found", file=sys.stderr)
         return 2
@@ -130,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from transformers import AutoTokenizer
 
-    from optimum_mc.tools.evaluation import perplexity, token_windows
+    from optimum_mc.tools.evaluation import token_windows
     from optimum_mc.tools.speed import model_bytes
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -141,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants.split(","):
         model, seconds = load_variant(name, args.model, args)
-        ppl = {d: perplexity(model, w) for d, w in windows.items()}
+        nll = {d: window_nll(model, w) for d, w in windows.items()}
+        ppl = {d: math.exp(sum(v) / len(v)) for d, v in nll.items()}  # equal windows: the usual perplexity
         ppl["mean"] = sum(ppl[d] for d in DOMAINS) / len(DOMAINS)
         qc = getattr(model.config, "quantization_config", None)
         bits = getattr(qc, "expert_bits", None)
@@ -156,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 "effective_expert_bits": eff,
                 "bytes": size,
                 **ppl,
+                "window_nll": nll,
+                "expert_bits": getattr(qc, "expert_bits", None),
+                "expert_factors": getattr(qc, "expert_factors", None),
             }
         )
         print(
@@ -166,16 +263,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             _write_json(args.json, rows)
     print()
-    print("| variant | avg expert bits | effective bits | code | docs | quotes | mean | size (MB) | load+quantize s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(markdown_table(rows))
+    print()
+    print(paired_table(rows, args.compare, _pairs(args.pairs)))
+    return 0
+
+
+def _pairs(spec: str | None) -> list[tuple[str, str]] | None:
+    return None if not spec else [tuple(p.split(":", 1)) for p in spec.split(",")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| variant | avg expert bits | effective bits | code | docs | quotes | mean | size (MB) | load+quantize s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         b = "-" if r["avg_expert_bits"] is None else f"{r['avg_expert_bits']:.2f}"
         eb = "-" if r["effective_expert_bits"] is None else f"{r['effective_expert_bits']:.3f}"
-        print(
-            f"| {r['variant']} | {b} | {eb} | {r['code']:.2f} | {r['docs']:.2f} | {r['quotes']:.2f} | {r['mean']:.2f} "
+        lines.append(
+            f"| {r['variant']} | {b} | {eb} | {r['code']:.3f} | {r['docs']:.3f} | {r['quotes']:.3f} | {r['mean']:.3f} "
             f"| {r['bytes'] / 2**20:.2f} | {r['load_seconds']} |"
         )
-    return 0
+    return "\n".join(lines)
 
 
 def _write_json(path: str, rows: list[dict]) -> None:

@@ -292,6 +292,7 @@ def test_int_and_float_zero_points_are_deterministic():
         ({"tune_exponents": 1}, "tune_exponents"),
         ({"tune_exponents": True, "allocation": "global"}, "tune_exponents"),
         ({"allocation": "hessians"}, "allocation"),
+        ({"loss_normalizer": "layer"}, "loss_normalizer"),
     ],
 )
 def test_new_options_are_validated(kwargs, match):
@@ -308,8 +309,10 @@ def test_new_options_round_trip_through_json():
         allocation_solver="dp",
         allocation_time_limit=5.0,
         expert_hessian="router-weighted",
+        loss_normalizer="residual",
     )
     again = MCConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.zero_point == "int" and again.expert_hessian == "router-weighted"
+    assert again.loss_normalizer == "residual"
     tuned = MCConfig.from_dict({**MCConfig(tune_exponents=True).to_dict(), "tuned_exponents": [[1.0, 1.5, 1.0]]})
     assert tuned.tuned_exponents == [[1.0, 1.5, 1.0]]

@@ -62,3 +62,16 @@ def test_router_weighted_hessians_use_every_expert(mixtral_dir):
     methods = [m for f in model.config.quantization_config.expert_factors for m in f["method"]]
     assert set(methods) == {"gptq"}
     assert any(isinstance(m, MCExperts) for m in model.modules())
+
+
+def test_residual_normalizer_rescales_each_layer_and_keeps_layer_allocation(mixtral_dir):
+    """eps relative to the decoder layer's output differs from the block-relative eps by one factor per layer
+    (the ratio of the two energies), so the per-layer allocation is unchanged."""
+    block = quantize(mixtral_dir).config.quantization_config
+    resid = quantize(mixtral_dir, loss_normalizer="residual").config.quantization_config
+    assert resid.expert_bits == block.expert_bits
+    for fb, fr in zip(block.expert_factors, resid.expert_factors):
+        lb, lr = torch.tensor(fb["loss"], dtype=torch.float64), torch.tensor(fr["loss"], dtype=torch.float64)
+        ratio = lr[lb > 0] / lb[lb > 0]
+        assert ratio.numel() and torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+        assert 0 < ratio[0] < 1  # the residual stream carries more energy than the MoE block's output alone

@@ -100,6 +100,7 @@ class RoutingCapture(_Hooks):
         self.inputs: list[torch.Tensor] = []  # the experts module's input of every batch, (T, H), model dtype
         self.experts = [ExpertTokens(self.inputs) for _ in range(e)]
         self.output_energy = 0.0  # sum over tokens of ||experts output||^2 (the routed part of the block output)
+        self.residual_energy = 0.0  # the same for the decoder layer's output (set by the pipeline after the forward)
         self.seen = 0  # tokens the experts module has received so far
         self._handles = [
             router.register_forward_hook(self._router_hook),

@@ -6,6 +6,8 @@
 - loss eps(e, b): Frobenius norm (un-squared, as the paper) of the change of the MoE block output when only expert
   e is quantized to b bits, relative to the norm of the block output. Only tokens routed to e change, by
   ``r * (f_q(x) - f(x))``, so ``eps(e, b) = sqrt(sum_{t -> e} ||r_t (f_q(x_t) - f(x_t))||^2 / sum_t ||y_t||^2)``.
+  With ``MCConfig(loss_normalizer="residual")`` the denominator is the energy of the decoder layer's output
+  (residual stream included) instead, which only matters when layers are compared (``allocation="global"``).
 
 How eps is measured (``MCConfig(loss_method=...)``):
 - ``"rtn"`` (default): the expert quantized by round-to-nearest at b bits, on all its routed tokens (the authors'
