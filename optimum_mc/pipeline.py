@@ -133,14 +133,19 @@ class _Run:
         lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {}, device=self.device)
         keep_all = self.config.expert_hessian == "router-weighted"
         routing = RoutingCapture(self.arch, block.router, block.experts, keep_all) if block is not None else None
+        energy = [0.0]
+
+        def residual_energy(y: torch.Tensor) -> None:  # the decoder layer's output (loss_normalizer="residual")
+            energy[0] += float(y.float().pow(2).sum())
+
         try:
-            float_out = run_layer(layer, batches, keep)
+            float_out = run_layer(layer, batches, keep, on_output=residual_energy if routing is not None else None)
         finally:
             lin_capture.remove()
             if routing is not None:
                 routing.remove()
-        if routing is not None:  # the decoder layer's output energy (residual stream): loss_normalizer="residual"
-            routing.residual_energy = sum(float(b.hidden.float().pow(2).sum()) for b in float_out)
+        if routing is not None:
+            routing.residual_energy = energy[0]
         return lin, lin_capture, routing, float_out
 
     def expert_candidates(self, idx: int, routing: RoutingCapture, bits_to_try: list[list[int]], need_loss: bool):

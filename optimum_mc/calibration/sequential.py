@@ -7,7 +7,7 @@ are moved to each layer's device (accelerate's own hooks, when present, do the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,18 +81,24 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
 @torch.no_grad()
 def run_layer(
-    layer: nn.Module, batches: list[LayerBatch], keep: bool = True, replace: bool = False
+    layer: nn.Module,
+    batches: list[LayerBatch],
+    keep: bool = True,
+    replace: bool = False,
+    on_output: Callable[[torch.Tensor], None] | None = None,
 ) -> list[LayerBatch] | None:
     """Run ``layer`` on every batch; return the batches with its outputs as the next layer's inputs.
 
-    ``keep=False`` drops each output at once (a pass run only for what hooks record); ``replace=True`` writes
-    each output into its batch in place of the input, so the inputs and outputs of all batches never coexist
-    (the caller must not need the inputs afterwards)."""
+    ``keep=False`` drops each output at once (a pass run only for what hooks record; ``on_output(y)`` still sees
+    every output); ``replace=True`` writes each output into its batch in place of the input, so the inputs and
+    outputs of all batches never coexist (the caller must not need the inputs afterwards)."""
     device = _module_device(layer)
     out = []
     for b in batches:
         y = layer(move_to(b.hidden, device), **move_to(b.kwargs, device))
         y = (y[0] if isinstance(y, tuple) else y).detach()
+        if on_output is not None:
+            on_output(y)
         if replace:
             b.hidden = y
         elif keep:
