@@ -26,14 +26,16 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from optimum_mc.kernels import cpu
 from optimum_mc.nn import MCExperts
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def median_time(fn, calls: int, min_time: float) -> float:
+
+def median_time(fn, calls: int, min_time: float, clock=time.perf_counter) -> float:
     fn(0)
     times, start, i = [], time.perf_counter(), 0
     while len(times) < calls or time.perf_counter() - start < min_time:
-        t = time.perf_counter()
+        t = clock()
         fn(i)
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
         i += 1
     return statistics.median(times)
 
@@ -72,6 +74,13 @@ def main(argv=None) -> None:
     p.add_argument("--odp", type=float, default=0.0, help="fraction of tokens dropping their last expert")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-time", type=float, default=2.0)
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or this process's CPU time (with --threads 1: robust to other jobs' load)",
+    )
     args = p.parse_args(argv)
     args.bits = args.bits or [(2, 3)[e % 2] for e in range(args.experts)]
     if args.threads:
@@ -90,7 +99,8 @@ def main(argv=None) -> None:
     times: dict[tuple[str, int], float] = {}
     plans = {t: routings(t, args.experts, args.top_k, args.odp, 8, gen) for t in args.tokens}
     xs = {t: torch.randn(t, args.hidden, generator=gen) for t in args.tokens}
-    for dtype in (torch.float32, torch.bfloat16):
+    clock = CLOCKS[args.clock]
+    for dtype in [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes]:
         with torch.device("meta"):
             dense = MixtralExperts(cfg)
         dense.gate_up_proj = torch.nn.Parameter(torch.empty(dense.gate_up_proj.shape, dtype=dtype).normal_(0, 0.02))
@@ -103,16 +113,20 @@ def main(argv=None) -> None:
                 calls = 20 if t == 1 else 3
                 run_dense = lambda i: dense(x, plan[i % 8][0], plan[i % 8][1].to(dtype))  # noqa: B023, E731
                 run_packed = lambda i: mc(x, plan[i % 8][0], plan[i % 8][1])  # noqa: B023, E731
-                times[("dense " + name, t)] = median_time(run_dense, calls, args.min_time)
-                times[("packed " + name, t)] = median_time(run_packed, calls, args.min_time)
+                times[("dense " + name, t)] = median_time(run_dense, calls, args.min_time, clock)
+                times[("packed " + name, t)] = median_time(run_packed, calls, args.min_time, clock)
         dense = None  # free the float weights before the next dtype
         gc.collect()
+    print(f"times: {args.clock} clock, median\n")
     print("| tokens | packed fp32 vs dense fp32 | packed bf16 vs dense bf16 | packed bf16 vs dense fp32 "
           "| packed fp32 vs dense bf16 | dense fp32 ms | dense bf16 ms | packed fp32 ms "
           "| packed bf16 ms |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for t in args.tokens:
-        d32, d16, p32, p16 = (times[(n, t)] for n in ("dense fp32", "dense bf16", "packed fp32", "packed bf16"))
+        d32, d16, p32, p16 = (
+            times.get((n, t), nan) for n in ("dense fp32", "dense bf16", "packed fp32", "packed bf16")
+        )
         print(f"| {t} | {d32 / p32:.2f} | {d16 / p16:.2f} | {d32 / p16:.2f} | {d16 / p32:.2f} | {d32 * 1e3:.2f} "
               f"| {d16 * 1e3:.2f} | {p32 * 1e3:.2f} | {p16 * 1e3:.2f} |")  # fmt: skip
     print(f"\nload average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")

@@ -59,6 +59,16 @@ def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) ->
     out_f, in_f = qw.shape[0], x.shape[1]
     groups, words = s.shape[1], qw.shape[1]
     bf16 = x.dtype == torch.bfloat16
+    if bf16 and cpu.amx_available() and out.is_contiguous():
+        # AMX: dequantized 32-row blocks go straight into the tile unit (never written out whole)
+        rc = lib.mc_amx_linear(
+            x.data_ptr(), x.shape[0], in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), out_f, bits,
+            in_f // groups, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("optimum-mc CPU AMX kernel could not allocate its buffers")
+        if rc == 0:
+            return
     budget = GEMM_BLOCK_BYTES if torch.get_num_threads() == 1 else GEMM_BLOCK_BYTES_THREADED
     block = max(1, min(out_f, budget // ((2 if bf16 else 4) * in_f)))
     buf = torch.empty(block, in_f, dtype=x.dtype)
