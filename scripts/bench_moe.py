@@ -5,10 +5,12 @@
     python scripts/bench_moe.py --odp 0.2                 # 20% of tokens drop their second expert (ODP)
 
 Experts get bits 2, 3, 2, 3, ... (2.5 on average; ``--bits`` to change); codes are random (speed does not depend on
-the values). Dense = transformers' ``MixtralExperts`` forward (its eager loop over hit experts) with float weights in
-fp32 and in bf16; packed = ``optimum_mc::moe`` through ``MCExperts`` with fp32 and with bf16 hidden states. Every
-time is the median over routings drawn once and replayed for both; ratios are dense time / packed time from the
-same run (> 1: packed is faster). The dense fp32 weights of a Mixtral layer take 5.6 GB of memory.
+the values). Dense = transformers' ``MixtralExperts`` forward (its eager loop over hit experts) with float weights
+in fp32 and in bf16; packed = ``optimum_mc::moe`` through ``MCExperts`` with fp32 and with bf16 hidden states. Every
+time is the median over routings drawn once and replayed for both, dense and packed calls interleaved (load changes
+hit both alike); ratios are dense time / packed time from the same run (> 1: packed is faster). ``--clock cpu``
+times this process's CPU time instead of wall time (with ``--threads 1``, less sensitive to other jobs). The dense
+fp32 weights of a Mixtral layer take 5.6 GB of memory.
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ from optimum_mc.nn import MCExperts
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def median_time(fn, calls: int, min_time: float, clock=time.perf_counter) -> float:
-    fn(0)
-    times, start, i = [], time.perf_counter(), 0
-    while len(times) < calls or time.perf_counter() - start < min_time:
-        t = clock()
-        fn(i)
-        times.append(clock() - t)
+def paired_medians(fns, calls: int, min_time: float, clock=time.perf_counter) -> list[float]:
+    """Median time of each function, calls interleaved (a, b, a, b, ...) so load changes hit both alike."""
+    for fn in fns:
+        fn(0)
+    times: list[list[float]] = [[] for _ in fns]
+    start, i = time.perf_counter(), 0
+    while i < calls or time.perf_counter() - start < min_time:
+        for fn, ts in zip(fns, times):
+            t = clock()
+            fn(i)
+            ts.append(clock() - t)
         i += 1
-    return statistics.median(times)
+    return [statistics.median(ts) for ts in times]
 
 
 def routings(tokens: int, experts: int, k: int, odp: float, n: int, gen: torch.Generator):
@@ -113,8 +119,8 @@ def main(argv=None) -> None:
                 calls = 20 if t == 1 else 3
                 run_dense = lambda i: dense(x, plan[i % 8][0], plan[i % 8][1].to(dtype))  # noqa: B023, E731
                 run_packed = lambda i: mc(x, plan[i % 8][0], plan[i % 8][1])  # noqa: B023, E731
-                times[("dense " + name, t)] = median_time(run_dense, calls, args.min_time, clock)
-                times[("packed " + name, t)] = median_time(run_packed, calls, args.min_time, clock)
+                dense_t, packed_t = paired_medians([run_dense, run_packed], calls, args.min_time, clock)
+                times[("dense " + name, t)], times[("packed " + name, t)] = dense_t, packed_t
         dense = None  # free the float weights before the next dtype
         gc.collect()
     print(f"times: {args.clock} clock, median\n")

@@ -454,22 +454,61 @@ static inline float activate(float v, int act) {
     }
 }
 
-/* Returns 0, -1 for an unsupported bit-width, -2 when out of memory, -3 for an index outside [0, E]. */
-int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx, const float *w, const int64_t *gq,
+/* Online dynamic pruning's routing rule (pruning/rule.py, evaluated in the same fp32 operations): a token drops a
+ * slot other than its first top-weight slot when weight / max(top, 1e-20) < threshold (index -> E, weight 0); the
+ * kept weights are rescaled to the original sum. idx2 / w2 receive the rewritten routing. */
+static void odp_rule(const int64_t *idx, const float *w, int64_t T, int64_t K, int64_t E, float threshold,
+                     int64_t *idx2, float *w2) {
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t *it = idx + t * K;
+        const float *wt = w + t * K;
+        int64_t top = 0;
+        for (int64_t k = 1; k < K; k++)
+            if (wt[k] > wt[top]) top = k;
+        float denom = wt[top] > 1e-20f ? wt[top] : 1e-20f, total = 0.0f, kept = 0.0f;
+        for (int64_t k = 0; k < K; k++) total += wt[k];
+        for (int64_t k = 0; k < K; k++) {
+            int drop = k != top && wt[k] / denom < threshold;
+            idx2[t * K + k] = drop ? E : it[k];
+            w2[t * K + k] = drop ? 0.0f : wt[k];
+            kept += w2[t * K + k];
+        }
+        float scale = total / (kept > 1e-20f ? kept : 1e-20f);
+        for (int64_t k = 0; k < K; k++) w2[t * K + k] = w2[t * K + k] * scale;
+    }
+}
+
+/* Returns 0, -1 for an unsupported bit-width, -2 when out of memory, -3 for an index outside [0, E].
+ * odp_threshold > 0 applies ODP's rule to the routing first; odp_counts (E + 3 int64, or NULL) accumulates ODP's
+ * statistics: slots evaluated per expert [0, E), dropped slots [E], tokens [E + 2]. */
+int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, const float *w_in, const int64_t *gq,
                   const int64_t *gs, const int64_t *gz, const int64_t *dq, const int64_t *ds, const int64_t *dz,
                   const int32_t *bits, int64_t E, int64_t H, int64_t I, int64_t group_gu, int64_t group_dn, int act,
-                  float *out, int threads) {
+                  float *out, int threads, float odp_threshold, int64_t *odp_counts) {
     memset(out, 0, sizeof(float) * (size_t)(T * H));
     int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *start = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *fill = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *pair = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T * K + 1));
-    int rc = (count == NULL || start == NULL || fill == NULL || pair == NULL) ? -2 : 0;
+    int64_t *idx_odp = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T * K + 1));
+    float *w_odp = (float *)malloc(sizeof(float) * (size_t)(T * K + 1));
+    int rc = (count == NULL || start == NULL || fill == NULL || pair == NULL || idx_odp == NULL || w_odp == NULL) ? -2 : 0;
     float *xg = NULL, *h = NULL, *y = NULL;
+    const int64_t *idx = idx_in;
+    const float *w = w_in;
     int64_t P = 0;
-    for (int64_t p = 0; rc == 0 && p < T * K; p++) {
+    for (int64_t p = 0; rc == 0 && p < T * K; p++)
         if (idx[p] < 0 || idx[p] > E) rc = -3;
-        else if (idx[p] < E) count[idx[p]]++;
+    if (rc == 0 && odp_threshold > 0.0f) {
+        odp_rule(idx_in, w_in, T, K, E, odp_threshold, idx_odp, w_odp);
+        idx = idx_odp;
+        w = w_odp;
+    }
+    for (int64_t p = 0; rc == 0 && p < T * K; p++)
+        if (idx[p] < E) count[idx[p]]++;
+    if (rc == 0 && odp_counts != NULL) {
+        for (int64_t p = 0; p < T * K; p++) odp_counts[idx[p]]++;
+        odp_counts[E + 2] += T;
     }
     if (rc == 0) {
         for (int64_t e = 0; e < E; e++) {
@@ -505,6 +544,8 @@ int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx, cons
     free(start);
     free(fill);
     free(pair);
+    free(idx_odp);
+    free(w_odp);
     free(xg);
     free(h);
     free(y);

@@ -113,8 +113,9 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
     return y
 
 
-def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
-    """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
+def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str, odp_threshold: float = 0.0,
+            odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """A few tokens: the whole layer in one C call (``mc_moe_decode``), optionally applying ODP's rule first."""
     (tokens, hidden), k, inter = x.shape, top_k_index.shape[1], gu[0][0].shape[0] // 2
     xf = x.float().contiguous()
     idx = top_k_index.long().contiguous()
@@ -124,6 +125,7 @@ def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activat
         xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *(_ptrs(t) for t in (*gu, *dn)),
         (ctypes.c_int32 * len(bits))(*bits), len(bits), hidden, inter, hidden // gu[1][0].shape[1],
         inter // dn[1][0].shape[1], ACT_CODES[activation], out.data_ptr(), torch.get_num_threads(),
+        odp_threshold, None if odp_counts is None else odp_counts.data_ptr(),
     )  # fmt: skip
     if rc == -3:
         check_index_values(top_k_index, len(bits))  # raises the typed error
@@ -179,6 +181,33 @@ def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate
     if x.shape[0] <= cpu.GEMV_MAX_ROWS:
         return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
     return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
+
+
+def decode_with_odp(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
+                    down_scales, down_zeros, bits: list[int], activation: str, threshold: float,
+                    counts: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+    """Decode with online dynamic pruning inside the C kernel: ODP's rule (``pruning/rule.py``; ``threshold`` 0:
+    off) applied to fp32 routing weights, statistics added to ``counts`` (int64 ``E + 3``: evaluated slots per
+    expert, dropped slots, -, tokens), no torch op besides the call. None when the C kernel does not take these
+    inputs (the caller then applies the rule in torch)."""
+    lib = cpu.library()
+    gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
+    hidden, inter = x.shape[-1], gate_up_qweight[0].shape[0] // 2
+    if (
+        lib is None
+        or x.dim() != 2
+        or x.shape[0] > cpu.GEMV_MAX_ROWS
+        or top_k_weights.dtype != torch.float32
+        or activation not in ACT_CODES
+        or counts.dtype != torch.int64
+        or counts.device.type != "cpu"
+        or not counts.is_contiguous()
+        or counts.numel() != len(bits) + 3
+        or not _fits(*gu, bits, 2 * inter, hidden)
+        or not _fits(*dn, bits, hidden, inter)
+    ):
+        return None
+    return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, threshold, counts)
 
 
 def register() -> None:

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedArchitectureError
-from ..kernels import activation_name, check_routing, moe_op
+from ..kernels import activation_name, check_routing, cpu, moe_op
+from ..kernels.eager import plain_eager
+from ..kernels.moe_cpu import decode_with_odp
 from .linear import QuantLinear
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -129,6 +131,10 @@ class MCExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        # set by ODP's router hook for this call (eager mode only: under torch.compile the hook rewrites the routing)
+        pending = None if torch.compiler.is_compiling() else self.__dict__.pop("_mc_odp_pending", None)
+        if pending is not None:
+            return self.forward_with_odp(hidden_states, top_k_index, top_k_weights, *pending)
         first = self.packed[0].gate_up.qweight
         if self.activation is None or first.is_meta:
             # meta buffers: offloaded by accelerate, whose hooks load them only when each QuantLinear runs
@@ -136,6 +142,40 @@ class MCExperts(nn.Module):
         # the packed buffers were validated when built or loaded (QuantLinear); only the routing is checked here
         check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
         return moe_op(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.bits, self.activation)
+
+    def forward_with_odp(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        threshold: float,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Forward with online dynamic pruning's rule (``threshold`` 0: none) applied to the routing here, and its
+        statistics added to ``counts`` (``pruning.rule.count_routing``'s layout). On CPU in eager mode, decode
+        steps do both inside the fused C kernel; elsewhere the rule runs as torch ops (same results)."""
+        first = self.packed[0].gate_up.qweight
+        if (
+            self.activation is not None
+            and not first.is_meta
+            and hidden_states.device.type == "cpu"
+            and plain_eager(hidden_states)
+            and hidden_states.dim() == 2
+            and hidden_states.shape[0] <= cpu.GEMV_MAX_ROWS
+        ):
+            check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
+            out = decode_with_odp(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.bits,
+                                  self.activation, threshold, counts)  # fmt: skip
+            if out is not None:
+                return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+        from ..pruning.rule import apply_drop, count_routing, drop_mask
+
+        if threshold > 0:
+            drop = drop_mask(top_k_weights.reshape(-1, top_k_weights.shape[-1]), threshold).reshape(top_k_index.shape)
+            top_k_index, top_k_weights = apply_drop(top_k_index, top_k_weights, drop, self.num_experts)
+        with torch.no_grad():
+            count_routing(counts, top_k_index, None, self.num_experts)
+        return self.forward(hidden_states, top_k_index, top_k_weights)
 
     def forward_per_expert(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
