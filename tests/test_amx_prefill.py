@@ -41,6 +41,18 @@ def test_amx_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+def test_amx_linear_threads_give_the_same_result():
+    qw, s, z = _packed(1000, 512, 3, 128, seed=5)  # 40 x 1000 x 512 rows x outputs x inputs: the threaded region
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(6)).bfloat16()
+    lib, ys = cpu.library(), []
+    for threads in (1, 2):
+        y = torch.empty(40, 1000)
+        assert lib.mc_amx_linear(x.data_ptr(), 40, 512, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 1000, 3, 128,
+                                 y.data_ptr(), 1000, threads) == 0  # fmt: skip
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
+
+
 def test_amx_linear_refuses_shapes_it_does_not_take():
     qw, s, z = _packed(32, 64, 2, 32, seed=0)
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
