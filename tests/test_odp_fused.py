@@ -55,11 +55,11 @@ def test_count_routing_skips_padding():
 
 @pytest.mark.parametrize("protect", [0.0, 0.5])
 def test_model_with_rule_in_experts_equals_rule_in_hook(protect, monkeypatch):
-    import optimum_mc.nn.experts as experts_mod
+    from optimum_mc.kernels.moe_cpu import DecodePlan
 
     calls = []
-    real = experts_mod.decode_with_odp
-    monkeypatch.setattr(experts_mod, "decode_with_odp", lambda *a: calls.append(1) or real(*a))
+    real = DecodePlan.__call__
+    monkeypatch.setattr(DecodePlan, "__call__", lambda self, *a: calls.append(len(a)) or real(self, *a))
     base = _quantized_blocks(tiny_model("mixtral")).eval()
     ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
     results = []
@@ -75,10 +75,35 @@ def test_model_with_rule_in_experts_equals_rule_in_hook(protect, monkeypatch):
             prefill = model(input_ids=ids).logits
             out = model.generate(ids[:, :6], max_new_tokens=6, min_new_tokens=6, do_sample=False)
         results.append((prefill, out, get_odp_stats(model)))
-        assert bool(calls) == (delegate and cpu.library() is not None)  # decode steps ran the rule in C
+        # decode steps ran the rule in C (the plan called with threshold and counter) only when handed to the experts
+        assert (5 in calls) == (delegate and cpu.library() is not None)
         calls.clear()
         set_odp(model, False)
     (p1, o1, s1), (p2, o2, s2) = results
     torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-6)
     assert torch.equal(o1, o2)
     assert s1 == s2 and s1["total"]["skipped_fraction"] > 0
+
+
+def test_decode_plan_follows_replaced_buffers_and_copies():
+    import copy
+
+    from optimum_mc.kernels import moe
+
+    experts = next(moe_blocks(_quantized_blocks(tiny_model("mixtral")))).experts
+    idx, w = _routing(2, experts.num_experts, 2, seed=3)
+    idx[:, 0] = 0
+    x = torch.randn(2, experts.hidden_dim, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = experts(x, idx, w)
+        clone = copy.deepcopy(experts)  # its plan must point at its own buffers
+        lin = experts.packed[0].gate_up
+        lin._buffers["qweight"] = torch.flip(lin.qweight, [0]).contiguous()  # a new buffer object, new codes
+        after = experts(x, idx, w)
+        gu = [(p.gate_up.qweight, p.gate_up.scales, p.gate_up.zeros) for p in experts.packed]
+        dn = [(p.down.qweight, p.down.scales, p.down.zeros) for p in experts.packed]
+        want = moe(x, idx, w, gu, dn, experts.bits, experts.activation)
+        del experts, lin
+        copied = clone(x, idx, w)
+    assert torch.equal(after, want) and not torch.equal(after, before)
+    assert torch.equal(copied, before)

@@ -113,27 +113,71 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
     return y
 
 
-def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str, odp_threshold: float = 0.0,
-            odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """A few tokens: the whole layer in one C call (``mc_moe_decode``), optionally applying ODP's rule first."""
-    (tokens, hidden), k, inter = x.shape, top_k_index.shape[1], gu[0][0].shape[0] // 2
-    xf = x.float().contiguous()
-    idx = top_k_index.long().contiguous()
-    w = top_k_weights.float().contiguous()
-    out = torch.empty(tokens, hidden, dtype=torch.float32)
-    rc = lib.mc_moe_decode(
-        xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *(_ptrs(t) for t in (*gu, *dn)),
-        (ctypes.c_int32 * len(bits))(*bits), len(bits), hidden, inter, hidden // gu[1][0].shape[1],
-        inter // dn[1][0].shape[1], ACT_CODES[activation], out.data_ptr(), torch.get_num_threads(),
-        odp_threshold, None if odp_counts is None else odp_counts.data_ptr(),
-    )  # fmt: skip
-    if rc == -3:
-        check_index_values(top_k_index, len(bits))  # raises the typed error
-    if rc == -2:
-        raise MemoryError("optimum-mc CPU MoE kernel could not allocate its buffers")
-    if rc:
-        raise RuntimeError(f"optimum-mc CPU MoE kernel failed with code {rc} (internal error)")
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+class DecodePlan:
+    """What ``mc_moe_decode`` needs of one layer's packed experts (pointer tables, bit-widths, shapes), checked
+    (:func:`_fits`) and built once, then reused while the experts hold the same buffer objects (a module that
+    replaces a buffer, e.g. ``.to()`` or loading, gets a new plan). Saves ~50 µs of checks per layer and step."""
+
+    def __init__(self, lists: tuple[list[torch.Tensor], ...], bits: list[int], activation: str,
+                 checked: bool = False) -> None:  # fmt: skip
+        gq, gs, gz, dq, ds, dz = lists
+        self.tensors = [t for lst in lists for t in lst]
+        self.addresses = [t.data_ptr() for t in self.tensors]
+        self.num_experts, self.activation = len(bits), activation
+        self.hidden, self.inter = gq[0].shape[1] * 32 // bits[0], gq[0].shape[0] // 2
+        lib = cpu.library()
+        self.ok = (
+            lib is not None
+            and activation in ACT_CODES
+            and self.inter > 0
+            and (checked or _fits(gq, gs, gz, bits, 2 * self.inter, self.hidden))
+            and (checked or _fits(dq, ds, dz, bits, self.hidden, self.inter))
+        )
+        if self.ok:
+            self.lib = lib
+            self.tables = tuple(_ptrs(t) for t in lists)
+            self.bits = (ctypes.c_int32 * len(bits))(*bits)
+            self.groups = (self.hidden // gs[0].shape[1], self.inter // ds[0].shape[1])
+
+    def matches(self, lists: tuple[list[torch.Tensor], ...]) -> bool:
+        """True while every buffer is the object, with the memory, this plan was built from."""
+        mine, where = iter(self.tensors), iter(self.addresses)
+        same = all(t is next(mine, None) and t.data_ptr() == next(where) for lst in lists for t in lst)
+        return same and next(mine, None) is None
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # the pointer tables belong to the original buffers: a copied module builds its own plan
+
+    def __reduce__(self):
+        return type(None), ()  # likewise never pickled
+
+    def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """A few tokens (at most ``cpu.GEMV_MAX_ROWS``): the whole layer in one C call, optionally with ODP's rule
+        (``odp_threshold`` > 0) and ODP's counters (int64 ``E + 3``, CPU, contiguous)."""
+        (tokens, hidden), k = x.shape, top_k_index.shape[1]
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        idx = top_k_index if top_k_index.dtype == torch.int64 else top_k_index.long()
+        w = top_k_weights if top_k_weights.dtype == torch.float32 else top_k_weights.float()
+        idx, w = idx.contiguous(), w.contiguous()
+        out = torch.empty(tokens, hidden, dtype=torch.float32)
+        rc = self.lib.mc_moe_decode(
+            xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *self.tables, self.bits, self.num_experts,
+            hidden, self.inter, self.groups[0], self.groups[1], ACT_CODES[self.activation], out.data_ptr(),
+            torch.get_num_threads(), odp_threshold, None if odp_counts is None else odp_counts.data_ptr(),
+        )  # fmt: skip
+        if rc == -3:
+            check_index_values(top_k_index, self.num_experts)  # raises the typed error
+        if rc == -2:
+            raise MemoryError("optimum-mc CPU MoE kernel could not allocate its buffers")
+        if rc:
+            raise RuntimeError(f"optimum-mc CPU MoE kernel failed with code {rc} (internal error)")
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
+    """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
+    return DecodePlan((*gu, *dn), bits, activation, checked=True)(x, top_k_index, top_k_weights)
 
 
 def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
@@ -181,33 +225,6 @@ def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate
     if x.shape[0] <= cpu.GEMV_MAX_ROWS:
         return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
     return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
-
-
-def decode_with_odp(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-                    down_scales, down_zeros, bits: list[int], activation: str, threshold: float,
-                    counts: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
-    """Decode with online dynamic pruning inside the C kernel: ODP's rule (``pruning/rule.py``; ``threshold`` 0:
-    off) applied to fp32 routing weights, statistics added to ``counts`` (int64 ``E + 3``: evaluated slots per
-    expert, dropped slots, -, tokens), no torch op besides the call. None when the C kernel does not take these
-    inputs (the caller then applies the rule in torch)."""
-    lib = cpu.library()
-    gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
-    hidden, inter = x.shape[-1], gate_up_qweight[0].shape[0] // 2
-    if (
-        lib is None
-        or x.dim() != 2
-        or x.shape[0] > cpu.GEMV_MAX_ROWS
-        or top_k_weights.dtype != torch.float32
-        or activation not in ACT_CODES
-        or counts.dtype != torch.int64
-        or counts.device.type != "cpu"
-        or not counts.is_contiguous()
-        or counts.numel() != len(bits) + 3
-        or not _fits(*gu, bits, 2 * inter, hidden)
-        or not _fits(*dn, bits, hidden, inter)
-    ):
-        return None
-    return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, threshold, counts)
 
 
 def register() -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from ..kernels import activation_name, check_routing, cpu, moe_op
 from ..kernels.eager import plain_eager
-from ..kernels.moe_cpu import decode_with_odp
+from ..kernels.moe_cpu import DecodePlan
 from .linear import QuantLinear
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -141,7 +141,21 @@ class MCExperts(nn.Module):
             return self.forward_per_expert(hidden_states, top_k_index, top_k_weights)
         # the packed buffers were validated when built or loaded (QuantLinear); only the routing is checked here
         check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
-        return moe_op(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.bits, self.activation)
+        weights = self.packed_weights()
+        plan = self._decode_plan(hidden_states, weights)
+        if plan is not None:
+            return plan(hidden_states, top_k_index, top_k_weights)
+        return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.bits, self.activation)
+
+    def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> DecodePlan | None:
+        """The CPU decode kernel's cached plan for a plain-eager CPU decode step, else None (the op's dispatch)."""
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > cpu.GEMV_MAX_ROWS or not plain_eager(x):
+            return None
+        plan = self.__dict__.get("_mc_decode_plan")
+        if plan is None or not plan.matches(weights):
+            plan = DecodePlan(weights, self.bits, self.activation)
+            self.__dict__["_mc_decode_plan"] = plan
+        return plan if plan.ok else None
 
     def forward_with_odp(
         self,
@@ -158,16 +172,15 @@ class MCExperts(nn.Module):
         if (
             self.activation is not None
             and not first.is_meta
-            and hidden_states.device.type == "cpu"
-            and plain_eager(hidden_states)
-            and hidden_states.dim() == 2
-            and hidden_states.shape[0] <= cpu.GEMV_MAX_ROWS
+            and top_k_weights.dtype == torch.float32
+            and counts.device.type == "cpu"
         ):
-            check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
-            out = decode_with_odp(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.bits,
-                                  self.activation, threshold, counts)  # fmt: skip
-            if out is not None:
-                return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+            plan = self._decode_plan(hidden_states, self.packed_weights())
+            if plan is not None:
+                check_routing(
+                    hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation
+                )
+                return plan(hidden_states, top_k_index, top_k_weights, threshold, counts)
         from ..pruning.rule import apply_drop, count_routing, drop_mask
 
         if threshold > 0:
