@@ -5,10 +5,12 @@
     python scripts/bench_moe.py --odp 0.2                 # 20% of tokens drop their second expert (ODP)
 
 Experts get bits 2, 3, 2, 3, ... (2.5 on average; ``--bits`` to change); codes are random (speed does not depend on
-the values). Dense = transformers' ``MixtralExperts`` forward (its eager loop over hit experts) with float weights in
-fp32 and in bf16; packed = ``optimum_mc::moe`` through ``MCExperts`` with fp32 and with bf16 hidden states. Every
-time is the median over routings drawn once and replayed for both; ratios are dense time / packed time from the
-same run (> 1: packed is faster). The dense fp32 weights of a Mixtral layer take 5.6 GB of memory.
+the values). Dense = transformers' ``MixtralExperts`` forward (its eager loop over hit experts) with float weights
+in fp32 and in bf16; packed = ``optimum_mc::moe`` through ``MCExperts`` with fp32 and with bf16 hidden states. Every
+time is the median over routings drawn once and replayed for both, dense and packed calls interleaved (load changes
+hit both alike); ratios are dense time / packed time from the same run (> 1: packed is faster). ``--clock cpu``
+times this process's CPU time instead of wall time (with ``--threads 1``, less sensitive to other jobs). The dense
+fp32 weights of a Mixtral layer take 5.6 GB of memory.
 """
 
 from __future__ import annotations
@@ -26,16 +28,22 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from optimum_mc.kernels import cpu
 from optimum_mc.nn import MCExperts
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def median_time(fn, calls: int, min_time: float) -> float:
-    fn(0)
-    times, start, i = [], time.perf_counter(), 0
-    while len(times) < calls or time.perf_counter() - start < min_time:
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
+
+def paired_medians(fns, calls: int, min_time: float, clock=time.perf_counter) -> list[float]:
+    """Median time of each function, calls interleaved (a, b, a, b, ...) so load changes hit both alike."""
+    for fn in fns:
+        fn(0)
+    times: list[list[float]] = [[] for _ in fns]
+    start, i = time.perf_counter(), 0
+    while i < calls or time.perf_counter() - start < min_time:
+        for fn, ts in zip(fns, times):
+            t = clock()
+            fn(i)
+            ts.append(clock() - t)
         i += 1
-    return statistics.median(times)
+    return [statistics.median(ts) for ts in times]
 
 
 def routings(tokens: int, experts: int, k: int, odp: float, n: int, gen: torch.Generator):
@@ -72,6 +80,13 @@ def main(argv=None) -> None:
     p.add_argument("--odp", type=float, default=0.0, help="fraction of tokens dropping their last expert")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-time", type=float, default=2.0)
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or this process's CPU time (with --threads 1: robust to other jobs' load)",
+    )
     args = p.parse_args(argv)
     args.bits = args.bits or [(2, 3)[e % 2] for e in range(args.experts)]
     if args.threads:
@@ -90,7 +105,8 @@ def main(argv=None) -> None:
     times: dict[tuple[str, int], float] = {}
     plans = {t: routings(t, args.experts, args.top_k, args.odp, 8, gen) for t in args.tokens}
     xs = {t: torch.randn(t, args.hidden, generator=gen) for t in args.tokens}
-    for dtype in (torch.float32, torch.bfloat16):
+    clock = CLOCKS[args.clock]
+    for dtype in [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes]:
         with torch.device("meta"):
             dense = MixtralExperts(cfg)
         dense.gate_up_proj = torch.nn.Parameter(torch.empty(dense.gate_up_proj.shape, dtype=dtype).normal_(0, 0.02))
@@ -103,16 +119,20 @@ def main(argv=None) -> None:
                 calls = 20 if t == 1 else 3
                 run_dense = lambda i: dense(x, plan[i % 8][0], plan[i % 8][1].to(dtype))  # noqa: B023, E731
                 run_packed = lambda i: mc(x, plan[i % 8][0], plan[i % 8][1])  # noqa: B023, E731
-                times[("dense " + name, t)] = median_time(run_dense, calls, args.min_time)
-                times[("packed " + name, t)] = median_time(run_packed, calls, args.min_time)
+                dense_t, packed_t = paired_medians([run_dense, run_packed], calls, args.min_time, clock)
+                times[("dense " + name, t)], times[("packed " + name, t)] = dense_t, packed_t
         dense = None  # free the float weights before the next dtype
         gc.collect()
+    print(f"times: {args.clock} clock, median\n")
     print("| tokens | packed fp32 vs dense fp32 | packed bf16 vs dense bf16 | packed bf16 vs dense fp32 "
           "| packed fp32 vs dense bf16 | dense fp32 ms | dense bf16 ms | packed fp32 ms "
           "| packed bf16 ms |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for t in args.tokens:
-        d32, d16, p32, p16 = (times[(n, t)] for n in ("dense fp32", "dense bf16", "packed fp32", "packed bf16"))
+        d32, d16, p32, p16 = (
+            times.get((n, t), nan) for n in ("dense fp32", "dense bf16", "packed fp32", "packed bf16")
+        )
         print(f"| {t} | {d32 / p32:.2f} | {d16 / p16:.2f} | {d32 / p16:.2f} | {d16 / p32:.2f} | {d32 * 1e3:.2f} "
               f"| {d16 * 1e3:.2f} | {p32 * 1e3:.2f} | {p16 * 1e3:.2f} |")  # fmt: skip
     print(f"\nload average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")

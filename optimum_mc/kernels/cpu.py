@@ -125,9 +125,21 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_dequantize_bf16.restype = _INT
     lib.mc_moe_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _INT]
     lib.mc_moe_gemv.restype = _INT
-    lib.mc_moe_decode.argtypes = [_P, _I64, _I64, _P, _P, *[_P] * 7, _I64, _I64, _I64, _I64, _I64, _INT, _P, _INT]
+    decode_args = [_P, _I64, _I64, _P, _P, *[_P] * 7, _I64, _I64, _I64, _I64, _I64, _INT, _P, _INT, ctypes.c_float, _P]
+    lib.mc_moe_decode.argtypes = decode_args
     lib.mc_moe_decode.restype = _INT
+    lib.mc_amx_available.argtypes = []
+    lib.mc_amx_available.restype = _INT
+    lib.mc_amx_linear.argtypes = [_P, _I64, _I64, _P, _P, _P, _I64, _INT, _I64, _P, _I64, _INT]
+    lib.mc_amx_linear.restype = _INT
     return lib
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether the AMX bf16 prefill kernel runs here (CPU, compiler and kernel support; asked once)."""
+    lib = library()
+    return lib is not None and bool(lib.mc_amx_available())
 
 
 def _fast_path(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> ctypes.CDLL | None:

@@ -122,6 +122,12 @@ int mc_dequantize(const uint8_t *qweight, const uint16_t *scales, const uint16_t
  * xs holds x re-laid so that chunk c of row m multiplies xs[m*in_f + 8c .. 8c+7] (see prepare_x).
  * ------------------------------------------------------------------------------------------------------------- */
 
+#ifndef GEMV_PREFETCH
+/* bytes ahead in the code stream that the GEMV prefetches: the codes stream from memory, and without a prefetch
+ * the loads wait on it (1.4-2x slower measured on Mixtral's expert shapes) */
+#define GEMV_PREFETCH 2048
+#endif
+
 #ifdef __AVX2__
 #define PRESCALE_MAX_BITS 3 /* the AVX2 GEMV leaves 1-3 bit codes unshifted in their lanes */
 #else
@@ -186,6 +192,7 @@ static inline __attribute__((always_inline)) void gemv_row(const uint8_t *row, c
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *src = row + g * group_size * BITS / 8;
         const float *xg = xs + g * group_size;
+        _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
         __m256 acc[4][4];
         for (int m = 0; m < M; m++)
             for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
@@ -447,22 +454,61 @@ static inline float activate(float v, int act) {
     }
 }
 
-/* Returns 0, -1 for an unsupported bit-width, -2 when out of memory, -3 for an index outside [0, E]. */
-int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx, const float *w, const int64_t *gq,
+/* Online dynamic pruning's routing rule (pruning/rule.py, evaluated in the same fp32 operations): a token drops a
+ * slot other than its first top-weight slot when weight / max(top, 1e-20) < threshold (index -> E, weight 0); the
+ * kept weights are rescaled to the original sum. idx2 / w2 receive the rewritten routing. */
+static void odp_rule(const int64_t *idx, const float *w, int64_t T, int64_t K, int64_t E, float threshold,
+                     int64_t *idx2, float *w2) {
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t *it = idx + t * K;
+        const float *wt = w + t * K;
+        int64_t top = 0;
+        for (int64_t k = 1; k < K; k++)
+            if (wt[k] > wt[top]) top = k;
+        float denom = wt[top] > 1e-20f ? wt[top] : 1e-20f, total = 0.0f, kept = 0.0f;
+        for (int64_t k = 0; k < K; k++) total += wt[k];
+        for (int64_t k = 0; k < K; k++) {
+            int drop = k != top && wt[k] / denom < threshold;
+            idx2[t * K + k] = drop ? E : it[k];
+            w2[t * K + k] = drop ? 0.0f : wt[k];
+            kept += w2[t * K + k];
+        }
+        float scale = total / (kept > 1e-20f ? kept : 1e-20f);
+        for (int64_t k = 0; k < K; k++) w2[t * K + k] = w2[t * K + k] * scale;
+    }
+}
+
+/* Returns 0, -1 for an unsupported bit-width, -2 when out of memory, -3 for an index outside [0, E].
+ * odp_threshold > 0 applies ODP's rule to the routing first; odp_counts (E + 3 int64, or NULL) accumulates ODP's
+ * statistics: slots evaluated per expert [0, E), dropped slots [E], tokens [E + 2]. */
+int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, const float *w_in, const int64_t *gq,
                   const int64_t *gs, const int64_t *gz, const int64_t *dq, const int64_t *ds, const int64_t *dz,
                   const int32_t *bits, int64_t E, int64_t H, int64_t I, int64_t group_gu, int64_t group_dn, int act,
-                  float *out, int threads) {
+                  float *out, int threads, float odp_threshold, int64_t *odp_counts) {
     memset(out, 0, sizeof(float) * (size_t)(T * H));
     int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *start = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *fill = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *pair = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T * K + 1));
-    int rc = (count == NULL || start == NULL || fill == NULL || pair == NULL) ? -2 : 0;
+    int64_t *idx_odp = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T * K + 1));
+    float *w_odp = (float *)malloc(sizeof(float) * (size_t)(T * K + 1));
+    int rc = (count == NULL || start == NULL || fill == NULL || pair == NULL || idx_odp == NULL || w_odp == NULL) ? -2 : 0;
     float *xg = NULL, *h = NULL, *y = NULL;
+    const int64_t *idx = idx_in;
+    const float *w = w_in;
     int64_t P = 0;
-    for (int64_t p = 0; rc == 0 && p < T * K; p++) {
+    for (int64_t p = 0; rc == 0 && p < T * K; p++)
         if (idx[p] < 0 || idx[p] > E) rc = -3;
-        else if (idx[p] < E) count[idx[p]]++;
+    if (rc == 0 && odp_threshold > 0.0f) {
+        odp_rule(idx_in, w_in, T, K, E, odp_threshold, idx_odp, w_odp);
+        idx = idx_odp;
+        w = w_odp;
+    }
+    for (int64_t p = 0; rc == 0 && p < T * K; p++)
+        if (idx[p] < E) count[idx[p]]++;
+    if (rc == 0 && odp_counts != NULL) {
+        for (int64_t p = 0; p < T * K; p++) odp_counts[idx[p]]++;
+        odp_counts[E + 2] += T;
     }
     if (rc == 0) {
         for (int64_t e = 0; e < E; e++) {
@@ -498,8 +544,182 @@ int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx, cons
     free(start);
     free(fill);
     free(pair);
+    free(idx_odp);
+    free(w_odp);
     free(xg);
     free(h);
     free(y);
     return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Prefill with bf16 activations on AMX: y (M, N) fp32 = x (M, K) bf16 @ W.T, W (N, K) packed, with W dequantized
+ * into bf16 32 rows at a time (a block that stays in L2) and fed straight to the tile unit, never written out whole.
+ * The tiles compute y.T = W @ x.T: W's dequantized rows are the A operand as they are (16 rows x 32 k), x is
+ * re-laid once per call into the pair-interleaved B layout (16 k-pairs x 16 rows of x). Same rounding as
+ * dequantizing into bf16 and calling bf16 BLAS: (q - zero) * scale in fp32 rounded to bf16 (nearest even),
+ * products summed in fp32. Returns -1 where the CPU or the build has no AMX (the caller then uses BLAS).
+ * ------------------------------------------------------------------------------------------------------------- */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MC_HAVE_AMX 1
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+static void amx_configure(void) {
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64; /* every tile: 16 rows of 64 bytes (16 fp32 or 32 bf16) */
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* 16 codes of a row, shifted down to the low bits, as floats (b <= 4: two 32-bit loads at bytes 0 and b). */
+static inline __attribute__((always_inline)) __m512 codes16(const uint8_t *src, int64_t c, const int BITS) {
+    if (BITS == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c))));
+    const uint8_t *p = src + 2 * BITS * c;
+    __m512i v = _mm512_mask_set1_epi32(_mm512_set1_epi32((int)load_u32(p)), 0xFF00, (int)load_u32(p + BITS));
+    const int b = BITS;
+    v = _mm512_srlv_epi32(v, _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b,
+                                               4 * b, 5 * b, 6 * b, 7 * b));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
+static inline __attribute__((always_inline)) void dequantize_row_bf16(const uint8_t *row, const uint16_t *s16,
+                                                                      const uint16_t *z16, uint16_t *dst,
+                                                                      int64_t in_f, int64_t group_size,
+                                                                      const int BITS) {
+    int64_t groups = in_f / group_size, chunks = group_size / 16;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *src = row + g * group_size * BITS / 8;
+        _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
+        __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
+        uint16_t *d = dst + g * group_size;
+        for (int64_t c = 0; c < chunks; c++) {
+            __m512 w = _mm512_mul_ps(_mm512_sub_ps(codes16(src, c, BITS), vz), vs);
+            _mm256_storeu_si256((__m256i *)(d + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+    }
+}
+
+static void dequantize_rows_bf16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
+                                 uint16_t *dst, int64_t first, int64_t count, int64_t rows, int64_t in_f, int bits,
+                                 int64_t group_size, uint8_t *pad) {
+    int64_t row_bytes = in_f * bits / 8, groups = in_f / group_size;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t o = first + i;
+        const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
+        const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
+        uint16_t *d = dst + i * in_f;
+        switch (bits) {
+            case 1: dequantize_row_bf16(row, s, z, d, in_f, group_size, 1); break;
+            case 2: dequantize_row_bf16(row, s, z, d, in_f, group_size, 2); break;
+            case 3: dequantize_row_bf16(row, s, z, d, in_f, group_size, 3); break;
+            case 4: dequantize_row_bf16(row, s, z, d, in_f, group_size, 4); break;
+            default: dequantize_row_bf16(row, s, z, d, in_f, group_size, 8); break;
+        }
+    }
+}
+#endif
+
+/* 1 if the AMX prefill kernel can run here (built with AMX, and the kernel grants this process the tile state). */
+int mc_amx_available(void) {
+#ifdef MC_HAVE_AMX
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* y rows have stride ldy floats. Returns 0, -1 (no AMX, or shapes it does not take), -2 when out of memory. */
+int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                  const uint16_t *zeros, int64_t N, int bits, int64_t group_size, float *y, int64_t ldy,
+                  int threads) {
+#ifdef MC_HAVE_AMX
+    if (M < 1 || N < 1 || K % 32 || group_size % 16 || K % group_size || gemv_range(bits, 1) == NULL) return -1;
+    int64_t Mp = (M + 31) / 32 * 32, KB = K / 32, NB = (N + 31) / 32;
+    /* x in the B layout: block (m16, kb) is 16 rows r x 16 columns i of bf16 pairs x[16*m16 + i][32*kb + 2r + {0,1}] */
+    uint32_t *xv = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(Mp * K / 2));
+    if (xv == NULL) return -2;
+    const uint32_t *x32 = (const uint32_t *)x;
+    for (int64_t m16 = 0; m16 < Mp / 16; m16++)
+        for (int64_t kb = 0; kb < KB; kb++) {
+            uint32_t *blk = xv + (m16 * KB + kb) * 256;
+            for (int64_t r = 0; r < 16; r++)
+                for (int64_t i = 0; i < 16; i++) {
+                    int64_t m = 16 * m16 + i;
+                    blk[r * 16 + i] = m < M ? x32[m * (K / 2) + 16 * kb + r] : 0u;
+                }
+        }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && NB > 1 && M * N * K >= (1 << 24))
+    {
+        uint16_t *buf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(32 * K));
+        uint8_t *pad = (uint8_t *)malloc((size_t)(K * bits / 8) + 8);
+        float tmp[4][256];
+        if (buf == NULL || pad == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_configure();
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t nb = 0; nb < NB; nb++) {
+            if (buf == NULL || pad == NULL) continue;
+            int64_t n0 = 32 * nb, nn = N - n0 < 32 ? N - n0 : 32;
+            dequantize_rows_bf16(qweight, scales, zeros, buf, n0, nn, N, K, bits, group_size, pad);
+            if (nn < 32) memset(buf + nn * K, 0, sizeof(uint16_t) * (size_t)((32 - nn) * K));
+            for (int64_t m32 = 0; m32 < Mp / 32; m32++) {
+                const uint32_t *b0 = xv + (2 * m32) * KB * 256, *b1 = xv + (2 * m32 + 1) * KB * 256;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kb = 0; kb < KB; kb++) {
+                    _tile_loadd(4, buf + 32 * kb, K * 2);
+                    _tile_loadd(5, buf + 16 * K + 32 * kb, K * 2);
+                    _tile_loadd(6, b0 + kb * 256, 64);
+                    _tile_loadd(7, b1 + kb * 256, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, tmp[0], 64);
+                _tile_stored(1, tmp[1], 64);
+                _tile_stored(2, tmp[2], 64);
+                _tile_stored(3, tmp[3], 64);
+                for (int t = 0; t < 4; t++) { /* tile t: W rows 16 * (t / 2) + i, x rows 16 * (t % 2) + j */
+                    for (int64_t j = 0; j < 16; j++) {
+                        int64_t m = 32 * m32 + 16 * (t % 2) + j;
+                        if (m >= M) break;
+                        for (int64_t i = 0; i < 16; i++) {
+                            int64_t n = n0 + 16 * (t / 2) + i;
+                            if (n < N) y[m * ldy + n] = tmp[t][i * 16 + j];
+                        }
+                    }
+                }
+            }
+        }
+        if (buf != NULL && pad != NULL) _tile_release();
+        free(buf);
+        free(pad);
+    }
+    free(xv);
+    return failed ? -2 : 0;
+#else
+    (void)x, (void)M, (void)K, (void)qweight, (void)scales, (void)zeros, (void)N, (void)bits, (void)group_size;
+    (void)y, (void)ldy, (void)threads;
+    return -1;
+#endif
 }

@@ -59,6 +59,16 @@ def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) ->
     out_f, in_f = qw.shape[0], x.shape[1]
     groups, words = s.shape[1], qw.shape[1]
     bf16 = x.dtype == torch.bfloat16
+    if bf16 and cpu.amx_available() and out.is_contiguous():
+        # AMX: dequantized 32-row blocks go straight into the tile unit (never written out whole)
+        rc = lib.mc_amx_linear(
+            x.data_ptr(), x.shape[0], in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), out_f, bits,
+            in_f // groups, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("optimum-mc CPU AMX kernel could not allocate its buffers")
+        if rc == 0:
+            return
     budget = GEMM_BLOCK_BYTES if torch.get_num_threads() == 1 else GEMM_BLOCK_BYTES_THREADED
     block = max(1, min(out_f, budget // ((2 if bf16 else 4) * in_f)))
     buf = torch.empty(block, in_f, dtype=x.dtype)
@@ -103,25 +113,71 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
     return y
 
 
+class DecodePlan:
+    """What ``mc_moe_decode`` needs of one layer's packed experts (pointer tables, bit-widths, shapes), checked
+    (:func:`_fits`) and built once, then reused while the experts hold the same buffer objects (a module that
+    replaces a buffer, e.g. ``.to()`` or loading, gets a new plan). Saves ~50 µs of checks per layer and step."""
+
+    def __init__(self, lists: tuple[list[torch.Tensor], ...], bits: list[int], activation: str,
+                 checked: bool = False) -> None:  # fmt: skip
+        gq, gs, gz, dq, ds, dz = lists
+        self.tensors = [t for lst in lists for t in lst]
+        self.addresses = [t.data_ptr() for t in self.tensors]
+        self.num_experts, self.activation = len(bits), activation
+        self.hidden, self.inter = gq[0].shape[1] * 32 // bits[0], gq[0].shape[0] // 2
+        lib = cpu.library()
+        self.ok = (
+            lib is not None
+            and activation in ACT_CODES
+            and self.inter > 0
+            and (checked or _fits(gq, gs, gz, bits, 2 * self.inter, self.hidden))
+            and (checked or _fits(dq, ds, dz, bits, self.hidden, self.inter))
+        )
+        if self.ok:
+            self.lib = lib
+            self.tables = tuple(_ptrs(t) for t in lists)
+            self.bits = (ctypes.c_int32 * len(bits))(*bits)
+            self.groups = (self.hidden // gs[0].shape[1], self.inter // ds[0].shape[1])
+
+    def matches(self, lists: tuple[list[torch.Tensor], ...]) -> bool:
+        """True while every buffer is the object, with the memory, this plan was built from."""
+        mine, where = iter(self.tensors), iter(self.addresses)
+        same = all(t is next(mine, None) and t.data_ptr() == next(where) for lst in lists for t in lst)
+        return same and next(mine, None) is None
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # the pointer tables belong to the original buffers: a copied module builds its own plan
+
+    def __reduce__(self):
+        return type(None), ()  # likewise never pickled
+
+    def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """A few tokens (at most ``cpu.GEMV_MAX_ROWS``): the whole layer in one C call, optionally with ODP's rule
+        (``odp_threshold`` > 0) and ODP's counters (int64 ``E + 3``, CPU, contiguous)."""
+        (tokens, hidden), k = x.shape, top_k_index.shape[1]
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        idx = top_k_index if top_k_index.dtype == torch.int64 else top_k_index.long()
+        w = top_k_weights if top_k_weights.dtype == torch.float32 else top_k_weights.float()
+        idx, w = idx.contiguous(), w.contiguous()
+        out = torch.empty(tokens, hidden, dtype=torch.float32)
+        rc = self.lib.mc_moe_decode(
+            xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *self.tables, self.bits, self.num_experts,
+            hidden, self.inter, self.groups[0], self.groups[1], ACT_CODES[self.activation], out.data_ptr(),
+            torch.get_num_threads(), odp_threshold, None if odp_counts is None else odp_counts.data_ptr(),
+        )  # fmt: skip
+        if rc == -3:
+            check_index_values(top_k_index, self.num_experts)  # raises the typed error
+        if rc == -2:
+            raise MemoryError("optimum-mc CPU MoE kernel could not allocate its buffers")
+        if rc:
+            raise RuntimeError(f"optimum-mc CPU MoE kernel failed with code {rc} (internal error)")
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
 def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
     """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
-    (tokens, hidden), k, inter = x.shape, top_k_index.shape[1], gu[0][0].shape[0] // 2
-    xf = x.float().contiguous()
-    idx = top_k_index.long().contiguous()
-    w = top_k_weights.float().contiguous()
-    out = torch.empty(tokens, hidden, dtype=torch.float32)
-    rc = lib.mc_moe_decode(
-        xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *(_ptrs(t) for t in (*gu, *dn)),
-        (ctypes.c_int32 * len(bits))(*bits), len(bits), hidden, inter, hidden // gu[1][0].shape[1],
-        inter // dn[1][0].shape[1], ACT_CODES[activation], out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc == -3:
-        check_index_values(top_k_index, len(bits))  # raises the typed error
-    if rc == -2:
-        raise MemoryError("optimum-mc CPU MoE kernel could not allocate its buffers")
-    if rc:
-        raise RuntimeError(f"optimum-mc CPU MoE kernel failed with code {rc} (internal error)")
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+    return DecodePlan((*gu, *dn), bits, activation, checked=True)(x, top_k_index, top_k_weights)
 
 
 def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:

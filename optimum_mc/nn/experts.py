@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedArchitectureError
-from ..kernels import activation_name, check_routing, moe_op
+from ..kernels import activation_name, check_routing, cpu, moe_op
+from ..kernels.eager import plain_eager
+from ..kernels.moe_cpu import DecodePlan
 from .linear import QuantLinear
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -129,13 +131,64 @@ class MCExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        # set by ODP's router hook for this call (eager mode only: under torch.compile the hook rewrites the routing)
+        pending = None if torch.compiler.is_compiling() else self.__dict__.pop("_mc_odp_pending", None)
+        if pending is not None:
+            return self.forward_with_odp(hidden_states, top_k_index, top_k_weights, *pending)
         first = self.packed[0].gate_up.qweight
         if self.activation is None or first.is_meta:
             # meta buffers: offloaded by accelerate, whose hooks load them only when each QuantLinear runs
             return self.forward_per_expert(hidden_states, top_k_index, top_k_weights)
         # the packed buffers were validated when built or loaded (QuantLinear); only the routing is checked here
         check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
-        return moe_op(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.bits, self.activation)
+        weights = self.packed_weights()
+        plan = self._decode_plan(hidden_states, weights)
+        if plan is not None:
+            return plan(hidden_states, top_k_index, top_k_weights)
+        return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.bits, self.activation)
+
+    def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> DecodePlan | None:
+        """The CPU decode kernel's cached plan for a plain-eager CPU decode step, else None (the op's dispatch)."""
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > cpu.GEMV_MAX_ROWS or not plain_eager(x):
+            return None
+        plan = self.__dict__.get("_mc_decode_plan")
+        if plan is None or not plan.matches(weights):
+            plan = DecodePlan(weights, self.bits, self.activation)
+            self.__dict__["_mc_decode_plan"] = plan
+        return plan if plan.ok else None
+
+    def forward_with_odp(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        threshold: float,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Forward with online dynamic pruning's rule (``threshold`` 0: none) applied to the routing here, and its
+        statistics added to ``counts`` (``pruning.rule.count_routing``'s layout). On CPU in eager mode, decode
+        steps do both inside the fused C kernel; elsewhere the rule runs as torch ops (same results)."""
+        first = self.packed[0].gate_up.qweight
+        if (
+            self.activation is not None
+            and not first.is_meta
+            and top_k_weights.dtype == torch.float32
+            and counts.device.type == "cpu"
+        ):
+            plan = self._decode_plan(hidden_states, self.packed_weights())
+            if plan is not None:
+                check_routing(
+                    hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation
+                )
+                return plan(hidden_states, top_k_index, top_k_weights, threshold, counts)
+        from ..pruning.rule import apply_drop, count_routing, drop_mask
+
+        if threshold > 0:
+            drop = drop_mask(top_k_weights.reshape(-1, top_k_weights.shape[-1]), threshold).reshape(top_k_index.shape)
+            top_k_index, top_k_weights = apply_drop(top_k_index, top_k_weights, drop, self.num_experts)
+        with torch.no_grad():
+            count_routing(counts, top_k_index, None, self.num_experts)
+        return self.forward(hidden_states, top_k_index, top_k_weights)
 
     def forward_per_expert(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -16,7 +16,7 @@ from torch import nn
 from ..architectures import decoder_layers, moe_blocks, require_moe
 from ..errors import MCConfigError
 from .importance import install_attention, uninstall_attention
-from .rule import apply_drop, drop_mask, protected_tokens, slot_ratios
+from .rule import apply_drop, count_routing, drop_mask, protected_tokens, slot_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,25 @@ class ODPLayerState:
     received: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     handle: object | None = None
+    # statistics not yet folded into ``stats``: int64 (E + 3) on the routing's device (rule.count_routing)
+    counts: torch.Tensor | None = None
+    # the layer's experts module when it applies the rule itself (MCExperts: inside its fused C kernel on CPU)
+    experts: nn.Module | None = None
 
     def router_hook(self, module: nn.Module, args: tuple, output: tuple):
         logits, weights, index = output[0], output[1], output[2]
-        hidden = args[0].reshape(-1, args[0].shape[-1])
-        flat_w = weights.reshape(-1, weights.shape[-1])
         flat_i = index.reshape(-1, index.shape[-1])
         t = flat_i.shape[0]
         valid = self.valid.reshape(-1) if self.valid is not None and self.valid.numel() == t else None
+        protect = self.enabled and self.received is not None and self.received.numel() == t
+        counts = self._counters(index.device)
+        if self.experts is not None and valid is None and not protect and not torch.compiler.is_compiling():
+            # nothing here needs the tokens' importance or padding: the experts apply the rule and count
+            self.experts._mc_odp_pending = (self.threshold if self.enabled else 0.0, counts)
+            self.received = self.valid = None
+            return None
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        flat_w = weights.reshape(-1, weights.shape[-1])
         if self.enabled:
             drop = drop_mask(flat_w, self.threshold)
             if self.received is not None and self.received.numel() == t:
@@ -73,22 +84,29 @@ class ODPLayerState:
                 keep_all = protected_tokens(importance, vmask, self.protect_ratio).reshape(-1)
                 drop &= ~keep_all.unsqueeze(-1)
             flat_i, flat_w = apply_drop(flat_i, flat_w, drop, self.num_experts)
-        self._count(flat_i, valid)
+        with torch.no_grad():
+            count_routing(counts, flat_i, valid, self.num_experts)
         self.received = self.valid = None
         return (logits, flat_w.reshape(weights.shape), flat_i.reshape(index.shape), *output[3:])
 
-    @torch.no_grad()
-    def _count(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
-        if valid is not None:
-            index = index[valid.to(index.device)]
-        live = index < self.num_experts
-        used = index.masked_fill(~live, 0).cpu()
-        live = live.cpu()
-        self.stats.tokens += index.shape[0]
-        self.stats.slots += index.numel()
-        self.stats.evaluated += int(live.sum())
-        self.stats.params += float((self.expert_params[used] * live).sum())
-        self.stats.bytes += float((self.expert_bytes[used] * live).sum())
+    def _counters(self, device: torch.device) -> torch.Tensor:
+        if self.counts is None or self.counts.device != device:
+            self.flush()
+            self.counts = torch.zeros(self.num_experts + 3, dtype=torch.int64, device=device)
+        return self.counts
+
+    def flush(self) -> None:
+        """Fold the device counters into ``stats`` (one device-to-host copy; only when statistics are read)."""
+        if self.counts is None:
+            return
+        c, e = self.counts.cpu(), self.num_experts
+        hits = c[:e].double()
+        self.stats.tokens += int(c[e + 2])
+        self.stats.slots += int(c[: e + 1].sum())
+        self.stats.evaluated += int(c[:e].sum())
+        self.stats.params += float((hits * self.expert_params.double()).sum())
+        self.stats.bytes += float((hits * self.expert_bytes.double()).sum())
+        self.counts.zero_()
 
 
 def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +220,7 @@ def set_odp(
             st.handle = blk.router.register_forward_hook(st.router_hook)
             blk.router._mc_odp = st
         st.threshold, st.protect_ratio, st.enabled = t, float(protect_ratio), blk.layer_idx in active
+        st.experts = blk.experts if hasattr(blk.experts, "forward_with_odp") else None
         attn_mod = layer_list[blk.layer_idx].self_attn
         attn_mod._mc_odp_state = st
         attn.append(attn_mod)
@@ -230,6 +249,8 @@ def _restore_experts_implementation(model: nn.Module) -> None:
 def get_odp_stats(model: nn.Module) -> dict:
     """Per-layer and total statistics since the last reset: skipped share, active expert params / bytes per token."""
     states = _states(model)
+    for st in states.values():
+        st.flush()
     layers = {i: st.stats.as_dict() | {"enabled": st.enabled, "threshold": st.threshold} for i, st in states.items()}
     total = ODPStats()
     for st in states.values():
@@ -248,6 +269,8 @@ def reset_odp_stats(model: nn.Module) -> None:
     """Zero the ODP statistics of every layer."""
     for st in _states(model).values():
         st.stats = ODPStats()
+        if st.counts is not None:
+            st.counts.zero_()
 
 
 @torch.no_grad()

@@ -47,3 +47,18 @@ def protected_tokens(importance: torch.Tensor, valid: torch.Tensor, ratio: float
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (rank < counts.unsqueeze(-1)) & valid
+
+
+def count_routing(counts: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None, num_experts: int) -> None:
+    """Add one routing's ODP statistics to ``counts`` (int64 ``E + 3`` on ``index``'s device) without a host sync:
+    slots per expert ``[0, E)``, dropped slots ``[E]``, padding slots ``[E + 1]``, tokens ``[E + 2]``."""
+    flat = index.reshape(index.shape[0], -1)
+    if valid is None:
+        tokens = flat.shape[0]
+    else:
+        v = valid.reshape(-1).to(index.device)
+        flat = flat.masked_fill(~v.unsqueeze(-1), num_experts + 1)
+        tokens = v.sum()
+    flat = flat.reshape(-1).long()
+    counts.index_add_(0, flat, torch.ones_like(flat))
+    counts[num_experts + 2] += tokens
