@@ -1,8 +1,8 @@
 """Peak memory of MC quantization, from a model config and the options (docs/scale.md explains every term).
 
-Streamed quantization holds, at its peak, the runtime, the modules outside the decoder layers, and either the
-working set of one layer (its float weights, the calibration activations, the GPTQ workspace) or, at the end, the
-packed model. Parameter counts come from the model built on the meta device, so every family is counted exactly.
+Streamed quantization holds, at its peak, the runtime and either the working set of one layer (its float weights,
+the calibration activations, the GPTQ workspace; embeddings and head are parked on disk meanwhile) or, at the end,
+the packed model with the embeddings and head. Parameter counts come from the model built on the meta device, so every family is counted exactly.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GiB = 1 << 30
-RUNTIME_BYTES = int(0.45 * GiB)  # python + torch + transformers + ortools + tokenizer, measured (docs/scale.md)
+RUNTIME_BYTES = int(0.45 * GiB)  # python + torch + transformers + ortools + tokenizer + BLAS buffers (docs/scale.md)
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)
-FETCH_FACTOR = 2.0  # a streamed layer costs ~2x its size while transformers fuses the per-expert tensors
-GPTQ_LOOP_FACTOR = 3.0  # the column loop's copies of a chunk's stacked weights and Hessians
+CHOLESKY_TEMPORARIES = 2  # matrices of one Hessian's size alive next to it while it is inverted in place
+ROUTING_SKEW = 2.0  # an expert may see this multiple of its fair share (top_k / E) of the calibration tokens
 
 
 @dataclass
@@ -25,6 +25,8 @@ class MemoryEstimate:
     gptq_workspace: int
     outside_layers: int
     packed_model: int
+    layer_phase: int  # working set while one layer is calibrated and quantized
+    end_phase: int  # the packed model read back, embeddings / head, ODP calibration
     device_peak: int | None  # None: calibration on the CPU
     host_peak: int
 
@@ -74,22 +76,33 @@ def estimate(
     ``device``: where calibration runs ("cpu" or "cuda").
     """
     from .calibration.expert_gptq import chunk_size, stacked_bytes
+    from .calibration.hessians import TOKEN_CHUNK
+    from .pipeline import ODP_CALIBRATION_BATCH
 
     outside, largest, rest, moe = _counts(config)
     hidden = moe[0][1] if moe else int(config.hidden_size)
+    top_k = int(getattr(config, "num_experts_per_tok", 2) or 2)
     tokens = num_samples * seq_len
-    layer_float = int(FETCH_FACTOR * largest * dtype_bytes)
-    activations = 3 * tokens * hidden * dtype_bytes
-    gptq = max(int(GPTQ_LOOP_FACTOR * chunk_size(h, i, device) * stacked_bytes(h, i)) for _, h, i in moe)
+    s = dtype_bytes
+    layer_float = largest * s  # read straight into its fused parameters
+    activations = 2 * tokens * hidden * s  # the layer's inputs (outputs replace them batch by batch) + experts' input
     per_weight = bits / 8 + 4 / group_size  # codes + fp16 scale and zero per group
+    gptq = routed = packed_layer = 0
+    for e, h, i in moe:
+        gptq = max(gptq, chunk_size(h, i, device) * stacked_bytes(h, i) + CHOLESKY_TEMPORARIES * 4 * max(h, i) ** 2)
+        gptq = max(gptq, chunk_size(h, i, device) * stacked_bytes(h, i) + TOKEN_CHUNK * 3 * i * 4)
+        routed = max(routed, int(min(1.0, ROUTING_SKEW * top_k / e) * tokens * h * s))
+        packed_layer = max(packed_layer, int(3 * e * h * i * per_weight))
     expert_params = sum(3 * e * h * i for e, h, i in moe)
     packed = int(expert_params * per_weight + rest * (attn_bits / 8 + 4 / group_size))
-    outside_bytes = outside * dtype_bytes
-    working = layer_float + activations + gptq
+    outside_bytes = outside * s
+    layer_phase = layer_float + activations + gptq + routed + packed_layer
+    odp = ODP_CALIBRATION_BATCH * seq_len * (8 * hidden + 6 * top_k * max((i for _, _, i in moe), default=0)) * 4
+    end_phase = outside_bytes + packed + odp
     if device == "cpu":
-        host = RUNTIME_BYTES + outside_bytes + max(working, packed)
+        host = RUNTIME_BYTES + max(layer_phase, end_phase)
         dev = None
     else:
-        host = RUNTIME_BYTES + outside_bytes + packed + int(largest * dtype_bytes)  # + mmap pages of one layer
-        dev = CUDA_CONTEXT_BYTES + working
-    return MemoryEstimate(layer_float, activations, gptq, outside_bytes, packed, dev, host)
+        host = RUNTIME_BYTES + end_phase
+        dev = CUDA_CONTEXT_BYTES + layer_phase
+    return MemoryEstimate(layer_float, activations, gptq, outside_bytes, packed, layer_phase, end_phase, dev, host)
