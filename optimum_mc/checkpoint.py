@@ -21,6 +21,48 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
 
 
+# safetensors metadata keys of MC shards (string values, as safetensors requires)
+FORMAT_KEY = "mc_format_version"
+VERSION_KEY = "optimum_mc_version"
+
+
+def shard_metadata() -> dict[str, str]:
+    """The ``__metadata__`` entries every saved MC shard carries (besides transformers' ``format: pt``)."""
+    from .version import FORMAT_VERSION, __version__
+
+    return {FORMAT_KEY: str(FORMAT_VERSION), VERSION_KEY: __version__}
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (``{}`` when it has none)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header); re-save or re-download it.")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            return dict(json.loads(f.read(n)).get("__metadata__") or {})
+        except ValueError as exc:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({exc}).") from exc
+
+
+def check_format_metadata(files: Iterable[str]) -> None:
+    """Refuse shards whose ``mc_format_version`` is newer than this optimum-mc reads (shards without it: format 1)."""
+    from .errors import CheckpointVersionError
+    from .version import FORMAT_VERSION, __version__
+
+    for path in files:
+        meta = read_safetensors_metadata(str(path))
+        fmt = meta.get(FORMAT_KEY, "1")
+        if not fmt.isdigit() or int(fmt) > FORMAT_VERSION:
+            writer = meta.get(VERSION_KEY, "a newer version")
+            raise CheckpointVersionError(
+                f"this checkpoint needs optimum-mc >= {writer}; upgrade optimum-mc (pip install -U optimum-mc). "
+                f"{os.path.basename(str(path))} uses MC format {fmt!r}; installed optimum-mc {__version__} "
+                f"reads up to format {FORMAT_VERSION}."
+            )
+
+
 def read_safetensors_header(path: str) -> dict:
     """The JSON header of a safetensors file, with each tensor's end offset checked against the file size."""
     size = os.path.getsize(path)
@@ -85,6 +127,8 @@ def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple
     ``suffix`` is matched against the end of each checkpoint key of that layer, so renamed block attributes
     (e.g. Mixtral's ``mlp`` saved as ``block_sparse_moe``) do not matter.
     """
+    files = list(files)
+    check_format_metadata(f for f in files if str(f).endswith(".safetensors"))
     found: dict[tuple[int, str], tuple[str, tuple]] = {}
     by_layer: dict[int, list[tuple[str, dict]]] = {}
     for path in files:
