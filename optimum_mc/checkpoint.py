@@ -12,6 +12,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 
 from .errors import CheckpointError
 from .packing import WORD_BITS
@@ -19,6 +20,7 @@ from .packing import WORD_BITS
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
+_ELEM = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "F64": 8}
 
 
 # safetensors metadata keys of MC shards (string values, as safetensors requires)
@@ -210,3 +212,43 @@ def check_all_tensors(model, files: Iterable[str], quantizer=None) -> None:
             f"the checkpoint does not hold every tensor of the model: {head}. Those weights would be initialized "
             f"randomly; re-save the checkpoint from the quantized model (or re-download it)."
         )
+
+
+# ------------------------------------------------------------------------------------------ sizes
+
+
+def _bits_for(key: str, cfg) -> int:
+    """Bit-width of the packed matrix stored under ``key`` according to the config."""
+    if ".packed." in key:
+        parts = key.split(".")
+        layer = int(parts[parts.index("layers") + 1])
+        expert = int(parts[parts.index("packed") + 1])
+        return cfg.expert_bits[cfg.moe_layers.index(layer)][expert]
+    return int(cfg.attn_bits or 4)
+
+
+SIZE_GROUPS = ("experts (packed)", "linears (packed)", "float (embeddings, norms, routers, head)")
+
+
+def size_groups(path: str | Path, cfg) -> dict[str, tuple[int, int]]:
+    """``{part: (bytes stored, weights represented)}`` of an MC folder's safetensors files (scales / zeros included
+    in the bytes; a packed matrix represents its unpacked ``out x in`` weights)."""
+    names = SIZE_GROUPS
+    groups = {n: [0, 0] for n in names}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        for key, info in read_safetensors_header(str(f)).items():
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            nbytes = n * _ELEM.get(info["dtype"], 4)
+            packed = key.endswith((".qweight", ".scales", ".zeros", ".weight_nf4", ".absmax", ".quant_map"))
+            g = names[0] if ".packed." in key else names[1] if packed else names[2]
+            groups[g][0] += nbytes
+            if key.endswith(".qweight"):
+                rows, words = info["shape"]
+                groups[g][1] += rows * words * 32 // _bits_for(key, cfg)
+            elif key.endswith(".weight_nf4"):
+                groups[g][1] += 2 * n
+            elif not packed:
+                groups[g][1] += n
+    return {k: (b, n) for k, (b, n) in groups.items()}

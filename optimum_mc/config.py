@@ -31,6 +31,7 @@ _RESULT_FIELDS = (
     "odp_thresholds",
     "odp_layer_scores",
     "tuned_exponents",
+    "base_model",  # Hub id of the float model quantized (None when it was a local folder)
 )
 
 
