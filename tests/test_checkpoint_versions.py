@@ -88,7 +88,8 @@ def test_checkpoint_without_versions_still_loads(saved, tmp_path):
 
 
 def test_newer_format_in_config_asks_for_an_upgrade(saved, tmp_path):
-    newer = _copy(saved[0], tmp_path, lambda qc: qc.update(format_version=FORMAT_VERSION + 1, optimum_mc_version="9.1"))
+    edit = {"format_version": FORMAT_VERSION + 1, "optimum_mc_version": "9.1"}
+    newer = _copy(saved[0], tmp_path, lambda qc: qc.update(edit))
     with pytest.raises(CheckpointVersionError, match=r"needs optimum-mc >= 9\.1; upgrade optimum-mc"):
         AutoModelForCausalLM.from_pretrained(newer)
 
