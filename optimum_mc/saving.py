@@ -268,9 +268,13 @@ def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args
     }
     source = getattr(model, "_mc_source_dir", None)
     existing = card.pop("existing", None) or _read_readme(save_directory)
-    with atomic_directory(save_directory, source, verify=lambda d: verify_saved_model(model, d)) as tmp:
+
+    def verify_then_card(folder: Path) -> None:  # the card reads the shards' headers: only once they verify
+        verify_saved_model(model, folder)
+        write_card(model, folder, existing=existing, location=os.fspath(save_directory), **card)
+
+    with atomic_directory(save_directory, source, verify=verify_then_card) as tmp:
         save(model, tmp, *args, **kwargs)
-        write_card(model, tmp, existing=existing, location=os.fspath(save_directory), **card)
     if push:
         repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
         model.push_to_hub(repo_id, **hub_kwargs)
