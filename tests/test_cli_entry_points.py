@@ -167,3 +167,33 @@ def test_quantize_checks_options_before_loading(monkeypatch, tmp_path, capsys):
     argv = ["quantize", str(tmp_path), "--output", str(tmp_path / "o"), "--text-column", "body"]
     assert cli.run(cli.build_parser().parse_args(argv)) == 2
     assert "only apply to a `datasets` source" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ packaging
+
+
+def test_setup_cfg_ships_the_namespace_portions():
+    import configparser
+
+    from setuptools import find_namespace_packages
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["options"]["packages"].strip() == "find_namespace:"
+    find = cfg["options.packages.find"]
+    found = find_namespace_packages(
+        str(ROOT), include=find["include"].split(), exclude=find.get("exclude", "").split()
+    )
+    assert {"optimum.commands", "optimum.commands.register", "optimum_mc", "optimum_mc.tools"} <= set(found)
+    assert not any(p.startswith(("tests", "scripts", "docs")) or p.endswith("__pycache__") for p in found)
+    # PEP 420: optimum's own files must not be shadowed by an __init__.py of ours
+    assert not list((ROOT / "optimum").rglob("__init__.py"))
+
+
+def test_two_copies_on_the_path_register_mc_once(tmp_path):
+    """optimum-cli imports register_mc once per path entry holding it (a checkout beside an install)."""
+    shutil.copytree(ROOT / "optimum", tmp_path / "copy" / "optimum", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "copy"), str(ROOT)]))
+    res = subprocess.run([*OPTIMUM_CLI, "mc", "inspect", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert ok(res).startswith("usage: optimum-cli mc inspect")
