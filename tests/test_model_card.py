@@ -83,13 +83,25 @@ def test_push_to_hub_card_on_the_loopback_hub(tmp_path):
         optimum_mc.model_card.record_evaluation(m, "wikitext2", "perplexity", 7.25)
         m.push_to_hub("me/float-moe-mc", tags=["extra"])
         print("pushed")
+        from huggingface_hub import HfApi
+        mine = b"---\\nlicense: mit\\n---\\n# Written by me\\n"
+        HfApi().create_repo("me/mine-mc")
+        HfApi().upload_file(path_or_fileobj=mine, path_in_repo="README.md", repo_id="me/mine-mc", repo_type="model")
+        m.push_to_hub("me/mine-mc")
+        print("pushed again")
     """
     with MockHub(root=tmp_path / "hub") as hub:
-        assert_ok(run_in_hub_subprocess(script, hub.url, tmp_path), "pushed")
+        assert_ok(run_in_hub_subprocess(script, hub.url, tmp_path), "pushed again")
         readme = hub.read("me/float-moe-mc", "README.md").decode()
+        kept = ModelCard(hub.read("me/mine-mc", "README.md").decode())
+        files = set(hub.list_files("me/mine-mc"))
     card = ModelCard(readme)
     assert card.data.base_model == "me/float-moe" and card.data.base_model_relation == "quantized"
     assert set(TAGS) | {"extra"} <= set(card.data.tags) and card.data.library_name == "transformers"
     assert card.data.eval_results[0].metric_value == 7.25
     assert 'from_pretrained("me/float-moe-mc"' in card.text and "## Bit allocation" in card.text
     assert "automatically generated" not in readme
+    # a README a person put in the repo stays (text untouched), with our metadata added
+    assert kept.text.strip() == "# Written by me" and kept.data.license == "mit"
+    assert set(TAGS) <= set(kept.data.tags) and kept.data.base_model == "me/float-moe"
+    assert {"config.json", "model.safetensors"} <= files
