@@ -49,9 +49,29 @@ def remember_base_model(model, source: str | os.PathLike | None) -> None:
 
 
 def record_evaluation(model, dataset: str, metric: str, value: float) -> None:
-    """Remember an evaluation result (e.g. ``("wiki.txt", "perplexity", 6.1)``) for the model card."""
+    """Remember an evaluation result (e.g. ``("wiki.txt", "perplexity", 6.1)``) for the model card. A model loaded
+    from a local MC folder whose card optimum-mc wrote keeps that card's numbers unless new ones are recorded."""
     results = model.__dict__.setdefault("_mc_evaluation", {})
     results[(dataset, metric)] = float(value)
+
+
+def _previous_evaluation(model) -> dict:
+    """The evaluation numbers of the card optimum-mc wrote beside the checkpoint this model was loaded from (a local
+    folder), so that reloading and re-saving or pushing keeps them."""
+    from huggingface_hub import ModelCard
+
+    path = Path(str(getattr(model, "name_or_path", "") or "")) / "README.md"
+    cfg = model.config.quantization_config
+    if not getattr(cfg, "is_quantized", False) or not path.is_file():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        if MARK not in text:
+            return {}
+        results = ModelCard(text, ignore_metadata_errors=True).data.eval_results or []
+    except Exception:  # noqa: BLE001 - an unreadable old card just contributes nothing
+        return {}
+    return {(r.dataset_name, r.metric_type): float(r.metric_value) for r in results}
 
 
 def is_replaceable(text: str) -> bool:
@@ -136,7 +156,7 @@ def build_card(
     cfg = model.config.quantization_config
     base = getattr(cfg, "base_model", None)
     name = repo_id or location or str(folder)
-    evaluation = dict(model.__dict__.get("_mc_evaluation") or {})
+    evaluation = dict(model.__dict__.get("_mc_evaluation") or {}) or _previous_evaluation(model)
     all_tags = list(TAGS) + [t for t in (tags or []) + list(getattr(model, "model_tags", None) or []) if t not in TAGS]
     data: dict[str, Any] = dict(
         library_name="transformers",

@@ -41,6 +41,18 @@ def test_save_pretrained_writes_a_parsable_card(quantized, tmp_path):
     assert (result.dataset_name, result.metric_type, result.metric_value) == ("heldout.txt", "perplexity", 12.5)
 
 
+def test_reloaded_model_keeps_its_evaluation_numbers(quantized, tmp_path):
+    quantized.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    again.save_pretrained(tmp_path / "copy")
+    (result,) = ModelCard.load(tmp_path / "copy" / "README.md").data.eval_results
+    assert (result.dataset_name, result.metric_value) == ("heldout.txt", 12.5)
+    record_evaluation(again, "other.txt", "perplexity", 9.0)  # new numbers replace the old card's
+    again.save_pretrained(tmp_path / "copy2")
+    (result,) = ModelCard.load(tmp_path / "copy2" / "README.md").data.eval_results
+    assert (result.dataset_name, result.metric_value) == ("other.txt", 9.0)
+
+
 def test_a_readme_written_by_hand_is_kept(quantized, tmp_path):
     target = tmp_path / "q"
     target.mkdir()
