@@ -2,6 +2,7 @@
 
 The arguments are defined once, in ``optimum.commands.mc`` (a light module optimum-cli imports at start-up); this
 module runs the commands.
+
 User mistakes (unknown paths, unreadable files, bad numbers, invalid options, unusable output paths) print one
 line to stderr and exit with code 2, checked before any model is loaded or quantized where possible. A failed Hub
 upload prints one line and exits 1 (the local save is kept); Ctrl-C prints one line and exits 130, leaving no
