@@ -118,12 +118,17 @@ def _options(cfg) -> list[str]:
         odp = f"on (protect ratio {cfg.odp_protect_ratio})"
     elif cfg.odp_thresholds:
         odp = "off by default; calibrated thresholds stored (`optimum_mc.set_odp(model, True)`)"
+    ds = cfg.dataset
+    if isinstance(ds, str) and os.path.exists(ds):  # a local file / folder: its name only, not the user's path
+        source = f"local text ({Path(ds).name})"
+    else:
+        source = describe_source(ds, **cfg.dataset_options())
     rows = [
         ("average expert bits", f"{average_bits(cfg):.3f} (target {cfg.bits}, candidates {cfg.candidate_bits})"),
         ("attention / shared experts / dense", attn),
         ("group size", str(cfg.group_size)),
         ("allocation", f"{cfg.allocation} (PMQ: activation frequency, routing weight, quantization loss)"),
-        ("calibration", f"{describe_source(cfg.dataset)}; {cfg.num_samples} x {cfg.seq_len} tokens, seed {cfg.seed}"),
+        ("calibration", f"{source}; {cfg.num_samples} x {cfg.seq_len} tokens, seed {cfg.seed}"),
         ("online dynamic pruning", odp),
         ("optimum-mc", f"{_version()} (checkpoint format {_format()})"),
     ]

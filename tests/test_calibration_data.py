@@ -322,6 +322,8 @@ def test_dataset_options_through_mcconfig_to_calibration(fake_datasets, tok):
     assert fake_datasets[-1] == {"path": "me/corpus", "name": "v2", "split": "train"}
     again = MCConfig.from_dict(cfg.to_dict())
     assert again.dataset_options() == {"dataset_config": "v2", "dataset_split": None, "text_column": "content"}
+    text = describe_source(again.dataset, **again.dataset_options())
+    assert text == "datasets 'me/corpus', config 'v2' (train split, 'content' column)"
 
 
 @pytest.mark.parametrize(

@@ -251,8 +251,9 @@ def load_documents(
     return _load_hf_dataset(dataset_source(str(dataset), dataset_config, dataset_split, text_column), str(dataset))
 
 
-def describe_source(dataset: str | os.PathLike | Sequence[str] | None) -> str:
-    """A short description of a calibration source for logs (cheap: reads nothing)."""
+def describe_source(dataset: str | os.PathLike | Sequence[str] | None, **dataset_options: str | None) -> str:
+    """A short description of a calibration source for logs (cheap: reads nothing); ``dataset_options`` as for
+    :func:`load_documents`."""
     if _is_builtin(dataset):
         version = ".".join(map(str, sys.version_info[:3]))
         return f"builtin offline text (Python {version} pydoc topics, stdlib docstrings and source)"
@@ -265,7 +266,8 @@ def describe_source(dataset: str | os.PathLike | Sequence[str] | None) -> str:
             return f"text file {path}"
         if path.is_dir():
             return f"folder {path} ({sum(1 for p in path.glob('*.txt') if p.is_file())} *.txt files)"
-        src = dataset_source(str(dataset))
+        o = dataset_options
+        src = dataset_source(str(dataset), o.get("dataset_config"), o.get("dataset_split"), o.get("text_column"))
         cfg = f", config {src.config!r}" if src.config else ""
         return f"datasets {src.path!r}{cfg} ({src.split} split, {src.column!r} column)"
     if isinstance(dataset, dict):
