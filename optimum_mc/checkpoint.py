@@ -35,6 +35,39 @@ def shard_metadata() -> dict[str, str]:
     return {FORMAT_KEY: str(FORMAT_VERSION), VERSION_KEY: __version__}
 
 
+def sort_shard_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` entries sorted by key.
+
+    safetensors writes the metadata in hash-map order, which varies between saves; with more than one entry (ours
+    plus transformers' ``format``) two saves of the same model would differ in bytes. The rewritten header has the
+    same keys and values, hence the same length; tensor entries and data are untouched. A header this code cannot
+    reproduce byte for byte before sorting is left as written.
+    """
+
+    def dump(header: dict) -> bytes:
+        return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    with open(path, "r+b") as f:
+        raw8 = f.read(8)
+        if len(raw8) < 8:
+            return
+        (n,) = struct.unpack("<Q", raw8)
+        raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2 or dump(header) != raw.rstrip(b" "):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = dump(header)
+        if len(new) != len(raw.rstrip(b" ")):  # pragma: no cover - same content, same length
+            return
+        f.seek(8)
+        f.write(new + raw[len(new) :])
+
+
 def read_safetensors_metadata(path: str) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (``{}`` when it has none)."""
     with open(path, "rb") as f:

@@ -259,6 +259,7 @@ def _read_readme(folder: str | os.PathLike) -> str | None:
 def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args, **kwargs) -> None:
     """Run ``save(model, folder, ...)`` (transformers' save_pretrained) atomically and verified (module docstring),
     with the model card (``model_card.py``) written beside the weights."""
+    from .checkpoint import sort_shard_metadata
     from .model_card import write_card
 
     card = kwargs.pop("_mc_card", None) or {}
@@ -275,6 +276,8 @@ def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args
 
     with atomic_directory(save_directory, source, verify=verify_then_card) as tmp:
         save(model, tmp, *args, **kwargs)
+        for shard in sorted(tmp.glob("*.safetensors")):  # deterministic bytes (checkpoint.sort_shard_metadata)
+            sort_shard_metadata(shard)
     if push:
         repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
         model.push_to_hub(repo_id, **hub_kwargs)

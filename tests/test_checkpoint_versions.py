@@ -114,3 +114,30 @@ def test_newer_format_in_shard_metadata_asks_for_an_upgrade(saved, tmp_path):
     newer = _copy(saved[0], tmp_path, metadata=meta)
     with pytest.raises(CheckpointVersionError, match=r"needs optimum-mc >= 9\.3; upgrade optimum-mc"):
         AutoModelForCausalLM.from_pretrained(newer)
+
+
+def test_shard_metadata_is_written_in_one_order(tmp_path):
+    """safetensors writes metadata in hash order; saves sort it so equal models give equal bytes."""
+    from optimum_mc.checkpoint import read_safetensors_metadata, sort_shard_metadata
+
+    tensors = {"a": torch.arange(6, dtype=torch.int32).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
+    meta = {f"k{i}": str(i) for i in (5, 1, 4, 2, 3, 0)}
+    files = []
+    for i in range(4):  # several files: the hash order differs between them
+        f = tmp_path / f"s{i}.safetensors"
+        save_file(tensors, f, metadata=meta)
+        size = f.stat().st_size
+        sort_shard_metadata(f)
+        assert f.stat().st_size == size and list(read_safetensors_metadata(str(f))) == sorted(meta)
+        assert all(torch.equal(load_file(f)[k], v) for k, v in tensors.items())
+        files.append(f.read_bytes())
+    assert len(set(files)) == 1
+
+
+def test_two_saves_of_one_model_are_byte_identical(saved, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(saved[0])
+    digests = set()
+    for i in range(3):
+        model.save_pretrained(tmp_path / f"s{i}")
+        digests.add((tmp_path / f"s{i}" / "model.safetensors").read_bytes())
+    assert len(digests) == 1 and digests == {(saved[0] / "model.safetensors").read_bytes()}
