@@ -55,6 +55,14 @@ def test_optimum_cli_lists_and_documents_mc(tmp_path):
         assert flag in quantize_help
 
 
+def test_registration_is_light(tmp_path):
+    """optimum-cli imports every register module at start-up: ours must not pull in torch / transformers."""
+    code = ("import sys, optimum.commands.register.register_mc as r; "
+            "print(r.REGISTER_COMMANDS[0].COMMAND.name, sorted(m for m in ('torch', 'transformers', 'optimum_mc') "
+            "if m in sys.modules))")  # fmt: skip
+    assert ok(run([sys.executable, "-c", code], tmp_path)).split() == ["mc", "[]"]
+
+
 def test_optimum_cli_user_error_is_one_line(tmp_path):
     res = run([*OPTIMUM_CLI, "mc", "inspect", str(tmp_path / "nothing")], tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
