@@ -269,10 +269,11 @@ def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args
     }
     source = getattr(model, "_mc_source_dir", None)
     existing = card.pop("existing", None) or _read_readme(save_directory)
+    location = card.pop("location", None) or os.fspath(save_directory)
 
     def verify_then_card(folder: Path) -> None:  # the card reads the shards' headers: only once they verify
         verify_saved_model(model, folder)
-        write_card(model, folder, existing=existing, location=os.fspath(save_directory), **card)
+        write_card(model, folder, existing=existing, location=location, **card)
 
     with atomic_directory(save_directory, source, verify=verify_then_card) as tmp:
         save(model, tmp, *args, **kwargs)

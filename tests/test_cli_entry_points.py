@@ -84,6 +84,7 @@ def test_quantize_through_optimum_cli_inspect_through_both(tmp_path):
     assert qc["quant_method"] == "mc" and qc["format_version"] >= 1
     readme = (out / "README.md").read_text()
     assert "| calib.txt | perplexity |" in readme  # --eval-text measured after quantizing, into the card
+    assert f'from_pretrained("{out}"' in readme and ".mc-tmp-" not in readme  # names --output
     a = ok(run([*OPTIMUM_CLI, "mc", "inspect", str(out)], tmp_path))
     b = ok(run([*OPTIMUM_MC, "inspect", str(out)], tmp_path))
     assert a == b and "overall average expert bits: 2.500" in a

@@ -163,7 +163,7 @@ def cmd_quantize(args) -> int:
     from .inspect_model import allocation_table
 
     with atomic_directory(out, args.model if os.path.isdir(args.model) else None) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, _mc_card={"location": str(out)})  # the card names --output, not the temporary
         tok.save_pretrained(tmp)
     if not args.quiet:
         print(allocation_table(model.config.quantization_config))
