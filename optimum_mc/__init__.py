@@ -7,8 +7,7 @@ from .config import MCConfig
 from .errors import MCError
 from .pruning import calibrate_odp, get_odp_stats, reset_odp_stats, set_odp
 from .registration import register as _register
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _register()
 

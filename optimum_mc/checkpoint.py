@@ -12,6 +12,7 @@ import logging
 import os
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 
 from .errors import CheckpointError
 from .packing import WORD_BITS
@@ -19,6 +20,82 @@ from .packing import WORD_BITS
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
+_ELEM = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "F64": 8}
+
+
+# safetensors metadata keys of MC shards (string values, as safetensors requires)
+FORMAT_KEY = "mc_format_version"
+VERSION_KEY = "optimum_mc_version"
+
+
+def shard_metadata() -> dict[str, str]:
+    """The ``__metadata__`` entries every saved MC shard carries (besides transformers' ``format: pt``)."""
+    from .version import FORMAT_VERSION, __version__
+
+    return {FORMAT_KEY: str(FORMAT_VERSION), VERSION_KEY: __version__}
+
+
+def sort_shard_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` entries sorted by key.
+
+    safetensors writes the metadata in hash-map order, which varies between saves; with more than one entry (ours
+    plus transformers' ``format``) two saves of the same model would differ in bytes. The rewritten header has the
+    same keys and values, hence the same length; tensor entries and data are untouched. A header this code cannot
+    reproduce byte for byte before sorting is left as written.
+    """
+
+    def dump(header: dict) -> bytes:
+        return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    with open(path, "r+b") as f:
+        raw8 = f.read(8)
+        if len(raw8) < 8:
+            return
+        (n,) = struct.unpack("<Q", raw8)
+        raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2 or dump(header) != raw.rstrip(b" "):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = dump(header)
+        if len(new) != len(raw.rstrip(b" ")):  # pragma: no cover - same content, same length
+            return
+        f.seek(8)
+        f.write(new + raw[len(new) :])
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (``{}`` when it has none)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header); re-save or re-download it.")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            return dict(json.loads(f.read(n)).get("__metadata__") or {})
+        except ValueError as exc:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({exc}).") from exc
+
+
+def check_format_metadata(files: Iterable[str]) -> None:
+    """Refuse shards whose ``mc_format_version`` is newer than this optimum-mc reads (shards without it: format 1)."""
+    from .errors import CheckpointVersionError
+    from .version import FORMAT_VERSION, __version__
+
+    for path in files:
+        meta = read_safetensors_metadata(str(path))
+        fmt = meta.get(FORMAT_KEY, "1")
+        if not fmt.isdigit() or int(fmt) > FORMAT_VERSION:
+            writer = meta.get(VERSION_KEY, "a newer version")
+            raise CheckpointVersionError(
+                f"this checkpoint needs optimum-mc >= {writer}; upgrade optimum-mc (pip install -U optimum-mc). "
+                f"{os.path.basename(str(path))} uses MC format {fmt!r}; installed optimum-mc {__version__} "
+                f"reads up to format {FORMAT_VERSION}."
+            )
 
 
 def read_safetensors_header(path: str) -> dict:
@@ -85,6 +162,8 @@ def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple
     ``suffix`` is matched against the end of each checkpoint key of that layer, so renamed block attributes
     (e.g. Mixtral's ``mlp`` saved as ``block_sparse_moe``) do not matter.
     """
+    files = list(files)
+    check_format_metadata(f for f in files if str(f).endswith(".safetensors"))
     found: dict[tuple[int, str], tuple[str, tuple]] = {}
     by_layer: dict[int, list[tuple[str, dict]]] = {}
     for path in files:
@@ -166,3 +245,43 @@ def check_all_tensors(model, files: Iterable[str], quantizer=None) -> None:
             f"the checkpoint does not hold every tensor of the model: {head}. Those weights would be initialized "
             f"randomly; re-save the checkpoint from the quantized model (or re-download it)."
         )
+
+
+# ------------------------------------------------------------------------------------------ sizes
+
+
+def _bits_for(key: str, cfg) -> int:
+    """Bit-width of the packed matrix stored under ``key`` according to the config."""
+    if ".packed." in key:
+        parts = key.split(".")
+        layer = int(parts[parts.index("layers") + 1])
+        expert = int(parts[parts.index("packed") + 1])
+        return cfg.expert_bits[cfg.moe_layers.index(layer)][expert]
+    return int(cfg.attn_bits or 4)
+
+
+SIZE_GROUPS = ("experts (packed)", "linears (packed)", "float (embeddings, norms, routers, head)")
+
+
+def size_groups(path: str | Path, cfg) -> dict[str, tuple[int, int]]:
+    """``{part: (bytes stored, weights represented)}`` of an MC folder's safetensors files (scales / zeros included
+    in the bytes; a packed matrix represents its unpacked ``out x in`` weights)."""
+    names = SIZE_GROUPS
+    groups = {n: [0, 0] for n in names}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        for key, info in read_safetensors_header(str(f)).items():
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            nbytes = n * _ELEM.get(info["dtype"], 4)
+            packed = key.endswith((".qweight", ".scales", ".zeros", ".weight_nf4", ".absmax", ".quant_map"))
+            g = names[0] if ".packed." in key else names[1] if packed else names[2]
+            groups[g][0] += nbytes
+            if key.endswith(".qweight"):
+                rows, words = info["shape"]
+                groups[g][1] += rows * words * 32 // _bits_for(key, cfg)
+            elif key.endswith(".weight_nf4"):
+                groups[g][1] += 2 * n
+            elif not packed:
+                groups[g][1] += n
+    return {k: (b, n) for k, (b, n) in groups.items()}

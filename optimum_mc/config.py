@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import MCConfigError
+from .errors import CheckpointVersionError, MCConfigError
 from .packing import SUPPORTED_BITS
+from .version import FORMAT_VERSION, __version__
 
 ALLOCATION_MODES = ("layer", "global", "random", "frequency", "hessian")
 LOSS_METHODS = ("rtn", "heldout", "insample")
@@ -30,7 +32,12 @@ _RESULT_FIELDS = (
     "odp_thresholds",
     "odp_layer_scores",
     "tuned_exponents",
+    "base_model",  # Hub id of the float model quantized (None when it was a local folder)
 )
+
+
+# Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
+_VERSION_FIELDS = ("format_version", "optimum_mc_version")
 
 
 def _err(msg: str) -> MCConfigError:
@@ -89,7 +96,12 @@ class MCConfig(QuantizationConfigMixin):
             ``"router-weighted"`` (every calibration token, weighted by the expert's router probability).
     Calibration:
         dataset: ``None``/``"builtin"`` (offline text shipped with the package), a list of strings, a path to a
-            text file or folder of .txt files, or a ``datasets`` name.
+            text file or folder of .txt files, a ``datasets`` name (``"name"`` or ``"name:config"``), or one of the
+            GPTQ tooling's names ``"wikitext2"`` / ``"c4"``. Texts passed as a list are stored in config.json as a
+            description with their sha256 (``{"texts": n, "characters": c, "sha256": ...}``), not verbatim.
+        dataset_config, dataset_split, text_column: for a ``datasets`` source: its configuration name (default
+            none), split (default ``"train"``) and text column (default ``"text"``); the named sources bring their
+            own (a given value overrides them).
         tokenizer: tokenizer object or path (default: the model's own).
         num_samples, seq_len: number and length (tokens) of calibration sequences.
         seed: seed of everything random (sampling, random allocation).
@@ -135,7 +147,10 @@ class MCConfig(QuantizationConfigMixin):
         min_expert_tokens: int = 16,
         zero_point: str = "float",
         expert_hessian: str = "routed",
-        dataset: str | list[str] | None = None,
+        dataset: str | list[str] | dict | None = None,
+        dataset_config: str | None = None,
+        dataset_split: str | None = None,
+        text_column: str | None = None,
         tokenizer: Any = None,
         num_samples: int = 128,
         seq_len: int = 512,
@@ -174,6 +189,9 @@ class MCConfig(QuantizationConfigMixin):
         self.zero_point = zero_point
         self.expert_hessian = expert_hessian
         self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
+        self.dataset_config = dataset_config
+        self.dataset_split = dataset_split
+        self.text_column = text_column
         self.tokenizer = tokenizer
         self.num_samples = num_samples
         self.seq_len = seq_len
@@ -189,6 +207,7 @@ class MCConfig(QuantizationConfigMixin):
         kwargs.pop("quant_method", None)
         for name in _RESULT_FIELDS:
             setattr(self, name, kwargs.pop(name, None))
+        _check_version(kwargs.pop("format_version", None), kwargs.pop("optimum_mc_version", None), sorted(kwargs))
         if kwargs:
             raise _err(f"unknown MCConfig option(s): {', '.join(sorted(kwargs))}.")
         self.post_init()
@@ -247,16 +266,35 @@ class MCConfig(QuantizationConfigMixin):
             raise _err(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise _err(f"seed must be an integer, got {self.seed!r}.")
-        ds = self.dataset
-        if isinstance(ds, list) and (not ds or not all(isinstance(t, str) for t in ds)):
-            raise _err("dataset given as a list must be a non-empty list of strings (calibration texts).")
-        if ds is not None and not isinstance(ds, (str, list)):
-            raise _err(f"dataset must be None, 'builtin', a path, a datasets name or a list of texts, got {ds!r}.")
-        if isinstance(ds, str) and not ds.strip():
-            raise _err("dataset='' names nothing; use None (builtin text), a path, a datasets name or a text list.")
+        self._check_dataset()
         self._check_types()
         self._check_scale()
         self._check_odp()
+
+    def _check_dataset(self) -> None:
+        ds = self.dataset
+        if isinstance(ds, list) and (not ds or not all(isinstance(t, str) for t in ds)):
+            raise _err("dataset given as a list must be a non-empty list of strings (calibration texts).")
+        if isinstance(ds, dict) and not _is_text_record(ds):
+            raise _err(
+                f"dataset given as a dict must be the record of calibration texts that to_dict() writes "
+                f"({{'texts': n, 'characters': c, 'sha256': ...}}), got {ds!r}."
+            )
+        if ds is not None and not isinstance(ds, (str, list, dict)):
+            raise _err(f"dataset must be None, 'builtin', a path, a datasets name or a list of texts, got {ds!r}.")
+        if isinstance(ds, str) and not ds.strip():
+            raise _err("dataset='' names nothing; use None (builtin text), a path, a datasets name or a text list.")
+        given = [n for n in ("dataset_config", "dataset_split", "text_column") if getattr(self, n) is not None]
+        for name in given:
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise _err(f"{name} must be a non-empty string or None, got {v!r}.")
+        if given and (not isinstance(ds, str) or ds == "builtin"):
+            raise _err(
+                f"{', '.join(given)} only apply to a `datasets` source (dataset='name'), not to dataset={_short(ds)}."
+            )
+        if self.dataset_config is not None and ":" in ds:
+            raise _err(f"dataset={ds!r} already names a config after ':'; drop it or drop dataset_config.")
 
     def _check_types(self) -> None:
         """Booleans are bools, module lists are lists of names, the tokenizer is a tokenizer or a path."""
@@ -333,12 +371,67 @@ class MCConfig(QuantizationConfigMixin):
         """True once quantization results (per-expert bits) are stored in the config."""
         return self.expert_bits is not None
 
+    def dataset_options(self) -> dict[str, str | None]:
+        """``dataset_config`` / ``dataset_split`` / ``text_column``, as ``calibration.data.load_documents`` takes."""
+        names = ("dataset_config", "dataset_split", "text_column")
+        return {n: getattr(self, n) for n in names}
+
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
+        """Every option and result, JSON-ready, with the format / package version; calibration texts as a record."""
         d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k != "tokenizer"}
         if self.tokenizer is not None and isinstance(self.tokenizer, str):
             d["tokenizer"] = self.tokenizer
+        if isinstance(self.dataset, list):
+            d["dataset"] = texts_record(self.dataset)
+        d["format_version"] = FORMAT_VERSION
+        d["optimum_mc_version"] = __version__
         return d
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MCConfig) and self.to_dict() == other.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def texts_record(texts: list[str]) -> dict[str, Any]:
+    """What config.json keeps of calibration texts: their count, characters and a sha256 over all of them."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return {"texts": len(texts), "characters": sum(len(t) for t in texts), "sha256": h.hexdigest()}
+
+
+def _is_text_record(d: dict) -> bool:
+    return set(d) == {"texts", "characters", "sha256"} and isinstance(d["sha256"], str)
+
+
+def _check_version(fmt: Any, writer: Any, unknown: list[str]) -> None:
+    """Refuse a config written by a newer optimum-mc (newer format, or options this version does not know)."""
+    from packaging.version import InvalidVersion, Version
+
+    if fmt is not None and (isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1):
+        raise _err(f"format_version must be a positive integer, got {fmt!r}.")
+    try:
+        newer_writer = writer is not None and Version(str(writer)) > Version(__version__)
+    except InvalidVersion:
+        newer_writer = False
+    if (fmt is not None and fmt > FORMAT_VERSION) or (unknown and newer_writer):
+        need = str(writer) if newer_writer else f"> {__version__}"
+        what = (
+            f"checkpoint format {fmt} (this version reads up to {FORMAT_VERSION})"
+            if fmt is not None and fmt > FORMAT_VERSION
+            else f"option(s) this version does not know: {', '.join(unknown)}"
+        )
+        raise CheckpointVersionError(
+            f"this checkpoint needs optimum-mc >= {need}; upgrade optimum-mc (pip install -U optimum-mc). It was "
+            f"written by optimum-mc {writer or 'unknown'} and uses {what}; installed: optimum-mc {__version__}."
+        )

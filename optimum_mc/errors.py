@@ -15,6 +15,10 @@ class MCConfigError(MCError, ValueError):
     """An MCConfig option (or a combination of options) is invalid or infeasible."""
 
 
+class CheckpointVersionError(MCConfigError):
+    """A checkpoint (its quantization_config) was written by a newer optimum-mc than the installed one."""
+
+
 class UnsupportedBitsError(MCError, ValueError):
     """A bit-width outside the supported set was requested."""
 

@@ -514,7 +514,9 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
     return_large_frees_to_the_os()
     device = resolve_device(config.device)
     tok = tokenizer if tokenizer is not None else resolve_tokenizer(model, config.tokenizer)
-    input_ids = calibration_batches(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
+    input_ids = calibration_batches(
+        config.dataset, tok, config.num_samples, config.seq_len, config.seed, **config.dataset_options()
+    )
     input_ids = getattr(input_ids, "input_ids", input_ids)
     stage = None
     if config.resume_dir is not None or source.streams_from_disk:

@@ -245,6 +245,12 @@ class MCQuantizer(HfQuantizer):
 
         set_odp_from_config(model, cfg)
 
+    def get_state_dict_and_metadata(self, model):
+        """transformers' hook for saving: the default state dict, and safetensors metadata naming the MC format."""
+        from .checkpoint import shard_metadata
+
+        return None, shard_metadata()
+
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)
 

@@ -1,5 +1,7 @@
 """Atomic, verified saves: write into a hidden temporary folder beside the target, check it, then rename it in.
 
+Every save and push of an MC model also writes its model card (README.md, ``model_card.py``).
+
 An interrupted save (exception, Ctrl-C, SIGKILL, power loss after fsync) never leaves a half-written checkpoint at
 the target: the previous content stays as it was until the complete new folder is renamed into place. Folders left
 behind by a killed process (``.<name>.mc-tmp-<pid>-*``) are removed by the next save into the same parent; a
@@ -246,15 +248,37 @@ def _nonfinite_quant_params(files: list[str]) -> list[str]:
     return bad
 
 
+def _read_readme(folder: str | os.PathLike) -> str | None:
+    path = Path(folder) / "README.md"
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-    """Run ``save(model, folder, ...)`` (transformers' save_pretrained) atomically and verified (module docstring)."""
+    """Run ``save(model, folder, ...)`` (transformers' save_pretrained) atomically and verified (module docstring),
+    with the model card (``model_card.py``) written beside the weights."""
+    from .checkpoint import sort_shard_metadata
+    from .model_card import write_card
+
+    card = kwargs.pop("_mc_card", None) or {}
     push = kwargs.pop("push_to_hub", False)
     hub_kwargs = {
         k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr") if k in kwargs
     }
     source = getattr(model, "_mc_source_dir", None)
-    with atomic_directory(save_directory, source, verify=lambda d: verify_saved_model(model, d)) as tmp:
+    existing = card.pop("existing", None) or _read_readme(save_directory)
+    location = card.pop("location", None) or os.fspath(save_directory)
+
+    def verify_then_card(folder: Path) -> None:  # the card reads the shards' headers: only once they verify
+        verify_saved_model(model, folder)
+        write_card(model, folder, existing=existing, location=location, **card)
+
+    with atomic_directory(save_directory, source, verify=verify_then_card) as tmp:
         save(model, tmp, *args, **kwargs)
+        for shard in sorted(tmp.glob("*.safetensors")):  # deterministic bytes (checkpoint.sort_shard_metadata)
+            sort_shard_metadata(shard)
     if push:
         repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
         model.push_to_hub(repo_id, **hub_kwargs)
@@ -286,7 +310,74 @@ def _patch_save_pretrained() -> None:
     PreTrainedModel.save_pretrained = save_pretrained
 
 
+def _remote_readme(repo_id: str, token) -> str | None:
+    """The README.md of a Hub repo (None when it has none)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "README.md", token=token)).read_text(encoding="utf-8")
+    except EntryNotFoundError:
+        return None
+
+
+def push_mc_model(
+    model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+):
+    """``push_to_hub`` of an MC model: transformers' flow (create the repo, save into a temporary folder, upload it)
+    with our model card as README.md, where transformers would upload its generic card over it. A README the repo
+    already has that a person wrote is kept (``model_card.py``)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    card = {"repo_id": repo_id, "tags": list(tags or []), "existing": _remote_readme(repo_id, token)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, _mc_card=card)
+        return upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            commit_message=commit_message or "Upload model (optimum-mc)",
+            commit_description=commit_description,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def _patch_push_to_hub() -> None:
+    """Route ``PreTrainedModel.push_to_hub`` of MC models (only) through :func:`push_mc_model`."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.push_to_hub
+    if getattr(original, "_mc_card", False):
+        return
+
+    @functools.wraps(original)
+    def push_to_hub(self, repo_id, *args, **kwargs):
+        if not _is_mc_model(self) or args:
+            return original(self, repo_id, *args, **kwargs)
+        return push_mc_model(self, repo_id, **kwargs)
+
+    push_to_hub._mc_card = True
+    PreTrainedModel.push_to_hub = push_to_hub
+
+
 def install_atomic_save(model, source: str | os.PathLike | None = None) -> None:
-    """Make ``model.save_pretrained`` atomic and verified; ``source``: a float folder it must never overwrite."""
+    """Make ``model.save_pretrained`` atomic and verified, and give saves / pushes the MC model card; ``source``: the
+    float model quantized (a folder it must never overwrite; its Hub id becomes the card's ``base_model``)."""
+    from .model_card import remember_base_model
+
     model._mc_source_dir = str(source) if source is not None else None
+    remember_base_model(model, source)
     _patch_save_pretrained()
+    _patch_push_to_hub()

@@ -257,3 +257,103 @@ def test_tiny_tokenizer_helper():
     assert a(s)["input_ids"] == make_tiny_tokenizer()(s)["input_ids"]
     with pytest.raises(ValueError):
         make_tiny_tokenizer(MIN_VOCAB_SIZE - 1)
+
+
+# ------------------------------------------------------------------ datasets sources (a fake `datasets` module)
+
+
+class _FakeDataset:
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+        self.column_names = list(columns)
+
+    def __getitem__(self, name):
+        return self.columns[name]
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    """Replace the `datasets` library by a module whose load_dataset records its arguments (no network)."""
+    calls = []
+
+    def load_dataset(path, name=None, split=None, **kw):
+        calls.append({"path": path, "name": name, "split": split, **kw})
+        if path == "Salesforce/wikitext":
+            return _FakeDataset({"text": ["", " = Title = \n", "First paragraph .\n", "", "Second one .\n"]})
+        return _FakeDataset({"text": ["row one", "", "row two"], "content": ["c1", "c2"], "n": [1, 2]})
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_gptq_names_map_to_their_datasets(fake_datasets):
+    docs = load_documents("wikitext2")
+    assert fake_datasets[-1] == {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1", "split": "train"}
+    assert docs == [" = Title = \n\nFirst paragraph .\n\nSecond one ."]  # rows joined into one document
+    assert load_documents("c4") == ["row one", "row two"]  # one document per non-empty row
+    assert fake_datasets[-1] == {
+        "path": "allenai/c4",
+        "name": None,
+        "split": "train",
+        "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"},
+    }
+
+
+def test_dataset_config_split_and_column(fake_datasets):
+    assert load_documents("me/corpus", dataset_config="v2", dataset_split="validation", text_column="content") == [
+        "c1",
+        "c2",
+    ]
+    assert fake_datasets[-1] == {"path": "me/corpus", "name": "v2", "split": "validation"}
+    load_documents("me/corpus:v3")  # the "name:config" form still works
+    assert fake_datasets[-1] == {"path": "me/corpus", "name": "v3", "split": "train"}
+    load_documents("wikitext2", dataset_split="test")  # a given option overrides the named source's default
+    assert fake_datasets[-1]["split"] == "test" and fake_datasets[-1]["name"] == "wikitext-2-raw-v1"
+    with pytest.raises(CalibrationError, match="no 'body' column .*text_column"):
+        load_documents("me/corpus", text_column="body")
+
+
+def test_dataset_options_through_mcconfig_to_calibration(fake_datasets, tok):
+    from optimum_mc import MCConfig
+
+    cfg = MCConfig(dataset="me/corpus", dataset_config="v2", text_column="content", seq_len=8)
+    out = calibration_batches(cfg.dataset, tok, 2, 2, 0, **cfg.dataset_options())
+    assert out.shape == (2, 2)
+    assert fake_datasets[-1] == {"path": "me/corpus", "name": "v2", "split": "train"}
+    again = MCConfig.from_dict(cfg.to_dict())
+    assert again.dataset_options() == {"dataset_config": "v2", "dataset_split": None, "text_column": "content"}
+    text = describe_source(again.dataset, **again.dataset_options())
+    assert text == "datasets 'me/corpus', config 'v2' (train split, 'content' column)"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"text_column": "content"}, "only apply to a `datasets` source"),
+        ({"dataset": ["a text"], "dataset_split": "test"}, "only apply to a `datasets` source"),
+        ({"dataset": "builtin", "dataset_config": "x"}, "only apply to a `datasets` source"),
+        ({"dataset": "x/y:cfg", "dataset_config": "other"}, "already names a config"),
+        ({"dataset": "x/y", "text_column": ""}, "non-empty string"),
+        ({"dataset": "x/y", "dataset_split": 3}, "non-empty string"),
+    ],
+)
+def test_dataset_options_are_validated(kwargs, match):
+    from optimum_mc import MCConfig
+    from optimum_mc.errors import MCConfigError
+
+    with pytest.raises(MCConfigError, match=match):
+        MCConfig(**kwargs)
+
+
+def test_dataset_options_refused_for_a_local_file(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("hello", encoding="utf-8")
+    with pytest.raises(CalibrationError, match="only apply to a `datasets` source"):
+        load_documents(str(f), text_column="content")
+
+
+def test_builtin_default_needs_no_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
+    assert len(load_documents(None)) > 10
+    with pytest.raises(CalibrationError, match="`datasets` library is not installed"):
+        load_documents("wikitext2")

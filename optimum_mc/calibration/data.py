@@ -11,9 +11,12 @@ Sources (``MCConfig.dataset``):
 - a list of strings: those texts, one document each.
 - a path to a text file (one document), or to a folder (every ``*.txt`` directly inside it, sorted by name; one
   document each). Files must be UTF-8 text; anything else raises :class:`CalibrationError` naming the file.
+- ``"wikitext2"`` / ``"c4"``: the sources GPTQ tooling calls by these names (``NAMED_SOURCES``: wikitext-2-raw's
+  train split joined into one document; the first shard of C4's English train split, one document per row).
 - any other string: a ``datasets`` name, optionally ``"name:config"`` (e.g. ``"wikitext:wikitext-2-raw-v1"``) —
-  the ``text`` column of its ``train`` split, when the ``datasets`` library is installed and the dataset is
-  reachable (or cached).
+  the ``text`` column of its ``train`` split unless ``MCConfig(dataset_config=..., dataset_split=...,
+  text_column=...)`` say otherwise, when the ``datasets`` library is installed and the dataset is reachable (or
+  cached).
 
 Every document is tokenized without special tokens and followed by the tokenizer's EOS token (its SEP token, or
 the tokens of a blank line, when it has no EOS); the concatenation is the token stream. ``num_samples`` windows of
@@ -32,6 +35,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +44,15 @@ from ..errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibration_batches", "describe_source", "load_documents", "tokenize_documents"]
+__all__ = [
+    "NAMED_SOURCES",
+    "DatasetSource",
+    "calibration_batches",
+    "dataset_source",
+    "describe_source",
+    "load_documents",
+    "tokenize_documents",
+]
 
 # Standard-library modules whose docstrings and source go into the builtin corpus (stable, pure-Python, varied).
 _STDLIB_MODULES = (
@@ -128,7 +140,47 @@ def _read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _load_hf_dataset(name: str) -> list[str]:
+@dataclass(frozen=True)
+class DatasetSource:
+    """A ``datasets`` source: what ``datasets.load_dataset`` is called with and which column holds the text.
+
+    ``joined``: the rows are consecutive pieces (lines, paragraphs) of longer documents, joined with blank lines into
+    one document (wikitext's rows are paragraphs and headings of articles); otherwise each row is a document.
+    """
+
+    path: str
+    config: str | None = None
+    split: str = "train"
+    column: str = "text"
+    data_files: dict[str, str] | None = None
+    joined: bool = False
+
+
+# The names GPTQ tooling (e.g. optimum's gptq.data.get_dataset) understands, as datasets sources.
+NAMED_SOURCES = {
+    "wikitext2": DatasetSource("Salesforce/wikitext", "wikitext-2-raw-v1", joined=True),
+    "c4": DatasetSource("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}),
+}
+
+
+def dataset_source(
+    name: str, config: str | None = None, split: str | None = None, column: str | None = None
+) -> DatasetSource:
+    """The source ``name`` stands for: a known name (``NAMED_SOURCES``) or ``"path"`` / ``"path:config"``; the
+    given ``config`` / ``split`` / ``column`` override its defaults."""
+    base = NAMED_SOURCES.get(name)
+    if base is None:
+        path, _, cfg = name.partition(":")
+        base = DatasetSource(path, cfg or None)
+    return replace(
+        base,
+        config=config if config is not None else base.config,
+        split=split if split is not None else base.split,
+        column=column if column is not None else base.column,
+    )
+
+
+def _load_hf_dataset(src: DatasetSource, name: str) -> list[str]:
     try:
         import datasets
     except ImportError as exc:
@@ -137,23 +189,41 @@ def _load_hf_dataset(name: str) -> list[str]:
             "and the `datasets` library is not installed to load it by name; pass a list of texts, a local .txt "
             "file or folder, or None for the builtin offline text."
         ) from exc
-    ds_name, _, ds_config = name.partition(":")
+    kw = {"data_files": dict(src.data_files)} if src.data_files else {}
     try:
-        ds = datasets.load_dataset(ds_name, ds_config or None, split="train")
+        ds = datasets.load_dataset(src.path, src.config, split=src.split, **kw)
     except Exception as exc:  # noqa: BLE001 - offline / unknown names end the same way for the user
         raise CalibrationError(
             f"calibration dataset {name!r} is not a file/folder and could not be loaded with datasets "
             f"({type(exc).__name__}: {exc}); offline? pass local texts or None for the builtin offline text."
         ) from exc
-    if "text" not in ds.column_names:
+    if src.column not in ds.column_names:
         raise CalibrationError(
-            f"dataset {name!r} has no 'text' column (columns: {ds.column_names}); pass the texts as a list instead."
+            f"dataset {name!r} (split {src.split!r}) has no {src.column!r} column (columns: {ds.column_names}); "
+            f"pass text_column=... (--text-column) naming the text column."
         )
-    return [t for t in ds["text"] if isinstance(t, str) and t]
+    rows = [t for t in ds[src.column] if isinstance(t, str) and t]
+    return ["\n\n".join(r.strip("\n") for r in rows)] if src.joined else rows
 
 
-def load_documents(dataset: str | os.PathLike | Sequence[str] | None) -> list[str]:
-    """The calibration documents of a source (see the module docstring)."""
+def load_documents(
+    dataset: str | os.PathLike | Sequence[str] | None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    text_column: str | None = None,
+) -> list[str]:
+    """The calibration documents of a source (see the module docstring); the last three apply to datasets only."""
+    options = {"dataset_config": dataset_config, "dataset_split": dataset_split, "text_column": text_column}
+    given = [k for k, v in options.items() if v is not None]
+    if isinstance(dataset, dict):
+        raise CalibrationError(
+            "this MCConfig holds only the record (count and sha256) of the calibration texts it was made with, "
+            "not the texts; pass dataset=... (the texts, a path or a datasets name) to calibrate again."
+        )
+    if given and not (isinstance(dataset, str) and not _is_builtin(dataset) and not Path(dataset).exists()):
+        raise CalibrationError(
+            f"{', '.join(given)} only apply to a `datasets` source, not to {describe_source(dataset)}."
+        )
     if _is_builtin(dataset):
         return _builtin_documents()
     if isinstance(dataset, (list, tuple)):
@@ -178,11 +248,12 @@ def load_documents(dataset: str | os.PathLike | Sequence[str] | None) -> list[st
         return [_read_text(f) for f in files]
     if isinstance(dataset, os.PathLike) or path.is_absolute() or str(dataset).startswith(("~", "./", "../")):
         raise CalibrationError(f"calibration file or folder {path} does not exist.")
-    return _load_hf_dataset(str(dataset))
+    return _load_hf_dataset(dataset_source(str(dataset), dataset_config, dataset_split, text_column), str(dataset))
 
 
-def describe_source(dataset: str | os.PathLike | Sequence[str] | None) -> str:
-    """A short description of a calibration source for logs (cheap: reads nothing)."""
+def describe_source(dataset: str | os.PathLike | Sequence[str] | None, **dataset_options: str | None) -> str:
+    """A short description of a calibration source for logs (cheap: reads nothing); ``dataset_options`` as for
+    :func:`load_documents`."""
     if _is_builtin(dataset):
         version = ".".join(map(str, sys.version_info[:3]))
         return f"builtin offline text (Python {version} pydoc topics, stdlib docstrings and source)"
@@ -195,7 +266,12 @@ def describe_source(dataset: str | os.PathLike | Sequence[str] | None) -> str:
             return f"text file {path}"
         if path.is_dir():
             return f"folder {path} ({sum(1 for p in path.glob('*.txt') if p.is_file())} *.txt files)"
-        return f"datasets {str(dataset)!r} (train split, text column)"
+        o = dataset_options
+        src = dataset_source(str(dataset), o.get("dataset_config"), o.get("dataset_split"), o.get("text_column"))
+        cfg = f", config {src.config!r}" if src.config else ""
+        return f"datasets {src.path!r}{cfg} ({src.split} split, {src.column!r} column)"
+    if isinstance(dataset, dict):
+        return f"{dataset.get('texts')} recorded texts (sha256 {str(dataset.get('sha256'))[:12]}...)"
     return repr(dataset)
 
 
@@ -239,11 +315,17 @@ def _positive_int(name: str, value) -> int:
 
 
 def calibration_batches(
-    dataset: str | os.PathLike | Sequence[str] | None, tokenizer, num_samples: int, seq_len: int, seed: int
+    dataset: str | os.PathLike | Sequence[str] | None,
+    tokenizer,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    **dataset_options: str | None,
 ) -> torch.Tensor:
     """``(num_samples, seq_len)`` int64 token windows drawn deterministically (from ``seed``) from the source.
 
-    ``tokenizer`` is a transformers tokenizer (or a path/name for ``AutoTokenizer.from_pretrained``).
+    ``tokenizer`` is a transformers tokenizer (or a path/name for ``AutoTokenizer.from_pretrained``);
+    ``dataset_options``: ``dataset_config`` / ``dataset_split`` / ``text_column`` (see :func:`load_documents`).
     """
     _positive_int("num_samples", num_samples)
     _positive_int("seq_len", seq_len)
@@ -253,7 +335,7 @@ def calibration_batches(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    ids = token_stream(load_documents(dataset), tokenizer)
+    ids = token_stream(load_documents(dataset, **dataset_options), tokenizer)
     if len(ids) < seq_len:
         raise CalibrationError(
             f"calibration data has {len(ids)} tokens; need at least seq_len={seq_len} "

@@ -1,4 +1,7 @@
-"""The ``optimum-mc`` command: quantize, eval, inspect, bench, demo.
+"""The ``optimum-mc`` command (also ``optimum-cli mc``): quantize, eval, inspect, bench, demo.
+
+The arguments are defined once, in ``optimum.commands.mc`` (a light module optimum-cli imports at start-up); this
+module runs the commands.
 
 User mistakes (unknown paths, unreadable files, bad numbers, invalid options, unusable output paths) print one
 line to stderr and exit with code 2, checked before any model is loaded or quantized where possible. A failed Hub
@@ -21,63 +24,53 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs (exit code 2, no traceback)."""
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
-
-
-def _window(text: str) -> int:
-    v = _positive_int(text)
-    if v < 2:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} must be >= 2 (a window predicts its tokens from the previous ones)"
-        )
-    return v
-
-
-def _bits_list(text: str) -> list[int]:
-    try:
-        return [int(b) for b in text.split(",") if b]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
 def _check_model_path(path: str) -> str:
     if os.path.isdir(path) or "/" in path and not path.startswith((".", "/")):
         return path
     raise UsageError(f"model {path!r} not found: pass a local folder (or an owner/name Hub id)")
 
 
-def _load(path: str, quantization_config=None, quiet: bool = False):
+def hub_options(args) -> dict:
+    """``revision`` / ``trust_remote_code`` / ``token`` for both ``from_pretrained`` calls (model and tokenizer)."""
+    out = {"revision": args.revision, "token": args.token}
+    if args.trust_remote_code:
+        out["trust_remote_code"] = True
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def model_options(args) -> dict:
+    """What ``AutoModelForCausalLM.from_pretrained`` gets from the loading flags (dtype, device map, Hub options)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {"dtype": "auto" if args.dtype == "auto" else getattr(torch, args.dtype), **hub_options(args)}
+    if args.device_map is not None:
+        out["device_map"] = args.device_map
+    return out
+
+
+def _load_tokenizer(path: str, args):
+    from transformers import AutoTokenizer
 
     _check_model_path(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **hub_options(args))
+    except OSError as exc:
+        raise UsageError(f"cannot load the tokenizer of {path!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _load(path: str, args, quantization_config=None, tok=None):
+    from transformers import AutoModelForCausalLM
+
+    tok = tok if tok is not None else _load_tokenizer(path, args)
+    try:
         kw = {"quantization_config": quantization_config} if quantization_config is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, **model_options(args), **kw)
     except OSError as exc:
         raise UsageError(f"cannot load {path!r}: {str(exc).splitlines()[0]}") from exc
     return model.eval(), tok
 
 
-def _config_from_args(args):
+def _config_from_args(args, tokenizer=None):
     import optimum_mc
 
     return optimum_mc.MCConfig(
@@ -87,6 +80,10 @@ def _config_from_args(args):
         group_size=args.group_size,
         allocation=args.allocation,
         dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        dataset_split=args.dataset_split,
+        text_column=args.text_column,
+        tokenizer=tokenizer,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
         seed=args.seed,
@@ -131,14 +128,14 @@ def _check_output(output: str, model: str) -> Path:
         raise UsageError(f"--output: {exc}") from exc
 
 
-def _push(model, tok, repo: str, out: Path) -> int:
+def _push(model, tok, repo: str, out: Path, token: str | None = None, prog: str = "optimum-mc") -> int:
     try:
-        model.push_to_hub(repo)
-        tok.push_to_hub(repo)
+        model.push_to_hub(repo, token=token)
+        tok.push_to_hub(repo, token=token)
     except Exception as exc:  # noqa: BLE001 - any Hub / network failure: the local save is what matters
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         print(
-            f"optimum-mc: error: could not push to {repo!r} ({type(exc).__name__}: {first}); the model is saved in "
+            f"{prog}: error: could not push to {repo!r} ({type(exc).__name__}: {first}); the model is saved in "
             f"{out}: push it later with huggingface-cli upload {repo} {out}",
             file=sys.stderr,
         )
@@ -148,21 +145,31 @@ def _push(model, tok, repo: str, out: Path) -> int:
 
 def cmd_quantize(args) -> int:
     out = _check_output(args.output, args.model)  # before the (long) quantization
-    cfg = _config_from_args(args)
+    eval_texts = _texts(args.eval_text or [])
+    _config_from_args(args)  # every option checked before any download or load
+    tok = _load_tokenizer(args.model, args)
+    cfg = _config_from_args(args, tokenizer=tok)  # calibration uses this tokenizer (same revision / token)
     t0 = time.perf_counter()
-    model, tok = _load(args.model, cfg, args.quiet)
+    model, tok = _load(args.model, args, cfg, tok)
     seconds = time.perf_counter() - t0
+    if eval_texts:
+        from ..model_card import record_evaluation
+
+        for name, ppl in _perplexities(model, tok, eval_texts, 256, None).items():
+            record_evaluation(model, name, "perplexity", ppl)
+            if not args.quiet:
+                print(f"{name}: perplexity {ppl:.3f}")
     from ..saving import atomic_directory
     from .inspect_model import allocation_table
 
     with atomic_directory(out, args.model if os.path.isdir(args.model) else None) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, _mc_card={"location": str(out)})  # the card names --output, not the temporary
         tok.save_pretrained(tmp)
     if not args.quiet:
         print(allocation_table(model.config.quantization_config))
         print(f"quantized in {seconds:.1f}s, saved to {out}")
     if args.push_to_hub:
-        if _push(model, tok, args.push_to_hub, out):
+        if _push(model, tok, args.push_to_hub, out, args.token, args.mc_prog):
             return 1
         if not args.quiet:
             print(f"pushed to {args.push_to_hub}")
@@ -175,11 +182,13 @@ def cmd_eval(args) -> int:
         from ..calibration.data import load_documents
         from ..errors import CalibrationError
 
+        options = {"dataset_config": args.dataset_config, "dataset_split": args.dataset_split}
         try:
-            texts[args.dataset] = "\n\n".join(load_documents(args.dataset))
+            docs = load_documents(args.dataset, text_column=args.text_column, **options)
         except CalibrationError as exc:
             raise UsageError(str(exc)) from exc
-    model, tok = _load(args.model, quiet=args.quiet)
+        texts[args.dataset] = "\n\n".join(docs)
+    model, tok = _load(args.model, args)
     if not texts:
         from .demo import split_documents
 
@@ -250,8 +259,9 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from .speed import run_speed_bench
 
-    model, tok = _load(args.model, quiet=args.quiet)
-    print(run_speed_bench(model, tok, args, _config_from_args(args)))
+    cfg = _config_from_args(args)
+    model, tok = _load(args.model, args)
+    print(run_speed_bench(model, tok, args, cfg))
     return 0
 
 
@@ -261,67 +271,25 @@ def cmd_demo(args) -> int:
     return run_demo(quiet=args.quiet)
 
 
-# ----------------------------------------------------------------------------------------------- parser
+# ----------------------------------------------------------------------------------------------- entry points
 
-
-def _quant_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=_positive_float, default=2.5, help="average expert bits (default 2.5)")
-    p.add_argument("--candidate-bits", type=_bits_list, default=[1, 2, 3])
-    p.add_argument("--attn-bits", type=int, default=4, help="attention / dense bits; 0 keeps them float")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--allocation", default="layer", choices=["layer", "global", "random", "frequency"])
-    p.add_argument("--dataset", default=None, help="calibration: a text file, a folder of .txt, or a datasets name")
-    p.add_argument("--num-samples", type=_positive_int, default=128)
-    p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--odp", action="store_true", help="enable online dynamic pruning")
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``optimum-mc`` parser: the same arguments as ``optimum-cli mc`` (``optimum.commands.mc``)."""
+    from optimum.commands.mc import add_arguments
+
     parser = argparse.ArgumentParser(prog="optimum-mc", description="MC quantization for MoE LLMs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or logs")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or logs")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
-
-    q = add("quantize", "quantize a model with MC and save it")
-    q.add_argument("model")
-    _quant_options(q)
-    q.add_argument("--output", required=True)
-    q.add_argument("--push-to-hub", default=None, metavar="REPO")
-    q.set_defaults(func=cmd_quantize)
-    e = add("eval", "perplexity (and lm-eval tasks) of a model or MC folder")
-    e.add_argument("model")
-    e.add_argument("--text", action="append", help="UTF-8 text file (repeatable)")
-    e.add_argument("--dataset", default=None)
-    e.add_argument("--window", type=_window, default=256)
-    e.add_argument("--max-windows", type=_positive_int, default=None)
-    e.add_argument("--odp", action="store_true")
-    e.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval tasks (needs lm-eval)")
-    e.set_defaults(func=cmd_eval)
-    i = add("inspect", "bit allocation, size breakdown and ODP thresholds of an MC folder")
-    i.add_argument("dir")
-    i.add_argument("--plot", default=None, metavar="FILE.png")
-    i.set_defaults(func=cmd_inspect)
-    b = add("bench", "prefill / decode speed and memory: float vs MC vs MC+ODP")
-    b.add_argument("model")
-    _quant_options(b)
-    b.add_argument("--prompt-len", type=_positive_int, default=256)
-    b.add_argument("--new-tokens", type=_positive_int, default=32)
-    b.set_defaults(func=cmd_bench)
-    d = add("demo", "quantize the embedded demo MoE offline and show what MC does")
-    d.set_defaults(func=cmd_demo)
+    add_arguments(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; the exit code (module docstring)."""
+    prog = getattr(args, "mc_prog", "optimum-mc")
     args.quiet = getattr(args, "quiet", False)
-    if args.command == "quantize":
+    if args.mc_command == "quantize":
         # a dedicated quantization process: oneDNN's and torch's per-shape primitive caches grow with every new
         # GEMM shape (each expert's token count is one) and are never reused here (docs/scale.md)
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
@@ -335,13 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import MCError
 
     try:
-        return args.func(args)
+        return COMMANDS[args.mc_command](args)
     except (UsageError, MCError) as exc:
-        print(f"optimum-mc: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("optimum-mc: interrupted; nothing was saved or left half-written", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing was saved or left half-written", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``optimum-mc`` script."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

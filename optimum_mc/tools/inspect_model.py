@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 from ..allocation import format_allocation_table
-from ..checkpoint import read_safetensors_header
+from ..checkpoint import size_groups
 from ..config import MCConfig
-
-_ELEM = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "F64": 8}
 
 
 def load_quant_config(path: str | Path) -> MCConfig | None:
@@ -26,36 +24,9 @@ def allocation_table(cfg: MCConfig) -> str:
     return format_allocation_table(cfg.expert_bits, cfg.moe_layers, sorted({b for r in cfg.expert_bits for b in r}))
 
 
-def _bits_for(key: str, cfg: MCConfig) -> int:
-    """Bit-width of the packed matrix stored under ``key`` according to the config."""
-    if ".packed." in key:
-        parts = key.split(".")
-        layer = int(parts[parts.index("layers") + 1])
-        expert = int(parts[parts.index("packed") + 1])
-        return cfg.expert_bits[cfg.moe_layers.index(layer)][expert]
-    return int(cfg.attn_bits or 4)
-
-
 def size_breakdown(path: str | Path, cfg: MCConfig) -> str:
     """Bytes of experts / quantized linears / float parts, with bits per weight including scales and zeros."""
-    names = ("experts (packed)", "linears (packed)", "float (embeddings, norms, routers, head)")
-    groups = {n: [0, 0] for n in names}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        for key, info in read_safetensors_header(str(f)).items():
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            nbytes = n * _ELEM.get(info["dtype"], 4)
-            packed = key.endswith((".qweight", ".scales", ".zeros", ".weight_nf4", ".absmax", ".quant_map"))
-            g = names[0] if ".packed." in key else names[1] if packed else names[2]
-            groups[g][0] += nbytes
-            if key.endswith(".qweight"):
-                rows, words = info["shape"]
-                groups[g][1] += rows * words * 32 // _bits_for(key, cfg)
-            elif key.endswith(".weight_nf4"):
-                groups[g][1] += 2 * n
-            elif not packed:
-                groups[g][1] += n
+    groups = size_groups(path, cfg)
     lines = ["part | MB | weights | bits/weight", "--- | --- | --- | ---"]
     total_b = total_n = 0
     for name, (b, n) in groups.items():
