@@ -2,7 +2,8 @@
 
 Streamed quantization holds, at its peak, the runtime and either the working set of one layer (its float weights,
 the calibration activations, the GPTQ workspace; embeddings and head are parked on disk meanwhile) or, at the end,
-the packed model with the embeddings and head. Parameter counts come from the model built on the meta device, so every family is counted exactly.
+the packed model with the embeddings and head. Parameter counts come from the model built on the meta device, so
+every family is counted exactly.
 """
 
 from __future__ import annotations
