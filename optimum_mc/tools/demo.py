@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # silenced by disable_progress_bar() / HF_HUB_DISABLE_PROGRESS_BARS
 
 VOCAB = 2048
 SEQ = 128
