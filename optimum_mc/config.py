@@ -31,6 +31,9 @@ _RESULT_FIELDS = (
     "tuned_exponents",
 )
 
+# Options that apply when an MC checkpoint is loaded (the rest were fixed when it was quantized).
+LOADING_ATTRIBUTES = ("odp", "odp_threshold", "odp_protect_ratio", "odp_layers")
+
 
 def _err(msg: str) -> MCConfigError:
     return MCConfigError(msg)
@@ -325,6 +328,14 @@ class MCConfig(QuantizationConfigMixin):
     def is_quantized(self) -> bool:
         """True once quantization results (per-expert bits) are stored in the config."""
         return self.expert_bits is not None
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Options a config passed to ``from_pretrained`` of an MC checkpoint sets on the stored one: ODP's.
+
+        transformers merges them for config types in its loading-attributes list (``registration.py`` adds
+        MCConfig); everything else comes from the checkpoint.
+        """
+        return {name: copy.deepcopy(getattr(self, name)) for name in LOADING_ATTRIBUTES}
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
