@@ -1,11 +1,13 @@
-"""LoRA adapters (peft) on the packed linears of an MC model: ``QuantLinear`` and ``NF4Linear``.
+"""LoRA adapters (peft) on the packed linears of an MC model (``QuantLinear``).
 
 peft wraps ``nn.Linear`` and the quantized linears it knows; for other layer types it offers a mapping from the
 base layer type to a LoRA layer class (``LoraConfig._register_custom_module``). :func:`prepare_lora_config` adds
-the mapping for MC's packed linears, :class:`MCLoraLinear` is the LoRA layer: ``y = base(x) + B(A(dropout(x))) *
+the mapping for MC's packed linear, :class:`MCLoraLinear` is the LoRA layer: ``y = base(x) + B(A(dropout(x))) *
 scaling``, the base frozen (its packed buffers are buffers, not parameters; gradients reach ``x`` through the
 packed ops' backward, ``optimum_mc/kernels/autograd.py``). Merging an adapter into packed weights is not
 supported (it would need re-quantization); keep adapters separate or ``model.dequantize()`` first.
+``NF4Linear`` (``nonexpert_method="bnb_nf4"``) is not mapped: peft places adapters on the device of a base
+layer's ``weight`` / ``qweight`` attribute, which it does not have.
 
 Importing this module imports peft (``pip install peft``); nothing else in optimum-mc needs it.
 """
@@ -20,11 +22,10 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from .linear import QuantLinear
-from .nf4_linear import NF4Linear
 
 
 class MCLoraLinear(nn.Module, LoraLayer):
-    """A LoRA adapter around a frozen :class:`QuantLinear` / :class:`NF4Linear` (peft's LoRA layer protocol)."""
+    """A LoRA adapter around a frozen :class:`QuantLinear` (peft's LoRA layer protocol)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, **kwargs: Any) -> None:  # fmt: skip
@@ -64,11 +65,11 @@ class MCLoraLinear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-PACKED_LINEARS: tuple[type[nn.Module], ...] = (QuantLinear, NF4Linear)
+PACKED_LINEARS: tuple[type[nn.Module], ...] = (QuantLinear,)
 
 
 def prepare_lora_config(config: LoraConfig) -> LoraConfig:
-    """Let ``config`` wrap MC's packed linears (``QuantLinear``, ``NF4Linear``) with :class:`MCLoraLinear`.
+    """Let ``config`` wrap MC's packed linears (``QuantLinear``) with :class:`MCLoraLinear`.
 
     Call it before ``peft.get_peft_model(model, config)`` / ``model.add_adapter(config)`` and before
     ``PeftModel.from_pretrained(model, path, config=...)`` (the mapping is not saved with the adapter).
