@@ -95,3 +95,18 @@ def test_odp_off_at_load_overrides_a_checkpoint_saved_with_odp(checkpoint, tmp_p
     off = AutoModelForCausalLM.from_pretrained(tmp_path / "odp", quantization_config=MCConfig(odp=False))
     assert not off.config.quantization_config.odp
     assert not any(s["enabled"] for s in optimum_mc.get_odp_stats(off)["layers"].values())
+
+
+def test_model_that_cannot_switch_attention_gets_odp_without_protection(monkeypatch, caplog):
+    model = tiny_model("mixtral")
+    attn = model.config._attn_implementation
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with caplog.at_level("WARNING", logger="optimum_mc"):
+        optimum_mc.set_odp(model, True, threshold=0.9, layers=2)
+    assert "without token protection" in caplog.text
+    assert model.config._attn_implementation == attn
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert optimum_mc.get_odp_stats(model)["total"]["skipped_fraction"] > 0
+    optimum_mc.set_odp(model, False)
+    assert model.config._attn_implementation == attn
