@@ -22,6 +22,7 @@ TARGETS = ["q_proj", "v_proj", "o_proj"]
 def quantized(tmp_path_factory):
     path = save_tiny("mixtral", tmp_path_factory.mktemp("lora") / "f")
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=MCConfig(**QUICK))
+    model.save_pretrained(path + "-mc")
     return path, model
 
 
@@ -85,3 +86,29 @@ def test_lora_trains_on_mc_model_and_packed_weights_stay(quantized, tmp_path):
     loaded = peft.PeftModel.from_pretrained(base_again, tmp_path / "adapter", config=cfg).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, tuned)
+
+
+def test_transformers_trainer_trains_the_adapter(quantized, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    path, _ = quantized
+    model = AutoModelForCausalLM.from_pretrained(path + "-mc")  # the MC checkpoint: no calibration
+    pm = peft.get_peft_model(model, prepare_lora_config(peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])))
+    batch = _batch(path)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_steps=1,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    # Trainer refuses quantized models whose quantizer is not trainable (validate_quantization_for_training)
+    trainer = Trainer(model=pm, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
