@@ -35,6 +35,9 @@ _RESULT_FIELDS = (
     "base_model",  # Hub id of the float model quantized (None when it was a local folder)
 )
 
+# Options that apply when an MC checkpoint is loaded (the rest were fixed when it was quantized).
+LOADING_ATTRIBUTES = ("odp", "odp_threshold", "odp_protect_ratio", "odp_layers")
+
 
 # Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
 _VERSION_FIELDS = ("format_version", "optimum_mc_version")
@@ -375,6 +378,14 @@ class MCConfig(QuantizationConfigMixin):
         """``dataset_config`` / ``dataset_split`` / ``text_column``, as ``calibration.data.load_documents`` takes."""
         names = ("dataset_config", "dataset_split", "text_column")
         return {n: getattr(self, n) for n in names}
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Options a config passed to ``from_pretrained`` of an MC checkpoint sets on the stored one: ODP's.
+
+        transformers merges them for config types in its loading-attributes list (``registration.py`` adds
+        MCConfig); everything else comes from the checkpoint.
+        """
+        return {name: copy.deepcopy(getattr(self, name)) for name in LOADING_ATTRIBUTES}
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

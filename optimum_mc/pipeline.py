@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # silenced by disable_progress_bar() / HF_HUB_DISABLE_PROGRESS_BARS
 
 from .allocation import ExpertFactors, SolveReport, allocate_bits, check_feasible, format_allocation_table
 from .architectures import MoEArchitecture, MoEBlock, get_architecture, layer_module_names, moe_block, set_submodule

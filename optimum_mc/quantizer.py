@@ -263,4 +263,10 @@ class MCQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters (peft LoRA, ``optimum_mc.nn.lora``) train on a frozen MC model: the packed ops have input
+        gradients (``kernels/autograd.py``)."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False  # the packed weights themselves never train

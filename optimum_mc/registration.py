@@ -23,7 +23,23 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(METHOD) is not MCQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(METHOD, None)
         register_quantizer(METHOD)(MCQuantizer)
+    _honour_loading_attributes()
     _guard()
+
+
+def _honour_loading_attributes() -> None:
+    """Let ``from_pretrained(mc_checkpoint, quantization_config=MCConfig(odp=True, ...))`` apply the passed ODP
+    options: transformers copies ``get_loading_attributes()`` from the passed config only for the config types
+    listed in ``LOADING_ATTRIBUTES_CONFIG_TYPES`` (read at call time); MCConfig joins that list."""
+    import transformers.quantizers.auto as auto
+
+    from .config import MCConfig
+
+    types = getattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if types is None or MCConfig in types:
+        return
+    kept = tuple(t for t in types if t.__qualname__ != MCConfig.__qualname__ or t.__module__ != MCConfig.__module__)
+    auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*kept, MCConfig)
 
 
 def _guard() -> None:

@@ -10,12 +10,13 @@ import os
 # before the kernel library is loaded (lazily, on first use). A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import cpu, moe_cpu, moe_triton, triton  # noqa: E402
+from . import autograd, cpu, moe_cpu, moe_triton, triton  # noqa: E402
 from .activations import ACTIVATIONS, activation_name  # noqa: E402
 from .moe import check_experts, check_routing, moe, moe_op  # noqa: E402
 from .ops import check_packed, dequantize, qmatmul  # noqa: E402
 
 cpu.register()
+autograd.register()
 moe_cpu.register()
 triton.register()
 moe_triton.register()

@@ -149,12 +149,12 @@ def moe_op(
     """``optimum_mc::moe`` on already-validated experts (what :class:`~optimum_mc.nn.MCExperts` calls).
 
     In plain eager mode on CPU the registered CPU kernel is called directly: the ``torch.library`` dispatch layers
-    cost ~30 µs per call, a third of a small decode step. Under ``torch.compile``, fake tensors or autograd the op
-    goes through the dispatcher as usual (same kernel, so the same results).
+    cost ~30 µs per call, a third of a small decode step. Under ``torch.compile``, fake tensors or autograd (``x`` or
+    ``top_k_weights`` needing a gradient) the op goes through the dispatcher as usual (same kernel, same results).
     """
     args = (x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
             down_scales, down_zeros, bits, activation)  # fmt: skip
-    if x.device.type == "cpu" and plain_eager(x):
+    if x.device.type == "cpu" and plain_eager(x) and not (top_k_weights.requires_grad and torch.is_grad_enabled()):
         fn = _EAGER.get("cpu")
         if fn is not None:
             return fn(*args)

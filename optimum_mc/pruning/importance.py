@@ -13,6 +13,7 @@ its own attention; with ``round(ratio * 1) = 0`` no token is protected then, so 
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 
 ATTN_NAME = "mc_odp"
 CHUNK = 256
+
+logger = logging.getLogger(__name__)
 
 
 def received_attention(
@@ -88,12 +91,15 @@ def _valid_only(query, key, mask) -> torch.Tensor | None:
 
 
 def install_attention(model: nn.Module, attention_modules: list[nn.Module]) -> None:
-    """Route every attention module through :func:`odp_attention` (idempotent; restorable)."""
+    """Route every attention module through :func:`odp_attention` (idempotent; restorable).
+
+    The function is registered with transformers' ``AttentionInterface`` (and the original's mask function under
+    the same name) and selected with the model's public ``set_attn_implementation``, which validates it.
+    """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    cfg = model.config
-    current = cfg._attn_implementation
+    current = model.config._attn_implementation
     if current == ATTN_NAME:
         return
     original = current or "sdpa"
@@ -101,11 +107,21 @@ def install_attention(model: nn.Module, attention_modules: list[nn.Module]) -> N
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS[original])
     for m in attention_modules:
         m._mc_odp_inner = ALL_ATTENTION_FUNCTIONS.get_interface(original, _eager_for(m))
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:  # the model cannot switch (transformers warned why)
+        logger.warning(
+            "optimum-mc: %s cannot switch its attention implementation, so ODP runs without token protection",
+            type(model).__name__,
+        )
+        return
     model._mc_odp_original_attn = original
-    cfg._attn_implementation = ATTN_NAME
 
 
 def uninstall_attention(model: nn.Module) -> None:
+    """Give the model back the attention implementation it had before ODP (unless the user changed it since)."""
     original = getattr(model, "_mc_odp_original_attn", None)
-    if original is not None and model.config._attn_implementation == ATTN_NAME:
-        model.config._attn_implementation = original
+    if original is None:
+        return
+    if model.config._attn_implementation == ATTN_NAME:
+        model.set_attn_implementation(original)
+    del model._mc_odp_original_attn

@@ -231,18 +231,19 @@ def set_odp(
 
 def _eager_experts(model: nn.Module) -> None:
     """Float experts under transformers' ``grouped_mm`` do not skip dropped slots (index == num_experts) outside
-    expert parallelism; its eager implementation does, so ODP switches float experts to it while enabled."""
-    cfg = model.config
-    impl = getattr(cfg, "_experts_implementation", None)
+    expert parallelism; its eager implementation does, so ODP switches float experts to it while enabled (through
+    the model's public setter, which validates the name and reaches sub-models)."""
+    impl = getattr(model.config, "_experts_implementation", None)
     if impl not in (None, "eager") and not hasattr(model, "_mc_odp_original_experts"):
+        model.set_experts_implementation("eager")
         model._mc_odp_original_experts = impl
-        cfg._experts_implementation = "eager"
 
 
 def _restore_experts_implementation(model: nn.Module) -> None:
     original = getattr(model, "_mc_odp_original_experts", None)
     if original is not None:
-        model.config._experts_implementation = original
+        if model.config._experts_implementation == "eager":  # unless the user chose another one meanwhile
+            model.set_experts_implementation(original)
         del model._mc_odp_original_experts
 
 
