@@ -311,6 +311,12 @@ class _Run:
     def quantize_layer(self, idx: int, layer: nn.Module, batches: list[LayerBatch], known: list[int] | None):
         """Quantize one fetched float layer in place; return the next layer's inputs."""
         lin, lin_capture, routing, _ = self.measure(idx, layer, batches, with_linears=True, keep=False)
+        held = self.stage is not None and routing is not None
+        if held:  # the layer's inputs wait on disk while its experts are quantized (the largest working set)
+            devices = [b.hidden.device for b in batches]
+            self.stage.hold_inputs([b.hidden for b in batches])
+            for b in batches:
+                b.hidden = None
         if routing is not None:
             tries, need_loss = self.bits_to_try(idx, routing.num_experts, known)
             cands, loss = self.expert_candidates(idx, routing, tries, need_loss)
@@ -338,6 +344,9 @@ class _Run:
             self.replace_experts(idx, new)
             del routing, new
         self.quantize_linears(idx, layer, lin, lin_capture)
+        if held:
+            for b, h in zip(batches, self.stage.take_inputs(devices)):
+                b.hidden = h
         return run_layer(layer, batches, replace=True)
 
     def layer_record(self, idx: int) -> dict:

@@ -273,3 +273,23 @@ def test_streamed_experts_are_fused_in_place_exactly(family, tmp_path):
         assert new and not any(".experts.0." in k for k in fused)
     for name, tensor in new.items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_interrupted_first_layer_restarts_cleanly(float_dir, streamed, tmp_path, monkeypatch):
+    """A run stopped inside layer 0 (inputs held on disk, embeddings parked, nothing committed) leaves only
+    optimum-mc's own files: the rerun in the same resume_dir starts over and writes the bytes of a clean run."""
+    expected = saved_digest(streamed, tmp_path / "clean")
+    resume = tmp_path / "resume"
+
+    def stop(self, *args, **kwargs):
+        assert (resume / "held-inputs.safetensors").exists()  # the layer's inputs wait on disk meanwhile
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Run, "quantize_batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
+    assert not (resume / "progress.json").exists() and any(resume.iterdir())
+    monkeypatch.undo()
+    resumed = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
+    assert not (resume / "held-inputs.safetensors").exists()
+    assert saved_digest(resumed, tmp_path / "resumed") == expected

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ..placement import check_writable_folder
 FORMAT = "optimum-mc-stage/1"
 _PROGRESS = "progress.json"
 _INPUTS = "inputs.safetensors"
+_HELD = "held-inputs.safetensors"  # the current layer's inputs while its weights are quantized (not a commit)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -49,6 +51,11 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(cpu, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def _ours(name: str) -> bool:
+    """A file this module writes (a run interrupted before its first commit leaves some: not a foreign folder)."""
+    return name in (_INPUTS, _HELD) or re.fullmatch(r"[a-z]+-layer-\d{5}\.safetensors", name) is not None
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -85,7 +92,7 @@ class Stage:
         """The progress recorded by an earlier run of the same fingerprint, or ``None`` for a fresh folder."""
         p = self.path / _PROGRESS
         if not p.exists():
-            stray = [f.name for f in self.path.iterdir() if not f.name.startswith(".")]
+            stray = [f.name for f in self.path.iterdir() if not f.name.startswith(".") and not _ours(f.name)]
             if stray:
                 raise MCConfigError(
                     f"resume_dir {str(self.path)!r} is not empty and holds no optimum-mc progress ({stray[:3]}); "
@@ -133,6 +140,18 @@ class Stage:
             "extra": extra or {},
         }
         _atomic_write_bytes(self.path / _PROGRESS, json.dumps(state, indent=1, sort_keys=True).encode())
+
+    def hold_inputs(self, hidden: list[torch.Tensor]) -> None:
+        """Keep the current layer's input batches on disk while its weights are quantized (they are needed again
+        only to run the quantized layer); :meth:`take_inputs` brings them back."""
+        _atomic_save_tensors(self.path / _HELD, {f"batch.{i}": h for i, h in enumerate(hidden)}, None)
+
+    def take_inputs(self, devices: list[torch.device]) -> list[torch.Tensor]:
+        """The batches :meth:`hold_inputs` stored, on their devices; the file is removed."""
+        path = self.path / _HELD
+        tensors = load_file(str(path))
+        path.unlink()
+        return [tensors.pop(f"batch.{i}").to(d) for i, d in enumerate(devices)]
 
     def cleanup(self) -> None:
         """Remove a temporary folder (a user's ``resume_dir`` is kept)."""
