@@ -43,7 +43,7 @@ from .skeleton import install_packed_skeleton
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_BATCH_SIZE = 8
+CALIBRATION_BATCH_TOKENS = 2048  # tokens per calibration forward: bounds attention / expert temporaries of a batch
 ODP_CALIBRATION_SAMPLES = 16  # sequences used to measure ODP thresholds and layer sensitivity after quantizing
 ODP_CALIBRATION_BATCH = 2  # sequences per forward there: its activations come on top of the whole packed model
 # Round-to-nearest eps of an expert is measured on at most this many of its routed tokens (evenly spaced; the
@@ -548,7 +548,8 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
         )
 
     def batches_from(hidden: list[torch.Tensor] | None) -> list[LayerBatch]:
-        fresh = _to_device(capture_layer_inputs(model, input_ids, CALIBRATION_BATCH_SIZE), device)
+        batch = max(1, CALIBRATION_BATCH_TOKENS // max(int(input_ids.shape[-1]), 1))
+        fresh = _to_device(capture_layer_inputs(model, input_ids, batch), device)
         if hidden is None:
             return fresh
         return [LayerBatch(h.to(device), b.kwargs) for h, b in zip(hidden, fresh)]

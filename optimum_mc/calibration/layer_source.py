@@ -79,7 +79,9 @@ def return_large_frees_to_the_os(threshold: int = 1 << 20) -> None:
         pass
 
 
-def _open_shard(path: str):
+def open_unmapped(path: str):
+    """A safetensors file opened for reading with pread (its pages are not mapped into this process, so reading
+    a tensor costs its copy only), or memory-mapped where safetensors lacks that backend."""
     from safetensors import safe_open
 
     try:
@@ -328,7 +330,7 @@ class CheckpointLayers:
             state = {}
             for path, key in self._keys[index]:
                 if path not in handles:  # pread, not mmap: pages read are not mapped into this process
-                    handles[path] = stack.enter_context(_open_shard(path))
+                    handles[path] = stack.enter_context(open_unmapped(path))
                 state[key] = handles[path].get_slice(key)
             state = fuse_experts_in_place(self.model, state, self.weight_mapping, device)
             with _quiet_transformers_bars():

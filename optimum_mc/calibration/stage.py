@@ -120,12 +120,12 @@ class Stage:
         _atomic_save_tensors(self.layer_path(phase, index), tensors, {"record": json.dumps(record, sort_keys=True)})
 
     def load_layer(self, phase: str, index: int, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-        path = self.layer_path(phase, index)
-        from safetensors import safe_open
+        from .layer_source import open_unmapped
 
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        path = self.layer_path(phase, index)
+        with open_unmapped(str(path)) as f:
             record = json.loads(f.metadata()["record"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
         return tensors, record
 
     def commit(self, phase: str, next_layer: int, hidden: list[torch.Tensor], extra: dict | None = None) -> None:
@@ -148,10 +148,13 @@ class Stage:
 
     def take_inputs(self, devices: list[torch.device]) -> list[torch.Tensor]:
         """The batches :meth:`hold_inputs` stored, on their devices; the file is removed."""
+        from .layer_source import open_unmapped  # pread: the file's pages are not mapped into the process too
+
         path = self.path / _HELD
-        tensors = load_file(str(path))
+        with open_unmapped(str(path)) as f:
+            hidden = [f.get_tensor(f"batch.{i}").to(d) for i, d in enumerate(devices)]
         path.unlink()
-        return [tensors.pop(f"batch.{i}").to(d) for i, d in enumerate(devices)]
+        return hidden
 
     def cleanup(self) -> None:
         """Remove a temporary folder (a user's ``resume_dir`` is kept)."""
