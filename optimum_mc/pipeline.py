@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_BATCH_TOKENS = 2048  # tokens per calibration forward: bounds attention / expert temporaries of a batch
 ODP_CALIBRATION_SAMPLES = 16  # sequences used to measure ODP thresholds and layer sensitivity after quantizing
-ODP_CALIBRATION_BATCH = 2  # sequences per forward there: its activations come on top of the whole packed model
+ODP_CALIBRATION_BATCH = 1  # sequences per forward there: its activations come on top of the whole packed model
 # Round-to-nearest eps of an expert is measured on at most this many of its routed tokens (evenly spaced; the
 # squared error is rescaled to all of them): a relative output error is estimated to a few percent from 4k tokens,
 # while the full count would make eps cost 4 expert forwards over every routed token (docs/scale.md).
