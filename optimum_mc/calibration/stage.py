@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import MCConfigError
 from ..placement import check_writable_folder
@@ -51,6 +51,18 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(cpu, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def _save_batches(path: Path, hidden: list[torch.Tensor]) -> None:
+    _atomic_save_tensors(path, {f"batch.{i}": h for i, h in enumerate(hidden)}, None)
+
+
+def _load_batches(path: Path, devices: list[torch.device | str]) -> list[torch.Tensor]:
+    """The batches :func:`_save_batches` wrote, on ``devices`` (read with pread: no mapped pages on top)."""
+    from .layer_source import open_unmapped
+
+    with open_unmapped(str(path)) as f:
+        return [f.get_tensor(f"batch.{i}").to(d) for i, d in enumerate(devices)]
 
 
 def _ours(name: str) -> bool:
@@ -108,8 +120,7 @@ class Stage:
                 f"resume_dir {str(self.path)!r} holds a run of another model, checkpoint or MCConfig (fingerprint "
                 f"mismatch); pass a new folder, or the same model and options as the interrupted run."
             )
-        tensors = load_file(str(self.path / _INPUTS))
-        hidden = [tensors[f"batch.{i}"] for i in range(int(state["num_batches"]))]
+        hidden = _load_batches(self.path / _INPUTS, ["cpu"] * int(state["num_batches"]))
         return Progress(state["phase"], int(state["next_layer"]), hidden, state.get("extra", {}))
 
     # -- writing ------------------------------------------------------------------------------------------------
@@ -130,7 +141,7 @@ class Stage:
 
     def commit(self, phase: str, next_layer: int, hidden: list[torch.Tensor], extra: dict | None = None) -> None:
         """Record that every layer before ``next_layer`` of ``phase`` is done and ``hidden`` feeds the next one."""
-        _atomic_save_tensors(self.path / _INPUTS, {f"batch.{i}": h for i, h in enumerate(hidden)}, None)
+        _save_batches(self.path / _INPUTS, hidden)
         state = {
             "format": FORMAT,
             "fingerprint": self.digest,
@@ -144,15 +155,12 @@ class Stage:
     def hold_inputs(self, hidden: list[torch.Tensor]) -> None:
         """Keep the current layer's input batches on disk while its weights are quantized (they are needed again
         only to run the quantized layer); :meth:`take_inputs` brings them back."""
-        _atomic_save_tensors(self.path / _HELD, {f"batch.{i}": h for i, h in enumerate(hidden)}, None)
+        _save_batches(self.path / _HELD, hidden)
 
     def take_inputs(self, devices: list[torch.device]) -> list[torch.Tensor]:
         """The batches :meth:`hold_inputs` stored, on their devices; the file is removed."""
-        from .layer_source import open_unmapped  # pread: the file's pages are not mapped into the process too
-
         path = self.path / _HELD
-        with open_unmapped(str(path)) as f:
-            hidden = [f.get_tensor(f"batch.{i}").to(d) for i, d in enumerate(devices)]
+        hidden = _load_batches(path, devices)
         path.unlink()
         return hidden
 
