@@ -13,6 +13,12 @@ from dataclasses import dataclass
 GiB = 1 << 30
 RUNTIME_BYTES = int(0.45 * GiB)  # python + torch + transformers + ortools + tokenizer + BLAS buffers (docs/scale.md)
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)
+# host memory that CUDA's libraries (cuBLAS, cuDNN, kernels) keep resident once a GPU is used: 1.60-1.67 GiB measured
+# with torch 2.11+cu130 on an H200 (scripts/bench_scale.py --device cuda, docs/scale.md)
+CUDA_HOST_BYTES = int(1.65 * GiB)
+# on a GPU the batched GPTQ column loop peaks at about two copies of its chunk's stacked weights + Hessians (H200,
+# 4-layer bench model: 1.595 GiB allocated in gptq_quantize_batched, every other phase <= 1.12 GiB; docs/scale.md)
+GPU_CHUNK_COPIES = 2
 CHOLESKY_TEMPORARIES = 2  # matrices of one Hessian's size alive next to it while it is inverted in place
 ROUTING_SKEW = 2.0  # an expert may see this multiple of its fair share (top_k / E) of the calibration tokens
 
@@ -90,8 +96,9 @@ def estimate(
     per_weight = bits / 8 + 4 / group_size  # codes + fp16 scale and zero per group
     gptq = routed = packed_layer = 0
     for e, h, i in moe:
-        gptq = max(gptq, chunk_size(h, i, device) * stacked_bytes(h, i) + CHOLESKY_TEMPORARIES * 4 * max(h, i) ** 2)
-        gptq = max(gptq, chunk_size(h, i, device) * stacked_bytes(h, i) + TOKEN_CHUNK * 3 * i * 4)
+        chunk = min(chunk_size(h, i, device), e) * stacked_bytes(h, i)  # a chunk holds at most the layer's experts
+        chunk *= 1 if device == "cpu" else GPU_CHUNK_COPIES
+        gptq = max(gptq, chunk + CHOLESKY_TEMPORARIES * 4 * max(h, i) ** 2, chunk + TOKEN_CHUNK * 3 * i * 4)
         routed = max(routed, int(min(1.0, ROUTING_SKEW * top_k / e) * tokens * h * s))
         packed_layer = max(packed_layer, int(3 * e * h * i * per_weight))
     expert_params = sum(3 * e * h * i for e, h, i in moe)
@@ -104,6 +111,6 @@ def estimate(
         host = RUNTIME_BYTES + max(layer_phase, end_phase)
         dev = None
     else:
-        host = RUNTIME_BYTES + end_phase
+        host = RUNTIME_BYTES + CUDA_HOST_BYTES + end_phase
         dev = CUDA_CONTEXT_BYTES + layer_phase
     return MemoryEstimate(layer_float, activations, gptq, outside_bytes, packed, layer_phase, end_phase, dev, host)

@@ -38,7 +38,7 @@ from .gptq import gptq_quantize
 from .group_quant import check_finite
 from .nn import MCExperts, QuantLinear
 from .nn.nf4_linear import NF4Linear
-from .placement import resolve_device
+from .placement import deterministic_kernels, resolve_device
 from .skeleton import install_packed_skeleton
 
 logger = logging.getLogger(__name__)
@@ -517,6 +517,11 @@ def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=No
     or where the float layers were; ``place(model)``, when given, then moves the packed model to its final devices
     before ODP thresholds are measured on it.
     """
+    with deterministic_kernels(resolve_device(config.device)):
+        return _quantize_model(model, config, tokenizer, source, place)
+
+
+def _quantize_model(model: nn.Module, config: MCConfig, tokenizer, source, place) -> dict:
     arch = get_architecture(model.config)
     source = source if source is not None else ResidentLayers(model)
     t0 = time.perf_counter()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -13,6 +15,22 @@ from .errors import MCConfigError
 logger = logging.getLogger(__name__)
 
 DEVICE_MAP_STRINGS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On a GPU, torch's deterministic kernels for the duration (``index_add_`` and scatters otherwise add in a
+    run-dependent order, and the same inputs and seed must give the same bytes); the caller's setting is restored."""
+    if device.type == "cpu":
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def resolve_device(spec: str | torch.device | int | None) -> torch.device:

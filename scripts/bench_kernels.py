@@ -20,7 +20,7 @@ import time
 import torch
 
 from optimum_mc.kernels import cpu, moe, qmatmul
-from optimum_mc.packing import SUPPORTED_BITS, ideal_nbytes, pack, packed_nbytes
+from optimum_mc.packing import SUPPORTED_BITS, ideal_nbytes, pack, packed_nbytes, packed_words
 
 SMALL = [(512, 256), (256, 512)]  # reference model experts (gate/up and down projections)
 LARGE = [(14336, 4096), (4096, 14336)]  # Mixtral-8x7B experts (w1/w3 and w2)
@@ -48,6 +48,16 @@ def random_packed(out_f: int, in_f: int, bits: int, group: int, gen: torch.Gener
     scales = (torch.rand(out_f, groups, generator=gen) * 0.01 + 1e-3).half()
     zeros = (torch.rand(out_f, groups, generator=gen) * ((1 << bits) - 1)).half()
     return pack(codes, bits), scales, zeros
+
+
+def random_words(out_f: int, in_f: int, bits: int, group: int, gen: torch.Generator):
+    """Like :func:`random_packed`, drawing the packed int32 words directly (random words are random codes; this
+    skips packing, which takes minutes for the 8 experts of a Mixtral-shaped layer)."""
+    qweight = torch.randint(-(2**31), 2**31 - 1, (out_f, packed_words(in_f, bits)), dtype=torch.int32, generator=gen)
+    groups = in_f // group
+    scales = (torch.rand(out_f, groups, generator=gen) * 0.01 + 1e-3).half()
+    zeros = (torch.rand(out_f, groups, generator=gen) * ((1 << bits) - 1)).half()
+    return qweight, scales, zeros
 
 
 def main(argv=None) -> None:
@@ -119,12 +129,12 @@ def moe_layer_rows(device: str, hidden: int, inter: int, experts: int, group: in
     bits = [(2, 3)[e % 2] for e in range(experts)]
     gate_up, down = [], []
     for b in bits:
-        gate_up.append(tuple(t.to(device) for t in random_packed(2 * inter, hidden, b, group, gen)))
-        down.append(tuple(t.to(device) for t in random_packed(hidden, inter, b, group, gen)))
+        gate_up.append(tuple(t.to(device) for t in random_words(2 * inter, hidden, b, group, gen)))
+        down.append(tuple(t.to(device) for t in random_words(hidden, inter, b, group, gen)))
     dtypes = (torch.float16, torch.bfloat16) if device.startswith("cuda") else (torch.float32, torch.bfloat16)
     for dtype in dtypes:
-        w1 = torch.randn(experts, 2 * inter, hidden, generator=gen).mul_(0.02).to(device, dtype)
-        w2 = torch.randn(experts, hidden, inter, generator=gen).mul_(0.02).to(device, dtype)
+        w1 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype).mul_(0.02)
+        w2 = torch.randn(experts, hidden, inter, device=device, dtype=dtype).mul_(0.02)
         for rows in rows_list:
             idx = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(rows)]).to(device)
             wts = torch.rand(rows, 2, generator=gen).to(device)

@@ -131,7 +131,7 @@ if args.get("trace"):
     tracer = trace_pipeline()
 bits = dict(bits=2, candidate_bits=[2]) if args["mode"] == "uniform" else dict(bits=2.5)
 cfg = optimum_mc.MCConfig(**bits, show_progress=False, num_samples=args["samples"], seq_len=args["seq_len"],
-                          device="cpu", offload_folder=args.get("mc_offload"))
+                          device=args.get("device", "cpu"), offload_folder=args.get("mc_offload"))
 t0 = time.perf_counter()
 if args["mode"] == "resident":
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.bfloat16)
@@ -160,9 +160,25 @@ if args.get("trace"):
     print(tracer.report(), file=sys.stderr)
 status = Path("/proc/self/status").read_text()
 hwm = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"seconds": seconds, "peak_rss": hwm, "sha256": h.hexdigest() if args["mode"] != "offload" else None,
+cuda = {}
+if torch.cuda.is_available():
+    cuda = {"cuda_peak_allocated": torch.cuda.max_memory_allocated(),
+            "cuda_peak_reserved": torch.cuda.max_memory_reserved()}
+digest = h.hexdigest() if args["mode"] != "offload" else None
+print(json.dumps({**cuda, "seconds": seconds, "peak_rss": hwm, "sha256": digest,
                   "device_map": sorted(set(getattr(model, "hf_device_map", {"": "cpu"}).values()))}))
 """
+
+
+def estimate_row(layers: int, a) -> dict:
+    """The memory model's figures (optimum_mc.memory_model.estimate) for this depth and calibration set."""
+    from transformers import MixtralConfig
+
+    from optimum_mc.memory_model import estimate
+
+    cfg = {k: v for k, v in model_config(layers).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    est = estimate(MixtralConfig(**cfg), num_samples=a.samples, seq_len=a.seq_len, device=a.device)
+    return {k: v for k, v in vars(est).items() if isinstance(v, (int, float))}
 
 
 def run_child(args: dict) -> dict:
@@ -186,6 +202,7 @@ def main() -> None:
     ap.add_argument("--resident-check", type=int, nargs="*", default=[], help="depths also quantized fully resident")
     ap.add_argument("--offload-check", type=int, nargs="*", default=[], help="depths also run with auto + offload")
     ap.add_argument("--uniform-check", type=int, nargs="*", default=[], help="depths also run as uniform 2-bit GPTQ")
+    ap.add_argument("--device", default="cpu", help="MCConfig.device: where calibration and GPTQ run ('cpu', 'cuda')")
     ap.add_argument("--trace", action="store_true", help="print the peak RSS of each pipeline phase (memory_trace.py)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -199,7 +216,9 @@ def main() -> None:
             build_tokenizer(folder)
         else:
             size = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-        common = dict(model=str(folder), samples=a.samples, seq_len=a.seq_len, threads=a.threads, trace=a.trace)
+        common = dict(
+            model=str(folder), samples=a.samples, seq_len=a.seq_len, threads=a.threads, trace=a.trace, device=a.device
+        )
         common["scripts"] = str(Path(__file__).resolve().parent)
         modes = (
             ["streamed"]
@@ -207,7 +226,7 @@ def main() -> None:
             + (["offload"] if n in a.offload_check else [])
             + (["uniform"] if n in a.uniform_check else [])
         )
-        row = {"layers": n, "bf16_bytes": size}
+        row = {"layers": n, "bf16_bytes": size, "device": a.device, "estimate": estimate_row(n, a)}
         for mode in modes:
             args = dict(common, mode=mode, save=str(work / f"out-{n}-{mode}"))
             if mode == "offload":
@@ -223,6 +242,14 @@ def main() -> None:
                 f"({r['peak_rss'] / size:.2f}x bf16 model), {r.get('device_map')}",
                 flush=True,
             )
+            if "cuda_peak_allocated" in r:
+                est, gib = row["estimate"], 2**30
+                print(
+                    f"layers={n} {mode}: CUDA peak allocated {r['cuda_peak_allocated'] / gib:.3f} GiB (memory "
+                    f"model's layer phase {est['layer_phase'] / gib:.3f} GiB), reserved "
+                    f"{r['cuda_peak_reserved'] / gib:.3f} GiB; host estimate {est['host_peak'] / gib:.2f} GiB",
+                    flush=True,
+                )
         if "uniform" in row:
             row["mc_over_uniform_time"] = row["streamed"]["seconds"] / row["uniform"]["seconds"]
             print(f"layers={n}: MC 2.5 time / uniform 2-bit GPTQ time = {row['mc_over_uniform_time']:.2f}", flush=True)

@@ -2,6 +2,7 @@
 
 A background thread samples the process's resident set (/proc/self/statm) every few milliseconds and charges
 each sample to the innermost phase open at that moment; phases are the pipeline's steps, wrapped at run time.
+With a GPU, the peak of ``torch.cuda.max_memory_allocated`` is charged the same way (reset at each phase boundary).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Tracer:
         self.stack: list[str] = ["startup"]
         self.peaks: dict[str, int] = {}
         self.order: list[str] = []
+        self.cuda_peaks: dict[str, int] = {}
+        self._cuda_stack: list[int] = [0]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
         self._thread.start()
@@ -41,14 +44,28 @@ class Tracer:
             self._charge(_rss())
             time.sleep(interval)
 
+    def _cuda_flush(self) -> None:
+        """Charge the CUDA peak since the last boundary to the innermost phase; start a new interval."""
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._cuda_stack[-1] = max(self._cuda_stack[-1], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
     @contextlib.contextmanager
     def phase(self, name: str):
+        self._cuda_flush()
         self.stack.append(name)
+        self._cuda_stack.append(0)
         self._charge(_rss())
         try:
             yield
         finally:
             self._charge(_rss())
+            self._cuda_flush()
+            key, peak = "/".join(self.stack), self._cuda_stack.pop()
+            self.cuda_peaks[key] = max(self.cuda_peaks.get(key, 0), peak)
+            self._cuda_stack[-1] = max(self._cuda_stack[-1], peak)
             self.stack.pop()
 
     def wrap(self, owner, attr: str, name: str | None = None) -> None:
@@ -72,6 +89,9 @@ class Tracer:
             folded[key] = max(folded.get(key, 0), self.peaks[key])
         lines = ["peak RSS by phase (GiB):"]
         lines += [f"  {v / 2**30:6.3f}  {k}" for k, v in folded.items()]
+        if any(self.cuda_peaks.values()):
+            lines.append("peak CUDA memory allocated by phase (GiB):")
+            lines += [f"  {self.cuda_peaks[k] / 2**30:6.3f}  {k}" for k in folded if k in self.cuda_peaks]
         return "\n".join(lines)
 
 

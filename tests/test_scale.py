@@ -293,3 +293,15 @@ def test_interrupted_first_layer_restarts_cleanly(float_dir, streamed, tmp_path,
     resumed = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
     assert not (resume / "held-inputs.safetensors").exists()
     assert saved_digest(resumed, tmp_path / "resumed") == expected
+
+
+def test_deterministic_kernels_are_scoped_to_accelerator_runs():
+    from optimum_mc.placement import deterministic_kernels
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled() == before  # CPU kernels are deterministic already
+    with deterministic_kernels(torch.device("meta")):  # any non-CPU device: deterministic for the duration
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before

@@ -15,12 +15,18 @@ the rows of ``act(gate) * up`` in sorted order. The routing-weighted sum over sl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .activations import ACTIVATIONS
-from .triton import TRITON_AVAILABLE
+from .triton import TRITON_AVAILABLE, half_mode
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps): decode-sized calls, and calls whose experts average more than BLOCK_M rows.
+# The fastest of 32 candidates on an H200 (scripts/tune_triton_moe.py, Mixtral-shaped layer, fp16; docs/kernels.md)
+DECODE_TILES = (16, 16, 128, 4)
+PREFILL_TILES = (128, 128, 32, 4)
+BLOCK_M = DECODE_TILES[0]
 
 if TRITON_AVAILABLE:
     import triton
@@ -40,8 +46,9 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _moe_proj_kernel(x_ptr, rows_ptr, block_expert_ptr, qw_tab, s_tab, z_tab, bits_tab, y_ptr, N, K, groups,
-                         group_size, num_experts, top_k, sentinel, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                         group_size, num_experts, top_k, sentinel, GATHER: tl.constexpr, HALF: tl.constexpr,
+                         GROUP_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):  # fmt: skip
         e = tl.load(block_expert_ptr + tl.program_id(0))
         if e < num_experts:
             bits = tl.load(bits_tab + e)
@@ -61,15 +68,24 @@ if TRITON_AVAILABLE:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
-                xm = valid[:, None] & (rk[None, :] < K)
-                x = tl.load(x_ptr + src[:, None] * K + rk[None, :], mask=xm, other=0.0).to(tl.float32)
-                kk = tl.where(rk < K, rk, 0)[:, None]
-                q = _codes_any_bits(qw, rn_c[None, :], kk, words, bits).to(tl.float32)  # (BLOCK_K, BLOCK_N)
-                g = kk // group_size
-                s = tl.load(sp + rn_c[None, :] * groups + g).to(tl.float32)
-                z = tl.load(zp + rn_c[None, :] * groups + g).to(tl.float32)
-                w = tl.where(rk[:, None] < K, (q - z) * s, 0.0)
-                acc += tl.dot(x, w, input_precision="ieee")
+                kin = rk < K
+                x = tl.load(x_ptr + src[:, None] * K + rk[None, :], mask=valid[:, None] & kin[None, :], other=0.0)
+                kk = tl.where(kin, rk, 0)[None, :]
+                # the weight tile as (BLOCK_N, BLOCK_K), k fastest: neighbouring lanes read neighbouring words
+                q = _codes_any_bits(qw, rn_c[:, None], kk, words, bits).to(tl.float32)
+                if GROUP_TILE:  # the tile lies inside one quantization group: one scale and zero per row
+                    s = tl.load(sp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
+                    z = tl.load(zp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
+                else:
+                    s = tl.load(sp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
+                    z = tl.load(zp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
+                w = tl.trans(tl.where(kin[None, :], (q - z) * s, 0.0))  # (BLOCK_K, BLOCK_N)
+                if HALF == 1:  # fp16/bf16 inputs: weights rounded to their dtype, tensor-core dot, fp32 accumulate
+                    acc += tl.dot(x, w.to(x.dtype))
+                elif HALF == 2:  # the same products in exact fp32 (Triton's CPU interpreter has no bf16 dot)
+                    acc += tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=valid[:, None] & (rn[None, :] < N))
 
 
@@ -96,34 +112,56 @@ def sorted_layout(top_k_index: torch.Tensor, num_experts: int, block_m: int = BL
 
 
 def _tables(qws, ss, zs, bits, device):
-    ptrs = torch.tensor([[t.data_ptr() for t in ts] for ts in (qws, ss, zs)], dtype=torch.int64, device=device)
-    return ptrs[0], ptrs[1], ptrs[2], torch.tensor(bits, dtype=torch.int32, device=device)
+    key = tuple(t.data_ptr() for ts in (qws, ss, zs) for t in ts)
+    return _device_tables(key, tuple(bits), str(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_tables(ptrs: tuple[int, ...], bits: tuple[int, ...], device: str):
+    """The per-expert address and bit-width tables on the device, built once per set of buffers: a host-to-device
+    copy per call would be a sync point and is not allowed inside CUDA-graph capture. The tables hold only the
+    addresses they are keyed by, so a reused address gives a table with the right content."""
+    t = torch.tensor(ptrs, dtype=torch.int64, device=device).view(3, -1)
+    return t[0], t[1], t[2], torch.tensor(bits, dtype=torch.int32, device=device)
 
 
 def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-               down_scales, down_zeros, bits: list[int], activation: str) -> torch.Tensor:  # fmt: skip
-    """``optimum_mc::moe`` with two Triton launches (gate_up for all experts, down for all experts)."""
+               down_scales, down_zeros, bits: list[int], activation: str,
+               tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """``optimum_mc::moe`` with two Triton launches (gate_up for all experts, down for all experts).
+
+    fp16/bf16 inputs use tensor-core dots on weights rounded to the input dtype (what a dense layer in that dtype
+    computes); fp32 inputs use exact fp32 dots. ``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, warps) defaults to
+    ``DECODE_TILES``, or ``PREFILL_TILES`` once experts average more than BLOCK_M rows (chosen from shapes: no
+    device sync).
+    """
     from .moe import check_index_values
 
     check_index_values(top_k_index, len(bits))
     (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
+    experts = len(bits)
+    if tiles is None:
+        tiles = DECODE_TILES if tokens * top_k <= DECODE_TILES[0] * experts else PREFILL_TILES
+    block_m, block_n, block_k, num_warps = tiles
     inter = gate_up_qweight[0].shape[0] // 2
-    rows, block_expert = sorted_layout(top_k_index, len(bits))
+    rows, block_expert = sorted_layout(top_k_index, experts, block_m)
     sentinel = tokens * top_k
+    half = x.dtype in (torch.float16, torch.bfloat16)
     xc = x.contiguous()
     gu = _tables(gate_up_qweight, gate_up_scales, gate_up_zeros, bits, x.device)
     dn = _tables(down_qweight, down_scales, down_zeros, bits, x.device)
 
     def launch(inp, tables, out_f, in_f, groups, gather):
         y = torch.empty(rows.numel(), out_f, dtype=torch.float32, device=x.device)
-        grid = (block_expert.numel(), triton.cdiv(out_f, BLOCK_N))
-        _moe_proj_kernel[grid](inp, rows, block_expert, *tables, y, out_f, in_f, groups, in_f // groups, len(bits),
-                               top_k, sentinel, GATHER=gather, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                               BLOCK_K=BLOCK_K)  # fmt: skip
+        grid = (block_expert.numel(), triton.cdiv(out_f, block_n))
+        gs = in_f // groups
+        _moe_proj_kernel[grid](inp, rows, block_expert, *tables, y, out_f, in_f, groups, gs, experts, top_k,
+                               sentinel, GATHER=gather, HALF=half_mode(x.dtype), GROUP_TILE=gs % block_k == 0,
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)  # fmt: skip
         return y
 
     h = launch(xc, gu, 2 * inter, hidden, gate_up_scales[0].shape[1], True)
-    a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).contiguous()
+    a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).to(x.dtype if half else torch.float32).contiguous()
     y = launch(a, dn, hidden, inter, down_scales[0].shape[1], False)
     per_pair = torch.zeros(sentinel + 1, hidden, dtype=torch.float32, device=x.device)
     per_pair.index_add_(0, rows, torch.nan_to_num(y))  # padding rows (never stored) land in the scratch row

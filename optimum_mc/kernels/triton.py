@@ -64,7 +64,8 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, words_per_row, groups, gs, BITS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                     HALF: tl.constexpr, GROUP_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):  # fmt: skip
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -72,13 +73,22 @@ if TRITON_AVAILABLE:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            kk = tl.where(rk < K, rk, 0)[:, None]
-            q = _codes(qw_ptr, rn_c[None, :], kk, words_per_row, BITS).to(tl.float32)  # (BLOCK_K, BLOCK_N)
-            g = kk // gs
-            s = tl.load(s_ptr + rn_c[None, :] * groups + g).to(tl.float32)
-            z = tl.load(z_ptr + rn_c[None, :] * groups + g).to(tl.float32)
-            w = tl.where(rk[:, None] < K, (q - z) * s, 0.0)
-            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            kk = tl.where(rk < K, rk, 0)[None, :]
+            # the weight tile as (BLOCK_N, BLOCK_K), k fastest: neighbouring lanes read neighbouring words
+            q = _codes(qw_ptr, rn_c[:, None], kk, words_per_row, BITS).to(tl.float32)
+            if GROUP_TILE:  # the tile lies inside one quantization group: one scale and zero per row
+                s = tl.load(s_ptr + rn_c * groups + k0 // gs).to(tl.float32)[:, None]
+                z = tl.load(z_ptr + rn_c * groups + k0 // gs).to(tl.float32)[:, None]
+            else:
+                s = tl.load(s_ptr + rn_c[:, None] * groups + kk // gs).to(tl.float32)
+                z = tl.load(z_ptr + rn_c[:, None] * groups + kk // gs).to(tl.float32)
+            w = tl.trans(tl.where(rk[None, :] < K, (q - z) * s, 0.0))  # (BLOCK_K, BLOCK_N)
+            if HALF == 1:  # fp16/bf16 rows: weights rounded to their dtype, tensor-core dot, fp32 accumulate
+                acc += tl.dot(x, w.to(x.dtype))
+            elif HALF == 2:  # the same products in exact fp32 (Triton's CPU interpreter has no bf16 dot)
+                acc += tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
@@ -98,6 +108,14 @@ if TRITON_AVAILABLE:
             z = tl.load(z_ptr + rn_c * groups + g).to(tl.float32)
             acc += tl.sum((q - z) * s * x[None, :], axis=1)
         tl.store(y_ptr + m * N + rn, acc, mask=rn < N)
+
+
+def half_mode(dtype: torch.dtype) -> int:
+    """How tiles of ``dtype`` rows are multiplied: 0 exact fp32, 1 tensor-core fp16/bf16, 2 the same products as 1
+    in exact fp32 (bf16 under Triton's CPU interpreter, which has no bf16 dot)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 0
+    return 2 if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" else 1
 
 
 def _shapes(qweight, scales, bits):
@@ -120,9 +138,11 @@ def triton_gemm(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
     rows = x.reshape(-1, k).contiguous()
     m = rows.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, 16), triton.cdiv(n, 32))
-    _gemm_kernel[grid](rows, qweight, scales, zeros, y, m, n, k, words, groups, gs,
-                       BITS=bits, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)  # fmt: skip
+    block_m = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
+    _gemm_kernel[grid](rows, qweight, scales, zeros, y, m, n, k, words, groups, gs, BITS=bits,
+                       HALF=half_mode(x.dtype), GROUP_TILE=gs % 32 == 0, BLOCK_M=block_m, BLOCK_N=64,
+                       BLOCK_K=32)  # fmt: skip
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one run (a lent GPU machine's time is short): the CUDA tests, the kernel
+# benchmark, the Triton MoE tile sweep and the scale benchmark with calibration on the GPU. Logs go to $OUT
+# (default ./gpu-out). Python packages missing on the machine can be given as wheels in ./.whl.
+#
+#     bash scripts/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mc-site .whl/*.whl \
+        && export PYTHONPATH=/tmp/mc-site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, keep going on failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - t0)) s"
+}
+
+step pytest 130 python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_cuda.py
+grep -E "error vs float|passed|failed|^E  |Error" "$OUT/pytest.log" | head -n 30
+step bench_kernels 70 python3 scripts/bench_kernels.py --quick
+grep -A12 "fused MoE layer" "$OUT/bench_kernels.log"
+step tune 120 python3 scripts/tune_triton_moe.py --dtypes float16 --tokens 1 256 1024
+grep -E "default|dequantize|^\|" "$OUT/tune.log"
+step scale 120 python3 scripts/bench_scale.py --layers 4 --device cuda --threads 8 --trace --uniform-check 4 \
+    --out "$OUT/scale_cuda.json"
+grep -E "layers=|RSS|CUDA" "$OUT/scale.log"
