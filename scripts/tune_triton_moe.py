@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 1024])
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    ap.add_argument("--gemv", action="store_true", help="sweep the per-pair GEMV kernel's tiles (decode) instead")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -49,6 +51,8 @@ def main() -> None:
     tiles_decode = [(16, n, k, w) for (n, k), w in itertools.product(nk, (2, 4))]
     nk = ((32, 64), (64, 32), (64, 64), (128, 32), (128, 64))
     tiles_prefill = [(m, n, k, w) for m, (n, k), w in itertools.product((64, 128), nk, (4, 8))]
+    if a.gemv:
+        return gemv_sweep(a, gu, dn, lists, bits, per_expert_bytes, do_bench)
     summary = []
     for dname in a.dtypes:
         dtype = getattr(torch, dname)
@@ -91,6 +95,45 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for dname, tokens, dense, best_ms, best, gbs in summary:
         print(f"| {dname} | {tokens} | {dense:.3f} | {best_ms:.3f} | {dense / best_ms:.2f} | {best} | {gbs:.0f} |")
+
+
+def gemv_sweep(a, gu, dn, lists, bits, per_expert_bytes, do_bench) -> None:
+    """The per-pair GEMV kernel (decode) over (BLOCK_N, BLOCK_K, warps), vs the tiled kernel and the dense layer."""
+    from optimum_mc.kernels import moe_triton
+
+    dev, gen = "cuda", torch.Generator().manual_seed(1)
+    candidates = list(itertools.product((8, 16, 32, 64), (64, 128, 256), (2, 4)))
+    for dname in a.dtypes:
+        dtype = getattr(torch, dname)
+        w1 = torch.randn(a.experts, 2 * a.inter, a.hidden, device=dev, dtype=dtype).mul_(0.02)
+        w2 = torch.randn(a.experts, a.hidden, a.inter, device=dev, dtype=dtype).mul_(0.02)
+        for tokens in a.tokens:
+            idx = torch.stack([torch.randperm(a.experts, generator=gen)[:2] for _ in range(tokens)]).to(dev)
+            wts = torch.rand(tokens, 2, generator=gen).to(dev)
+            x = torch.randn(tokens, a.hidden, generator=gen).to(dev, dtype)
+            used = sorted(set(idx.flatten().tolist()))
+            weight_bytes = sum(per_expert_bytes[e] for e in used)
+            dense = do_bench(lambda: dense_moe(x, idx, wts, w1, w2), return_mode="median")  # noqa: B023
+            tiled = do_bench(lambda: triton_moe(x, idx, wts, *lists, bits, "silu", gemv=False), return_mode="median")  # noqa: B023
+            ref = triton_moe(x, idx, wts, *lists, bits, "silu", gemv=False).float()
+            rows = []
+            for cand in candidates:
+                moe_triton.GEMV_TILES = cand
+                try:
+                    out = triton_moe(x, idx, wts, *lists, bits, "silu", gemv=True).float()
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    ms = do_bench(
+                        partial(triton_moe, x, idx, wts, *lists, bits, "silu", gemv=True), return_mode="median"
+                    )
+                    rows.append((ms, cand, err))
+                except Exception as exc:
+                    print(f"  gemv tiles {cand}: {type(exc).__name__}: {str(exc)[:120]}")
+            rows.sort()
+            for ms, cand, err in rows[:4]:
+                print(f"{dname} tokens={tokens}: gemv tiles (N,K,warps)={cand} {ms:.3f} ms, rel diff {err:.1e}")
+            ms = rows[0][0]
+            print(f"| {dname} | {tokens} | dense {dense:.3f} ms | tiled {tiled:.3f} ms | gemv {ms:.3f} ms "
+                  f"| gemv vs dense {dense / ms:.2f} | packed GB/s {weight_bytes / ms / 1e6:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -100,9 +100,10 @@ for b in bits:
     q, s, z = rtn_quantize(torch.randn(H, I, generator=g) * 0.1, b, -1)  # another group size for down
     dn.append((pack(q, b), s, z))
 lists = [[m[j] for m in gu] for j in range(3)] + [[m[j] for m in dn] for j in range(3)]
-# default tiles (decode-sized for both token counts here), then explicit prefill-style tiles whose BLOCK_K (64)
-# exceeds gate_up's group size (32): scales per element instead of per tile row
-for tokens, tiles in ((1, None), (21, None), (21, (64, 32, 64, 4))):
+# defaults (the per-pair GEMV kernel up to GEMV_MAX_PAIRS pairs, then decode-sized tiles), the tiled kernel forced
+# at one token, and prefill-style tiles whose BLOCK_K (64) exceeds gate_up's group size (32): scales per element
+for tokens, tiles, gemv in ((1, None, None), (1, None, False), (5, None, None), (21, None, None),
+                            (21, (64, 32, 64, 4), None)):  # fmt: skip
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
         idx[0, 1] = E  # dropped by ODP
@@ -120,7 +121,7 @@ for tokens, tiles in ((1, None), (21, None), (21, (64, 32, 64, 4))):
                 assert (idx.reshape(-1)[live] == block_expert[b]).all()
         for act in ("silu", "gelu_tanh"):
             ref = moe_reference(x, idx, w, gu, dn, bits, act)
-            got = triton_moe(x, idx, w, *lists, bits, act, tiles=tiles)
+            got = triton_moe(x, idx, w, *lists, bits, act, tiles=tiles, gemv=gemv)
             assert got.dtype == dtype
             if dtype == torch.float32:  # exact fp32 dots: only the accumulation order differs
                 err = (got - ref).abs().max().item()

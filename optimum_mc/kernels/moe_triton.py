@@ -27,6 +27,8 @@ from .triton import TRITON_AVAILABLE, half_mode
 DECODE_TILES = (16, 16, 128, 4)
 PREFILL_TILES = (128, 128, 32, 4)
 BLOCK_M = DECODE_TILES[0]
+GEMV_MAX_PAIRS = 16  # (token, slot) pairs up to which the per-pair GEMV kernel serves the call
+GEMV_TILES = (8, 128, 2)  # BLOCK_N, BLOCK_K, warps of the GEMV kernel: the fastest of 24 on an H200 at 1 and 8 tokens
 
 if TRITON_AVAILABLE:
     import triton
@@ -88,6 +90,42 @@ if TRITON_AVAILABLE:
                     acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=valid[:, None] & (rn[None, :] < N))
 
+    @triton.jit
+    def _moe_gemv_kernel(x_ptr, idx_ptr, qw_tab, s_tab, z_tab, bits_tab, y_ptr, N, K, groups, group_size,
+                         num_experts, top_k, GATHER: tl.constexpr, GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):  # fmt: skip
+        """Decode: one program per (token, slot) pair and ``BLOCK_N`` output rows; fp32 products, no tiles of
+        padding rows (the dot-based kernel computes ``BLOCK_M`` rows per expert whatever the pair count)."""
+        p = tl.program_id(0)
+        e = tl.load(idx_ptr + p)
+        if e < num_experts:
+            bits = tl.load(bits_tab + e)
+            qw = tl.load(qw_tab + e).to(tl.pointer_type(tl.int32))
+            sp = tl.load(s_tab + e).to(tl.pointer_type(tl.float16))
+            zp = tl.load(z_tab + e).to(tl.pointer_type(tl.float16))
+            words = K * bits // 32
+            if GATHER:
+                src = p // top_k
+            else:
+                src = p
+            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rn_c = tl.where(rn < N, rn, 0)
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                kin = rk < K
+                kk = tl.where(kin, rk, 0)[None, :]
+                x = tl.load(x_ptr + src * K + rk, mask=kin, other=0.0).to(tl.float32)
+                q = _codes_any_bits(qw, rn_c[:, None], kk, words, bits).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+                if GROUP_TILE:
+                    s = tl.load(sp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
+                    z = tl.load(zp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
+                else:
+                    s = tl.load(sp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
+                    z = tl.load(zp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
+                acc += tl.sum(tl.where(kin[None, :], (q - z) * s, 0.0) * x[None, :], axis=1)
+            tl.store(y_ptr + p * N + rn, acc, mask=rn < N)
+
 
 def sorted_layout(top_k_index: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
     """``(rows, block_expert)``: pair ids sorted by expert and padded per expert to ``block_m`` rows (sentinel
@@ -127,19 +165,25 @@ def _device_tables(ptrs: tuple[int, ...], bits: tuple[int, ...], device: str):
 
 def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
                down_scales, down_zeros, bits: list[int], activation: str,
-               tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
+               tiles: tuple[int, int, int, int] | None = None, gemv: bool | None = None) -> torch.Tensor:  # fmt: skip
     """``optimum_mc::moe`` with two Triton launches (gate_up for all experts, down for all experts).
 
     fp16/bf16 inputs use tensor-core dots on weights rounded to the input dtype (what a dense layer in that dtype
     computes); fp32 inputs use exact fp32 dots. ``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, warps) defaults to
     ``DECODE_TILES``, or ``PREFILL_TILES`` once experts average more than BLOCK_M rows (chosen from shapes: no
-    device sync).
+    device sync). Calls of at most ``GEMV_MAX_PAIRS`` (token, slot) pairs use the per-pair GEMV kernel instead
+    (``gemv`` forces the choice).
     """
     from .moe import check_index_values
 
     check_index_values(top_k_index, len(bits))
     (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
     experts = len(bits)
+    if gemv is None:
+        gemv = tiles is None and tokens * top_k <= GEMV_MAX_PAIRS
+    if gemv:
+        return _decode_gemv(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros,
+                            down_qweight, down_scales, down_zeros, bits, activation)  # fmt: skip
     if tiles is None:
         tiles = DECODE_TILES if tokens * top_k <= DECODE_TILES[0] * experts else PREFILL_TILES
     block_m, block_n, block_k, num_warps = tiles
@@ -166,6 +210,28 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
     per_pair = torch.zeros(sentinel + 1, hidden, dtype=torch.float32, device=x.device)
     per_pair.index_add_(0, rows, torch.nan_to_num(y))  # padding rows (never stored) land in the scratch row
     out = (per_pair[:sentinel].view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
+    return out.to(x.dtype)
+
+
+def _decode_gemv(x, top_k_index, top_k_weights, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, bits, activation):
+    """``optimum_mc::moe`` for a few pairs: two launches of the per-pair GEMV kernel."""
+    (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
+    experts, inter, pairs = len(bits), gu_q[0].shape[0] // 2, tokens * top_k
+    idx = top_k_index.reshape(-1).to(torch.int32).contiguous()
+
+    def launch(inp, tables, out_f, in_f, groups, gather):
+        y = torch.zeros(pairs, out_f, dtype=torch.float32, device=x.device)  # dropped pairs stay 0
+        gs = in_f // groups
+        grid = (pairs, triton.cdiv(out_f, GEMV_TILES[0]))
+        _moe_gemv_kernel[grid](inp, idx, *tables, y, out_f, in_f, groups, gs, experts, top_k, GATHER=gather,
+                               GROUP_TILE=gs % GEMV_TILES[1] == 0, BLOCK_N=GEMV_TILES[0], BLOCK_K=GEMV_TILES[1],
+                               num_warps=GEMV_TILES[2])  # fmt: skip
+        return y
+
+    h = launch(x.contiguous(), _tables(gu_q, gu_s, gu_z, bits, x.device), 2 * inter, hidden, gu_s[0].shape[1], True)
+    a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).contiguous()
+    y = launch(a, _tables(dn_q, dn_s, dn_z, bits, x.device), hidden, inter, dn_s[0].shape[1], False)
+    out = (y.view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
     return out.to(x.dtype)
 
 
