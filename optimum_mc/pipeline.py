@@ -308,8 +308,11 @@ class _Run:
             report=self.solve_reports,
         )[0]
 
-    def quantize_layer(self, idx: int, layer: nn.Module, batches: list[LayerBatch], known: list[int] | None):
-        """Quantize one fetched float layer in place; return the next layer's inputs."""
+    def quantize_layer(
+        self, idx: int, layer: nn.Module, batches: list[LayerBatch], known: list[int] | None, propagate: bool = True
+    ):
+        """Quantize one fetched float layer in place; return the next layer's inputs (``propagate=False``, for the
+        last layer: nothing needs them, the batches are returned emptied)."""
         lin, lin_capture, routing, _ = self.measure(idx, layer, batches, with_linears=True, keep=False)
         held = self.stage is not None and routing is not None
         if held:  # the layer's inputs wait on disk while its experts are quantized (the largest working set)
@@ -344,6 +347,12 @@ class _Run:
             self.replace_experts(idx, new)
             del routing, new
         self.quantize_linears(idx, layer, lin, lin_capture)
+        if not propagate:
+            if held:
+                self.stage.drop_inputs()
+            for b in batches:
+                b.hidden = None
+            return batches
         if held:
             for b, h in zip(batches, self.stage.take_inputs(devices)):
                 b.hidden = h
@@ -425,11 +434,12 @@ class _Run:
                 self.source.park(idx)
         for idx in tqdm(range(start, self.source.num_layers), desc="MC quantization", disable=not self.progress):
             layer = self.fetch(idx)
-            batches = self.quantize_layer(idx, layer, batches, known.get(idx) if known else None)
+            last = idx + 1 == self.source.num_layers  # its outputs feed nothing: not computed, not kept
+            batches = self.quantize_layer(idx, layer, batches, known.get(idx) if known else None, not last)
             layer = self.source.finish(idx, layer)
             if self.stage is not None:
                 self.stage.save_layer("quantize", idx, layer.state_dict(), self.layer_record(idx))
-                self.stage.commit("quantize", idx + 1, [b.hidden for b in batches])
+                self.stage.commit("quantize", idx + 1, [] if last else [b.hidden for b in batches])
             if self.source.streams_from_disk:
                 self.source.park(idx)
             del layer

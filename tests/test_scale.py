@@ -64,11 +64,11 @@ def test_layers_are_never_loaded_by_transformers(float_dir, monkeypatch):
     seen = []
     original = _Run.quantize_layer
 
-    def spy(self, idx, layer, batches, known):
+    def spy(self, idx, layer, batches, known, *rest):
         slots = decoder_layers(self.model)
         float_layers = [i for i, m in enumerate(slots) if not isinstance(m, PendingLayer) and i != idx]
         seen.append((idx, float_layers, all(p.device.type != "meta" for p in layer.parameters())))
-        return original(self, idx, layer, batches, known)
+        return original(self, idx, layer, batches, known, *rest)
 
     monkeypatch.setattr(_Run, "quantize_layer", spy)
     AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config())
@@ -122,11 +122,11 @@ def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, mon
     original = _Run.quantize_layer
     calls = []
 
-    def interrupted(self, idx, layer, batches, known):
+    def interrupted(self, idx, layer, batches, known, *rest):
         calls.append(idx)
         if idx == 2:
             raise KeyboardInterrupt
-        return original(self, idx, layer, batches, known)
+        return original(self, idx, layer, batches, known, *rest)
 
     monkeypatch.setattr(_Run, "quantize_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -138,9 +138,9 @@ def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, mon
     monkeypatch.setattr(_Run, "quantize_layer", original)
     counted = []
 
-    def counting(self, idx, layer, batches, known):
+    def counting(self, idx, layer, batches, known, *rest):
         counted.append(idx)
-        return original(self, idx, layer, batches, known)
+        return original(self, idx, layer, batches, known, *rest)
 
     monkeypatch.setattr(_Run, "quantize_layer", counting)
     resumed = AutoModelForCausalLM.from_pretrained(
@@ -305,3 +305,31 @@ def test_deterministic_kernels_are_scoped_to_accelerator_runs():
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_resume_after_the_last_layer_redoes_nothing(float_dir, streamed, tmp_path, monkeypatch):
+    """Interrupted after the last layer's commit (here in ODP calibration): the resumed run quantizes no layer and
+    writes the clean run's bytes (the last layer's outputs are neither computed nor staged)."""
+    import optimum_mc.pruning as pruning
+
+    expected = saved_digest(streamed, tmp_path / "clean")
+    resume = tmp_path / "resume"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pruning, "calibrate_odp", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
+    monkeypatch.undo()
+    counted = []
+    original = _Run.quantize_layer
+
+    def counting(self, idx, *rest):
+        counted.append(idx)
+        return original(self, idx, *rest)
+
+    monkeypatch.setattr(_Run, "quantize_layer", counting)
+    resumed = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
+    assert counted == []
+    assert saved_digest(resumed, tmp_path / "resumed") == expected

@@ -164,6 +164,10 @@ class Stage:
         path.unlink()
         return hidden
 
+    def drop_inputs(self) -> None:
+        """Forget the batches :meth:`hold_inputs` stored (the last layer's: nothing needs them again)."""
+        (self.path / _HELD).unlink(missing_ok=True)
+
     def cleanup(self) -> None:
         """Remove a temporary folder (a user's ``resume_dir`` is kept)."""
         if self.temporary:
