@@ -291,12 +291,19 @@ def test_gptq_names_map_to_their_datasets(fake_datasets):
     assert fake_datasets[-1] == {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1", "split": "train"}
     assert docs == [" = Title = \n\nFirst paragraph .\n\nSecond one ."]  # rows joined into one document
     assert load_documents("c4") == ["row one", "row two"]  # one document per non-empty row
-    assert fake_datasets[-1] == {
+    c4 = {
         "path": "allenai/c4",
         "name": None,
         "split": "train",
         "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"},
     }
+    assert fake_datasets[-1] == c4
+    assert load_documents("c4-new") == ["row one", "row two"] and fake_datasets[-1] == c4  # same training shard
+    calls = len(fake_datasets)
+    for retired in ("ptb", "ptb-new"):
+        with pytest.raises(CalibrationError, match="retired.*wikitext2"):
+            load_documents(retired)
+    assert len(fake_datasets) == calls  # refused before any download
 
 
 def test_dataset_config_split_and_column(fake_datasets):

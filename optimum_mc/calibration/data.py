@@ -11,8 +11,9 @@ Sources (``MCConfig.dataset``):
 - a list of strings: those texts, one document each.
 - a path to a text file (one document), or to a folder (every ``*.txt`` directly inside it, sorted by name; one
   document each). Files must be UTF-8 text; anything else raises :class:`CalibrationError` naming the file.
-- ``"wikitext2"`` / ``"c4"``: the sources GPTQ tooling calls by these names (``NAMED_SOURCES``: wikitext-2-raw's
-  train split joined into one document; the first shard of C4's English train split, one document per row).
+- ``"wikitext2"`` / ``"c4"`` / ``"c4-new"``: the sources GPTQ tooling calls by these names (``NAMED_SOURCES``:
+  wikitext-2-raw's train split joined into one document; the first shard of C4's English train split, one
+  document per row). ``"ptb"`` / ``"ptb-new"``, retired upstream, raise :class:`CalibrationError` at once.
 - any other string: a ``datasets`` name, optionally ``"name:config"`` (e.g. ``"wikitext:wikitext-2-raw-v1"``) —
   the ``text`` column of its ``train`` split unless ``MCConfig(dataset_config=..., dataset_split=...,
   text_column=...)`` say otherwise, when the ``datasets`` library is installed and the dataset is reachable (or
@@ -160,7 +161,11 @@ class DatasetSource:
 NAMED_SOURCES = {
     "wikitext2": DatasetSource("Salesforce/wikitext", "wikitext-2-raw-v1", joined=True),
     "c4": DatasetSource("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}),
+    "c4-new": DatasetSource("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}),
 }
+# Names GPTQ tooling once knew and has retired (their Hub loading script no longer runs): a clear error, not a
+# failed download.
+RETIRED_SOURCES = ("ptb", "ptb-new")
 
 
 def dataset_source(
@@ -168,6 +173,12 @@ def dataset_source(
 ) -> DatasetSource:
     """The source ``name`` stands for: a known name (``NAMED_SOURCES``) or ``"path"`` / ``"path:config"``; the
     given ``config`` / ``split`` / ``column`` override its defaults."""
+    if name in RETIRED_SOURCES:
+        raise CalibrationError(
+            f"calibration dataset {name!r}: the Penn Treebank loader was retired by the datasets Hub and GPTQ "
+            f"tooling (optimum's get_dataset refuses it too); pass 'wikitext2', 'c4', a datasets path, local texts, "
+            f"or None for the builtin offline text."
+        )
     base = NAMED_SOURCES.get(name)
     if base is None:
         path, _, cfg = name.partition(":")
