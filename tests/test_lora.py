@@ -112,3 +112,33 @@ def test_transformers_trainer_trains_the_adapter(quantized, tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+
+def test_lora_on_nf4_attention(tmp_path):
+    """With ``nonexpert_method="bnb_nf4"`` the attention is bitsandbytes NF4: adapters wrap it and train too."""
+    pytest.importorskip("bitsandbytes")
+    from optimum_mc.nn.nf4_linear import NF4Linear
+
+    path = save_tiny("mixtral", tmp_path / "f")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=MCConfig(**QUICK, nonexpert_method="bnb_nf4")
+    )
+    assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    config = prepare_lora_config(peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    pm = peft.get_peft_model(model, config)
+    wrapped = [m for m in pm.modules() if isinstance(m, MCLoraLinear)]
+    assert len(wrapped) == len(TARGETS) * 2 and all(isinstance(m.base_layer, NF4Linear) for m in wrapped)
+    batch = _batch(path)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    losses = []
+    for _ in range(8):
+        loss = pm(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for n, b in pm.base_model.model.named_buffers():
+        assert torch.equal(b, before[n.replace(".base_layer", "")]), n

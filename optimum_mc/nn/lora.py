@@ -6,8 +6,8 @@ the mapping for MC's packed linear, :class:`MCLoraLinear` is the LoRA layer: ``y
 scaling``, the base frozen (its packed buffers are buffers, not parameters; gradients reach ``x`` through the
 packed ops' backward, ``optimum_mc/kernels/autograd.py``). Merging an adapter into packed weights is not
 supported (it would need re-quantization); keep adapters separate or ``model.dequantize()`` first.
-``NF4Linear`` (``nonexpert_method="bnb_nf4"``) is not mapped: peft places adapters on the device of a base
-layer's ``weight`` / ``qweight`` attribute, which it does not have.
+``NF4Linear`` (``nonexpert_method="bnb_nf4"``) is mapped too: bitsandbytes' ``matmul_4bit`` has its own
+backward; its packed codes are also exposed as ``qweight``, the attribute peft places adapters by.
 
 Importing this module imports peft (``pip install peft``); nothing else in optimum-mc needs it.
 """
@@ -22,6 +22,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from .linear import QuantLinear
+from .nf4_linear import NF4Linear
 
 
 class MCLoraLinear(nn.Module, LoraLayer):
@@ -65,11 +66,11 @@ class MCLoraLinear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-PACKED_LINEARS: tuple[type[nn.Module], ...] = (QuantLinear,)
+PACKED_LINEARS: tuple[type[nn.Module], ...] = (QuantLinear, NF4Linear)
 
 
 def prepare_lora_config(config: LoraConfig) -> LoraConfig:
-    """Let ``config`` wrap MC's packed linears (``QuantLinear``) with :class:`MCLoraLinear`.
+    """Let ``config`` wrap MC's packed linears (``QuantLinear``, ``NF4Linear``) with :class:`MCLoraLinear`.
 
     Call it before ``peft.get_peft_model(model, config)`` / ``model.add_adapter(config)`` and before
     ``PeftModel.from_pretrained(model, path, config=...)`` (the mapping is not saved with the adapter).

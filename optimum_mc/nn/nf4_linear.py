@@ -77,6 +77,11 @@ class NF4Linear(nn.Module):
         """An equivalent float ``nn.Linear`` (for ``model.dequantize()``)."""
         return float_linear(self.dequantize_weight(), self.bias)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed NF4 codes, under the attribute name peft reads a quantized base layer's device from."""
+        return self.weight_nf4
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bnb, _ = _bnb()
         y = bnb.matmul_4bit(x.float(), self.weight_nf4.t(), self._state()).to(x.dtype)
