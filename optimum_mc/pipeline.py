@@ -212,7 +212,10 @@ class _Run:
                 return routing.router_weighted(e)
             return routing.experts[e].cat(routing.hidden_dim, native=True)[0], None
 
-        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit)
+        def count(e: int) -> int:  # rows tokens(e) returns: every calibration token, or those routed to e
+            return int(routing.tokens) if weighted else int(routing.counts[e])
+
+        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit, count=count)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands) -> LayerFactors:
         if routing.tokens == 0:

@@ -31,3 +31,29 @@ def test_batched_equals_one_by_one(monkeypatch, weighted, chunk_bytes):
         assert got[e].method == ref.method == ("calibration-free" if counts[e] < 8 else "gptq")
         for a, r in zip(got[e].gate_up + got[e].down, ref.gate_up + ref.down):
             assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("expert_hessian", ["routed", "router-weighted"])
+def test_pipeline_counts_match_the_gathered_tokens(monkeypatch, expert_hessian):
+    """The pipeline tells quantize_experts each expert's row count without gathering its tokens: it must be the
+    number of rows the gather returns (else the calibration-free fallback would pick the wrong experts)."""
+    from tiny_models import CORPUS, tiny_model, tiny_tokenizer
+
+    import optimum_mc
+    from optimum_mc import pipeline
+
+    checked = []
+    original = pipeline.quantize_experts
+
+    def spy(weights, tokens, act_fn, bits, opts, emit=None, count=None):
+        for e in bits:
+            assert count(e) == tokens(e)[0].shape[0], (e, count(e))
+            checked.append(e)
+        return original(weights, tokens, act_fn, bits, opts, emit=emit, count=count)
+
+    monkeypatch.setattr(pipeline, "quantize_experts", spy)
+    cfg = optimum_mc.MCConfig(bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS,
+                              show_progress=False, expert_hessian=expert_hessian,
+                              tokenizer=tiny_tokenizer())  # fmt: skip
+    pipeline.quantize_model(tiny_model("mixtral"), cfg)
+    assert checked

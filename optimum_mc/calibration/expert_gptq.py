@@ -39,6 +39,7 @@ def quantize_experts(
     bits: dict[int, int],
     opts: GPTQOptions,
     emit: Callable[[int, ExpertQuant], None] | None = None,
+    count: Callable[[int], int] | None = None,
 ) -> dict[int, ExpertQuant]:
     """Quantize the experts in ``bits`` (expert -> width) with GPTQ, batched; ``weights(e)`` gives fp32
     ``(gate_up, down)`` and ``tokens(e)`` the expert's calibration inputs and optional token weights. Experts with
@@ -47,7 +48,8 @@ def quantize_experts(
     Per chunk, the gate/up matrices are stacked and quantized first, then the down matrices: only one projection's
     stacked weights and Hessians are alive at a time (the down Hessians, ``I x I``, dominate). With ``emit``, each
     result is handed to ``emit(e, quant)`` as soon as it exists and not kept (the returned dict is empty).
-    Token inputs may come in the model dtype: Hessians convert them to fp32 chunk by chunk."""
+    Token inputs may come in the model dtype: Hessians convert them to fp32 chunk by chunk. ``count(e)``, when
+    given, is the number of rows ``tokens(e)`` would return (saves gathering them just to count)."""
     out: dict[int, ExpertQuant] = {}
 
     def done(e: int, q: ExpertQuant) -> None:
@@ -58,8 +60,8 @@ def quantize_experts(
 
     gptq: list[int] = []
     for e, b in bits.items():
-        x, _ = tokens(e)
-        if x.shape[0] < max(opts.min_tokens, 1):
+        rows = count(e) if count is not None else tokens(e)[0].shape[0]
+        if rows < max(opts.min_tokens, 1):
             w_gu, w_dn = weights(e)
             done(
                 e,
