@@ -22,6 +22,9 @@ import torch
 from .activations import ACTIVATIONS
 from .triton import TRITON_AVAILABLE, half_mode
 
+if TRITON_AVAILABLE:
+    from .triton import _dot_acc, _weight_tile
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps): decode-sized calls, and calls whose experts average more than BLOCK_M rows.
 # The fastest of 32 candidates on an H200 (scripts/tune_triton_moe.py, Mixtral-shaped layer, fp16; docs/kernels.md)
 DECODE_TILES = (16, 16, 128, 4)
@@ -47,16 +50,22 @@ if TRITON_AVAILABLE:
         return (v & ((1 << bits) - 1)).to(tl.int32)
 
     @triton.jit
+    def _expert_entry(e, qw_tab, s_tab, z_tab, bits_tab):
+        """Expert ``e``'s bit-width and the addresses of its packed codes, scales and zeros, from the tables."""
+        bits = tl.load(bits_tab + e)
+        qw = tl.load(qw_tab + e).to(tl.pointer_type(tl.int32))
+        sp = tl.load(s_tab + e).to(tl.pointer_type(tl.float16))
+        zp = tl.load(z_tab + e).to(tl.pointer_type(tl.float16))
+        return bits, qw, sp, zp
+
+    @triton.jit
     def _moe_proj_kernel(x_ptr, rows_ptr, block_expert_ptr, qw_tab, s_tab, z_tab, bits_tab, y_ptr, N, K, groups,
                          group_size, num_experts, top_k, sentinel, GATHER: tl.constexpr, HALF: tl.constexpr,
                          GROUP_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):  # fmt: skip
         e = tl.load(block_expert_ptr + tl.program_id(0))
         if e < num_experts:
-            bits = tl.load(bits_tab + e)
-            qw = tl.load(qw_tab + e).to(tl.pointer_type(tl.int32))
-            sp = tl.load(s_tab + e).to(tl.pointer_type(tl.float16))
-            zp = tl.load(z_tab + e).to(tl.pointer_type(tl.float16))
+            bits, qw, sp, zp = _expert_entry(e, qw_tab, s_tab, z_tab, bits_tab)
             words = K * bits // 32
             rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
             pair = tl.load(rows_ptr + rm)
@@ -75,19 +84,8 @@ if TRITON_AVAILABLE:
                 kk = tl.where(kin, rk, 0)[None, :]
                 # the weight tile as (BLOCK_N, BLOCK_K), k fastest: neighbouring lanes read neighbouring words
                 q = _codes_any_bits(qw, rn_c[:, None], kk, words, bits).to(tl.float32)
-                if GROUP_TILE:  # the tile lies inside one quantization group: one scale and zero per row
-                    s = tl.load(sp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
-                    z = tl.load(zp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
-                else:
-                    s = tl.load(sp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
-                    z = tl.load(zp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
-                w = tl.trans(tl.where(kin[None, :], (q - z) * s, 0.0))  # (BLOCK_K, BLOCK_N)
-                if HALF == 1:  # fp16/bf16 inputs: weights rounded to their dtype, tensor-core dot, fp32 accumulate
-                    acc += tl.dot(x, w.to(x.dtype))
-                elif HALF == 2:  # the same products in exact fp32 (Triton's CPU interpreter has no bf16 dot)
-                    acc += tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+                w = _weight_tile(q, sp, zp, rn_c, kk, kin, k0, groups, group_size, GROUP_TILE)
+                acc = _dot_acc(acc, x, tl.trans(w), HALF)
             tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=valid[:, None] & (rn[None, :] < N))
 
     @triton.jit
@@ -99,10 +97,7 @@ if TRITON_AVAILABLE:
         p = tl.program_id(0)
         e = tl.load(idx_ptr + p)
         if e < num_experts:
-            bits = tl.load(bits_tab + e)
-            qw = tl.load(qw_tab + e).to(tl.pointer_type(tl.int32))
-            sp = tl.load(s_tab + e).to(tl.pointer_type(tl.float16))
-            zp = tl.load(z_tab + e).to(tl.pointer_type(tl.float16))
+            bits, qw, sp, zp = _expert_entry(e, qw_tab, s_tab, z_tab, bits_tab)
             words = K * bits // 32
             if GATHER:
                 src = p // top_k
@@ -117,13 +112,8 @@ if TRITON_AVAILABLE:
                 kk = tl.where(kin, rk, 0)[None, :]
                 x = tl.load(x_ptr + src * K + rk, mask=kin, other=0.0).to(tl.float32)
                 q = _codes_any_bits(qw, rn_c[:, None], kk, words, bits).to(tl.float32)  # (BLOCK_N, BLOCK_K)
-                if GROUP_TILE:
-                    s = tl.load(sp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
-                    z = tl.load(zp + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
-                else:
-                    s = tl.load(sp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
-                    z = tl.load(zp + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
-                acc += tl.sum(tl.where(kin[None, :], (q - z) * s, 0.0) * x[None, :], axis=1)
+                w = _weight_tile(q, sp, zp, rn_c, kk, kin, k0, groups, group_size, GROUP_TILE)
+                acc += tl.sum(w * x[None, :], axis=1)
             tl.store(y_ptr + p * N + rn, acc, mask=rn < N)
 
 
@@ -178,24 +168,34 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
 
     check_index_values(top_k_index, len(bits))
     (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
-    experts = len(bits)
+    inter = gate_up_qweight[0].shape[0] // 2
     if gemv is None:
         gemv = tiles is None and tokens * top_k <= GEMV_MAX_PAIRS
     if gemv:
-        return _decode_gemv(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros,
-                            down_qweight, down_scales, down_zeros, bits, activation)  # fmt: skip
+        project, to_pairs, mid_dtype = _gemv_launcher(x, top_k_index, len(bits))
+    else:
+        project, to_pairs = _tiled_launcher(x, top_k_index, len(bits), tiles)
+        mid_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    gu = _tables(gate_up_qweight, gate_up_scales, gate_up_zeros, bits, x.device)
+    dn = _tables(down_qweight, down_scales, down_zeros, bits, x.device)
+    h = project(x.contiguous(), gu, 2 * inter, hidden, gate_up_scales[0].shape[1], True)
+    a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).to(mid_dtype).contiguous()
+    y = to_pairs(project(a, dn, hidden, inter, down_scales[0].shape[1], False))
+    out = (y.view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
+    return out.to(x.dtype)
+
+
+def _tiled_launcher(x, top_k_index, experts: int, tiles):
+    """``(project, to_pairs)`` of the tiled kernel: rows sorted by expert and padded (``sorted_layout``);
+    ``to_pairs`` puts the down projection's rows back in (token, slot) order."""
+    tokens, top_k = top_k_index.shape
     if tiles is None:
         tiles = DECODE_TILES if tokens * top_k <= DECODE_TILES[0] * experts else PREFILL_TILES
     block_m, block_n, block_k, num_warps = tiles
-    inter = gate_up_qweight[0].shape[0] // 2
     rows, block_expert = sorted_layout(top_k_index, experts, block_m)
     sentinel = tokens * top_k
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    xc = x.contiguous()
-    gu = _tables(gate_up_qweight, gate_up_scales, gate_up_zeros, bits, x.device)
-    dn = _tables(down_qweight, down_scales, down_zeros, bits, x.device)
 
-    def launch(inp, tables, out_f, in_f, groups, gather):
+    def project(inp, tables, out_f, in_f, groups, gather):
         y = torch.empty(rows.numel(), out_f, dtype=torch.float32, device=x.device)
         grid = (block_expert.numel(), triton.cdiv(out_f, block_n))
         gs = in_f // groups
@@ -204,23 +204,23 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)  # fmt: skip
         return y
 
-    h = launch(xc, gu, 2 * inter, hidden, gate_up_scales[0].shape[1], True)
-    a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).to(x.dtype if half else torch.float32).contiguous()
-    y = launch(a, dn, hidden, inter, down_scales[0].shape[1], False)
-    per_pair = torch.zeros(sentinel + 1, hidden, dtype=torch.float32, device=x.device)
-    per_pair.index_add_(0, rows, torch.nan_to_num(y))  # padding rows (never stored) land in the scratch row
-    out = (per_pair[:sentinel].view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
-    return out.to(x.dtype)
+    def to_pairs(y):
+        per_pair = torch.zeros(sentinel + 1, y.shape[1], dtype=torch.float32, device=x.device)
+        per_pair.index_add_(0, rows, torch.nan_to_num(y))  # padding rows (never stored) land in the scratch row
+        return per_pair[:sentinel]
+
+    return project, to_pairs
 
 
-def _decode_gemv(x, top_k_index, top_k_weights, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, bits, activation):
-    """``optimum_mc::moe`` for a few pairs: two launches of the per-pair GEMV kernel."""
-    (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
-    experts, inter, pairs = len(bits), gu_q[0].shape[0] // 2, tokens * top_k
+def _gemv_launcher(x, top_k_index, experts: int):
+    """``(project, to_pairs, intermediate dtype)`` of the per-pair GEMV kernel: rows are already (token, slot)
+    pairs; a dropped pair's rows stay 0."""
+    tokens, top_k = top_k_index.shape
+    pairs = tokens * top_k
     idx = top_k_index.reshape(-1).to(torch.int32).contiguous()
 
-    def launch(inp, tables, out_f, in_f, groups, gather):
-        y = torch.zeros(pairs, out_f, dtype=torch.float32, device=x.device)  # dropped pairs stay 0
+    def project(inp, tables, out_f, in_f, groups, gather):
+        y = torch.zeros(pairs, out_f, dtype=torch.float32, device=x.device)
         gs = in_f // groups
         grid = (pairs, triton.cdiv(out_f, GEMV_TILES[0]))
         _moe_gemv_kernel[grid](inp, idx, *tables, y, out_f, in_f, groups, gs, experts, top_k, GATHER=gather,
@@ -228,11 +228,7 @@ def _decode_gemv(x, top_k_index, top_k_weights, gu_q, gu_s, gu_z, dn_q, dn_s, dn
                                num_warps=GEMV_TILES[2])  # fmt: skip
         return y
 
-    h = launch(x.contiguous(), _tables(gu_q, gu_s, gu_z, bits, x.device), 2 * inter, hidden, gu_s[0].shape[1], True)
-    a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).contiguous()
-    y = launch(a, _tables(dn_q, dn_s, dn_z, bits, x.device), hidden, inter, dn_s[0].shape[1], False)
-    out = (y.view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
-    return out.to(x.dtype)
+    return project, (lambda y: y), torch.float32
 
 
 def register() -> bool:

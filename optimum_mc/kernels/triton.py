@@ -48,6 +48,29 @@ if TRITON_AVAILABLE:
         return (v & ((1 << BITS) - 1)).to(tl.int32)
 
     @triton.jit
+    def _weight_tile(q, s_ptr, z_ptr, rn_c, kk, kin, k0, groups, group_size, GROUP_TILE: tl.constexpr):
+        """``(q - zero) * scale`` in fp32 for a ``(BLOCK_N, BLOCK_K)`` tile of codes ``q`` (rows ``rn_c``, columns
+        ``kk``, k fastest), 0 where ``kin`` is false. ``GROUP_TILE``: the tile lies inside one quantization group,
+        so one scale and zero per row are loaded instead of one per element."""
+        if GROUP_TILE:
+            s = tl.load(s_ptr + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + rn_c * groups + k0 // group_size).to(tl.float32)[:, None]
+        else:
+            s = tl.load(s_ptr + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
+            z = tl.load(z_ptr + rn_c[:, None] * groups + kk // group_size).to(tl.float32)
+        return tl.where(kin[None, :], (q - z) * s, 0.0)
+
+    @triton.jit
+    def _dot_acc(acc, x, w, HALF: tl.constexpr):
+        """``acc + x @ w`` (fp32 accumulate). ``HALF``: 0 exact fp32; 1 fp16/bf16 ``x`` with ``w`` rounded to its
+        dtype, tensor-core dot; 2 the same products in exact fp32 (Triton's CPU interpreter has no bf16 dot)."""
+        if HALF == 1:
+            return acc + tl.dot(x, w.to(x.dtype))
+        elif HALF == 2:
+            return acc + tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), input_precision="ieee")
+        return acc + tl.dot(x.to(tl.float32), w, input_precision="ieee")
+
+    @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, words_per_row, groups, group_size,
                         BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
@@ -72,23 +95,13 @@ if TRITON_AVAILABLE:
         rn_c = tl.where(rn < N, rn, 0)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            kk = tl.where(rk < K, rk, 0)[None, :]
+            kin = rk < K
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & kin[None, :], other=0.0)
+            kk = tl.where(kin, rk, 0)[None, :]
             # the weight tile as (BLOCK_N, BLOCK_K), k fastest: neighbouring lanes read neighbouring words
             q = _codes(qw_ptr, rn_c[:, None], kk, words_per_row, BITS).to(tl.float32)
-            if GROUP_TILE:  # the tile lies inside one quantization group: one scale and zero per row
-                s = tl.load(s_ptr + rn_c * groups + k0 // gs).to(tl.float32)[:, None]
-                z = tl.load(z_ptr + rn_c * groups + k0 // gs).to(tl.float32)[:, None]
-            else:
-                s = tl.load(s_ptr + rn_c[:, None] * groups + kk // gs).to(tl.float32)
-                z = tl.load(z_ptr + rn_c[:, None] * groups + kk // gs).to(tl.float32)
-            w = tl.trans(tl.where(rk[None, :] < K, (q - z) * s, 0.0))  # (BLOCK_K, BLOCK_N)
-            if HALF == 1:  # fp16/bf16 rows: weights rounded to their dtype, tensor-core dot, fp32 accumulate
-                acc += tl.dot(x, w.to(x.dtype))
-            elif HALF == 2:  # the same products in exact fp32 (Triton's CPU interpreter has no bf16 dot)
-                acc += tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            w = _weight_tile(q, s_ptr, z_ptr, rn_c, kk, kin, k0, groups, gs, GROUP_TILE)
+            acc = _dot_acc(acc, x, tl.trans(w), HALF)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
