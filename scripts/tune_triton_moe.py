@@ -57,19 +57,14 @@ def main() -> None:
     for dname in a.dtypes:
         dtype = getattr(torch, dname)
         torch.manual_seed(0)
-        w1 = torch.randn(a.experts, 2 * a.inter, a.hidden, device=dev, dtype=dtype).mul_(0.02)
-        w2 = torch.randn(a.experts, a.hidden, a.inter, device=dev, dtype=dtype).mul_(0.02)
+        w1, w2 = dense_weights(a, dtype)
         mats = [(m, b) for ms in (gu, dn) for m, b in zip(ms, bits)]
         deq = do_bench(lambda: [torch.ops.optimum_mc.dequantize(*m, b, dtype) for m, b in mats], return_mode="median")  # noqa: B023
         written = 2 * (w1.numel() + w2.numel())
         gbs = written / deq / 1e6
         print(f"{dname}: dequantize every expert: {deq:.3f} ms, {gbs:.0f} GB/s written ({written / 1e9:.2f} GB)")
         for tokens in a.tokens:
-            idx = torch.stack([torch.randperm(a.experts, generator=gen)[:2] for _ in range(tokens)]).to(dev)
-            wts = torch.rand(tokens, 2, generator=gen).to(dev)
-            x = torch.randn(tokens, a.hidden, generator=gen).to(dev, dtype)
-            used = sorted(set(idx.flatten().tolist()))
-            weight_bytes = sum(per_expert_bytes[e] for e in used)
+            idx, wts, x, weight_bytes = layer_call(a, tokens, dtype, gen, per_expert_bytes)
             dense = do_bench(lambda: dense_moe(x, idx, wts, w1, w2), return_mode="median")  # noqa: B023
             ref = triton_moe(x, idx, wts, *lists, bits, "silu").float()
             rows = []
@@ -97,22 +92,34 @@ def main() -> None:
         print(f"| {dname} | {tokens} | {dense:.3f} | {best_ms:.3f} | {dense / best_ms:.2f} | {best} | {gbs:.0f} |")
 
 
+def dense_weights(a, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense layer's stacked gate_up and down weights on the GPU (random: speed does not depend on values)."""
+    w1 = torch.randn(a.experts, 2 * a.inter, a.hidden, device="cuda", dtype=dtype).mul_(0.02)
+    w2 = torch.randn(a.experts, a.hidden, a.inter, device="cuda", dtype=dtype).mul_(0.02)
+    return w1, w2
+
+
+def layer_call(a, tokens: int, dtype: torch.dtype, gen: torch.Generator, per_expert_bytes: list[int]):
+    """Random top-2 routing, routing weights and inputs for ``tokens`` tokens, and the bytes of packed weights
+    the routed experts need."""
+    idx = torch.stack([torch.randperm(a.experts, generator=gen)[:2] for _ in range(tokens)]).to("cuda")
+    wts = torch.rand(tokens, 2, generator=gen).to("cuda")
+    x = torch.randn(tokens, a.hidden, generator=gen).to("cuda", dtype)
+    weight_bytes = sum(per_expert_bytes[e] for e in sorted(set(idx.flatten().tolist())))
+    return idx, wts, x, weight_bytes
+
+
 def gemv_sweep(a, gu, dn, lists, bits, per_expert_bytes, do_bench) -> None:
     """The per-pair GEMV kernel (decode) over (BLOCK_N, BLOCK_K, warps), vs the tiled kernel and the dense layer."""
     from optimum_mc.kernels import moe_triton
 
-    dev, gen = "cuda", torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
     candidates = list(itertools.product((8, 16, 32, 64), (64, 128, 256), (2, 4)))
     for dname in a.dtypes:
         dtype = getattr(torch, dname)
-        w1 = torch.randn(a.experts, 2 * a.inter, a.hidden, device=dev, dtype=dtype).mul_(0.02)
-        w2 = torch.randn(a.experts, a.hidden, a.inter, device=dev, dtype=dtype).mul_(0.02)
+        w1, w2 = dense_weights(a, dtype)
         for tokens in a.tokens:
-            idx = torch.stack([torch.randperm(a.experts, generator=gen)[:2] for _ in range(tokens)]).to(dev)
-            wts = torch.rand(tokens, 2, generator=gen).to(dev)
-            x = torch.randn(tokens, a.hidden, generator=gen).to(dev, dtype)
-            used = sorted(set(idx.flatten().tolist()))
-            weight_bytes = sum(per_expert_bytes[e] for e in used)
+            idx, wts, x, weight_bytes = layer_call(a, tokens, dtype, gen, per_expert_bytes)
             dense = do_bench(lambda: dense_moe(x, idx, wts, w1, w2), return_mode="median")  # noqa: B023
             tiled = do_bench(lambda: triton_moe(x, idx, wts, *lists, bits, "silu", gemv=False), return_mode="median")  # noqa: B023
             ref = triton_moe(x, idx, wts, *lists, bits, "silu", gemv=False).float()

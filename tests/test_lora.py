@@ -33,6 +33,26 @@ def _batch(path):
     return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
 
 
+def _train(pm, batch, steps: int = 8) -> list[float]:
+    """A few AdamW steps on the adapters of ``pm`` over one fixed batch; the losses before each step."""
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    losses = []
+    for _ in range(steps):
+        loss = pm(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _assert_base_unchanged(pm, before: dict) -> None:
+    """Every packed buffer of the wrapped base model equals its copy taken before training."""
+    for n, b in pm.base_model.model.named_buffers():
+        assert torch.equal(b, before[n.replace(".base_layer", "")]), n
+
+
 def test_quantizer_reports_trainable(quantized):
     _, model = quantized
     assert model.hf_quantizer.is_trainable and not model.hf_quantizer.is_qat_trainable
@@ -52,23 +72,13 @@ def test_lora_trains_on_mc_model_and_packed_weights_stay(quantized, tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
 
     batch = _batch(path)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    pm.train()
-    losses = []
-    for _ in range(8):
-        loss = pm(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(pm, batch)
     # the LoRA moves the loss on this fixed batch; a frozen model (no input gradients) would keep it exactly
     assert losses[-1] < 0.9 * losses[0], losses
     grads = [p.grad for n, p in pm.named_parameters() if "lora_A" in n]
     # every adapter's gradient comes back through the packed ops of the layers after it (their input gradients)
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
-    for n, b in pm.base_model.model.named_buffers():
-        key = n.replace(".base_layer", "")
-        assert torch.equal(b, before[key]), n
+    _assert_base_unchanged(pm, before)
 
     pm.eval()
     with torch.no_grad():
@@ -130,15 +140,6 @@ def test_lora_on_nf4_attention(tmp_path):
     wrapped = [m for m in pm.modules() if isinstance(m, MCLoraLinear)]
     assert len(wrapped) == len(TARGETS) * 2 and all(isinstance(m.base_layer, NF4Linear) for m in wrapped)
     batch = _batch(path)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    pm.train()
-    losses = []
-    for _ in range(8):
-        loss = pm(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(pm, batch)
     assert losses[-1] < 0.9 * losses[0], losses
-    for n, b in pm.base_model.model.named_buffers():
-        assert torch.equal(b, before[n.replace(".base_layer", "")]), n
+    _assert_base_unchanged(pm, before)

@@ -53,12 +53,16 @@ def test_reloaded_model_keeps_its_evaluation_numbers(quantized, tmp_path):
     assert (result.dataset_name, result.metric_value) == ("other.txt", 9.0)
 
 
+def _save_over_readme(model, target, readme: str) -> None:
+    """Save ``model`` into ``target``, where a README.md with ``readme`` already is."""
+    target.mkdir()
+    (target / "README.md").write_text(readme, encoding="utf-8")
+    model.save_pretrained(target)
+
+
 def test_a_readme_written_by_hand_is_kept(quantized, tmp_path):
     target = tmp_path / "q"
-    target.mkdir()
-    mine = "---\nlicense: mit\ntags:\n- mine\n---\n# My notes\n\nHand-written text.\n"
-    (target / "README.md").write_text(mine, encoding="utf-8")
-    quantized.save_pretrained(target)
+    _save_over_readme(quantized, target, "---\nlicense: mit\ntags:\n- mine\n---\n# My notes\n\nHand-written text.\n")
     card = ModelCard.load(target / "README.md")
     assert card.text.strip() == "# My notes\n\nHand-written text." and MARK not in card.content
     assert card.data.license == "mit" and card.data.tags[0] == "mine" and set(TAGS) <= set(card.data.tags)
@@ -66,10 +70,7 @@ def test_a_readme_written_by_hand_is_kept(quantized, tmp_path):
 
 def test_generated_and_generic_cards_are_replaced(quantized, tmp_path):
     target = tmp_path / "q"
-    target.mkdir()
-    generic = "---\ntags: []\n---\nThis model card has been automatically generated.\n"
-    (target / "README.md").write_text(generic, encoding="utf-8")
-    quantized.save_pretrained(target)
+    _save_over_readme(quantized, target, "---\ntags: []\n---\nThis model card has been automatically generated.\n")
     first = (target / "README.md").read_text()
     assert MARK in first and "automatically generated" not in first
     quantized.save_pretrained(target)  # our own card: regenerated, identical for the same model
