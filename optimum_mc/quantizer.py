@@ -239,6 +239,10 @@ class MCQuantizer(HfQuantizer):
 
     def _apply_odp(self, model) -> None:
         cfg: MCConfig = self.quantization_config
+        if cfg.decode_activations != "float":
+            from .nn.experts import set_decode_activations
+
+            set_decode_activations(model, cfg.decode_activations)
         if not cfg.odp:
             return
         from .pruning import set_odp_from_config

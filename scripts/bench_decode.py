@@ -1,4 +1,5 @@
-"""Whole-model speed on CPU: greedy decode (batch 1) and prefill, float fp32 / bf16 vs MC-packed fp32 / bf16 (+ ODP).
+"""Whole-model speed on CPU: greedy decode (batch 1) and prefill, float fp32 / bf16 vs MC-packed fp32 / bf16 (+ ODP,
++ int8 decode activations).
 
     python scripts/bench_decode.py ../shared/models/mc-ref-mixtral --threads 2
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_mc.architectures import moe_blocks
 from optimum_mc.nn import MCExperts, QuantLinear
+from optimum_mc.nn.experts import set_decode_activations
 from optimum_mc.tools.speed import measure
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,6 +68,8 @@ def main(argv=None) -> None:
         "MC fp32": quantize_rtn(copy.deepcopy(f32)),
     }
     variants["MC bf16"] = quantize_rtn(copy.deepcopy(f32).to(torch.bfloat16))
+    variants["MC fp32 int8-act"] = copy.deepcopy(variants["MC fp32"])
+    set_decode_activations(variants["MC fp32 int8-act"], "int8")
     if not args.no_odp:
         from optimum_mc.pruning import set_odp
 

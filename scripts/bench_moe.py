@@ -68,6 +68,15 @@ def packed_experts(args, gen: torch.Generator) -> MCExperts:
     return mc
 
 
+def int8(mc: MCExperts, x: torch.Tensor, routing) -> torch.Tensor:
+    """One call of ``mc`` with int8 activations in its decode kernel."""
+    mc.decode_activations = "int8"
+    try:
+        return mc(x, routing[0], routing[1])
+    finally:
+        mc.decode_activations = "float"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -119,8 +128,13 @@ def main(argv=None) -> None:
                 calls = 20 if t == 1 else 3
                 run_dense = lambda i: dense(x, plan[i % 8][0], plan[i % 8][1].to(dtype))  # noqa: B023, E731
                 run_packed = lambda i: mc(x, plan[i % 8][0], plan[i % 8][1])  # noqa: B023, E731
-                dense_t, packed_t = paired_medians([run_dense, run_packed], calls, args.min_time, clock)
-                times[("dense " + name, t)], times[("packed " + name, t)] = dense_t, packed_t
+                fns = [run_dense, run_packed]
+                if t <= cpu.GEMV_MAX_ROWS:  # decode: also with int8 activations (decode_activations="int8")
+                    fns.append(lambda i: int8(mc, x, plan[i % 8]))  # noqa: B023
+                measured = paired_medians(fns, calls, args.min_time, clock)
+                times[("dense " + name, t)], times[("packed " + name, t)] = measured[:2]
+                if len(measured) == 3:
+                    times[("int8 " + name, t)] = measured[2]
         dense = None  # free the float weights before the next dtype
         gc.collect()
     print(f"times: {args.clock} clock, median\n")
@@ -135,6 +149,17 @@ def main(argv=None) -> None:
         )
         print(f"| {t} | {d32 / p32:.2f} | {d16 / p16:.2f} | {d32 / p16:.2f} | {d16 / p32:.2f} | {d32 * 1e3:.2f} "
               f"| {d16 * 1e3:.2f} | {p32 * 1e3:.2f} | {p16 * 1e3:.2f} |")  # fmt: skip
+    decode = [t for t in args.tokens if ("int8 fp32", t) in times or ("int8 bf16", t) in times]
+    if decode:
+        print("\nwith decode_activations='int8' (GEMV inputs rounded to int8 per group):\n")
+        print("| tokens | int8 fp32 vs dense fp32 | int8 bf16 vs dense bf16 | int8 fp32 vs packed fp32 | int8 fp32 ms "
+              "| int8 bf16 ms |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        for t in decode:
+            d32, d16, p32, i32, i16 = (
+                times.get((n, t), nan) for n in ("dense fp32", "dense bf16", "packed fp32", "int8 fp32", "int8 bf16")
+            )
+            print(f"| {t} | {d32 / i32:.2f} | {d16 / i16:.2f} | {p32 / i32:.2f} | {i32 * 1e3:.2f} | {i16 * 1e3:.2f} |")
     print(f"\nload average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -59,7 +59,7 @@ def test_model_with_rule_in_experts_equals_rule_in_hook(protect, monkeypatch):
 
     calls = []
     real = DecodePlan.__call__
-    monkeypatch.setattr(DecodePlan, "__call__", lambda self, *a: calls.append(len(a)) or real(self, *a))
+    monkeypatch.setattr(DecodePlan, "__call__", lambda self, *a, **kw: calls.append(len(a)) or real(self, *a, **kw))
     base = _quantized_blocks(tiny_model("mixtral")).eval()
     ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
     results = []

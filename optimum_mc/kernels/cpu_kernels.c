@@ -372,6 +372,220 @@ int mc_dequantize_bf16(const uint8_t *qweight, const uint16_t *scales, const uin
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
+ * Int8-activation GEMV (opt-in, decode only: MCExperts.decode_activations = "int8"). Each group of x is rounded
+ * to int8 with its own scale, x[k] ~= sx * xq[k] (sx = max|x| / 127 over the group, xq = rint(x * 127 / max|x|)),
+ * as llama.cpp does for its k-quants; then per group  y += scale * sx * (sum_k q[k] * xq[k] - zero * sum_k xq[k])
+ * with an exact integer dot. Hand-written for the same reason as the rest of this file: no library reads the
+ * packed 1/2/3-bit layout. With AVX512-VBMI + VNNI, 64 codes become 64 bytes in three instructions (byte permute,
+ * multishift, mask) and one vpdpbusd multiplies them with 64 int8 x values: ~2x fewer cycles than the fp32 GEMV,
+ * whose int->float conversion and FMA per 8 codes bound it. Elsewhere a portable loop computes the same sums.
+ * ------------------------------------------------------------------------------------------------------------- */
+#include <math.h>
+
+/* xq (M, in_f) int8, sx (M, groups) fp32, xqsf (M, groups) = sx * (sum of the group's xq). A group holding a
+ * NaN or an infinity gets sx = NaN, so the output is NaN as the float path's would be, never a silent number. */
+static void prepare_x_i8(const float *x, int8_t *xq, float *sx, float *xqsf, int64_t M, int64_t in_f,
+                         int64_t group_size) {
+    int64_t groups = in_f / group_size;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xg = x + m * in_f + g * group_size;
+            int8_t *qg = xq + m * in_f + g * group_size;
+            float amax = 0.0f;
+            for (int64_t k = 0; k < group_size; k++) amax = fmaxf(amax, fabsf(xg[k]));
+            int finite = 1;
+            for (int64_t k = 0; k < group_size; k++) finite &= isfinite(xg[k]) ? 1 : 0;
+            float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < group_size; k++) {
+                qg[k] = (int8_t)nearbyintf(xg[k] * inv);
+                sum += qg[k];
+            }
+            sx[m * groups + g] = finite ? amax / 127.0f : NAN;
+            xqsf[m * groups + g] = sx[m * groups + g] * (float)sum;
+        }
+}
+
+typedef struct {
+    const uint8_t *qweight;
+    const uint16_t *scales, *zeros;
+    const int8_t *xq;
+    const float *sx, *xqsf;
+    float *y;
+    int64_t out_f, in_f, group_size;
+    float *fr; /* scratch of M * groups floats: scale * sx of one weight row */
+} i8_args;
+
+typedef void (*i8_range_fn)(const i8_args *a, int64_t begin, int64_t end);
+
+/* Portable: code k of a row read from the 1-2 bytes holding it (never past the row). */
+static inline uint32_t code_at(const uint8_t *row, int64_t k, int bits) {
+    int64_t bit = k * bits, byte = bit >> 3;
+    uint32_t v = row[byte];
+    if ((bit & 7) + bits > 8) v |= (uint32_t)row[byte + 1] << 8;
+    return (v >> (bit & 7)) & ((1u << bits) - 1u);
+}
+
+static void i8_range_portable(const i8_args *a, int64_t begin, int64_t end, int bits, int M) {
+    int64_t groups = a->in_f / a->group_size, row_bytes = a->in_f * bits / 8;
+    for (int64_t o = begin; o < end; o++) {
+        const uint8_t *row = a->qweight + o * row_bytes;
+        for (int m = 0; m < M; m++) {
+            float tot = 0.0f, corr = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                const int8_t *xg = a->xq + m * a->in_f + g * a->group_size;
+                int32_t dot = 0;
+                for (int64_t k = 0; k < a->group_size; k++) dot += (int32_t)code_at(row, g * a->group_size + k, bits) * xg[k];
+                float f = half_to_float(a->scales[o * groups + g]) * a->sx[m * groups + g];
+                tot += (float)dot * f;
+                corr += half_to_float(a->scales[o * groups + g]) * half_to_float(a->zeros[o * groups + g]) *
+                        a->xqsf[m * groups + g];
+            }
+            a->y[m * a->out_f + o] = tot - corr;
+        }
+    }
+}
+
+#define I8_PORTABLE(BITS, M)                                                                                        \
+    static void i8p_##BITS##_##M(const i8_args *a, int64_t b, int64_t e) { i8_range_portable(a, b, e, BITS, M); }
+#define I8_PORTABLES(BITS) I8_PORTABLE(BITS, 1) I8_PORTABLE(BITS, 2) I8_PORTABLE(BITS, 3) I8_PORTABLE(BITS, 4)
+I8_PORTABLES(1)
+I8_PORTABLES(2)
+I8_PORTABLES(3)
+I8_PORTABLES(4)
+I8_PORTABLES(8)
+
+#if defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define MC_HAVE_I8DOT 1
+/* 64 consecutive codes (8 * BITS bytes at src, read with a masked load: never past them) as 64 bytes. Byte t of
+ * qword j takes code 8j + t: the byte permute puts the BITS bytes holding codes 8j..8j+7 at the start of qword j,
+ * the multishift takes 8 bits from bit BITS * t of it, the mask keeps the code. */
+typedef struct {
+    __m512i perm, ctl, mask;
+} codes64_consts;
+
+static codes64_consts codes64_init(int bits) {
+    int8_t perm[64], ctl[64];
+    for (int j = 0; j < 8; j++)
+        for (int t = 0; t < 8; t++) {
+            perm[8 * j + t] = (int8_t)(bits * j + (t < bits ? t : 0));
+            ctl[8 * j + t] = (int8_t)(bits * t);
+        }
+    codes64_consts c = {_mm512_loadu_si512(perm), _mm512_loadu_si512(ctl), _mm512_set1_epi8((char)((1 << bits) - 1))};
+    return c;
+}
+
+static inline __attribute__((always_inline)) __m512i codes64(const uint8_t *src, const codes64_consts *c,
+                                                             const int BITS) {
+    if (BITS == 8) return _mm512_loadu_si512((const void *)src);
+    __m512i v = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (8 * BITS)) - 1), src);
+    v = _mm512_permutexvar_epi8(c->perm, v);
+    v = _mm512_multishift_epi64_epi8(c->ctl, v);
+    return _mm512_and_si512(v, c->mask);
+}
+
+/* Per weight row: fr[m, g] = scale[g] * sx[m, g] and the zero-point term sum_g scale * zero * sx * sum(xq), 16
+ * groups per vector; then per group the integer dots, one conversion and one FMA. */
+static inline __attribute__((always_inline)) void i8_rows(const i8_args *a, int64_t begin, int64_t end,
+                                                          const int BITS, const int M) {
+    int64_t groups = a->in_f / a->group_size, blocks = a->group_size / 64, row_bytes = a->in_f * BITS / 8;
+    const codes64_consts cc = codes64_init(BITS);
+    float *fr = a->fr;
+    for (int64_t o = begin; o < end; o++) {
+        const uint8_t *row = a->qweight + o * row_bytes;
+        const uint16_t *s16 = a->scales + o * groups, *z16 = a->zeros + o * groups;
+        __m512 tot[4][2];
+        float corr[4];
+        for (int m = 0; m < M; m++) {
+            const float *sx = a->sx + m * groups, *xqsf = a->xqsf + m * groups;
+            __m512 cv = _mm512_setzero_ps();
+            int64_t g = 0;
+            for (; g + 16 <= groups; g += 16) {
+                __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s16 + g)));
+                __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z16 + g)));
+                _mm512_storeu_ps(fr + m * groups + g, _mm512_mul_ps(sv, _mm512_loadu_ps(sx + g)));
+                cv = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_loadu_ps(xqsf + g), cv);
+            }
+            corr[m] = _mm512_reduce_add_ps(cv);
+            for (; g < groups; g++) {
+                float s = half_to_float(s16[g]);
+                fr[m * groups + g] = s * sx[g];
+                corr[m] += s * half_to_float(z16[g]) * xqsf[g];
+            }
+            tot[m][0] = tot[m][1] = _mm512_setzero_ps();
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *src = row + g * a->group_size * BITS / 8;
+            _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
+            __m512i acc[4];
+            for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_si512();
+            for (int64_t b = 0; b < blocks; b++) {
+                __m512i q = codes64(src + b * 8 * BITS, &cc, BITS);
+                for (int m = 0; m < M; m++)
+                    acc[m] = _mm512_dpbusd_epi32(acc[m], q,
+                                                 _mm512_loadu_si512((const void *)(a->xq + m * a->in_f +
+                                                                                   g * a->group_size + 64 * b)));
+            }
+            /* two accumulators, alternating by group, hide the FMA latency (lane sums < 2^24: exact in fp32) */
+            for (int m = 0; m < M; m++)
+                tot[m][g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(fr[m * groups + g]),
+                                                tot[m][g & 1]);
+        }
+        for (int m = 0; m < M; m++)
+            a->y[m * a->out_f + o] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m][0], tot[m][1])) - corr[m];
+    }
+}
+
+#define I8_FAST(BITS, M)                                                                                            \
+    static void i8f_##BITS##_##M(const i8_args *a, int64_t b, int64_t e) { i8_rows(a, b, e, BITS, M); }
+#define I8_FASTS(BITS) I8_FAST(BITS, 1) I8_FAST(BITS, 2) I8_FAST(BITS, 3) I8_FAST(BITS, 4)
+I8_FASTS(1)
+I8_FASTS(2)
+I8_FASTS(3)
+I8_FASTS(4)
+I8_FASTS(8)
+#endif
+
+/* The int8 GEMV for a bit-width and x-row count (<= 4); the vector one needs groups of whole 64-code blocks. */
+static i8_range_fn i8_range(int bits, int64_t M, int64_t group_size) {
+#ifdef MC_HAVE_I8DOT
+    if (group_size % 64 == 0) {
+#define I8_PICK_F(BITS)                                                                                             \
+    case BITS: return M == 1 ? i8f_##BITS##_1 : M == 2 ? i8f_##BITS##_2 : M == 3 ? i8f_##BITS##_3 : i8f_##BITS##_4;
+        switch (bits) {
+            I8_PICK_F(1)
+            I8_PICK_F(2)
+            I8_PICK_F(3)
+            I8_PICK_F(4)
+            I8_PICK_F(8)
+            default: return NULL;
+        }
+#undef I8_PICK_F
+    }
+#endif
+#define I8_PICK_P(BITS)                                                                                             \
+    case BITS: return M == 1 ? i8p_##BITS##_1 : M == 2 ? i8p_##BITS##_2 : M == 3 ? i8p_##BITS##_3 : i8p_##BITS##_4;
+    switch (bits) {
+        I8_PICK_P(1)
+        I8_PICK_P(2)
+        I8_PICK_P(3)
+        I8_PICK_P(4)
+        I8_PICK_P(8)
+        default: return NULL;
+    }
+#undef I8_PICK_P
+}
+
+/* 1 when this build has the vector int8 GEMV (AVX512-VBMI + VNNI), else 0 (the portable loop serves). */
+int mc_i8dot_available(void) {
+#ifdef MC_HAVE_I8DOT
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
  * Grouped GEMV for a mixture of experts: the rows of x routed to expert e are rows [start[e], start[e] + count[e])
  * of x (sorted by expert); y rows correspond. Expert e's packed matrix (out_f, in_f) at bits[e] sits at
  * qptr[e] / sptr[e] / zptr[e]. Work items are (expert, block of BLOCK_ROWS output rows), spread over threads, so
@@ -381,10 +595,64 @@ int mc_dequantize_bf16(const uint8_t *qweight, const uint16_t *scales, const uin
 /* weights x rows below which one thread does it all: waking a second thread costs more than it saves there */
 #define MOE_PARALLEL_WORK (1 << 21)
 
+/* mc_moe_gemv with int8 activations (above): the rows of x are rounded per group once, then the same work items. */
+static int moe_gemv_i8(const float *x, const int64_t *qptr, const int64_t *sptr, const int64_t *zptr,
+                       const int32_t *bits, const int64_t *start, const int64_t *count, int64_t E, float *y,
+                       int64_t out_f, int64_t in_f, int64_t group_size, int threads) {
+    int64_t groups = in_f / group_size, P = 0, items = 0, work = 0, blocks = (out_f + MOE_BLOCK_ROWS - 1) / MOE_BLOCK_ROWS;
+    for (int64_t e = 0; e < E; e++) {
+        if (count[e] <= 0) continue;
+        if (i8_range(bits[e], 1, group_size) == NULL) return -1;
+        P = start[e] + count[e] > P ? start[e] + count[e] : P;
+        items += blocks;
+        work += count[e] * out_f * in_f;
+    }
+    if (items == 0) return 0;
+    int8_t *xq = (int8_t *)malloc((size_t)(P * in_f));
+    float *sx = (float *)malloc(sizeof(float) * (size_t)(P * groups));
+    float *xqsf = (float *)malloc(sizeof(float) * (size_t)(P * groups));
+    int64_t *item_expert = (int64_t *)malloc(sizeof(int64_t) * (size_t)items);
+    int rc = (xq == NULL || sx == NULL || xqsf == NULL || item_expert == NULL) ? -2 : 0;
+    if (rc == 0) {
+        int64_t n = 0;
+        for (int64_t e = 0; e < E; e++) {
+            if (count[e] <= 0) continue;
+            prepare_x_i8(x + start[e] * in_f, xq + start[e] * in_f, sx + start[e] * groups, xqsf + start[e] * groups,
+                         count[e], in_f, group_size);
+            for (int64_t b = 0; b < blocks; b++) item_expert[n++] = e * blocks + b;
+        }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work >= MOE_PARALLEL_WORK)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t e = item_expert[it] / blocks, b = item_expert[it] % blocks;
+            int64_t begin = b * MOE_BLOCK_ROWS, end = begin + MOE_BLOCK_ROWS < out_f ? begin + MOE_BLOCK_ROWS : out_f;
+            float *fr = (float *)malloc(sizeof(float) * (size_t)(4 * groups));
+            if (fr == NULL) {
+#pragma omp atomic write
+                rc = -2;
+                continue;
+            }
+            for (int64_t m0 = 0; m0 < count[e]; m0 += 4) {
+                int64_t mm = count[e] - m0 < 4 ? count[e] - m0 : 4, r = start[e] + m0;
+                i8_args a = {(const uint8_t *)(intptr_t)qptr[e], (const uint16_t *)(intptr_t)sptr[e],
+                             (const uint16_t *)(intptr_t)zptr[e], xq + r * in_f, sx + r * groups, xqsf + r * groups,
+                             y + r * out_f, out_f, in_f, group_size, fr};
+                i8_range(bits[e], mm, group_size)(&a, begin, end);
+            }
+            free(fr);
+        }
+    }
+    free(item_expert);
+    free(xq);
+    free(sx);
+    free(xqsf);
+    return rc;
+}
+
 /* Returns 0, -1 for an unsupported bit-width, -2 when out of memory. */
 int mc_moe_gemv(const float *x, const int64_t *qptr, const int64_t *sptr, const int64_t *zptr, const int32_t *bits,
                 const int64_t *start, const int64_t *count, int64_t E, float *y, int64_t out_f, int64_t in_f,
-                int64_t group_size, int threads) {
+                int64_t group_size, int threads, int int8_act) {
+    if (int8_act) return moe_gemv_i8(x, qptr, sptr, zptr, bits, start, count, E, y, out_f, in_f, group_size, threads);
     int64_t groups = in_f / group_size, P = 0, items = 0, blocks = (out_f + MOE_BLOCK_ROWS - 1) / MOE_BLOCK_ROWS;
     for (int64_t e = 0; e < E; e++) {
         if (count[e] <= 0) continue;
@@ -443,7 +711,6 @@ int mc_moe_gemv(const float *x, const int64_t *qptr, const int64_t *sptr, const 
  * grouped GEMV of down, then out[t] = sum of w[t, k] * y over the token's kept slots, in expert order.
  * act: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation), 3 relu.
  * ------------------------------------------------------------------------------------------------------------- */
-#include <math.h>
 
 static inline float activate(float v, int act) {
     switch (act) {
@@ -480,11 +747,12 @@ static void odp_rule(const int64_t *idx, const float *w, int64_t T, int64_t K, i
 
 /* Returns 0, -1 for an unsupported bit-width, -2 when out of memory, -3 for an index outside [0, E].
  * odp_threshold > 0 applies ODP's rule to the routing first; odp_counts (E + 3 int64, or NULL) accumulates ODP's
- * statistics: slots evaluated per expert [0, E), dropped slots [E], tokens [E + 2]. */
+ * statistics: slots evaluated per expert [0, E), dropped slots [E], tokens [E + 2]. int8_act != 0 rounds the
+ * GEMVs' inputs to int8 per group (the int8-activation GEMV above); 0 keeps them fp32. */
 int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, const float *w_in, const int64_t *gq,
                   const int64_t *gs, const int64_t *gz, const int64_t *dq, const int64_t *ds, const int64_t *dz,
                   const int32_t *bits, int64_t E, int64_t H, int64_t I, int64_t group_gu, int64_t group_dn, int act,
-                  float *out, int threads, float odp_threshold, int64_t *odp_counts) {
+                  float *out, int threads, float odp_threshold, int64_t *odp_counts, int int8_act) {
     memset(out, 0, sizeof(float) * (size_t)(T * H));
     int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *start = (int64_t *)calloc((size_t)E, sizeof(int64_t));
@@ -524,13 +792,13 @@ int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, c
     }
     if (rc == 0 && P > 0) {
         for (int64_t r = 0; r < P; r++) memcpy(xg + r * H, x + (pair[r] / K) * H, sizeof(float) * (size_t)H);
-        rc = mc_moe_gemv(xg, gq, gs, gz, bits, start, count, E, h, 2 * I, H, group_gu, threads);
+        rc = mc_moe_gemv(xg, gq, gs, gz, bits, start, count, E, h, 2 * I, H, group_gu, threads, int8_act);
         if (rc == 0) {
             for (int64_t r = 0; r < P; r++) {
                 float *hr = h + r * 2 * I, *ar = h + r * I; /* act(gate) * up, compacted in place into (P, I) */
                 for (int64_t j = 0; j < I; j++) ar[j] = activate(hr[j], act) * hr[I + j];
             }
-            rc = mc_moe_gemv(h, dq, ds, dz, bits, start, count, E, y, H, I, group_dn, threads);
+            rc = mc_moe_gemv(h, dq, ds, dz, bits, start, count, E, y, H, I, group_dn, threads, int8_act);
         }
         if (rc == 0) {
             for (int64_t r = 0; r < P; r++) {

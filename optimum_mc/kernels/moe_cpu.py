@@ -99,7 +99,7 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
                   (ctypes.c_int64 * len(bits))(*starts), (ctypes.c_int64 * len(bits))(*small))  # fmt: skip
         rc = lib.mc_moe_gemv(
             xf.data_ptr(), *tables, len(bits), y.data_ptr(), out_f, in_f,
-            in_f // ss[0].shape[1], torch.get_num_threads(),
+            in_f // ss[0].shape[1], torch.get_num_threads(), 0,
         )  # fmt: skip
         if rc == -2:
             raise MemoryError("optimum-mc CPU MoE GEMV could not allocate its buffers")
@@ -152,9 +152,11 @@ class DecodePlan:
         return type(None), ()  # likewise never pickled
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None,
+                 int8: bool = False) -> torch.Tensor:  # fmt: skip
         """A few tokens (at most ``cpu.GEMV_MAX_ROWS``): the whole layer in one C call, optionally with ODP's rule
-        (``odp_threshold`` > 0) and ODP's counters (int64 ``E + 3``, CPU, contiguous)."""
+        (``odp_threshold`` > 0), ODP's counters (int64 ``E + 3``, CPU, contiguous) and int8 activations in the
+        GEMVs (``int8``: each group of the inputs rounded to int8 with its own scale, as llama.cpp does)."""
         (tokens, hidden), k = x.shape, top_k_index.shape[1]
         xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
         idx = top_k_index if top_k_index.dtype == torch.int64 else top_k_index.long()
@@ -164,7 +166,7 @@ class DecodePlan:
         rc = self.lib.mc_moe_decode(
             xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *self.tables, self.bits, self.num_experts,
             hidden, self.inter, self.groups[0], self.groups[1], ACT_CODES[self.activation], out.data_ptr(),
-            torch.get_num_threads(), odp_threshold, None if odp_counts is None else odp_counts.data_ptr(),
+            torch.get_num_threads(), odp_threshold, None if odp_counts is None else odp_counts.data_ptr(), int(int8),
         )  # fmt: skip
         if rc == -3:
             check_index_values(top_k_index, self.num_experts)  # raises the typed error

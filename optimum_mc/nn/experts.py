@@ -75,6 +75,8 @@ class MCExperts(nn.Module):
         )
         # the fused op's name for act_fn; None (an activation it does not know) keeps the per-expert loop
         self.activation = activation_name(act_fn)
+        # "int8": the CPU decode kernel rounds its GEMV inputs to int8 per group (set_decode_activations)
+        self.decode_activations = "float"
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: list[int], group_size: int) -> MCExperts:
@@ -144,7 +146,7 @@ class MCExperts(nn.Module):
         weights = self.packed_weights()
         plan = self._decode_plan(hidden_states, weights)
         if plan is not None:
-            return plan(hidden_states, top_k_index, top_k_weights)
+            return plan(hidden_states, top_k_index, top_k_weights, int8=self.decode_activations == "int8")
         return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.bits, self.activation)
 
     def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> DecodePlan | None:
@@ -180,7 +182,8 @@ class MCExperts(nn.Module):
                 check_routing(
                     hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation
                 )
-                return plan(hidden_states, top_k_index, top_k_weights, threshold, counts)
+                int8 = self.decode_activations == "int8"
+                return plan(hidden_states, top_k_index, top_k_weights, threshold, counts, int8=int8)
         from ..pruning.rule import apply_drop, count_routing, drop_mask
 
         if threshold > 0:
@@ -208,3 +211,22 @@ class MCExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, bits={self.bits}, group_size={self.group_size}"
+
+
+def set_decode_activations(model: nn.Module, mode: str = "int8") -> int:
+    """What the CPU decode kernel of every :class:`MCExperts` in ``model`` feeds its GEMVs: ``"float"`` (fp32, the
+    default) or ``"int8"`` (each group of the inputs rounded to int8 with its own scale, as llama.cpp does, and
+    multiplied with the codes in exact integer dots: about 2x faster per GEMV on CPUs with AVX512-VNNI/VBMI; a
+    ~2e-4 relative error on the experts' outputs). Prefill, GPUs and ``torch.compile`` keep the float path.
+    Returns how many expert modules were set."""
+    from ..config import DECODE_ACTIVATIONS
+    from ..errors import MCConfigError
+
+    if mode not in DECODE_ACTIVATIONS:
+        raise MCConfigError(f"decode activations must be one of {DECODE_ACTIVATIONS}, got {mode!r}.")
+    modules = [m for m in model.modules() if isinstance(m, MCExperts)]
+    if not modules:
+        raise UnsupportedArchitectureError("the model has no MCExperts: quantize it with MCConfig first.")
+    for m in modules:
+        m.decode_activations = mode
+    return len(modules)
