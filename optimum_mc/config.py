@@ -127,10 +127,10 @@ class MCConfig(QuantizationConfigMixin):
         odp_layers: ``None`` (default share of the MoE layers, ranked on calibration), an int (how many), or a
             list of layer indices.
     Inference:
-        decode_activations: ``"float"`` (default) or ``"int8"``: the CPU decode kernel rounds each group of the
-            experts' GEMV inputs to int8 with its own scale (as llama.cpp does) and takes exact integer dots, about
-            2x faster per GEMV; ~2e-4 relative error on the experts' outputs. Prefill and other devices stay float.
-            Also settable later with ``optimum_mc.set_decode_activations``.
+        decode_activations: ``"float"`` (default) or ``"int8"``: the CPU decode kernels round each group of the
+            packed GEMVs' inputs (experts, 4-bit linears) to int8 with its own scale (as llama.cpp does) and take
+            exact integer dots, about 2x faster per GEMV, no measurable perplexity change. Prefill, GPUs and
+            ``torch.compile`` stay float. Also settable later with ``optimum_mc.set_decode_activations``.
     """
 
     def __init__(

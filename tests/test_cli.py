@@ -82,11 +82,11 @@ def test_demo_model_builds_offline_and_loads(tmp_path):
     assert build_demo_model(path, seconds=2, quiet=True) == path  # cached: no retraining
 
 
-def test_bench_reports_three_variants(tiny_dir, calib_file, capsys):
+def test_bench_reports_four_variants(tiny_dir, calib_file, capsys):
     argv = ["--quiet", "bench", tiny_dir, "--group-size", "32", "--num-samples", "8", "--seq-len", "32",
             "--dataset", str(calib_file), "--prompt-len", "16", "--new-tokens", "4"]  # fmt: skip
     assert main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "tok/s" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["float", "MC", "MC + ODP"]
+    assert [r.split("|")[1].strip() for r in rows] == ["float", "MC", "MC, int8 decode activations", "MC + ODP"]
     mem = [float(r.split("|")[4]) for r in rows]
-    assert mem[1] < mem[0]  # packed experts and linears take less memory than float
+    assert mem[1] < mem[0] and mem[2] == mem[1]  # packed experts and linears take less memory than float

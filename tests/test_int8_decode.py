@@ -17,7 +17,7 @@ from optimum_mc.errors import MCConfigError, UnsupportedArchitectureError
 from optimum_mc.kernels import ACTIVATIONS, cpu
 from optimum_mc.kernels.moe_cpu import DecodePlan
 from optimum_mc.kernels.reference import dequantize_reference
-from optimum_mc.nn import MCExperts
+from optimum_mc.nn import MCExperts, QuantLinear
 
 BITS = [1, 2, 3, 4, 8, 2, 3, 2]  # every bit-width in one layer
 HIDDEN, INTER = 128, 256
@@ -96,6 +96,29 @@ def test_int8_decode_portable_build(tmp_path, monkeypatch):
 
 
 @needs_c
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 5, cpu.GEMV_MAX_ROWS])
+def test_quant_linear_int8_decode_matches_the_rounding_oracle(bits, rows):
+    g = torch.Generator().manual_seed(bits)
+    lin = torch.nn.Linear(1280, 200, bias=True)  # 20 groups of 64: vector prologue and tail
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(200, 1280, generator=g) * 0.05)
+    q = QuantLinear.from_linear(lin, bits, 64)
+    x = torch.randn(rows, 1280, generator=g)
+    w = dequantize_reference(q.qweight, q.scales, q.zeros, bits, torch.float64)
+    ref = _int8_rounded(x, 64) @ w.T + lin.bias.double()
+    many = torch.randn(cpu.GEMV_MAX_ROWS + 1, 1280, generator=g)
+    with torch.no_grad():
+        flt, flt_many = q(x).double(), q(many)
+        q.decode_activations = "int8"
+        got = q(x).double()
+        assert torch.equal(q(many), flt_many)  # prefill keeps the float path
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale)
+    assert 1e-4 < (flt - got).abs().max().item() / scale < 5e-2
+
+
+@needs_c
 def test_int8_decode_propagates_nan():
     gate_up, down = _experts([2, 3], hidden=HIDDEN, inter=INTER, group=64)
     x = torch.randn(1, HIDDEN)
@@ -116,8 +139,9 @@ def test_set_decode_activations_switches_every_expert_module():
     with torch.no_grad():
         float_logits = model(input_ids=ids).logits
         n = optimum_mc.set_decode_activations(model, "int8")
-        assert n == model.config.num_hidden_layers
-        assert all(m.decode_activations == "int8" for m in model.modules() if isinstance(m, MCExperts))
+        packed = [m for m in model.modules() if isinstance(m, (MCExperts, QuantLinear))]
+        assert n == len(packed) > model.config.num_hidden_layers
+        assert all(m.decode_activations == "int8" for m in packed)
         out = model.generate(ids, max_new_tokens=4, do_sample=False)  # decode steps take the int8 kernel
         assert out.shape == (1, 10)
         optimum_mc.set_decode_activations(model, "float")

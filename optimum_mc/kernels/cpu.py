@@ -121,6 +121,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_dequantize.restype = _INT
     lib.mc_gemv.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _I64, _INT]
     lib.mc_gemv.restype = _INT
+    lib.mc_gemv_i8.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _INT, _I64, _INT]
+    lib.mc_gemv_i8.restype = _INT
     lib.mc_dequantize_bf16.argtypes = [_P, _P, _P, _P, _I64, _I64, _INT, _I64, _INT]
     lib.mc_dequantize_bf16.restype = _INT
     lib.mc_moe_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _INT, _INT]
@@ -222,9 +224,10 @@ def qmatmul_cpu(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
     return qmatmul_validated(lib, x, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bits)
 
 
-def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int) -> torch.Tensor:
+def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, int8: bool = False) -> torch.Tensor:
     """``qmatmul`` on a packed matrix already known to suit the C kernels (contiguous, canonical dtypes and shapes:
-    checked by :func:`_fast_path`, or once by the module holding it) and ``x`` with ``in_features`` columns."""
+    checked by :func:`_fast_path`, or once by the module holding it) and ``x`` with ``in_features`` columns.
+    ``int8``: a few rows (decode) go through the int8-activation GEMV (``decode_activations="int8"``)."""
     out_f, in_f, lead = qw.shape[0], x.shape[-1], x.shape[:-1]
     xf = x if x.dim() == 2 else x.reshape(-1, in_f)
     if xf.dtype != torch.float32:
@@ -236,7 +239,7 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int) ->
         return x.new_zeros((*lead, out_f))
     if rows <= GEMV_MAX_ROWS:
         y = torch.empty(rows, out_f, dtype=torch.float32)
-        rc = lib.mc_gemv(
+        rc = (lib.mc_gemv_i8 if int8 else lib.mc_gemv)(
             xf.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(),
             rows, out_f, in_f, bits, in_f // s.shape[1], torch.get_num_threads(),
         )  # fmt: skip

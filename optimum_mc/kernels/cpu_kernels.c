@@ -576,6 +576,45 @@ static i8_range_fn i8_range(int bits, int64_t M, int64_t group_size) {
 #undef I8_PICK_P
 }
 
+/* y (M, out_f) = x (M, in_f) @ W.T with int8 activations (QuantLinear's decode); returns 0, -1 for bad arguments,
+ * -2 when out of memory. Rows of W in blocks of 64 over the threads, each with its own scratch. */
+int mc_gemv_i8(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
+               int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads) {
+    if (M < 1 || i8_range(bits, 1, group_size) == NULL) return -1;
+    int64_t groups = in_f / group_size, blocks = (out_f + 63) / 64;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * in_f));
+    float *sx = (float *)malloc(sizeof(float) * (size_t)(M * groups));
+    float *xqsf = (float *)malloc(sizeof(float) * (size_t)(M * groups));
+    int rc = (xq == NULL || sx == NULL || xqsf == NULL) ? -2 : 0;
+    if (rc == 0) {
+        prepare_x_i8(x, xq, sx, xqsf, M, in_f, group_size);
+#pragma omp parallel num_threads(threads) if (threads > 1 && out_f * in_f * M >= (1 << 19))
+        {
+            float *fr = (float *)malloc(sizeof(float) * (size_t)(4 * groups));
+            if (fr == NULL) {
+#pragma omp atomic write
+                rc = -2;
+            }
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < blocks; b++) {
+                if (fr == NULL) continue;
+                int64_t begin = 64 * b, end = begin + 64 < out_f ? begin + 64 : out_f;
+                for (int64_t m0 = 0; m0 < M; m0 += 4) { /* four x rows per pass over the weights */
+                    int64_t mm = M - m0 < 4 ? M - m0 : 4;
+                    i8_args a = {qweight, scales, zeros, xq + m0 * in_f, sx + m0 * groups, xqsf + m0 * groups,
+                                 y + m0 * out_f, out_f, in_f, group_size, fr};
+                    i8_range(bits, mm, group_size)(&a, begin, end);
+                }
+            }
+            free(fr);
+        }
+    }
+    free(xq);
+    free(sx);
+    free(xqsf);
+    return rc;
+}
+
 /* 1 when this build has the vector int8 GEMV (AVX512-VBMI + VNNI), else 0 (the portable loop serves). */
 int mc_i8dot_available(void) {
 #ifdef MC_HAVE_I8DOT

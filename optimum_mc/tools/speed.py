@@ -1,4 +1,5 @@
-"""Speed / memory benchmark behind ``optimum-mc bench``: float vs MC vs MC + ODP, ratios from one run."""
+"""Speed / memory benchmark behind ``optimum-mc bench``: float vs MC (float, then int8 decode activations) vs
+MC + ODP, ratios from one run."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def measure(model, prompt: torch.Tensor, new_tokens: int, clock=time.perf_counte
 
 
 def run_speed_bench(model, tokenizer, args, config) -> str:
-    """Markdown table of prefill / decode tokens per second and weight memory for the three variants."""
+    """Markdown table of prefill / decode tokens per second and weight memory for the four variants."""
+    from ..nn.experts import set_decode_activations
     from ..pipeline import quantize_model
     from ..pruning import get_odp_stats, reset_odp_stats, set_odp
 
@@ -43,6 +45,9 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
     quantize_model(quant, config, tokenizer)
     quant.config.quantization_config = config
     rows.append(("MC", *measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
+    set_decode_activations(quant, "int8")
+    rows.append(("MC, int8 decode activations", *measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
+    set_decode_activations(quant, "float")
     set_odp(quant, True)
     reset_odp_stats(quant)
     pre, dec = measure(quant, prompt, args.new_tokens)
