@@ -70,6 +70,28 @@ def test_qmatmul_matches_reference(bits, shape, rows, dtype):
 
 
 @needs_c
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", [64, 128])
+def test_fp32_decode_limbs_stay_within_the_fp32_bound(bits, group):
+    """Where the CPU has VNNI, fp32 decode splits x into int8 limbs per group: outliers (a fourth limb), peaked and
+    flat groups, all-zero and subnormal groups, and large magnitudes all stay within the FMA path's bound."""
+    p, s, z = _packed(bits, 70, 1024, group, seed=bits)
+    g = torch.Generator().manual_seed(group + bits)
+    x = torch.randn(4, 1024, generator=g)
+    x[0, 5] = 300.0  # an outlier: its group takes four limbs (near 1000x the FMA GEMV itself reaches the bound)
+    x[1, group : 2 * group] = 0.0  # an all-zero group
+    x[1, 2 * group : 3 * group] *= 1e-40  # a subnormal group
+    x[2] *= 1e30  # large magnitudes
+    x[3, ::7] *= 20.0  # peaked groups
+    _assert_close_to_reference(qmatmul(x, p, s, z, bits), x, p, s, z, bits)
+    for r in range(4):  # one row at a time (M = 1) as well
+        _assert_close_to_reference(qmatmul(x[r : r + 1], p, s, z, bits), x[r : r + 1], p, s, z, bits)
+    bad = x[:1].clone()
+    bad[0, 3] = float("inf")
+    assert qmatmul(bad, p, s, z, bits).isnan().any() or qmatmul(bad, p, s, z, bits).isinf().any()
+
+
+@needs_c
 @pytest.mark.parametrize("bits", [2, 3])
 def test_qmatmul_paths_agree_on_many_shapes(bits, monkeypatch):
     """GEMV (every x-row count up to the threshold, 3-D x) and blocked GEMM (forced small blocks) vs reference."""

@@ -294,8 +294,8 @@ static void parallel_rows(gemv_range_fn fn, const gemv_args *a, int threads, int
 }
 
 /* y (M, out_f) = x (M, in_f) @ W.T; returns 0, -1 for bad arguments (bits, M), -2 when out of memory. */
-int mc_gemv(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
-            int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads) {
+static int gemv_fma(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
+                    int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads) {
     if (M < 1 || gemv_range(bits, 1) == NULL) return -1;
     int64_t groups = in_f / group_size, row_bytes = in_f * bits / 8;
     float *xs = (float *)malloc(sizeof(float) * (size_t)(M * in_f));
@@ -372,48 +372,80 @@ int mc_dequantize_bf16(const uint8_t *qweight, const uint16_t *scales, const uin
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Int8-activation GEMV (opt-in, decode only: MCExperts.decode_activations = "int8"). Each group of x is rounded
- * to int8 with its own scale, x[k] ~= sx * xq[k] (sx = max|x| / 127 over the group, xq = rint(x * 127 / max|x|)),
- * as llama.cpp does for its k-quants; then per group  y += scale * sx * (sum_k q[k] * xq[k] - zero * sum_k xq[k])
- * with an exact integer dot. Hand-written for the same reason as the rest of this file: no library reads the
- * packed 1/2/3-bit layout. With AVX512-VBMI + VNNI, 64 codes become 64 bytes in three instructions (byte permute,
- * multishift, mask) and one vpdpbusd multiplies them with 64 int8 x values: ~2x fewer cycles than the fp32 GEMV,
- * whose int->float conversion and FMA per 8 codes bound it. Elsewhere a portable loop computes the same sums.
+ * Integer-dot GEMVs (hand-written for the same reason as the rest of this file: no library reads the packed
+ * 1/2/3-bit layout). x is cut into groups (the weight's groups); each group gets a scale sx = max|x| / 127 and
+ * int8 "limbs":
+ *   - int8 activations (opt-in, decode only: decode_activations = "int8"): one limb, x ~= sx * xq with
+ *     xq = rint(x * 127 / max|x|), as llama.cpp does for its k-quants;
+ *   - fp32 decode (the default where the vector kernel exists): x / sx = l0 + l1 / 2^7 + l2 / 2^14 (+ l3 / 2^21),
+ *     each limb the rounded remainder of the previous one, so the representation error is at most
+ *     2^-22 * max|x| per element with three limbs, 2^-29 with four (the fourth is used for a group whose
+ *     max|x| exceeds 8x its mean |x|, where three could let the error approach the fp32 tolerance).
+ *   Then per group  y += scale * sx * (sum_l 2^(-7l) * sum_k q[k] * l_l[k])  -  scale * zero * sum_k x[k],  with
+ *   exact integer dots (the last sum is sx * sum(xq) for int8, the fp32 sum of x for limbs).
+ * With AVX512-VBMI + VNNI, 64 codes become 64 bytes in three instructions (byte permute, multishift, mask) and one
+ * vpdpbusd per limb multiplies them with 64 int8 values: one limb ~2x and three ~1.5x fewer cycles than the fp32
+ * FMA GEMV above, whose int->float conversion and FMA per 8 codes bound it. A portable loop computes the int8
+ * sums elsewhere; fp32 decode there keeps the FMA GEMV.
  * ------------------------------------------------------------------------------------------------------------- */
 #include <math.h>
 
-/* xq (M, in_f) int8, sx (M, groups) fp32, xqsf (M, groups) = sx * (sum of the group's xq). A group holding a
- * NaN or an infinity gets sx = NaN, so the output is NaN as the float path's would be, never a silent number. */
-static void prepare_x_i8(const float *x, int8_t *xq, float *sx, float *xqsf, int64_t M, int64_t in_f,
-                         int64_t group_size) {
+#ifndef LIMB_OUTLIER
+#define LIMB_OUTLIER 8.0f /* max|x| / mean|x| of a group above which fp32 decode takes a fourth limb */
+#endif
+
+/* limbs 1: xq (M, in_f) int8, xqsf = sx * (sum of the group's xq). limbs 4: xq holds 4 limb planes of
+ * limb_stride bytes each, xqsf = the fp32 sum of x, nlimb (M, groups) = 3 or 4. A group holding a NaN or an
+ * infinity gets sx = NaN, so the output is NaN as the FMA path's would be, never a silent number; a group whose
+ * max|x| is 0 (or below 2^-126, where 127 / max|x| would overflow) contributes 0. */
+static void prepare_x_i8(const float *x, int8_t *xq, float *sx, float *xqsf, uint8_t *nlimb, int64_t M, int64_t in_f,
+                         int64_t group_size, int limbs, int64_t limb_stride) {
     int64_t groups = in_f / group_size;
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < groups; g++) {
             const float *xg = x + m * in_f + g * group_size;
-            int8_t *qg = xq + m * in_f + g * group_size;
-            float amax = 0.0f;
-            for (int64_t k = 0; k < group_size; k++) amax = fmaxf(amax, fabsf(xg[k]));
+            int64_t off = m * in_f + g * group_size, mg = m * groups + g;
+            float amax = 0.0f, asum = 0.0f, xsum = 0.0f;
             int finite = 1;
-            for (int64_t k = 0; k < group_size; k++) finite &= isfinite(xg[k]) ? 1 : 0;
-            float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int64_t k = 0; k < group_size; k++) {
+                amax = fmaxf(amax, fabsf(xg[k]));
+                asum += fabsf(xg[k]);
+                xsum += xg[k];
+                finite &= isfinite(xg[k]) ? 1 : 0;
+            }
+            int usable = finite && amax >= 1.17549435e-38f;
+            float inv = usable ? 127.0f / amax : 0.0f;
             int32_t sum = 0;
             for (int64_t k = 0; k < group_size; k++) {
-                qg[k] = (int8_t)nearbyintf(xg[k] * inv);
-                sum += qg[k];
+                float t = xg[k] * inv, v = nearbyintf(t);
+                xq[off + k] = (int8_t)v;
+                sum += (int32_t)v;
+                for (int l = 1; l < limbs; l++) { /* the remainder is exact in fp32; times 128 too */
+                    t = (t - v) * 128.0f;
+                    v = nearbyintf(t);
+                    xq[l * limb_stride + off + k] = (int8_t)v;
+                }
             }
-            sx[m * groups + g] = finite ? amax / 127.0f : NAN;
-            xqsf[m * groups + g] = sx[m * groups + g] * (float)sum;
+            sx[mg] = !finite ? NAN : usable ? amax / 127.0f : 0.0f;
+            if (limbs == 1) {
+                xqsf[mg] = sx[mg] * (float)sum;
+            } else {
+                xqsf[mg] = usable ? xsum : (finite ? 0.0f : NAN);
+                nlimb[mg] = amax > LIMB_OUTLIER * (asum / (float)group_size) ? 4 : 3;
+            }
         }
 }
 
 typedef struct {
     const uint8_t *qweight;
     const uint16_t *scales, *zeros;
-    const int8_t *xq;
+    const int8_t *xq; /* limb 0; limb l at xq + l * limb_stride */
     const float *sx, *xqsf;
     float *y;
     int64_t out_f, in_f, group_size;
     float *fr; /* scratch of M * groups floats: scale * sx of one weight row */
+    const uint8_t *nlimb; /* limbs per (x row, group) for fp32 decode; unused for int8 */
+    int64_t limb_stride;
 } i8_args;
 
 typedef void (*i8_range_fn)(const i8_args *a, int64_t begin, int64_t end);
@@ -484,11 +516,13 @@ static inline __attribute__((always_inline)) __m512i codes64(const uint8_t *src,
     return _mm512_and_si512(v, c->mask);
 }
 
-/* Per weight row: fr[m, g] = scale[g] * sx[m, g] and the zero-point term sum_g scale * zero * sx * sum(xq), 16
- * groups per vector; then per group the integer dots, one conversion and one FMA. */
+/* Per weight row: fr[m, g] = scale[g] * sx[m, g] and the zero-point term sum_g scale * zero * xqsf, 16 groups
+ * per vector; then per group the integer dots (one per limb), their conversion and one FMA. LIMBS: 1 (int8) or 3
+ * (fp32 decode: three limbs, a fourth where nlimb says so). */
 static inline __attribute__((always_inline)) void i8_rows(const i8_args *a, int64_t begin, int64_t end,
-                                                          const int BITS, const int M) {
+                                                          const int BITS, const int M, const int LIMBS) {
     int64_t groups = a->in_f / a->group_size, blocks = a->group_size / 64, row_bytes = a->in_f * BITS / 8;
+    int64_t ls = a->limb_stride;
     const codes64_consts cc = codes64_init(BITS);
     float *fr = a->fr;
     for (int64_t o = begin; o < end; o++) {
@@ -517,19 +551,34 @@ static inline __attribute__((always_inline)) void i8_rows(const i8_args *a, int6
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *src = row + g * a->group_size * BITS / 8;
             _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
-            __m512i acc[4];
-            for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_si512();
+            __m512i acc[4][4];
+            int four[4];
+            for (int m = 0; m < M; m++) {
+                four[m] = LIMBS > 1 && a->nlimb[m * groups + g] == 4;
+                for (int l = 0; l < 4; l++) acc[m][l] = _mm512_setzero_si512();
+            }
             for (int64_t b = 0; b < blocks; b++) {
                 __m512i q = codes64(src + b * 8 * BITS, &cc, BITS);
-                for (int m = 0; m < M; m++)
-                    acc[m] = _mm512_dpbusd_epi32(acc[m], q,
-                                                 _mm512_loadu_si512((const void *)(a->xq + m * a->in_f +
-                                                                                   g * a->group_size + 64 * b)));
+                for (int m = 0; m < M; m++) {
+                    const int8_t *xl = a->xq + m * a->in_f + g * a->group_size + 64 * b;
+                    for (int l = 0; l < LIMBS; l++)
+                        acc[m][l] = _mm512_dpbusd_epi32(acc[m][l], q, _mm512_loadu_si512((const void *)(xl + l * ls)));
+                    if (LIMBS > 1 && four[m])
+                        acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], q, _mm512_loadu_si512((const void *)(xl + 3 * ls)));
+                }
             }
             /* two accumulators, alternating by group, hide the FMA latency (lane sums < 2^24: exact in fp32) */
-            for (int m = 0; m < M; m++)
-                tot[m][g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(fr[m * groups + g]),
-                                                tot[m][g & 1]);
+            for (int m = 0; m < M; m++) {
+                __m512 d = _mm512_cvtepi32_ps(acc[m][0]);
+                if (LIMBS > 1) {
+                    __m512 low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][2]), _mm512_set1_ps(1.0f / 16384.0f),
+                                                 _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][1]), _mm512_set1_ps(1.0f / 128.0f)));
+                    if (four[m])
+                        low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][3]), _mm512_set1_ps(1.0f / 2097152.0f), low);
+                    d = _mm512_add_ps(d, low);
+                }
+                tot[m][g & 1] = _mm512_fmadd_ps(d, _mm512_set1_ps(fr[m * groups + g]), tot[m][g & 1]);
+            }
         }
         for (int m = 0; m < M; m++)
             a->y[m * a->out_f + o] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m][0], tot[m][1])) - corr[m];
@@ -537,7 +586,8 @@ static inline __attribute__((always_inline)) void i8_rows(const i8_args *a, int6
 }
 
 #define I8_FAST(BITS, M)                                                                                            \
-    static void i8f_##BITS##_##M(const i8_args *a, int64_t b, int64_t e) { i8_rows(a, b, e, BITS, M); }
+    static void i8f_##BITS##_##M(const i8_args *a, int64_t b, int64_t e) { i8_rows(a, b, e, BITS, M, 1); }       \
+    static void lmb_##BITS##_##M(const i8_args *a, int64_t b, int64_t e) { i8_rows(a, b, e, BITS, M, 3); }
 #define I8_FASTS(BITS) I8_FAST(BITS, 1) I8_FAST(BITS, 2) I8_FAST(BITS, 3) I8_FAST(BITS, 4)
 I8_FASTS(1)
 I8_FASTS(2)
@@ -546,23 +596,37 @@ I8_FASTS(4)
 I8_FASTS(8)
 #endif
 
-/* The int8 GEMV for a bit-width and x-row count (<= 4); the vector one needs groups of whole 64-code blocks. */
-static i8_range_fn i8_range(int bits, int64_t M, int64_t group_size) {
+/* The integer-dot GEMV for a bit-width, x-row count (<= 4) and limb count (1: int8 activations, 4: fp32 decode),
+ * or NULL. The vector kernels need groups of whole 64-code blocks; int8 has a portable fallback, fp32 decode
+ * does not (the FMA GEMV serves it). */
+static i8_range_fn i8_range(int bits, int64_t M, int64_t group_size, int limbs) {
 #ifdef MC_HAVE_I8DOT
     if (group_size % 64 == 0) {
-#define I8_PICK_F(BITS)                                                                                             \
-    case BITS: return M == 1 ? i8f_##BITS##_1 : M == 2 ? i8f_##BITS##_2 : M == 3 ? i8f_##BITS##_3 : i8f_##BITS##_4;
+#define I8_PICK_F(BITS, P)                                                                                          \
+    case BITS: return M == 1 ? P##_##BITS##_1 : M == 2 ? P##_##BITS##_2 : M == 3 ? P##_##BITS##_3 : P##_##BITS##_4;
+        if (limbs == 1) {
+            switch (bits) {
+                I8_PICK_F(1, i8f)
+                I8_PICK_F(2, i8f)
+                I8_PICK_F(3, i8f)
+                I8_PICK_F(4, i8f)
+                I8_PICK_F(8, i8f)
+                default: return NULL;
+            }
+        }
         switch (bits) {
-            I8_PICK_F(1)
-            I8_PICK_F(2)
-            I8_PICK_F(3)
-            I8_PICK_F(4)
-            I8_PICK_F(8)
+            I8_PICK_F(1, lmb)
+            I8_PICK_F(2, lmb)
+            I8_PICK_F(3, lmb)
+            I8_PICK_F(4, lmb)
+            I8_PICK_F(8, lmb)
             default: return NULL;
         }
 #undef I8_PICK_F
     }
 #endif
+    (void)group_size;
+    if (limbs != 1) return NULL;
 #define I8_PICK_P(BITS)                                                                                             \
     case BITS: return M == 1 ? i8p_##BITS##_1 : M == 2 ? i8p_##BITS##_2 : M == 3 ? i8p_##BITS##_3 : i8p_##BITS##_4;
     switch (bits) {
@@ -576,18 +640,51 @@ static i8_range_fn i8_range(int bits, int64_t M, int64_t group_size) {
 #undef I8_PICK_P
 }
 
-/* y (M, out_f) = x (M, in_f) @ W.T with int8 activations (QuantLinear's decode); returns 0, -1 for bad arguments,
- * -2 when out of memory. Rows of W in blocks of 64 over the threads, each with its own scratch. */
-int mc_gemv_i8(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
-               int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads) {
-    if (M < 1 || i8_range(bits, 1, group_size) == NULL) return -1;
+/* Buffers of the integer-dot GEMVs for P rows of x: limb planes, group scales, zero-point sums, limb counts. */
+typedef struct {
+    int8_t *xq;
+    float *sx, *xqsf;
+    uint8_t *nlimb;
+    int64_t limb_stride;
+} int_x;
+
+static int int_x_alloc(int_x *b, int64_t P, int64_t in_f, int64_t groups, int limbs) {
+    b->limb_stride = P * in_f;
+    b->xq = (int8_t *)malloc((size_t)(limbs * P * in_f));
+    b->sx = (float *)malloc(sizeof(float) * (size_t)(P * groups));
+    b->xqsf = (float *)malloc(sizeof(float) * (size_t)(P * groups));
+    b->nlimb = (uint8_t *)malloc((size_t)(P * groups));
+    return b->xq == NULL || b->sx == NULL || b->xqsf == NULL || b->nlimb == NULL ? -2 : 0;
+}
+
+static void int_x_free(int_x *b) {
+    free(b->xq);
+    free(b->sx);
+    free(b->xqsf);
+    free(b->nlimb);
+}
+
+/* Rows r.. of the prepared x for a GEMV call on output rows of one matrix. */
+static i8_args int_x_args(const int_x *b, int64_t r, const uint8_t *qw, const uint16_t *sc, const uint16_t *zr,
+                          float *y, int64_t out_f, int64_t in_f, int64_t group_size, float *fr) {
+    int64_t groups = in_f / group_size;
+    i8_args a = {qw,     sc,    zr,         b->xq + r * in_f, b->sx + r * groups, b->xqsf + r * groups,
+                 y,      out_f, in_f,       group_size,       fr,                 b->nlimb + r * groups,
+                 b->limb_stride};
+    return a;
+}
+
+/* y (M, out_f) = x (M, in_f) @ W.T by integer dots with `limbs` (1: int8 activations, 4: fp32 decode); returns 0,
+ * -1 for bad arguments, -2 when out of memory. Rows of W in blocks of 64 over the threads, each with its own
+ * scratch. */
+static int gemv_int(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
+                    int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads, int limbs) {
+    if (M < 1 || i8_range(bits, 1, group_size, limbs) == NULL) return -1;
     int64_t groups = in_f / group_size, blocks = (out_f + 63) / 64;
-    int8_t *xq = (int8_t *)malloc((size_t)(M * in_f));
-    float *sx = (float *)malloc(sizeof(float) * (size_t)(M * groups));
-    float *xqsf = (float *)malloc(sizeof(float) * (size_t)(M * groups));
-    int rc = (xq == NULL || sx == NULL || xqsf == NULL) ? -2 : 0;
+    int_x bx;
+    int rc = int_x_alloc(&bx, M, in_f, groups, limbs);
     if (rc == 0) {
-        prepare_x_i8(x, xq, sx, xqsf, M, in_f, group_size);
+        prepare_x_i8(x, bx.xq, bx.sx, bx.xqsf, bx.nlimb, M, in_f, group_size, limbs, bx.limb_stride);
 #pragma omp parallel num_threads(threads) if (threads > 1 && out_f * in_f * M >= (1 << 19))
         {
             float *fr = (float *)malloc(sizeof(float) * (size_t)(4 * groups));
@@ -601,18 +698,30 @@ int mc_gemv_i8(const float *x, const uint8_t *qweight, const uint16_t *scales, c
                 int64_t begin = 64 * b, end = begin + 64 < out_f ? begin + 64 : out_f;
                 for (int64_t m0 = 0; m0 < M; m0 += 4) { /* four x rows per pass over the weights */
                     int64_t mm = M - m0 < 4 ? M - m0 : 4;
-                    i8_args a = {qweight, scales, zeros, xq + m0 * in_f, sx + m0 * groups, xqsf + m0 * groups,
-                                 y + m0 * out_f, out_f, in_f, group_size, fr};
-                    i8_range(bits, mm, group_size)(&a, begin, end);
+                    i8_args a = int_x_args(&bx, m0, qweight, scales, zeros, y + m0 * out_f, out_f, in_f, group_size, fr);
+                    i8_range(bits, mm, group_size, limbs)(&a, begin, end);
                 }
             }
             free(fr);
         }
     }
-    free(xq);
-    free(sx);
-    free(xqsf);
+    int_x_free(&bx);
     return rc;
+}
+
+/* y (M, out_f) = x (M, in_f) @ W.T in fp32 (QuantLinear's decode): four-limb integer dots where the vector kernel
+ * exists, else the FMA GEMV. */
+int mc_gemv(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
+            int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads) {
+    if (i8_range(bits, 1, group_size, 4) != NULL)
+        return gemv_int(x, qweight, scales, zeros, y, M, out_f, in_f, bits, group_size, threads, 4);
+    return gemv_fma(x, qweight, scales, zeros, y, M, out_f, in_f, bits, group_size, threads);
+}
+
+/* y (M, out_f) = x (M, in_f) @ W.T with int8 activations (QuantLinear's decode with decode_activations="int8"). */
+int mc_gemv_i8(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
+               int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads) {
+    return gemv_int(x, qweight, scales, zeros, y, M, out_f, in_f, bits, group_size, threads, 1);
 }
 
 /* 1 when this build has the vector int8 GEMV (AVX512-VBMI + VNNI), else 0 (the portable loop serves). */
@@ -634,30 +743,30 @@ int mc_i8dot_available(void) {
 /* weights x rows below which one thread does it all: waking a second thread costs more than it saves there */
 #define MOE_PARALLEL_WORK (1 << 21)
 
-/* mc_moe_gemv with int8 activations (above): the rows of x are rounded per group once, then the same work items. */
-static int moe_gemv_i8(const float *x, const int64_t *qptr, const int64_t *sptr, const int64_t *zptr,
-                       const int32_t *bits, const int64_t *start, const int64_t *count, int64_t E, float *y,
-                       int64_t out_f, int64_t in_f, int64_t group_size, int threads) {
+/* mc_moe_gemv by integer dots with `limbs` (see gemv_int): the rows of x are prepared once, then the same work
+ * items. */
+static int moe_gemv_int(const float *x, const int64_t *qptr, const int64_t *sptr, const int64_t *zptr,
+                        const int32_t *bits, const int64_t *start, const int64_t *count, int64_t E, float *y,
+                        int64_t out_f, int64_t in_f, int64_t group_size, int threads, int limbs) {
     int64_t groups = in_f / group_size, P = 0, items = 0, work = 0, blocks = (out_f + MOE_BLOCK_ROWS - 1) / MOE_BLOCK_ROWS;
     for (int64_t e = 0; e < E; e++) {
         if (count[e] <= 0) continue;
-        if (i8_range(bits[e], 1, group_size) == NULL) return -1;
+        if (i8_range(bits[e], 1, group_size, limbs) == NULL) return -1;
         P = start[e] + count[e] > P ? start[e] + count[e] : P;
         items += blocks;
         work += count[e] * out_f * in_f;
     }
     if (items == 0) return 0;
-    int8_t *xq = (int8_t *)malloc((size_t)(P * in_f));
-    float *sx = (float *)malloc(sizeof(float) * (size_t)(P * groups));
-    float *xqsf = (float *)malloc(sizeof(float) * (size_t)(P * groups));
+    int_x bx;
     int64_t *item_expert = (int64_t *)malloc(sizeof(int64_t) * (size_t)items);
-    int rc = (xq == NULL || sx == NULL || xqsf == NULL || item_expert == NULL) ? -2 : 0;
+    int rc = int_x_alloc(&bx, P, in_f, groups, limbs) || item_expert == NULL ? -2 : 0;
     if (rc == 0) {
         int64_t n = 0;
         for (int64_t e = 0; e < E; e++) {
             if (count[e] <= 0) continue;
-            prepare_x_i8(x + start[e] * in_f, xq + start[e] * in_f, sx + start[e] * groups, xqsf + start[e] * groups,
-                         count[e], in_f, group_size);
+            int64_t r = start[e];
+            prepare_x_i8(x + r * in_f, bx.xq + r * in_f, bx.sx + r * groups, bx.xqsf + r * groups, bx.nlimb + r * groups,
+                         count[e], in_f, group_size, limbs, bx.limb_stride);
             for (int64_t b = 0; b < blocks; b++) item_expert[n++] = e * blocks + b;
         }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && work >= MOE_PARALLEL_WORK)
@@ -672,18 +781,15 @@ static int moe_gemv_i8(const float *x, const int64_t *qptr, const int64_t *sptr,
             }
             for (int64_t m0 = 0; m0 < count[e]; m0 += 4) {
                 int64_t mm = count[e] - m0 < 4 ? count[e] - m0 : 4, r = start[e] + m0;
-                i8_args a = {(const uint8_t *)(intptr_t)qptr[e], (const uint16_t *)(intptr_t)sptr[e],
-                             (const uint16_t *)(intptr_t)zptr[e], xq + r * in_f, sx + r * groups, xqsf + r * groups,
-                             y + r * out_f, out_f, in_f, group_size, fr};
-                i8_range(bits[e], mm, group_size)(&a, begin, end);
+                i8_args a = int_x_args(&bx, r, (const uint8_t *)(intptr_t)qptr[e], (const uint16_t *)(intptr_t)sptr[e],
+                                       (const uint16_t *)(intptr_t)zptr[e], y + r * out_f, out_f, in_f, group_size, fr);
+                i8_range(bits[e], mm, group_size, limbs)(&a, begin, end);
             }
             free(fr);
         }
     }
     free(item_expert);
-    free(xq);
-    free(sx);
-    free(xqsf);
+    int_x_free(&bx);
     return rc;
 }
 
@@ -691,7 +797,9 @@ static int moe_gemv_i8(const float *x, const int64_t *qptr, const int64_t *sptr,
 int mc_moe_gemv(const float *x, const int64_t *qptr, const int64_t *sptr, const int64_t *zptr, const int32_t *bits,
                 const int64_t *start, const int64_t *count, int64_t E, float *y, int64_t out_f, int64_t in_f,
                 int64_t group_size, int threads, int int8_act) {
-    if (int8_act) return moe_gemv_i8(x, qptr, sptr, zptr, bits, start, count, E, y, out_f, in_f, group_size, threads);
+    if (int8_act) return moe_gemv_int(x, qptr, sptr, zptr, bits, start, count, E, y, out_f, in_f, group_size, threads, 1);
+    if (i8_range(2, 1, group_size, 4) != NULL) /* fp32: four-limb integer dots where the vector kernel exists */
+        return moe_gemv_int(x, qptr, sptr, zptr, bits, start, count, E, y, out_f, in_f, group_size, threads, 4);
     int64_t groups = in_f / group_size, P = 0, items = 0, blocks = (out_f + MOE_BLOCK_ROWS - 1) / MOE_BLOCK_ROWS;
     for (int64_t e = 0; e < E; e++) {
         if (count[e] <= 0) continue;
