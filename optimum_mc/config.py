@@ -38,7 +38,7 @@ _RESULT_FIELDS = (
 # Options that apply when an MC checkpoint is loaded (the rest were fixed when it was quantized).
 LOADING_ATTRIBUTES = ("odp", "odp_threshold", "odp_protect_ratio", "odp_layers", "decode_activations")
 
-# What MCExperts' CPU decode kernel feeds its GEMVs (nn/experts.py: set_decode_activations).
+# What the CPU decode kernels of MCExperts and QuantLinear feed their GEMVs (nn/experts.py: set_decode_activations).
 DECODE_ACTIVATIONS = ("float", "int8")
 
 

@@ -233,11 +233,12 @@ class MCQuantizer(HfQuantizer):
                     f"{len(missing)} packed tensors were not in the checkpoint (e.g. {missing[:3]}); "
                     f"re-save it from the quantized model."
                 )
-        self._apply_odp(model)
+        self._apply_inference_options(model)
         install_atomic_save(model, None if self.pre_quantized else getattr(model.config, "_name_or_path", None))
         return model
 
-    def _apply_odp(self, model) -> None:
+    def _apply_inference_options(self, model) -> None:
+        """The loading attributes: decode activations, then ODP."""
         cfg: MCConfig = self.quantization_config
         if cfg.decode_activations != "float":
             from .nn.experts import set_decode_activations

@@ -129,7 +129,7 @@ def test_int8_decode_propagates_nan():
 
 def test_set_decode_activations_switches_every_expert_module():
     model = tiny_model("mixtral")
-    with pytest.raises(UnsupportedArchitectureError, match="no MCExperts"):
+    with pytest.raises(UnsupportedArchitectureError, match="no MC-packed modules"):
         optimum_mc.set_decode_activations(model, "int8")
     for block in [m for m in model.modules() if hasattr(m, "experts") and hasattr(m.experts, "gate_up_proj")]:
         block.experts = MCExperts.from_float(block.experts, [2, 3] * (block.experts.gate_up_proj.shape[0] // 2), 32)

@@ -225,8 +225,8 @@ def set_decode_activations(model: nn.Module, mode: str = "int8") -> int:
     if mode not in DECODE_ACTIVATIONS:
         raise MCConfigError(f"decode activations must be one of {DECODE_ACTIVATIONS}, got {mode!r}.")
     modules = [m for m in model.modules() if isinstance(m, (MCExperts, QuantLinear))]
-    if not any(isinstance(m, MCExperts) for m in modules):
-        raise UnsupportedArchitectureError("the model has no MCExperts: quantize it with MCConfig first.")
+    if not modules:
+        raise UnsupportedArchitectureError("the model has no MC-packed modules: quantize it with MCConfig first.")
     for m in modules:
         m.decode_activations = mode
     return len(modules)
