@@ -417,7 +417,7 @@ static void prepare_x_i8(const float *x, int8_t *xq, float *sx, float *xqsf, uin
             float inv = usable ? 127.0f / amax : 0.0f;
             int32_t sum = 0;
             for (int64_t k = 0; k < group_size; k++) {
-                float t = xg[k] * inv, v = nearbyintf(t);
+                float t = usable ? xg[k] * inv : 0.0f, v = nearbyintf(t); /* never cast a NaN to an integer */
                 xq[off + k] = (int8_t)v;
                 sum += (int32_t)v;
                 for (int l = 1; l < limbs; l++) { /* the remainder is exact in fp32; times 128 too */
