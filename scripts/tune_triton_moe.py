@@ -6,6 +6,7 @@ experts do) measured in the same run, and prints the best tiles per token count 
 the packed weights that the routed experts need.
 
     python scripts/tune_triton_moe.py --hidden 4096 --inter 14336 --tokens 1 16 256 1024
+    python scripts/tune_triton_moe.py --dequant --tokens 8 16 32 64 256 1024   # where prefill should dequantize
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 1024])
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     ap.add_argument("--gemv", action="store_true", help="sweep the per-pair GEMV kernel's tiles (decode) instead")
+    ap.add_argument("--dequant", action="store_true", help="time the dequantize + grouped-matmul path vs the kernels")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -53,6 +55,8 @@ def main() -> None:
     tiles_prefill = [(m, n, k, w) for m, (n, k), w in itertools.product((64, 128), nk, (4, 8))]
     if a.gemv:
         return gemv_sweep(a, gu, dn, lists, bits, per_expert_bytes, do_bench)
+    if a.dequant:
+        return dequant_compare(a, lists, bits, per_expert_bytes, do_bench)
     summary = []
     for dname in a.dtypes:
         dtype = getattr(torch, dname)
@@ -90,6 +94,25 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for dname, tokens, dense, best_ms, best, gbs in summary:
         print(f"| {dname} | {tokens} | {dense:.3f} | {best_ms:.3f} | {dense / best_ms:.2f} | {best} | {gbs:.0f} |")
+
+
+def dequant_compare(a, lists, bits, per_expert_bytes, do_bench) -> None:
+    """Per token count: dense layer, the kernels' default (GEMV or tiles) and the dequantize + grouped-matmul path,
+    the crossover of which sets ``DEQUANT_MIN_PAIRS``."""
+    gen = torch.Generator().manual_seed(1)
+    print("| dtype | tokens | dense ms | kernel ms | dequant + grouped ms | rel diff |")
+    print("|---|---|---|---|---|---|")
+    for dname in a.dtypes:
+        dtype = getattr(torch, dname)
+        w1, w2 = dense_weights(a, dtype)
+        for tokens in a.tokens:
+            idx, wts, x, _ = layer_call(a, tokens, dtype, gen, per_expert_bytes)
+            dense = do_bench(lambda: dense_moe(x, idx, wts, w1, w2), return_mode="median")  # noqa: B023
+            run = [partial(triton_moe, x, idx, wts, *lists, bits, "silu", dequant=d) for d in (False, True)]
+            kernel, deq = (do_bench(f, return_mode="median") for f in run)
+            ref, out = (f().float() for f in run)
+            err = ((out - ref).norm() / ref.norm()).item()
+            print(f"| {dname} | {tokens} | {dense:.3f} | {kernel:.3f} | {deq:.3f} | {err:.1e} |")
 
 
 def dense_weights(a, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,11 +86,15 @@ def test_import_without_gpu_skips_triton_and_keeps_reference_on_cpu():
 MOE_CHECK = r"""
 import torch
 from optimum_mc.group_quant import rtn_quantize
-from optimum_mc.kernels.moe_triton import BLOCK_M, sorted_layout, triton_moe
+from optimum_mc.kernels.moe_triton import BLOCK_M, DEQUANT_MIN_PAIRS, sorted_layout, triton_moe
 from optimum_mc.kernels.reference import moe_reference
 from optimum_mc.packing import pack
 
 g = torch.Generator().manual_seed(0)
+assert 40 * 2 >= DEQUANT_MIN_PAIRS > 12 * 2  # the cases below reach each path
+import optimum_mc.kernels.moe_triton as mt
+dequant_calls, real_dequant = [], mt._dequant_grouped
+mt._dequant_grouped = lambda *a: dequant_calls.append(a[0].dtype) or real_dequant(*a)
 bits = [1, 2, 3, 4, 8, 3]  # every bit-width in one launch
 E, H, I = len(bits), 64, 96
 gu, dn = [], []
@@ -102,8 +106,10 @@ for b in bits:
 lists = [[m[j] for m in gu] for j in range(3)] + [[m[j] for m in dn] for j in range(3)]
 # defaults (the per-pair GEMV kernel up to GEMV_MAX_PAIRS pairs, then decode-sized tiles), the tiled kernel forced
 # at one token, and prefill-style tiles whose BLOCK_K (64) exceeds gate_up's group size (32): scales per element
-for tokens, tiles, gemv in ((1, None, None), (1, None, False), (5, None, None), (21, None, None),
-                            (21, (64, 32, 64, 4), None)):  # fmt: skip
+# and the dequantize + grouped-matmul prefill path: chosen (half dtypes) at 40 tokens = 80 pairs, forced at 5
+for tokens, tiles, gemv, dequant in ((1, None, None, None), (1, None, False, None), (5, None, None, None),
+                                     (12, None, None, None), (21, (64, 32, 64, 4), None, None),
+                                     (40, None, None, None), (5, None, None, True)):  # fmt: skip
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
         idx[0, 1] = E  # dropped by ODP
@@ -121,7 +127,7 @@ for tokens, tiles, gemv in ((1, None, None), (1, None, False), (5, None, None), 
                 assert (idx.reshape(-1)[live] == block_expert[b]).all()
         for act in ("silu", "gelu_tanh"):
             ref = moe_reference(x, idx, w, gu, dn, bits, act)
-            got = triton_moe(x, idx, w, *lists, bits, act, tiles=tiles, gemv=gemv)
+            got = triton_moe(x, idx, w, *lists, bits, act, tiles=tiles, gemv=gemv, dequant=dequant)
             assert got.dtype == dtype
             if dtype == torch.float32:  # exact fp32 dots: only the accumulation order differs
                 err = (got - ref).abs().max().item()
@@ -131,6 +137,8 @@ for tokens, tiles, gemv in ((1, None, None), (1, None, False), (5, None, None), 
                 # the interpreter truncates fp32 -> bf16 where a GPU rounds to nearest)
                 rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
                 assert rel <= (3e-3 if dtype == torch.float16 else 2.5e-2), (tokens, dtype, act, rel)
+# 40 tokens: the half dtypes (2 x 2 activations) chose it, fp32 kept the tiled kernel; forced at 5: all 3 x 2
+assert dequant_calls.count(torch.float32) == 2 and len(dequant_calls) == 10, dequant_calls
 print("ok")
 """
 

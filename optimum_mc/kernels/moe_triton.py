@@ -11,6 +11,12 @@ block of output features, reads its expert's bit-width and the addresses of its 
 ``zeros`` from small per-expert tables, and accumulates ``x_tile @ ((q - zero) * scale)ᵀ`` in fp32, decoding the
 codes of any bit-width (1-8) from the int32 words at run time. gate_up gathers its input rows by token; down reads
 the rows of ``act(gate) * up`` in sorted order. The routing-weighted sum over slots is done in torch.
+
+fp16/bf16 prefill (at least ``DEQUANT_MIN_PAIRS`` pairs) takes a third path: every expert's matrix is dequantized
+into the input dtype (one Triton launch per expert, into one ``(E, N, K)`` buffer per projection, freed after it) and
+the sorted rows go through transformers' grouped matmul (``torch.nn.functional.grouped_mm`` where the GPU has it, its
+fallback elsewhere), i.e. the dense layer's own kernel; rows of dropped slots sort past the last offset and are
+masked, as transformers does for expert parallelism. No device-to-host sync.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from .activations import ACTIVATIONS
 from .triton import TRITON_AVAILABLE, half_mode
 
 if TRITON_AVAILABLE:
-    from .triton import _dot_acc, _weight_tile
+    from .triton import _dot_acc, _shapes, _weight_tile, dequantize_into
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps): decode-sized calls, and calls whose experts average more than BLOCK_M rows.
 # The fastest of 32 candidates on an H200 (scripts/tune_triton_moe.py, Mixtral-shaped layer, fp16; docs/kernels.md)
@@ -32,6 +38,12 @@ PREFILL_TILES = (128, 128, 32, 4)
 BLOCK_M = DECODE_TILES[0]
 GEMV_MAX_PAIRS = 16  # (token, slot) pairs up to which the per-pair GEMV kernel serves the call
 GEMV_TILES = (8, 128, 2)  # BLOCK_N, BLOCK_K, warps of the GEMV kernel: the fastest of 24 on an H200 at 1 and 8 tokens
+# (token, slot) pairs from which fp16/bf16 prefill dequantizes and uses the grouped matmul. Set from the H200
+# numbers, not yet timed as a whole: the tiled kernel took 15.2 ms at 16 pairs and 19.1 ms at 512 where the dense
+# fp16 layer took 1.5-2.1 ms, and dequantizing all 8 experts of the layer took 13.4 ms through fp32 (dequantize_into
+# writes fp16 directly, less than half the traffic), so past 32 pairs this path should win; scripts/
+# tune_triton_moe.py --dequant times both paths to set it.
+DEQUANT_MIN_PAIRS = 32
 
 if TRITON_AVAILABLE:
     import triton
@@ -155,20 +167,28 @@ def _device_tables(ptrs: tuple[int, ...], bits: tuple[int, ...], device: str):
 
 def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
                down_scales, down_zeros, bits: list[int], activation: str,
-               tiles: tuple[int, int, int, int] | None = None, gemv: bool | None = None) -> torch.Tensor:  # fmt: skip
+               tiles: tuple[int, int, int, int] | None = None, gemv: bool | None = None,
+               dequant: bool | None = None) -> torch.Tensor:  # fmt: skip
     """``optimum_mc::moe`` with two Triton launches (gate_up for all experts, down for all experts).
 
     fp16/bf16 inputs use tensor-core dots on weights rounded to the input dtype (what a dense layer in that dtype
     computes); fp32 inputs use exact fp32 dots. ``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, warps) defaults to
     ``DECODE_TILES``, or ``PREFILL_TILES`` once experts average more than BLOCK_M rows (chosen from shapes: no
     device sync). Calls of at most ``GEMV_MAX_PAIRS`` (token, slot) pairs use the per-pair GEMV kernel instead
-    (``gemv`` forces the choice).
+    (``gemv`` forces the choice); fp16/bf16 calls of at least ``DEQUANT_MIN_PAIRS`` pairs dequantize and use the
+    grouped matmul (``dequant`` forces the choice).
     """
     from .moe import check_index_values
 
     check_index_values(top_k_index, len(bits))
     (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
     inter = gate_up_qweight[0].shape[0] // 2
+    if dequant is None:  # half inputs only: fp32 keeps the exact fp32 dots of the tiled kernel
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        dequant = half and tiles is None and not gemv and tokens * top_k >= DEQUANT_MIN_PAIRS
+    if dequant:
+        gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
+        return _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits, activation)
     if gemv is None:
         gemv = tiles is None and tokens * top_k <= GEMV_MAX_PAIRS
     if gemv:
@@ -182,6 +202,38 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
     a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).to(mid_dtype).contiguous()
     y = to_pairs(project(a, dn, hidden, inter, down_scales[0].shape[1], False))
     out = (y.view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
+    return out.to(x.dtype)
+
+
+def _dequantized(lists, bits: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Every expert's matrix of one projection, dequantized into one ``(E, N, K)`` tensor of ``dtype``."""
+    qws, ss, zs = lists
+    n, k = _shapes(qws[0], ss[0], bits[0])[:2]
+    out = torch.empty(len(bits), n, k, dtype=dtype, device=qws[0].device)
+    for e, b in enumerate(bits):
+        dequantize_into(out[e], qws[e], ss[e], zs[e], b)
+    return out
+
+
+def _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
+    """Prefill: dequantize each projection of all experts, then transformers' grouped matmul on the sorted rows."""
+    from transformers.integrations.moe import _grouped_linear
+
+    experts, (tokens, top_k) = len(bits), top_k_index.shape
+    dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    flat = top_k_index.reshape(-1)
+    sorted_e, perm = torch.sort(flat, stable=True)  # dropped slots (index E) sort last
+    counts = torch.zeros(experts + 1, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cumsum(counts[:experts], 0).to(torch.int32)
+    dropped = (sorted_e >= experts).unsqueeze(-1)  # rows past the last offset: left unwritten by the kernel
+    rows = x.to(dtype)[perm // top_k]
+    inter = gu[0][0].shape[0] // 2
+    h = _grouped_linear(rows, _dequantized(gu, bits, dtype), offsets).masked_fill(dropped, 0)
+    a = (ACTIVATIONS[activation](h[:, :inter].float()) * h[:, inter:].float()).to(dtype)
+    y = _grouped_linear(a, _dequantized(dn, bits, dtype), offsets).float()
+    y = y.masked_fill(dropped, 0) * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
+    out = torch.zeros(tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, perm // top_k, y)
     return out.to(x.dtype)
 
 

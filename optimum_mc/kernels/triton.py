@@ -83,7 +83,7 @@ if TRITON_AVAILABLE:
         s = tl.load(s_ptr + rn_c * groups + g).to(tl.float32)
         z = tl.load(z_ptr + rn_c * groups + g).to(tl.float32)
         d = q - z
-        tl.store(out_ptr + rn * K + rk, d * s, mask=ok)
+        tl.store(out_ptr + rn * K + rk, (d * s).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, words_per_row, groups, gs, BITS: tl.constexpr,
@@ -141,9 +141,16 @@ def _shapes(qweight, scales, bits):
 def triton_dequantize(qweight, scales, zeros, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, k, words, groups, gs = _shapes(qweight, scales, bits)
     out = torch.empty(n, k, dtype=torch.float32, device=qweight.device)
+    return dequantize_into(out, qweight, scales, zeros, bits).to(dtype)
+
+
+def dequantize_into(out: torch.Tensor, qweight, scales, zeros, bits: int) -> torch.Tensor:
+    """Dequantize into ``out`` (contiguous ``(n, k)``, any float dtype: the fp32 value ``(q - zero) * scale`` is
+    rounded to it on store, as ``.to(dtype)`` would)."""
+    n, k, words, groups, gs = _shapes(qweight, scales, bits)
     grid = (triton.cdiv(n, 32), triton.cdiv(k, 64))
     _dequant_kernel[grid](qweight, scales, zeros, out, n, k, words, groups, gs, BITS=bits, BLOCK_N=32, BLOCK_K=64)
-    return out.to(dtype)
+    return out
 
 
 def triton_gemm(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
