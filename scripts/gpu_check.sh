@@ -32,7 +32,7 @@ step bench_kernels 70 python3 scripts/bench_kernels.py --quick
 grep -A12 "fused MoE layer" "$OUT/bench_kernels.log"
 step tune 120 python3 scripts/tune_triton_moe.py --dtypes float16 --tokens 1 256 1024
 grep -E "default|dequantize|^\|" "$OUT/tune.log"
-step dequant 90 python3 scripts/tune_triton_moe.py --dequant --dtypes float16 bfloat16 --tokens 8 16 32 256 1024
+step dequant 90 python3 scripts/tune_triton_moe.py --dequant --dtypes bfloat16 --tokens 8 16 32 256 1024
 grep -E "^\|" "$OUT/dequant.log"
 step scale 120 python3 scripts/bench_scale.py --layers 4 --device cuda --threads 8 --trace --uniform-check 4 \
     --out "$OUT/scale_cuda.json"

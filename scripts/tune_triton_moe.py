@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import dense_moe, random_words  # noqa: E402
 
-from optimum_mc.kernels.moe_triton import triton_moe  # noqa: E402
+from optimum_mc.kernels.moe_triton import GROUPED_MM_DTYPES, triton_moe  # noqa: E402
 
 
 def main() -> None:
@@ -104,6 +104,9 @@ def dequant_compare(a, lists, bits, per_expert_bytes, do_bench) -> None:
     print("|---|---|---|---|---|---|")
     for dname in a.dtypes:
         dtype = getattr(torch, dname)
+        if dtype not in GROUPED_MM_DTYPES["cuda"]:
+            print(f"| {dname} | - | torch's CUDA grouped_mm takes {GROUPED_MM_DTYPES['cuda']} only: skipped |")
+            continue
         w1, w2 = dense_weights(a, dtype)
         for tokens in a.tokens:
             idx, wts, x, _ = layer_call(a, tokens, dtype, gen, per_expert_bytes)

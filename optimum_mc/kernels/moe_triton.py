@@ -12,7 +12,7 @@ block of output features, reads its expert's bit-width and the addresses of its 
 codes of any bit-width (1-8) from the int32 words at run time. gate_up gathers its input rows by token; down reads
 the rows of ``act(gate) * up`` in sorted order. The routing-weighted sum over slots is done in torch.
 
-fp16/bf16 prefill (at least ``DEQUANT_MIN_PAIRS`` pairs) takes a third path: every expert's matrix is dequantized
+bf16 prefill (at least ``DEQUANT_MIN_PAIRS`` pairs) takes a third path: every expert's matrix is dequantized
 into the input dtype (one Triton launch per expert, into one ``(E, N, K)`` buffer per projection, freed after it) and
 the sorted rows go through transformers' grouped matmul (``torch.nn.functional.grouped_mm`` where the GPU has it, its
 fallback elsewhere), i.e. the dense layer's own kernel; rows of dropped slots sort past the last offset and are
@@ -38,12 +38,15 @@ PREFILL_TILES = (128, 128, 32, 4)
 BLOCK_M = DECODE_TILES[0]
 GEMV_MAX_PAIRS = 16  # (token, slot) pairs up to which the per-pair GEMV kernel serves the call
 GEMV_TILES = (8, 128, 2)  # BLOCK_N, BLOCK_K, warps of the GEMV kernel: the fastest of 24 on an H200 at 1 and 8 tokens
-# (token, slot) pairs from which fp16/bf16 prefill dequantizes and uses the grouped matmul. Set from the H200
+# (token, slot) pairs from which bf16 prefill dequantizes and uses the grouped matmul. Set from the H200
 # numbers, not yet timed as a whole: the tiled kernel took 15.2 ms at 16 pairs and 19.1 ms at 512 where the dense
 # fp16 layer took 1.5-2.1 ms, and dequantizing all 8 experts of the layer took 13.4 ms through fp32 (dequantize_into
 # writes fp16 directly, less than half the traffic), so past 32 pairs this path should win; scripts/
 # tune_triton_moe.py --dequant times both paths to set it.
 DEQUANT_MIN_PAIRS = 32
+# input dtypes the grouped matmul takes per device type: torch's CUDA grouped_mm expects bf16 (its docstring, torch
+# 2.13); fp16 on CUDA keeps the tiled kernel. Other device types (the interpreter's CPU tensors) take both halves.
+GROUPED_MM_DTYPES = {"cuda": (torch.bfloat16,)}
 
 if TRITON_AVAILABLE:
     import triton
@@ -175,17 +178,17 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
     computes); fp32 inputs use exact fp32 dots. ``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, warps) defaults to
     ``DECODE_TILES``, or ``PREFILL_TILES`` once experts average more than BLOCK_M rows (chosen from shapes: no
     device sync). Calls of at most ``GEMV_MAX_PAIRS`` (token, slot) pairs use the per-pair GEMV kernel instead
-    (``gemv`` forces the choice); fp16/bf16 calls of at least ``DEQUANT_MIN_PAIRS`` pairs dequantize and use the
-    grouped matmul (``dequant`` forces the choice).
+    (``gemv`` forces the choice); bf16 calls (on CUDA; ``GROUPED_MM_DTYPES``) of at least ``DEQUANT_MIN_PAIRS`` pairs
+    dequantize and use the grouped matmul (``dequant`` forces the choice).
     """
     from .moe import check_index_values
 
     check_index_values(top_k_index, len(bits))
     (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
     inter = gate_up_qweight[0].shape[0] // 2
-    if dequant is None:  # half inputs only: fp32 keeps the exact fp32 dots of the tiled kernel
-        half = x.dtype in (torch.float16, torch.bfloat16)
-        dequant = half and tiles is None and not gemv and tokens * top_k >= DEQUANT_MIN_PAIRS
+    if dequant is None:  # fp32 keeps the exact fp32 dots of the tiled kernel
+        grouped = x.dtype in GROUPED_MM_DTYPES.get(x.device.type, (torch.float16, torch.bfloat16))
+        dequant = grouped and tiles is None and not gemv and tokens * top_k >= DEQUANT_MIN_PAIRS
     if dequant:
         gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
         return _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits, activation)
