@@ -171,3 +171,24 @@ def test_decode_activations_passed_at_load_is_applied(tmp_path):
         a, b = model(input_ids=ids).logits, loaded(input_ids=ids).logits
     assert not torch.equal(a, b)
     torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * a.abs().max().item())
+
+
+@needs_c
+def test_integer_dot_decode_does_not_depend_on_the_thread_count():
+    gate_up, down = _experts(BITS, hidden=1280, inter=INTER, group=64)
+    plan = _plan(gate_up, down, BITS)
+    idx, w = _routing(3, len(BITS), k=2, seed=9)
+    x = torch.randn(3, 1280, generator=torch.Generator().manual_seed(9))
+    lin = QuantLinear.from_linear(torch.nn.Linear(1280, 512, bias=False), 3, 64)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):  # large enough for the OpenMP regions to run in parallel at 2
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                lin.decode_activations = "int8"
+                q8 = lin(x)
+                lin.decode_activations = "float"
+                outs.append((plan(x, idx, w), plan(x, idx, w, int8=True), q8, lin(x)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
