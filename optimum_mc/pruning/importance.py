@@ -81,8 +81,10 @@ def odp_attention(module: nn.Module, query, key, value, attention_mask, **kwargs
 
 
 def _valid_only(query, key, mask) -> torch.Tensor | None:
-    """Non-padding current tokens ``(B, Lq)`` from the mask (None when there is no mask: all valid)."""
-    if mask is None:
+    """Non-padding current tokens ``(B, Lq)`` from the mask (None: all valid). A decode step's single token is
+    always valid (generation pads only prompts), so it needs no mask work, and the router hook can then leave the
+    rule to the experts' fused kernel."""
+    if mask is None or query.shape[2] == 1:
         return None
     lq, lk = query.shape[2], key.shape[2]
     m = mask[:, :1, :, :lk]
