@@ -640,29 +640,29 @@ static i8_range_fn i8_range(int bits, int64_t M, int64_t group_size, int limbs) 
 #undef I8_PICK_P
 }
 
-/* Buffers of the integer-dot GEMVs for P rows of x: limb planes, group scales, zero-point sums, limb counts. */
+/* Buffers of the integer-dot GEMVs for P rows of x: limb planes, group scales, zero-point sums, limb counts, in
+ * one allocation (a decode call is a few microseconds: one malloc, not four). */
 typedef struct {
     int8_t *xq;
     float *sx, *xqsf;
     uint8_t *nlimb;
     int64_t limb_stride;
+    void *block;
 } int_x;
 
 static int int_x_alloc(int_x *b, int64_t P, int64_t in_f, int64_t groups, int limbs) {
+    size_t nf = (size_t)(P * groups), nq = (size_t)(limbs * P * in_f);
     b->limb_stride = P * in_f;
-    b->xq = (int8_t *)malloc((size_t)(limbs * P * in_f));
-    b->sx = (float *)malloc(sizeof(float) * (size_t)(P * groups));
-    b->xqsf = (float *)malloc(sizeof(float) * (size_t)(P * groups));
-    b->nlimb = (uint8_t *)malloc((size_t)(P * groups));
-    return b->xq == NULL || b->sx == NULL || b->xqsf == NULL || b->nlimb == NULL ? -2 : 0;
+    b->block = malloc(sizeof(float) * 2 * nf + nq + nf);
+    if (b->block == NULL) return -2;
+    b->sx = (float *)b->block;
+    b->xqsf = b->sx + nf;
+    b->xq = (int8_t *)(b->xqsf + nf);
+    b->nlimb = (uint8_t *)(b->xq + nq);
+    return 0;
 }
 
-static void int_x_free(int_x *b) {
-    free(b->xq);
-    free(b->sx);
-    free(b->xqsf);
-    free(b->nlimb);
-}
+static void int_x_free(int_x *b) { free(b->block); }
 
 /* Rows r.. of the prepared x for a GEMV call on output rows of one matrix. */
 static i8_args int_x_args(const int_x *b, int64_t r, const uint8_t *qw, const uint16_t *sc, const uint16_t *zr,
@@ -677,33 +677,48 @@ static i8_args int_x_args(const int_x *b, int64_t r, const uint8_t *qw, const ui
 /* y (M, out_f) = x (M, in_f) @ W.T by integer dots with `limbs` (1: int8 activations, 4: fp32 decode); returns 0,
  * -1 for bad arguments, -2 when out of memory. Rows of W in blocks of 64 over the threads, each with its own
  * scratch. */
+/* Output rows [64 * b0, 64 * b1) of gemv_int for all rows of x, with the scratch fr (4 * groups floats). */
+static void gemv_int_blocks(const int_x *bx, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
+                            float *y, int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int limbs,
+                            float *fr, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t begin = 64 * b, end = begin + 64 < out_f ? begin + 64 : out_f;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) { /* four x rows per pass over the weights */
+            int64_t mm = M - m0 < 4 ? M - m0 : 4;
+            i8_args a = int_x_args(bx, m0, qweight, scales, zeros, y + m0 * out_f, out_f, in_f, group_size, fr);
+            i8_range(bits, mm, group_size, limbs)(&a, begin, end);
+        }
+    }
+}
+
 static int gemv_int(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, float *y,
                     int64_t M, int64_t out_f, int64_t in_f, int bits, int64_t group_size, int threads, int limbs) {
     if (M < 1 || i8_range(bits, 1, group_size, limbs) == NULL) return -1;
     int64_t groups = in_f / group_size, blocks = (out_f + 63) / 64;
     int_x bx;
     int rc = int_x_alloc(&bx, M, in_f, groups, limbs);
-    if (rc == 0) {
-        prepare_x_i8(x, bx.xq, bx.sx, bx.xqsf, bx.nlimb, M, in_f, group_size, limbs, bx.limb_stride);
-#pragma omp parallel num_threads(threads) if (threads > 1 && out_f * in_f * M >= (1 << 19))
-        {
-            float *fr = (float *)malloc(sizeof(float) * (size_t)(4 * groups));
-            if (fr == NULL) {
+    if (rc != 0) return rc;
+    prepare_x_i8(x, bx.xq, bx.sx, bx.xqsf, bx.nlimb, M, in_f, group_size, limbs, bx.limb_stride);
+    if (threads <= 1 || out_f * in_f * M < (1 << 19)) { /* small: no thread team (its start-up costs ~1 us) */
+        float *fr = (float *)malloc(sizeof(float) * (size_t)(4 * groups));
+        if (fr == NULL) rc = -2;
+        else gemv_int_blocks(&bx, qweight, scales, zeros, y, M, out_f, in_f, bits, group_size, limbs, fr, 0, blocks);
+        free(fr);
+        int_x_free(&bx);
+        return rc;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *fr = (float *)malloc(sizeof(float) * (size_t)(4 * groups));
+        if (fr == NULL) {
 #pragma omp atomic write
-                rc = -2;
-            }
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < blocks; b++) {
-                if (fr == NULL) continue;
-                int64_t begin = 64 * b, end = begin + 64 < out_f ? begin + 64 : out_f;
-                for (int64_t m0 = 0; m0 < M; m0 += 4) { /* four x rows per pass over the weights */
-                    int64_t mm = M - m0 < 4 ? M - m0 : 4;
-                    i8_args a = int_x_args(&bx, m0, qweight, scales, zeros, y + m0 * out_f, out_f, in_f, group_size, fr);
-                    i8_range(bits, mm, group_size, limbs)(&a, begin, end);
-                }
-            }
-            free(fr);
+            rc = -2;
         }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+            if (fr != NULL)
+                gemv_int_blocks(&bx, qweight, scales, zeros, y, M, out_f, in_f, bits, group_size, limbs, fr, b, b + 1);
+        free(fr);
     }
     int_x_free(&bx);
     return rc;
