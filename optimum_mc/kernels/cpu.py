@@ -228,15 +228,15 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
     """``qmatmul`` on a packed matrix already known to suit the C kernels (contiguous, canonical dtypes and shapes:
     checked by :func:`_fast_path`, or once by the module holding it) and ``x`` with ``in_features`` columns.
     ``int8``: a few rows (decode) go through the int8-activation GEMV (``decode_activations="int8"``)."""
-    out_f, in_f, lead = qw.shape[0], x.shape[-1], x.shape[:-1]
-    xf = x if x.dim() == 2 else x.reshape(-1, in_f)
+    out_f, in_f, flat = qw.shape[0], x.shape[-1], x.dim() == 2
+    xf = x if flat else x.reshape(-1, in_f)
     if xf.dtype != torch.float32:
         xf = xf.float()
     if not xf.is_contiguous():
         xf = xf.contiguous()
     rows = xf.shape[0]
     if rows == 0:
-        return x.new_zeros((*lead, out_f))
+        return x.new_zeros((*x.shape[:-1], out_f))
     if rows <= GEMV_MAX_ROWS:
         y = torch.empty(rows, out_f, dtype=torch.float32)
         rc = (lib.mc_gemv_i8 if int8 else lib.mc_gemv)(
@@ -251,7 +251,7 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
         y = _gemm(lib, xf, qw, s, z, bits)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.view(*lead, out_f)
+    return y if flat else y.view(*x.shape[:-1], out_f)
 
 
 def register() -> None:

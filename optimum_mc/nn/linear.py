@@ -112,10 +112,11 @@ class QuantLinear(nn.Module):
         qw, s, z = b["qweight"], b["scales"], b["zeros"]
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"x has {x.shape[-1]} features, this layer expects {self.in_features}.")
-        if x.device != qw.device:
+        on_cpu = x.is_cpu  # a flag read; comparing torch.device objects costs more than the rest of a small call
+        if on_cpu != qw.is_cpu or (not on_cpu and x.device != qw.device):
             raise DeviceMismatchError(f"x is on {x.device} but the packed weight is on {qw.device}; move one.")
         y = None
-        if x.device.type == "cpu" and x.dtype.is_floating_point and plain_eager(x) and self._cpu_kernel:
+        if on_cpu and x.dtype.is_floating_point and self._cpu_kernel and plain_eager(x):
             lib = cpu.library()  # cached
             c = self._checked
             fits = (c and c[0] is qw and c[1] is s and c[2] is z) or self._check_cpu_buffers(qw, s, z)
