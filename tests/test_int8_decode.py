@@ -192,3 +192,22 @@ def test_integer_dot_decode_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_int8_without_the_vector_kernel_warns(monkeypatch, caplog):
+    model = tiny_model("mixtral")
+    for block in [m for m in model.modules() if hasattr(m, "experts") and hasattr(m.experts, "gate_up_proj")]:
+        block.experts = MCExperts.from_float(block.experts, [2] * block.experts.gate_up_proj.shape[0], 32)
+
+    class NoVNNI:
+        def mc_i8dot_available(self):
+            return 0
+
+    monkeypatch.setattr(cpu, "library", lambda: NoVNNI())
+    with caplog.at_level("WARNING", logger="optimum_mc"):
+        optimum_mc.set_decode_activations(model, "int8")
+    assert "portable loop" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_mc"):
+        optimum_mc.set_decode_activations(model, "float")
+    assert caplog.text == ""

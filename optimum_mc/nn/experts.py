@@ -9,6 +9,7 @@ fused layout (gate and up stacked in one ``(2I, H)`` matrix, ``down`` ``(H, I)``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -227,6 +228,12 @@ def set_decode_activations(model: nn.Module, mode: str = "int8") -> int:
     modules = [m for m in model.modules() if isinstance(m, (MCExperts, QuantLinear))]
     if not modules:
         raise UnsupportedArchitectureError("the model has no MC-packed modules: quantize it with MCConfig first.")
+    lib = cpu.library()
+    if mode == "int8" and (lib is None or not lib.mc_i8dot_available()):
+        logging.getLogger(__name__).warning(
+            "optimum-mc: this CPU (or build) lacks the AVX512-VNNI/VBMI int8 kernel, so int8 decode activations run "
+            "a portable loop that is slower than the fp32 decode; keep decode_activations='float' here."
+        )
     for m in modules:
         m.decode_activations = mode
     return len(modules)
