@@ -523,6 +523,9 @@ static inline __attribute__((always_inline)) void i8_rows(const i8_args *a, int6
                                                           const int BITS, const int M, const int LIMBS) {
     int64_t groups = a->in_f / a->group_size, blocks = a->group_size / 64, row_bytes = a->in_f * BITS / 8;
     int64_t ls = a->limb_stride;
+    /* a lane sums 4 * blocks products of a code and a limb in [-64, 64]: times 128 that stays below 2^31 while
+     * blocks * max_code < 2^16 (any group of up to 16384 codes) */
+    const int pack12 = blocks * ((1 << BITS) - 1) < 65536;
     const codes64_consts cc = codes64_init(BITS);
     float *fr = a->fr;
     for (int64_t o = begin; o < end; o++) {
@@ -571,8 +574,14 @@ static inline __attribute__((always_inline)) void i8_rows(const i8_args *a, int6
             for (int m = 0; m < M; m++) {
                 __m512 d = _mm512_cvtepi32_ps(acc[m][0]);
                 if (LIMBS > 1) {
-                    __m512 low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][2]), _mm512_set1_ps(1.0f / 16384.0f),
-                                                 _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][1]), _mm512_set1_ps(1.0f / 128.0f)));
+                    __m512 low;
+                    if (pack12) { /* 128 * l1-sum + l2-sum in int32: one conversion instead of two */
+                        __m512i l12 = _mm512_add_epi32(_mm512_slli_epi32(acc[m][1], 7), acc[m][2]);
+                        low = _mm512_mul_ps(_mm512_cvtepi32_ps(l12), _mm512_set1_ps(1.0f / 16384.0f));
+                    } else {
+                        low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][2]), _mm512_set1_ps(1.0f / 16384.0f),
+                                              _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][1]), _mm512_set1_ps(1.0f / 128.0f)));
+                    }
                     if (four[m])
                         low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][3]), _mm512_set1_ps(1.0f / 2097152.0f), low);
                     d = _mm512_add_ps(d, low);
