@@ -53,6 +53,16 @@ def _assert_base_unchanged(pm, before: dict) -> None:
         assert torch.equal(b, before[n.replace(".base_layer", "")]), n
 
 
+def _wrap_lora(model, base_type):
+    """``(peft model, buffers before)``: LoRA on TARGETS, every adapter wrapping a ``base_type`` base layer."""
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    config = prepare_lora_config(peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    pm = peft.get_peft_model(model, config)
+    wrapped = [m for m in pm.modules() if isinstance(m, MCLoraLinear)]
+    assert len(wrapped) == len(TARGETS) * 2 and all(isinstance(m.base_layer, base_type) for m in wrapped)
+    return pm, before
+
+
 def test_quantizer_reports_trainable(quantized):
     _, model = quantized
     assert model.hf_quantizer.is_trainable and not model.hf_quantizer.is_qat_trainable
@@ -63,11 +73,7 @@ def test_lora_trains_on_mc_model_and_packed_weights_stay(quantized, tmp_path):
     model.save_pretrained(tmp_path / "mc")
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
     assert isinstance(model.model.layers[0].mlp.experts, MCExperts)
-    before = {n: b.clone() for n, b in model.named_buffers()}
-    config = prepare_lora_config(peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-    pm = peft.get_peft_model(model, config)
-    wrapped = [m for m in pm.modules() if isinstance(m, MCLoraLinear)]
-    assert len(wrapped) == len(TARGETS) * 2 and all(isinstance(m.base_layer, QuantLinear) for m in wrapped)
+    pm, before = _wrap_lora(model, QuantLinear)
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -134,11 +140,7 @@ def test_lora_on_nf4_attention(tmp_path):
         path, quantization_config=MCConfig(**QUICK, nonexpert_method="bnb_nf4")
     )
     assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
-    before = {n: b.clone() for n, b in model.named_buffers()}
-    config = prepare_lora_config(peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-    pm = peft.get_peft_model(model, config)
-    wrapped = [m for m in pm.modules() if isinstance(m, MCLoraLinear)]
-    assert len(wrapped) == len(TARGETS) * 2 and all(isinstance(m.base_layer, NF4Linear) for m in wrapped)
+    pm, before = _wrap_lora(model, NF4Linear)
     batch = _batch(path)
     losses = _train(pm, batch)
     assert losses[-1] < 0.9 * losses[0], losses
