@@ -148,3 +148,42 @@ def test_triton_moe_matches_reference_under_interpreter():
     done = subprocess.run([sys.executable, "-c", MOE_CHECK], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+MOE_PROJECTION_CHECK = r"""
+import torch
+from optimum_mc.group_quant import rtn_quantize
+from optimum_mc.kernels.moe_triton import triton_moe
+from optimum_mc.kernels.reference import moe_reference
+from optimum_mc.packing import pack
+
+g = torch.Generator().manual_seed(1)
+gu_bits, dn_bits = [1, 2, 3, 4], [3, 4, 1, 2]  # every expert's down matrix at another width than its gate/up
+E, H, I = 4, 64, 96
+gu, dn = [], []
+for bg, bd in zip(gu_bits, dn_bits):
+    q, s, z = rtn_quantize(torch.randn(2 * I, H, generator=g) * 0.1, bg, 32)
+    gu.append((pack(q, bg), s, z))
+    q, s, z = rtn_quantize(torch.randn(H, I, generator=g) * 0.1, bd, 32)
+    dn.append((pack(q, bd), s, z))
+lists = [[m[j] for m in gu] for j in range(3)] + [[m[j] for m in dn] for j in range(3)]
+bits = gu_bits + dn_bits
+for tokens, gemv, dequant in ((1, None, None), (12, False, None), (5, None, True)):  # GEMV, tiled, dequantize
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    x = torch.randn(tokens, H, generator=g)
+    ref = moe_reference(x, idx, w, gu, dn, bits, "silu")
+    got = triton_moe(x, idx, w, *lists, bits, "silu", gemv=gemv, dequant=dequant)
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item() + 1e-6, (tokens, err)
+print("ok")
+"""
+
+
+def test_triton_moe_reads_per_projection_widths_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", MOE_PROJECTION_CHECK], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..bitwidths import from_op_bits
 from .activations import ACTIVATIONS
 
 _FROZEN = None  # the gradient of a packed buffer, an int, or a string: none
@@ -47,18 +48,19 @@ def _moe_setup(ctx, inputs, output) -> None:
 
 def _moe_backward(ctx, grad: torch.Tensor):
     x, top_k_index, top_k_weights, *packed = ctx.saved_tensors
-    n = len(ctx.bits)
+    n = len(packed) // 6
+    gu_bits, dn_bits = from_op_bits(ctx.bits, n)
     gq, gs, gz, dq, ds, dz = (packed[i * n : (i + 1) * n] for i in range(6))
     act = ACTIVATIONS[ctx.activation]
     want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     grad_w = torch.zeros(top_k_weights.shape, dtype=torch.float32, device=x.device)
     g = grad.float()
-    for e, b in enumerate(ctx.bits):
+    for e in range(n):
         token, slot = torch.where(top_k_index == e)
         if token.numel() == 0:
             continue
-        w_gu, w_dn = _dequant(gq[e], gs[e], gz[e], b), _dequant(dq[e], ds[e], dz[e], b)
+        w_gu, w_dn = _dequant(gq[e], gs[e], gz[e], gu_bits[e]), _dequant(dq[e], ds[e], dz[e], dn_bits[e])
         with torch.enable_grad():
             h = x[token].detach().float().requires_grad_(want_x)
             gate, up = (h @ w_gu.t()).chunk(2, dim=-1)

@@ -922,7 +922,8 @@ static void odp_rule(const int64_t *idx, const float *w, int64_t T, int64_t K, i
 /* Returns 0, -1 for an unsupported bit-width, -2 when out of memory, -3 for an index outside [0, E].
  * odp_threshold > 0 applies ODP's rule to the routing first; odp_counts (E + 3 int64, or NULL) accumulates ODP's
  * statistics: slots evaluated per expert [0, E), dropped slots [E], tokens [E + 2]. int8_act != 0 rounds the
- * GEMVs' inputs to int8 per group (the int8-activation GEMV above); 0 keeps them fp32. */
+ * GEMVs' inputs to int8 per group (the int8-activation GEMV above); 0 keeps them fp32. bits holds 2E widths: the
+ * gate/up matrices' (bits[e]), then the down matrices' (bits[E + e]). */
 int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, const float *w_in, const int64_t *gq,
                   const int64_t *gs, const int64_t *gz, const int64_t *dq, const int64_t *ds, const int64_t *dz,
                   const int32_t *bits, int64_t E, int64_t H, int64_t I, int64_t group_gu, int64_t group_dn, int act,
@@ -972,7 +973,7 @@ int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, c
                 float *hr = h + r * 2 * I, *ar = h + r * I; /* act(gate) * up, compacted in place into (P, I) */
                 for (int64_t j = 0; j < I; j++) ar[j] = activate(hr[j], act) * hr[I + j];
             }
-            rc = mc_moe_gemv(h, dq, ds, dz, bits, start, count, E, y, H, I, group_dn, threads, int8_act);
+            rc = mc_moe_gemv(h, dq, ds, dz, bits + E, start, count, E, y, H, I, group_dn, threads, int8_act);
         }
         if (rc == 0) {
             for (int64_t r = 0; r < P; r++) {

@@ -1,10 +1,11 @@
 """``optimum_mc::moe``: one op for a whole mixed-precision MoE layer (all experts, both projections, routing sum).
 
 Schema: ``moe(x (T, H), top_k_index (T, K), top_k_weights (T, K), gate_up_{qweight,scales,zeros}: E tensors each,
-down_{qweight,scales,zeros}: E tensors each, bits: E ints, activation: str) -> (T, H)`` in ``x.dtype``: for every
+down_{qweight,scales,zeros}: E tensors each, bits: E or 2E ints, activation: str) -> (T, H)`` in ``x.dtype``: for every
 token ``sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = top_k_index[t, k]``; a slot whose index is
 ``E`` (dropped by online dynamic pruning) contributes nothing and costs nothing. Expert ``e``'s fused ``(2I, H)``
-gate/up matrix and ``(I, H)``-input down matrix are packed at ``bits[e]`` bits (docs/format.md), so one call mixes
+gate/up matrix and ``(I, H)``-input down matrix are packed at ``bits[e]`` bits (docs/format.md), or, with ``2E``
+widths, at ``bits[e]`` and ``bits[E + e]`` (per-projection allocation, :mod:`optimum_mc.bitwidths`), so one call mixes
 bit-widths. Intermediates are fp32.
 
 The default implementation (every device) is the pure-torch reference; ``kernels/moe_cpu.py`` and
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..bitwidths import from_op_bits
 from ..errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError, UnsupportedArchitectureError
 from .activations import ACTIVATIONS
 from .eager import plain_eager
@@ -42,7 +44,7 @@ def _moe_op(
     bits: list[int],
     activation: str,
 ) -> torch.Tensor:
-    check_index_values(top_k_index, len(bits))
+    check_index_values(top_k_index, len(gate_up_qweight))
     gate_up = list(zip(gate_up_qweight, gate_up_scales, gate_up_zeros))
     down = list(zip(down_qweight, down_scales, down_zeros))
     return moe_reference(x, top_k_index, top_k_weights, gate_up, down, bits, activation)
@@ -72,13 +74,15 @@ def check_index_values(top_k_index: torch.Tensor, num_experts: int) -> None:
 
 
 def check_experts(gate_up: Sequence[Packed], down: Sequence[Packed], bits: Sequence[int]) -> tuple[int, int]:
-    """Validate every expert's packed matrices once (at construction / load); return ``(hidden, intermediate)``."""
-    if not (len(gate_up) == len(down) == len(bits)) or not bits:
+    """Validate every expert's packed matrices once (at construction / load); return ``(hidden, intermediate)``.
+    ``bits``: ``E`` widths, or ``2E`` (gate/up then down)."""
+    if len(gate_up) != len(down) or not gate_up or len(bits) not in (len(gate_up), 2 * len(gate_up)):
         raise ShapeError(f"got {len(gate_up)} gate_up, {len(down)} down matrices and {len(bits)} bit-widths.")
+    gu_bits, dn_bits = from_op_bits(bits, len(gate_up))
     shapes = set()
-    for e, b in enumerate(bits):
-        h = check_packed(*gate_up[e], b)
-        i = check_packed(*down[e], b)
+    for e, (bg, bd) in enumerate(zip(gu_bits, dn_bits)):
+        h = check_packed(*gate_up[e], bg)
+        i = check_packed(*down[e], bd)
         two_i, h_out = gate_up[e][0].shape[0], down[e][0].shape[0]
         if two_i != 2 * i or h_out != h:
             raise ShapeError(f"expert {e}: gate_up is {two_i}x{h} and down {h_out}x{i}; need (2I, H) and (H, I).")

@@ -18,6 +18,7 @@ import ctypes
 
 import torch
 
+from ..bitwidths import from_op_bits
 from . import cpu
 from .activations import ACTIVATIONS
 from .moe import check_index_values, register_eager
@@ -123,20 +124,21 @@ class DecodePlan:
         gq, gs, gz, dq, ds, dz = lists
         self.tensors = [t for lst in lists for t in lst]
         self.addresses = [t.data_ptr() for t in self.tensors]
-        self.num_experts, self.activation = len(bits), activation
-        self.hidden, self.inter = gq[0].shape[1] * 32 // bits[0], gq[0].shape[0] // 2
+        self.num_experts, self.activation = len(gq), activation
+        gu_bits, dn_bits = from_op_bits(bits, len(gq))
+        self.hidden, self.inter = gq[0].shape[1] * 32 // gu_bits[0], gq[0].shape[0] // 2
         lib = cpu.library()
         self.ok = (
             lib is not None
             and activation in ACT_CODES
             and self.inter > 0
-            and (checked or _fits(gq, gs, gz, bits, 2 * self.inter, self.hidden))
-            and (checked or _fits(dq, ds, dz, bits, self.hidden, self.inter))
+            and (checked or _fits(gq, gs, gz, gu_bits, 2 * self.inter, self.hidden))
+            and (checked or _fits(dq, ds, dz, dn_bits, self.hidden, self.inter))
         )
         if self.ok:
             self.lib = lib
             self.tables = tuple(_ptrs(t) for t in lists)
-            self.bits = (ctypes.c_int32 * len(bits))(*bits)
+            self.bits = (ctypes.c_int32 * (2 * len(gq)))(*gu_bits, *dn_bits)  # mc_moe_decode: gate/up, then down
             self.groups = (self.hidden // gs[0].shape[1], self.inter // ds[0].shape[1])
 
     def matches(self, lists: tuple[list[torch.Tensor], ...]) -> bool:
@@ -184,7 +186,8 @@ def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activat
 
 def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
     """Many tokens: pairs sorted by expert, grouped GEMV for experts with few rows, dequantize + BLAS for the rest."""
-    num_experts, (tokens, k) = len(bits), top_k_index.shape
+    num_experts, (tokens, k) = len(gu[0]), top_k_index.shape
+    gu_bits, dn_bits = from_op_bits(bits, num_experts)
     check_index_values(top_k_index, num_experts)
     flat = top_k_index.reshape(-1).long()
     counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
@@ -197,11 +200,11 @@ def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activa
     xg = x.index_select(0, token)
     xg = xg.contiguous() if keep_bf16 else xg.float().contiguous()
     inter = gu[0][0].shape[0] // 2
-    h = _grouped_linear(lib, xg, *gu, bits, starts, counts, 2 * inter)
+    h = _grouped_linear(lib, xg, *gu, gu_bits, starts, counts, 2 * inter)
     h = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
     if keep_bf16:
         h = h.to(torch.bfloat16)
-    y = _grouped_linear(lib, h.contiguous(), *dn, bits, starts, counts, x.shape[1])
+    y = _grouped_linear(lib, h.contiguous(), *dn, dn_bits, starts, counts, x.shape[1])
     y *= top_k_weights.reshape(-1).index_select(0, pairs).float().unsqueeze(1)
     out = torch.zeros(tokens, x.shape[1], dtype=torch.float32)
     out.index_add_(0, token, y)
@@ -214,15 +217,16 @@ def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate
     lib = cpu.library()
     gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
     hidden, inter = x.shape[-1], (gate_up_qweight[0].shape[0] // 2 if gate_up_qweight else 0)
+    gu_bits, dn_bits = from_op_bits(bits, len(gate_up_qweight))
     if (
         lib is None
         or x.dim() != 2
         or activation not in ACT_CODES
         or not inter
-        or not _fits(*gu, bits, 2 * inter, hidden)
-        or not _fits(*dn, bits, hidden, inter)
+        or not _fits(*gu, gu_bits, 2 * inter, hidden)
+        or not _fits(*dn, dn_bits, hidden, inter)
     ):
-        check_index_values(top_k_index, len(bits))
+        check_index_values(top_k_index, len(gate_up_qweight))
         return moe_reference(x, top_k_index, top_k_weights, list(zip(*gu)), list(zip(*dn)), bits, activation)
     if x.shape[0] <= cpu.GEMV_MAX_ROWS:
         return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)

@@ -25,6 +25,7 @@ import functools
 
 import torch
 
+from ..bitwidths import from_op_bits
 from .activations import ACTIVATIONS
 from .triton import TRITON_AVAILABLE, half_mode
 
@@ -183,7 +184,9 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
     """
     from .moe import check_index_values
 
-    check_index_values(top_k_index, len(bits))
+    experts = len(gate_up_qweight)
+    check_index_values(top_k_index, experts)
+    gu_bits, dn_bits = from_op_bits(bits, experts)
     (tokens, hidden), top_k = x.shape, top_k_index.shape[1]
     inter = gate_up_qweight[0].shape[0] // 2
     if dequant is None:  # fp32 keeps the exact fp32 dots of the tiled kernel
@@ -191,16 +194,16 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
         dequant = grouped and tiles is None and not gemv and tokens * top_k >= DEQUANT_MIN_PAIRS
     if dequant:
         gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
-        return _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits, activation)
+        return _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, (gu_bits, dn_bits), activation)
     if gemv is None:
         gemv = tiles is None and tokens * top_k <= GEMV_MAX_PAIRS
     if gemv:
-        project, to_pairs, mid_dtype = _gemv_launcher(x, top_k_index, len(bits))
+        project, to_pairs, mid_dtype = _gemv_launcher(x, top_k_index, experts)
     else:
-        project, to_pairs = _tiled_launcher(x, top_k_index, len(bits), tiles)
+        project, to_pairs = _tiled_launcher(x, top_k_index, experts, tiles)
         mid_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    gu = _tables(gate_up_qweight, gate_up_scales, gate_up_zeros, bits, x.device)
-    dn = _tables(down_qweight, down_scales, down_zeros, bits, x.device)
+    gu = _tables(gate_up_qweight, gate_up_scales, gate_up_zeros, gu_bits, x.device)
+    dn = _tables(down_qweight, down_scales, down_zeros, dn_bits, x.device)
     h = project(x.contiguous(), gu, 2 * inter, hidden, gate_up_scales[0].shape[1], True)
     a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).to(mid_dtype).contiguous()
     y = to_pairs(project(a, dn, hidden, inter, down_scales[0].shape[1], False))
@@ -218,11 +221,13 @@ def _dequantized(lists, bits: list[int], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
-    """Prefill: dequantize each projection of all experts, then transformers' grouped matmul on the sorted rows."""
+def _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits: tuple[list[int], list[int]],
+                     activation: str) -> torch.Tensor:  # fmt: skip
+    """Prefill: dequantize each projection of all experts, then transformers' grouped matmul on the sorted rows.
+    ``bits``: the gate/up and the down widths."""
     from transformers.integrations.moe import _grouped_linear
 
-    experts, (tokens, top_k) = len(bits), top_k_index.shape
+    experts, (tokens, top_k) = len(gu[0]), top_k_index.shape
     dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     flat = top_k_index.reshape(-1)
     sorted_e, perm = torch.sort(flat, stable=True)  # dropped slots (index E) sort last
@@ -231,9 +236,9 @@ def _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits: list[int], act
     dropped = (sorted_e >= experts).unsqueeze(-1)  # rows past the last offset: left unwritten by the kernel
     rows = x.to(dtype)[perm // top_k]
     inter = gu[0][0].shape[0] // 2
-    h = _grouped_linear(rows, _dequantized(gu, bits, dtype), offsets).masked_fill(dropped, 0)
+    h = _grouped_linear(rows, _dequantized(gu, bits[0], dtype), offsets).masked_fill(dropped, 0)
     a = (ACTIVATIONS[activation](h[:, :inter].float()) * h[:, inter:].float()).to(dtype)
-    y = _grouped_linear(a, _dequantized(dn, bits, dtype), offsets).float()
+    y = _grouped_linear(a, _dequantized(dn, bits[1], dtype), offsets).float()
     y = y.masked_fill(dropped, 0) * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
     out = torch.zeros(tokens, x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, perm // top_k, y)

@@ -36,20 +36,23 @@ def moe_reference(
 ) -> torch.Tensor:
     """The fused MoE op, expert by expert: ``sum_slots w * down(act(gate) * up)`` in fp32, cast to ``x.dtype``.
 
-    ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed ``(qweight, scales, zeros)`` at ``bits[e]`` bits; slots
-    whose index is ``len(bits)`` (dropped by online dynamic pruning) are skipped.
+    ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed ``(qweight, scales, zeros)``; ``bits`` holds ``E`` widths
+    (both projections) or ``2E`` (gate/up widths, then down widths: :func:`~optimum_mc.bitwidths.op_bits`). Slots
+    whose index is ``E`` (dropped by online dynamic pruning) are skipped.
     """
+    from ..bitwidths import from_op_bits
     from .activations import ACTIVATIONS
 
     act = ACTIVATIONS[activation]
+    gu_bits, dn_bits = from_op_bits(bits, len(gate_up))
     xf = x.float()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e, b in enumerate(bits):
+    for e, (bg, bd) in enumerate(zip(gu_bits, dn_bits)):
         token, slot = torch.where(top_k_index == e)
         if token.numel() == 0:
             continue
-        h = xf[token] @ dequantize_reference(*gate_up[e], b, torch.float32).t()
+        h = xf[token] @ dequantize_reference(*gate_up[e], bg, torch.float32).t()
         gate, up = h.chunk(2, dim=-1)
-        y = (act(gate) * up) @ dequantize_reference(*down[e], b, torch.float32).t()
+        y = (act(gate) * up) @ dequantize_reference(*down[e], bd, torch.float32).t()
         out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
     return out.to(x.dtype)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..bitwidths import ExpertBits, join, op_bits, split
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from ..kernels import activation_name, check_routing, cpu, moe_op
 from ..kernels.eager import plain_eager
@@ -27,10 +28,11 @@ QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class PackedExpert(nn.Module):
     """One expert: fused gate/up and down projections as :class:`QuantLinear`."""
 
-    def __init__(self, hidden: int, inter: int, bits: int, group_size: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, hidden: int, inter: int, bits: ExpertBits, group_size: int, dtype: torch.dtype, device) -> None:
         super().__init__()
-        self.gate_up = QuantLinear(hidden, 2 * inter, bits, group_size, dtype=dtype, device=device)
-        self.down = QuantLinear(inter, hidden, bits, group_size, dtype=dtype, device=device)
+        gu_bits, dn_bits = split(bits)
+        self.gate_up = QuantLinear(hidden, 2 * inter, gu_bits, group_size, dtype=dtype, device=device)
+        self.down = QuantLinear(inter, hidden, dn_bits, group_size, dtype=dtype, device=device)
 
 
 def float_experts_shape(module: nn.Module) -> tuple[int, int, int]:
@@ -53,7 +55,8 @@ def float_experts_shape(module: nn.Module) -> tuple[int, int, int]:
 
 
 class MCExperts(nn.Module):
-    """Mixed-precision experts: expert ``e`` is stored at ``bits[e]`` bits."""
+    """Mixed-precision experts: expert ``e`` is stored at ``bits[e]`` bits (an ``int``, or ``[gate_up, down]`` with
+    per-projection widths, :mod:`~optimum_mc.bitwidths`)."""
 
     def __init__(
         self,
@@ -70,7 +73,9 @@ class MCExperts(nn.Module):
         if len(bits) != num_experts:
             raise CheckpointError(f"got {len(bits)} bit-widths for {num_experts} experts.")
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
-        self.bits, self.group_size, self.act_fn, self.dtype = list(bits), group_size, act_fn, dtype
+        self.bits = [join(*split(b)) for b in bits]
+        self.group_size, self.act_fn, self.dtype = group_size, act_fn, dtype
+        self.op_bits = op_bits(self.bits)  # the fused op's bits argument (E or 2E ints)
         self.packed = nn.ModuleList(
             PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device) for b in bits
         )
@@ -88,10 +93,11 @@ class MCExperts(nn.Module):
         dtype, device = module.gate_up_proj.dtype, module.gate_up_proj.device
         new = cls(e, h, i, bits, group_size, module.act_fn, dtype, device)
         for k, b in enumerate(bits):
+            gu_bits, dn_bits = split(b)
             new.set_expert(
                 k,
-                gate_up=rtn_quantize(module.gate_up_proj[k].detach(), b, group_size),
-                down=rtn_quantize(module.down_proj[k].detach(), b, group_size),
+                gate_up=rtn_quantize(module.gate_up_proj[k].detach(), gu_bits, group_size),
+                down=rtn_quantize(module.down_proj[k].detach(), dn_bits, group_size),
             )
         return new
 
@@ -148,7 +154,7 @@ class MCExperts(nn.Module):
         plan = self._decode_plan(hidden_states, weights)
         if plan is not None:
             return plan(hidden_states, top_k_index, top_k_weights, int8=self.decode_activations == "int8")
-        return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.bits, self.activation)
+        return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.op_bits, self.activation)
 
     def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> DecodePlan | None:
         """The CPU decode kernel's cached plan for a plain-eager CPU decode step, else None (the op's dispatch)."""
@@ -156,7 +162,7 @@ class MCExperts(nn.Module):
             return None
         plan = self.__dict__.get("_mc_decode_plan")
         if plan is None or not plan.matches(weights):
-            plan = DecodePlan(weights, self.bits, self.activation)
+            plan = DecodePlan(weights, self.op_bits, self.activation)
             self.__dict__["_mc_decode_plan"] = plan
         return plan if plan.ok else None
 

@@ -1,0 +1,67 @@
+"""An expert's bit-width: one width for both projections, or one per projection.
+
+With ``MCConfig(allocation_granularity="projection")`` an expert's fused gate/up matrix ``(2I, H)`` and its down
+matrix ``(H, I)`` get their own widths. An expert's width is then written ``[gate_up, down]``, and a plain ``int``
+when both are equal (the only form of ``"expert"`` granularity and of older checkpoints), in ``config.json``
+(``quantization_config.expert_bits``) as everywhere else. The gate/up matrix holds 2/3 of the expert's weights,
+so its width counts twice in averages and budgets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import CheckpointError, ShapeError
+
+ExpertBits = int | list[int]  # both projections at one width, or [gate_up, down]
+PROJECTION_UNITS = (2, 1)  # weights of gate/up and down, in units of I * H
+
+
+def split(bits: ExpertBits) -> tuple[int, int]:
+    """``(gate_up, down)`` widths of an expert's bit-width; typed error for anything else."""
+    if isinstance(bits, bool):
+        raise CheckpointError(f"an expert bit-width must be an int or [gate_up, down], got {bits!r}.")
+    if isinstance(bits, int):
+        return bits, bits
+    if isinstance(bits, (list, tuple)) and len(bits) == 2 and all(_is_int(b) for b in bits):
+        return int(bits[0]), int(bits[1])
+    raise CheckpointError(f"an expert bit-width must be an int or [gate_up, down], got {bits!r}.")
+
+
+def _is_int(b: object) -> bool:
+    return isinstance(b, int) and not isinstance(b, bool)
+
+
+def join(gate_up: int, down: int) -> ExpertBits:
+    """The canonical form: an ``int`` when both widths are equal, else ``[gate_up, down]``."""
+    return int(gate_up) if gate_up == down else [int(gate_up), int(down)]
+
+
+def mean_bits(bits: ExpertBits) -> float:
+    """Code bits per weight of one expert (gate/up counts twice: it holds 2/3 of the weights)."""
+    gu, dn = split(bits)
+    return (PROJECTION_UNITS[0] * gu + PROJECTION_UNITS[1] * dn) / sum(PROJECTION_UNITS)
+
+
+def op_bits(bits: Sequence[ExpertBits]) -> list[int]:
+    """The ``bits`` argument of ``optimum_mc::moe``: ``E`` ints when every expert has one width for both
+    projections, else ``2E`` (the gate/up widths, then the down widths)."""
+    pairs = [split(b) for b in bits]
+    gu, dn = [p[0] for p in pairs], [p[1] for p in pairs]
+    return gu if gu == dn else gu + dn
+
+
+def label(bits: ExpertBits) -> str:
+    """Short display form: ``"3"`` or ``"2/3"`` (gate/up / down)."""
+    gu, dn = split(bits)
+    return str(gu) if gu == dn else f"{gu}/{dn}"
+
+
+def from_op_bits(bits: Sequence[int], num_experts: int) -> tuple[list[int], list[int]]:
+    """Inverse of :func:`op_bits`: the gate/up and the down widths of ``num_experts`` experts."""
+    bits = [int(b) for b in bits]
+    if len(bits) == num_experts:
+        return bits, bits
+    if len(bits) == 2 * num_experts:
+        return bits[:num_experts], bits[num_experts:]
+    raise ShapeError(f"got {len(bits)} bit-widths for {num_experts} experts; need {num_experts} or {2 * num_experts}.")
