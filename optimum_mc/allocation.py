@@ -53,12 +53,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .bitwidths import PROJECTION_UNITS, ExpertBits, join, mean_bits, split
 from .errors import CalibrationError, MCConfigError, ShapeError
 
 logger = logging.getLogger(__name__)
 
 MODES = ("layer", "global", "random", "frequency", "hessian")
 SOLVERS = ("cp-sat", "dp")
+GRANULARITIES = ("expert", "projection")
 _COST_RESOLUTION = 1e12  # integer units of the largest (shifted) cost in one program
 _INT_LIMIT = 2**60  # the sum of all integer costs stays below this
 
@@ -70,11 +72,14 @@ class ExpertFactors:
     frequency: ``(E,)`` activation frequency (any positive scale; normalized per layer).
     weight_mass: ``(E,)`` routing-weight mass (any positive scale; normalized per layer).
     loss: ``(E, C)`` quantization loss per candidate width (ascending candidate order).
+    projection_loss: ``(E, 2, C)`` the loss with only the gate/up (``[:, 0]``) or only the down (``[:, 1]``)
+        projection quantized; needed by ``granularity="projection"`` only.
     """
 
     frequency: torch.Tensor
     weight_mass: torch.Tensor
     loss: torch.Tensor
+    projection_loss: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -211,11 +216,15 @@ def _required_flags(cb: list[int], constraints: bool) -> tuple[list[int], int]:
     return [(1 << req.index(b)) if b in req else 0 for b in cb], len(req)
 
 
-def _layer_table(costs: np.ndarray, cb: list[int], cap: int, constraints: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Exact multiple-choice-knapsack DP of one layer over (experts, total bits, required-width flags).
+def _layer_table(
+    costs: np.ndarray, cb: list[int], cap: int, constraints: bool, units: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact multiple-choice-knapsack DP of one layer over (items, total bits, required-width flags).
 
-    Returns ``best (cap + 1,)``: the minimum cost of the layer with exactly ``t`` bits and every required width
-    used (``inf`` where impossible), and ``choice (E, masks, cap + 1)`` for :func:`_layer_backtrack`.
+    Item ``e`` at width ``b`` uses ``units[e] * b`` of the budget (1 for a whole expert; 2 / 1 for an expert's
+    gate/up / down projection, which hold 2/3 and 1/3 of its weights). Returns ``best (cap + 1,)``: the minimum
+    cost of the layer with exactly ``t`` budget units and every required width used (``inf`` where impossible),
+    and ``choice (E, masks, cap + 1)`` for :func:`_layer_backtrack`.
     """
     flags, num_req = _required_flags(cb, constraints)
     masks = 1 << num_req
@@ -225,7 +234,8 @@ def _layer_table(costs: np.ndarray, cb: list[int], cap: int, constraints: bool) 
     choice = np.zeros((num_e, masks, cap + 1), dtype=np.int16)
     for e in range(num_e):
         new = np.full_like(dp, np.inf)
-        for j, b in enumerate(cb):
+        for j, width in enumerate(cb):
+            b = width * (1 if units is None else int(units[e]))
             if b > cap:
                 continue
             for m in range(masks):
@@ -238,7 +248,7 @@ def _layer_table(costs: np.ndarray, cb: list[int], cap: int, constraints: bool) 
     return dp[masks - 1], choice
 
 
-def _layer_backtrack(choice: np.ndarray, cb: list[int], total: int) -> list[int]:
+def _layer_backtrack(choice: np.ndarray, cb: list[int], total: int, units: np.ndarray | None = None) -> list[int]:
     """The widths of the optimal layer allocation with ``total`` bits from :func:`_layer_table`'s choices."""
     masks = choice.shape[1]
     m, t = masks - 1, total
@@ -247,18 +257,29 @@ def _layer_backtrack(choice: np.ndarray, cb: list[int], total: int) -> list[int]
         code = int(choice[e, m, t])
         j, m = divmod(code, masks)
         bits[e] = cb[j]
-        t -= cb[j]
+        t -= cb[j] * (1 if units is None else int(units[e]))
     return bits
 
 
-def solve_dp(costs: list[np.ndarray], candidate_bits: list[int], total: int, constraints: bool) -> list[list[int]]:
-    """Exact minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits (summed over layers).
+def solve_dp(
+    costs: list[np.ndarray],
+    candidate_bits: list[int],
+    total: int,
+    constraints: bool,
+    units: list[np.ndarray] | None = None,
+) -> list[list[int]]:
+    """Exact minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits (summed over layers;
+    item ``e`` of layer ``l`` at width ``b`` counts ``units[l][e] * b``, 1 when ``units`` is None).
 
     Each layer's table gives its minimum cost for every exact bit total; the layers are then combined by a
     min-plus convolution over totals. Costs are compared in float64, ties go to the first choice found.
     """
     cb = sorted(candidate_bits)
-    tables = [_layer_table(c, cb, min(total, cb[-1] * c.shape[0]), constraints) for c in costs]
+    units = units or [None] * len(costs)
+    tables = [
+        _layer_table(c, cb, min(total, cb[-1] * _units_sum(c.shape[0], u)), constraints, u)
+        for c, u in zip(costs, units)
+    ]
     acc = np.zeros(1)
     splits = []
     for best, _ in tables:
@@ -278,11 +299,34 @@ def solve_dp(costs: list[np.ndarray], candidate_bits: list[int], total: int, con
     if total >= len(acc) or not np.isfinite(acc[total]):
         raise MCConfigError(f"no allocation reaches exactly {total} bits with candidate_bits={cb}.")
     out, t = [], total
-    for (_, choice), arg in zip(reversed(tables), reversed(splits)):
+    for (_, choice), arg, u in zip(reversed(tables), reversed(splits), reversed(units)):
         s = int(arg[t])
-        out.append(_layer_backtrack(choice, cb, s))
+        out.append(_layer_backtrack(choice, cb, s, u))
         t -= s
     return out[::-1]
+
+
+def _units_sum(num_items: int, units: np.ndarray | None) -> int:
+    return num_items if units is None else int(np.sum(units))
+
+
+def reachable_totals(
+    num_items: list[int], candidate_bits: list[int], constraints: bool, units: list[np.ndarray] | None, cap: int
+) -> np.ndarray:
+    """Boolean ``(cap + 1,)``: which exact totals the layers can reach (every layer's constraints met)."""
+    units = units or [None] * len(num_items)
+    acc = np.zeros(1, dtype=bool)
+    acc[0] = True
+    for n, u in zip(num_items, units):
+        best, _ = _layer_table(np.zeros((n, len(candidate_bits))), sorted(candidate_bits), cap, constraints, u)
+        layer = np.isfinite(best)
+        new = np.zeros(min(cap, len(acc) - 1 + len(layer) - 1) + 1, dtype=bool)
+        for s in np.flatnonzero(layer):
+            m = min(len(acc), len(new) - s)
+            if m > 0:
+                new[s : s + m] |= acc[:m]
+        acc = new
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------------- solvers
@@ -304,6 +348,7 @@ def _cpsat(
     constraints: bool,
     hint: list[list[int]] | None,
     time_limit: float,
+    units: list[np.ndarray] | None = None,
 ) -> tuple[list[list[int]] | None, str]:
     """CP-SAT on integer-scaled costs, hinted with ``hint`` (if any); returns its best allocation (``hint`` when it
     found none) and status name."""
@@ -328,7 +373,7 @@ def _cpsat(
                 if hint is not None:
                     model.add_hint(row[j], hint[li][e] == b)
                 bit_vars.append(row[j])
-                bit_coefs.append(b)
+                bit_coefs.append(b * (1 if units is None else int(units[li][e])))
                 if ic[e, j]:
                     obj_vars.append(row[j])
                     obj_coefs.append(int(ic[e, j]))
@@ -358,8 +403,10 @@ def _solve(
     solver: str = "cp-sat",
     time_limit: float = 60.0,
     report: list[SolveReport] | None = None,
+    units: list[np.ndarray] | None = None,
 ) -> list[list[int]]:
-    """Minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits.
+    """Minimum-cost allocation of the layers in ``costs`` with exactly ``total`` bits (``units``: see
+    :func:`solve_dp`).
 
     ``"dp"``: the exact dynamic program alone. ``"cp-sat"`` (solver of record): OR-Tools CP-SAT, hinted with the
     DP optimum, proves (or improves) it within ``time_limit`` seconds; a stop before proof is logged as a warning
@@ -367,10 +414,10 @@ def _solve(
     """
     cb = sorted(candidate_bits)
     t0 = time.perf_counter()
-    bits = solve_dp(costs, cb, total, constraints)
+    bits = solve_dp(costs, cb, total, constraints, units)
     status = "OPTIMAL"
     if solver == "cp-sat":
-        bits, status = _cpsat(costs, cb, total, constraints, bits, time_limit)
+        bits, status = _cpsat(costs, cb, total, constraints, bits, time_limit, units)
         if status != "OPTIMAL":
             logger.warning(
                 "bit allocation: CP-SAT stopped with status %s after %.1fs (allocation_time_limit); using its best "
@@ -429,15 +476,23 @@ def allocate_bits(
     solver: str = "cp-sat",
     time_limit: float = 60.0,
     report: list[SolveReport] | None = None,
-) -> list[list[int]]:
+    granularity: str = "expert",
+) -> list[list[ExpertBits]]:
     """Bits per expert for every layer in ``factors`` (see the module docstring for objective and modes).
 
-    ``report``, when given, receives one :class:`SolveReport` per program solved.
+    ``granularity="projection"`` (modes "layer" and "global"): each expert's gate/up and down matrices get their
+    own widths, from ``factors[l].projection_loss``; an expert's width is then ``[gate_up, down]`` when they differ
+    (:mod:`~optimum_mc.bitwidths`) and the budget counts weights (gate/up twice). ``report``, when given,
+    receives one :class:`SolveReport` per program solved.
     """
     if mode not in MODES:
         raise MCConfigError(f"allocation must be one of {MODES}, got {mode!r}.")
     if solver not in SOLVERS:
         raise MCConfigError(f"allocation_solver must be one of {SOLVERS}, got {solver!r}.")
+    if granularity not in GRANULARITIES:
+        raise MCConfigError(f"allocation_granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+    if granularity == "projection" and mode not in ("layer", "global"):
+        raise MCConfigError(f"allocation_granularity='projection' needs allocation 'layer' or 'global', got {mode!r}.")
     cb = sorted(candidate_bits)
     if not factors:
         return []
@@ -446,6 +501,9 @@ def allocate_bits(
     check_feasible(sizes, cb, target_bits, constraints, mode)
     if len(cb) == 1:
         return [[cb[0]] * n for n in sizes]
+    if granularity == "projection":
+        kw = dict(solver=solver, time_limit=time_limit, report=report)
+        return _allocate_projections(factors, cb, target_bits, mode, (alpha, beta, gamma), constraints, kw)
 
     def per_layer_total(n: int) -> int:
         return max_total_bits([n], cb, layer_budget(n, target_bits), constraints)
@@ -460,6 +518,55 @@ def allocate_bits(
     return [_solve([c], cb, per_layer_total(n), constraints, **kw)[0] for c, n in zip(costs, sizes)]
 
 
+def _allocate_projections(
+    factors: list[ExpertFactors],
+    cb: list[int],
+    target_bits: float,
+    mode: str,
+    exponents: tuple[float, float, float],
+    constraints: bool,
+    kw: dict,
+) -> list[list[ExpertBits]]:
+    """Per-projection allocation: a layer of ``E`` experts is ``2E`` items (the gate/up matrices, then the down
+    matrices) of ``PROJECTION_UNITS`` weight units each, costed ``phi^a * w^b * eps_proj^c`` with the loss of that
+    projection alone; the budget is ``target * 3E`` units (the required widths apply to the items)."""
+    costs, units = [], []
+    for i, f in enumerate(factors):
+        e = f.num_experts
+        pl = f.projection_loss
+        if pl is None or tuple(pl.shape) != (e, 2, len(cb)):
+            got = None if pl is None else tuple(pl.shape)
+            raise ShapeError(f"allocation_granularity='projection' needs projection_loss (E, 2, C) = "
+                             f"({e}, 2, {len(cb)}) for MoE layer #{i}, got {got}.")  # fmt: skip
+        if not torch.isfinite(pl).all() or (pl < 0).any():
+            raise CalibrationError(f"projection_loss of MoE layer #{i} must be finite and >= 0.")
+        parts = [objective_costs(ExpertFactors(f.frequency, f.weight_mass, pl[:, k]), *exponents) for k in (0, 1)]
+        costs.append(np.concatenate(parts))
+        units.append(np.repeat(np.array(PROJECTION_UNITS, dtype=np.int64), e))
+    per_unit = sum(PROJECTION_UNITS)
+
+    def exact_total(layers: list[int]) -> int:
+        cap = int(math.floor(target_bits * per_unit * sum(factors[i].num_experts for i in layers) + 1e-9))
+        reach = reachable_totals(
+            [2 * factors[i].num_experts for i in layers], cb, constraints, [units[i] for i in layers], cap
+        )
+        hits = np.flatnonzero(reach)
+        if hits.size == 0:  # check_feasible passed, so an expert-level allocation (hence this one) exists
+            raise MCConfigError(f"no per-projection allocation fits bits={target_bits} with candidates {cb}.")
+        return int(hits[-1])
+
+    if mode == "global":
+        solved = _solve(costs, cb, exact_total(list(range(len(factors)))), constraints, units=units, **kw)
+    else:
+        solved = [_solve([c], cb, exact_total([i]), constraints, units=[u], **kw)[0]
+                  for i, (c, u) in enumerate(zip(costs, units))]  # fmt: skip
+    out = []
+    for f, items in zip(factors, solved):
+        e = f.num_experts
+        out.append([join(items[k], items[e + k]) for k in range(e)])
+    return out
+
+
 def _mode_costs(f: ExpertFactors, cb: list[int], mode: str, alpha: float, beta: float, gamma: float) -> np.ndarray:
     """The ``(E, C)`` cost matrix a mode minimizes (see the module docstring)."""
     if mode == "frequency":
@@ -472,21 +579,27 @@ def _mode_costs(f: ExpertFactors, cb: list[int], mode: str, alpha: float, beta: 
 
 # ---------------------------------------------------------------------------------------------------- display
 def format_allocation_table(
-    bits_per_layer: list[list[int]], layer_indices: list[int], candidate_bits: list[int]
+    bits_per_layer: list[list[ExpertBits]], layer_indices: list[int], candidate_bits: list[int]
 ) -> str:
-    """A readable per-layer table: each expert's width (one digit per expert, in groups of 8), how many experts
-    got each width, and the layer average; then the overall average."""
+    """A readable per-layer table: each expert's width (one digit per expert, in groups of 8; with per-projection
+    widths the gate/up digits, then ``/`` and the down digits), how many matrices got each width, and the layer's
+    average bits per weight; then the overall average."""
     cb = sorted(candidate_bits)
     rows = []
     for idx, bits in zip(layer_indices, bits_per_layer):
-        digits = "".join(str(b) for b in bits)
-        packed = " ".join(digits[i : i + 8] for i in range(0, len(digits), 8))
-        counts = " ".join(f"{bits.count(b):>4d}" for b in cb)
-        rows.append((f"{idx:>5d}", packed, counts, f"{np.mean(bits):.3f}" if bits else "-"))
+        pairs = [split(b) for b in bits]
+        parts = [[p[0] for p in pairs]] + ([[p[1] for p in pairs]] if any(g != d for g, d in pairs) else [])
+        digits = ["".join(str(b) for b in part) for part in parts]
+        packed = " / ".join(" ".join(d[i : i + 8] for i in range(0, len(d), 8)) for d in digits)
+        widths = [w for part in parts for w in part]
+        counts = " ".join(f"{widths.count(b):>4d}" for b in cb)
+        rows.append((f"{idx:>5d}", packed, counts, f"{np.mean([mean_bits(b) for b in bits]):.3f}" if bits else "-"))
     width = max([len(r[1]) for r in rows] + [len("experts (e0, e1, ...)")])
     head = f"layer | {'experts (e0, e1, ...)':<{width}} | " + " ".join(f"{f'#{b}b':>4s}" for b in cb) + " |   avg"
     lines = [head, "-" * len(head)]
     lines += [f"{a} | {b:<{width}} | {c} | {d:>5s}" for a, b, c, d in rows]
-    total = [b for layer in bits_per_layer for b in layer]
+    total = [mean_bits(b) for layer in bits_per_layer for b in layer]
     lines.append(f"overall average expert bits: {np.mean(total):.3f}" if total else "no MoE layers")
+    if any(isinstance(b, list) for layer in bits_per_layer for b in layer):
+        lines.append("(per-projection widths: gate/up digits / down digits; averages per weight, gate/up counts 2x)")
     return "\n".join(lines)

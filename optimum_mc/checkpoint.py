@@ -28,11 +28,12 @@ FORMAT_KEY = "mc_format_version"
 VERSION_KEY = "optimum_mc_version"
 
 
-def shard_metadata() -> dict[str, str]:
-    """The ``__metadata__`` entries every saved MC shard carries (besides transformers' ``format: pt``)."""
-    from .version import FORMAT_VERSION, __version__
+def shard_metadata(expert_bits=None) -> dict[str, str]:
+    """The ``__metadata__`` entries every saved MC shard carries (besides transformers' ``format: pt``): the
+    format the model's ``expert_bits`` need (``version.format_for``) and the writing optimum-mc's version."""
+    from .version import __version__, format_for
 
-    return {FORMAT_KEY: str(FORMAT_VERSION), VERSION_KEY: __version__}
+    return {FORMAT_KEY: str(format_for(expert_bits)), VERSION_KEY: __version__}
 
 
 def sort_shard_metadata(path: str | os.PathLike) -> None:
@@ -253,10 +254,13 @@ def check_all_tensors(model, files: Iterable[str], quantizer=None) -> None:
 def _bits_for(key: str, cfg) -> int:
     """Bit-width of the packed matrix stored under ``key`` according to the config."""
     if ".packed." in key:
+        from .bitwidths import split
+
         parts = key.split(".")
         layer = int(parts[parts.index("layers") + 1])
         expert = int(parts[parts.index("packed") + 1])
-        return cfg.expert_bits[cfg.moe_layers.index(layer)][expert]
+        gu, dn = split(cfg.expert_bits[cfg.moe_layers.index(layer)][expert])
+        return dn if parts[parts.index("packed") + 2] == "down" else gu
     return int(cfg.attn_bits or 4)
 
 

@@ -12,11 +12,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import CheckpointVersionError, MCConfigError
 from .packing import SUPPORTED_BITS
-from .version import FORMAT_VERSION, __version__
+from .version import FORMAT_VERSION, __version__, format_for
 
 ALLOCATION_MODES = ("layer", "global", "random", "frequency", "hessian")
 LOSS_METHODS = ("rtn", "heldout", "insample")
 ALLOCATION_SOLVERS = ("cp-sat", "dp")
+ALLOCATION_GRANULARITIES = ("expert", "projection")
 ZERO_POINTS = ("float", "int")
 EXPERT_HESSIANS = ("routed", "router-weighted")
 LOSS_NORMALIZERS = ("block", "residual")
@@ -89,6 +90,10 @@ class MCConfig(QuantizationConfigMixin):
         allocation_time_limit: seconds CP-SAT may take per program (a stop before proof is logged).
         allocation_constraints: require at least one expert at the top and one at the middle candidate
             bit-width in every layer (the paper's constraints).
+        allocation_granularity: ``"expert"`` (the paper: one width per expert) or ``"projection"``: each expert's
+            gate/up and down matrices get their own widths, costed by the loss of that projection alone (round-to-
+            nearest), the budget counted per weight (gate/up holds 2/3 of them); needs ``allocation`` "layer" or
+            "global" and ``loss_method="rtn"``. An expert's width is then ``[gate_up, down]`` in ``expert_bits``.
         nonexpert_method: ``"gptq"`` or ``"bnb_nf4"`` (bitsandbytes 4-bit for attention / dense layers).
         modules_to_not_convert: module names (or name suffixes) kept in float.
     GPTQ:
@@ -150,6 +155,7 @@ class MCConfig(QuantizationConfigMixin):
         allocation_solver: str = "cp-sat",
         allocation_time_limit: float = 60.0,
         allocation_constraints: bool = True,
+        allocation_granularity: str = "expert",
         nonexpert_method: str = "gptq",
         modules_to_not_convert: list[str] | None = None,
         damp_percent: float = 0.01,
@@ -191,6 +197,7 @@ class MCConfig(QuantizationConfigMixin):
         self.allocation_solver = allocation_solver
         self.allocation_time_limit = allocation_time_limit
         self.allocation_constraints = allocation_constraints
+        self.allocation_granularity = allocation_granularity
         self.nonexpert_method = nonexpert_method
         mtc = modules_to_not_convert
         self.modules_to_not_convert = list(mtc) if isinstance(mtc, (list, tuple)) else mtc
@@ -342,6 +349,7 @@ class MCConfig(QuantizationConfigMixin):
             ("loss_method", LOSS_METHODS),
             ("loss_normalizer", LOSS_NORMALIZERS),
             ("allocation_solver", ALLOCATION_SOLVERS),
+            ("allocation_granularity", ALLOCATION_GRANULARITIES),
             ("zero_point", ZERO_POINTS),
             ("expert_hessian", EXPERT_HESSIANS),
         ):
@@ -354,6 +362,18 @@ class MCConfig(QuantizationConfigMixin):
             raise _err(f"tune_exponents must be True or False, got {self.tune_exponents!r}.")
         if self.tune_exponents and self.allocation != "layer":
             raise _err(f"tune_exponents=True needs allocation='layer', got allocation={self.allocation!r}.")
+        if self.allocation_granularity == "projection":
+            if self.allocation not in ("layer", "global"):
+                raise _err(
+                    f"allocation_granularity='projection' needs allocation 'layer' or 'global' (MC's objective), got "
+                    f"allocation={self.allocation!r}."
+                )
+            if self.loss_method != "rtn" or self.tune_exponents:
+                raise _err(
+                    "allocation_granularity='projection' measures each projection's loss by round-to-nearest: it "
+                    f"needs loss_method='rtn' and tune_exponents=False (got {self.loss_method!r}, "
+                    f"{self.tune_exponents!r})."
+                )
         t = self.allocation_time_limit
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise _err(f"allocation_time_limit must be a positive number of seconds, got {t!r}.")
@@ -407,7 +427,7 @@ class MCConfig(QuantizationConfigMixin):
             d["tokenizer"] = self.tokenizer
         if isinstance(self.dataset, list):
             d["dataset"] = texts_record(self.dataset)
-        d["format_version"] = FORMAT_VERSION
+        d["format_version"] = format_for(self.expert_bits)
         d["optimum_mc_version"] = __version__
         return d
 

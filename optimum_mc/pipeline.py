@@ -24,10 +24,11 @@ from transformers.utils.logging import tqdm  # silenced by disable_progress_bar(
 
 from .allocation import ExpertFactors, SolveReport, allocate_bits, check_feasible, format_allocation_table
 from .architectures import MoEArchitecture, MoEBlock, get_architecture, layer_module_names, moe_block, set_submodule
+from .bitwidths import ExpertBits, join, split
 from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches, resolve_tokenizer
 from .calibration.expert_gptq import quantize_experts
-from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert
+from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert, rtn_projection_losses
 from .calibration.layer_source import ResidentLayers, release_memory, return_large_frees_to_the_os
 from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
@@ -108,7 +109,7 @@ class _Run:
         self.blocks: dict[int, MoEBlock] = {}  # MoE parts of the layer being processed
         self.layer_names = layer_module_names(model)
         self.factors: dict[int, LayerFactors] = {}
-        self.bits: dict[int, list[int]] = {}
+        self.bits: dict[int, list[ExpertBits]] = {}
         self.linear_bits: dict[str, int] = {}
         self.solve_reports: list[SolveReport] = []
         self.tuned: dict[int, list[float]] = {}
@@ -156,6 +157,8 @@ class _Run:
         e_total = routing.num_experts
         cands: list[dict[int, ExpertQuant]] = [{} for _ in range(e_total)]
         loss = torch.zeros(e_total, len(cb), dtype=torch.float64)
+        per_projection = cfg.allocation_granularity == "projection" and need_loss
+        proj = torch.zeros(e_total, 2, len(cb), dtype=torch.float64) if per_projection else None
         method = "hessian" if cfg.allocation == "hessian" else cfg.loss_method
         for e in tqdm(range(e_total), desc=f"layer {idx} experts", leave=False, disable=not self.progress):
             w_gu, w_dn = experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
@@ -187,7 +190,10 @@ class _Run:
                     ),
                     dtype=torch.float64,
                 )
-        return cands, loss
+                if proj is not None:
+                    args = (x, r, w_gu, w_dn, experts.act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
+                    proj[e] = torch.tensor(rtn_projection_losses(*args), dtype=torch.float64)
+        return cands, loss, proj
 
     def quantize_one(self, routing: RoutingCapture, e: int, w_gu, w_dn, act_fn, bits: list[int]) -> dict:
         """GPTQ of expert ``e`` at ``bits`` from its routed tokens, or (``expert_hessian="router-weighted"``) from
@@ -217,7 +223,7 @@ class _Run:
 
         quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit, count=count)
 
-    def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands) -> LayerFactors:
+    def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands, proj=None) -> LayerFactors:
         if routing.tokens == 0:
             raise CalibrationError(f"MoE layer {idx} saw no calibration tokens.")
         freq = (routing.counts / routing.tokens).float()
@@ -231,7 +237,8 @@ class _Run:
                 never,
             )
         methods = [next(iter(c.values())).method if c else "" for c in cands]
-        return LayerFactors(ExpertFactors(frequency=freq, weight_mass=mass, loss=loss.float()), methods)
+        proj = proj.float() if proj is not None else None
+        return LayerFactors(ExpertFactors(freq, mass, loss.float(), projection_loss=proj), methods)
 
     def quantize_linears(self, idx: int, layer: nn.Module, lin: dict, capture: LinearInputs) -> None:
         bits = self.config.attn_bits
@@ -309,6 +316,7 @@ class _Run:
             solver=cfg.allocation_solver,
             time_limit=cfg.allocation_time_limit,
             report=self.solve_reports,
+            granularity=cfg.allocation_granularity,
         )[0]
 
     def quantize_layer(
@@ -325,8 +333,8 @@ class _Run:
                 b.hidden = None
         if routing is not None:
             tries, need_loss = self.bits_to_try(idx, routing.num_experts, known)
-            cands, loss = self.expert_candidates(idx, routing, tries, need_loss)
-            lf = self.layer_factors(idx, routing, loss, cands)
+            cands, loss, proj = self.expert_candidates(idx, routing, tries, need_loss)
+            lf = self.layer_factors(idx, routing, loss, cands, proj)
             if idx not in self.factors:
                 self.factors[idx] = lf
             bits = known if known is not None else self.allocate_layer(idx, self.factors[idx], routing)
@@ -339,7 +347,7 @@ class _Run:
 
             todo = {}
             for e, b in enumerate(bits):
-                if b in cands[e]:
+                if isinstance(b, int) and b in cands[e]:
                     emit(e, cands[e][b])
                 else:
                     todo[e] = b  # GPTQ at the allocated width only
@@ -416,8 +424,8 @@ class _Run:
             _, _, routing, batches = self.measure(idx, layer, batches, with_linears=False)
             if routing is not None:
                 tries, need_loss = self.bits_to_try(idx, routing.num_experts, None)
-                cands, loss = self.expert_candidates(idx, routing, tries, need_loss)
-                self.factors[idx] = self.layer_factors(idx, routing, loss, cands)
+                cands, loss, proj = self.expert_candidates(idx, routing, tries, need_loss)
+                self.factors[idx] = self.layer_factors(idx, routing, loss, cands, proj)
                 del cands, routing
             self.source.finish(idx, layer)  # resident: back home; streamed: parked below
             if self.source.streams_from_disk:
@@ -454,7 +462,7 @@ class _Run:
     def store(self) -> None:
         cfg = self.config
         cfg.moe_layers = list(self.moe_layers)
-        cfg.expert_bits = [list(map(int, self.bits[i])) for i in self.moe_layers]
+        cfg.expert_bits = [[join(*split(b)) for b in self.bits[i]] for i in self.moe_layers]
         cfg.linear_bits = dict(sorted(self.linear_bits.items()))
         cfg.tuned_exponents = [self.tuned[i] for i in self.moe_layers] if self.tuned else None
         cfg.expert_factors = [_factors_dict(self.factors[i]) for i in self.moe_layers]
@@ -465,8 +473,16 @@ def _factors_dict(lf: LayerFactors) -> dict:
         "frequency": [round(float(v), 6) for v in lf.factors.frequency],
         "weight_mass": [round(float(v), 6) for v in lf.factors.weight_mass],
         "loss": [[float(f"{v:.6g}") for v in row] for row in lf.factors.loss.tolist()],
+        **_projection_dict(lf.factors.projection_loss),
         "method": list(lf.methods),
     }
+
+
+def _projection_dict(proj: torch.Tensor | None) -> dict:
+    """``projection_loss`` for config.json (per-projection allocation only; absent otherwise)."""
+    if proj is None:
+        return {}
+    return {"projection_loss": [[[float(f"{v:.6g}") for v in p] for p in row] for row in proj.tolist()]}
 
 
 def _factors_exact(lf: LayerFactors) -> dict:
@@ -476,15 +492,18 @@ def _factors_exact(lf: LayerFactors) -> dict:
         "frequency": f.frequency.tolist(),
         "weight_mass": f.weight_mass.tolist(),
         "loss": f.loss.tolist(),
+        "projection_loss": f.projection_loss.tolist() if f.projection_loss is not None else None,
         "method": list(lf.methods),
     }
 
 
 def _factors_from_dict(d: dict) -> LayerFactors:
+    proj = d.get("projection_loss")
     f = ExpertFactors(
         frequency=torch.tensor(d["frequency"], dtype=torch.float32),
         weight_mass=torch.tensor(d["weight_mass"], dtype=torch.float32),
         loss=torch.tensor(d["loss"], dtype=torch.float32),
+        projection_loss=torch.tensor(proj, dtype=torch.float32) if proj is not None else None,
     )
     return LayerFactors(f, list(d.get("method", [])))
 
@@ -597,6 +616,7 @@ def _quantize_model(model: nn.Module, config: MCConfig, tokenizer, source, place
                 solver=config.allocation_solver,
                 time_limit=config.allocation_time_limit,
                 report=run.solve_reports,
+                granularity=config.allocation_granularity,
             )
             known = dict(zip(run.moe_layers, solved))
         start = progress.next_layer if progress is not None else 0

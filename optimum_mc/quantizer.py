@@ -11,6 +11,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from .architectures import MoEArchitecture, decoder_layers, layer_module_names, moe_blocks, require_moe, set_submodule
+from .bitwidths import split
 from .checkpoint import check_all_tensors, check_checkpoint, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
@@ -28,8 +29,8 @@ def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> 
         ex = blocks[idx].experts
         i2, h = int(ex.gate_up_proj.shape[1]), int(ex.gate_up_proj.shape[2])
         for e, b in enumerate(bits):
-            for part, (o, n) in (("gate_up", (i2, h)), ("down", (h, i2 // 2))):
-                for buf, spec in packed_shapes(o, n, b, cfg.group_size).items():
+            for part, (o, n), pb in zip(("gate_up", "down"), ((i2, h), (h, i2 // 2)), split(b)):
+                for buf, spec in packed_shapes(o, n, pb, cfg.group_size).items():
                     out[(idx, f"{arch.experts_attr}.packed.{e}.{part}.{buf}")] = spec
     for full, b in (cfg.linear_bits or {}).items():
         idx = next(i for i, n in names.items() if full.startswith(n + "."))
@@ -57,8 +58,11 @@ def check_results_match_model(model: nn.Module, cfg: MCConfig, arch: MoEArchitec
         )
     for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
         n = int(blocks[idx].experts.num_experts)
-        if len(bits) != n or any(b not in (1, 2, 3, 4) for b in bits):
-            raise CheckpointError(f"layer {idx}: expert_bits {bits} must list {n} bit-widths from (1, 2, 3, 4).")
+        if len(bits) != n or any(w not in (1, 2, 3, 4) for b in bits for w in split(b)):
+            raise CheckpointError(
+                f"layer {idx}: expert_bits {bits} must list {n} bit-widths from (1, 2, 3, 4) (or [gate_up, down] "
+                f"pairs of them)."
+            )
     for name in cfg.linear_bits or {}:
         try:
             m = model.get_submodule(name)
@@ -254,7 +258,8 @@ class MCQuantizer(HfQuantizer):
         """transformers' hook for saving: the default state dict, and safetensors metadata naming the MC format."""
         from .checkpoint import shard_metadata
 
-        return None, shard_metadata()
+        qc = getattr(model.config, "quantization_config", None)
+        return None, shard_metadata(getattr(qc, "expert_bits", None))
 
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)

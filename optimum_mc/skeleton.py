@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from .architectures import MoEArchitecture, moe_block, set_submodule
+from .bitwidths import ExpertBits
 
 
 def install_packed_skeleton(
     layer: nn.Module,
     layer_idx: int,
     arch: MoEArchitecture,
-    expert_bits: list[int] | None,
+    expert_bits: list[ExpertBits] | None,
     linear_bits: dict[str, int],
     group_size: int,
     nonexpert_method: str,

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from optimum_mc.bitwidths import mean_bits
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE.parent.parent / "shared" / "models" / "mc-ref-mixtral"
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
@@ -49,6 +51,11 @@ VARIANT_OPTIONS = {
     "mctune": {"tune_exponents": True},
     "mcmse": {"alpha": 0.0, "beta": 0.0, "gamma": 2.0},  # cost = squared block-output error (additive over experts)
     "mcnf4": {"nonexpert_method": "bnb_nf4"},
+    # per-projection allocation: gate/up and down matrices of each expert get their own widths
+    "mcproj": {"allocation_granularity": "projection"},
+    "globalproj": {"allocation": "global", "allocation_granularity": "projection"},
+    "mc23": {"candidate_bits": [2, 3]},
+    "mcproj23": {"allocation_granularity": "projection", "candidate_bits": [2, 3]},
     # expected block-output error: cost = eps^2 (additive over experts), eps from held-out GPTQ
     "mcmseho": {"loss_method": "heldout", "alpha": 0.0, "beta": 0.0, "gamma": 2.0},
     # global allocation, eps relative to the decoder layer's output (residual stream) so layers compare
@@ -239,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         ppl["mean"] = sum(ppl[d] for d in DOMAINS) / len(DOMAINS)
         qc = getattr(model.config, "quantization_config", None)
         bits = getattr(qc, "expert_bits", None)
-        avg = sum(map(sum, bits)) / sum(map(len, bits)) if bits else None
+        flat = [mean_bits(b) for row in bits for b in row] if bits else []
+        avg = sum(flat) / len(flat) if flat else None
         size = model_bytes(model)
         eff = effective_expert_bits(model)
         rows.append(

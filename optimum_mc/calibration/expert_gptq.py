@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..bitwidths import ExpertBits, split
 from ..gptq import calibration_free_quantize, gptq_quantize_batched
 from .factors import ExpertQuant, GPTQOptions
 from .hessians import input_hessian, mid_hessian
@@ -36,20 +37,19 @@ def quantize_experts(
     weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     tokens: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
     act_fn: Callable,
-    bits: dict[int, int],
+    bits: dict[int, ExpertBits],
     opts: GPTQOptions,
     emit: Callable[[int, ExpertQuant], None] | None = None,
     count: Callable[[int], int] | None = None,
 ) -> dict[int, ExpertQuant]:
-    """Quantize the experts in ``bits`` (expert -> width) with GPTQ, batched; ``weights(e)`` gives fp32
-    ``(gate_up, down)`` and ``tokens(e)`` the expert's calibration inputs and optional token weights. Experts with
-    fewer than ``opts.min_tokens`` tokens use calibration-free quantization, as :func:`quantize_expert` does.
-
-    Per chunk, the gate/up matrices are stacked and quantized first, then the down matrices: only one projection's
-    stacked weights and Hessians are alive at a time (the down Hessians, ``I x I``, dominate). With ``emit``, each
-    result is handed to ``emit(e, quant)`` as soon as it exists and not kept (the returned dict is empty).
-    Token inputs may come in the model dtype: Hessians convert them to fp32 chunk by chunk. ``count(e)``, when
-    given, is the number of rows ``tokens(e)`` would return (saves gathering them just to count)."""
+    """Quantize the experts in ``bits`` (expert -> width, or ``[gate_up, down]`` widths) with GPTQ, batched;
+    ``weights(e)`` gives fp32 ``(gate_up, down)`` and ``tokens(e)`` the expert's calibration inputs and optional token
+    weights. Experts with fewer than ``opts.min_tokens`` tokens use calibration-free quantization, as
+    :func:`quantize_expert` does. Per chunk, the gate/up matrices are stacked and quantized first, then the down
+    matrices: only one projection's stacked weights and Hessians are alive at a time (the down Hessians, ``I x I``,
+    dominate). With ``emit``, each result is handed to ``emit(e, quant)`` as soon as it exists and not kept (the
+    returned dict is empty). Token inputs may come in the model dtype: Hessians convert them to fp32 chunk by chunk.
+    ``count(e)``, when given, is the number of rows ``tokens(e)`` would return (saves gathering them just to count)."""
     out: dict[int, ExpertQuant] = {}
 
     def done(e: int, q: ExpertQuant) -> None:
@@ -63,12 +63,13 @@ def quantize_experts(
         rows = count(e) if count is not None else tokens(e)[0].shape[0]
         if rows < max(opts.min_tokens, 1):
             w_gu, w_dn = weights(e)
+            b_gu, b_dn = split(b)
             done(
                 e,
                 ExpertQuant(
                     b,
-                    calibration_free_quantize(w_gu, b, opts.group_size, zero_point=opts.zero_point),
-                    calibration_free_quantize(w_dn, b, opts.group_size, zero_point=opts.zero_point),
+                    calibration_free_quantize(w_gu, b_gu, opts.group_size, zero_point=opts.zero_point),
+                    calibration_free_quantize(w_dn, b_dn, opts.group_size, zero_point=opts.zero_point),
                     "calibration-free",
                 ),
             )
@@ -84,13 +85,13 @@ def quantize_experts(
     kw["zero_point"] = opts.zero_point
     for start in range(0, len(gptq), step):
         chunk = gptq[start : start + step]
-        widths = [bits[e] for e in chunk]
+        widths = [split(bits[e]) for e in chunk]  # (gate_up, down) per expert
         w = torch.empty(len(chunk), two_i, hidden, device=dev)
         h = torch.empty(len(chunk), hidden, hidden, device=dev)
         for k, e in enumerate(chunk):
             w[k] = weights(e)[0]
             input_hessian(*tokens(e), out=h[k])
-        gu_q = gptq_quantize_batched(w, h, widths, opts.group_size, consume=True, **kw)
+        gu_q = gptq_quantize_batched(w, h, [g for g, _ in widths], opts.group_size, consume=True, **kw)
         del w, h
         w = torch.empty(len(chunk), hidden, two_i // 2, device=dev)
         h = torch.empty(len(chunk), two_i // 2, two_i // 2, device=dev)
@@ -101,7 +102,7 @@ def quantize_experts(
             del dn
             mid_hessian(gu, x, act_fn, tw, out=h[k])
             del gu, x, tw
-        dn_q = gptq_quantize_batched(w, h, widths, opts.group_size, consume=True, **kw)
+        dn_q = gptq_quantize_batched(w, h, [d for _, d in widths], opts.group_size, consume=True, **kw)
         del w, h
         for k, e in enumerate(chunk):
             done(e, ExpertQuant(bits[e], gu_q[k], dn_q[k], "gptq"))

@@ -178,6 +178,30 @@ def rtn_losses(
     return out
 
 
+def rtn_projection_losses(
+    x: torch.Tensor,
+    r: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act_fn: Callable,
+    bits: list[int],
+    group_size: int,
+    output_energy: float,
+    zero_point: str = "float",
+) -> list[list[float]]:
+    """``[gate_up losses, down losses]``: eps(e, b) with only the gate/up, or only the down, matrix quantized by
+    round-to-nearest at each of ``bits`` (the other one float). For ``allocation_granularity="projection"``."""
+    w_gate_up, w_down = w_gate_up.float(), w_down.float()
+    ref = expert_forward(x, w_gate_up, w_down, act_fn)
+    out: list[list[float]] = [[], []]
+    for b in bits:
+        q_gu = dequantize_matrix(*rtn_quantize(w_gate_up, b, group_size, zero_point), group_size)
+        out[0].append(relative_norm(output_error(x, r, ref, q_gu, w_down, act_fn), output_energy))
+        q_dn = dequantize_matrix(*rtn_quantize(w_down, b, group_size, zero_point), group_size)
+        out[1].append(relative_norm(output_error(x, r, ref, w_gate_up, q_dn, act_fn), output_energy))
+    return out
+
+
 def heldout_losses(
     x: torch.Tensor,
     r: torch.Tensor,

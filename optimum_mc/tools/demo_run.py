@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..bitwidths import ExpertBits, label, mean_bits
+
 CALIBRATION = dict(group_size=64, num_samples=32, seq_len=128)
 # (row name, expert bits, MCConfig options): the issue's comparison at 2-2.5 bits, and the same one below 2 bits,
 # where this small model's experts start to hurt (its 2-bit experts cost it little; 1-bit ones a lot)
@@ -33,20 +35,21 @@ def _expert_bytes(model) -> int:
     )
 
 
-def plot_allocation(expert_bits: list[list[int]], moe_layers: list[int], path: Path) -> Path | None:
+def plot_allocation(expert_bits: list[list[ExpertBits]], moe_layers: list[int], path: Path) -> Path | None:
     """Save the (layer x expert) bit-width heatmap to ``path``; None when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    bits = torch.tensor(expert_bits, dtype=torch.float32)
+    bits = torch.tensor([[mean_bits(b) for b in row] for row in expert_bits], dtype=torch.float32)
     fig = Figure(figsize=(1.0 + 0.55 * bits.shape[1], 1.2 + 0.45 * bits.shape[0]))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.imshow(bits.numpy(), cmap="viridis", vmin=float(bits.min()) - 0.5, vmax=float(bits.max()) + 0.5)
     for (i, j), b in zip(((i, j) for i in range(bits.shape[0]) for j in range(bits.shape[1])), bits.flatten()):
-        ax.text(j, i, str(int(b)), ha="center", va="center", color="white" if b <= bits.mean() else "black")
+        text = label(expert_bits[i][j])
+        ax.text(j, i, text, ha="center", va="center", color="white" if b <= bits.mean() else "black")
     ax.set_xticks(range(bits.shape[1]))
     ax.set_yticks(range(bits.shape[0]), [str(i) for i in moe_layers])
     ax.set_xlabel("expert")

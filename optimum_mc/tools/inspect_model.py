@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..allocation import format_allocation_table
+from ..bitwidths import label, mean_bits, split
 from ..checkpoint import size_groups
 from ..config import MCConfig
 
@@ -21,7 +22,8 @@ def load_quant_config(path: str | Path) -> MCConfig | None:
 
 def allocation_table(cfg: MCConfig) -> str:
     """Per-layer bit table of the experts."""
-    return format_allocation_table(cfg.expert_bits, cfg.moe_layers, sorted({b for r in cfg.expert_bits for b in r}))
+    widths = sorted({w for r in cfg.expert_bits for b in r for w in split(b)})
+    return format_allocation_table(cfg.expert_bits, cfg.moe_layers, widths)
 
 
 def size_breakdown(path: str | Path, cfg: MCConfig) -> str:
@@ -48,12 +50,12 @@ def plot_allocation(cfg: MCConfig, out: str) -> None:
         from ..errors import MCError
 
         raise MCError("plotting needs matplotlib: pip install 'optimum-mc[plots]'") from exc
-    bits = cfg.expert_bits
+    bits = [[mean_bits(b) for b in row] for row in cfg.expert_bits]  # per weight (per-projection widths: mean)
     fig, ax = plt.subplots(figsize=(1 + 0.5 * len(bits[0]), 1 + 0.4 * len(bits)))
     im = ax.imshow(bits, cmap="viridis", aspect="auto", vmin=1, vmax=4)
-    for i, row in enumerate(bits):
+    for i, row in enumerate(cfg.expert_bits):
         for j, b in enumerate(row):
-            ax.text(j, i, str(b), ha="center", va="center", color="white" if b < 3 else "black")
+            ax.text(j, i, label(b), ha="center", va="center", color="white" if bits[i][j] < 3 else "black")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(len(bits)), [str(i) for i in cfg.moe_layers])
