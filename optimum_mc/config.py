@@ -103,6 +103,8 @@ class MCConfig(QuantizationConfigMixin):
         min_expert_tokens: experts routed fewer calibration tokens use calibration-free quantization.
         zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
             1-bit keeps its binary form); both are stored in the same fp16 zero tensor.
+        clip_search: GPTQ grids (2 bits and up) shrink each group's [min, max] range where that lowers the
+            Hessian-diagonal-weighted rounding error (``gptq.searched_qparams``) instead of spanning it.
         expert_hessian: ``"routed"`` (an expert's GPTQ Hessian from the tokens routed to it) or
             ``"router-weighted"`` (every calibration token, weighted by the expert's router probability).
     Calibration:
@@ -163,6 +165,7 @@ class MCConfig(QuantizationConfigMixin):
         block_size: int = 128,
         min_expert_tokens: int = 16,
         zero_point: str = "float",
+        clip_search: bool = False,
         expert_hessian: str = "routed",
         dataset: str | list[str] | dict | None = None,
         dataset_config: str | None = None,
@@ -206,6 +209,7 @@ class MCConfig(QuantizationConfigMixin):
         self.block_size = block_size
         self.min_expert_tokens = min_expert_tokens
         self.zero_point = zero_point
+        self.clip_search = clip_search
         self.expert_hessian = expert_hessian
         self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
         self.dataset_config = dataset_config
@@ -318,7 +322,7 @@ class MCConfig(QuantizationConfigMixin):
 
     def _check_types(self) -> None:
         """Booleans are bools, module lists are lists of names, the tokenizer is a tokenizer or a path."""
-        for name in ("allocation_constraints", "act_order", "show_progress", "odp"):
+        for name in ("allocation_constraints", "act_order", "clip_search", "show_progress", "odp"):
             _check_bool(name, getattr(self, name))
         mtc = self.modules_to_not_convert
         if mtc is not None and (not isinstance(mtc, list) or not all(isinstance(m, str) and m for m in mtc)):

@@ -11,6 +11,12 @@ weights as updated so far (including updates still pending in the lazy batch, so
 group index (``g_idx``), so groups stay contiguous in the original column order: every group's scale / zero are
 fixed from the original weights before the loop ("static groups") and each processed column uses the grid of its
 original group.
+
+Grid search (``clip_search=True``). A group's grid spans its [min, max] by default. With the search, each group's
+range is also shrunk about its midpoint by ratios down to 0.5 (``CLIP_GRID`` steps), and the grid with the lowest
+error ``sum_j H_jj (w_j - Q(w_j))^2`` is kept: round-to-nearest error weighted by the Hessian diagonal (the mean
+squared input of column ``j``), a per-column proxy for the output error that GPTQ then minimizes
+(the same weighting as llama.cpp's importance-matrix quantization). At 1 bit the binary form is kept.
 """
 
 from __future__ import annotations
@@ -32,6 +38,35 @@ QuantResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8 (ou
 
 _FP16_TINY = 2.0**-24
 _MAX_DAMP_RETRIES = 8
+CLIP_GRID = 20  # shrink ratios 1 - 0.5 * i / CLIP_GRID, i = 1..CLIP_GRID, tried by the grid search
+
+
+def searched_qparams(
+    w: torch.Tensor, bits: int, zero_point: str, col_weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale / zero of the groups of ``w (..., G, g)``: :func:`group_qparams`, or (``col_weight`` given, ``(G, g)``
+    non-negative, b >= 2) the clip ratio in ``[0.5, 1]`` minimizing the ``col_weight``-weighted round-to-nearest
+    error per group (the module docstring's grid search). Only a strictly lower error moves a group off min/max."""
+    s, z = group_qparams(w, bits, zero_point)
+    if col_weight is None or bits == 1:
+        return s, z
+    w = w.float()
+    cw = col_weight.to(w.device, torch.float32)
+
+    def error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return ((dequantize_codes(quantize_codes(w, s, z, bits), s, z) - w).pow(2) * cw).sum(-1)
+
+    best = error(s, z)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    mid = (lo + hi) / 2
+    for i in range(1, CLIP_GRID + 1):
+        ratio = 1.0 - 0.5 * i / CLIP_GRID
+        cs, cz = group_qparams(torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1), bits, zero_point)
+        ok = torch.isfinite(cs) & torch.isfinite(cz) & (cs >= _FP16_TINY)
+        err = torch.where(ok, error(torch.where(ok, cs, s), torch.where(ok, cz, z)), best)
+        better = err < best
+        s, z, best = torch.where(better, cs, s), torch.where(better, cz, z), torch.where(better, err, best)
+    return s, z
 
 
 class HessianAccumulator:
@@ -117,13 +152,16 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     zero_point: str = "float",
+    clip_search: bool = False,
 ) -> QuantResult:
     """Quantize ``weight (out, in)`` with GPTQ given ``hessian (in, in)``.
 
     Returns uint8 codes ``(out, in)`` and fp16 per-group scales / zeros ``(out, in // group_size)``, on the
-    weight's device. ``group_size=-1`` means one group per row.
+    weight's device. ``group_size=-1`` means one group per row. ``clip_search``: the module docstring's grid search.
     """
-    return gptq_quantize_multi(weight, hessian, [bits], group_size, damp_percent, block_size, act_order, zero_point)[0]
+    return gptq_quantize_multi(
+        weight, hessian, [bits], group_size, damp_percent, block_size, act_order, zero_point, clip_search
+    )[0]
 
 
 def gptq_quantize_multi(
@@ -135,6 +173,7 @@ def gptq_quantize_multi(
     block_size: int = 128,
     act_order: bool = False,
     zero_point: str = "float",
+    clip_search: bool = False,
 ) -> list[QuantResult]:
     """GPTQ of one matrix at several bit-widths in one column loop; each result equals a separate run."""
     if weight.dim() != 2:
@@ -160,13 +199,14 @@ def gptq_quantize_multi(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w0[:, dead] = 0.0
+    col_w = torch.diag(h).clone().view(groups, g) if clip_search else None  # original column order
 
     scales = torch.zeros(nb, out_f, groups, device=dev)
     zeros = torch.zeros(nb, out_f, groups, device=dev)
     maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32, device=dev).view(nb, 1)
     if act_order:
         for k, b in enumerate(bits):  # static groups, from the original-order weights
-            scales[k], zeros[k] = group_qparams(w0.reshape(out_f, groups, g), b, zero_point)
+            scales[k], zeros[k] = searched_qparams(w0.reshape(out_f, groups, g), b, zero_point, col_w)
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w0, h = w0[:, perm], h[perm][:, perm]
         col_group = (perm // g).tolist()
@@ -187,8 +227,10 @@ def gptq_quantize_multi(
             grp = col_group[col]
             if perm is None and col % g == 0:
                 cur = _current_group(w, wb, err, hinv, b0, b1, col, g)
+                cw = None if col_w is None else col_w[grp : grp + 1]
                 for k, b in enumerate(bits):
-                    scales[k, :, grp], zeros[k, :, grp] = group_qparams(cur[k], b, zero_point)
+                    sk, zk = searched_qparams(cur[k].unsqueeze(1), b, zero_point, cw)
+                    scales[k, :, grp], zeros[k, :, grp] = sk[:, 0], zk[:, 0]
             s, z = scales[:, :, grp], zeros[:, :, grp]  # (nb, out)
             q = torch.minimum(torch.round(wb[:, :, j] / s + z).clamp_min(0), maxq)
             codes[:, :, col] = q.to(torch.uint8)
@@ -303,6 +345,7 @@ def gptq_quantize_batched(
     act_order: bool = False,
     zero_point: str = "float",
     consume: bool = False,
+    clip_search: bool = False,
 ) -> list[QuantResult]:
     """GPTQ of ``E`` same-shape matrices (e.g. one projection of every expert) at one width each, in one column loop.
 
@@ -334,6 +377,7 @@ def gptq_quantize_batched(
         return []
     w0, h, dead = _prepare_batch(weights, hessians, consume)
     groups = in_f // g
+    col_w = torch.diagonal(h, dim1=1, dim2=2).reshape(num, groups, g).clone() if clip_search else None
     dev = w0.device
     scales = torch.zeros(num, out_f, groups, device=dev)
     zeros = torch.zeros(num, out_f, groups, device=dev)
@@ -341,7 +385,8 @@ def gptq_quantize_batched(
     perms = None
     if act_order:
         for e, b in enumerate(bits):
-            scales[e], zeros[e] = group_qparams(w0[e].reshape(out_f, groups, g), b, zero_point)
+            cw = None if col_w is None else col_w[e]
+            scales[e], zeros[e] = searched_qparams(w0[e].reshape(out_f, groups, g), b, zero_point, cw)
         perms = torch.stack([torch.argsort(torch.diag(h[e]), descending=True, stable=True) for e in range(num)])
         for e in range(num):  # in place, one matrix at a time (bounded extra memory)
             w0[e] = w0[e][:, perms[e]]
@@ -349,7 +394,7 @@ def gptq_quantize_batched(
     for e in range(num):  # in place, one matrix at a time
         _inverse_cholesky_(h[e], damp_percent)
     hinv = h
-    codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point)
+    codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point, col_w)
     if perms is not None:
         codes = torch.stack([codes[e][:, torch.argsort(perms[e])] for e in range(num)])
     return [(codes[e], scales[e].half(), zeros[e].half()) for e in range(num)]
@@ -386,6 +431,7 @@ def _batched_columns(
     block_size: int,
     perms: torch.Tensor | None,
     zero_point: str,
+    col_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The GPTQ column loop over ``(E, out, in)`` weights (processing order); fills scales / zeros for dynamic
     groups; returns codes in processing order."""
@@ -405,7 +451,9 @@ def _batched_columns(
                 if col % g == 0:
                     for e in range(num):
                         cur = _current_group(w[e : e + 1], wb[e : e + 1], err[e : e + 1], hinv[e], b0, b1, col, g)
-                        scales[e, :, grp], zeros[e, :, grp] = group_qparams(cur[0], bits[e], zero_point)
+                        cw = None if col_w is None else col_w[e, grp : grp + 1]
+                        se, ze = searched_qparams(cur[0].unsqueeze(1), bits[e], zero_point, cw)
+                        scales[e, :, grp], zeros[e, :, grp] = se[:, 0], ze[:, 0]
                 s, z = scales[:, :, grp], zeros[:, :, grp]
             else:
                 grp = col_group[:, col]

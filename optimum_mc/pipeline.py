@@ -93,6 +93,7 @@ def _gptq_opts(config: MCConfig) -> GPTQOptions:
         act_order=config.act_order,
         min_tokens=config.min_expert_tokens,
         zero_point=config.zero_point,
+        clip_search=config.clip_search,
     )
 
 
@@ -258,6 +259,7 @@ class _Run:
                 block_size=self.config.block_size,
                 act_order=self.config.act_order,
                 zero_point=self.config.zero_point,
+                clip_search=self.config.clip_search,
             )
             bias = m.bias.detach() if m.bias is not None else None
             new = QuantLinear.from_codes(codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype)

@@ -55,6 +55,8 @@ VARIANT_OPTIONS = {
     "mcproj": {"allocation_granularity": "projection"},
     "globalproj": {"allocation": "global", "allocation_granularity": "projection"},
     "mc23": {"candidate_bits": [2, 3]},
+    "mcclip": {"clip_search": True},  # GPTQ grids by the Hessian-weighted clip search
+    "mcnoclip": {"clip_search": False},
     "mcproj23": {"allocation_granularity": "projection", "candidate_bits": [2, 3]},
     # expected block-output error: cost = eps^2 (additive over experts), eps from held-out GPTQ
     "mcmseho": {"loss_method": "heldout", "alpha": 0.0, "beta": 0.0, "gamma": 2.0},
@@ -81,10 +83,11 @@ def variant_config(name: str, seed: int, num_samples: int, seq_len: int):
     seed = int(at) if at else seed
     kind, _, value = name.rpartition("-")
     common = dict(seed=seed, num_samples=num_samples, seq_len=seq_len, show_progress=False)
-    if kind in ("uniform", "uniformint"):
+    if kind in ("uniform", "uniformint", "uniformclip", "uniformnoclip"):
         b = int(value)
         zp = "int" if kind == "uniformint" else "float"
-        return optimum_mc.MCConfig(bits=b, candidate_bits=[b], zero_point=zp, **common)
+        clip = {"uniformclip": {"clip_search": True}, "uniformnoclip": {"clip_search": False}}.get(kind, {})
+        return optimum_mc.MCConfig(bits=b, candidate_bits=[b], zero_point=zp, **clip, **common)
     if kind in VARIANT_OPTIONS:
         return optimum_mc.MCConfig(bits=float(value), **VARIANT_OPTIONS[kind], **common)
     raise SystemExit(f"unknown variant {name!r}")

@@ -26,11 +26,11 @@ def _batch(num: int = 5, out_f: int = 24, in_f: int = 96, seed: int = 0):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size,block_size", [(32, 128), (32, 40), (-1, 64), (96, 32)])
-@pytest.mark.parametrize("zero_point", ["float", "int"])
-def test_batched_equals_per_matrix(act_order, group_size, block_size, zero_point):
+@pytest.mark.parametrize("zero_point,clip_search", [("float", False), ("int", False), ("float", True), ("int", True)])
+def test_batched_equals_per_matrix(act_order, group_size, block_size, zero_point, clip_search):
     weights, hessians = _batch()
     bits = [1, 2, 3, 4, 8]
-    kw = dict(block_size=block_size, act_order=act_order, zero_point=zero_point)
+    kw = dict(block_size=block_size, act_order=act_order, zero_point=zero_point, clip_search=clip_search)
     got = gptq_quantize_batched(weights, hessians, bits, group_size, **kw)
     for e, b in enumerate(bits):
         ref = gptq_quantize(weights[e], hessians[e], b, group_size, **kw)

@@ -82,7 +82,7 @@ def quantize_experts(
     del w0  # only its shape and device were needed
     step = chunk_size(hidden, two_i // 2, dev.type)
     kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
-    kw["zero_point"] = opts.zero_point
+    kw["zero_point"], kw["clip_search"] = opts.zero_point, opts.clip_search
     for start in range(0, len(gptq), step):
         chunk = gptq[start : start + step]
         widths = [split(bits[e]) for e in chunk]  # (gate_up, down) per expert

@@ -43,6 +43,7 @@ class GPTQOptions:
     act_order: bool = True
     min_tokens: int = 16
     zero_point: str = "float"
+    clip_search: bool = False
 
 
 @dataclass
@@ -106,7 +107,7 @@ def quantize_expert(
     from .hessians import input_hessian, mid_hessian
 
     kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
-    kw["zero_point"] = opts.zero_point
+    kw["zero_point"], kw["clip_search"] = opts.zero_point, opts.clip_search
     gu = gptq_quantize_multi(w_gate_up, input_hessian(x, token_weights), bits, opts.group_size, **kw)
     dn = gptq_quantize_multi(w_down, mid_hessian(w_gate_up, x, act_fn, token_weights), bits, opts.group_size, **kw)
     return {b: ExpertQuant(b, gu[k], dn[k], "gptq") for k, b in enumerate(bits)}
