@@ -40,7 +40,7 @@ _RESULT_FIELDS = (
 LOADING_ATTRIBUTES = ("odp", "odp_threshold", "odp_protect_ratio", "odp_layers", "decode_activations")
 
 # What the CPU decode kernels of MCExperts and QuantLinear feed their GEMVs (nn/experts.py: set_decode_activations).
-DECODE_ACTIVATIONS = ("float", "int8")
+DECODE_ACTIVATIONS = ("auto", "float", "int8")
 
 
 # Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
@@ -134,10 +134,12 @@ class MCConfig(QuantizationConfigMixin):
         odp_layers: ``None`` (default share of the MoE layers, ranked on calibration), an int (how many), or a
             list of layer indices.
     Inference:
-        decode_activations: ``"float"`` (default) or ``"int8"``: the CPU decode kernels round each group of the
-            packed GEMVs' inputs (experts, 4-bit linears) to int8 with its own scale (as llama.cpp does) and take
-            exact integer dots, 1.5-2x faster per GEMV than fp32 decode, no measurable perplexity change. Prefill,
-            GPUs and ``torch.compile`` stay float. Also settable later with ``optimum_mc.set_decode_activations``.
+        decode_activations: ``"int8"``: the CPU decode kernels round each group of the packed GEMVs' inputs
+            (experts, 4-bit linears) to int8 with its own scale (as llama.cpp does) and take exact integer dots,
+            1.5-2x faster per GEMV than fp32 decode, no measurable perplexity change; ``"float"``: fp32 inputs;
+            ``"auto"`` (default): int8 for bf16 / fp16 models (their activations carry 8 / 11 significant bits)
+            on CPUs with AVX512-VNNI/VBMI, float otherwise. Eager and ``torch.compile`` agree; prefill and GPUs
+            stay float. Also settable later with ``optimum_mc.set_decode_activations``.
     """
 
     def __init__(
@@ -183,7 +185,7 @@ class MCConfig(QuantizationConfigMixin):
         odp_threshold: float | list[float] | None = None,
         odp_protect_ratio: float = 0.02,
         odp_layers: int | list[int] | None = None,
-        decode_activations: str = "float",
+        decode_activations: str = "auto",
         **kwargs: Any,
     ) -> None:
         self.quant_method = "mc"

@@ -244,7 +244,7 @@ class MCQuantizer(HfQuantizer):
     def _apply_inference_options(self, model) -> None:
         """The loading attributes: decode activations, then ODP."""
         cfg: MCConfig = self.quantization_config
-        if cfg.decode_activations != "float":
+        if cfg.decode_activations != "auto":
             from .nn.experts import set_decode_activations
 
             set_decode_activations(model, cfg.decode_activations)

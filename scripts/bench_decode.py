@@ -67,7 +67,10 @@ def main(argv=None) -> None:
         "float bf16": copy.deepcopy(f32).to(torch.bfloat16),
         "MC fp32": quantize_rtn(copy.deepcopy(f32)),
     }
-    variants["MC bf16"] = quantize_rtn(copy.deepcopy(f32).to(torch.bfloat16))
+    variants["MC bf16"] = quantize_rtn(copy.deepcopy(f32).to(torch.bfloat16))  # default "auto": int8 on VNNI CPUs
+    variants["MC bf16 float-act"] = copy.deepcopy(variants["MC bf16"])
+    set_decode_activations(variants["MC bf16 float-act"], "float")
+    set_decode_activations(variants["MC fp32"], "float")  # as "auto" does for fp32, made explicit
     variants["MC fp32 int8-act"] = copy.deepcopy(variants["MC fp32"])
     set_decode_activations(variants["MC fp32 int8-act"], "int8")
     if not args.no_odp:

@@ -46,16 +46,20 @@ def main(argv=None) -> None:
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the models' dtype")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
+    dtype = getattr(torch, args.dtype)
     f32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    mc = quantize_rtn(copy.deepcopy(f32))
+    mc = quantize_rtn(copy.deepcopy(f32)).to(dtype)  # quantized from fp32 weights, then run in ``dtype``
+    f32 = f32.to(dtype)
+    set_decode_activations(mc, "float")  # explicit: the default ("auto") takes int8 for bf16 models
     mc8 = copy.deepcopy(mc)
     set_decode_activations(mc8, "int8")
     variants = {"float": f32, "MC 2.5 float activations": mc, "MC 2.5 int8 activations": mc8}
-    print(f"model {args.model}; windows of {args.window} tokens scored in decode mode (one token per step)\n")
+    print(f"model {args.model} in {args.dtype}; windows of {args.window} tokens scored in decode mode\n")
     print("| text | variant | decode-mode perplexity | int8 vs float activations (95% paired interval) |")
     print("|---|---|---|---|")
     for path in args.texts:

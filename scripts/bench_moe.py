@@ -10,7 +10,9 @@ in fp32 and in bf16; packed = ``optimum_mc::moe`` through ``MCExperts`` with fp3
 time is the median over routings drawn once and replayed for both, dense and packed calls interleaved (load changes
 hit both alike); ratios are dense time / packed time from the same run (> 1: packed is faster). ``--clock cpu``
 times this process's CPU time instead of wall time (with ``--threads 1``, less sensitive to other jobs). The dense
-fp32 weights of a Mixtral layer take 5.6 GB of memory.
+fp32 weights of a Mixtral layer take 5.6 GB of memory. The "packed" columns force float activations; the "int8"
+ones are ``decode_activations="int8"``, which the default ("auto") picks for bf16 hidden states on CPUs with the
+integer-dot kernels: there the "int8 bf16" column is what a bf16 model decodes at by default.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def routings(tokens: int, experts: int, k: int, odp: float, n: int, gen: torch.G
 def packed_experts(args, gen: torch.Generator) -> MCExperts:
     act = torch.nn.SiLU()
     mc = MCExperts(args.experts, args.hidden, args.inter, args.bits, args.group_size, act, torch.float32)
+    mc.decode_activations = "float"  # the "packed" columns: float activations (the "int8" ones switch per call)
     for p in mc.packed:
         for lin in (p.gate_up, p.down):
             lin.qweight.copy_(torch.randint(-(2**31), 2**31, lin.qweight.shape, dtype=torch.int64, generator=gen))

@@ -160,7 +160,7 @@ def test_decode_activations_passed_at_load_is_applied(tmp_path):
     path = save_tiny("mixtral", tmp_path / "f")
     quick = dict(group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=MCConfig(bits=2.5, **quick))
-    assert {m.decode_activations for m in model.modules() if isinstance(m, MCExperts)} == {"float"}
+    assert {m.decode_activations for m in model.modules() if isinstance(m, MCExperts)} == {"auto"}
     model.save_pretrained(tmp_path / "q")
     passed = MCConfig(decode_activations="int8")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=passed)
@@ -211,3 +211,46 @@ def test_int8_without_the_vector_kernel_warns(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="optimum_mc"):
         optimum_mc.set_decode_activations(model, "float")
     assert caplog.text == ""
+
+
+def test_auto_takes_int8_for_half_inputs_only_where_the_vector_kernel_runs(monkeypatch):
+    assert cpu.int8_decode("int8", torch.float32) and not cpu.int8_decode("float", torch.bfloat16)
+    assert not cpu.int8_decode("auto", torch.float32)
+    for available in (True, False):
+        monkeypatch.setattr(cpu, "i8dot_available", lambda a=available: a)
+        assert cpu.int8_decode("auto", torch.bfloat16) is available
+        assert cpu.int8_decode("auto", torch.float16) is available
+    assert MCConfig().decode_activations == "auto"
+
+
+@needs_c
+@pytest.mark.skipif(not cpu.i8dot_available(), reason="auto picks int8 only with the AVX512-VNNI/VBMI kernel")
+def test_auto_decode_of_a_bf16_model_is_the_int8_decode_in_eager_and_compiled_mode():
+    torch.manual_seed(0)
+    model = tiny_model("mixtral")
+    for blk in list(model.modules()):
+        if type(blk).__name__ == "MixtralSparseMoeBlock":
+            blk.experts = MCExperts.from_float(blk.experts, [2, 3, 2, 3], 32)
+    model = model.to(torch.bfloat16).eval()
+    experts = next(m for m in model.modules() if isinstance(m, MCExperts))
+    x = torch.randn(1, experts.hidden_dim).to(torch.bfloat16)
+    idx, w = _routing(1, experts.num_experts, k=2, seed=3)
+    w = w.to(torch.bfloat16)
+    with torch.no_grad():
+        auto = experts(x, idx, w)
+        optimum_mc.set_decode_activations(model, "int8")
+        int8 = experts(x, idx, w)
+        optimum_mc.set_decode_activations(model, "float")
+        flt = experts(x, idx, w)
+        optimum_mc.set_decode_activations(model, "auto")
+        compiled = torch.compile(experts, fullgraph=True)(x, idx, w)
+    assert torch.equal(auto, int8) and not torch.equal(auto, flt)
+    assert torch.equal(compiled, auto)  # the mode is an argument of the op: compiled decode is eager decode
+    lin = QuantLinear.from_linear(torch.nn.Linear(128, 64), 4, 32).to(torch.bfloat16)
+    xl = torch.randn(1, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        eager = lin(xl)
+        lin.decode_activations = "int8"
+        assert torch.equal(eager, lin(xl))
+        lin.decode_activations = "auto"
+        assert torch.equal(torch.compile(lin, fullgraph=True)(xl), eager)

@@ -27,7 +27,7 @@ def _dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, b
 
 
 def _qmatmul_setup(ctx, inputs, output) -> None:
-    x, qweight, scales, zeros, bits = inputs
+    x, qweight, scales, zeros, bits, *_ = inputs  # (decode_activations, when passed: a CPU decode option)
     ctx.save_for_backward(qweight, scales, zeros)
     ctx.bits, ctx.x_dtype = bits, x.dtype
 
@@ -37,11 +37,12 @@ def _qmatmul_backward(ctx, grad: torch.Tensor):
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = (grad.float() @ _dequant(qweight, scales, zeros, ctx.bits)).to(ctx.x_dtype)
-    return grad_x, _FROZEN, _FROZEN, _FROZEN, _FROZEN
+    # one entry per input the op was called with (a trailing argument left at its default is not one)
+    return (grad_x, *[_FROZEN] * (len(ctx.needs_input_grad) - 1))
 
 
 def _moe_setup(ctx, inputs, output) -> None:
-    x, top_k_index, top_k_weights, gq, gs, gz, dq, ds, dz, bits, activation = inputs
+    x, top_k_index, top_k_weights, gq, gs, gz, dq, ds, dz, bits, activation, *_ = inputs
     ctx.save_for_backward(x, top_k_index, top_k_weights, *gq, *gs, *gz, *dq, *ds, *dz)
     ctx.bits, ctx.activation = list(bits), activation
 
@@ -73,7 +74,7 @@ def _moe_backward(ctx, grad: torch.Tensor):
                 grad_x.index_add_(0, token, gh)
     frozen = [_FROZEN] * n  # one per packed tensor of the six lists (the structure of the inputs)
     return (grad_x.to(x.dtype) if want_x else None, None, grad_w.to(top_k_weights.dtype) if want_w else None,
-            *([frozen] * 6), _FROZEN, _FROZEN)  # fmt: skip
+            *([frozen] * 6), *[_FROZEN] * (len(ctx.needs_input_grad) - 9))  # fmt: skip
 
 
 def register() -> None:

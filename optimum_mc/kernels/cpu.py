@@ -90,6 +90,22 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
 
 
 @functools.cache
+def i8dot_available() -> bool:
+    """Whether the integer-dot decode kernels (AVX512-VNNI/VBMI) run on this CPU and build."""
+    lib = library()
+    return lib is not None and bool(lib.mc_i8dot_available())
+
+
+def int8_decode(mode: str, dtype: torch.dtype) -> bool:
+    """Whether a CPU decode GEMV takes int8 activations under ``decode_activations=mode``: always for ``"int8"``;
+    for ``"auto"`` when the inputs are bf16 / fp16 (they carry 8 / 11 significant bits, so per-group int8 rounding
+    adds an error of their own order) and the CPU has the integer-dot kernels; never for ``"float"``."""
+    if mode == "int8":
+        return True
+    return mode == "auto" and dtype in (torch.bfloat16, torch.float16) and i8dot_available()
+
+
+@functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None when the reference serves the CPU (disabled, or not buildable)."""
     if os.environ.get(ENV_KERNEL, "").strip().lower() == "reference":
@@ -216,12 +232,14 @@ def _gemm(lib, xf: torch.Tensor, qw, s, z, bits: int) -> torch.Tensor:
     return y_t.t().contiguous()
 
 
-def qmatmul_cpu(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
-    """CPU implementation of ``optimum_mc::qmatmul``: fused GEMV for few rows, dequantize + BLAS otherwise."""
+def qmatmul_cpu(x, qweight, scales, zeros, bits: int, decode_activations: str = "float") -> torch.Tensor:
+    """CPU implementation of ``optimum_mc::qmatmul``: fused GEMV for few rows (int8 activations per
+    :func:`int8_decode`), dequantize + BLAS otherwise."""
     lib = _fast_path(qweight, scales, zeros, bits)
     if lib is None:
         return qmatmul_reference(x, qweight, scales, zeros, bits)
-    return qmatmul_validated(lib, x, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bits)
+    int8 = int8_decode(decode_activations, x.dtype)
+    return qmatmul_validated(lib, x, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bits, int8)
 
 
 def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, int8: bool = False) -> torch.Tensor:

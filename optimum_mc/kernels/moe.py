@@ -43,6 +43,7 @@ def _moe_op(
     down_zeros: list[torch.Tensor],
     bits: list[int],
     activation: str,
+    decode_activations: str = "float",
 ) -> torch.Tensor:
     check_index_values(top_k_index, len(gate_up_qweight))
     gate_up = list(zip(gate_up_qweight, gate_up_scales, gate_up_zeros))
@@ -52,7 +53,7 @@ def _moe_op(
 
 @_moe_op.register_fake
 def _(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight, down_scales,
-      down_zeros, bits, activation):  # fmt: skip
+      down_zeros, bits, activation, decode_activations="float"):  # fmt: skip
     return torch.empty_like(x)
 
 
@@ -149,15 +150,18 @@ def moe_op(
     down_zeros: list[torch.Tensor],
     bits: list[int],
     activation: str,
+    decode_activations: str = "float",
 ) -> torch.Tensor:
     """``optimum_mc::moe`` on already-validated experts (what :class:`~optimum_mc.nn.MCExperts` calls).
+    ``decode_activations`` ("float", "int8", "auto"): what the CPU decode kernel feeds its GEMVs
+    (``kernels.cpu.int8_decode``); prefill and other devices ignore it.
 
     In plain eager mode on CPU the registered CPU kernel is called directly: the ``torch.library`` dispatch layers
     cost ~30 µs per call, a third of a small decode step. Under ``torch.compile``, fake tensors or autograd (``x`` or
     ``top_k_weights`` needing a gradient) the op goes through the dispatcher as usual (same kernel, same results).
     """
     args = (x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-            down_scales, down_zeros, bits, activation)  # fmt: skip
+            down_scales, down_zeros, bits, activation, decode_activations)  # fmt: skip
     if x.device.type == "cpu" and plain_eager(x) and not (top_k_weights.requires_grad and torch.is_grad_enabled()):
         fn = _EAGER.get("cpu")
         if fn is not None:

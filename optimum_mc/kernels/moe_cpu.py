@@ -179,9 +179,10 @@ class DecodePlan:
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
+def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str,
+            int8: bool = False) -> torch.Tensor:  # fmt: skip
     """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
-    return DecodePlan((*gu, *dn), bits, activation, checked=True)(x, top_k_index, top_k_weights)
+    return DecodePlan((*gu, *dn), bits, activation, checked=True)(x, top_k_index, top_k_weights, int8=int8)
 
 
 def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
@@ -212,7 +213,8 @@ def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activa
 
 
 def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-            down_scales, down_zeros, bits: list[int], activation: str) -> torch.Tensor:  # fmt: skip
+            down_scales, down_zeros, bits: list[int], activation: str,
+            decode_activations: str = "float") -> torch.Tensor:  # fmt: skip
     """CPU implementation of ``optimum_mc::moe`` (the reference serves inputs the C kernels do not take)."""
     lib = cpu.library()
     gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
@@ -229,7 +231,8 @@ def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate
         check_index_values(top_k_index, len(gate_up_qweight))
         return moe_reference(x, top_k_index, top_k_weights, list(zip(*gu)), list(zip(*dn)), bits, activation)
     if x.shape[0] <= cpu.GEMV_MAX_ROWS:
-        return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
+        int8 = cpu.int8_decode(decode_activations, x.dtype)
+        return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, int8)
     return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
 
 

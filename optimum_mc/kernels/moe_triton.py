@@ -170,7 +170,7 @@ def _device_tables(ptrs: tuple[int, ...], bits: tuple[int, ...], device: str):
 
 
 def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-               down_scales, down_zeros, bits: list[int], activation: str,
+               down_scales, down_zeros, bits: list[int], activation: str, decode_activations: str = "float",
                tiles: tuple[int, int, int, int] | None = None, gemv: bool | None = None,
                dequant: bool | None = None) -> torch.Tensor:  # fmt: skip
     """``optimum_mc::moe`` with two Triton launches (gate_up for all experts, down for all experts).
@@ -180,7 +180,8 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
     ``DECODE_TILES``, or ``PREFILL_TILES`` once experts average more than BLOCK_M rows (chosen from shapes: no
     device sync). Calls of at most ``GEMV_MAX_PAIRS`` (token, slot) pairs use the per-pair GEMV kernel instead
     (``gemv`` forces the choice); bf16 calls (on CUDA; ``GROUPED_MM_DTYPES``) of at least ``DEQUANT_MIN_PAIRS`` pairs
-    dequantize and use the grouped matmul (``dequant`` forces the choice).
+    dequantize and use the grouped matmul (``dequant`` forces the choice). ``decode_activations`` is a CPU
+    decode option, ignored here.
     """
     from .moe import check_index_values
 

@@ -28,13 +28,18 @@ def _(qweight, scales, zeros, bits, dtype):
 
 @torch.library.custom_op("optimum_mc::qmatmul", mutates_args=())
 def _qmatmul_op(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    decode_activations: str = "float",
 ) -> torch.Tensor:
     return qmatmul_reference(x, qweight, scales, zeros, bits)
 
 
 @_qmatmul_op.register_fake
-def _(x, qweight, scales, zeros, bits):
+def _(x, qweight, scales, zeros, bits, decode_activations="float"):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 

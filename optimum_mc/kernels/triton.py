@@ -176,7 +176,8 @@ def triton_gemv(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def triton_qmatmul(x, qweight, scales, zeros, bits: int) -> torch.Tensor:
+def triton_qmatmul(x, qweight, scales, zeros, bits: int, decode_activations: str = "float") -> torch.Tensor:
+    """``optimum_mc::qmatmul`` on CUDA (``decode_activations`` is a CPU decode option: ignored here)."""
     rows = x.numel() // x.shape[-1]
     return (triton_gemv if rows <= GEMV_MAX_ROWS else triton_gemm)(x, qweight, scales, zeros, bits)
 

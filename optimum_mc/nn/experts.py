@@ -81,8 +81,9 @@ class MCExperts(nn.Module):
         )
         # the fused op's name for act_fn; None (an activation it does not know) keeps the per-expert loop
         self.activation = activation_name(act_fn)
-        # "int8": the CPU decode kernel rounds its GEMV inputs to int8 per group (set_decode_activations)
-        self.decode_activations = "float"
+        # what the CPU decode kernel feeds its GEMVs: "auto" (int8 for bf16 / fp16 inputs where the CPU has the
+        # integer-dot kernels), "float" or "int8" (kernels.cpu.int8_decode; set_decode_activations)
+        self.decode_activations = "auto"
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: list[int], group_size: int) -> MCExperts:
@@ -153,8 +154,10 @@ class MCExperts(nn.Module):
         weights = self.packed_weights()
         plan = self._decode_plan(hidden_states, weights)
         if plan is not None:
-            return plan(hidden_states, top_k_index, top_k_weights, int8=self.decode_activations == "int8")
-        return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.op_bits, self.activation)
+            int8 = cpu.int8_decode(self.decode_activations, hidden_states.dtype)
+            return plan(hidden_states, top_k_index, top_k_weights, int8=int8)
+        return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.op_bits, self.activation,
+                      self.decode_activations)  # fmt: skip
 
     def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> DecodePlan | None:
         """The CPU decode kernel's cached plan for a plain-eager CPU decode step, else None (the op's dispatch)."""
@@ -189,7 +192,7 @@ class MCExperts(nn.Module):
                 check_routing(
                     hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation
                 )
-                int8 = self.decode_activations == "int8"
+                int8 = cpu.int8_decode(self.decode_activations, hidden_states.dtype)
                 return plan(hidden_states, top_k_index, top_k_weights, threshold, counts, int8=int8)
         from ..pruning.rule import apply_drop, count_routing, drop_mask
 
@@ -222,10 +225,11 @@ class MCExperts(nn.Module):
 
 def set_decode_activations(model: nn.Module, mode: str = "int8") -> int:
     """What the CPU decode kernels of ``model``'s packed modules (every :class:`MCExperts` and
-    :class:`QuantLinear`) feed their GEMVs: ``"float"`` (fp32, the default) or ``"int8"`` (each group of the inputs
-    rounded to int8 with its own scale, as llama.cpp does, and multiplied with the codes in exact integer dots:
-    1.5-2x faster per GEMV than fp32 decode on CPUs with AVX512-VNNI/VBMI, no measurable perplexity change).
-    Prefill, GPUs and ``torch.compile`` keep the float path. Returns how many modules were set."""
+    :class:`QuantLinear`) feed their GEMVs: ``"float"`` (fp32), ``"int8"`` (each group of the inputs rounded to
+    int8 with its own scale, as llama.cpp does, and multiplied with the codes in exact integer dots: 1.5-2x faster
+    per GEMV than fp32 decode on CPUs with AVX512-VNNI/VBMI, no measurable perplexity change) or ``"auto"`` (the
+    default: int8 for bf16 / fp16 models on CPUs with those kernels, float otherwise). Eager and compiled decode
+    agree (the mode is an argument of the ops); prefill and GPUs stay float. Returns how many modules were set."""
     from ..config import DECODE_ACTIVATIONS
     from ..errors import MCConfigError
 

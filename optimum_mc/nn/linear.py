@@ -56,8 +56,8 @@ class QuantLinear(nn.Module):
         # groups of whole 32-code blocks: what the C kernels take (others go through the dispatcher's reference)
         self._cpu_kernel = self.group_size % 32 == 0
         self._checked: tuple[torch.Tensor, ...] = ()  # the buffers last found fit for the C kernels
-        # "int8": the CPU decode GEMV rounds its input to int8 per group (nn.experts.set_decode_activations)
-        self.decode_activations = "float"
+        # "auto" / "float" / "int8": what the CPU decode GEMV takes (kernels.cpu.int8_decode, set_decode_activations)
+        self.decode_activations = "auto"
 
     @classmethod
     def from_codes(
@@ -121,9 +121,10 @@ class QuantLinear(nn.Module):
             c = self._checked
             fits = (c and c[0] is qw and c[1] is s and c[2] is z) or self._check_cpu_buffers(qw, s, z)
             if lib is not None and fits:
-                y = cpu.qmatmul_validated(lib, x, qw, s, z, self.bits, self.decode_activations == "int8")
+                int8 = cpu.int8_decode(self.decode_activations, x.dtype)
+                y = cpu.qmatmul_validated(lib, x, qw, s, z, self.bits, int8)
         if y is None:
-            y = torch.ops.optimum_mc.qmatmul(x, qw, s, z, self.bits)
+            y = torch.ops.optimum_mc.qmatmul(x, qw, s, z, self.bits, self.decode_activations)
         bias = b["bias"]
         return y + bias.to(y.dtype) if bias is not None else y
 

@@ -47,7 +47,7 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
     rows.append(("MC", *measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
     set_decode_activations(quant, "int8")
     rows.append(("MC, int8 decode activations", *measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
-    set_decode_activations(quant, "float")
+    set_decode_activations(quant, "auto")  # back to the default
     set_odp(quant, True)
     reset_odp_stats(quant)
     pre, dec = measure(quant, prompt, args.new_tokens)
