@@ -241,6 +241,8 @@ def test_pipeline_allocates_per_projection_and_round_trips(mixtral_dir, tmp_path
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["format_version"] == 2
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         assert f.metadata()["mc_format_version"] == "2"
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "bits per expert, gate/up / down" in card and "checkpoint format 2" in card
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert again.config.quantization_config.expert_bits == qc.expert_bits
     sd, sd2 = model.state_dict(), again.state_dict()

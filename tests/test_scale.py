@@ -113,9 +113,14 @@ def test_explicit_disk_map(float_dir, streamed, tmp_path):
     torch.testing.assert_close(logits(model), logits(streamed), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("allocation", ["layer", "global"])
-def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, monkeypatch, allocation):
-    clean = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(allocation=allocation))
+@pytest.mark.parametrize(
+    "allocation,granularity", [("layer", "expert"), ("global", "expert"), ("layer", "projection")]
+)
+def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, monkeypatch, allocation, granularity):
+    """Staged layers keep their widths ([gate_up, down] ones too) and factors: the resumed run writes the bytes of
+    a clean run."""
+    cfg = dict(allocation=allocation, allocation_granularity=granularity)
+    clean = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(**cfg))
     expected = saved_digest(clean, tmp_path / "clean")
 
     resume = tmp_path / "resume"
@@ -130,9 +135,7 @@ def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, mon
 
     monkeypatch.setattr(_Run, "quantize_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        AutoModelForCausalLM.from_pretrained(
-            float_dir, quantization_config=mc_config(allocation=allocation, resume_dir=str(resume))
-        )
+        AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(**cfg, resume_dir=str(resume)))
     assert (resume / "progress.json").exists()
     calls.clear()
     monkeypatch.setattr(_Run, "quantize_layer", original)
@@ -144,8 +147,10 @@ def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, mon
 
     monkeypatch.setattr(_Run, "quantize_layer", counting)
     resumed = AutoModelForCausalLM.from_pretrained(
-        float_dir, quantization_config=mc_config(allocation=allocation, resume_dir=str(resume))
+        float_dir, quantization_config=mc_config(**cfg, resume_dir=str(resume))
     )
+    if granularity == "projection":
+        assert any(isinstance(b, list) for row in resumed.config.quantization_config.expert_bits for b in row)
     assert counted == [2]  # layers 0 and 1 came from the resume folder
     assert saved_digest(resumed, tmp_path / "resumed") == expected
 
