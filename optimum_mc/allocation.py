@@ -38,6 +38,11 @@ paper's Hessian-based competitor (HAWQ-style): the cost is ``loss`` itself, whic
 Hessian-trace importance ``tr(H) / n * ||W - Q_b(W)||^2`` summed over the expert's matrices
 (:func:`~optimum_mc.calibration.factors.hessian_trace_loss`).
 
+Granularity. ``granularity="projection"`` (modes "layer" / "global") splits every expert into two items, its gate/up
+matrix (2 weight units: 2/3 of its weights) and its down matrix (1 unit), each with its own loss (that projection
+alone quantized); the budget is ``floor(target * 3E)`` units and the required widths apply to the items. The same
+DP (item sizes ``units * b``) and CP-SAT program solve it.
+
 Exponents. The paper's cost is ``phi * w^1.5 * eps`` with ``eps`` an un-squared Frobenius norm, i.e. alpha=1,
 beta=1.5, gamma=1 (the defaults; with them, the authors' released factor files give their released allocations).
 """
