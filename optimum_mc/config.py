@@ -43,6 +43,10 @@ LOADING_ATTRIBUTES = ("odp", "odp_threshold", "odp_protect_ratio", "odp_layers",
 DECODE_ACTIVATIONS = ("auto", "float", "int8")
 
 
+# Options added after the first versioned release, left out of to_dict() (config.json) while at these defaults: a
+# checkpoint that does not use them stays loadable by optimum-mc versions that do not know them.
+_OMITTED_AT_DEFAULT = {"allocation_granularity": "expert", "clip_search": False, "decode_activations": "auto"}
+
 # Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
 _VERSION_FIELDS = ("format_version", "optimum_mc_version")
 
@@ -429,6 +433,9 @@ class MCConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """Every option and result, JSON-ready, with the format / package version; calibration texts as a record."""
         d = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_") and k != "tokenizer"}
+        for k, default in _OMITTED_AT_DEFAULT.items():
+            if d.get(k) == default and type(d.get(k)) is type(default):
+                del d[k]
         if self.tokenizer is not None and isinstance(self.tokenizer, str):
             d["tokenizer"] = self.tokenizer
         if isinstance(self.dataset, list):

@@ -1,6 +1,6 @@
 """Package version and the version of the checkpoint format it writes (``quantization_config`` and packed tensors)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Bumped when a checkpoint written by this version cannot be read correctly by an older optimum-mc (new tensors,
 # a new meaning of a stored option). Version 1: the first versioned format (config.json and safetensors metadata

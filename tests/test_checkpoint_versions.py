@@ -142,3 +142,18 @@ def test_two_saves_of_one_model_are_byte_identical(saved, tmp_path):
         model.save_pretrained(tmp_path / f"s{i}")
         digests.add((tmp_path / f"s{i}" / "model.safetensors").read_bytes())
     assert len(digests) == 1 and digests == {(saved[0] / "model.safetensors").read_bytes()}
+
+
+def test_options_newer_than_format_1_are_left_out_at_their_defaults(saved):
+    """An expert-granularity checkpoint names none of the later options, so optimum-mc versions that predate them
+    read it; set to anything else they are written (and such a reader then asks for an upgrade)."""
+    path, _ = saved
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    later = ("allocation_granularity", "clip_search", "decode_activations")
+    assert not set(later) & set(qc)
+    cfg = optimum_mc.MCConfig(allocation_granularity="projection", clip_search=True, decode_activations="float")
+    d = cfg.to_dict()
+    assert (d["allocation_granularity"], d["clip_search"], d["decode_activations"]) == ("projection", True, "float")
+    again = optimum_mc.MCConfig.from_dict(d)
+    assert (again.allocation_granularity, again.clip_search, again.decode_activations) == ("projection", True, "float")
+    assert optimum_mc.MCConfig.from_dict(optimum_mc.MCConfig().to_dict()).decode_activations == "auto"
