@@ -87,6 +87,7 @@ def test_bench_reports_four_variants(tiny_dir, calib_file, capsys):
             "--dataset", str(calib_file), "--prompt-len", "16", "--new-tokens", "4"]  # fmt: skip
     assert main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "tok/s" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["float", "MC", "MC, int8 decode activations", "MC + ODP"]
+    names = ["float", "MC, float decode activations", "MC, int8 decode activations", "MC + ODP"]
+    assert [r.split("|")[1].strip() for r in rows] == names
     mem = [float(r.split("|")[4]) for r in rows]
     assert mem[1] < mem[0] and mem[2] == mem[1]  # packed experts and linears take less memory than float

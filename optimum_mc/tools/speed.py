@@ -1,5 +1,5 @@
 """Speed / memory benchmark behind ``optimum-mc bench``: float vs MC (float, then int8 decode activations) vs
-MC + ODP, ratios from one run."""
+MC + ODP (the default, "auto", decode activations), ratios from one run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import copy
 import time
 
 import torch
+
+from ..kernels.cpu import int8_decode
 
 
 def model_bytes(model) -> int:
@@ -44,7 +46,8 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
     quant = copy.deepcopy(model)
     quantize_model(quant, config, tokenizer)
     quant.config.quantization_config = config
-    rows.append(("MC", *measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
+    set_decode_activations(quant, "float")  # both decode modes side by side; "auto" picks one of them per dtype
+    rows.append(("MC, float decode activations", *measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
     set_decode_activations(quant, "int8")
     rows.append(("MC, int8 decode activations", *measure(quant, prompt, args.new_tokens), model_bytes(quant), None))
     set_decode_activations(quant, "auto")  # back to the default
@@ -63,4 +66,8 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
             f"| {name} | {pre:.0f} | {dec:.1f} | {mem / 2**20:.1f} | {pre / base[1]:.2f} | {dec / base[2]:.2f} "
             f"| {mem / base[3]:.2f} | {'-' if sk is None else f'{100 * sk:.1f}%'} |"
         )
+    dtype = next(model.parameters()).dtype
+    mode = "int8" if int8_decode("auto", dtype) else "float"
+    lines.append(f"\nMC + ODP and a loaded MC model decode with {mode} activations here (decode_activations='auto', "
+                 f"{str(dtype).removeprefix('torch.')}).")  # fmt: skip
     return "\n".join(lines)
