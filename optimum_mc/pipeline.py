@@ -28,7 +28,7 @@ from .bitwidths import ExpertBits, join, split
 from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches, resolve_tokenizer
 from .calibration.expert_gptq import quantize_experts
-from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert, rtn_projection_losses
+from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert, rtn_loss_table
 from .calibration.layer_source import ResidentLayers, release_memory, return_large_frees_to_the_os
 from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
@@ -173,6 +173,11 @@ class _Run:
                     keep = torch.linspace(0, x.shape[0] - 1, RTN_LOSS_MAX_TOKENS, device=x.device).long()
                     energy = energy * RTN_LOSS_MAX_TOKENS / x.shape[0]
                     x, r = x[keep], r[keep]
+                if proj is not None:  # loss_method "rtn" (checked by MCConfig): whole and per-projection in one pass
+                    args = (x, r, w_gu, w_dn, experts.act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
+                    whole, per = rtn_loss_table(*args)
+                    loss[e], proj[e] = torch.tensor(whole, dtype=torch.float64), torch.tensor(per, dtype=torch.float64)
+                    continue
                 loss[e] = torch.tensor(
                     expert_losses(
                         method,
@@ -191,9 +196,6 @@ class _Run:
                     ),
                     dtype=torch.float64,
                 )
-                if proj is not None:
-                    args = (x, r, w_gu, w_dn, experts.act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
-                    proj[e] = torch.tensor(rtn_projection_losses(*args), dtype=torch.float64)
         return cands, loss, proj
 
     def quantize_one(self, routing: RoutingCapture, e: int, w_gu, w_dn, act_fn, bits: list[int]) -> dict:

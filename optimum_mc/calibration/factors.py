@@ -169,17 +169,11 @@ def rtn_losses(
     zero_point: str = "float",
 ) -> list[float]:
     """eps(e, b) for each of ``bits`` with the expert quantized by round-to-nearest (the authors' method)."""
-    w_gate_up, w_down = w_gate_up.float(), w_down.float()
-    ref = expert_forward(x, w_gate_up, w_down, act_fn)
-    out = []
-    for b in bits:
-        q_gu = dequantize_matrix(*rtn_quantize(w_gate_up, b, group_size, zero_point), group_size)
-        q_dn = dequantize_matrix(*rtn_quantize(w_down, b, group_size, zero_point), group_size)
-        out.append(relative_norm(output_error(x, r, ref, q_gu, q_dn, act_fn), output_energy))
-    return out
+    args = (x, r, w_gate_up, w_down, act_fn, bits, group_size, output_energy, zero_point)
+    return rtn_loss_table(*args, projections=False)[0]
 
 
-def rtn_projection_losses(
+def rtn_loss_table(
     x: torch.Tensor,
     r: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -189,18 +183,27 @@ def rtn_projection_losses(
     group_size: int,
     output_energy: float,
     zero_point: str = "float",
-) -> list[list[float]]:
-    """``[gate_up losses, down losses]``: eps(e, b) with only the gate/up, or only the down, matrix quantized by
-    round-to-nearest at each of ``bits`` (the other one float). For ``allocation_granularity="projection"``."""
+    projections: bool = True,
+) -> tuple[list[float], list[list[float]] | None]:
+    """Round-to-nearest eps(e, b) for each of ``bits``: the whole expert quantized (:func:`rtn_losses`) and, with
+    ``projections``, ``[gate_up losses, down losses]`` with only that matrix quantized, the other one float (for
+    ``allocation_granularity="projection"``). One reference forward and one grid per width serve all three."""
     w_gate_up, w_down = w_gate_up.float(), w_down.float()
     ref = expert_forward(x, w_gate_up, w_down, act_fn)
-    out: list[list[float]] = [[], []]
+    whole: list[float] = []
+    per: list[list[float]] = [[], []]
+
+    def eps(w_gu: torch.Tensor, w_dn: torch.Tensor) -> float:
+        return relative_norm(output_error(x, r, ref, w_gu, w_dn, act_fn), output_energy)
+
     for b in bits:
         q_gu = dequantize_matrix(*rtn_quantize(w_gate_up, b, group_size, zero_point), group_size)
-        out[0].append(relative_norm(output_error(x, r, ref, q_gu, w_down, act_fn), output_energy))
         q_dn = dequantize_matrix(*rtn_quantize(w_down, b, group_size, zero_point), group_size)
-        out[1].append(relative_norm(output_error(x, r, ref, w_gate_up, q_dn, act_fn), output_energy))
-    return out
+        whole.append(eps(q_gu, q_dn))
+        if projections:
+            per[0].append(eps(q_gu, w_down))
+            per[1].append(eps(w_gate_up, q_dn))
+    return whole, per if projections else None
 
 
 def heldout_losses(
