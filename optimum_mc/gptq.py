@@ -42,11 +42,12 @@ CLIP_GRID = 20  # shrink ratios 1 - 0.5 * i / CLIP_GRID, i = 1..CLIP_GRID, tried
 
 
 def searched_qparams(
-    w: torch.Tensor, bits: int, zero_point: str, col_weight: torch.Tensor | None
+    w: torch.Tensor, bits: int, zero_point: str, col_weight: torch.Tensor | None, grid: int = CLIP_GRID
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale / zero of the groups of ``w (..., G, g)``: :func:`group_qparams`, or (``col_weight`` given, ``(G, g)``
-    non-negative, b >= 2) the clip ratio in ``[0.5, 1]`` minimizing the ``col_weight``-weighted round-to-nearest
-    error per group (the module docstring's grid search). Only a strictly lower error moves a group off min/max."""
+    non-negative, b >= 2) the clip ratio ``1 - 0.5 * i / grid`` (``i = 0..grid``) minimizing the
+    ``col_weight``-weighted round-to-nearest error per group (the module docstring's grid search; all-ones weights:
+    plain weight MSE). Only a strictly lower error moves a group off min/max."""
     s, z = group_qparams(w, bits, zero_point)
     if col_weight is None or bits == 1:
         return s, z
@@ -59,8 +60,8 @@ def searched_qparams(
     best = error(s, z)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     mid = (lo + hi) / 2
-    for i in range(1, CLIP_GRID + 1):
-        ratio = 1.0 - 0.5 * i / CLIP_GRID
+    for i in range(1, grid + 1):
+        ratio = 1.0 - 0.5 * i / grid
         cs, cz = group_qparams(torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1), bits, zero_point)
         ok = torch.isfinite(cs) & torch.isfinite(cz) & (cs >= _FP16_TINY)
         err = torch.where(ok, error(torch.where(ok, cs, s), torch.where(ok, cz, z)), best)
@@ -285,7 +286,8 @@ def calibration_free_quantize(
     wg = weight.detach().float().reshape(out_f, in_f // g, g)
 
     check_zero_point(zero_point)
-    best_s, best_z = group_qparams(wg, bits, zero_point)  # round-to-nearest: the starting point
+    # (1): the clip search, unweighted (round-to-nearest is its starting point; at 1 bit it is all there is)
+    best_s, best_z = searched_qparams(wg, bits, zero_point, torch.ones(wg.shape[-2:]), grid)
     best_err = _group_sse(wg, best_s, best_z, bits)
 
     def consider(s: torch.Tensor, z: torch.Tensor) -> None:
@@ -297,13 +299,6 @@ def calibration_free_quantize(
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
         best_err = torch.where(better, err, best_err)
 
-    if bits > 1:
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        mid = (lo + hi) / 2
-        for i in range(1, grid + 1):
-            ratio = 1.0 - 0.5 * i / grid
-            clipped = torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1)
-            consider(*group_qparams(clipped, bits, zero_point))
     for _ in range(refine_steps):
         consider(*_affine_refit(wg, best_s, best_z, bits, zero_point))
     codes = quantize_codes(wg, best_s, best_z, bits).reshape(out_f, in_f)
