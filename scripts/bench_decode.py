@@ -76,9 +76,10 @@ def main(argv=None) -> None:
     if not args.no_odp:
         from optimum_mc.pruning import set_odp
 
-        odp = copy.deepcopy(variants["MC fp32"])
-        set_odp(odp, True)
-        variants["MC fp32 + ODP"] = odp
+        for dtype in ("fp32", "bf16"):
+            odp = copy.deepcopy(variants[f"MC {dtype}"])
+            set_odp(odp, True)
+            variants[f"MC {dtype} + ODP"] = odp
     vocab = f32.config.vocab_size
     prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     best: dict[str, list[float]] = {name: [0.0, 0.0] for name in variants}

@@ -53,7 +53,8 @@ def test_demo_report_shows_the_comparisons(small_demo, monkeypatch, tmp_path, ca
     for row in rows:
         assert row in out, out
     assert "of expert evaluations skipped" in out and "0 never routed" in out
-    assert demo_run.PROMPT in out  # the generated sample follows the prompt
+    assert out.count(demo_run.PROMPT) == 2  # a float and an MC sample, each after the prompt
+    assert "generated tokens are the float model's" in out
     sizes = {line.split("|")[1].strip(): float(line.split("|")[4]) for line in out.splitlines()
              if line.startswith("| ") and line.split("|")[3].strip()[:1].isdigit()}  # fmt: skip
     assert sizes["uniform 1-bit (GPTQ)"] < sizes["MC 1.5-bit"] < sizes["uniform 2-bit (GPTQ)"] < sizes["MC 2.5-bit"]

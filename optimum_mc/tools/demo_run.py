@@ -24,7 +24,8 @@ VARIANTS = (
     ("uniform 1-bit (GPTQ)", "1", dict(bits=1.0, candidate_bits=[1])),
     ("MC 1.5-bit", "1.5", dict(bits=1.5)),
 )
-PROMPT = "def read_file(path):\n"
+PROMPT = "class Parser:\n    def __init__(self, "
+NEW_TOKENS = 40
 
 
 def _expert_bytes(model) -> int:
@@ -131,9 +132,14 @@ def _run_demo(quiet: bool, plot_path: Path | None) -> int:
         "error) at the average asked; ODP then skips the weakest second experts per token at inference."
     )
 
-    gen = pipeline("text-generation", model=mc, tokenizer=tok)
-    out = gen(PROMPT, max_new_tokens=48, do_sample=False, repetition_penalty=1.2)[0]["generated_text"]
-    say("\npipeline('text-generation') with the MC 2.5-bit model (greedy):\n" + out)
+    samples = {}
+    for name, model in (("float", float_model), ("MC 2.5-bit", mc)):
+        gen = pipeline("text-generation", model=model, tokenizer=tok)
+        out = gen(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.2, return_tensors=True)
+        samples[name] = out[0]["generated_token_ids"][len(tok(PROMPT)["input_ids"]) :]
+        say(f"\npipeline('text-generation'), {name} model (greedy):\n" + tok.decode(out[0]["generated_token_ids"]))
+    same = next((i for i, (a, b) in enumerate(zip(*samples.values())) if a != b), min(map(len, samples.values())))
+    say(f"\nthe MC 2.5-bit model's first {same} generated tokens are the float model's")
 
     png_path = Path(plot_path) if plot_path else path.parent / "demo-allocation.png"
     png = plot_allocation(qc.expert_bits, qc.moe_layers, png_path)
