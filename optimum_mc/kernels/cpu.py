@@ -38,7 +38,10 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 ENV_KERNEL = "OPTIMUM_MC_CPU_KERNEL"
 GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
-GEMM_BLOCK_BYTES = 8 << 20  # fp32 weight block dequantized per BLAS call (fits the last-level cache)
+# weight block dequantized per BLAS call (QuantLinear and the MoE prefill). Measured on one Mixtral expert layer, 256
+# tokens, fp32: 16 MiB beat 4/8/12/24/32/64 MiB at 2 threads (973 ms vs 1055 at 8 MiB and 1411 at 64 MiB) and 8 MiB
+# at 1 thread (1725 vs 1871 ms): smaller blocks cost BLAS efficiency, larger ones fall out of the caches
+GEMM_BLOCK_BYTES = 16 << 20
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 

@@ -24,10 +24,6 @@ from .activations import ACTIVATIONS
 from .moe import check_index_values, register_eager
 from .reference import moe_reference
 
-# dequantized weight block per BLAS call: 8 MiB stays in the last-level cache; with several threads, larger blocks
-# mean fewer parallel regions (each one waits for every thread to be scheduled: milliseconds on a loaded machine)
-GEMM_BLOCK_BYTES = 8 << 20
-GEMM_BLOCK_BYTES_THREADED = 64 << 20
 
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # mc_moe_decode's activation argument
@@ -70,8 +66,7 @@ def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) ->
             raise MemoryError("optimum-mc CPU AMX kernel could not allocate its buffers")
         if rc == 0:
             return
-    budget = GEMM_BLOCK_BYTES if torch.get_num_threads() == 1 else GEMM_BLOCK_BYTES_THREADED
-    block = max(1, min(out_f, budget // ((2 if bf16 else 4) * in_f)))
+    block = max(1, min(out_f, cpu.GEMM_BLOCK_BYTES // ((2 if bf16 else 4) * in_f)))
     buf = torch.empty(block, in_f, dtype=x.dtype)
     fn = lib.mc_dequantize_bf16 if bf16 else lib.mc_dequantize
     for start in range(0, out_f, block):
