@@ -23,12 +23,13 @@ def split(bits: ExpertBits) -> tuple[int, int]:
         raise CheckpointError(f"an expert bit-width must be an int or [gate_up, down], got {bits!r}.")
     if isinstance(bits, int):
         return bits, bits
-    if isinstance(bits, (list, tuple)) and len(bits) == 2 and all(_is_int(b) for b in bits):
+    if isinstance(bits, (list, tuple)) and len(bits) == 2 and all(is_int(b) for b in bits):
         return int(bits[0]), int(bits[1])
     raise CheckpointError(f"an expert bit-width must be an int or [gate_up, down], got {bits!r}.")
 
 
-def _is_int(b: object) -> bool:
+def is_int(b: object) -> bool:
+    """An int that is not a bool (``True`` is not a bit-width)."""
     return isinstance(b, int) and not isinstance(b, bool)
 
 

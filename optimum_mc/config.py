@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .bitwidths import is_int as _is_int
 from .errors import CheckpointVersionError, MCConfigError
 from .packing import SUPPORTED_BITS
 from .version import FORMAT_VERSION, __version__, format_for
@@ -53,10 +54,6 @@ _VERSION_FIELDS = ("format_version", "optimum_mc_version")
 
 def _err(msg: str) -> MCConfigError:
     return MCConfigError(msg)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_bool(name: str, v: Any) -> None:

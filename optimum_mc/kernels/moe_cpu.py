@@ -24,8 +24,6 @@ from .activations import ACTIVATIONS
 from .moe import check_index_values, register_eager
 from .reference import moe_reference
 
-
-
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # mc_moe_decode's activation argument
 _INT32, _FP16 = torch.int32, torch.float16
 
