@@ -64,8 +64,9 @@ def plot_allocation(expert_bits: list[list[ExpertBits]], moe_layers: list[int], 
 
 
 def run_demo(quiet: bool = False, plot_path: Path | None = None) -> int:
-    """Run the demo on one thread: its matrices are small, and on a busy machine a second thread mostly waits for
-    its turn (training and quantization ran several times slower with two threads at load 10+ on 2 cores)."""
+    """Quantize and evaluate on one thread: the matrices are small, and on a busy machine a second thread mostly
+    waits for its turn (quantization ran several times slower with two threads at load 10+ on 2 cores). Training
+    the model on first use runs on its recipe's fixed thread count (:data:`demo.RECIPE`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
