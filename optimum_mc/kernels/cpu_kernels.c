@@ -1016,16 +1016,13 @@ typedef struct {
     uint8_t rows[16];
 } amx_tilecfg;
 
-static void amx_configure(void) {
-    amx_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64; /* every tile: 16 rows of 64 bytes (16 fp32 or 32 bf16) */
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
+/* Every tile: 16 rows of 64 bytes (16 fp32 or 32 bf16). A constant, not a struct filled on the stack: GCC at -O3
+ * may treat stores into a local that only ldtilecfg reads as dead once the function is inlined (seen while
+ * prototyping an AMX-INT8 kernel: ldtilecfg then read garbage and faulted). */
+static const amx_tilecfg amx_cfg __attribute__((aligned(64))) = {
+    1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+static inline void amx_configure(void) { _tile_loadconfig(&amx_cfg); }
 
 /* 16 codes of a row, shifted down to the low bits, as floats (b <= 4: two 32-bit loads at bytes 0 and b). */
 static inline __attribute__((always_inline)) __m512 codes16(const uint8_t *src, int64_t c, const int BITS) {
