@@ -14,7 +14,8 @@ from optimum_mc.tools import demo, demo_run
 from optimum_mc.tools.evaluation import token_windows
 
 # the demo's recipe (load-balancing loss weight, schedule, seed, top-2 of 8 experts) on a smaller, faster model
-SMALL = dataclasses.replace(demo.RECIPE, hidden=64, intermediate=128, layers=2, steps=80, batch=4)
+# (one thread: pytest-xdist already runs two workers on the two cores)
+SMALL = dataclasses.replace(demo.RECIPE, hidden=64, intermediate=128, layers=2, steps=80, batch=4, threads=1)
 
 
 def _held_out(tok, n=24):
