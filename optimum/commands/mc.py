@@ -149,6 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _loading_options(b)
     b.add_argument("--prompt-len", type=_positive_int, default=256)
     b.add_argument("--new-tokens", type=_positive_int, default=32)
+    b.add_argument("--repeats", type=_positive_int, default=3, help="rounds over the variants; the best is kept")
     add("demo", "quantize the embedded demo MoE offline and show what MC does")
 
 
