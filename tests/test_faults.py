@@ -323,8 +323,8 @@ SAVE_CASES = [
     ("under_a_file", lambda ws: ws / "a_file.txt" / "out", None, OutputPathError, "is a file"),
     ("unwritable", lambda ws: Path("/proc/mc-out"), None, OutputPathError, "writable output folder"),
     ("empty_path", lambda ws: "", None, OutputPathError, "empty"),
-    ("ctrl_c_over_existing", lambda ws: ws / "mc", KeyboardInterrupt(), KeyboardInterrupt, ""),
-    ("ctrl_c_fresh", lambda ws: ws / "fresh", KeyboardInterrupt(), KeyboardInterrupt, ""),
+    ("ctrl_c_over_existing", lambda ws: ws / "mc", KeyboardInterrupt(), KeyboardInterrupt, None),
+    ("ctrl_c_fresh", lambda ws: ws / "fresh", KeyboardInterrupt(), KeyboardInterrupt, None),
     ("disk_full_over_existing", lambda ws: ws / "mc", OSError(28, "No space left"), OSError, "No space"),
 ]
 
