@@ -54,8 +54,9 @@ def received_attention(
             allowed = mask[..., s : s + q.shape[2], :lk] > torch.finfo(mask.dtype).min / 2
             scores = scores + mask[..., s : s + q.shape[2], :lk].float()
         allowed = allowed.expand(b, -1, -1, -1)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        probs = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+        if mask is not None:  # a query row with no allowed key (padding) gives NaN: it receives nothing
+            probs.nan_to_num_(0.0)  # (causal without a mask: every query attends at least to itself)
         col_sum += probs.sum(2)
         col_cnt += allowed[:, :1].float().sum(2)
     received = (col_sum.mean(1) / col_cnt[:, 0].clamp_min(1.0))[:, offset:]
