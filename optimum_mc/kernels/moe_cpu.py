@@ -75,8 +75,10 @@ def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) ->
         )  # fmt: skip
         if rc:
             raise MemoryError("optimum-mc CPU dequantize could not allocate its row buffer")
-        y = torch.mm(x, buf[: stop - start].t())
-        out[:, start:stop] = y
+        if block == out_f and x.dtype == out.dtype and out.is_contiguous():
+            torch.mm(x, buf.t(), out=out)  # the whole matrix in one block: straight into the output rows
+        else:
+            out[:, start:stop] = torch.mm(x, buf[: stop - start].t())
 
 
 def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: list[int], counts: list[int],
