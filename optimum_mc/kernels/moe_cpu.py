@@ -197,7 +197,7 @@ def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activa
     xg = xg.contiguous() if keep_bf16 else xg.float().contiguous()
     inter = gu[0][0].shape[0] // 2
     h = _grouped_linear(lib, xg, *gu, gu_bits, starts, counts, 2 * inter)
-    h = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
+    h = ACTIVATIONS[activation](h[:, :inter]).mul_(h[:, inter:])  # each activation returns a new tensor
     if keep_bf16:
         h = h.to(torch.bfloat16)
     y = _grouped_linear(lib, h.contiguous(), *dn, dn_bits, starts, counts, x.shape[1])
