@@ -213,6 +213,29 @@ def test_no_compiler_or_failed_build_falls_back_with_one_warning(tmp_path, monke
     assert not list((tmp_path / "kernels").iterdir())  # the failed build left nothing behind
 
 
+@needs_c
+def test_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch, caplog):
+    """Apple's clang rejects -fopenmp: the kernels are built without it (one thread) instead of the reference."""
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(
+        '#!/bin/sh\nfor a in "$@"; do\n  if [ "$a" = -fopenmp ]; then\n'
+        "    echo \"clang: error: unsupported option '-fopenmp'\" >&2; exit 1\n  fi\ndone\n"
+        f'exec {cpu._compiler()} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("OPTIMUM_MC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu.ENV_KERNEL, raising=False)
+    monkeypatch.setattr(cpu, "_compiler", lambda: str(wrapper))
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        lib = cpu.library.__wrapped__()
+    assert lib is not None and len(caplog.records) == 1, caplog.text
+    assert "rejected -fopenmp" in caplog.text and "single-threaded" in caplog.text
+    p, s, z = _packed(3, 37, 256, 64)
+    out = torch.empty(37, 256)
+    assert lib.mc_dequantize(p.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), 37, 256, 3, 64, 2) == 0
+    assert torch.equal(out, dequantize_reference(p, s, z, 3, torch.float32))
+
+
 GUARD_PAGE_SCRIPT = """
 import ctypes, mmap, torch
 from optimum_mc.group_quant import rtn_quantize

@@ -120,14 +120,34 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("optimum-mc: no C compiler found ($CC, cc, gcc, clang); using the slow pure-torch reference")
         return None
-    try:
-        return load(build(cc))
-    except subprocess.CalledProcessError as exc:
-        logger.warning("optimum-mc: building the CPU kernels failed; using the pure-torch reference:\n%s", exc.stderr)
-        return None
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("optimum-mc: building the CPU kernels failed (%s); using the pure-torch reference", exc)
-        return None
+    first_error = None
+    for flags in fallback_flags():
+        try:
+            lib = load(build(cc, flags))
+        except subprocess.CalledProcessError as exc:
+            first_error = first_error or exc.stderr
+            continue
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.warning("optimum-mc: building the CPU kernels failed (%s); using the pure-torch reference", exc)
+            return None
+        if flags != FLAGS:
+            dropped = " ".join(f for f in FLAGS if f not in flags)
+            logger.warning(
+                "optimum-mc: %s rejected %s; CPU kernels built without it (%s)", cc, dropped,
+                "single-threaded" if "-fopenmp" in dropped else "generic instruction set",
+            )  # fmt: skip
+        return lib
+    logger.warning("optimum-mc: building the CPU kernels failed; using the pure-torch reference:\n%s", first_error)
+    return None
+
+
+def fallback_flags() -> tuple[tuple[str, ...], ...]:
+    """Compiler flag sets tried in order. A compiler without OpenMP (Apple's clang) or one that rejects
+    ``-march=native`` still builds the C kernels (the OpenMP pragmas are then ignored: one thread; the vector
+    kernels are guarded by the instruction sets the compiler targets) instead of leaving the slow pure-torch
+    reference to serve every call."""
+    no_omp = tuple(f for f in FLAGS if f != "-fopenmp")
+    return FLAGS, no_omp, tuple(f for f in no_omp if f != "-march=native")
 
 
 def load(path: Path) -> ctypes.CDLL:
