@@ -83,9 +83,9 @@ def main(argv=None) -> None:
     vocab = f32.config.vocab_size
     prompt = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     best: dict[str, list[float]] = {name: [0.0, 0.0] for name in variants}
-    for _ in range(args.repeats):
+    for rnd in range(args.repeats):
         for name, model in variants.items():
-            pre, dec = measure(model, prompt, args.new_tokens, clock)
+            pre, dec = measure(model, prompt, args.new_tokens, clock, warm_up=rnd == 0)
             best[name] = [max(best[name][0], pre), max(best[name][1], dec)]
     base = best["float fp32"]
     print(f"\nprefill {args.prompt_len} tokens, greedy decode {args.new_tokens} tokens, batch 1; best of "

@@ -22,13 +22,15 @@ def model_bytes(model) -> int:
 
 
 @torch.no_grad()
-def measure(model, prompt: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> tuple[float, float]:
+def measure(
+    model, prompt: torch.Tensor, new_tokens: int, clock=time.perf_counter, warm_up: bool = True
+) -> tuple[float, float]:
     """(prefill tokens/s over the whole prompt, greedy decode tokens/s after a 16-token prompt); ``clock``: wall
-    time by default, ``time.process_time`` for this process's CPU time (robust to other jobs at one thread)."""
-    # warm-up at the timed shapes: the first call of a shape creates BLAS / oneDNN kernels (bf16 prefill of 256
-    # tokens measured ~3x slower in its first call)
-    model(input_ids=prompt, use_cache=False)
-    model.generate(prompt[:, :16], max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    time by default, ``time.process_time`` for this process's CPU time (robust to other jobs at one thread).
+    ``warm_up``: first run the timed shapes once (needed once per model and setting, not per repeat)."""
+    if warm_up:  # the first call of a shape creates BLAS / oneDNN kernels (bf16 prefill of 256 tokens: ~3x slower)
+        model(input_ids=prompt, use_cache=False)
+        model.generate(prompt[:, :16], max_new_tokens=2, min_new_tokens=2, do_sample=False)
     t = clock()
     model(input_ids=prompt, use_cache=False)
     prefill = prompt.numel() / (clock() - t)
@@ -66,11 +68,11 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
     ]
     best = {name: (0.0, 0.0) for name, _, _ in variants}
     skipped = None
-    for _ in range(getattr(args, "repeats", 1)):
+    for rnd in range(getattr(args, "repeats", 1)):
         for name, m, configure in variants:
             if configure is not None:
                 configure()
-            pre, dec = measure(m, prompt, args.new_tokens)
+            pre, dec = measure(m, prompt, args.new_tokens, warm_up=rnd == 0)
             best[name] = (max(best[name][0], pre), max(best[name][1], dec))
         skipped = get_odp_stats(quant)["total"]["skipped_fraction"]  # ODP was the last variant measured
     set_decode_activations(quant, "auto")
