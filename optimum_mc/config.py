@@ -11,7 +11,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .bitwidths import is_int as _is_int
-from .errors import CheckpointVersionError, MCConfigError
+from .errors import AlreadyQuantizedError, CheckpointVersionError, MCConfigError
 from .packing import SUPPORTED_BITS
 from .version import FORMAT_VERSION, __version__, format_for
 
@@ -39,6 +39,9 @@ _RESULT_FIELDS = (
 
 # Options that apply when an MC checkpoint is loaded (the rest were fixed when it was quantized).
 LOADING_ATTRIBUTES = ("odp", "odp_threshold", "odp_protect_ratio", "odp_layers", "decode_activations")
+
+# Options that change nothing about the result (neither what is quantized nor how it loads).
+_COSMETIC = ("show_progress",)
 
 # What the CPU decode kernels of MCExperts and QuantLinear feed their GEMVs (nn/experts.py: set_decode_activations).
 DECODE_ACTIVATIONS = ("auto", "float", "int8")
@@ -424,7 +427,36 @@ class MCConfig(QuantizationConfigMixin):
         transformers merges them for config types in its loading-attributes list (``registration.py`` adds
         MCConfig); everything else comes from the checkpoint.
         """
-        return {name: copy.deepcopy(getattr(self, name)) for name in LOADING_ATTRIBUTES}
+        out = {name: copy.deepcopy(getattr(self, name)) for name in LOADING_ATTRIBUTES}
+        requested = self.quantization_options_set()
+        if requested:  # checked against the stored config by MCQuantizer.validate_environment (then refused)
+            out["_requested_quantization"] = requested
+        return out
+
+    def quantization_options_set(self) -> dict[str, Any]:
+        """The quantization options (neither loading attributes nor results) this config sets to something other
+        than their defaults: what a config passed to ``from_pretrained`` of an already-quantized model would
+        silently lose."""
+        default = MCConfig().__dict__
+        skip = set(LOADING_ATTRIBUTES) | set(_RESULT_FIELDS) | set(_COSMETIC) | {"quant_method"}
+        return {
+            k: v for k, v in self.__dict__.items()
+            if not k.startswith("_") and k not in skip and k in default and not _same_option(v, default[k])
+        }  # fmt: skip
+
+    def check_not_requantized(self, requested: dict[str, Any]) -> None:
+        """Raise :class:`AlreadyQuantizedError` when ``requested`` (a passed config's
+        :meth:`quantization_options_set`) asks for quantization options this stored config does not hold."""
+        differ = {k: v for k, v in requested.items() if not _same_option(v, getattr(self, k, None))}
+        if not differ:
+            return
+        asked = ", ".join(f"{k}={_short(v)}" for k, v in sorted(differ.items()))
+        held = ", ".join(f"{k}={_short(getattr(self, k, None))}" for k in sorted(differ))
+        raise AlreadyQuantizedError(
+            f"this model is already MC-quantized ({held}); the quantization options you passed ({asked}) cannot "
+            f"apply to it. To quantize with them, pass the float model it came from; to load it, pass no "
+            f"quantization_config or only loading options ({', '.join(LOADING_ATTRIBUTES)})."
+        )
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -446,6 +478,11 @@ class MCConfig(QuantizationConfigMixin):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    """Option values compared as config.json stores them (tuples and lists alike, 2 and 2.0 alike)."""
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
 def _short(v: Any) -> str:

@@ -15,6 +15,10 @@ class MCConfigError(MCError, ValueError):
     """An MCConfig option (or a combination of options) is invalid or infeasible."""
 
 
+class AlreadyQuantizedError(MCConfigError):
+    """Quantization options were passed for a model that is already quantized (they would be ignored)."""
+
+
 class CheckpointVersionError(MCConfigError):
     """A checkpoint (its quantization_config) was written by a newer optimum-mc than the installed one."""
 

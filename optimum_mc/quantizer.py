@@ -153,6 +153,9 @@ class MCQuantizer(HfQuantizer):
             import ortools  # noqa: F401
         except ImportError as exc:  # pragma: no cover - ortools is a hard dependency
             raise ImportError("optimum-mc needs OR-Tools for the bit allocation: pip install ortools") from exc
+        requested = self.quantization_config.__dict__.pop("_requested_quantization", None)
+        if self.pre_quantized and requested:  # MCConfig.get_loading_attributes: what the passed config asked for
+            self.quantization_config.check_not_requantized(requested)
         if not self.pre_quantized:
             from .placement import check_device_map, check_writable_folder, resolve_device
 

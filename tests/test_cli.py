@@ -91,3 +91,45 @@ def test_bench_reports_four_variants(tiny_dir, calib_file, capsys):
     assert [r.split("|")[1].strip() for r in rows] == names
     mem = [float(r.split("|")[4]) for r in rows]
     assert mem[1] < mem[0] and mem[2] == mem[1]  # packed experts and linears take less memory than float
+
+
+def test_bench_takes_an_mc_folder_against_its_dequantized_weights(quantized_dir, capsys):
+    """Issue 20: bench on a folder optimum-mc saved crashed (AttributeError: no gate_up_proj)."""
+    argv = ["--quiet", "bench", str(quantized_dir), "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "float = this MC model's weights dequantized" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "tok/s" not in line]
+    mem = [float(r.split("|")[4]) for r in rows]
+    assert len(rows) == 4 and mem[1] < mem[0]
+
+
+def test_bench_refuses_quantization_options_for_an_mc_folder(quantized_dir, capsys):
+    assert main(["bench", str(quantized_dir), "--bits", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "already MC-quantized" in err and "--bits" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantize_refuses_an_already_quantized_folder(quantized_dir, tmp_path, capsys):
+    """Issue 20: quantize of an MC folder exited 0 and wrote a copy at the stored bits, ignoring --bits."""
+    out = tmp_path / "again"
+    assert main(["quantize", str(quantized_dir), "--bits", "1.5", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already MC-quantized" in err and "float model" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_from_pretrained_refuses_new_quantization_options_for_an_mc_folder(quantized_dir):
+    from transformers import AutoModelForCausalLM
+
+    from optimum_mc import MCConfig
+    from optimum_mc.errors import AlreadyQuantizedError
+
+    with pytest.raises(AlreadyQuantizedError, match=r"bits=1\.5.*float model"):
+        AutoModelForCausalLM.from_pretrained(quantized_dir, quantization_config=MCConfig(bits=1.5))
+    # loading options, and options equal to the stored ones, stay allowed
+    model = AutoModelForCausalLM.from_pretrained(
+        quantized_dir, quantization_config=MCConfig(bits=2.5, group_size=32, odp=True, show_progress=False)
+    )
+    assert model.config.quantization_config.odp is True
+    assert "_requested_quantization" not in model.config.quantization_config.to_dict()

@@ -30,6 +30,32 @@ def _check_model_path(path: str) -> str:
     raise UsageError(f"model {path!r} not found: pass a local folder (or an owner/name Hub id)")
 
 
+def stored_quantization(path: str) -> dict | None:
+    """The ``quantization_config`` of a local model folder's config.json (None: not quantized, or not local)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def _describe(qc: dict) -> str:
+    if qc.get("quant_method") != "mc":
+        return f"quantized with {qc.get('quant_method', 'an unknown method')!r}"
+    base = f"; it was quantized from {qc['base_model']}" if qc.get("base_model") else ""
+    return f"already MC-quantized ({qc.get('bits')} average expert bits{base})"
+
+
+def _refuse_quantized(path: str, what: str) -> None:
+    """``quantize`` of a quantized folder: one line, before any work (issue 20)."""
+    qc = stored_quantization(path)
+    if qc is not None:
+        raise UsageError(
+            f"{path} is {_describe(qc)}: {what} needs the float model; pass the float model's folder or Hub id"
+        )
+
+
 def hub_options(args) -> dict:
     """``revision`` / ``trust_remote_code`` / ``token`` for both ``from_pretrained`` calls (model and tokenizer)."""
     out = {"revision": args.revision, "token": args.token}
@@ -144,6 +170,7 @@ def _push(model, tok, repo: str, out: Path, token: str | None = None, prog: str 
 
 
 def cmd_quantize(args) -> int:
+    _refuse_quantized(args.model, "quantize")
     out = _check_output(args.output, args.model)  # before the (long) quantization
     eval_texts = _texts(args.eval_text or [])
     _config_from_args(args)  # every option checked before any download or load
@@ -260,6 +287,24 @@ def cmd_bench(args) -> int:
     from .speed import run_speed_bench
 
     cfg = _config_from_args(args)
+    qc = stored_quantization(args.model)
+    if qc is not None and qc.get("quant_method") != "mc":
+        raise UsageError(f"{args.model} is {_describe(qc)}: bench takes a float model or an MC folder")
+    if qc is not None:
+        from ..config import MCConfig
+        from ..errors import MCError
+
+        set_ = cfg.quantization_options_set()
+        if set_:
+            try:
+                MCConfig.from_dict(qc).check_not_requantized(set_)
+            except MCError as exc:
+                opts = ", ".join("--" + k.replace("_", "-") for k in sorted(set_))
+                raise UsageError(
+                    f"{args.model} is already MC-quantized: {opts} only apply when bench quantizes a float model "
+                    "(an MC folder is measured as saved)"
+                ) from exc
+        cfg = None  # measured as loaded, against its own weights dequantized
     model, tok = _load(args.model, args)
     print(run_speed_bench(model, tok, args, cfg))
     return 0

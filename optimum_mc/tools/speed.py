@@ -41,16 +41,28 @@ def measure(
 
 
 def run_speed_bench(model, tokenizer, args, config) -> str:
-    """Markdown table of prefill / decode tokens per second and weight memory for the four variants."""
+    """Markdown table of prefill / decode tokens per second and weight memory for the four variants.
+
+    ``config`` None: ``model`` is an MC model as loaded; the float baseline is its own weights dequantized to the
+    model's dtype (the same architecture and shapes: a speed baseline, not the original float model's quality).
+    """
     from ..nn.experts import set_decode_activations
     from ..pipeline import quantize_model
     from ..pruning import get_odp_stats, reset_odp_stats, set_odp
+    from ..quantizer import dequantize_model
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, len(tokenizer), (1, args.prompt_len), generator=g)
-    quant = copy.deepcopy(model)
-    quantize_model(quant, config, tokenizer)
-    quant.config.quantization_config = config
+    dtype = next(model.parameters()).dtype
+    if config is None:
+        quant = model
+        model = dequantize_model(copy.deepcopy(quant), dtype)
+        baseline = f"float = this MC model's weights dequantized to {str(dtype).removeprefix('torch.')}"
+    else:
+        quant = copy.deepcopy(model)
+        quantize_model(quant, config, tokenizer)
+        quant.config.quantization_config = config
+        baseline = "float = the model as loaded; MC = it quantized here with the command's options"
 
     def mc(decode: str, odp: bool):
         def configure():  # one quantized copy, switched per measurement (no second copy of the model in memory)
@@ -79,6 +91,8 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
     rows = [(name, *best[name], model_bytes(m), skipped if name == "MC + ODP" else None) for name, m, _ in variants]
     base = rows[0]
     lines = [
+        f"{baseline}; best of {getattr(args, 'repeats', 1)} round(s), prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens\n",
         "| variant | prefill tok/s | decode tok/s | weights MB | prefill x | decode x | memory x | experts skipped |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -87,7 +101,6 @@ def run_speed_bench(model, tokenizer, args, config) -> str:
             f"| {name} | {pre:.0f} | {dec:.1f} | {mem / 2**20:.1f} | {pre / base[1]:.2f} | {dec / base[2]:.2f} "
             f"| {mem / base[3]:.2f} | {'-' if sk is None else f'{100 * sk:.1f}%'} |"
         )
-    dtype = next(model.parameters()).dtype
     mode = "int8" if int8_decode("auto", dtype) else "float"
     lines.append(f"\nMC + ODP and a loaded MC model decode with {mode} activations here (decode_activations='auto', "
                  f"{str(dtype).removeprefix('torch.')}).")  # fmt: skip
