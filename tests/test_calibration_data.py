@@ -15,7 +15,7 @@ from optimum_mc.calibration import calibration_batches, describe_source
 from optimum_mc.calibration.data import load_documents, tokenize_documents
 from optimum_mc.errors import CalibrationError
 
-REF_TOKENIZER = Path("/work/shared/models/mc-ref-mixtral")
+REF_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "mc-ref-mixtral"  # ../shared
 
 TEXTS = [
     "Calibration text one: the quick brown fox jumps over the lazy dog, again and again. " * 8,
@@ -239,7 +239,7 @@ def test_builtin_source_is_large_enough_and_deterministic(tok, builtin_windows):
 
 
 @pytest.mark.shared
-@pytest.mark.skipif(not REF_TOKENIZER.is_dir(), reason="needs /work/shared/models/mc-ref-mixtral")
+@pytest.mark.skipif(not REF_TOKENIZER.is_dir(), reason="needs ../shared/models/mc-ref-mixtral")
 def test_builtin_with_reference_tokenizer():
     from transformers import AutoTokenizer
 

@@ -193,6 +193,21 @@ def test_build_is_cached_atomic_and_keyed(tmp_path, monkeypatch):
     assert cpu.build(cc) != path  # the source is part of the key
 
 
+@needs_c
+def test_compiling_is_announced_in_one_line_and_a_cached_build_says_nothing(tmp_path, monkeypatch, caplog):
+    """Issue 20: the first command after install compiled for seconds without a word (read as a slow model)."""
+    monkeypatch.setenv("OPTIMUM_MC_CACHE", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        cpu.build(cpu._compiler())
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "optimum-mc: compiling the CPU kernels for this CPU, once"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        cpu.build(cpu._compiler())
+    assert not caplog.records
+
+
 def test_no_compiler_or_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("OPTIMUM_MC_CACHE", str(tmp_path))
     monkeypatch.delenv(cpu.ENV_KERNEL, raising=False)
@@ -209,7 +224,8 @@ def test_no_compiler_or_failed_build_falls_back_with_one_warning(tmp_path, monke
     monkeypatch.setattr(cpu, "SOURCE", bad)
     with caplog.at_level(logging.WARNING, logger=cpu.__name__):
         assert cpu.library.__wrapped__() is None
-    assert len(caplog.records) == 1 and "failed" in caplog.text
+    failures = [r for r in caplog.records if "compiling the CPU kernels" not in r.getMessage()]
+    assert len(failures) == 1 and "failed" in caplog.text
     assert not list((tmp_path / "kernels").iterdir())  # the failed build left nothing behind
 
 
@@ -228,7 +244,8 @@ def test_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch,
     monkeypatch.setattr(cpu, "_compiler", lambda: str(wrapper))
     with caplog.at_level(logging.WARNING, logger=cpu.__name__):
         lib = cpu.library.__wrapped__()
-    assert lib is not None and len(caplog.records) == 1, caplog.text
+    said = [r.getMessage() for r in caplog.records]
+    assert lib is not None and len(said) == 2 and "compiling the CPU kernels" in said[0], said  # announced once
     assert "rejected -fopenmp" in caplog.text and "single-threaded" in caplog.text
     p, s, z = _packed(3, 37, 256, 64)
     out = torch.empty(37, 256)

@@ -51,3 +51,16 @@ def test_no_import_cycles_through_the_pipeline():
         bad = {m for m in _imports(path) if m.startswith("optimum_mc.tools")}
         if path.name != "__main__.py":
             assert not bad, f"{_module_name(path)} imports {sorted(bad)}"
+
+
+def test_docs_tests_and_scripts_name_no_absolute_path_of_one_machine():
+    """Issue 20: paths to the reference models are relative to the repository (../shared), never /work/... ."""
+    import re
+
+    root = PKG.parent
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "tests").rglob("*.py"),
+             *(root / "scripts").glob("*.py"), *(root / "scripts").glob("*.sh")]  # fmt: skip
+    pattern = re.compile(r"(?<![\w.])/(?:work|root|home/\w+)/")
+    bad = [f"{p.relative_to(root)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+           if pattern.search(line) and p.name != "test_layout.py"]  # fmt: skip
+    assert not bad, bad

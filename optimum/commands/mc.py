@@ -13,6 +13,15 @@ import json
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# optimum_mc.config.ALLOCATION_MODES (not imported here: this module must stay light; a test keeps them equal)
+ALLOCATION_MODES = ("layer", "global", "random", "frequency", "hessian")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A mistake in the arguments prints one line (what is wrong, and where the usage is), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} -h)\n")
 
 
 def _positive_float(text: str) -> float:
@@ -81,10 +90,24 @@ def _loading_options(p: argparse.ArgumentParser) -> None:
 
 def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=_positive_float, default=2.5, help="average expert bits (default 2.5)")
-    p.add_argument("--candidate-bits", type=_bits_list, default=[1, 2, 3])
+    p.add_argument(
+        "--candidate-bits",
+        type=_bits_list,
+        default=[1, 2, 3],
+        metavar="B,B,...",
+        help="bit-widths an expert may get, comma-separated from 1,2,3,4 (default 1,2,3)",
+    )
     p.add_argument("--attn-bits", type=int, default=4, help="attention / dense bits; 0 keeps them float")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--allocation", default="layer", choices=["layer", "global", "random", "frequency"])
+    p.add_argument(
+        "--group-size", type=int, default=128, help="weights sharing one scale and zero point (default 128)"
+    )
+    p.add_argument(
+        "--allocation",
+        default="layer",
+        choices=ALLOCATION_MODES,
+        help="bit allocation: layer (MC, one integer program per MoE layer; default), global (one for the whole "
+        "model), or a baseline: random, frequency (routing frequency only), hessian (GPTQ Hessian trace)",
+    )
     p.add_argument(
         "--dataset",
         default=None,
@@ -93,9 +116,11 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-config", default=None, help="configuration name of a datasets calibration source")
     p.add_argument("--dataset-split", default=None, help="split of a datasets calibration source (default train)")
     p.add_argument("--text-column", default=None, help="text column of a datasets calibration source (default text)")
-    p.add_argument("--num-samples", type=_positive_int, default=128)
-    p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=_positive_int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of calibration sampling and random allocation (default 0)"
+    )
     p.add_argument("--odp", action="store_true", help="enable online dynamic pruning")
 
 
@@ -109,17 +134,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(mc_prog=parser.prog)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or logs")
-    sub = parser.add_subparsers(dest="mc_command", metavar="{quantize,eval,inspect,bench,demo}", required=True)
+    sub = parser.add_subparsers(
+        dest="mc_command", metavar="{quantize,eval,inspect,bench,demo}", required=True, parser_class=OneLineErrorParser
+    )
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
     q = add("quantize", "quantize a model with MC and save it (with a model card)")
-    q.add_argument("model")
+    q.add_argument("model", help="the float model: a local folder or a Hub id")
     _quant_options(q)
     _loading_options(q)
-    q.add_argument("--output", required=True)
-    q.add_argument("--push-to-hub", default=None, metavar="REPO")
+    q.add_argument(
+        "--output", required=True, metavar="DIR", help="folder the quantized model, tokenizer and card are saved to"
+    )
+    q.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload to this Hub repository")
     q.add_argument(
         "--eval-text",
         action="append",
@@ -129,26 +158,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeatable)",
     )
     e = add("eval", "perplexity (and lm-eval tasks) of a model or MC folder")
-    e.add_argument("model")
-    e.add_argument("--text", action="append", help="UTF-8 text file (repeatable)")
+    e.add_argument("model", help="a float model or an MC folder (local folder or Hub id)")
+    e.add_argument("--text", action="append", metavar="FILE", help="UTF-8 text file (repeatable)")
     e.add_argument("--dataset", default=None, help="a text file, folder, wikitext2, c4 or a datasets name")
-    e.add_argument("--dataset-config", default=None)
-    e.add_argument("--dataset-split", default=None)
-    e.add_argument("--text-column", default=None)
-    e.add_argument("--window", type=_window, default=256)
-    e.add_argument("--max-windows", type=_positive_int, default=None)
-    e.add_argument("--odp", action="store_true")
+    e.add_argument("--dataset-config", default=None, help="configuration name of a datasets source")
+    e.add_argument("--dataset-split", default=None, help="split of a datasets source (default train)")
+    e.add_argument("--text-column", default=None, help="text column of a datasets source (default text)")
+    e.add_argument(
+        "--window", type=_window, default=256, help="tokens per scored window (non-overlapping; default 256)"
+    )
+    e.add_argument("--max-windows", type=_positive_int, default=None, help="score at most this many windows per text")
+    e.add_argument("--odp", action="store_true", help="enable online dynamic pruning (reports the skipped share)")
     e.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-eval tasks (needs lm-eval)")
     _loading_options(e)
     i = add("inspect", "bit allocation, size breakdown and ODP thresholds of an MC folder")
-    i.add_argument("dir")
-    i.add_argument("--plot", default=None, metavar="FILE.png")
+    i.add_argument("dir", help="a folder saved by optimum-mc")
+    i.add_argument("--plot", default=None, metavar="FILE.png", help="write the allocation heatmap to this PNG")
     b = add("bench", "prefill / decode speed and memory: float vs MC vs MC+ODP")
-    b.add_argument("model")
+    b.add_argument(
+        "model",
+        help="a float model (quantized here with the options below) or an MC folder (measured as saved, against "
+        "its weights dequantized)",
+    )
     _quant_options(b)
     _loading_options(b)
-    b.add_argument("--prompt-len", type=_positive_int, default=256)
-    b.add_argument("--new-tokens", type=_positive_int, default=32)
+    b.add_argument("--prompt-len", type=_positive_int, default=256, help="prefill prompt tokens (default 256)")
+    b.add_argument("--new-tokens", type=_positive_int, default=32, help="greedy decode tokens (default 32)")
     b.add_argument("--repeats", type=_positive_int, default=3, help="rounds over the variants; the best is kept")
     add("demo", "quantize the embedded demo MoE offline and show what MC does")
 

@@ -69,8 +69,9 @@ def _cpu_id() -> str:
     return "|".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in keys))
 
 
-def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
-    """Compile the kernels with ``cc`` unless a build for this source, flags and CPU is cached; return its path."""
+def build(cc: str, flags: tuple[str, ...] = FLAGS, announce: bool = True) -> Path:
+    """Compile the kernels with ``cc`` unless a build for this source, flags and CPU is cached; return its path.
+    ``announce``: log one line before compiling (a fallback build after a rejected flag set says nothing more)."""
     key_src = b"\0".join([SOURCE.read_bytes(), " ".join((cc, *flags)).encode(), platform.machine().encode()])
     key = hashlib.sha256(key_src + _cpu_id().encode()).hexdigest()[:16]
     cached, bad = find_verified(cache_dir(), f"mc_cpu_{key}", ".so")  # issue 11: never dlopen a damaged file
@@ -79,6 +80,12 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     if cached is not None:
         return cached
     cache_dir().mkdir(parents=True, exist_ok=True)
+    # said before the wait (5 s on a quiet machine, much longer on a busy one), so a first run's time is not read as
+    # the quantized model's speed (issue 20)
+    if announce:
+        logger.warning(
+            "optimum-mc: compiling the CPU kernels for this CPU, once (a few seconds; kept in %s)", cache_dir()
+        )
     fd, tmp = tempfile.mkstemp(prefix=f"mc_cpu_{key}", suffix=".tmp.so", dir=cache_dir())
     os.close(fd)
     try:
@@ -121,9 +128,9 @@ def library() -> ctypes.CDLL | None:
         logger.warning("optimum-mc: no C compiler found ($CC, cc, gcc, clang); using the slow pure-torch reference")
         return None
     first_error = None
-    for flags in fallback_flags():
+    for i, flags in enumerate(fallback_flags()):
         try:
-            lib = load(build(cc, flags))
+            lib = load(build(cc, flags, announce=i == 0))
         except subprocess.CalledProcessError as exc:
             first_error = first_error or exc.stderr
             continue

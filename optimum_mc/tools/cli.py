@@ -128,16 +128,31 @@ def _texts(files: list[str]) -> dict[str, str]:
     return out
 
 
-def _perplexities(model, tok, texts: dict[str, str], window: int, max_windows: int | None) -> dict[str, float]:
+def _perplexities(model, tok, texts: dict[str, str], window: int, max_windows: int | None,
+                  odp: bool = False) -> dict[str, tuple[float, str]]:  # fmt: skip
+    """Per text: perplexity and what it was measured on (windows, tokens, and ODP's skipped share when on)."""
     from ..errors import CalibrationError
     from .evaluation import perplexity, token_windows
 
     out = {}
     for name, text in texts.items():
         try:
-            out[name] = perplexity(model, token_windows(tok, text, window, max_windows))
+            windows = token_windows(tok, text, window, max_windows)
         except CalibrationError as exc:
             raise UsageError(f"{name}: {exc}") from exc
+        if odp:
+            from ..pruning import reset_odp_stats
+
+            reset_odp_stats(model)
+        ppl = perplexity(model, windows)
+        n = windows.shape[0]
+        what = f"{n} window{'s' * (n != 1)} of {window} tokens, {n * (window - 1):,} tokens scored"
+        if odp:
+            from ..pruning import get_odp_stats
+
+            skipped = get_odp_stats(model)["total"]["skipped_fraction"]
+            what += f", ODP skipped {100 * skipped:.1f}% of expert evaluations"
+        out[name] = (ppl, what)
     return out
 
 
@@ -182,10 +197,10 @@ def cmd_quantize(args) -> int:
     if eval_texts:
         from ..model_card import record_evaluation
 
-        for name, ppl in _perplexities(model, tok, eval_texts, 256, None).items():
+        for name, (ppl, what) in _perplexities(model, tok, eval_texts, 256, None).items():
             record_evaluation(model, name, "perplexity", ppl)
             if not args.quiet:
-                print(f"{name}: perplexity {ppl:.3f}")
+                print(f"{name}: perplexity {ppl:.3f} ({what})")
     from ..saving import atomic_directory
     from .inspect_model import allocation_table
 
@@ -224,9 +239,8 @@ def cmd_eval(args) -> int:
         import optimum_mc
 
         optimum_mc.set_odp(model, True)
-    ppl = _perplexities(model, tok, texts, args.window, args.max_windows)
-    for name, v in ppl.items():
-        print(f"{name}: perplexity {v:.3f}")
+    for name, (ppl, what) in _perplexities(model, tok, texts, args.window, args.max_windows, args.odp).items():
+        print(f"{name}: perplexity {ppl:.3f} ({what})")
     if args.lm_eval_tasks:
         _lm_eval(model, tok, args.lm_eval_tasks)
     return 0
@@ -323,9 +337,9 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``optimum-mc`` parser: the same arguments as ``optimum-cli mc`` (``optimum.commands.mc``)."""
-    from optimum.commands.mc import add_arguments
+    from optimum.commands.mc import OneLineErrorParser, add_arguments
 
-    parser = argparse.ArgumentParser(prog="optimum-mc", description="MC quantization for MoE LLMs")
+    parser = OneLineErrorParser(prog="optimum-mc", description="MC quantization for MoE LLMs")
     add_arguments(parser)
     return parser
 
@@ -355,6 +369,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was saved or left half-written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `optimum-mc inspect OUT | head`: the reader left; end quietly, as head expects
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush of stdout at exit would raise again
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

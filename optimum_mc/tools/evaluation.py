@@ -14,7 +14,9 @@ from ..errors import CalibrationError
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> torch.Tensor:
     """Tokenize ``text`` and cut it into ``(n, window)`` non-overlapping windows (the tail is dropped)."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    # verbose=False: the text is cut into windows below, so the tokenizer's "longer than the specified maximum
+    # sequence length ... will result in indexing errors" warning does not apply (issue 20)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0]
     n = ids.numel() // window
     if n == 0:
         raise CalibrationError(f"text has {ids.numel()} tokens, fewer than one window of {window}.")
