@@ -44,7 +44,41 @@ def test_quantize_then_inspect(quantized_dir, tmp_path, capsys):
 def test_eval_reads_text_files(quantized_dir, calib_file, capsys):
     assert main(["--quiet", "eval", str(quantized_dir), "--text", str(calib_file), "--window", "16"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("calib.txt: perplexity ") and float(line.split()[-1]) > 1
+    assert line.startswith("calib.txt: perplexity ") and float(line.split()[2]) > 1
+    n = int(line.split("(")[1].split()[0])  # issue 20: what was scored is said
+    assert f"({n} windows of 16 tokens, {n * 15:,} tokens scored)" in line and n > 1
+
+
+def test_eval_with_odp_reports_the_skipped_share_and_no_length_warning(quantized_dir, calib_file, capfd):
+    argv = ["eval", str(quantized_dir), "--text", str(calib_file), "--window", "16", "--max-windows", "4", "--odp"]
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    line = out.strip().splitlines()[-1]
+    assert "(4 windows of 16 tokens, 60 tokens scored, ODP skipped " in line and "% of expert evaluations)" in line
+    assert "Token indices sequence length" not in out + err
+
+
+def test_every_cli_option_has_help_and_the_allocation_choices_are_the_configs():
+    import argparse
+
+    from optimum.commands.mc import ALLOCATION_MODES
+    from optimum_mc.config import ALLOCATION_MODES as CONFIG_MODES
+    from optimum_mc.tools.cli import build_parser
+
+    assert ALLOCATION_MODES == CONFIG_MODES
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]  # fmt: skip
+    assert not missing, missing
+
+
+def test_inspect_into_a_closed_pipe_ends_quietly(quantized_dir):
+    """Issue 20: `optimum-mc inspect OUT | head` ended in a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "optimum_mc", "inspect", str(quantized_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # the reader leaves before the command prints (it takes seconds to import)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 @pytest.mark.parametrize(
@@ -67,6 +101,9 @@ def test_bad_number_is_an_argparse_error():
     res = subprocess.run([sys.executable, "-m", "optimum_mc", "quantize", "m", "--bits", "abc", "--output", "o"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 2 and "is not a number" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "optimum-mc quantize: error: argument --bits: 'abc' is not a number (usage: optimum-mc quantize -h)"
+    ]  # issue 20: one line, not the 15-line usage first
 
 
 def test_demo_model_builds_offline_and_loads(tmp_path):
