@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..bitwidths import ExpertBits, label, mean_bits
+from .plots import plot_allocation
 
 CALIBRATION = dict(group_size=64, num_samples=32, seq_len=128)
 # (row name, expert bits, MCConfig options): the issue's comparison at 2-2.5 bits, and the same one below 2 bits,
@@ -36,35 +36,18 @@ def _expert_bytes(model) -> int:
     )
 
 
-def plot_allocation(expert_bits: list[list[ExpertBits]], moe_layers: list[int], path: Path) -> Path | None:
-    """Save the (layer x expert) bit-width heatmap to ``path``; None when matplotlib is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    bits = torch.tensor([[mean_bits(b) for b in row] for row in expert_bits], dtype=torch.float32)
-    fig = Figure(figsize=(1.0 + 0.55 * bits.shape[1], 1.2 + 0.45 * bits.shape[0]))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    im = ax.imshow(bits.numpy(), cmap="viridis", vmin=float(bits.min()) - 0.5, vmax=float(bits.max()) + 0.5)
-    for (i, j), b in zip(((i, j) for i in range(bits.shape[0]) for j in range(bits.shape[1])), bits.flatten()):
-        text = label(expert_bits[i][j])
-        ax.text(j, i, text, ha="center", va="center", color="white" if b <= bits.mean() else "black")
-    ax.set_xticks(range(bits.shape[1]))
-    ax.set_yticks(range(bits.shape[0]), [str(i) for i in moe_layers])
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_title(f"MC allocation, {bits.mean():.2f} bits on average", fontsize=10)
-    fig.colorbar(im, ax=ax, label="bits", ticks=sorted({int(b) for b in bits.flatten().tolist()}))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def run_demo(quiet: bool = False, plot_path: Path | None = None) -> int:
-    """Quantize and evaluate on one thread: the matrices are small, and on a busy machine a second thread mostly
+    """``optimum-mc demo``: print the demo's report (only its results table with ``quiet``); the exit code."""
+    measure_demo(quiet, plot_path)
+    return 0
+
+
+def measure_demo(quiet: bool = False, plot_path: Path | None = None) -> dict:
+    """Run the demo and return what it printed as numbers: ``perplexity`` per row name, ``odp_perplexity``,
+    ``odp_skipped`` (share of expert evaluations) and ``same_prefix`` (leading generated tokens MC shares with
+    float).
+
+    Quantize and evaluate on one thread: the matrices are small, and on a busy machine a second thread mostly
     waits for its turn (quantization ran several times slower with two threads at load 10+ on 2 cores). Training
     the model on first use runs on its recipe's fixed thread count (:data:`demo.RECIPE`)."""
     threads = torch.get_num_threads()
@@ -75,7 +58,7 @@ def run_demo(quiet: bool = False, plot_path: Path | None = None) -> int:
         torch.set_num_threads(threads)
 
 
-def _run_demo(quiet: bool, plot_path: Path | None) -> int:
+def _run_demo(quiet: bool, plot_path: Path | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     import optimum_mc
@@ -123,11 +106,13 @@ def _run_demo(quiet: bool, plot_path: Path | None) -> int:
     skipped = optimum_mc.get_odp_stats(mc)["total"]["skipped_fraction"]
     optimum_mc.set_odp(mc, False)
 
-    say("\n| model | expert bits | size (MB) | expert weights (MB) | held-out perplexity |")
-    say("|---|---|---|---|---|")
+    # the results table is printed even with quiet=True (--quiet silences progress, not the demo's answer)
+    print("\n| model | expert bits | size (MB) | expert weights (MB) | held-out perplexity |")
+    print("|---|---|---|---|---|")
     for name, bits, model, ppl in rows:
-        say(f"| {name} | {bits} | {model_bytes(model) / 2**20:.2f} | {_expert_bytes(model) / 2**20:.2f} | {ppl:.2f} |")
-    say(f"| MC 2.5-bit + ODP ({100 * skipped:.1f}% of expert evaluations skipped) | 2.5 | | | {ppl_odp:.2f} |")
+        mb, experts_mb = model_bytes(model) / 2**20, _expert_bytes(model) / 2**20
+        print(f"| {name} | {bits} | {mb:.2f} | {experts_mb:.2f} | {ppl:.2f} |")
+    print(f"| MC 2.5-bit + ODP ({100 * skipped:.1f}% of expert evaluations skipped) | 2.5 | | | {ppl_odp:.2f} |")
     say(
         "\nMC gives each expert its own bit-width (from routing frequency, routing weight and measured quantization "
         "error) at the average asked; ODP then skips the weakest second experts per token at inference."
@@ -149,4 +134,9 @@ def _run_demo(quiet: bool, plot_path: Path | None) -> int:
     else:
         say(f"\nallocation heatmap: {png}")
     say(f"demo finished in {time.perf_counter() - t_start:.0f}s")
-    return 0
+    return {
+        "perplexity": {name: ppl for name, _, _, ppl in rows},
+        "odp_perplexity": ppl_odp,
+        "odp_skipped": skipped,
+        "same_prefix": same,
+    }

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..allocation import format_allocation_table
-from ..bitwidths import label, mean_bits, split
+from ..bitwidths import split
 from ..checkpoint import size_groups
 from ..config import MCConfig
 
@@ -41,26 +41,9 @@ def size_breakdown(path: str | Path, cfg: MCConfig) -> str:
 
 def plot_allocation(cfg: MCConfig, out: str) -> None:
     """Heatmap of bits per (MoE layer, expert), written to ``out`` (PNG); needs matplotlib (extra "plots")."""
-    try:
-        import matplotlib
+    from .plots import plot_allocation as plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
+    if plot(cfg.expert_bits, cfg.moe_layers, out) is None:
         from ..errors import MCError
 
-        raise MCError("plotting needs matplotlib: pip install 'optimum-mc[plots]'") from exc
-    bits = [[mean_bits(b) for b in row] for row in cfg.expert_bits]  # per weight (per-projection widths: mean)
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(bits[0]), 1 + 0.4 * len(bits)))
-    im = ax.imshow(bits, cmap="viridis", aspect="auto", vmin=1, vmax=4)
-    for i, row in enumerate(cfg.expert_bits):
-        for j, b in enumerate(row):
-            ax.text(j, i, label(b), ha="center", va="center", color="white" if bits[i][j] < 3 else "black")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(bits)), [str(i) for i in cfg.moe_layers])
-    ax.set_title("MC bits per expert")
-    fig.colorbar(im, ax=ax, label="bits")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+        raise MCError("plotting needs matplotlib: pip install 'optimum-mc[plots]'")
