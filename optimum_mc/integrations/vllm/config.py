@@ -225,12 +225,26 @@ class MCLinearMethod(LinearMethodBase):
                     rows = sizes[idx]
             where = prefix if shard is None else f"{prefix} (shard {shard})"
             _check_tensor(where, name, loaded_weight, (rows, full_cols), bits)
+            layer.__dict__.setdefault("_mc_loaded", set()).add((name, shard))
             return loader(param, loaded_weight, *args, **kwargs)
 
         return load
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         _allow_amx()
+        # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
+        loaded = layer.__dict__.pop("_mc_loaded", set())
+        sizes = getattr(layer, "output_sizes", None) or []
+        shards = {"q", "k", "v"} if hasattr(layer, "num_kv_heads") else set(range(len(sizes)))
+        for name in ("qweight", "scales", "zeros"):
+            got = {s for n, s in loaded if n == name}
+            if None not in got and (not shards or not shards <= got):
+                missing = sorted(map(str, shards - got)) if shards and got else []
+                raise CheckpointError(
+                    f"{self.prefix}.{name}: not in the checkpoint"
+                    + (f" (parts {missing} missing)" if missing else "")
+                    + "; the checkpoint is incomplete or does not match its config."
+                )
         check_packed(layer.qweight, layer.scales, layer.zeros, self.bits)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,6 +294,7 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.config, self.prefix = config, prefix
         self.expert_bits = [bitwidths.split(b) for b in expert_bits]
         self.local_ids: list[int] = []  # global ids of this rank's experts, in local order
+        self.loaded: set[str] = set()  # names load_packed copied in
 
     def get_fused_moe_quant_config(self, layer: nn.Module):
         return None
@@ -364,10 +379,19 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
                     w = w[:, r * cols:(r + 1) * cols]
             param = getattr(getattr(layer.packed[str(e)], proj), kind)
             param.data.copy_(w)
+            self.loaded.add(name)
             yield name
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         _allow_amx()
+        # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
+        missing = sorted(n for n, _ in layer.packed.named_parameters(prefix="packed") if n not in self.loaded)
+        if missing:
+            more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            raise CheckpointError(
+                f"{self.prefix}: {', '.join(missing[:6])}{more} not in the checkpoint; the checkpoint is incomplete "
+                "or does not match its config."
+            )
         experts = [layer.packed[str(e)] for e in self.local_ids]
         gate_up = [(x.gate_up.qweight, x.gate_up.scales, x.gate_up.zeros) for x in experts]
         down = [(x.down.qweight, x.down.scales, x.down.zeros) for x in experts]
