@@ -1,0 +1,1 @@
+"""Integrations of MC checkpoints with other engines. Nothing here is imported by ``import optimum_mc``."""
