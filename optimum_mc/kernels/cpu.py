@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 ENV_KERNEL = "OPTIMUM_MC_CPU_KERNEL"
+ENV_AMX = "OPTIMUM_MC_CPU_AMX"  # "0": never use the AMX prefill kernel
+ENV_AVX512BF16 = "OPTIMUM_MC_CPU_AVX512BF16"  # "0": never use the AVX512-BF16 prefill kernel
 GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
 # weight block dequantized per BLAS call (QuantLinear and the MoE prefill). Measured on one Mixtral expert layer, 256
 # tokens, fp32: 16 MiB beat 4/8/12/24/32/64 MiB at 2 threads (973 ms vs 1055 at 8 MiB and 1411 at 64 MiB) and 8 MiB
@@ -175,14 +177,36 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_amx_available.restype = _INT
     lib.mc_amx_linear.argtypes = [_P, _I64, _I64, _P, _P, _P, _I64, _INT, _I64, _P, _I64, _INT]
     lib.mc_amx_linear.restype = _INT
+    lib.mc_bf16_available.argtypes = []
+    lib.mc_bf16_available.restype = _INT
+    lib.mc_bf16_linear.argtypes = lib.mc_amx_linear.argtypes
+    lib.mc_bf16_linear.restype = _INT
     return lib
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
 @functools.cache
 def amx_available() -> bool:
-    """Whether the AMX bf16 prefill kernel runs here (CPU, compiler and kernel support; asked once)."""
+    """Whether the AMX bf16 prefill kernel runs here (CPU, compiler and kernel support; asked once).
+    ``OPTIMUM_MC_CPU_AMX=0`` turns it off (the non-AMX paths can then be measured and tested on an AMX CPU)."""
+    if _switched_off(ENV_AMX):
+        return False
     lib = library()
     return lib is not None and bool(lib.mc_amx_available())
+
+
+@functools.cache
+def avx512bf16_available() -> bool:
+    """Whether the AVX512-BF16 bf16 prefill kernel (``mc_bf16_linear``) runs here (built with AVX512-BF16, which
+    ``-march=native`` only enables on a CPU that has it; asked once). ``OPTIMUM_MC_CPU_AVX512BF16=0`` turns it off
+    (bf16 prefill then takes the fallback of CPUs without it)."""
+    if _switched_off(ENV_AVX512BF16):
+        return False
+    lib = library()
+    return lib is not None and bool(lib.mc_bf16_available())
 
 
 def _fast_path(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> ctypes.CDLL | None:

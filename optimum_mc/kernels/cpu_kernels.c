@@ -995,6 +995,39 @@ int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, c
     return rc;
 }
 
+/* bf16 dequantization shared by the AMX and AVX512-BF16 prefill kernels below. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MC_HAVE_BF16_DQ 1
+/* 16 codes of a row, shifted down to the low bits, as floats (b <= 4: two 32-bit loads at bytes 0 and b). */
+static inline __attribute__((always_inline)) __m512 codes16(const uint8_t *src, int64_t c, const int BITS) {
+    if (BITS == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c))));
+    const uint8_t *p = src + 2 * BITS * c;
+    __m512i v = _mm512_mask_set1_epi32(_mm512_set1_epi32((int)load_u32(p)), 0xFF00, (int)load_u32(p + BITS));
+    const int b = BITS;
+    v = _mm512_srlv_epi32(v, _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b,
+                                               4 * b, 5 * b, 6 * b, 7 * b));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
+static inline __attribute__((always_inline)) void dequantize_row_bf16(const uint8_t *row, const uint16_t *s16,
+                                                                      const uint16_t *z16, uint16_t *dst,
+                                                                      int64_t in_f, int64_t group_size,
+                                                                      const int BITS) {
+    int64_t groups = in_f / group_size, chunks = group_size / 16;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *src = row + g * group_size * BITS / 8;
+        _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
+        __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
+        uint16_t *d = dst + g * group_size;
+        for (int64_t c = 0; c < chunks; c++) {
+            __m512 w = _mm512_mul_ps(_mm512_sub_ps(codes16(src, c, BITS), vz), vs);
+            _mm256_storeu_si256((__m256i *)(d + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+    }
+}
+
+#endif
+
 /* ---------------------------------------------------------------------------------------------------------------
  * Prefill with bf16 activations on AMX: y (M, N) fp32 = x (M, K) bf16 @ W.T, W (N, K) packed, with W dequantized
  * into bf16 32 rows at a time (a block that stays in L2) and fed straight to the tile unit, never written out whole.
@@ -1023,34 +1056,6 @@ static const amx_tilecfg amx_cfg __attribute__((aligned(64))) = {
     1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
 static inline void amx_configure(void) { _tile_loadconfig(&amx_cfg); }
-
-/* 16 codes of a row, shifted down to the low bits, as floats (b <= 4: two 32-bit loads at bytes 0 and b). */
-static inline __attribute__((always_inline)) __m512 codes16(const uint8_t *src, int64_t c, const int BITS) {
-    if (BITS == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c))));
-    const uint8_t *p = src + 2 * BITS * c;
-    __m512i v = _mm512_mask_set1_epi32(_mm512_set1_epi32((int)load_u32(p)), 0xFF00, (int)load_u32(p + BITS));
-    const int b = BITS;
-    v = _mm512_srlv_epi32(v, _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b,
-                                               4 * b, 5 * b, 6 * b, 7 * b));
-    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)));
-}
-
-static inline __attribute__((always_inline)) void dequantize_row_bf16(const uint8_t *row, const uint16_t *s16,
-                                                                      const uint16_t *z16, uint16_t *dst,
-                                                                      int64_t in_f, int64_t group_size,
-                                                                      const int BITS) {
-    int64_t groups = in_f / group_size, chunks = group_size / 16;
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *src = row + g * group_size * BITS / 8;
-        _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
-        __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
-        uint16_t *d = dst + g * group_size;
-        for (int64_t c = 0; c < chunks; c++) {
-            __m512 w = _mm512_mul_ps(_mm512_sub_ps(codes16(src, c, BITS), vz), vs);
-            _mm256_storeu_si256((__m256i *)(d + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
-        }
-    }
-}
 
 static void dequantize_rows_bf16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
                                  uint16_t *dst, int64_t first, int64_t count, int64_t rows, int64_t in_f, int bits,
@@ -1153,6 +1158,219 @@ int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweigh
         }
         if (buf != NULL && pad != NULL) _tile_release();
         free(buf);
+        free(pad);
+    }
+    free(xv);
+    return failed ? -2 : 0;
+#else
+    (void)x, (void)M, (void)K, (void)qweight, (void)scales, (void)zeros, (void)N, (void)bits, (void)group_size;
+    (void)y, (void)ldy, (void)threads;
+    return -1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Prefill with bf16 activations on AVX512-BF16 without AMX (AMD Zen 4/5, Intel Cooper Lake): the same contract as
+ * mc_amx_linear (y (M, N) fp32 = x (M, K) bf16 @ bf16(W).T, W rounded to bf16 nearest even, fp32 sums), computed
+ * with vdpbf16ps. Each work item takes BF16_ROWS output rows; per block of BF16_KC inputs it dequantizes those rows
+ * into a small row-major bf16 buffer (L1/L2) and runs a register-blocked micro-kernel over all tokens:
+ * 12 weight rows x 32 tokens = 24 fp32 accumulators, lanes over tokens (x re-laid once per call into
+ * pair-interleaved blocks of 16 tokens, as for AMX), each weight pair broadcast from the buffer as it is (no
+ * transposition of the weight). The accumulators live in a per-thread (rows x tokens) tile between input blocks,
+ * so every sum is one chain in input order whatever the blocking and the threads (threads give identical results).
+ * Dequantization: with AVX512-VBMI, 32 codes become 32 bf16 weights in three permutes (byte permute + multishift
+ * put each code in the low bits of a 16-bit lane, vpermw looks it up in the group's table of the 2^b values
+ * bf16((q - zero) * scale), computed with the same fp32 operations as dequantize_row_bf16: identical bits);
+ * 8-bit codes and CPUs without VBMI convert 16 codes at a time in fp32 (dequantize_row_bf16's arithmetic).
+ * Returns 0, -1 (not built with AVX512-BF16, or shapes it does not take), -2 when out of memory.
+ * ------------------------------------------------------------------------------------------------------------- */
+#ifndef BF16_ROWS
+#define BF16_ROWS 48 /* output rows per work item: a multiple of 12 (the micro-kernel's rows) */
+#endif
+#ifndef BF16_KC
+#define BF16_KC 512 /* inputs per block: a multiple of 32 */
+#endif
+
+#ifdef MC_HAVE_BF16_DQ
+#define MC_HAVE_BF16_LINEAR 1
+
+#ifdef __AVX512VBMI__
+typedef struct {
+    __m512i perm, ctl, q;
+} codes32_consts;
+
+/* Word lane i (i < 32) gets code i in its low bits: qword j holds lanes 4j..4j+3, whose codes start at stream bit
+ * 4 * j * BITS; the byte permute moves the 8 bytes from byte 4jb / 8 into qword j, the multishift takes 8 bits at
+ * bit (4jb mod 8) + t * BITS into the low byte of lane 4j + t. Bits above the code are left: the table repeats
+ * with period 2^BITS over its 32 entries, so vpermw (which reads the low 5 bits) ignores them. */
+static codes32_consts codes32_init(int bits) {
+    int8_t perm[64], ctl[64];
+    float q[16];
+    for (int j = 0; j < 8; j++)
+        for (int t = 0; t < 8; t++) {
+            int b0 = 4 * j * bits / 8 + t;
+            perm[8 * j + t] = (int8_t)(b0 < 64 ? b0 : 63);
+            ctl[8 * j + t] = (int8_t)((t & 1) ? 0 : (4 * j * bits) % 8 + (t / 2) * bits);
+        }
+    for (int i = 0; i < 16; i++) q[i] = (float)(i & ((1 << bits) - 1));
+    codes32_consts c = {_mm512_loadu_si512(perm), _mm512_loadu_si512(ctl), _mm512_castps_si512(_mm512_loadu_ps(q))};
+    return c;
+}
+#endif
+
+/* Columns k0 .. k0 + kc of one packed row (BITS-bit codes, group_size % 32 == 0, k0 % 32 == 0) into bf16 dst. */
+static inline __attribute__((always_inline)) void dequantize_cols_bf16(const uint8_t *row, const uint16_t *s16,
+                                                                       const uint16_t *z16, uint16_t *dst,
+                                                                       int64_t k0, int64_t kc, int64_t group_size,
+                                                                       const void *consts, const int BITS) {
+#ifdef __AVX512VBMI__
+    if (BITS <= 4) {
+        const codes32_consts *cc = (const codes32_consts *)consts;
+        __m512i table = _mm512_setzero_si512();
+        int64_t g_now = -1;
+        for (int64_t k = k0; k < k0 + kc; k += 32) {
+            int64_t g = k / group_size;
+            if (g != g_now) { /* the 2^BITS weights of this group, rounded to bf16, repeated over 32 word lanes */
+                __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
+                __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(cc->q), vz), vs);
+                table = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(w));
+                g_now = g;
+            }
+            const uint8_t *src = row + k * BITS / 8;
+            __m512i v = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (4 * BITS)) - 1), src);
+            v = _mm512_multishift_epi64_epi8(cc->ctl, _mm512_permutexvar_epi8(cc->perm, v));
+            _mm512_storeu_si512((void *)(dst + (k - k0)), _mm512_permutexvar_epi16(v, table));
+        }
+        return;
+    }
+#endif
+    (void)consts;
+    for (int64_t k = k0; k < k0 + kc; k += 32) {
+        int64_t g = k / group_size;
+        __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
+        const uint8_t *src = row + k * BITS / 8; /* codes16(src, c): codes 16c .. 16c + 15 from src */
+        for (int64_t c = 0; c < 2; c++) {
+            __m512 w = _mm512_mul_ps(_mm512_sub_ps(codes16(src, c, BITS), vz), vs);
+            _mm256_storeu_si256((__m256i *)(dst + (k - k0) + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+    }
+}
+
+static void dequantize_block_bf16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
+                                  uint16_t *dst, int64_t first, int64_t count, int64_t rows, int64_t in_f, int bits,
+                                  int64_t group_size, int64_t k0, int64_t kc, const void *consts, uint8_t *pad) {
+    int64_t row_bytes = in_f * bits / 8, groups = in_f / group_size;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t o = first + i;
+        const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
+        const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
+        uint16_t *d = dst + i * kc;
+        switch (bits) {
+            case 1: dequantize_cols_bf16(row, s, z, d, k0, kc, group_size, consts, 1); break;
+            case 2: dequantize_cols_bf16(row, s, z, d, k0, kc, group_size, consts, 2); break;
+            case 3: dequantize_cols_bf16(row, s, z, d, k0, kc, group_size, consts, 3); break;
+            case 4: dequantize_cols_bf16(row, s, z, d, k0, kc, group_size, consts, 4); break;
+            default: dequantize_cols_bf16(row, s, z, d, k0, kc, group_size, consts, 8); break;
+        }
+    }
+}
+
+/* acc[r * lda + 16 v + i] += sum over the np pairs p of w[r][p] . x[16 v + i][p] for r < 12, v < MV: w rows are
+ * ws uint32 (bf16 pairs) apart, xv[v] points at the block of 16 tokens (16 uint32 per pair). */
+static inline __attribute__((always_inline)) void bf16_tile(const uint32_t *w, int64_t ws, const uint32_t *x0,
+                                                            const uint32_t *x1, int64_t np, float *acc,
+                                                            int64_t lda, const int MV) {
+    __m512 c0[12], c1[12];
+    for (int r = 0; r < 12; r++) {
+        c0[r] = _mm512_loadu_ps(acc + r * lda);
+        c1[r] = MV == 2 ? _mm512_loadu_ps(acc + r * lda + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t p = 0; p < np; p++) {
+        __m512bh a0 = (__m512bh)_mm512_loadu_si512((const void *)(x0 + 16 * p));
+        __m512bh a1 = MV == 2 ? (__m512bh)_mm512_loadu_si512((const void *)(x1 + 16 * p)) : a0;
+        for (int r = 0; r < 12; r++) {
+            __m512bh b = (__m512bh)_mm512_set1_epi32((int)w[r * ws + p]);
+            c0[r] = _mm512_dpbf16_ps(c0[r], a0, b);
+            if (MV == 2) c1[r] = _mm512_dpbf16_ps(c1[r], a1, b);
+        }
+    }
+    for (int r = 0; r < 12; r++) {
+        _mm512_storeu_ps(acc + r * lda, c0[r]);
+        if (MV == 2) _mm512_storeu_ps(acc + r * lda + 16, c1[r]);
+    }
+}
+#endif
+
+/* 1 if mc_bf16_linear is built (AVX512-BF16; -march=native, so the CPU has it). */
+int mc_bf16_available(void) {
+#ifdef MC_HAVE_BF16_LINEAR
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y rows have stride ldy floats. Returns 0, -1 (not built, or shapes it does not take), -2 when out of memory. */
+int mc_bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                   const uint16_t *zeros, int64_t N, int bits, int64_t group_size, float *y, int64_t ldy,
+                   int threads) {
+#ifdef MC_HAVE_BF16_LINEAR
+    if (M < 1 || N < 1 || K % 32 || group_size < 32 || group_size % 32 || K % group_size ||
+        gemv_range(bits, 1) == NULL)
+        return -1;
+    const int64_t R = BF16_ROWS, KP = K / 2, M16 = (M + 15) / 16, Mp = 16 * M16, NB = (N + R - 1) / R;
+    /* x in blocks of 16 tokens: xv[(t * KP + p) * 16 + i] = pair p of token 16 t + i (zero past M) */
+    uint32_t *xv = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(Mp * KP));
+    if (xv == NULL) return -2;
+    const uint32_t *x32 = (const uint32_t *)x;
+    for (int64_t t = 0; t < M16; t++)
+        for (int64_t p = 0; p < KP; p++)
+            for (int64_t i = 0; i < 16; i++) {
+                int64_t m = 16 * t + i;
+                xv[(t * KP + p) * 16 + i] = m < M ? x32[m * KP + p] : 0u;
+            }
+    const void *consts = NULL;
+#ifdef __AVX512VBMI__
+    codes32_consts cc = codes32_init(bits <= 4 ? bits : 4);
+    consts = &cc;
+#endif
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && NB > 1 && M * N * K >= (1 << 24))
+    {
+        const int64_t kc_max = K < BF16_KC ? K : BF16_KC;
+        uint16_t *buf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(R * kc_max));
+        float *acc = (float *)aligned_alloc(64, sizeof(float) * (size_t)(R * Mp));
+        uint8_t *pad = (uint8_t *)malloc((size_t)(K * bits / 8) + 8);
+        if (buf == NULL || acc == NULL || pad == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t nb = 0; nb < NB; nb++) {
+            if (buf == NULL || acc == NULL || pad == NULL) continue;
+            int64_t n0 = R * nb, nn = N - n0 < R ? N - n0 : R;
+            memset(acc, 0, sizeof(float) * (size_t)(R * Mp));
+            for (int64_t k0 = 0; k0 < K; k0 += BF16_KC) {
+                int64_t kc = K - k0 < BF16_KC ? K - k0 : BF16_KC;
+                dequantize_block_bf16(qweight, scales, zeros, buf, n0, nn, N, K, bits, group_size, k0, kc, consts,
+                                      pad);
+                if (nn < R) memset(buf + nn * kc, 0, sizeof(uint16_t) * (size_t)((R - nn) * kc));
+                const uint32_t *w32 = (const uint32_t *)buf, *xk = xv + (k0 / 2) * 16;
+                for (int64_t t = 0; t < M16; t += 2) {
+                    const uint32_t *x0 = xk + t * KP * 16, *x1 = x0 + KP * 16;
+                    for (int64_t r0 = 0; r0 < nn; r0 += 12) {
+                        if (t + 1 < M16)
+                            bf16_tile(w32 + r0 * (kc / 2), kc / 2, x0, x1, kc / 2, acc + r0 * Mp + 16 * t, Mp, 2);
+                        else
+                            bf16_tile(w32 + r0 * (kc / 2), kc / 2, x0, x0, kc / 2, acc + r0 * Mp + 16 * t, Mp, 1);
+                    }
+                }
+            }
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t r = 0; r < nn; r++) y[m * ldy + n0 + r] = acc[r * Mp + m];
+        }
+        free(buf);
+        free(acc);
         free(pad);
     }
     free(xv);
