@@ -133,8 +133,9 @@ def main(argv=None) -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"{os.cpu_count()} cores, load average {load}; torch {torch.__version__}, {torch.get_num_threads()} threads;"
           f" C kernels: {cpu.library() is not None}")  # fmt: skip
-    env = {k: os.environ[k] for k in sorted({k for e in ISA_ENV.values() for k in e}) if k in os.environ}
-    paths = {"amx": cpu.amx_available(), "avx512bf16": cpu.avx512bf16_available()}
+    names = {k for e in ISA_ENV.values() for k in e} | {cpu.ENV_BF16_DOT}
+    env = {k: os.environ[k] for k in sorted(names) if k in os.environ}
+    paths = {"amx": cpu.amx_available(), "avx512bf16": cpu.avx512bf16_available(), "bf16_dot": cpu.bf16_dot()}
     print(f"bf16 prefill kernels: {paths}; ISA caps: {env or 'none'}")
     mean = sum(args.bits) / len(args.bits)
     print(f"layer: hidden {args.hidden}, intermediate {args.inter}, {args.experts} experts top-{args.top_k}, "

@@ -1,6 +1,7 @@
-"""The AVX512-BF16 prefill kernel (``mc_bf16_linear``, for CPUs with AVX512-BF16 but no AMX): y = x @ bf16(W).T
-with fp32 sums, every bit-width, ragged shapes; the MoE op's bf16 prefill reaches it when AMX is off
-(``OPTIMUM_MC_CPU_AMX=0``), and the fallback of CPUs with neither kernel computes in fp32."""
+"""The AVX512-BF16 prefill kernels (for CPUs with AVX512-BF16 but no AMX; ``mc_bf16_linear``: vdpbf16ps,
+``mc_bf16_linear_fma``: fp32 FMA): y = x @ bf16(W).T with fp32 sums, every bit-width, ragged shapes; the MoE op's
+bf16 prefill reaches them when AMX is off (``OPTIMUM_MC_CPU_AMX=0``), and the fallback of CPUs with neither
+kernel computes in fp32."""
 
 from __future__ import annotations
 
@@ -25,11 +26,15 @@ def _packed(out_f: int, in_f: int, bits: int, group: int, seed: int):
     return pack(codes, bits), scales, zeros
 
 
-def _run(x, qw, s, z, out_f, bits, group, y, threads=2) -> int:
-    return _LIB.mc_bf16_linear(x.data_ptr(), x.shape[0], x.shape[1], qw.data_ptr(), s.data_ptr(), z.data_ptr(),
+KERNELS = ["mc_bf16_linear", "mc_bf16_linear_fma"]
+
+
+def _run(x, qw, s, z, out_f, bits, group, y, threads=2, kernel="mc_bf16_linear") -> int:
+    return getattr(_LIB, kernel)(x.data_ptr(), x.shape[0], x.shape[1], qw.data_ptr(), s.data_ptr(), z.data_ptr(),
                                out_f, bits, group, y.data_ptr(), y.stride(0), threads)  # fmt: skip
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize(
     ("rows", "out_f", "in_f", "group"),
@@ -42,13 +47,13 @@ def _run(x, qw, s, z, out_f, bits, group, y, threads=2) -> int:
         (40, 100, 1600, 64),
     ],  # fmt: skip
 )
-def test_bf16_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group):
+def test_bf16_linear_equals_bf16_weights_fp32_sums(kernel, bits, rows, out_f, in_f, group):
     """Rows 1..70 (not multiples of 16 tokens), outputs not multiples of its 12 / 48-row blocks, inputs spanning
     several 512-input blocks (1600) and not a multiple of them."""
     qw, s, z = _packed(out_f, in_f, bits, group, seed=bits)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).bfloat16()
     y = torch.full((rows, out_f), float("nan"))
-    assert _run(x, qw, s, z, out_f, bits, group, y) == 0
+    assert _run(x, qw, s, z, out_f, bits, group, y, kernel=kernel) == 0
     w = dequantize_reference(qw, s, z, bits, torch.float32).bfloat16().double()  # the rounding the kernel applies
     exact = x.double() @ w.T
     # products of bf16 values are exact in fp32 and each of the in_f additions rounds once (2^-24 relative), so
@@ -58,58 +63,77 @@ def test_bf16_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, grou
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-def test_bf16_linear_dequantizes_exactly(bits):
+def test_bf16_linear_dequantizes_exactly(kernel, bits):
     """x = identity: every output is one product w * 1 (exact), so y.T is the kernel's bf16 weight, bit for bit."""
     qw, s, z = _packed(50, 256, bits, 64, seed=10 + bits)
     x = torch.eye(256, dtype=torch.bfloat16)
     y = torch.empty(256, 50)
-    assert _run(x, qw, s, z, 50, bits, 64, y) == 0
+    assert _run(x, qw, s, z, 50, bits, 64, y, kernel=kernel) == 0
     want = dequantize_reference(qw, s, z, bits, torch.float32).bfloat16().float()
     assert torch.equal(y.T, want)
 
 
-def test_bf16_linear_threads_give_the_same_result():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_linear_threads_give_the_same_result(kernel):
     qw, s, z = _packed(1000, 1024, 3, 128, seed=5)  # 40 x 1000 x 1024: the threaded region, two input blocks
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(6)).bfloat16()
     ys = []
     for threads in (1, 2):
         y = torch.empty(40, 1000)
-        assert _run(x, qw, s, z, 1000, 3, 128, y, threads) == 0
+        assert _run(x, qw, s, z, 1000, 3, 128, y, threads, kernel) == 0
         ys.append(y)
     assert torch.equal(ys[0], ys[1])
 
 
-def test_bf16_linear_writes_strided_rows_only():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_linear_writes_strided_rows_only(kernel):
     qw, s, z = _packed(30, 64, 2, 32, seed=3)
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
     wide = torch.full((20, 50), -7.0)
-    assert _run(x, qw, s, z, 30, 2, 32, wide[:, 10:40]) == 0  # ldy = 50
+    assert _run(x, qw, s, z, 30, 2, 32, wide[:, 10:40], kernel=kernel) == 0  # ldy = 50
     dense = torch.empty(20, 30)
-    assert _run(x, qw, s, z, 30, 2, 32, dense) == 0
+    assert _run(x, qw, s, z, 30, 2, 32, dense, kernel=kernel) == 0
     assert torch.equal(wide[:, 10:40], dense)
     assert (wide[:, :10] == -7).all() and (wide[:, 40:] == -7).all()
 
 
-def test_bf16_linear_refuses_shapes_it_does_not_take():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_linear_refuses_shapes_it_does_not_take(kernel):
     qw, s, z = _packed(32, 64, 2, 32, seed=0)
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     y = torch.empty(4, 32)
     for in_f, group, bits in ((48, 16, 2), (64, 16, 2), (64, 32, 5)):  # in_f % 32, group % 32, bit-width
         args = (x.data_ptr(), 4, in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 32, bits, group, y.data_ptr(), 32, 1)
-        assert _LIB.mc_bf16_linear(*args) == -1
+        assert getattr(_LIB, kernel)(*args) == -1
 
 
 def test_switches_read_the_environment(monkeypatch):
-    for fn, var in ((cpu.amx_available, cpu.ENV_AMX), (cpu.avx512bf16_available, cpu.ENV_AVX512BF16)):
-        monkeypatch.setenv(var, "0")
+    for fn, var, value, want in (
+        (cpu.amx_available, cpu.ENV_AMX, "0", False),
+        (cpu.avx512bf16_available, cpu.ENV_AVX512BF16, "0", False),
+        (cpu.bf16_dot, cpu.ENV_BF16_DOT, "dp", "dp"),
+        (cpu.bf16_dot, cpu.ENV_BF16_DOT, "fma", "fma"),
+    ):
+        monkeypatch.setenv(var, value)
         fn.cache_clear()
         try:
-            assert fn() is False
+            assert fn() == want
         finally:
             monkeypatch.delenv(var)
             fn.cache_clear()
-    assert cpu.avx512bf16_available()
+    assert cpu.avx512bf16_available() and cpu.bf16_dot() in ("dp", "fma")
+
+
+def test_the_two_kernels_agree_to_summation_order():
+    qw, s, z = _packed(96, 512, 3, 128, seed=7)
+    x = torch.randn(37, 512, generator=torch.Generator().manual_seed(8)).bfloat16()
+    y_dp, y_fma = torch.empty(37, 96), torch.empty(37, 96)
+    assert _run(x, qw, s, z, 96, 3, 128, y_dp) == 0 and _run(x, qw, s, z, 96, 3, 128, y_fma, kernel=KERNELS[1]) == 0
+    w = dequantize_reference(qw, s, z, 3, torch.float32).bfloat16().double()
+    bound = 2 * 512 * 2.0**-24 * (x.double().abs() @ w.abs().T)
+    assert ((y_dp.double() - y_fma.double()).abs() <= bound).all()
 
 
 def _spy(monkeypatch, names):
@@ -134,14 +158,19 @@ def _layer():
     return (x, idx, w, gate_up, down, BITS, "silu"), ref
 
 
-def test_moe_bf16_prefill_without_amx_uses_the_avx512bf16_kernel(monkeypatch):
+_NAMES = {"mc_bf16_linear", "mc_bf16_linear_fma", "mc_amx_linear", "mc_dequantize", "mc_dequantize_bf16"}
+
+
+@pytest.mark.parametrize(("dot", "kernel"), [("dp", "mc_bf16_linear"), ("fma", "mc_bf16_linear_fma")])
+def test_moe_bf16_prefill_without_amx_uses_the_avx512bf16_kernel(monkeypatch, dot, kernel):
     from test_moe_op import _tol
 
     args, ref = _layer()
     monkeypatch.setattr(moe_cpu.cpu, "amx_available", lambda: False)  # what OPTIMUM_MC_CPU_AMX=0 gives
-    calls = _spy(monkeypatch, {"mc_bf16_linear", "mc_amx_linear", "mc_dequantize", "mc_dequantize_bf16"})
+    monkeypatch.setattr(moe_cpu.cpu, "bf16_dot", lambda: dot)  # what OPTIMUM_MC_CPU_BF16_DOT gives
+    calls = _spy(monkeypatch, _NAMES)
     got = moe(*args)
-    assert calls and set(calls) == {"mc_bf16_linear"}
+    assert calls and set(calls) == {kernel}
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, torch.bfloat16, True))
 
@@ -154,7 +183,7 @@ def test_moe_bf16_prefill_without_either_kernel_computes_in_fp32(monkeypatch):
     args, ref = _layer()
     monkeypatch.setattr(moe_cpu.cpu, "amx_available", lambda: False)
     monkeypatch.setattr(moe_cpu.cpu, "avx512bf16_available", lambda: False)
-    calls = _spy(monkeypatch, {"mc_bf16_linear", "mc_amx_linear", "mc_dequantize", "mc_dequantize_bf16"})
+    calls = _spy(monkeypatch, _NAMES)
     got = moe(*args)
     assert calls and set(calls) == {"mc_dequantize"}
     torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, torch.bfloat16, True))

@@ -5,7 +5,14 @@
   directly, never materializing a dequantized copy. With more rows (prefill): blocks of the weight are dequantized
   in C into a reused fp32 buffer and multiplied with BLAS (``torch.mm``).
 
-Every path computes in fp32 and casts the result to ``x.dtype``. The library is built with the system C compiler
+Every path computes in fp32 and casts the result to ``x.dtype``. (The fused MoE op's bf16 prefill, in
+``moe_cpu``, is the exception: its kernels round the weights to bf16 and sum in fp32 — AMX ``mc_amx_linear`` where
+the CPU has AMX, else ``mc_bf16_linear`` / ``mc_bf16_linear_fma`` with AVX512-BF16 — and CPUs with neither compute
+it in fp32.) Switches, read once per process: ``OPTIMUM_MC_CPU_AMX=0`` turns the AMX kernel off,
+``OPTIMUM_MC_CPU_AVX512BF16=0`` the AVX512-BF16 ones (to measure and test the other paths on a CPU that has these
+units), ``OPTIMUM_MC_CPU_BF16_DOT=dp|fma`` picks the AVX512-BF16 variant (see :func:`bf16_dot`).
+
+The library is built with the system C compiler
 (``$CC``, ``cc``, ``gcc`` or ``clang``) into ``$OPTIMUM_MC_CACHE/kernels`` (default ``~/.cache/optimum_mc``),
 named by a hash of source, flags and CPU, written to a temporary file and renamed into place, then loaded with
 ctypes (which releases the GIL during calls). Without a compiler, when the build fails, or with
@@ -38,7 +45,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 ENV_KERNEL = "OPTIMUM_MC_CPU_KERNEL"
 ENV_AMX = "OPTIMUM_MC_CPU_AMX"  # "0": never use the AMX prefill kernel
-ENV_AVX512BF16 = "OPTIMUM_MC_CPU_AVX512BF16"  # "0": never use the AVX512-BF16 prefill kernel
+ENV_AVX512BF16 = "OPTIMUM_MC_CPU_AVX512BF16"  # "0": never use the AVX512-BF16 prefill kernels
+ENV_BF16_DOT = "OPTIMUM_MC_CPU_BF16_DOT"  # "dp" / "fma": which AVX512-BF16 prefill kernel (default: by CPU vendor)
 GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
 # weight block dequantized per BLAS call (QuantLinear and the MoE prefill). Measured on one Mixtral expert layer, 256
 # tokens, fp32: 16 MiB beat 4/8/12/24/32/64 MiB at 2 threads (973 ms vs 1055 at 8 MiB and 1411 at 64 MiB) and 8 MiB
@@ -181,6 +189,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_bf16_available.restype = _INT
     lib.mc_bf16_linear.argtypes = lib.mc_amx_linear.argtypes
     lib.mc_bf16_linear.restype = _INT
+    lib.mc_bf16_linear_fma.argtypes = lib.mc_amx_linear.argtypes
+    lib.mc_bf16_linear_fma.restype = _INT
     return lib
 
 
@@ -207,6 +217,23 @@ def avx512bf16_available() -> bool:
         return False
     lib = library()
     return lib is not None and bool(lib.mc_bf16_available())
+
+
+@functools.cache
+def bf16_dot() -> str:
+    """Which AVX512-BF16 prefill kernel serves bf16 prefill without AMX: ``"dp"`` (``mc_bf16_linear``,
+    vdpbf16ps) or ``"fma"`` (``mc_bf16_linear_fma``, fp32 FMA on the same bf16-rounded weights; same contract).
+    ``OPTIMUM_MC_CPU_BF16_DOT`` picks one; by default AMD CPUs get ``"dp"`` (Zen 4/5 run vdpbf16ps at the rate of
+    fp32 FMA, so twice the products; from published instruction tables, not measured here) and others ``"fma"``
+    (measured on Sapphire Rapids: vdpbf16ps at ~1/4 the instruction rate of FMA, the FMA kernel 1.3-1.5x faster)."""
+    choice = os.environ.get(ENV_BF16_DOT, "").strip().lower()
+    if choice in ("dp", "fma"):
+        return choice
+    try:
+        amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        amd = "AMD" in platform.processor()
+    return "dp" if amd else "fma"
 
 
 def _fast_path(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> ctypes.CDLL | None:

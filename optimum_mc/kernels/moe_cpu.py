@@ -54,7 +54,7 @@ def _fused_bf16(lib):
     if cpu.amx_available():
         return lib.mc_amx_linear
     if cpu.avx512bf16_available():
-        return lib.mc_bf16_linear
+        return lib.mc_bf16_linear if cpu.bf16_dot() == "dp" else lib.mc_bf16_linear_fma
     return None
 
 
