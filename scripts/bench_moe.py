@@ -18,11 +18,10 @@ integer-dot kernels: there the "int8 bf16" column is what a bf16 model decodes a
 
 ``--no-amx`` runs both sides without AMX, as on a CPU with AVX512-BF16 but no AMX (AMD Zen 4/5): oneDNN (dense
 bf16) is capped at ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` and optimum-mc's AMX kernel is off
-(``OPTIMUM_MC_CPU_AMX=0``). ``--avx2`` emulates an AVX2-only CPU for the prefill products: oneDNN at ``AVX2``, MKL
-at ``MKL_ENABLE_INSTRUCTIONS=AVX2``, optimum-mc's AMX and AVX512-BF16 kernels off (``OPTIMUM_MC_CPU_AVX512BF16=0``);
-its other C kernels (decode GEMVs, dequantization) keep the instructions this CPU has, so only its prefill figures
-stand for an AVX2 CPU, and only as an emulation (same caches, memory and clock). Both set the variables before torch
-starts (they are read when oneDNN / MKL initialize).
+(``OPTIMUM_MC_CPU_AMX=0``). ``--avx2`` emulates an AVX2-only CPU: oneDNN at ``AVX2``, MKL at
+``MKL_ENABLE_INSTRUCTIONS=AVX2``, optimum-mc's C kernels built with ``-march=haswell`` (``OPTIMUM_MC_CPU_MARCH``: no
+AVX-512 kernel at all) and its AMX / AVX512-BF16 switches off; an emulation only (same caches, memory and
+clock). Both set the variables before torch starts (they are read when oneDNN / MKL initialize).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import time
 ISA_ENV = {
     "--no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "OPTIMUM_MC_CPU_AMX": "0"},
     "--avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPTIMUM_MC_CPU_AMX": "0",
-               "OPTIMUM_MC_CPU_AVX512BF16": "0"},
+               "OPTIMUM_MC_CPU_AVX512BF16": "0", "OPTIMUM_MC_CPU_MARCH": "haswell"},
 }  # fmt: skip
 for _flag, _env in ISA_ENV.items():  # before torch is imported: oneDNN and MKL read these when they initialize
     if _flag in sys.argv[1:]:

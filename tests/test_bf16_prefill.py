@@ -1,7 +1,7 @@
 """The AVX512-BF16 prefill kernels (for CPUs with AVX512-BF16 but no AMX; ``mc_bf16_linear``: vdpbf16ps,
 ``mc_bf16_linear_fma``: fp32 FMA): y = x @ bf16(W).T with fp32 sums, every bit-width, ragged shapes; the MoE op's
-bf16 prefill reaches them when AMX is off (``OPTIMUM_MC_CPU_AMX=0``), and the fallback of CPUs with neither
-kernel computes in fp32."""
+bf16 prefill reaches them when AMX is off (``OPTIMUM_MC_CPU_AMX=0``). CPUs with neither compute bf16 prefill in
+fp32: the AVX2 + FMA kernel ``mc_fma_linear`` (exact fp32 weights), else dequantize + fp32 BLAS."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from optimum_mc.kernels.reference import dequantize_reference, moe_reference
 from optimum_mc.packing import pack
 
 _LIB = cpu.library()
-pytestmark = pytest.mark.skipif(
+needs_bf16 = pytest.mark.skipif(
     _LIB is None or not _LIB.mc_bf16_available(), reason="no AVX512-BF16 on this CPU / build (or no C compiler)"
+)
+needs_fma = pytest.mark.skipif(
+    _LIB is None or not _LIB.mc_fma_available(), reason="no AVX2 + FMA on this CPU / build (or no C compiler)"
 )
 
 
@@ -47,6 +50,7 @@ def _run(x, qw, s, z, out_f, bits, group, y, threads=2, kernel="mc_bf16_linear")
         (40, 100, 1600, 64),
     ],  # fmt: skip
 )
+@needs_bf16
 def test_bf16_linear_equals_bf16_weights_fp32_sums(kernel, bits, rows, out_f, in_f, group):
     """Rows 1..70 (not multiples of 16 tokens), outputs not multiples of its 12 / 48-row blocks, inputs spanning
     several 512-input blocks (1600) and not a multiple of them."""
@@ -63,6 +67,7 @@ def test_bf16_linear_equals_bf16_weights_fp32_sums(kernel, bits, rows, out_f, in
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+@needs_bf16
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_bf16_linear_dequantizes_exactly(kernel, bits):
@@ -75,6 +80,7 @@ def test_bf16_linear_dequantizes_exactly(kernel, bits):
     assert torch.equal(y.T, want)
 
 
+@needs_bf16
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_linear_threads_give_the_same_result(kernel):
     qw, s, z = _packed(1000, 1024, 3, 128, seed=5)  # 40 x 1000 x 1024: the threaded region, two input blocks
@@ -87,6 +93,7 @@ def test_bf16_linear_threads_give_the_same_result(kernel):
     assert torch.equal(ys[0], ys[1])
 
 
+@needs_bf16
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_linear_writes_strided_rows_only(kernel):
     qw, s, z = _packed(30, 64, 2, 32, seed=3)
@@ -99,6 +106,7 @@ def test_bf16_linear_writes_strided_rows_only(kernel):
     assert (wide[:, :10] == -7).all() and (wide[:, 40:] == -7).all()
 
 
+@needs_bf16
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_linear_refuses_shapes_it_does_not_take(kernel):
     qw, s, z = _packed(32, 64, 2, 32, seed=0)
@@ -109,6 +117,7 @@ def test_bf16_linear_refuses_shapes_it_does_not_take(kernel):
         assert getattr(_LIB, kernel)(*args) == -1
 
 
+@needs_bf16
 def test_switches_read_the_environment(monkeypatch):
     for fn, var, value, want in (
         (cpu.amx_available, cpu.ENV_AMX, "0", False),
@@ -126,6 +135,7 @@ def test_switches_read_the_environment(monkeypatch):
     assert cpu.avx512bf16_available() and cpu.bf16_dot() in ("dp", "fma")
 
 
+@needs_bf16
 def test_the_two_kernels_agree_to_summation_order():
     qw, s, z = _packed(96, 512, 3, 128, seed=7)
     x = torch.randn(37, 512, generator=torch.Generator().manual_seed(8)).bfloat16()
@@ -158,9 +168,17 @@ def _layer():
     return (x, idx, w, gate_up, down, BITS, "silu"), ref
 
 
-_NAMES = {"mc_bf16_linear", "mc_bf16_linear_fma", "mc_amx_linear", "mc_dequantize", "mc_dequantize_bf16"}
+_NAMES = {
+    "mc_bf16_linear",
+    "mc_bf16_linear_fma",
+    "mc_amx_linear",
+    "mc_fma_linear",
+    "mc_dequantize",
+    "mc_dequantize_bf16",
+}
 
 
+@needs_bf16
 @pytest.mark.parametrize(("dot", "kernel"), [("dp", "mc_bf16_linear"), ("fma", "mc_bf16_linear_fma")])
 def test_moe_bf16_prefill_without_amx_uses_the_avx512bf16_kernel(monkeypatch, dot, kernel):
     from test_moe_op import _tol
@@ -175,15 +193,87 @@ def test_moe_bf16_prefill_without_amx_uses_the_avx512bf16_kernel(monkeypatch, do
     torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, torch.bfloat16, True))
 
 
-def test_moe_bf16_prefill_without_either_kernel_computes_in_fp32(monkeypatch):
-    """The fallback (CPUs with neither AMX nor AVX512-BF16): fp32 dequantization and fp32 BLAS, not bf16 BLAS
-    (several times slower than fp32 BLAS there); closer to the reference than the bf16-weight kernels."""
+@needs_fma
+@pytest.mark.parametrize(("fma", "kernel"), [(True, "mc_fma_linear"), (False, "mc_dequantize")])
+def test_moe_bf16_prefill_without_either_kernel_computes_in_fp32(monkeypatch, fma, kernel):
+    """CPUs with neither AMX nor AVX512-BF16: the AVX2 + FMA kernel, else fp32 dequantization and fp32 BLAS; not
+    bf16 BLAS (several times slower than fp32 BLAS there). Closer to the reference than the bf16-weight kernels."""
     from test_moe_op import _tol
 
     args, ref = _layer()
     monkeypatch.setattr(moe_cpu.cpu, "amx_available", lambda: False)
     monkeypatch.setattr(moe_cpu.cpu, "avx512bf16_available", lambda: False)
+    monkeypatch.setattr(moe_cpu.cpu, "fma_available", lambda: fma)
     calls = _spy(monkeypatch, _NAMES)
     got = moe(*args)
-    assert calls and set(calls) == {"mc_dequantize"}
+    assert calls and set(calls) == {kernel}
     torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, torch.bfloat16, True))
+
+
+def _run_fma(x, qw, s, z, out_f, bits, group, y, threads=2) -> int:
+    return _LIB.mc_fma_linear(x.data_ptr(), x.shape[0], x.shape[1], qw.data_ptr(), s.data_ptr(), z.data_ptr(),
+                              out_f, bits, group, y.data_ptr(), y.stride(0), threads)  # fmt: skip
+
+
+@needs_fma
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize(
+    ("rows", "out_f", "in_f", "group"),
+    [(1, 6, 64, 32), (13, 32, 96, 32), (17, 49, 128, 64), (70, 200, 256, 32), (40, 100, 1600, 64)],
+)
+def test_fma_linear_equals_fp32_weights_fp32_sums(bits, rows, out_f, in_f, group):
+    qw, s, z = _packed(out_f, in_f, bits, group, seed=bits)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1))
+    y = torch.full((rows, out_f), float("nan"))
+    assert _run_fma(x, qw, s, z, out_f, bits, group, y) == 0
+    w = dequantize_reference(qw, s, z, bits, torch.float32).double()  # exact fp32 weights, unrounded
+    exact = x.double() @ w.T
+    # one FMA per input: the product is exact inside it and the sum rounds once (2^-24 relative)
+    bound = in_f * 2.0**-24 * (x.double().abs() @ w.abs().T) + 1e-30
+    assert torch.isfinite(y).all()
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+@needs_fma
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_fma_linear_dequantizes_exactly(bits):
+    qw, s, z = _packed(50, 256, bits, 64, seed=10 + bits)
+    y = torch.empty(256, 50)
+    assert _run_fma(torch.eye(256), qw, s, z, 50, bits, 64, y) == 0
+    assert torch.equal(y.T, dequantize_reference(qw, s, z, bits, torch.float32))
+
+
+@needs_fma
+def test_fma_linear_threads_give_the_same_result_and_refuses_bad_shapes():
+    qw, s, z = _packed(1000, 512, 3, 128, seed=5)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(6))
+    ys = []
+    for threads in (1, 2):
+        y = torch.empty(40, 1000)
+        assert _run_fma(x, qw, s, z, 1000, 3, 128, y, threads) == 0
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
+    y = torch.empty(4, 32)
+    for in_f, group, bits in ((48, 16, 2), (64, 16, 2), (64, 32, 5)):
+        args = (x.data_ptr(), 4, in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 32, bits, group, y.data_ptr(), 32, 1)
+        assert _LIB.mc_fma_linear(*args) == -1
+
+
+@needs_fma
+def test_march_switch_builds_an_avx2_library(monkeypatch):
+    """OPTIMUM_MC_CPU_MARCH=haswell (how bench_moe.py --avx2 emulates an AVX2 CPU): no AVX-512 kernels, the AVX2 one
+    and the same results."""
+    monkeypatch.setenv(cpu.ENV_MARCH, "haswell")
+    flags = cpu.fallback_flags()[0]
+    assert "-march=haswell" in flags and "-march=native" not in flags
+    avx2 = cpu.load(cpu.build(cpu._compiler(), flags))
+    assert not avx2.mc_bf16_available() and not avx2.mc_amx_available() and avx2.mc_fma_available()
+    qw, s, z = _packed(100, 256, 3, 64, seed=9)
+    x = torch.randn(30, 256, generator=torch.Generator().manual_seed(9))
+    y, y2 = torch.empty(30, 100), torch.empty(30, 100)
+    assert _run_fma(x, qw, s, z, 100, 3, 64, y) == 0
+    assert avx2.mc_fma_linear(x.data_ptr(), 30, 256, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 100, 3, 64,
+                              y2.data_ptr(), 100, 2) == 0  # fmt: skip
+    w = dequantize_reference(qw, s, z, 3, torch.float32).double()
+    bound = 256 * 2.0**-24 * (x.double().abs() @ w.abs().T)
+    assert ((y2.double() - x.double() @ w.T).abs() <= bound).all()

@@ -6,11 +6,13 @@
   in C into a reused fp32 buffer and multiplied with BLAS (``torch.mm``).
 
 Every path computes in fp32 and casts the result to ``x.dtype``. (The fused MoE op's bf16 prefill, in
-``moe_cpu``, is the exception: its kernels round the weights to bf16 and sum in fp32 — AMX ``mc_amx_linear`` where
-the CPU has AMX, else ``mc_bf16_linear`` / ``mc_bf16_linear_fma`` with AVX512-BF16 — and CPUs with neither compute
-it in fp32.) Switches, read once per process: ``OPTIMUM_MC_CPU_AMX=0`` turns the AMX kernel off,
-``OPTIMUM_MC_CPU_AVX512BF16=0`` the AVX512-BF16 ones (to measure and test the other paths on a CPU that has these
-units), ``OPTIMUM_MC_CPU_BF16_DOT=dp|fma`` picks the AVX512-BF16 variant (see :func:`bf16_dot`).
+``moe_cpu``, is the exception: its kernels round the weights to bf16 and sum in fp32 — AMX ``mc_amx_linear``
+where the CPU has AMX, else ``mc_bf16_linear`` / ``mc_bf16_linear_fma`` with AVX512-BF16 — and CPUs with neither
+compute it in fp32: ``mc_fma_linear`` with AVX2 + FMA.) Switches, read once per process: ``OPTIMUM_MC_CPU_AMX=0``
+turns the AMX kernel off, ``OPTIMUM_MC_CPU_AVX512BF16=0`` the AVX512-BF16 ones (to measure and test the other
+paths on a CPU that has these units), ``OPTIMUM_MC_CPU_BF16_DOT=dp|fma`` picks the AVX512-BF16 variant (see
+:func:`bf16_dot`), ``OPTIMUM_MC_CPU_MARCH=haswell`` builds for that ``-march`` instead of ``native`` (emulating an
+AVX2-only CPU).
 
 The library is built with the system C compiler
 (``$CC``, ``cc``, ``gcc`` or ``clang``) into ``$OPTIMUM_MC_CACHE/kernels`` (default ``~/.cache/optimum_mc``),
@@ -46,6 +48,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-f
 ENV_KERNEL = "OPTIMUM_MC_CPU_KERNEL"
 ENV_AMX = "OPTIMUM_MC_CPU_AMX"  # "0": never use the AMX prefill kernel
 ENV_AVX512BF16 = "OPTIMUM_MC_CPU_AVX512BF16"  # "0": never use the AVX512-BF16 prefill kernels
+ENV_MARCH = "OPTIMUM_MC_CPU_MARCH"  # e.g. "haswell": build for that -march instead of native (emulation)
 ENV_BF16_DOT = "OPTIMUM_MC_CPU_BF16_DOT"  # "dp" / "fma": which AVX512-BF16 prefill kernel (default: by CPU vendor)
 GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
 # weight block dequantized per BLAS call (QuantLinear and the MoE prefill). Measured on one Mixtral expert layer, 256
@@ -140,8 +143,8 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError) as exc:
             logger.warning("optimum-mc: building the CPU kernels failed (%s); using the pure-torch reference", exc)
             return None
-        if flags != FLAGS:
-            dropped = " ".join(f for f in FLAGS if f not in flags)
+        if flags != fallback_flags()[0]:
+            dropped = " ".join(f for f in fallback_flags()[0] if f not in flags)
             logger.warning(
                 "optimum-mc: %s rejected %s; CPU kernels built without it (%s)", cc, dropped,
                 "single-threaded" if "-fopenmp" in dropped else "generic instruction set",
@@ -155,9 +158,12 @@ def fallback_flags() -> tuple[tuple[str, ...], ...]:
     """Compiler flag sets tried in order. A compiler without OpenMP (Apple's clang) or one that rejects
     ``-march=native`` still builds the C kernels (the OpenMP pragmas are then ignored: one thread; the vector
     kernels are guarded by the instruction sets the compiler targets) instead of leaving the slow pure-torch
-    reference to serve every call."""
-    no_omp = tuple(f for f in FLAGS if f != "-fopenmp")
-    return FLAGS, no_omp, tuple(f for f in no_omp if f != "-march=native")
+    reference to serve every call. ``OPTIMUM_MC_CPU_MARCH=<arch>`` builds for ``-march=<arch>`` instead of
+    ``-march=native`` (to emulate an older CPU, e.g. ``haswell`` for AVX2 only, on a newer one)."""
+    march = os.environ.get(ENV_MARCH, "").strip()
+    flags = tuple(f"-march={march}" if f == "-march=native" and march else f for f in FLAGS)
+    no_omp = tuple(f for f in flags if f != "-fopenmp")
+    return flags, no_omp, tuple(f for f in no_omp if not f.startswith("-march="))
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -191,6 +197,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_bf16_linear.restype = _INT
     lib.mc_bf16_linear_fma.argtypes = lib.mc_amx_linear.argtypes
     lib.mc_bf16_linear_fma.restype = _INT
+    lib.mc_fma_available.argtypes = []
+    lib.mc_fma_available.restype = _INT
+    lib.mc_fma_linear.argtypes = lib.mc_amx_linear.argtypes
+    lib.mc_fma_linear.restype = _INT
     return lib
 
 
@@ -217,6 +227,14 @@ def avx512bf16_available() -> bool:
         return False
     lib = library()
     return lib is not None and bool(lib.mc_bf16_available())
+
+
+@functools.cache
+def fma_available() -> bool:
+    """Whether the AVX2 + FMA prefill kernel (``mc_fma_linear``: fp32 inputs, exactly dequantized fp32 weights,
+    fp32 FMA sums) is built; it serves bf16 prefill on CPUs without AVX512-BF16 (asked once)."""
+    lib = library()
+    return lib is not None and bool(lib.mc_fma_available())
 
 
 @functools.cache

@@ -60,20 +60,24 @@ def _fused_bf16(lib):
 
 def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) -> None:
     """``out = x @ W.T`` for many rows. bf16 ``x``: a fused kernel (AMX, else AVX512-BF16) that dequantizes small
-    blocks of ``W`` into bf16 and multiplies them while they are in cache. Otherwise (fp32 ``x``, or a CPU with
-    neither): row blocks of ``W`` are dequantized into fp32 and multiplied with fp32 BLAS (``x`` cast to fp32:
-    without AVX512-BF16, bf16 BLAS is several times slower than fp32 BLAS; docs/kernels.md)."""
+    blocks of ``W`` into bf16 and multiplies them while they are in cache; on CPUs with neither, ``x`` is widened
+    to fp32 (without AVX512-BF16, bf16 BLAS is several times slower than fp32 BLAS; docs/kernels.md) and the fused
+    AVX2 + FMA kernel multiplies it with exactly dequantized fp32 weights. fp32 ``x`` (and the AVX2 kernel's
+    absence): row blocks of ``W`` are dequantized into fp32 and multiplied with fp32 BLAS."""
     out_f, in_f = qw.shape[0], x.shape[1]
     groups, words = s.shape[1], qw.shape[1]
-    fused = _fused_bf16(lib) if x.dtype == torch.bfloat16 and out.is_contiguous() else None
+    bf16 = x.dtype == torch.bfloat16
+    fused = _fused_bf16(lib) if bf16 and out.is_contiguous() else None
+    if bf16 and fused is None and out.is_contiguous() and cpu.fma_available():
+        x, fused = x.float(), lib.mc_fma_linear
     if fused is not None:
-        # dequantized blocks of rows go straight into the tile unit / the dot-product registers
+        # dequantized blocks of rows go straight into the tile unit / the multiply-add registers
         rc = fused(
             x.data_ptr(), x.shape[0], in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), out_f, bits,
             in_f // groups, out.data_ptr(), out.stride(0), torch.get_num_threads(),
         )  # fmt: skip
         if rc == -2:
-            raise MemoryError("optimum-mc CPU bf16 prefill kernel could not allocate its buffers")
+            raise MemoryError("optimum-mc CPU prefill kernel could not allocate its buffers")
         if rc == 0:
             return
     if x.dtype != torch.float32:
