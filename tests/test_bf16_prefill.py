@@ -277,3 +277,26 @@ def test_march_switch_builds_an_avx2_library(monkeypatch):
     w = dequantize_reference(qw, s, z, 3, torch.float32).double()
     bound = 256 * 2.0**-24 * (x.double().abs() @ w.abs().T)
     assert ((y2.double() - x.double() @ w.T).abs() <= bound).all()
+
+
+@needs_bf16
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_bf16_kernels_without_vbmi(bits):
+    """CPUs with AVX512-BF16 but no AVX512-VBMI (Intel Cooper Lake) dequantize in fp32 instead of by table lookup:
+    a build without VBMI gives the same bf16 weights and the same sums."""
+    flags = (*cpu.fallback_flags()[0], "-mno-avx512vbmi")
+    lib = cpu.load(cpu.build(cpu._compiler(), flags))
+    assert lib.mc_bf16_available()
+    qw, s, z = _packed(50, 256, bits, 64, seed=20 + bits)
+    x = torch.randn(37, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    for kernel in KERNELS:
+        y = torch.empty(256, 50)
+        eye = torch.eye(256, dtype=torch.bfloat16)
+        assert getattr(lib, kernel)(eye.data_ptr(), 256, 256, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 50, bits, 64,
+                                    y.data_ptr(), 50, 2) == 0  # fmt: skip
+        assert torch.equal(y.T, dequantize_reference(qw, s, z, bits, torch.float32).bfloat16().float())
+        y_novbmi, y_vbmi = torch.empty(37, 50), torch.empty(37, 50)
+        for lb, out in ((lib, y_novbmi), (_LIB, y_vbmi)):
+            assert getattr(lb, kernel)(x.data_ptr(), 37, 256, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 50, bits, 64,
+                                       out.data_ptr(), 50, 2) == 0  # fmt: skip
+        assert torch.equal(y_novbmi, y_vbmi)  # same weights, same summation order
