@@ -5,11 +5,16 @@ runs as one grouped call for every expert at once:
 
 - experts with at most ``cpu.GEMV_MAX_ROWS`` routed rows (decode): ``mc_moe_gemv``, threaded over (expert,
   64-row output block) work items, reading the packed bits directly, every bit-width in the same call;
-- experts with more rows (prefill): the expert's weight is dequantized in C in blocks (into bf16 when the hidden
-  states are bf16, for bf16 BLAS; into fp32 otherwise) and multiplied with BLAS.
+- experts with more rows (prefill), bf16 hidden states: a fused C kernel dequantizes small blocks of the expert's
+  weight into bf16 and multiplies them while they are in cache (AMX ``mc_amx_linear``; else, with AVX512-BF16,
+  ``mc_bf16_linear_fma`` / ``mc_bf16_linear``: weights rounded to bf16, fp32 sums); on CPUs with neither, the
+  hidden states are widened to fp32 and ``mc_fma_linear`` (AVX2 + FMA) multiplies them with exact fp32 weights;
+- experts with more rows, fp32 hidden states (or none of those kernels built): the weight is dequantized in C in
+  16 MiB fp32 blocks and multiplied with fp32 BLAS.
 
 Between the projections ``act(gate) * up`` is one vectorized torch op over all pairs, and the routing-weighted sum
-is one ``index_add_``. Everything is computed in fp32 except the bf16 BLAS products (fp32 accumulation inside BLAS).
+is one ``index_add_``. Everything is computed in fp32 except the bf16-rounded weights of the bf16 prefill kernels
+(their products are exact in fp32 and summed in fp32).
 """
 
 from __future__ import annotations
