@@ -3,6 +3,8 @@
     python scripts/bench_moe.py                           # Mixtral-8x7B layer: hidden 4096, intermediate 14336
     python scripts/bench_moe.py --hidden 256 --inter 512  # the reference model's layer shape
     python scripts/bench_moe.py --odp 0.2                 # 20% of tokens drop their second expert (ODP)
+    python scripts/bench_moe.py --no-amx                  # as on a CPU with AVX512-BF16 but no AMX (AMD Zen 4)
+    python scripts/bench_moe.py --avx2 --json out.json    # emulated AVX2-only CPU; results also as JSON
 
 Experts get bits 2, 3, 2, 3, ... (2.5 on average; ``--bits`` to change); codes are random (speed does not depend on
 the values). Dense = transformers' ``MixtralExperts`` forward (its eager loop over hit experts) with float weights
@@ -13,22 +15,40 @@ times this process's CPU time instead of wall time (with ``--threads 1``, less s
 fp32 weights of a Mixtral layer take 5.6 GB of memory. The "packed" columns force float activations; the "int8"
 ones are ``decode_activations="int8"``, which the default ("auto") picks for bf16 hidden states on CPUs with the
 integer-dot kernels: there the "int8 bf16" column is what a bf16 model decodes at by default.
+
+``--no-amx`` runs both sides without AMX, as on a CPU with AVX512-BF16 but no AMX (AMD Zen 4/5): oneDNN (dense
+bf16) is capped at ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` and optimum-mc's AMX kernel is off
+(``OPTIMUM_MC_CPU_AMX=0``). ``--avx2`` emulates an AVX2-only CPU: oneDNN at ``AVX2``, MKL at
+``MKL_ENABLE_INSTRUCTIONS=AVX2``, optimum-mc's C kernels built with ``-march=haswell`` (``OPTIMUM_MC_CPU_MARCH``: no
+AVX-512 kernel at all) and its AMX / AVX512-BF16 switches off; an emulation only (same caches, memory and
+clock). Both set the variables before torch starts (they are read when oneDNN / MKL initialize).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import sys
 import time
 
-import torch
-import transformers
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+ISA_ENV = {
+    "--no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "OPTIMUM_MC_CPU_AMX": "0"},
+    "--avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPTIMUM_MC_CPU_AMX": "0",
+               "OPTIMUM_MC_CPU_AVX512BF16": "0", "OPTIMUM_MC_CPU_MARCH": "haswell"},
+}  # fmt: skip
+for _flag, _env in ISA_ENV.items():  # before torch is imported: oneDNN and MKL read these when they initialize
+    if _flag in sys.argv[1:]:
+        os.environ.update(_env)
 
-from optimum_mc.kernels import cpu
-from optimum_mc.nn import MCExperts
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
+
+from optimum_mc.kernels import cpu  # noqa: E402
+from optimum_mc.nn import MCExperts  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -99,13 +119,23 @@ def main(argv=None) -> None:
         default="wall",
         help="wall time, or this process's CPU time (with --threads 1: robust to other jobs' load)",
     )
+    isa = p.add_mutually_exclusive_group()
+    isa.add_argument("--no-amx", action="store_true", help="no AMX on either side (an AVX512-BF16 CPU without AMX)")
+    isa.add_argument("--avx2", action="store_true", help="emulate an AVX2-only CPU for prefill (see above)")
+    p.add_argument("--json", default=None, help="also write the times and ratios to this JSON file")
     args = p.parse_args(argv)
+    if (args.no_amx or args.avx2) and os.environ.get("ONEDNN_MAX_CPU_ISA") is None:
+        p.error("--no-amx / --avx2 must be on the command line (they set variables before torch is imported)")
     args.bits = args.bits or [(2, 3)[e % 2] for e in range(args.experts)]
     if args.threads:
         torch.set_num_threads(args.threads)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"{os.cpu_count()} cores, load average {load}; torch {torch.__version__}, {torch.get_num_threads()} threads;"
           f" C kernels: {cpu.library() is not None}")  # fmt: skip
+    names = {k for e in ISA_ENV.values() for k in e} | {cpu.ENV_BF16_DOT}
+    env = {k: os.environ[k] for k in sorted(names) if k in os.environ}
+    paths = {"amx": cpu.amx_available(), "avx512bf16": cpu.avx512bf16_available(), "bf16_dot": cpu.bf16_dot()}
+    print(f"bf16 prefill kernels: {paths}; ISA caps: {env or 'none'}")
     mean = sum(args.bits) / len(args.bits)
     print(f"layer: hidden {args.hidden}, intermediate {args.inter}, {args.experts} experts top-{args.top_k}, "
           f"bits {args.bits} (mean {mean:.2f}), group {args.group_size}, ODP {args.odp}\n")  # fmt: skip
@@ -163,7 +193,20 @@ def main(argv=None) -> None:
                 times.get((n, t), nan) for n in ("dense fp32", "dense bf16", "packed fp32", "int8 fp32", "int8 bf16")
             )
             print(f"| {t} | {d32 / i32:.2f} | {d16 / i16:.2f} | {p32 / i32:.2f} | {i32 * 1e3:.2f} | {i16 * 1e3:.2f} |")
-    print(f"\nload average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    load_after = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\nload average after: {load_after}")
+    if args.json:
+        rows = [{"tokens": t, **{n.replace(" ", "_") + "_ms": times[(n, t)] * 1e3 for n, tt in times if tt == t}}
+                for t in args.tokens]  # fmt: skip
+        for r in rows:
+            for a, b in (("dense_fp32", "packed_fp32"), ("dense_bf16", "packed_bf16"), ("dense_fp32", "packed_bf16")):
+                if f"{a}_ms" in r and f"{b}_ms" in r:
+                    r[f"{b}_vs_{a}"] = r[f"{a}_ms"] / r[f"{b}_ms"]
+        meta = {"argv": sys.argv[1:], "load_before": load, "load_after": load_after, "cpu_count": os.cpu_count(),
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "clock": args.clock,
+                "bf16_prefill_kernels": paths, "isa_env": env, "bits": args.bits}  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,16 @@
   directly, never materializing a dequantized copy. With more rows (prefill): blocks of the weight are dequantized
   in C into a reused fp32 buffer and multiplied with BLAS (``torch.mm``).
 
-Every path computes in fp32 and casts the result to ``x.dtype``. The library is built with the system C compiler
+Every path computes in fp32 and casts the result to ``x.dtype``. (The fused MoE op's bf16 prefill, in
+``moe_cpu``, is the exception: its kernels round the weights to bf16 and sum in fp32 — AMX ``mc_amx_linear``
+where the CPU has AMX, else ``mc_bf16_linear`` / ``mc_bf16_linear_fma`` with AVX512-BF16 — and CPUs with neither
+compute it in fp32: ``mc_fma_linear`` with AVX2 + FMA.) Switches, read once per process: ``OPTIMUM_MC_CPU_AMX=0``
+turns the AMX kernel off, ``OPTIMUM_MC_CPU_AVX512BF16=0`` the AVX512-BF16 ones (to measure and test the other
+paths on a CPU that has these units), ``OPTIMUM_MC_CPU_BF16_DOT=dp|fma`` picks the AVX512-BF16 variant (see
+:func:`bf16_dot`), ``OPTIMUM_MC_CPU_MARCH=haswell`` builds for that ``-march`` instead of ``native`` (emulating an
+AVX2-only CPU).
+
+The library is built with the system C compiler
 (``$CC``, ``cc``, ``gcc`` or ``clang``) into ``$OPTIMUM_MC_CACHE/kernels`` (default ``~/.cache/optimum_mc``),
 named by a hash of source, flags and CPU, written to a temporary file and renamed into place, then loaded with
 ctypes (which releases the GIL during calls). Without a compiler, when the build fails, or with
@@ -37,6 +46,10 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 ENV_KERNEL = "OPTIMUM_MC_CPU_KERNEL"
+ENV_AMX = "OPTIMUM_MC_CPU_AMX"  # "0": never use the AMX prefill kernel
+ENV_AVX512BF16 = "OPTIMUM_MC_CPU_AVX512BF16"  # "0": never use the AVX512-BF16 prefill kernels
+ENV_MARCH = "OPTIMUM_MC_CPU_MARCH"  # e.g. "haswell": build for that -march instead of native (emulation)
+ENV_BF16_DOT = "OPTIMUM_MC_CPU_BF16_DOT"  # "dp" / "fma": which AVX512-BF16 prefill kernel (default: by CPU vendor)
 GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
 # weight block dequantized per BLAS call (QuantLinear and the MoE prefill). Measured on one Mixtral expert layer, 256
 # tokens, fp32: 16 MiB beat 4/8/12/24/32/64 MiB at 2 threads (973 ms vs 1055 at 8 MiB and 1411 at 64 MiB) and 8 MiB
@@ -137,8 +150,8 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError) as exc:
             logger.warning("optimum-mc: building the CPU kernels failed (%s); using the pure-torch reference", exc)
             return None
-        if flags != FLAGS:
-            dropped = " ".join(f for f in FLAGS if f not in flags)
+        if flags != fallback_flags()[0]:
+            dropped = " ".join(f for f in fallback_flags()[0] if f not in flags)
             logger.warning(
                 "optimum-mc: %s rejected %s; CPU kernels built without it (%s)", cc, dropped,
                 "single-threaded" if "-fopenmp" in dropped else "generic instruction set",
@@ -152,9 +165,12 @@ def fallback_flags() -> tuple[tuple[str, ...], ...]:
     """Compiler flag sets tried in order. A compiler without OpenMP (Apple's clang) or one that rejects
     ``-march=native`` still builds the C kernels (the OpenMP pragmas are then ignored: one thread; the vector
     kernels are guarded by the instruction sets the compiler targets) instead of leaving the slow pure-torch
-    reference to serve every call."""
-    no_omp = tuple(f for f in FLAGS if f != "-fopenmp")
-    return FLAGS, no_omp, tuple(f for f in no_omp if f != "-march=native")
+    reference to serve every call. ``OPTIMUM_MC_CPU_MARCH=<arch>`` builds for ``-march=<arch>`` instead of
+    ``-march=native`` (to emulate an older CPU, e.g. ``haswell`` for AVX2 only, on a newer one)."""
+    march = os.environ.get(ENV_MARCH, "").strip()
+    flags = tuple(f"-march={march}" if f == "-march=native" and march else f for f in FLAGS)
+    no_omp = tuple(f for f in flags if f != "-fopenmp")
+    return flags, no_omp, tuple(f for f in no_omp if not f.startswith("-march="))
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -182,14 +198,67 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_amx_available.restype = _INT
     lib.mc_amx_linear.argtypes = [_P, _I64, _I64, _P, _P, _P, _I64, _INT, _I64, _P, _I64, _INT]
     lib.mc_amx_linear.restype = _INT
+    lib.mc_bf16_available.argtypes = []
+    lib.mc_bf16_available.restype = _INT
+    lib.mc_bf16_linear.argtypes = lib.mc_amx_linear.argtypes
+    lib.mc_bf16_linear.restype = _INT
+    lib.mc_bf16_linear_fma.argtypes = lib.mc_amx_linear.argtypes
+    lib.mc_bf16_linear_fma.restype = _INT
+    lib.mc_fma_available.argtypes = []
+    lib.mc_fma_available.restype = _INT
+    lib.mc_fma_linear.argtypes = lib.mc_amx_linear.argtypes
+    lib.mc_fma_linear.restype = _INT
     return lib
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
 @functools.cache
 def amx_available() -> bool:
-    """Whether the AMX bf16 prefill kernel runs here (CPU, compiler and kernel support; asked once)."""
+    """Whether the AMX bf16 prefill kernel runs here (CPU, compiler and kernel support; asked once).
+    ``OPTIMUM_MC_CPU_AMX=0`` turns it off (the non-AMX paths can then be measured and tested on an AMX CPU)."""
+    if _switched_off(ENV_AMX):
+        return False
     lib = library()
     return lib is not None and bool(lib.mc_amx_available())
+
+
+@functools.cache
+def avx512bf16_available() -> bool:
+    """Whether the AVX512-BF16 bf16 prefill kernel (``mc_bf16_linear``) runs here (built with AVX512-BF16, which
+    ``-march=native`` only enables on a CPU that has it; asked once). ``OPTIMUM_MC_CPU_AVX512BF16=0`` turns it off
+    (bf16 prefill then takes the fallback of CPUs without it)."""
+    if _switched_off(ENV_AVX512BF16):
+        return False
+    lib = library()
+    return lib is not None and bool(lib.mc_bf16_available())
+
+
+@functools.cache
+def fma_available() -> bool:
+    """Whether the AVX2 + FMA prefill kernel (``mc_fma_linear``: fp32 inputs, exactly dequantized fp32 weights,
+    fp32 FMA sums) is built; it serves bf16 prefill on CPUs without AVX512-BF16 (asked once)."""
+    lib = library()
+    return lib is not None and bool(lib.mc_fma_available())
+
+
+@functools.cache
+def bf16_dot() -> str:
+    """Which AVX512-BF16 prefill kernel serves bf16 prefill without AMX: ``"dp"`` (``mc_bf16_linear``,
+    vdpbf16ps) or ``"fma"`` (``mc_bf16_linear_fma``, fp32 FMA on the same bf16-rounded weights; same contract).
+    ``OPTIMUM_MC_CPU_BF16_DOT`` picks one; by default AMD CPUs get ``"dp"`` (Zen 4/5 run vdpbf16ps at the rate of
+    fp32 FMA, so twice the products; from published instruction tables, not measured here) and others ``"fma"``
+    (measured on Sapphire Rapids: vdpbf16ps at ~1/4 the instruction rate of FMA, the FMA kernel 1.3-1.5x faster)."""
+    choice = os.environ.get(ENV_BF16_DOT, "").strip().lower()
+    if choice in ("dp", "fma"):
+        return choice
+    try:
+        amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        amd = "AMD" in platform.processor()
+    return "dp" if amd else "fma"
 
 
 def _fast_path(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> ctypes.CDLL | None:

@@ -5,11 +5,16 @@ runs as one grouped call for every expert at once:
 
 - experts with at most ``cpu.GEMV_MAX_ROWS`` routed rows (decode): ``mc_moe_gemv``, threaded over (expert,
   64-row output block) work items, reading the packed bits directly, every bit-width in the same call;
-- experts with more rows (prefill): the expert's weight is dequantized in C in blocks (into bf16 when the hidden
-  states are bf16, for bf16 BLAS; into fp32 otherwise) and multiplied with BLAS.
+- experts with more rows (prefill), bf16 hidden states: a fused C kernel dequantizes small blocks of the expert's
+  weight into bf16 and multiplies them while they are in cache (AMX ``mc_amx_linear``; else, with AVX512-BF16,
+  ``mc_bf16_linear_fma`` / ``mc_bf16_linear``: weights rounded to bf16, fp32 sums); on CPUs with neither, the
+  hidden states are widened to fp32 and ``mc_fma_linear`` (AVX2 + FMA) multiplies them with exact fp32 weights;
+- experts with more rows, fp32 hidden states (or none of those kernels built): the weight is dequantized in C in
+  16 MiB fp32 blocks and multiplied with fp32 BLAS.
 
 Between the projections ``act(gate) * up`` is one vectorized torch op over all pairs, and the routing-weighted sum
-is one ``index_add_``. Everything is computed in fp32 except the bf16 BLAS products (fp32 accumulation inside BLAS).
+is one ``index_add_``. Everything is computed in fp32 except the bf16-rounded weights of the bf16 prefill kernels
+(their products are exact in fp32 and summed in fp32).
 """
 
 from __future__ import annotations
@@ -49,33 +54,50 @@ def _ptrs(ts) -> ctypes.Array:
     return (ctypes.c_int64 * len(ts))(*(t.data_ptr() for t in ts))
 
 
+def _fused_bf16(lib):
+    """The fused bf16 prefill kernel this CPU runs (AMX, else AVX512-BF16), or None."""
+    if cpu.amx_available():
+        return lib.mc_amx_linear
+    if cpu.avx512bf16_available():
+        return lib.mc_bf16_linear if cpu.bf16_dot() == "dp" else lib.mc_bf16_linear_fma
+    return None
+
+
 def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) -> None:
-    """``out = x @ W.T`` for many rows: dequantize row blocks of ``W`` (bf16 if ``x`` is bf16) and use BLAS."""
+    """``out = x @ W.T`` for many rows. bf16 ``x``: a fused kernel (AMX, else AVX512-BF16) that dequantizes small
+    blocks of ``W`` into bf16 and multiplies them while they are in cache; on CPUs with neither, ``x`` is widened
+    to fp32 (without AVX512-BF16, bf16 BLAS is several times slower than fp32 BLAS; docs/kernels.md) and the fused
+    AVX2 + FMA kernel multiplies it with exactly dequantized fp32 weights. fp32 ``x`` (and the AVX2 kernel's
+    absence): row blocks of ``W`` are dequantized into fp32 and multiplied with fp32 BLAS."""
     out_f, in_f = qw.shape[0], x.shape[1]
     groups, words = s.shape[1], qw.shape[1]
     bf16 = x.dtype == torch.bfloat16
-    if bf16 and cpu.amx_available() and out.is_contiguous():
-        # AMX: dequantized 32-row blocks go straight into the tile unit (never written out whole)
-        rc = lib.mc_amx_linear(
+    fused = _fused_bf16(lib) if bf16 and out.is_contiguous() else None
+    if bf16 and fused is None and out.is_contiguous() and cpu.fma_available():
+        x, fused = x.float(), lib.mc_fma_linear
+    if fused is not None:
+        # dequantized blocks of rows go straight into the tile unit / the multiply-add registers
+        rc = fused(
             x.data_ptr(), x.shape[0], in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), out_f, bits,
             in_f // groups, out.data_ptr(), out.stride(0), torch.get_num_threads(),
         )  # fmt: skip
         if rc == -2:
-            raise MemoryError("optimum-mc CPU AMX kernel could not allocate its buffers")
+            raise MemoryError("optimum-mc CPU prefill kernel could not allocate its buffers")
         if rc == 0:
             return
-    block = max(1, min(out_f, cpu.GEMM_BLOCK_BYTES // ((2 if bf16 else 4) * in_f)))
-    buf = torch.empty(block, in_f, dtype=x.dtype)
-    fn = lib.mc_dequantize_bf16 if bf16 else lib.mc_dequantize
+    if x.dtype != torch.float32:
+        x = x.float()
+    block = max(1, min(out_f, cpu.GEMM_BLOCK_BYTES // (4 * in_f)))
+    buf = torch.empty(block, in_f, dtype=torch.float32)
     for start in range(0, out_f, block):
         stop = min(out_f, start + block)
-        rc = fn(
+        rc = lib.mc_dequantize(
             qw.data_ptr() + start * words * 4, s.data_ptr() + start * groups * 2, z.data_ptr() + start * groups * 2,
             buf.data_ptr(), stop - start, in_f, bits, in_f // groups, torch.get_num_threads(),
         )  # fmt: skip
         if rc:
             raise MemoryError("optimum-mc CPU dequantize could not allocate its row buffer")
-        if block == out_f and x.dtype == out.dtype and out.is_contiguous():
+        if block == out_f and out.dtype == torch.float32 and out.is_contiguous():
             torch.mm(x, buf.t(), out=out)  # the whole matrix in one block: straight into the output rows
         else:
             out[:, start:stop] = torch.mm(x, buf[: stop - start].t())
