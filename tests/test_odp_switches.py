@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import optimum_mc
 from optimum_mc import MCConfig
+from optimum_mc.errors import AlreadyQuantizedError
 from optimum_mc.pruning.importance import ATTN_NAME
 
 QUICK = dict(group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False)
@@ -70,7 +71,9 @@ def test_odp_passed_at_load_is_applied(checkpoint):
     path, expert_bits = checkpoint
     plain = AutoModelForCausalLM.from_pretrained(path)
     assert optimum_mc.get_odp_stats(plain)["layers"] == {}  # quantized without ODP
-    passed = MCConfig(bits=3.0, odp=True, odp_threshold=0.9, odp_layers=[1], odp_protect_ratio=0.0)
+    with pytest.raises(AlreadyQuantizedError, match="bits=3.0"):  # issue 20: no longer silently ignored
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=MCConfig(bits=3.0, odp=True))
+    passed = MCConfig(odp=True, odp_threshold=0.9, odp_layers=[1], odp_protect_ratio=0.0)
     with pytest.warns(UserWarning, match="loading attributes"):
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=passed)
     qc = model.config.quantization_config
