@@ -606,7 +606,7 @@ def test_kernel_missing_symbols_falls_back_with_one_warning(tmp_path, monkeypatc
     so = tmp_path / "empty.so"
     subprocess.run([shutil.which("cc") or "gcc", "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
     monkeypatch.delenv(cpu.ENV_KERNEL, raising=False)
-    monkeypatch.setattr(cpu, "build", lambda cc, flags=cpu.FLAGS: so)
+    monkeypatch.setattr(cpu, "build", lambda cc, flags=cpu.FLAGS, announce=True: so)
     with caplog.at_level(logging.WARNING, logger=cpu.__name__):
         assert cpu.library.__wrapped__() is None
     assert len(caplog.records) == 1 and "lacks the symbols" in caplog.text
