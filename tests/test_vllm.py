@@ -240,7 +240,8 @@ def test_tensor_parallel_that_splits_a_group_is_refused_naming_working_sizes():
     import torch
 
     from optimum_mc.errors import MCConfigError
-    from optimum_mc.integrations.vllm.config import MCLinearMethod, MCVllmConfig
+    from optimum_mc.integrations.vllm.config import MCVllmConfig
+    from optimum_mc.integrations.vllm.linear_method import MCLinearMethod
 
     cfg = MCVllmConfig({"quant_method": "mc", "group_size": 64, "moe_layers": [], "expert_bits": []})
     method = MCLinearMethod(cfg, 4, "model.layers.0.self_attn.o_proj")
@@ -256,7 +257,8 @@ def test_tensor_parallel_that_splits_an_experts_group_is_refused():
     from vllm.model_executor.layers.fused_moe import MoEActivation
 
     from optimum_mc.errors import MCConfigError
-    from optimum_mc.integrations.vllm.config import MCFusedMoEMethod, MCVllmConfig
+    from optimum_mc.integrations.vllm.config import MCVllmConfig
+    from optimum_mc.integrations.vllm.moe_method import MCFusedMoEMethod
 
     cfg = MCVllmConfig({"quant_method": "mc", "group_size": 64, "moe_layers": [0], "expert_bits": [[2, 3, 2, 3]]})
     moe = SimpleNamespace(activation=MoEActivation.SILU, is_act_and_mul=True, intermediate_size=128, num_experts=4)

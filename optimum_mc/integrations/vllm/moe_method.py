@@ -1,0 +1,159 @@
+"""vLLM fused-MoE method of the ``"mc"`` quantization: per-expert packed matrices, ``optimum_mc::moe``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+
+from ... import bitwidths
+from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
+from ...kernels import check_experts, moe_op
+from .weights import EXPERT_NAME, PackedExpert, allow_amx, check_tensor, packed_shape, working_tp_sizes
+
+if TYPE_CHECKING:
+    from .config import MCVllmConfig
+
+
+class MCFusedMoEMethod(FusedMoEMethodBase):
+    """A MoE layer of per-expert packed matrices, each at its expert's own width (never padded to the widest).
+
+    Parameters live on the RoutedExperts layer as ``packed.<e>.gate_up.{qweight,scales,zeros}`` and
+    ``packed.<e>.down.{...}``, the checkpoint's own names, for the experts of this rank (all of them without expert
+    parallelism). Tensor parallelism splits each expert's intermediate dimension (gate and up rows, down's input
+    columns) at quantization-group boundaries; vLLM all-reduces the partial outputs as for its own MoE methods.
+
+    Loading: vLLM's ``RoutedExperts.load_weights`` maps checkpoint names through ``expert_params_mapping``
+    (``experts.<e>.w1/w2/w3`` or ``gate_up_proj``) onto one stacked ``w13_*`` / ``w2_*`` parameter of shape
+    ``(E, ...)``, which presumes every expert has the same shape. MC experts differ in size, so that route would
+    need a fake stacked parameter and every packed name rewritten into it. Instead this method gives the layer its
+    own ``load_weights`` (an instance attribute set in :meth:`create_weights`): ``MoERunner.load_weights`` hands the
+    layer every tensor under ``...experts.`` with the names exactly as saved, and ours checks and copies them
+    (this rank's experts, this rank's slice). Nothing else in vLLM is changed; the parameters stay ordinary
+    parameters, so vLLM's own "weights not initialized from checkpoint" check reports a missing tensor.
+
+    Routing is vLLM's (the layer's router: softmax / sigmoid, grouped top-k, renormalization, bias correction all as
+    vLLM computes them for the model); ``apply`` then runs ``optimum_mc::moe`` over the packed lists.
+    """
+
+    def __init__(self, config: MCVllmConfig, moe, expert_bits: list, prefix: str) -> None:
+        super().__init__(moe)
+        self.config, self.prefix = config, prefix
+        self.expert_bits = [bitwidths.split(b) for b in expert_bits]
+        self.local_ids: list[int] = []  # global ids of this rank's experts, in local order
+        self.loaded: set[str] = set()  # names load_packed copied in
+
+    def get_fused_moe_quant_config(self, layer: nn.Module):
+        return None
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs) -> None:  # fmt: skip
+        moe = layer.moe_config
+        total = int(extra_weight_attrs.get("global_num_experts", moe.num_experts))
+        if len(self.expert_bits) != total:
+            raise CheckpointError(
+                f"{self.prefix}: the model has {total} experts here, quantization_config's expert_bits has "
+                f"{len(self.expert_bits)}; the checkpoint does not match the model."
+            )
+        if moe.activation.value != "silu" or not moe.is_act_and_mul:
+            raise UnsupportedArchitectureError(
+                f"{self.prefix}: MoE activation {moe.activation.value!r}; the vLLM plugin serves gated SiLU experts."
+            )
+        if layer.apply_router_weight_on_input:
+            raise UnsupportedArchitectureError(f"{self.prefix}: router weights applied on the input not supported.")
+        group = self.config.group_size
+        inter_full, inter = moe.intermediate_size, intermediate_size_per_partition
+        if inter != inter_full and (group <= 0 or inter % group):
+            tp = inter_full // inter
+            raise MCConfigError(
+                f"{self.prefix}: tensor parallel size {tp} splits each expert's {inter_full} intermediate columns "
+                f"into {inter}-column shards, which cuts through quantization groups of "
+                f"{'a whole row' if group <= 0 else group}; tensor parallel sizes that work: "
+                f"{working_tp_sizes(inter_full, group)} (or enable expert parallelism, which keeps experts whole)."
+            )
+        self.hidden, self.inter, self.inter_full = hidden_size, inter, inter_full
+        self.tp_rank, self.tp_size = moe.moe_parallel_config.tp_rank, moe.moe_parallel_config.tp_size
+        self.group = hidden_size if group <= 0 else group
+        self.inter_group = inter_full if group <= 0 else group
+        local = {}
+        for e in range(total):
+            slot = int(layer._map_global_expert_id_to_local_expert_id(e))
+            if slot >= 0:
+                local[slot] = e
+        self.local_ids = [local[s] for s in sorted(local)]
+        if len(self.local_ids) != num_experts:
+            raise MCConfigError(f"{self.prefix}: {num_experts} local experts expected, found {len(self.local_ids)}.")
+        layer.packed = nn.ModuleDict({
+            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group)
+            for e in self.local_ids
+        })  # fmt: skip
+        method = self
+
+        def load_weights(weights):
+            return method.load_packed(layer, weights)
+
+        layer.load_weights = load_weights  # see the class docstring
+
+    def load_packed(self, layer: nn.Module, weights):
+        """Copy the checkpoint's ``packed.<e>.<proj>.<tensor>`` tensors (names relative to the layer) in; yield the
+        names loaded."""
+        total = len(self.expert_bits)
+        for name, w in weights:
+            m = EXPERT_NAME.fullmatch(name)
+            if m is None:
+                raise CheckpointError(
+                    f"{self.prefix}.{name}: not an MC expert tensor (expected packed.<e>.gate_up|down."
+                    "qweight|scales|zeros); the checkpoint's MoE layers are not in MC's packed format."
+                )
+            e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+            if e >= total:
+                raise CheckpointError(f"{self.prefix}.{name}: expert {e}, but the layer has {total} experts.")
+            if str(e) not in layer.packed:
+                continue  # another rank's expert (expert parallelism)
+            gu_bits, dn_bits = self.expert_bits[e]
+            if proj == "gate_up":
+                bits, full = gu_bits, packed_shape(2 * self.inter_full, self.hidden, gu_bits, self.group)
+            else:
+                bits, full = dn_bits, packed_shape(self.hidden, self.inter_full, dn_bits, self.inter_group)
+            check_tensor(f"{self.prefix}.packed.{e}.{proj}", kind, w, full[0 if kind == "qweight" else 1], bits)
+            if self.tp_size > 1:
+                r, n = self.tp_rank, self.inter
+                if proj == "gate_up":  # gate rows then up rows: this rank's slice of each
+                    w = torch.cat([w[r * n:(r + 1) * n], w[self.inter_full + r * n:self.inter_full + (r + 1) * n]])
+                else:  # input columns: words and groups of this rank's slice (whole groups, so whole words)
+                    cols = w.shape[1] // self.tp_size
+                    w = w[:, r * cols:(r + 1) * cols]
+            param = getattr(getattr(layer.packed[str(e)], proj), kind)
+            param.data.copy_(w)
+            self.loaded.add(name)
+            yield name
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        allow_amx()
+        # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
+        missing = sorted(n for n, _ in layer.packed.named_parameters(prefix="packed") if n not in self.loaded)
+        if missing:
+            more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            raise CheckpointError(
+                f"{self.prefix}: {', '.join(missing[:6])}{more} not in the checkpoint; the checkpoint is incomplete "
+                "or does not match its config."
+            )
+        experts = [layer.packed[str(e)] for e in self.local_ids]
+        gate_up = [(x.gate_up.qweight, x.gate_up.scales, x.gate_up.zeros) for x in experts]
+        down = [(x.down.qweight, x.down.scales, x.down.zeros) for x in experts]
+        self.op_bits = bitwidths.op_bits([bitwidths.join(*self.expert_bits[e]) for e in self.local_ids])
+        check_experts(gate_up, down, self.op_bits)
+        self.lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
+        self.num_local = len(experts)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:  # fmt: skip
+        ids = topk_ids
+        expert_map = layer.expert_map
+        if expert_map is not None:  # expert parallelism: global -> local ids, other ranks' experts dropped
+            ids = expert_map[ids.long()]
+            ids = torch.where(ids < 0, torch.full_like(ids, self.num_local), ids)
+        return moe_op(x, ids, topk_weights, *self.lists, self.op_bits, "silu")
