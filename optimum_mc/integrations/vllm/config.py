@@ -20,6 +20,8 @@ from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureErr
 from ...packing import WORD_BITS
 from .linear_method import MCLinearMethod
 from .moe_method import MCFusedMoEMethod
+from .odp import ODPSettings
+from .odp import resolve as resolve_odp
 
 # Architectures whose vLLM model hands a MoE layer's checkpoint tensors to its RoutedExperts.load_weights (through
 # AutoWeightsLoader and MoERunner.load_weights) and uses a plain gated SiLU MoE: what MCFusedMoEMethod relies on.
@@ -46,6 +48,7 @@ class MCVllmConfig(QuantizationConfig):
                 f"quantization_config has {len(self.expert_bits)} expert_bits rows for {len(self.moe_layers)} "
                 "moe_layers; they must be aligned (one row per MoE layer)."
             )
+        self.odp: ODPSettings | None = None  # resolved in maybe_update_config (it sees hf_overrides)
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % WORD_BITS):
             raise MCConfigError(f"group_size {self.group_size} is not -1 or a positive multiple of 32.")
         if config.get("nonexpert_method", "gptq") == "bnb_nf4":
@@ -83,6 +86,7 @@ class MCVllmConfig(QuantizationConfig):
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. Serve it with transformers "
                 "(AutoModelForCausalLM.from_pretrained) instead."
             )
+        self.odp = resolve_odp(self.raw, self.moe_layers, hf_config)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         # linear_bits is keyed by transformers' module names; follow the model's renames (not its stacking)
@@ -93,6 +97,8 @@ class MCVllmConfig(QuantizationConfig):
             bits = self.linear_bits_for(prefix)
             return UnquantizedLinearMethod() if bits is None else MCLinearMethod(self, bits, prefix)
         if isinstance(layer, RoutedExperts):
+            if self.odp is None:
+                self.odp = resolve_odp(self.raw, self.moe_layers, None)
             return MCFusedMoEMethod(self, layer.moe_config, self.expert_bits_for(prefix), prefix)
         return None  # embeddings, lm_head, attention (KV cache): unquantized
 
@@ -117,12 +123,22 @@ class MCVllmConfig(QuantizationConfig):
             )
         return widths.pop()
 
-    def expert_bits_for(self, prefix: str) -> list[int | list[int]]:
-        """The per-expert widths of the MoE layer at ``prefix`` (``model.layers.<i>.<...>.experts``)."""
+    def layer_index(self, prefix: str) -> int:
+        """The decoder layer index of ``prefix`` (``model.layers.<i>.<...>``), checked against ``moe_layers``."""
         m = re.search(r"layers\.(\d+)\.", prefix + ".")
         if m is None or int(m.group(1)) not in self.moe_layers:
             raise CheckpointError(
                 f"{prefix}: vLLM builds a MoE layer here, but quantization_config's moe_layers {self.moe_layers} "
                 "has no entry for it; the checkpoint does not match the model."
             )
-        return self.expert_bits[self.moe_layers.index(int(m.group(1)))]
+        return int(m.group(1))
+
+    def odp_threshold_for(self, prefix: str) -> float | None:
+        """ODP's threshold for the MoE layer at ``prefix``: None with ODP off, 0.0 where it is on but not active."""
+        if self.odp is None or not self.odp.enabled:
+            return None
+        return self.odp.thresholds.get(self.layer_index(prefix), 0.0)
+
+    def expert_bits_for(self, prefix: str) -> list[int | list[int]]:
+        """The per-expert widths of the MoE layer at ``prefix`` (``model.layers.<i>.<...>.experts``)."""
+        return self.expert_bits[self.moe_layers.index(self.layer_index(prefix))]

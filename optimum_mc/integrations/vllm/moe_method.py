@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,11 +11,17 @@ from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 
 from ... import bitwidths
 from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
-from ...kernels import check_experts, moe_op
+from ...kernels import check_experts, cpu, moe_op
+from ...kernels.eager import plain_eager
+from ...kernels.moe_cpu import DecodePlan
+from ...pruning.rule import apply_drop, count_routing, drop_mask
+from . import odp
 from .weights import EXPERT_NAME, PackedExpert, allow_amx, check_tensor, packed_shape, working_tp_sizes
 
 if TYPE_CHECKING:
     from .config import MCVllmConfig
+
+logger = logging.getLogger("optimum_mc")
 
 
 class MCFusedMoEMethod(FusedMoEMethodBase):
@@ -35,7 +42,10 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
     parameters, so vLLM's own "weights not initialized from checkpoint" check reports a missing tensor.
 
     Routing is vLLM's (the layer's router: softmax / sigmoid, grouped top-k, renormalization, bias correction all as
-    vLLM computes them for the model); ``apply`` then runs ``optimum_mc::moe`` over the packed lists.
+    vLLM computes them for the model); ``apply`` then runs ``optimum_mc::moe`` over the packed lists. With online
+    dynamic pruning on (:mod:`.odp`), ``apply`` first drops the slots ODP's rule drops (index E: not computed); CPU
+    decode steps (a few tokens) run the whole layer, rule included, in one call of the fused C kernel through a
+    :class:`~optimum_mc.kernels.moe_cpu.DecodePlan` built once at load, as transformers' ``MCExperts`` does.
     """
 
     def __init__(self, config: MCVllmConfig, moe, expert_bits: list, prefix: str) -> None:
@@ -44,6 +54,10 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.expert_bits = [bitwidths.split(b) for b in expert_bits]
         self.local_ids: list[int] = []  # global ids of this rank's experts, in local order
         self.loaded: set[str] = set()  # names load_packed copied in
+        self.odp_threshold = config.odp_threshold_for(prefix)  # None: ODP off; 0.0: on, not active in this layer
+        self.protect_first = config.odp.protect_first if config.odp is not None else 0
+        self.log_every = config.odp.log_every if config.odp is not None else 0
+        self.calls = 0
 
     def get_fused_moe_quant_config(self, layer: nn.Module):
         return None
@@ -148,12 +162,46 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         check_experts(gate_up, down, self.op_bits)
         self.lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
         self.num_local = len(experts)
+        self.plan = None
+        if all(t.device.type == "cpu" for t in self.lists[0]):
+            plan = DecodePlan(tuple(self.lists), self.op_bits, "silu")
+            self.plan = plan if plan.ok else None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:  # fmt: skip
-        ids = topk_ids
+        ids, w = topk_ids, topk_weights
         expert_map = layer.expert_map
-        if expert_map is not None:  # expert parallelism: global -> local ids, other ranks' experts dropped
-            ids = expert_map[ids.long()]
-            ids = torch.where(ids < 0, torch.full_like(ids, self.num_local), ids)
-        return moe_op(x, ids, topk_weights, *self.lists, self.op_bits, "silu")
+        decode = (
+            self.plan is not None
+            and x.dim() == 2
+            and x.shape[0] <= cpu.GEMV_MAX_ROWS
+            and x.device.type == "cpu"
+            and plain_eager(x)
+        )
+        if self.odp_threshold is None:  # ODP off
+            if expert_map is None and decode:
+                return self.plan(x, ids, w)
+            return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu")
+        total = len(self.expert_bits)
+        counts = odp.counters(self.prefix, total)
+        self.calls += 1
+        if self.log_every and self.calls % self.log_every == 0 and self.prefix == min(odp._COUNTERS):
+            logger.info("optimum-mc ODP: %.2f%% of expert evaluations skipped", 100 * odp.odp_stats()["skipped_share"])
+        protect = odp.protected_tokens(x.shape[0], self.protect_first) if self.odp_threshold > 0 else None
+        if expert_map is None and decode and protect is None and w.dtype == torch.float32:
+            return self.plan(x, ids, w, self.odp_threshold, counts)  # the rule and the counts inside the C kernel
+        if self.odp_threshold > 0:
+            drop = drop_mask(w, self.odp_threshold)
+            if protect is not None:
+                drop &= ~protect.unsqueeze(-1)
+            ids, w = apply_drop(ids, w, drop, total)
+        count_routing(counts, ids, None, total)
+        return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu")
+
+    def _local(self, ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+        """Global expert ids (E: dropped) to this rank's (``num_local``: not computed here)."""
+        if expert_map is None:  # all experts local, in global order
+            return ids
+        total = len(self.expert_bits)
+        local = expert_map[ids.long().clamp_max(total - 1)]
+        return torch.where((local < 0) | (ids >= total), torch.full_like(local, self.num_local), local)
