@@ -16,6 +16,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
+from ...config import DECODE_ACTIVATIONS
 from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
 from ...packing import WORD_BITS
 from .linear_method import MCLinearMethod
@@ -47,6 +48,11 @@ class MCVllmConfig(QuantizationConfig):
             raise MCConfigError(
                 f"quantization_config has {len(self.expert_bits)} expert_bits rows for {len(self.moe_layers)} "
                 "moe_layers; they must be aligned (one row per MoE layer)."
+            )
+        self.decode_activations = str(config.get("decode_activations", "auto"))
+        if self.decode_activations not in DECODE_ACTIVATIONS:
+            raise MCConfigError(
+                f"decode_activations {self.decode_activations!r} is not one of {DECODE_ACTIVATIONS}."
             )
         self.odp: ODPSettings | None = None  # resolved in maybe_update_config (it sees hf_overrides)
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % WORD_BITS):

@@ -58,6 +58,7 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.protect_first = config.odp.protect_first if config.odp is not None else 0
         self.log_every = config.odp.log_every if config.odp is not None else 0
         self.calls = 0
+        self.mode = config.decode_activations  # "auto" / "float" / "int8": what the CPU decode GEMVs take
 
     def get_fused_moe_quant_config(self, layer: nn.Module):
         return None
@@ -180,8 +181,8 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         )
         if self.odp_threshold is None:  # ODP off
             if expert_map is None and decode:
-                return self.plan(x, ids, w)
-            return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu")
+                return self.plan(x, ids, w, int8=self.int8(x))
+            return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu", self.mode)
         total = len(self.expert_bits)
         counts = odp.counters(self.prefix, total)
         self.calls += 1
@@ -189,14 +190,19 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
             logger.info("optimum-mc ODP: %.2f%% of expert evaluations skipped", 100 * odp.odp_stats()["skipped_share"])
         protect = odp.protected_tokens(x.shape[0], self.protect_first) if self.odp_threshold > 0 else None
         if expert_map is None and decode and protect is None and w.dtype == torch.float32:
-            return self.plan(x, ids, w, self.odp_threshold, counts)  # the rule and the counts inside the C kernel
+            # the rule and the counts inside the C kernel
+            return self.plan(x, ids, w, self.odp_threshold, counts, int8=self.int8(x))
         if self.odp_threshold > 0:
             drop = drop_mask(w, self.odp_threshold)
             if protect is not None:
                 drop &= ~protect.unsqueeze(-1)
             ids, w = apply_drop(ids, w, drop, total)
         count_routing(counts, ids, None, total)
-        return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu")
+        return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu", self.mode)
+
+    def int8(self, x: torch.Tensor) -> bool:
+        """Whether the decode kernel rounds its GEMV inputs to int8 (``decode_activations``, as in transformers)."""
+        return cpu.int8_decode(self.mode, x.dtype)
 
     def _local(self, ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
         """Global expert ids (E: dropped) to this rank's (``num_local``: not computed here)."""
