@@ -21,7 +21,7 @@ from .weights import EXPERT_NAME, PackedExpert, allow_amx, check_tensor, packed_
 if TYPE_CHECKING:
     from .config import MCVllmConfig
 
-logger = logging.getLogger("optimum_mc")
+logger = logging.getLogger("vllm.optimum_mc")  # under vLLM's logger: its handler prints it
 
 
 class MCFusedMoEMethod(FusedMoEMethodBase):

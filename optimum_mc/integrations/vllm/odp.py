@@ -18,12 +18,11 @@ receive the most attention; vLLM does not expose attention scores, so the substi
 
 Statistics: every MoE layer counts routed slots while ODP is on; :func:`odp_stats` reads them in the process that runs
 the model (offline with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and the first MoE layer logs the share of skipped
-expert evaluations every ``OPTIMUM_MC_ODP_LOG_EVERY`` forward passes (default 0: never) on logger ``optimum_mc``.
+expert evaluations every ``OPTIMUM_MC_ODP_LOG_EVERY`` forward passes (default 0: never) on logger ``vllm.optimum_mc``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -32,7 +31,6 @@ import torch
 from ...errors import MCConfigError
 
 DEFAULT_PROTECT_FIRST = 0
-logger = logging.getLogger("optimum_mc")
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
