@@ -360,8 +360,11 @@ def part_speed(work: Path, args) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     flt, mc = speed_models(work)
-    servers = {"float": Server(flt, "float", work, "bfloat16"), "mc": Server(mc, "mc", work, "bfloat16")}
-    if args.speed_odp:
+    servers = {}
+    if "float" in args.speed_servers:
+        servers["float"] = Server(flt, "float", work, "bfloat16")
+    servers["mc"] = Server(mc, "mc", work, "bfloat16")
+    if "mc_odp" in args.speed_servers:
         servers["mc_odp"] = Server(mc, "mc_odp", work, "bfloat16", env={"OPTIMUM_MC_ODP_LOG_EVERY": "100"},
                                    extra=["--hf-overrides", '{"mc_odp": true}'])  # fmt: skip
     import random
@@ -382,12 +385,14 @@ def part_speed(work: Path, args) -> dict:
                 c = clients[k]
                 one = stream(c, k, short, args.new_tokens)
                 rows[k]["c1_tok_s"].append((one["chunks"] - 1) / one["decode_s"])
+                if args.c1_only:
+                    continue
                 t0 = time.perf_counter()
                 reqs = [[(t + i) % 4096 for t in short] for i in range(16)]
                 with ThreadPoolExecutor(16) as pool:
                     outs = list(pool.map(stream, [c] * 16, [k] * 16, reqs, [args.new_tokens] * 16))
                 rows[k]["c16_tok_s"].append(sum(o["chunks"] for o in outs) / (time.perf_counter() - t0))
-                if k != "mc_odp":
+                if k != "mc_odp":  # ODP does not change prefill's cost much: not timed
                     rows[k]["ttft512_s"].append(stream(c, k, [(t + r) % 4096 for t in long_prompt], 1)["ttft"])
             log(f"speed round {r}: " + json.dumps({k: {m: v[-1] for m, v in d.items() if v} for k, d in rows.items()})
                 + f" load {load_avg()}")  # fmt: skip
@@ -396,16 +401,17 @@ def part_speed(work: Path, args) -> dict:
             s.stop()
     med = {k: {m: statistics.median(v) for m, v in d.items() if v} for k, d in rows.items()}
     res = {"shape": SPEED_SHAPE, "rounds": args.rounds, "new_tokens": args.new_tokens, "per_round": rows,
-           "median": med, "load_end": load_avg(),
-           "mc_vs_float": {"c1_tok_s": med["mc"]["c1_tok_s"] / med["float"]["c1_tok_s"],
-                           "c16_tok_s": med["mc"]["c16_tok_s"] / med["float"]["c16_tok_s"],
-                           "ttft512": med["mc"]["ttft512_s"] / med["float"]["ttft512_s"]}}  # fmt: skip
+           "median": med, "load_end": load_avg()}  # fmt: skip
+    if "float" in med:
+        res["mc_vs_float"] = {m: med["mc"][m] / med["float"][m] for m in med["float"] if m in med["mc"]}
     if "mc_odp" in med:
-        res["odp_on_vs_off_c1"] = med["mc_odp"]["c1_tok_s"] / med["mc"]["c1_tok_s"]
-        res["odp_on_vs_off_c16"] = med["mc_odp"]["c16_tok_s"] / med["mc"]["c16_tok_s"]
+        res["odp_on_vs_off"] = {m: med["mc_odp"][m] / med["mc"][m] for m in med["mc_odp"]}
+        # paired per round (the two servers measured back to back), robust to the machine's load drifting
+        pairs = [a / b for a, b in zip(rows["mc_odp"]["c1_tok_s"], rows["mc"]["c1_tok_s"])]
+        res["odp_on_vs_off_c1_paired"] = {"median": statistics.median(pairs), "per_round": pairs}
         logged = [ln for ln in servers["mc_odp"].log_path.read_text().splitlines() if "optimum-mc ODP" in ln]
         res["odp_server_log_last"] = logged[-1].split("optimum-mc ODP: ")[-1] if logged else None
-    log(f"speed: {json.dumps(res['median'])} ratios {json.dumps(res['mc_vs_float'])}")
+    log(f"speed: {json.dumps(res['median'])} ratios {json.dumps(res.get('mc_vs_float'))}")
     return res
 
 
@@ -424,7 +430,8 @@ def main(argv=None) -> int:
     p.add_argument("--protect-first", default="0,4", help="vLLM ODP protections to measure (first N positions)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per speed request")
-    p.add_argument("--no-speed-odp", dest="speed_odp", action="store_false")
+    p.add_argument("--speed-servers", default="float,mc,mc_odp", help="speed: which of float,mc,mc_odp (mc always)")
+    p.add_argument("--c1-only", action="store_true", help="speed: concurrency 1 only (e.g. ODP on vs off)")
     args = p.parse_args(argv)
     if args.engine_job:
         engine_job(args.engine_job)
