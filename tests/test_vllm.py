@@ -240,7 +240,8 @@ def test_tensor_parallel_that_splits_a_group_is_refused_naming_working_sizes():
     import torch
 
     from optimum_mc.errors import MCConfigError
-    from optimum_mc.integrations.vllm.config import MCLinearMethod, MCVllmConfig
+    from optimum_mc.integrations.vllm.config import MCVllmConfig
+    from optimum_mc.integrations.vllm.linear_method import MCLinearMethod
 
     cfg = MCVllmConfig({"quant_method": "mc", "group_size": 64, "moe_layers": [], "expert_bits": []})
     method = MCLinearMethod(cfg, 4, "model.layers.0.self_attn.o_proj")
@@ -256,7 +257,8 @@ def test_tensor_parallel_that_splits_an_experts_group_is_refused():
     from vllm.model_executor.layers.fused_moe import MoEActivation
 
     from optimum_mc.errors import MCConfigError
-    from optimum_mc.integrations.vllm.config import MCFusedMoEMethod, MCVllmConfig
+    from optimum_mc.integrations.vllm.config import MCVllmConfig
+    from optimum_mc.integrations.vllm.moe_method import MCFusedMoEMethod
 
     cfg = MCVllmConfig({"quant_method": "mc", "group_size": 64, "moe_layers": [0], "expert_bits": [[2, 3, 2, 3]]})
     moe = SimpleNamespace(activation=MoEActivation.SILU, is_act_and_mul=True, intermediate_size=128, num_experts=4)
@@ -265,6 +267,154 @@ def test_tensor_parallel_that_splits_an_experts_group_is_refused():
     method = MCFusedMoEMethod(cfg, moe, cfg.expert_bits_for(prefix), prefix)
     with pytest.raises(MCConfigError, match=r"tensor parallel size 4 .* sizes that work: \[1, 2\] \(or enable expert"):
         method.create_weights(layer, 4, 64, 32, torch.float32, global_num_experts=4)
+
+
+# --- online dynamic pruning ---
+
+# One in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process runs the model and ODP's counters are
+# readable) with MCFusedMoEMethod.apply wrapped: every ODP call is compared with the same call with ODP off and with
+# optimum_mc::moe on the routing that pruning.rule computes from the same router weights (and protection).
+ODP_SCRIPT = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+if __name__ == "__main__":
+    import torch
+    from vllm import LLM, SamplingParams
+    from optimum_mc.integrations.vllm import moe_method, odp
+    from optimum_mc.kernels import moe_op
+    from optimum_mc.pruning.rule import apply_drop, drop_mask
+
+    model, out, prompts, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    check = {"dropped_slots": 0, "slots": 0, "max_diff_kept": 0.0, "max_diff_dropped": 0.0, "tokens_dropped": 0}
+    original = moe_method.MCFusedMoEMethod.apply
+
+    def apply(self, layer, x, topk_weights, topk_ids, *a, **k):
+        y = original(self, layer, x, topk_weights, topk_ids, *a, **k)
+        thr = self.odp_threshold
+        if thr is None or layer.expert_map is not None:
+            return y
+        self.odp_threshold = None
+        try:
+            y_off = original(self, layer, x, topk_weights, topk_ids, *a, **k)
+        finally:
+            self.odp_threshold = thr
+        drop = drop_mask(topk_weights, thr) if thr > 0 else torch.zeros_like(topk_ids, dtype=torch.bool)
+        protect = odp.protected_tokens(x.shape[0], self.protect_first)
+        if protect is not None:
+            drop &= ~protect.unsqueeze(-1)
+        ids, w = apply_drop(topk_ids, topk_weights, drop, len(self.expert_bits))
+        y_ref = moe_op(x, ids, w, *self.lists, self.op_bits, "silu")
+        hit = drop.any(-1)
+        check["slots"] += topk_ids.numel()
+        check["dropped_slots"] += int(drop.sum())
+        check["tokens_dropped"] += int(hit.sum())
+        if (~hit).any():
+            check["max_diff_kept"] = max(check["max_diff_kept"], float((y - y_off)[~hit].abs().max()))
+        check["max_diff_dropped"] = max(check["max_diff_dropped"], float((y - y_ref).abs().max()))
+        return y
+
+    moe_method.MCFusedMoEMethod.apply = apply
+    llm = LLM(model=model, dtype="float32", max_model_len=256, gpu_memory_utilization=0.25, enforce_eager=True,
+              **extra)
+    odp.reset_odp_stats()
+    for key in check:
+        check[key] = 0
+    params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0, logprobs=0)
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    rows = []
+    for p, r in zip(prompts, res):
+        lp = [None] + [d[t].logprob for t, d in zip(p[1:], r.prompt_logprobs[1:])]
+        rows.append({"tokens": list(r.outputs[0].token_ids), "prompt_logprobs": lp})
+    json.dump({"rows": rows, "stats": odp.odp_stats(), "check": check}, open(out, "w"))
+"""
+
+
+def run_odp(model, tmp_path, prompts, extra, env=None):
+    script, out = tmp_path / "odp.py", tmp_path / "odp.json"
+    script.write_text(ODP_SCRIPT, encoding="utf-8")
+    argv = [sys.executable, str(script), str(model), str(out), json.dumps(prompts), json.dumps(extra)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=ENGINE_TIMEOUT, env={**ENV, **(env or {})},
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@needs_vllm
+@pytest.mark.parametrize(
+    "extra,env",
+    [({"hf_overrides": {"mc_odp": True}}, None), ({}, {"OPTIMUM_MC_ODP": "1", "OPTIMUM_MC_ODP_PROTECT_FIRST": "3"})],
+    ids=["hf_overrides", "env-protect-first-3"],
+)
+def test_odp_drops_exactly_what_the_rule_drops(mc_dir, tmp_path, extra, env):
+    """Outputs with ODP on equal ODP off for tokens that drop nothing and the op on the rule's routing for those that
+    drop (fp32); the skipped share the plugin counts equals the rule's on the same router weights."""
+    got = run_odp(mc_dir, tmp_path, PROMPTS, extra, env)
+    check, stats = got["check"], got["stats"]
+    assert check["dropped_slots"] > 0 and stats["dropped"] == check["dropped_slots"]
+    assert stats["evaluated"] + stats["dropped"] == check["slots"]
+    assert stats["skipped_share"] == pytest.approx(check["dropped_slots"] / check["slots"], abs=1e-12)
+    assert check["max_diff_kept"] < 1e-5 and check["max_diff_dropped"] < 1e-5, check
+
+
+@needs_vllm
+def test_odp_protect_first_keeps_the_first_positions(mc_dir, tmp_path):
+    """Protecting every position (more than the longest prompt + generated tokens) drops nothing."""
+    got = run_odp(mc_dir, tmp_path, PROMPTS, {"hf_overrides": {"mc_odp": True, "mc_odp_protect_first": 64}})
+    assert got["stats"]["dropped"] == 0 and got["stats"]["evaluated"] == got["check"]["slots"] > 0
+
+
+@needs_vllm
+def test_odp_matches_transformers_odp_without_protection(mc_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_mc
+
+    got = run_odp(mc_dir, tmp_path, PROMPTS, {"hf_overrides": {"mc_odp": True}})["rows"]
+    model = AutoModelForCausalLM.from_pretrained(mc_dir, dtype=torch.float32).eval()
+    optimum_mc.set_odp(model, True, protect_ratio=0.0)  # the checkpoint's thresholds and layers, as vLLM uses them
+    want, plain = [], reference(mc_dir, PROMPTS)
+    with torch.no_grad():
+        for p in PROMPTS:
+            lp = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1)
+            want.append([lp[i - 1, p[i]].item() for i in range(1, len(p))])
+    diffs = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g["prompt_logprobs"][1:], w)]
+    assert max(diffs) < 1e-4, max(diffs)
+    moved = [abs(a - b) for g, w in zip(got, plain)
+             for a, b in zip(g["prompt_logprobs"][1:], w["prompt_logprobs"][1:])]
+    assert max(moved) > 1e-3  # ODP changed the model's outputs (it dropped experts), and transformers' the same way
+
+
+def test_odp_switch_resolution(monkeypatch):
+    """hf_overrides (mc_odp) before the environment (OPTIMUM_MC_ODP) before the checkpoint's odp; thresholds from
+    odp_thresholds (or the odp_threshold override) in the layers odp_layers selects; no thresholds: a clear error."""
+    from types import SimpleNamespace
+
+    from optimum_mc.errors import MCConfigError
+    from optimum_mc.integrations.vllm.odp import resolve
+
+    raw = {"odp": False, "odp_thresholds": [0.5, 0.6, 0.7, 0.8], "odp_layer_scores": [0.4, 0.1, 0.3, 0.2],
+           "odp_layers": 2}  # fmt: skip
+    moe = [0, 1, 2, 3]
+    monkeypatch.delenv("OPTIMUM_MC_ODP", raising=False)
+    monkeypatch.delenv("OPTIMUM_MC_ODP_PROTECT_FIRST", raising=False)
+    assert not resolve(raw, moe).enabled
+    on = resolve(raw, moe, SimpleNamespace(mc_odp=True))
+    assert on.enabled and on.thresholds == {0: 0.0, 1: 0.6, 2: 0.0, 3: 0.8} and on.protect_first == 0
+    monkeypatch.setenv("OPTIMUM_MC_ODP", "1")
+    assert resolve(raw, moe).enabled and not resolve(raw, moe, SimpleNamespace(mc_odp=False)).enabled
+    monkeypatch.setenv("OPTIMUM_MC_ODP_PROTECT_FIRST", "4")
+    assert resolve(raw, moe).protect_first == 4
+    assert resolve(raw, moe, SimpleNamespace(mc_odp_protect_first=1)).protect_first == 1
+    fixed = resolve({**raw, "odp_threshold": 0.3, "odp_layers": [2]}, moe)
+    assert fixed.thresholds == {0: 0.0, 1: 0.0, 2: 0.3, 3: 0.0}
+    monkeypatch.delenv("OPTIMUM_MC_ODP")
+    assert resolve({**raw, "odp": True}, moe).enabled
+    with pytest.raises(MCConfigError, match="no odp_thresholds"):
+        resolve({"odp": True}, moe)
+    with pytest.raises(MCConfigError, match="OPTIMUM_MC_ODP must be true or false"):
+        monkeypatch.setenv("OPTIMUM_MC_ODP", "maybe")
+        resolve(raw, moe)
 
 
 # --- OpenAI-compatible server ---

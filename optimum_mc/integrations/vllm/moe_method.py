@@ -1,0 +1,213 @@
+"""vLLM fused-MoE method of the ``"mc"`` quantization: per-expert packed matrices, ``optimum_mc::moe``."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+
+from ... import bitwidths
+from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
+from ...kernels import check_experts, cpu, moe_op
+from ...kernels.eager import plain_eager
+from ...kernels.moe_cpu import DecodePlan
+from ...pruning.rule import apply_drop, count_routing, drop_mask
+from . import odp
+from .weights import EXPERT_NAME, PackedExpert, allow_amx, check_tensor, packed_shape, working_tp_sizes
+
+if TYPE_CHECKING:
+    from .config import MCVllmConfig
+
+logger = logging.getLogger("vllm.optimum_mc")  # under vLLM's logger: its handler prints it
+
+
+class MCFusedMoEMethod(FusedMoEMethodBase):
+    """A MoE layer of per-expert packed matrices, each at its expert's own width (never padded to the widest).
+
+    Parameters live on the RoutedExperts layer as ``packed.<e>.gate_up.{qweight,scales,zeros}`` and
+    ``packed.<e>.down.{...}``, the checkpoint's own names, for the experts of this rank (all of them without expert
+    parallelism). Tensor parallelism splits each expert's intermediate dimension (gate and up rows, down's input
+    columns) at quantization-group boundaries; vLLM all-reduces the partial outputs as for its own MoE methods.
+
+    Loading: vLLM's ``RoutedExperts.load_weights`` maps checkpoint names through ``expert_params_mapping``
+    (``experts.<e>.w1/w2/w3`` or ``gate_up_proj``) onto one stacked ``w13_*`` / ``w2_*`` parameter of shape
+    ``(E, ...)``, which presumes every expert has the same shape. MC experts differ in size, so that route would
+    need a fake stacked parameter and every packed name rewritten into it. Instead this method gives the layer its
+    own ``load_weights`` (an instance attribute set in :meth:`create_weights`): ``MoERunner.load_weights`` hands the
+    layer every tensor under ``...experts.`` with the names exactly as saved, and ours checks and copies them
+    (this rank's experts, this rank's slice). Nothing else in vLLM is changed; the parameters stay ordinary
+    parameters, so vLLM's own "weights not initialized from checkpoint" check reports a missing tensor.
+
+    Routing is vLLM's (the layer's router: softmax / sigmoid, grouped top-k, renormalization, bias correction all as
+    vLLM computes them for the model); ``apply`` then runs ``optimum_mc::moe`` over the packed lists. With online
+    dynamic pruning on (:mod:`.odp`), ``apply`` first drops the slots ODP's rule drops (index E: not computed); CPU
+    decode steps (a few tokens) run the whole layer, rule included, in one call of the fused C kernel through a
+    :class:`~optimum_mc.kernels.moe_cpu.DecodePlan` built once at load, as transformers' ``MCExperts`` does.
+    """
+
+    def __init__(self, config: MCVllmConfig, moe, expert_bits: list, prefix: str) -> None:
+        super().__init__(moe)
+        self.config, self.prefix = config, prefix
+        self.expert_bits = [bitwidths.split(b) for b in expert_bits]
+        self.local_ids: list[int] = []  # global ids of this rank's experts, in local order
+        self.loaded: set[str] = set()  # names load_packed copied in
+        self.odp_threshold = config.odp_threshold_for(prefix)  # None: ODP off; 0.0: on, not active in this layer
+        self.protect_first = config.odp.protect_first if config.odp is not None else 0
+        self.log_every = config.odp.log_every if config.odp is not None else 0
+        self.calls = 0
+        self.mode = config.decode_activations  # "auto" / "float" / "int8": what the CPU decode GEMVs take
+
+    def get_fused_moe_quant_config(self, layer: nn.Module):
+        return None
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs) -> None:  # fmt: skip
+        moe = layer.moe_config
+        total = int(extra_weight_attrs.get("global_num_experts", moe.num_experts))
+        if len(self.expert_bits) != total:
+            raise CheckpointError(
+                f"{self.prefix}: the model has {total} experts here, quantization_config's expert_bits has "
+                f"{len(self.expert_bits)}; the checkpoint does not match the model."
+            )
+        if moe.activation.value != "silu" or not moe.is_act_and_mul:
+            raise UnsupportedArchitectureError(
+                f"{self.prefix}: MoE activation {moe.activation.value!r}; the vLLM plugin serves gated SiLU experts."
+            )
+        if layer.apply_router_weight_on_input:
+            raise UnsupportedArchitectureError(f"{self.prefix}: router weights applied on the input not supported.")
+        group = self.config.group_size
+        inter_full, inter = moe.intermediate_size, intermediate_size_per_partition
+        if inter != inter_full and (group <= 0 or inter % group):
+            tp = inter_full // inter
+            raise MCConfigError(
+                f"{self.prefix}: tensor parallel size {tp} splits each expert's {inter_full} intermediate columns "
+                f"into {inter}-column shards, which cuts through quantization groups of "
+                f"{'a whole row' if group <= 0 else group}; tensor parallel sizes that work: "
+                f"{working_tp_sizes(inter_full, group)} (or enable expert parallelism, which keeps experts whole)."
+            )
+        self.hidden, self.inter, self.inter_full = hidden_size, inter, inter_full
+        self.tp_rank, self.tp_size = moe.moe_parallel_config.tp_rank, moe.moe_parallel_config.tp_size
+        self.group = hidden_size if group <= 0 else group
+        self.inter_group = inter_full if group <= 0 else group
+        local = {}
+        for e in range(total):
+            slot = int(layer._map_global_expert_id_to_local_expert_id(e))
+            if slot >= 0:
+                local[slot] = e
+        self.local_ids = [local[s] for s in sorted(local)]
+        if len(self.local_ids) != num_experts:
+            raise MCConfigError(f"{self.prefix}: {num_experts} local experts expected, found {len(self.local_ids)}.")
+        layer.packed = nn.ModuleDict({
+            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group)
+            for e in self.local_ids
+        })  # fmt: skip
+        method = self
+
+        def load_weights(weights):
+            return method.load_packed(layer, weights)
+
+        layer.load_weights = load_weights  # see the class docstring
+
+    def load_packed(self, layer: nn.Module, weights):
+        """Copy the checkpoint's ``packed.<e>.<proj>.<tensor>`` tensors (names relative to the layer) in; yield the
+        names loaded."""
+        total = len(self.expert_bits)
+        for name, w in weights:
+            m = EXPERT_NAME.fullmatch(name)
+            if m is None:
+                raise CheckpointError(
+                    f"{self.prefix}.{name}: not an MC expert tensor (expected packed.<e>.gate_up|down."
+                    "qweight|scales|zeros); the checkpoint's MoE layers are not in MC's packed format."
+                )
+            e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+            if e >= total:
+                raise CheckpointError(f"{self.prefix}.{name}: expert {e}, but the layer has {total} experts.")
+            if str(e) not in layer.packed:
+                continue  # another rank's expert (expert parallelism)
+            gu_bits, dn_bits = self.expert_bits[e]
+            if proj == "gate_up":
+                bits, full = gu_bits, packed_shape(2 * self.inter_full, self.hidden, gu_bits, self.group)
+            else:
+                bits, full = dn_bits, packed_shape(self.hidden, self.inter_full, dn_bits, self.inter_group)
+            check_tensor(f"{self.prefix}.packed.{e}.{proj}", kind, w, full[0 if kind == "qweight" else 1], bits)
+            if self.tp_size > 1:
+                r, n = self.tp_rank, self.inter
+                if proj == "gate_up":  # gate rows then up rows: this rank's slice of each
+                    w = torch.cat([w[r * n:(r + 1) * n], w[self.inter_full + r * n:self.inter_full + (r + 1) * n]])
+                else:  # input columns: words and groups of this rank's slice (whole groups, so whole words)
+                    cols = w.shape[1] // self.tp_size
+                    w = w[:, r * cols:(r + 1) * cols]
+            param = getattr(getattr(layer.packed[str(e)], proj), kind)
+            param.data.copy_(w)
+            self.loaded.add(name)
+            yield name
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        allow_amx()
+        # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
+        missing = sorted(n for n, _ in layer.packed.named_parameters(prefix="packed") if n not in self.loaded)
+        if missing:
+            more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            raise CheckpointError(
+                f"{self.prefix}: {', '.join(missing[:6])}{more} not in the checkpoint; the checkpoint is incomplete "
+                "or does not match its config."
+            )
+        experts = [layer.packed[str(e)] for e in self.local_ids]
+        gate_up = [(x.gate_up.qweight, x.gate_up.scales, x.gate_up.zeros) for x in experts]
+        down = [(x.down.qweight, x.down.scales, x.down.zeros) for x in experts]
+        self.op_bits = bitwidths.op_bits([bitwidths.join(*self.expert_bits[e]) for e in self.local_ids])
+        check_experts(gate_up, down, self.op_bits)
+        self.lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
+        self.num_local = len(experts)
+        self.plan = None
+        if all(t.device.type == "cpu" for t in self.lists[0]):
+            plan = DecodePlan(tuple(self.lists), self.op_bits, "silu")
+            self.plan = plan if plan.ok else None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:  # fmt: skip
+        ids, w = topk_ids, topk_weights
+        expert_map = layer.expert_map
+        decode = (
+            self.plan is not None
+            and x.dim() == 2
+            and x.shape[0] <= cpu.GEMV_MAX_ROWS
+            and x.device.type == "cpu"
+            and plain_eager(x)
+        )
+        if self.odp_threshold is None:  # ODP off
+            if expert_map is None and decode:
+                return self.plan(x, ids, w, int8=self.int8(x))
+            return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu", self.mode)
+        total = len(self.expert_bits)
+        counts = odp.counters(self.prefix, total)
+        self.calls += 1
+        if self.log_every and self.calls % self.log_every == 0 and self.prefix == min(odp._COUNTERS):
+            logger.info("optimum-mc ODP: %.2f%% of expert evaluations skipped", 100 * odp.odp_stats()["skipped_share"])
+        protect = odp.protected_tokens(x.shape[0], self.protect_first) if self.odp_threshold > 0 else None
+        if expert_map is None and decode and protect is None and w.dtype == torch.float32:
+            # the rule and the counts inside the C kernel
+            return self.plan(x, ids, w, self.odp_threshold, counts, int8=self.int8(x))
+        if self.odp_threshold > 0:
+            drop = drop_mask(w, self.odp_threshold)
+            if protect is not None:
+                drop &= ~protect.unsqueeze(-1)
+            ids, w = apply_drop(ids, w, drop, total)
+        count_routing(counts, ids, None, total)
+        return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu", self.mode)
+
+    def int8(self, x: torch.Tensor) -> bool:
+        """Whether the decode kernel rounds its GEMV inputs to int8 (``decode_activations``, as in transformers)."""
+        return cpu.int8_decode(self.mode, x.dtype)
+
+    def _local(self, ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+        """Global expert ids (E: dropped) to this rank's (``num_local``: not computed here)."""
+        if expert_map is None:  # all experts local, in global order
+            return ids
+        total = len(self.expert_bits)
+        local = expert_map[ids.long().clamp_max(total - 1)]
+        return torch.where((local < 0) | (ids >= total), torch.full_like(local, self.num_local), local)
