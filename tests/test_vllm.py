@@ -365,24 +365,47 @@ def test_odp_protect_first_keeps_the_first_positions(mc_dir, tmp_path):
 
 @needs_vllm
 def test_odp_matches_transformers_odp_without_protection(mc_dir, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import optimum_mc
-
     got = run_odp(mc_dir, tmp_path, PROMPTS, {"hf_overrides": {"mc_odp": True}})["rows"]
-    model = AutoModelForCausalLM.from_pretrained(mc_dir, dtype=torch.float32).eval()
-    optimum_mc.set_odp(model, True, protect_ratio=0.0)  # the checkpoint's thresholds and layers, as vLLM uses them
-    want, plain = [], reference(mc_dir, PROMPTS)
-    with torch.no_grad():
-        for p in PROMPTS:
-            lp = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1)
-            want.append([lp[i - 1, p[i]].item() for i in range(1, len(p))])
+    want, plain = _transformers_odp_logprobs(mc_dir, PROMPTS), reference(mc_dir, PROMPTS)
     diffs = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g["prompt_logprobs"][1:], w)]
     assert max(diffs) < 1e-4, max(diffs)
     moved = [abs(a - b) for g, w in zip(got, plain)
              for a, b in zip(g["prompt_logprobs"][1:], w["prompt_logprobs"][1:])]
     assert max(moved) > 1e-3  # ODP changed the model's outputs (it dropped experts), and transformers' the same way
+
+
+def _transformers_odp_logprobs(model_dir, prompts):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_mc
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    optimum_mc.set_odp(model, True, protect_ratio=0.0)  # the checkpoint's thresholds and layers, as vLLM uses them
+    rows = []
+    with torch.no_grad():
+        for p in prompts:
+            lp = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1)
+            rows.append([lp[i - 1, p[i]].item() for i in range(1, len(p))])
+    return rows
+
+
+@needs_vllm
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")
+@pytest.mark.parametrize(
+    "extra",
+    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
+    ids=["tp2", "ep2"],
+)
+def test_odp_with_tensor_and_expert_parallel_matches_transformers(mc_dir, tmp_path, monkeypatch, extra):
+    """ODP under TP=2 (every rank applies the rule to the same routing) and EP=2 (the rule on global ids, then the
+    other rank's experts dropped): prompt logprobs as transformers' ODP without protection."""
+    monkeypatch.setitem(ENV, "VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1"))
+    proc, got = run_offline(mc_dir, tmp_path, PROMPTS, extra={**extra, "hf_overrides": {"mc_odp": True}})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want = _transformers_odp_logprobs(mc_dir, PROMPTS)
+    diffs = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g["prompt_logprobs"][1:], w)]
+    assert max(diffs) < 1e-4, max(diffs)
 
 
 def test_odp_switch_resolution(monkeypatch):
