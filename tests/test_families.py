@@ -1,0 +1,114 @@
+"""Every MoE text family of the installed transformers, end to end on a tiny random model.
+
+The family list is generated from transformers (``optimum_mc.tools.families.moe_model_types``), so a newer
+transformers adds its families here by itself. Per family: quantize with ``MCConfig(bits=2.5)``, save, reload
+(logits equal), generate, ODP where top-k >= 2. Families that cannot pass yet are strict xfails with the reason;
+none is skipped silently. ``scripts/support_matrix.py`` runs the same check and writes docs/support.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from optimum_mc.architectures import discover, moe_blocks
+from optimum_mc.errors import UnsupportedArchitectureError
+from optimum_mc.tools.families import check_family, moe_model_types, tiny_config, tiny_model
+
+# why a family does not pass yet (strict: a family that starts passing must be moved out of here)
+XFAIL: dict[str, str] = {}
+
+FAMILIES = moe_model_types()
+
+
+def _instantiates(model_type: str) -> str | None:
+    try:
+        tiny_config(model_type)
+    except Exception as exc:  # recorded below as a strict xfail with the reason
+        return f"tiny config does not build: {type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def _params():
+    out = []
+    for mt in FAMILIES:
+        reason = XFAIL.get(mt) or _instantiates(mt)
+        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+        out.append(pytest.param(mt, marks=marks, id=mt))
+    return out
+
+
+def test_family_list_is_generated():
+    assert len(FAMILIES) >= 30
+    for mt in ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "qwen3_next", "minimax_m2"):
+        assert mt in FAMILIES
+
+
+@pytest.mark.parametrize("model_type", _params())
+def test_family_end_to_end(model_type, tmp_path):
+    res = check_family(model_type, str(tmp_path))
+    assert res["status"] == "pass"
+
+
+# ---------------------------------------------------------------- structural checks name what failed
+
+
+def test_dense_model_names_the_check():
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    with pytest.raises(UnsupportedArchitectureError, match=r"no MoE layers.*check: MoE block"):
+        discover(model)
+
+
+def test_discovery_reads_routing():
+    arch = discover(tiny_model("glm4_moe"))
+    assert (arch.block_attr, arch.router_attr, arch.experts_attr) == ("mlp", "gate", "experts")
+    assert arch.shared_expert_attrs == ("shared_experts",) and arch.score_fn == "sigmoid"
+    model = tiny_model("qwen2_moe")
+    arch = discover(model)
+    assert arch.shared_expert_attrs == ("shared_expert",) and arch.score_fn == "softmax"
+    assert [b.layer_idx for b in moe_blocks(model)] == [0, 1]
+
+
+def test_experts_with_bad_shapes_are_named():
+    model = tiny_model("mixtral")
+    ex = model.model.layers[1].mlp.experts
+    ex.down_proj = nn.Parameter(torch.zeros(ex.num_experts, 64, 7))
+    with pytest.raises(UnsupportedArchitectureError, match=r"layers\.1\.mlp\.experts.*\(E, 2I, H\)"):
+        discover(model)
+
+
+def test_inconsistent_expert_counts_are_named():
+    model = tiny_model("mixtral")
+    ex = model.model.layers[1].mlp.experts
+    ex.num_experts = ex.gate_up_proj.shape[0] - 1
+    with pytest.raises(UnsupportedArchitectureError, match=r"layers\.1\.mlp\.experts.*num_experts=7"):
+        discover(model)
+    model = tiny_model("mixtral")
+    ex = model.model.layers[1].mlp.experts
+    ex.gate_up_proj = nn.Parameter(ex.gate_up_proj[:4].clone())
+    ex.down_proj = nn.Parameter(ex.down_proj[:4].clone())
+    ex.num_experts = 4
+    model.model.layers[1].mlp.gate.weight = nn.Parameter(model.model.layers[1].mlp.gate.weight[:4].clone())
+    with pytest.raises(UnsupportedArchitectureError, match=r"different expert counts \[4, 8\]"):
+        discover(model)
+
+
+def test_router_that_is_a_plain_linear_is_named():
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.gate = nn.Linear(64, 8, bias=False)
+    with pytest.raises(UnsupportedArchitectureError, match=r"router `layers\.0\.mlp\.gate` \(Linear\)"):
+        discover(model)
+
+
+def test_missing_router_is_named():
+    model = tiny_model("mixtral")
+    del model.model.layers[0].mlp.gate
+    with pytest.raises(UnsupportedArchitectureError, match=r"MoE block `layers\.0\.mlp`.*check: router"):
+        discover(model)
