@@ -92,7 +92,8 @@ def tiny_config(model_type: str, **overrides):
     base = AutoConfig.for_model(model_type)
     if getattr(base, "sub_configs", None):
         raise NotImplementedError(
-            f"{model_type} is a composite (multimodal) config; its text model type is checked on its own"
+            f"{model_type} nests sub-configs ({', '.join(base.sub_configs)}); tiny sizes are only derived for flat "
+            f"text configs (a multimodal wrapper's text model type is checked on its own)"
         )
     layers0 = getattr(base, "num_hidden_layers", None)
     kw = {k: v for k, v in _SIZES.items() if hasattr(base, k)}
