@@ -7,6 +7,7 @@ types that have a causal-LM class. A newer transformers adds its families here w
 
 from __future__ import annotations
 
+import functools
 import os
 
 _SIZES = dict(
@@ -102,17 +103,26 @@ def tiny_config(model_type: str, **overrides):
         kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
     values = base.to_dict()
     keep = list(range(n or 0))
-    types = values.get("layer_types")
-    if isinstance(types, list) and layers0 and len(types) == layers0 and n:
-        # keep one layer of every kind (a hybrid's linear and full attention), then fill up in order
-        first = [types.index(t) for t in dict.fromkeys(types)]
+    kinds = [
+        v
+        for k, v in sorted(values.items(), key=lambda kv: kv[0] != "layer_types")
+        if (k == "layer_types" or "mlp" in k) and isinstance(v, list) and layers0 and len(v) == layers0
+    ]
+    if kinds and n:
+        # keep one layer of every kind of attention (a hybrid's linear and full attention) and of MLP (dense and
+        # sparse), adding a layer only for a kind the kept ones miss; then fill up in order
+        first: list[int] = []
+        for types in kinds:
+            for t in dict.fromkeys(types):
+                if all(types[i] != t for i in first):
+                    first.append(types.index(t))
         keep = sorted(first + [i for i in range(layers0) if i not in first][: max(0, n - len(first))])
         kw["num_hidden_layers"] = n = len(keep)
     for k, v in values.items():
         if isinstance(v, list) and layers0 and len(v) == layers0 and n != layers0 and k not in kw:
             kw[k] = [v[i] for i in keep]
         elif k.endswith("_layers") and isinstance(v, list) and all(isinstance(x, int) for x in v) and k not in kw:
-            kw[k] = [x for x in v if x < n]
+            kw[k] = [keep.index(x) for x in v if x in keep]  # layer indices follow the kept layers
         elif k.endswith("_layer_period") and isinstance(v, int):
             kw[k] = 2
         elif k.endswith("_layer_offset") and isinstance(v, int):
@@ -134,8 +144,9 @@ CORPUS = [
 ]
 
 
+@functools.lru_cache(maxsize=4)
 def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (offline, deterministic)."""
+    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (offline, deterministic; built once per size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
