@@ -1,11 +1,19 @@
-"""One small record per supported MoE family: where blocks, routers, experts and shared experts live.
+"""Where the MoE parts of a model live, found from the modules themselves (not from a table of family names).
 
-Adding a family = adding a record to ``ARCHITECTURES``. Everything transformers-layout-specific about MoE blocks is
-here, so the math in calibration/, allocation and gptq never looks at model classes.
+transformers' MoE text families share one experts interface: a module with 3-D ``gate_up_proj`` ``(E, 2I, H)`` and
+``down_proj`` ``(E, H, I)`` parameters, ``num_experts``, an ``act_fn``, and ``forward(hidden_states, top_k_index,
+top_k_weights)``. Its parent is the MoE block; the block's child with an ``(E, H)`` weight is the router, which
+returns ``(router_logits, top_k_weights, top_k_index)``; the block's other children holding linear layers are its
+shared experts; decoder layers without an experts module are dense. :func:`discover` finds these in the first MoE
+layer, checks every other layer against it, and reads the routing (softmax / sigmoid scores, top-k) from the router.
+A family added to transformers later works without a code change when it follows the interface; ``EXCEPTIONS``
+names the families that deviate. Everything transformers-layout-specific about MoE blocks is here, so the math in
+calibration/, allocation and gptq never looks at model classes.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,10 +22,12 @@ from torch import nn
 
 from .errors import UnsupportedArchitectureError
 
+EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."
+
 
 @dataclass(frozen=True)
 class MoEArchitecture:
-    """Where the MoE parts of one model family live (attribute names relative to a decoder layer)."""
+    """Where the MoE parts of one model live (attribute paths relative to a decoder layer) and how it routes."""
 
     model_type: str
     block_attr: str = "mlp"
@@ -28,45 +38,52 @@ class MoEArchitecture:
     unsupported_reason: str | None = None
 
 
-ARCHITECTURES: dict[str, MoEArchitecture] = {
-    rec.model_type: rec
-    for rec in (
-        MoEArchitecture("mixtral"),
-        MoEArchitecture("qwen2_moe", shared_expert_attrs=("shared_expert",)),
-        MoEArchitecture("qwen3_moe"),
-        MoEArchitecture("olmoe"),
-        MoEArchitecture("deepseek_v3", shared_expert_attrs=("shared_experts",), score_fn="sigmoid"),
-        MoEArchitecture("phimoe", router_attr="router"),
-        MoEArchitecture("granitemoe", block_attr="block_sparse_moe", router_attr="router"),
-        MoEArchitecture(
-            "gpt_oss",
-            router_attr="router",
-            unsupported_reason=(
-                "gpt-oss stores experts transposed with interleaved gate/up and biases, which MCExperts does not "
-                "implement yet"
-            ),
-        ),
-    )
+# families that deviate from the shared interface (everything else is discovered)
+EXCEPTIONS: dict[str, str] = {
+    "gpt_oss": (
+        "gpt-oss stores experts transposed with interleaved gate/up and biases, which MCExperts does not implement yet"
+    ),
 }
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(k for k, v in ARCHITECTURES.items() if v.unsupported_reason is None)
+
+def _model_type(config) -> str | None:
+    return config if isinstance(config, str) else getattr(config, "model_type", None)
+
+
+def _check_exception(config) -> None:
+    model_type = _model_type(config)
+    reason = EXCEPTIONS.get(model_type)
+    if reason:
+        raise UnsupportedArchitectureError(f"model_type {model_type!r} is not supported: {reason}.")
 
 
 def get_architecture(config) -> MoEArchitecture:
-    """The record for a transformers ``PretrainedConfig`` (or a ``model_type`` string); typed error otherwise."""
-    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
-    rec = ARCHITECTURES.get(model_type)
-    if rec is None:
+    """The MoE layout of a model: discovered from ``config`` (a ``PretrainedConfig``, whose model is built on the
+    meta device) or from a model (``nn.Module``) directly; typed error naming the failed check otherwise."""
+    if isinstance(config, nn.Module):
+        return architecture_of(config)
+    _check_exception(config)
+    if isinstance(config, str):
+        raise UnsupportedArchitectureError(f"the MoE layout of {config!r} is read from its modules: pass a config.")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not a supported Mixture-of-Experts architecture; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-    if rec.unsupported_reason:
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported: {rec.unsupported_reason}. "
-            f"Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-    return rec
+            f"model_type {config.model_type!r} has no causal-LM class to quantize ({exc})."
+        ) from exc
+    return discover(model)
+
+
+def architecture_of(model: nn.Module) -> MoEArchitecture:
+    """:func:`discover` for ``model``, remembered on the model."""
+    arch = model.__dict__.get("_mc_architecture")
+    if arch is None:
+        arch = discover(model)
+        model.__dict__["_mc_architecture"] = arch
+    return arch
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -74,8 +91,177 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedArchitectureError(f"{type(model).__name__} has no decoder layer list at `model.layers`.")
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no decoder layer list at `model.layers` (check: decoder layers)."
+        )
     return layers
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A fused experts module: transformers' float one (3-D ``gate_up_proj``) or an MC-packed one."""
+    if hasattr(module, "packed") and hasattr(module, "num_experts") and hasattr(module, "bits"):
+        return True
+    gu = getattr(module, "gate_up_proj", None)
+    return isinstance(gu, torch.Tensor) and gu.dim() == 3
+
+
+def _find_experts(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in layer.named_modules():
+        if name and is_experts(m) and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, m))
+    return found
+
+
+def _check_experts(name: str, experts: nn.Module, hidden: int | None) -> int:
+    """Structural checks of one experts module; its number of experts."""
+    cls = type(experts).__name__
+    if hasattr(experts, "packed"):
+        return int(experts.num_experts)
+    gu, dn = experts.gate_up_proj, getattr(experts, "down_proj", None)
+    e = getattr(experts, "num_experts", None)
+    if e is None:
+        raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `num_experts` (check: experts).")
+    if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}) has expert biases, which MCExperts does not implement (check: experts)."
+        )
+    if getattr(experts, "is_transposed", False):
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}) stores its weights transposed (gate_up_proj {tuple(gu.shape)}); "
+            f"expected gate_up_proj (E, 2I, H) and down_proj (E, H, I) (check: experts layout)."
+        )
+    if not isinstance(dn, torch.Tensor) or dn.dim() != 3:
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}) has no 3-D down_proj; expected (E, H, I) (check: experts layout)."
+        )
+    ge, two_i, h = gu.shape
+    if int(ge) != int(e) or two_i % 2 or tuple(dn.shape) != (ge, h, two_i // 2) or (hidden and h != hidden):
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}): gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} with "
+            f"num_experts={e} are not the (E, 2I, H) / (E, H, I) layout (check: experts layout)."
+        )
+    params = list(inspect.signature(experts.forward).parameters)
+    if params[:3] != ["hidden_states", "top_k_index", "top_k_weights"]:
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}) takes forward({', '.join(params)}); expected forward(hidden_states, "
+            f"top_k_index, top_k_weights) (check: experts interface)."
+        )
+    if not callable(getattr(experts, "act_fn", None)):
+        raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `act_fn` (check: experts).")
+    return int(e)
+
+
+def _router(
+    block_name: str, block: nn.Module, experts: nn.Module, num_experts: int, hidden: int
+) -> tuple[str, nn.Module]:
+    """The block's child holding an ``(E, H)`` weight (the router; preferred: one with ``top_k``)."""
+    cands = []
+    for name, child in block.named_children():
+        if child is experts:
+            continue
+        if any(p.dim() == 2 and tuple(p.shape) == (num_experts, hidden) for p in child.parameters()):
+            cands.append((name, child))
+    if len(cands) > 1:
+        cands = [c for c in cands if getattr(c[1], "top_k", None) is not None] or cands
+    if len(cands) != 1:
+        what = "no child" if not cands else f"{len(cands)} children ({', '.join(n for n, _ in cands)})"
+        raise UnsupportedArchitectureError(
+            f"MoE block `{block_name}` ({type(block).__name__}) has {what} with a ({num_experts}, {hidden}) weight; "
+            f"expected exactly one router (check: router)."
+        )
+    return cands[0]
+
+
+def _check_router(name: str, router: nn.Module) -> None:
+    if type(router) is nn.Linear or getattr(router, "top_k", None) is None:
+        raise UnsupportedArchitectureError(
+            f"router `{name}` ({type(router).__name__}) returns only logits (no `top_k`); expected a router module "
+            f"returning (router_logits, top_k_weights, top_k_index) (check: router)."
+        )
+
+
+def _score_fn(router: nn.Module) -> str:
+    """``"sigmoid"`` when the router's forward scores experts with a sigmoid, else ``"softmax"``."""
+    try:
+        src = inspect.getsource(type(router).forward)
+    except (OSError, TypeError):
+        return "softmax"
+    return "sigmoid" if "sigmoid" in src and "softmax" not in src else "softmax"
+
+
+def _shared(block: nn.Module, router: nn.Module, experts: nn.Module) -> tuple[str, ...]:
+    """The block's other children that are MLPs (hold two or more linear layers): its shared experts."""
+    out = []
+    for name, child in block.named_children():
+        if child is router or child is experts or isinstance(child, nn.Linear):
+            continue
+        if sum(isinstance(m, nn.Linear) for m in child.modules()) >= 2:
+            out.append(name)
+    return tuple(out)
+
+
+def discover(model: nn.Module) -> MoEArchitecture:
+    """Find the MoE layout of ``model`` from its modules; typed error naming the failed check and module."""
+    config = getattr(model, "config", None)
+    _check_exception(config)
+    model_type = _model_type(config) or type(model).__name__
+    layers = decoder_layers(model)
+    hidden = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
+    arch, counts = None, set()
+    for i, layer in enumerate(layers):
+        found = _find_experts(layer)
+        if not found:
+            continue
+        if len(found) > 1:
+            raise UnsupportedArchitectureError(
+                f"decoder layer {i} has {len(found)} experts modules ({', '.join(n for n, _ in found)}); expected one "
+                f"(check: experts)."
+            )
+        path, experts = found[0]
+        block_attr, _, experts_attr = path.rpartition(".")
+        prefix = f"layers.{i}."
+        e = _check_experts(prefix + path, experts, hidden)
+        counts.add(e)
+        if not block_attr:
+            raise UnsupportedArchitectureError(
+                f"experts module `{prefix + path}` sits directly in the decoder layer; expected an MoE block holding "
+                f"a router and the experts (check: MoE block)."
+            )
+        block = layer.get_submodule(block_attr)
+        router_attr, router = _router(
+            prefix + block_attr,
+            block,
+            experts,
+            e,
+            int(experts.gate_up_proj.shape[-1]) if hasattr(experts, "gate_up_proj") else int(experts.hidden_dim),
+        )
+        if arch is None:
+            _check_router(f"{prefix}{block_attr}.{router_attr}", router)
+            arch = MoEArchitecture(
+                model_type,
+                block_attr=block_attr,
+                router_attr=router_attr,
+                experts_attr=experts_attr,
+                shared_expert_attrs=_shared(block, router, experts),
+                score_fn=_score_fn(router),
+            )
+        elif (block_attr, router_attr, experts_attr) != (arch.block_attr, arch.router_attr, arch.experts_attr):
+            raise UnsupportedArchitectureError(
+                f"decoder layer {i} keeps its MoE parts at {block_attr}.{{{router_attr}, {experts_attr}}}, layer "
+                f"before at {arch.block_attr}.{{{arch.router_attr}, {arch.experts_attr}}} (check: one layout)."
+            )
+    if arch is None:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} (model_type {model_type!r}) has no MoE layers: no decoder layer holds an experts "
+            f"module with 3-D gate_up_proj / down_proj (check: MoE block). MC quantizes Mixture-of-Experts models "
+            f"({EXAMPLES})."
+        )
+    if len(counts) > 1:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: MoE layers have different expert counts {sorted(counts)} (check: experts)."
+        )
+    return arch
 
 
 @dataclass
@@ -99,31 +285,34 @@ class MoEBlock:
 
 def moe_blocks(model: nn.Module, arch: MoEArchitecture | None = None) -> Iterator[MoEBlock]:
     """Yield the MoE block of every decoder layer that has one (dense layers are skipped)."""
-    arch = arch or get_architecture(model.config)
+    arch = arch or architecture_of(model)
     for i, layer in enumerate(decoder_layers(model)):
         blk = moe_block(layer, i, arch)
         if blk is not None:
             yield blk
 
 
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
 def moe_block(layer: nn.Module, layer_idx: int, arch: MoEArchitecture) -> MoEBlock | None:
     """The MoE parts of one decoder layer, or ``None`` for a dense layer."""
-    block = getattr(layer, arch.block_attr, None)
-    if block is None or not hasattr(block, arch.experts_attr):
+    block = _get(layer, arch.block_attr)
+    experts = getattr(block, arch.experts_attr, None) if block is not None else None
+    if experts is None or not is_experts(experts):
         return None
     shared = tuple(getattr(block, a) for a in arch.shared_expert_attrs if getattr(block, a, None) is not None)
-    return MoEBlock(layer_idx, block, getattr(block, arch.router_attr), getattr(block, arch.experts_attr), shared)
+    return MoEBlock(layer_idx, block, getattr(block, arch.router_attr), experts, shared)
 
 
 def require_moe(model: nn.Module) -> MoEArchitecture:
-    """Check that ``model`` is a supported MoE with at least one MoE layer; return its record."""
-    arch = get_architecture(model.config)
-    if next(moe_blocks(model, arch), None) is None:
-        raise UnsupportedArchitectureError(
-            f"{type(model).__name__} has no MoE layers; MC quantizes Mixture-of-Experts models "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)})."
-        )
-    return arch
+    """Check that ``model`` is a supported MoE with at least one MoE layer; return its layout."""
+    return architecture_of(model)
 
 
 def router_probabilities(arch: MoEArchitecture, router_logits: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ float activations, the allocation is solved once, and a second pass quantizes se
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import time
@@ -61,6 +63,26 @@ class LayerFactors:
     methods: list[str] = field(default_factory=list)
 
 
+@functools.cache
+def _class_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+
+
+def _weight_read_directly(layer: nn.Module) -> set[int]:
+    """Linears whose ``.weight`` their parent's code reads itself (``self.weights_proj.weight.dtype``, a fused
+    kernel taking ``self.out_proj.weight``): a quantized linear has no ``weight``, so they stay in float."""
+    out = set()
+    for parent in layer.modules():
+        src = _class_source(type(parent))
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and f"self.{name}.weight" in src:
+                out.add(id(child))
+    return out
+
+
 def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitecture, config: MCConfig) -> dict:
     """The ``nn.Linear`` modules of a decoder layer quantized at ``attn_bits`` (name relative to the layer)."""
     if config.attn_bits is None:
@@ -69,6 +91,7 @@ def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitectu
     if block is not None:
         skip_ids |= {id(m) for m in block.router.modules()} | {id(m) for m in block.experts.modules()}
     skip_names = tuple(config.modules_to_not_convert or ()) + ("shared_expert_gate",)
+    skip_ids |= _weight_read_directly(layer)
     out = {}
     for name, m in layer.named_modules():
         if type(m) is not nn.Linear or id(m) in skip_ids:

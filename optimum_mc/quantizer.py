@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from typing import Any
@@ -87,9 +88,16 @@ def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitect
 
 
 def _float_experts_class(block_module: nn.Module) -> type:
+    """The float experts class of the block's modeling file: the ``*Experts`` module class following the experts
+    interface (``forward(hidden_states, top_k_index, top_k_weights)``; shared-experts MLPs do not)."""
     mod = sys.modules[type(block_module).__module__]
     found = [
-        v for k, v in vars(mod).items() if isinstance(v, type) and k.endswith("Experts") and issubclass(v, nn.Module)
+        v
+        for k, v in vars(mod).items()
+        if isinstance(v, type)
+        and k.endswith("Experts")
+        and issubclass(v, nn.Module)
+        and "top_k_index" in inspect.signature(v.forward).parameters
     ]
     if len(found) != 1:
         raise MCConfigError(

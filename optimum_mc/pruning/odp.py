@@ -109,6 +109,15 @@ class ODPLayerState:
         self.counts.zero_()
 
 
+def attention_module(layer: nn.Module) -> nn.Module | None:
+    """The softmax-attention module of a decoder layer (None for linear-attention / state-space layers)."""
+    for name in ("self_attn", "attention", "self_attention", "attn"):
+        m = getattr(layer, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
 def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(experts, "expert_nbytes"):
         e, h, i = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
@@ -221,10 +230,11 @@ def set_odp(
             blk.router._mc_odp = st
         st.threshold, st.protect_ratio, st.enabled = t, float(protect_ratio), blk.layer_idx in active
         st.experts = blk.experts if hasattr(blk.experts, "forward_with_odp") else None
-        attn_mod = layer_list[blk.layer_idx].self_attn
-        attn_mod._mc_odp_state = st
-        attn.append(attn_mod)
-    install_attention(model, [layer.self_attn for layer in layer_list])
+        attn_mod = attention_module(layer_list[blk.layer_idx])
+        if attn_mod is not None:  # a linear-attention (hybrid) layer: ODP without token protection
+            attn_mod._mc_odp_state = st
+            attn.append(attn_mod)
+    install_attention(model, [m for m in map(attention_module, layer_list) if m is not None])
     _eager_experts(model)
     return sorted(active)
 

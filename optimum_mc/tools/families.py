@@ -1,0 +1,257 @@
+"""The MoE text families of the installed transformers, and tiny random configs of each (tests, support matrix).
+
+The family list is generated from transformers itself: every ``models/<name>/modeling_*.py`` whose experts follow
+the shared experts interface (``forward(hidden_states, top_k_index, top_k_weights)``), mapped to the config model
+types that have a causal-LM class. A newer transformers adds its families here without a code change.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+_SIZES = dict(
+    vocab_size=320,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    expert_intermediate_size=32,
+    ffn_hidden_size=64,
+    max_position_embeddings=256,
+    num_experts=8,
+    num_local_experts=8,
+    n_routed_experts=8,
+    moe_num_experts=8,
+    num_experts_per_tok=2,
+    moe_topk=2,
+    moe_k=2,
+    n_shared_experts=1,
+    num_shared_experts=1,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    qk_head_dim=32,
+    v_head_dim=16,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    tie_word_embeddings=False,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    sliding_window=64,
+    num_dense_layers=1,
+    index_num_heads=2,
+    index_n_heads=2,
+    index_head_dim=16,
+)
+# families whose defaults cannot be derived from the generic rules above
+_EXCEPTIONS = {
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "zaya": dict(num_experts_per_tok=1),
+}
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def moe_model_types() -> list[str]:
+    """Config model types of the installed transformers whose causal LM uses the shared MoE experts interface."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    root = os.path.join(os.path.dirname(transformers.__file__), "models")
+    modules = set()
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
+        for f in os.listdir(folder):
+            if f.startswith("modeling_") and f.endswith(".py"):
+                with open(os.path.join(folder, f), encoding="utf-8") as fh:
+                    if "top_k_index" in fh.read():
+                        modules.add(name)
+    return [
+        mt
+        for mt in CONFIG_MAPPING_NAMES
+        if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type_to_module_name(mt) in modules
+    ]
+
+
+def tiny_config(model_type: str, **overrides):
+    """A tiny config of ``model_type``: hidden 64, 2 layers (the first dense where the family has dense layers),
+    8 experts, top-2, vocabulary 320. Per-layer lists are cut to the layer count; token ids kept in the vocabulary.
+    """
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    if getattr(base, "sub_configs", None):
+        raise NotImplementedError(
+            f"{model_type} nests sub-configs ({', '.join(base.sub_configs)}); tiny sizes are only derived for flat "
+            f"text configs (a multimodal wrapper's text model type is checked on its own)"
+        )
+    layers0 = getattr(base, "num_hidden_layers", None)
+    kw = {k: v for k, v in _SIZES.items() if hasattr(base, k)}
+    n = kw.get("num_hidden_layers", layers0)
+    if "kv_lora_rank" in kw:  # multi-head latent attention: one key/value head per query head
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
+    values = base.to_dict()
+    keep = list(range(n or 0))
+    kinds = [
+        v
+        for k, v in sorted(values.items(), key=lambda kv: kv[0] != "layer_types")
+        if (k == "layer_types" or "mlp" in k) and isinstance(v, list) and layers0 and len(v) == layers0
+    ]
+    if kinds and n:
+        # keep one layer of every kind of attention (a hybrid's linear and full attention) and of MLP (dense and
+        # sparse), adding a layer only for a kind the kept ones miss; then fill up in order
+        first: list[int] = []
+        for types in kinds:
+            for t in dict.fromkeys(types):
+                if all(types[i] != t for i in first):
+                    first.append(types.index(t))
+        keep = sorted(first + [i for i in range(layers0) if i not in first][: max(0, n - len(first))])
+        kw["num_hidden_layers"] = n = len(keep)
+    for k, v in values.items():
+        if isinstance(v, list) and layers0 and len(v) == layers0 and n != layers0 and k not in kw:
+            kw[k] = [v[i] for i in keep]
+        elif k.endswith("_layers") and isinstance(v, list) and all(isinstance(x, int) for x in v) and k not in kw:
+            kw[k] = [keep.index(x) for x in v if x in keep]  # layer indices follow the kept layers
+        elif k.endswith("_layer_period") and isinstance(v, int):
+            kw[k] = 2
+        elif k.endswith("_layer_offset") and isinstance(v, int):
+            kw[k] = 1
+    for k in _TOKEN_IDS:
+        if hasattr(base, k):
+            kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
+    kw.update(_EXCEPTIONS.get(model_type, {}))
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+    "Mixture of experts models route every token to a few experts chosen by a router network.",
+    "Quantization stores weights with fewer bits; calibration text tells which errors matter most.",
+    "A journey of a thousand miles begins with a single step. Knowledge speaks, but wisdom listens.",
+]
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (offline, deterministic; built once per size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A random tiny causal LM of ``model_type`` (weights ~ N(0, 0.08²): distinct experts, non-degenerate routing)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(model_type)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            if p.dim() >= 2 and p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    return model.eval()
+
+
+IDS = [[5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 31, 8]]
+
+
+def _kept_float(model) -> list[str]:
+    """Classes of the decoder-layer modules whose own matrices stay in float (routers, gates, convolutions, ...)."""
+    from ..architectures import decoder_layers
+
+    kinds = set()
+    for layer in decoder_layers(model):
+        for m in layer.modules():
+            if type(m).__module__.startswith("optimum_mc") or "norm" in type(m).__name__.lower():
+                continue
+            if any(p.dim() >= 2 and p.is_floating_point() for p in m.parameters(recurse=False)):
+                kinds.add(type(m).__name__)
+    return sorted(kinds)
+
+
+def check_family(model_type: str, workdir: str) -> dict:
+    """Quantize a tiny random ``model_type`` with MC (2.5 bits), save, reload (logits must be equal), generate, and
+    run ODP (top-k >= 2). Returns ``{"status": "pass", "notes": ...}``; raises on the first failing step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_mc
+
+    from ..architectures import moe_blocks
+
+    src, dst = os.path.join(workdir, "float"), os.path.join(workdir, "mc")
+    tok = tiny_tokenizer()
+    model = tiny_model(model_type)
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    del model
+    qc = optimum_mc.MCConfig(
+        bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False, seed=0
+    )
+    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        ref = q(input_ids=ids).logits
+    if not torch.isfinite(ref).all():
+        raise AssertionError("quantized logits are not finite")
+    q.save_pretrained(dst)
+    again = AutoModelForCausalLM.from_pretrained(dst)
+    with torch.no_grad():
+        got = again(input_ids=ids).logits
+    if not torch.equal(ref, got):
+        raise AssertionError(f"reloaded logits differ (max |diff| {(ref - got).abs().max().item():.3g})")
+    out = again.generate(ids[:, :5], max_new_tokens=3, do_sample=False)
+    if out.shape[1] != 8:
+        raise AssertionError(f"generate returned {out.shape[1]} tokens, expected 8")
+    blocks = list(moe_blocks(again))
+    top_k = min(b.top_k for b in blocks)
+    notes = {
+        "moe_layers": [b.layer_idx for b in blocks],
+        "dense_layers": [
+            i
+            for i in range(again.config.get_text_config().num_hidden_layers)
+            if i not in {b.layer_idx for b in blocks}
+        ],
+        "experts": blocks[0].num_experts,
+        "top_k": top_k,
+        "shared_experts": list(again.__dict__["_mc_architecture"].shared_expert_attrs),
+        "score_fn": again.__dict__["_mc_architecture"].score_fn,
+        "kept_float": _kept_float(again),
+        "odp": "n/a (top-1)",
+    }
+    if top_k >= 2:
+        active = optimum_mc.set_odp(again, True, threshold=0.5, layers=len(blocks))
+        with torch.no_grad():
+            pruned = again(input_ids=ids).logits
+        stats = optimum_mc.get_odp_stats(again)["total"]
+        if not torch.isfinite(pruned).all() or not active:
+            raise AssertionError("ODP produced non-finite logits or no active layer")
+        notes["odp"] = f"skipped {stats['skipped_fraction']:.2f} of expert slots at threshold 0.5"
+    return {"status": "pass", "notes": notes}
