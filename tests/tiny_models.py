@@ -91,21 +91,10 @@ CORPUS = [
 
 
 def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (offline, deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (offline, deterministic; a new one per call)."""
+    from optimum_mc.tools.families import build_tiny_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return build_tiny_tokenizer(vocab_size, CORPUS)
 
 
 def save_tiny(family: str, path, seed: int = 0, **overrides) -> str:

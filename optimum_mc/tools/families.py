@@ -146,7 +146,12 @@ CORPUS = [
 
 @functools.lru_cache(maxsize=4)
 def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained in memory on ``CORPUS`` (offline, deterministic; built once per size)."""
+    """:func:`build_tiny_tokenizer` on ``CORPUS``, built once per size."""
+    return build_tiny_tokenizer(vocab_size, CORPUS)
+
+
+def build_tiny_tokenizer(vocab_size: int, corpus: list[str]):
+    """A byte-level BPE tokenizer trained in memory on ``corpus`` (offline, deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -159,7 +164,7 @@ def tiny_tokenizer(vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(corpus * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
