@@ -30,16 +30,6 @@ def _check_model_path(path: str) -> str:
     raise UsageError(f"model {path!r} not found: pass a local folder (or an owner/name Hub id)")
 
 
-def stored_quantization(path: str) -> dict | None:
-    """The ``quantization_config`` of a local model folder's config.json (None: not quantized, or not local)."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    return qc if isinstance(qc, dict) else None
-
-
 def _describe(qc: dict) -> str:
     if qc.get("quant_method") != "mc":
         return f"quantized with {qc.get('quant_method', 'an unknown method')!r}"
@@ -49,6 +39,8 @@ def _describe(qc: dict) -> str:
 
 def _refuse_quantized(path: str, what: str) -> None:
     """``quantize`` of a quantized folder: one line, before any work (issue 20)."""
+    from .inspect_model import stored_quantization
+
     qc = stored_quantization(path)
     if qc is not None:
         raise UsageError(
@@ -298,6 +290,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .inspect_model import stored_quantization
     from .speed import run_speed_bench
 
     cfg = _config_from_args(args)

@@ -11,10 +11,19 @@ from ..checkpoint import size_groups
 from ..config import MCConfig
 
 
+def stored_quantization(path: str | Path) -> dict | None:
+    """The ``quantization_config`` of a local model folder's config.json (None: not quantized, or unreadable)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
 def load_quant_config(path: str | Path) -> MCConfig | None:
     """The MCConfig stored in a model folder's config.json (None if it is not an MC model)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    qc = cfg.get("quantization_config")
+    qc = stored_quantization(path)
     if not qc or qc.get("quant_method") != "mc":
         return None
     return MCConfig.from_dict(qc)
