@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.packed import random_packed
 
 from optimum_mc.kernels import cpu, moe, moe_cpu
 from optimum_mc.kernels.reference import dequantize_reference
-from optimum_mc.packing import pack
 
 pytestmark = pytest.mark.skipif(not cpu.amx_available(), reason="no AMX on this CPU / build")
 
 
-def _packed(out_f: int, in_f: int, bits: int, group: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8, generator=g)
-    scales = (torch.rand(out_f, in_f // group, generator=g) * 0.02 + 1e-3).half()
-    zeros = (torch.rand(out_f, in_f // group, generator=g) * ((1 << bits) - 1)).half()
-    return pack(codes, bits), scales, zeros
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -26,7 +20,7 @@ def _packed(out_f: int, in_f: int, bits: int, group: int, seed: int):
     ("rows", "out_f", "in_f", "group"), [(70, 200, 256, 32), (13, 32, 96, 32), (33, 65, 384, 128)]
 )
 def test_amx_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group):
-    qw, s, z = _packed(out_f, in_f, bits, group, seed=bits)
+    qw, s, z = random_packed(out_f, in_f, bits, group, seed=bits)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).bfloat16()
     y = torch.full((rows, out_f), float("nan"))
     lib = cpu.library()
@@ -42,7 +36,7 @@ def test_amx_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group
 
 
 def test_amx_linear_threads_give_the_same_result():
-    qw, s, z = _packed(1000, 512, 3, 128, seed=5)  # 40 x 1000 x 512 rows x outputs x inputs: the threaded region
+    qw, s, z = random_packed(1000, 512, 3, 128, seed=5)  # 40 x 1000 x 512 rows x outputs x inputs: the threaded region
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(6)).bfloat16()
     lib, ys = cpu.library(), []
     for threads in (1, 2):
@@ -54,7 +48,7 @@ def test_amx_linear_threads_give_the_same_result():
 
 
 def test_amx_linear_refuses_shapes_it_does_not_take():
-    qw, s, z = _packed(32, 64, 2, 32, seed=0)
+    qw, s, z = random_packed(32, 64, 2, 32, seed=0)
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     y = torch.empty(4, 32)
     lib = cpu.library()

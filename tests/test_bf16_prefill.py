@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.packed import random_packed
 
 from optimum_mc.kernels import cpu, moe, moe_cpu
 from optimum_mc.kernels.reference import dequantize_reference, moe_reference
-from optimum_mc.packing import pack
 
 _LIB = cpu.library()
 needs_bf16 = pytest.mark.skipif(
@@ -21,12 +21,6 @@ needs_fma = pytest.mark.skipif(
 )
 
 
-def _packed(out_f: int, in_f: int, bits: int, group: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8, generator=g)
-    scales = (torch.rand(out_f, in_f // group, generator=g) * 0.02 + 1e-3).half()
-    zeros = (torch.rand(out_f, in_f // group, generator=g) * ((1 << bits) - 1)).half()
-    return pack(codes, bits), scales, zeros
 
 
 KERNELS = ["mc_bf16_linear", "mc_bf16_linear_fma"]
@@ -54,7 +48,7 @@ def _run(x, qw, s, z, out_f, bits, group, y, threads=2, kernel="mc_bf16_linear")
 def test_bf16_linear_equals_bf16_weights_fp32_sums(kernel, bits, rows, out_f, in_f, group):
     """Rows 1..70 (not multiples of 16 tokens), outputs not multiples of its 12 / 48-row blocks, inputs spanning
     several 512-input blocks (1600) and not a multiple of them."""
-    qw, s, z = _packed(out_f, in_f, bits, group, seed=bits)
+    qw, s, z = random_packed(out_f, in_f, bits, group, seed=bits)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).bfloat16()
     y = torch.full((rows, out_f), float("nan"))
     assert _run(x, qw, s, z, out_f, bits, group, y, kernel=kernel) == 0
@@ -72,7 +66,7 @@ def test_bf16_linear_equals_bf16_weights_fp32_sums(kernel, bits, rows, out_f, in
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_bf16_linear_dequantizes_exactly(kernel, bits):
     """x = identity: every output is one product w * 1 (exact), so y.T is the kernel's bf16 weight, bit for bit."""
-    qw, s, z = _packed(50, 256, bits, 64, seed=10 + bits)
+    qw, s, z = random_packed(50, 256, bits, 64, seed=10 + bits)
     x = torch.eye(256, dtype=torch.bfloat16)
     y = torch.empty(256, 50)
     assert _run(x, qw, s, z, 50, bits, 64, y, kernel=kernel) == 0
@@ -83,7 +77,7 @@ def test_bf16_linear_dequantizes_exactly(kernel, bits):
 @needs_bf16
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_linear_threads_give_the_same_result(kernel):
-    qw, s, z = _packed(1000, 1024, 3, 128, seed=5)  # 40 x 1000 x 1024: the threaded region, two input blocks
+    qw, s, z = random_packed(1000, 1024, 3, 128, seed=5)  # 40 x 1000 x 1024: the threaded region, two input blocks
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(6)).bfloat16()
     ys = []
     for threads in (1, 2):
@@ -96,7 +90,7 @@ def test_bf16_linear_threads_give_the_same_result(kernel):
 @needs_bf16
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_linear_writes_strided_rows_only(kernel):
-    qw, s, z = _packed(30, 64, 2, 32, seed=3)
+    qw, s, z = random_packed(30, 64, 2, 32, seed=3)
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
     wide = torch.full((20, 50), -7.0)
     assert _run(x, qw, s, z, 30, 2, 32, wide[:, 10:40], kernel=kernel) == 0  # ldy = 50
@@ -109,7 +103,7 @@ def test_bf16_linear_writes_strided_rows_only(kernel):
 @needs_bf16
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_linear_refuses_shapes_it_does_not_take(kernel):
-    qw, s, z = _packed(32, 64, 2, 32, seed=0)
+    qw, s, z = random_packed(32, 64, 2, 32, seed=0)
     x = torch.zeros(4, 64, dtype=torch.bfloat16)
     y = torch.empty(4, 32)
     for in_f, group, bits in ((48, 16, 2), (64, 16, 2), (64, 32, 5)):  # in_f % 32, group % 32, bit-width
@@ -137,7 +131,7 @@ def test_switches_read_the_environment(monkeypatch):
 
 @needs_bf16
 def test_the_two_kernels_agree_to_summation_order():
-    qw, s, z = _packed(96, 512, 3, 128, seed=7)
+    qw, s, z = random_packed(96, 512, 3, 128, seed=7)
     x = torch.randn(37, 512, generator=torch.Generator().manual_seed(8)).bfloat16()
     y_dp, y_fma = torch.empty(37, 96), torch.empty(37, 96)
     assert _run(x, qw, s, z, 96, 3, 128, y_dp) == 0 and _run(x, qw, s, z, 96, 3, 128, y_fma, kernel=KERNELS[1]) == 0
@@ -222,7 +216,7 @@ def _run_fma(x, qw, s, z, out_f, bits, group, y, threads=2) -> int:
     [(1, 6, 64, 32), (13, 32, 96, 32), (17, 49, 128, 64), (70, 200, 256, 32), (40, 100, 1600, 64)],
 )
 def test_fma_linear_equals_fp32_weights_fp32_sums(bits, rows, out_f, in_f, group):
-    qw, s, z = _packed(out_f, in_f, bits, group, seed=bits)
+    qw, s, z = random_packed(out_f, in_f, bits, group, seed=bits)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1))
     y = torch.full((rows, out_f), float("nan"))
     assert _run_fma(x, qw, s, z, out_f, bits, group, y) == 0
@@ -237,7 +231,7 @@ def test_fma_linear_equals_fp32_weights_fp32_sums(bits, rows, out_f, in_f, group
 @needs_fma
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_fma_linear_dequantizes_exactly(bits):
-    qw, s, z = _packed(50, 256, bits, 64, seed=10 + bits)
+    qw, s, z = random_packed(50, 256, bits, 64, seed=10 + bits)
     y = torch.empty(256, 50)
     assert _run_fma(torch.eye(256), qw, s, z, 50, bits, 64, y) == 0
     assert torch.equal(y.T, dequantize_reference(qw, s, z, bits, torch.float32))
@@ -245,7 +239,7 @@ def test_fma_linear_dequantizes_exactly(bits):
 
 @needs_fma
 def test_fma_linear_threads_give_the_same_result_and_refuses_bad_shapes():
-    qw, s, z = _packed(1000, 512, 3, 128, seed=5)
+    qw, s, z = random_packed(1000, 512, 3, 128, seed=5)
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(6))
     ys = []
     for threads in (1, 2):
@@ -268,7 +262,7 @@ def test_march_switch_builds_an_avx2_library(monkeypatch):
     assert "-march=haswell" in flags and "-march=native" not in flags
     avx2 = cpu.load(cpu.build(cpu._compiler(), flags))
     assert not avx2.mc_bf16_available() and not avx2.mc_amx_available() and avx2.mc_fma_available()
-    qw, s, z = _packed(100, 256, 3, 64, seed=9)
+    qw, s, z = random_packed(100, 256, 3, 64, seed=9)
     x = torch.randn(30, 256, generator=torch.Generator().manual_seed(9))
     y, y2 = torch.empty(30, 100), torch.empty(30, 100)
     assert _run_fma(x, qw, s, z, 100, 3, 64, y) == 0
@@ -287,7 +281,7 @@ def test_bf16_kernels_without_vbmi(bits):
     flags = (*cpu.fallback_flags()[0], "-mno-avx512vbmi")
     lib = cpu.load(cpu.build(cpu._compiler(), flags))
     assert lib.mc_bf16_available()
-    qw, s, z = _packed(50, 256, bits, 64, seed=20 + bits)
+    qw, s, z = random_packed(50, 256, bits, 64, seed=20 + bits)
     x = torch.randn(37, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
     for kernel in KERNELS:
         y = torch.empty(256, 50)

@@ -1,1 +1,2 @@
-"""Test helpers: an offline tiny tokenizer (``tokenizer``) and a loopback mock Hugging Face Hub (``hub_server``)."""
+"""Test helpers: an offline tiny tokenizer (``tokenizer``), a loopback mock Hugging Face Hub (``hub_server``) and
+random packed matrices (``packed``)."""
