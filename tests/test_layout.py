@@ -54,7 +54,7 @@ def test_no_import_cycles_through_the_pipeline():
 
 
 def test_docs_tests_and_scripts_name_no_absolute_path_of_one_machine():
-    """Issue 20: paths to the reference models are relative to the repository (../shared), never /work/... ."""
+    """Issue 20: paths to the reference models are relative to the repository (../shared), never absolute."""
     import re
 
     root = PKG.parent
