@@ -124,6 +124,7 @@ def _perplexities(model, tok, texts: dict[str, str], window: int, max_windows: i
                   odp: bool = False) -> dict[str, tuple[float, str]]:  # fmt: skip
     """Per text: perplexity and what it was measured on (windows, tokens, and ODP's skipped share when on)."""
     from ..errors import CalibrationError
+    from ..pruning import get_odp_stats, reset_odp_stats
     from .evaluation import perplexity, token_windows
 
     out = {}
@@ -133,15 +134,11 @@ def _perplexities(model, tok, texts: dict[str, str], window: int, max_windows: i
         except CalibrationError as exc:
             raise UsageError(f"{name}: {exc}") from exc
         if odp:
-            from ..pruning import reset_odp_stats
-
             reset_odp_stats(model)
         ppl = perplexity(model, windows)
         n = windows.shape[0]
         what = f"{n} window{'s' * (n != 1)} of {window} tokens, {n * (window - 1):,} tokens scored"
         if odp:
-            from ..pruning import get_odp_stats
-
             skipped = get_odp_stats(model)["total"]["skipped_fraction"]
             what += f", ODP skipped {100 * skipped:.1f}% of expert evaluations"
         out[name] = (ppl, what)
