@@ -11,7 +11,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import autograd, cpu, moe_cpu, moe_triton, triton  # noqa: E402
-from .activations import ACTIVATIONS, activation_name  # noqa: E402
+from .activations import ACTIVATIONS, GATED, activation_name  # noqa: E402
 from .moe import check_experts, check_routing, moe, moe_op  # noqa: E402
 from .ops import check_packed, dequantize, qmatmul  # noqa: E402
 
@@ -23,6 +23,7 @@ moe_triton.register()
 
 __all__ = [
     "ACTIVATIONS",
+    "GATED",
     "activation_name",
     "check_experts",
     "check_packed",

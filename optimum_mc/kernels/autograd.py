@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..bitwidths import from_op_bits
-from .activations import ACTIVATIONS
+from .activations import GATED
 
 _FROZEN = None  # the gradient of a packed buffer, an int, or a string: none
 
@@ -52,7 +52,7 @@ def _moe_backward(ctx, grad: torch.Tensor):
     n = len(packed) // 6
     gu_bits, dn_bits = from_op_bits(ctx.bits, n)
     gq, gs, gz, dq, ds, dz = (packed[i * n : (i + 1) * n] for i in range(6))
-    act = ACTIVATIONS[ctx.activation]
+    glu = GATED[ctx.activation]
     want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     grad_w = torch.zeros(top_k_weights.shape, dtype=torch.float32, device=x.device)
@@ -65,7 +65,7 @@ def _moe_backward(ctx, grad: torch.Tensor):
         with torch.enable_grad():
             h = x[token].detach().float().requires_grad_(want_x)
             gate, up = (h @ w_gu.t()).chunk(2, dim=-1)
-            y = (act(gate) * up) @ w_dn.t()
+            y = glu(gate, up) @ w_dn.t()
             weight = top_k_weights[token, slot].float()
             if want_w:
                 grad_w[token, slot] = (g[token] * y.detach()).sum(-1)

@@ -883,7 +883,8 @@ int mc_moe_gemv(const float *x, const int64_t *qptr, const int64_t *sptr, const 
  * A whole MoE layer for a few tokens (decode) in one call: sort the (token, slot) pairs by expert (counting sort;
  * dropped slots, index == E, are left out), gather their rows of x, grouped GEMV of gate_up, act(gate) * up,
  * grouped GEMV of down, then out[t] = sum of w[t, k] * y over the token's kept slots, in expert order.
- * act: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation), 3 relu.
+ * act: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation), 3 relu (each act(gate) * up), 4 gpt-oss's clamped SwiGLU
+ * (kernels/activations.py: gate clamped to <= 7, up to [-7, 7], (up + 1) * gate * sigmoid(1.702 * gate)).
  * ------------------------------------------------------------------------------------------------------------- */
 
 static inline float activate(float v, int act) {
@@ -893,6 +894,13 @@ static inline float activate(float v, int act) {
         case 2: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
         default: return v > 0.0f ? v : 0.0f;
     }
+}
+
+static inline float gated(float g, float u, int act) {
+    if (act != 4) return activate(g, act) * u;
+    g = g < 7.0f ? g : 7.0f;
+    u = u < -7.0f ? -7.0f : (u > 7.0f ? 7.0f : u);
+    return (u + 1.0f) * (g / (1.0f + expf(-1.702f * g)));
 }
 
 /* Online dynamic pruning's routing rule (pruning/rule.py, evaluated in the same fp32 operations): a token drops a
@@ -970,8 +978,8 @@ int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, c
         rc = mc_moe_gemv(xg, gq, gs, gz, bits, start, count, E, h, 2 * I, H, group_gu, threads, int8_act);
         if (rc == 0) {
             for (int64_t r = 0; r < P; r++) {
-                float *hr = h + r * 2 * I, *ar = h + r * I; /* act(gate) * up, compacted in place into (P, I) */
-                for (int64_t j = 0; j < I; j++) ar[j] = activate(hr[j], act) * hr[I + j];
+                float *hr = h + r * 2 * I, *ar = h + r * I; /* glu(gate, up), compacted in place into (P, I) */
+                for (int64_t j = 0; j < I; j++) ar[j] = gated(hr[j], hr[I + j], act);
             }
             rc = mc_moe_gemv(h, dq, ds, dz, bits + E, start, count, E, y, H, I, group_dn, threads, int8_act);
         }

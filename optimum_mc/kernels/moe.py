@@ -2,7 +2,7 @@
 
 Schema: ``moe(x (T, H), top_k_index (T, K), top_k_weights (T, K), gate_up_{qweight,scales,zeros}: E tensors each,
 down_{qweight,scales,zeros}: E tensors each, bits: E or 2E ints, activation: str) -> (T, H)`` in ``x.dtype``: for every
-token ``sum_k w[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = top_k_index[t, k]``; a slot whose index is
+token ``sum_k w[t, k] * down_e(glu(gate_e(x_t), up_e(x_t)))`` with ``e = top_k_index[t, k]``; a slot whose index is
 ``E`` (dropped by online dynamic pruning) contributes nothing and costs nothing. Expert ``e``'s fused ``(2I, H)``
 gate/up matrix and ``(I, H)``-input down matrix are packed at ``bits[e]`` bits (docs/format.md), or, with ``2E``
 widths, at ``bits[e]`` and ``bits[E + e]`` (per-projection allocation, :mod:`optimum_mc.bitwidths`), so one call mixes
@@ -22,7 +22,7 @@ import torch
 
 from ..bitwidths import from_op_bits
 from ..errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError, UnsupportedArchitectureError
-from .activations import ACTIVATIONS
+from .activations import GATED
 from .eager import plain_eager
 from .ops import check_packed
 from .reference import moe_reference
@@ -117,8 +117,8 @@ def check_routing(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: tor
             f"hidden states ({x.device}), top_k_index ({top_k_index.device}), top_k_weights "
             f"({top_k_weights.device}) and the packed experts ({device}) must share a device."
         )
-    if activation not in ACTIVATIONS:
-        raise UnsupportedArchitectureError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}.")
+    if activation not in GATED:
+        raise UnsupportedArchitectureError(f"activation {activation!r} is not one of {sorted(GATED)}.")
 
 
 def moe(

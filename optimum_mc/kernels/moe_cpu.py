@@ -12,9 +12,9 @@ runs as one grouped call for every expert at once:
 - experts with more rows, fp32 hidden states (or none of those kernels built): the weight is dequantized in C in
   16 MiB fp32 blocks and multiplied with fp32 BLAS.
 
-Between the projections ``act(gate) * up`` is one vectorized torch op over all pairs, and the routing-weighted sum
-is one ``index_add_``. Everything is computed in fp32 except the bf16-rounded weights of the bf16 prefill kernels
-(their products are exact in fp32 and summed in fp32).
+Between the projections ``glu(gate, up)`` (:data:`~.activations.GATED`) is one vectorized torch op over all pairs,
+and the routing-weighted sum is one ``index_add_``. Everything is computed in fp32 except the bf16-rounded weights
+of the bf16 prefill kernels (their products are exact in fp32 and summed in fp32).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import torch
 
 from ..bitwidths import from_op_bits
 from . import cpu
-from .activations import ACTIVATIONS
+from .activations import GATED
 from .moe import check_index_values, register_eager
 from .reference import moe_reference
 
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # mc_moe_decode's activation argument
+# mc_moe_decode's activation argument
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4}
 _INT32, _FP16 = torch.int32, torch.float16
 
 
@@ -219,7 +220,7 @@ def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activa
     xg = xg.contiguous() if keep_bf16 else xg.float().contiguous()
     inter = gu[0][0].shape[0] // 2
     h = _grouped_linear(lib, xg, *gu, gu_bits, starts, counts, 2 * inter)
-    h = ACTIVATIONS[activation](h[:, :inter]).mul_(h[:, inter:])  # each activation returns a new tensor
+    h = GATED[activation](h[:, :inter], h[:, inter:])
     if keep_bf16:
         h = h.to(torch.bfloat16)
     y = _grouped_linear(lib, h.contiguous(), *dn, dn_bits, starts, counts, x.shape[1])

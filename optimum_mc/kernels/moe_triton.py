@@ -10,7 +10,7 @@ One launch per projection covers every expert: a program takes one ``BLOCK_M`` b
 block of output features, reads its expert's bit-width and the addresses of its packed ``qweight`` / ``scales`` /
 ``zeros`` from small per-expert tables, and accumulates ``x_tile @ ((q - zero) * scale)ᵀ`` in fp32, decoding the
 codes of any bit-width (1-8) from the int32 words at run time. gate_up gathers its input rows by token; down reads
-the rows of ``act(gate) * up`` in sorted order. The routing-weighted sum over slots is done in torch.
+the rows of ``glu(gate, up)`` in sorted order. The routing-weighted sum over slots is done in torch.
 
 bf16 prefill (at least ``DEQUANT_MIN_PAIRS`` pairs) takes a third path: every expert's matrix is dequantized
 into the input dtype (one Triton launch per expert, into one ``(E, N, K)`` buffer per projection, freed after it) and
@@ -26,7 +26,7 @@ import functools
 import torch
 
 from ..bitwidths import from_op_bits
-from .activations import ACTIVATIONS
+from .activations import GATED
 from .triton import TRITON_AVAILABLE, half_mode
 
 if TRITON_AVAILABLE:
@@ -206,7 +206,7 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
     gu = _tables(gate_up_qweight, gate_up_scales, gate_up_zeros, gu_bits, x.device)
     dn = _tables(down_qweight, down_scales, down_zeros, dn_bits, x.device)
     h = project(x.contiguous(), gu, 2 * inter, hidden, gate_up_scales[0].shape[1], True)
-    a = (ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]).to(mid_dtype).contiguous()
+    a = GATED[activation](h[:, :inter], h[:, inter:]).to(mid_dtype).contiguous()
     y = to_pairs(project(a, dn, hidden, inter, down_scales[0].shape[1], False))
     out = (y.view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
     return out.to(x.dtype)
@@ -238,7 +238,7 @@ def _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits: tuple[list[int
     rows = x.to(dtype)[perm // top_k]
     inter = gu[0][0].shape[0] // 2
     h = _grouped_linear(rows, _dequantized(gu, bits[0], dtype), offsets).masked_fill(dropped, 0)
-    a = (ACTIVATIONS[activation](h[:, :inter].float()) * h[:, inter:].float()).to(dtype)
+    a = GATED[activation](h[:, :inter].float(), h[:, inter:].float()).to(dtype)
     y = _grouped_linear(a, _dequantized(dn, bits[1], dtype), offsets).float()
     y = y.masked_fill(dropped, 0) * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
     out = torch.zeros(tokens, x.shape[1], dtype=torch.float32, device=x.device)

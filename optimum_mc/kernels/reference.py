@@ -34,16 +34,16 @@ def moe_reference(
     bits: list[int],
     activation: str,
 ) -> torch.Tensor:
-    """The fused MoE op, expert by expert: ``sum_slots w * down(act(gate) * up)`` in fp32, cast to ``x.dtype``.
+    """The fused MoE op, expert by expert: ``sum_slots w * down(glu(gate, up))`` in fp32, cast to ``x.dtype``.
 
     ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed ``(qweight, scales, zeros)``; ``bits`` holds ``E`` widths
     (both projections) or ``2E`` (gate/up widths, then down widths: :func:`~optimum_mc.bitwidths.op_bits`). Slots
     whose index is ``E`` (dropped by online dynamic pruning) are skipped.
     """
     from ..bitwidths import from_op_bits
-    from .activations import ACTIVATIONS
+    from .activations import GATED
 
-    act = ACTIVATIONS[activation]
+    glu = GATED[activation]
     gu_bits, dn_bits = from_op_bits(bits, len(gate_up))
     xf = x.float()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -53,6 +53,6 @@ def moe_reference(
             continue
         h = xf[token] @ dequantize_reference(*gate_up[e], bg, torch.float32).t()
         gate, up = h.chunk(2, dim=-1)
-        y = (act(gate) * up) @ dequantize_reference(*down[e], bd, torch.float32).t()
+        y = glu(gate, up) @ dequantize_reference(*down[e], bd, torch.float32).t()
         out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
     return out.to(x.dtype)

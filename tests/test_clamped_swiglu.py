@@ -1,0 +1,143 @@
+"""gpt-oss's clamped SwiGLU ("clamped_swiglu") in every path of ``optimum_mc::moe``: the pure-torch reference
+defines it; the C kernels (decode in ``mc_moe_decode``, prefill between the grouped GEMMs), autograd and Triton (under
+``TRITON_INTERPRET=1``) must match it. Inputs are scaled so that both clamps (gate > 7, |up| > 7) are hit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optimum_mc.group_quant import rtn_quantize
+from optimum_mc.kernels import GATED, activation_name, cpu, moe
+from optimum_mc.kernels.activations import BiasedGLU, ClampedSwiGLU, clamped_swiglu, gated
+from optimum_mc.kernels.reference import dequantize_reference, moe_reference
+from optimum_mc.packing import pack
+
+BITS = [2, 3, 4, 8]
+H, INTER = 64, 32
+
+
+def _experts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate_up, down = [], []
+    for b in BITS:
+        q, s, z = rtn_quantize(torch.randn(2 * INTER, H, generator=g) * 0.3, b, 32)
+        gate_up.append((pack(q, b), s, z))
+        q, s, z = rtn_quantize(torch.randn(H, INTER, generator=g) * 0.3, b, 32)
+        down.append((pack(q, b), s, z))
+    return gate_up, down
+
+
+def _inputs(tokens, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(len(BITS), generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    return torch.randn(tokens, H, generator=g) * 4, idx, w / w.sum(-1, keepdim=True)
+
+
+def test_clamped_swiglu_is_gpt_oss_gate():
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    ex = GptOssExperts(GptOssConfig(hidden_size=8, intermediate_size=4, num_local_experts=2))
+    h = torch.randn(50, 8) * 10
+    # transformers interleaves gate / up columns; the op takes them as two halves
+    want = ex._apply_gate(h)
+    assert torch.equal(clamped_swiglu(h[:, ::2], h[:, 1::2]), want)
+    assert torch.equal(GATED["clamped_swiglu"](h[:, ::2], h[:, 1::2]), want)
+
+
+def test_activation_names_of_gated_objects():
+    assert activation_name(ClampedSwiGLU()) == "clamped_swiglu"
+    assert activation_name(ClampedSwiGLU(limit=5.0)) is None  # other parameters than the op's: not its name
+    assert activation_name(ClampedSwiGLU(alpha=1.0)) is None
+    assert activation_name(torch.nn.SiLU()) == "silu"
+    gate, up, b = torch.randn(3, 4), torch.randn(3, 4), torch.randn(8)
+    assert torch.equal(gated(BiasedGLU(torch.nn.functional.silu, b), gate, up),
+                       torch.nn.functional.silu(gate + b[:4]) * (up + b[4:]))  # fmt: skip
+
+
+def _clamps_hit(x, gate_up, idx):
+    h = torch.cat([x @ dequantize_reference(*gate_up[e], b, torch.float32).t() for e, b in enumerate(BITS)])
+    return bool((h[:, :INTER] > 7).any()) and bool((h[:, INTER:].abs() > 7).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, cpu.GEMV_MAX_ROWS + 1, 40])
+def test_cpu_kernels_match_reference(tokens, dtype):
+    gate_up, down = _experts()
+    x, idx, w = _inputs(tokens)
+    assert _clamps_hit(x, gate_up, idx)
+    x = x.to(dtype)
+    ref = moe_reference(x, idx, w, gate_up, down, BITS, "clamped_swiglu")
+    got = moe(x, idx, w, gate_up, down, BITS, "clamped_swiglu")
+    scale = ref.float().abs().max().item()
+    if dtype == torch.float32:  # accumulation order only
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale)
+    else:  # bf16 result rounding, and on the prefill path bf16 inputs / intermediates
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=3e-2 * scale)
+
+
+def test_decode_kernel_runs_the_activation_in_c():
+    from optimum_mc.kernels.moe_cpu import ACT_CODES, DecodePlan
+
+    if cpu.library() is None:
+        pytest.skip("no C compiler")
+    gate_up, down = _experts()
+    x, idx, w = _inputs(2)
+    lists = tuple([m[j] for m in gate_up] for j in range(3)) + tuple([m[j] for m in down] for j in range(3))
+    plan = DecodePlan(lists, BITS, "clamped_swiglu")
+    assert plan.ok and ACT_CODES["clamped_swiglu"] == 4
+    ref = moe_reference(x, idx, w, gate_up, down, BITS, "clamped_swiglu")
+    got = plan(x, idx, w)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_autograd_matches_reference_gradient():
+    gate_up, down = _experts()
+    x, idx, w = _inputs(5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    moe(x1, idx, w, gate_up, down, BITS, "clamped_swiglu").square().sum().backward()
+    moe_reference(x2, idx, w, gate_up, down, BITS, "clamped_swiglu").square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4 * x2.grad.abs().max().item())
+
+
+TRITON_CHECK = r"""
+import torch
+from optimum_mc.group_quant import rtn_quantize
+from optimum_mc.kernels.moe_triton import triton_moe
+from optimum_mc.kernels.reference import moe_reference
+from optimum_mc.packing import pack
+
+g = torch.Generator().manual_seed(1)
+bits, E, H, I = [2, 3, 4, 8], 4, 64, 32
+gu, dn = [], []
+for b in bits:
+    q, s, z = rtn_quantize(torch.randn(2 * I, H, generator=g) * 0.3, b, 32)
+    gu.append((pack(q, b), s, z))
+    q, s, z = rtn_quantize(torch.randn(H, I, generator=g) * 0.3, b, 32)
+    dn.append((pack(q, b), s, z))
+lists = [[m[j] for m in gu] for j in range(3)] + [[m[j] for m in dn] for j in range(3)]
+for tokens, gemv, dequant in ((1, None, None), (12, False, None), (5, None, True)):  # GEMV, tiled, dequantize
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    x = torch.randn(tokens, H, generator=g) * 4
+    ref = moe_reference(x, idx, w, gu, dn, bits, "clamped_swiglu")
+    got = triton_moe(x, idx, w, *lists, bits, "clamped_swiglu", gemv=gemv, dequant=dequant)
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item() + 1e-6, (tokens, err)
+    print(tokens, err)
+print("ok")
+"""
+
+
+def test_triton_moe_matches_reference_under_interpreter():
+    pytest.importorskip("triton", reason="Triton is an optional extra (pip install 'optimum-mc[triton]')")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
