@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
+from .expert_layout import experts_layout
 
 EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."
 
@@ -38,12 +39,9 @@ class MoEArchitecture:
     unsupported_reason: str | None = None
 
 
-# families that deviate from the shared interface (everything else is discovered)
-EXCEPTIONS: dict[str, str] = {
-    "gpt_oss": (
-        "gpt-oss stores experts transposed with interleaved gate/up and biases, which MCExperts does not implement yet"
-    ),
-}
+# families that deviate from the shared interface (everything else is discovered; transposed storage, expert biases
+# and gpt-oss's interleaved clamped SwiGLU are read from the modules by expert_layout)
+EXCEPTIONS: dict[str, str] = {}
 
 
 def _model_type(config) -> str | None:
@@ -118,38 +116,15 @@ def _check_experts(name: str, experts: nn.Module, hidden: int | None) -> int:
     cls = type(experts).__name__
     if hasattr(experts, "packed"):
         return int(experts.num_experts)
-    gu, dn = experts.gate_up_proj, getattr(experts, "down_proj", None)
-    e = getattr(experts, "num_experts", None)
-    if e is None:
-        raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `num_experts` (check: experts).")
-    if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
-        raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({cls}) has expert biases, which MCExperts does not implement (check: experts)."
-        )
-    if getattr(experts, "is_transposed", False):
-        raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({cls}) stores its weights transposed (gate_up_proj {tuple(gu.shape)}); "
-            f"expected gate_up_proj (E, 2I, H) and down_proj (E, H, I) (check: experts layout)."
-        )
-    if not isinstance(dn, torch.Tensor) or dn.dim() != 3:
-        raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({cls}) has no 3-D down_proj; expected (E, H, I) (check: experts layout)."
-        )
-    ge, two_i, h = gu.shape
-    if int(ge) != int(e) or two_i % 2 or tuple(dn.shape) != (ge, h, two_i // 2) or (hidden and h != hidden):
-        raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({cls}): gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} with "
-            f"num_experts={e} are not the (E, 2I, H) / (E, H, I) layout (check: experts layout)."
-        )
+    layout = experts_layout(experts, name, hidden)  # shapes (or their transpose), biases, the gate
     params = list(inspect.signature(experts.forward).parameters)
-    if params[:3] != ["hidden_states", "top_k_index", "top_k_weights"]:
+    # gpt-oss names them (hidden_states, router_indices, routing_weights)
+    if params[:1] != ["hidden_states"] or len(params) < 3 or "ind" not in params[1] or "weight" not in params[2]:
         raise UnsupportedArchitectureError(
             f"experts module `{name}` ({cls}) takes forward({', '.join(params)}); expected forward(hidden_states, "
             f"top_k_index, top_k_weights) (check: experts interface)."
         )
-    if not callable(getattr(experts, "act_fn", None)):
-        raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `act_fn` (check: experts).")
-    return int(e)
+    return layout.num_experts
 
 
 def _router(
@@ -234,7 +209,7 @@ def discover(model: nn.Module) -> MoEArchitecture:
             block,
             experts,
             e,
-            int(experts.gate_up_proj.shape[-1]) if hasattr(experts, "gate_up_proj") else int(experts.hidden_dim),
+            int(experts.hidden_dim) if hasattr(experts, "packed") else experts_layout(experts, path).hidden,
         )
         if arch is None:
             _check_router(f"{prefix}{block_attr}.{router_attr}", router)

@@ -48,6 +48,7 @@ def _counts(config) -> tuple[int, int, int, list[tuple[int, int, int]]]:
     from transformers import AutoModelForCausalLM
 
     from .architectures import decoder_layers, get_architecture, moe_block
+    from .nn.experts import float_experts_shape
 
     arch = get_architecture(config)
     with torch.device("meta"):
@@ -62,8 +63,7 @@ def _counts(config) -> tuple[int, int, int, list[tuple[int, int, int]]]:
         expert_ids = set() if blk is None else {id(p) for p in blk.experts.parameters()}
         rest += sum(p.numel() for p in layer.parameters() if id(p) not in expert_ids)
         if blk is not None:
-            e, two_i, h = blk.experts.gate_up_proj.shape
-            moe.append((int(e), int(h), int(two_i) // 2))
+            moe.append(float_experts_shape(blk.experts))
     return outside, largest, rest, moe
 
 

@@ -37,9 +37,11 @@ from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
 from .config import _RESULT_FIELDS, MCConfig
 from .errors import CalibrationError, UnsupportedArchitectureError
+from .expert_layout import canonical_experts, expert_act
 from .gptq import gptq_quantize
 from .group_quant import check_finite
 from .nn import MCExperts, QuantLinear
+from .nn.experts import packed_like
 from .nn.nf4_linear import NF4Linear
 from .placement import deterministic_kernels, resolve_device
 from .skeleton import install_packed_skeleton
@@ -145,6 +147,11 @@ class _Run:
         layer = self.source.fetch(idx, self.device)
         release_memory()  # the per-expert tensors transformers fused
         blk = moe_block(layer, idx, self.arch)
+        if blk is not None:  # transposed / interleaved / biased experts (gpt-oss, Aria) in MC's layout, same forward
+            experts = canonical_experts(blk.experts, f"layers.{idx}.{self.arch.block_attr}.{self.arch.experts_attr}")
+            if experts is not blk.experts:
+                setattr(blk.block, self.arch.experts_attr, experts)
+                blk.experts = experts
         self.blocks = {idx: blk} if blk is not None else {}
         return layer
 
@@ -188,7 +195,8 @@ class _Run:
             w_gu, w_dn = experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
             check_finite(w_gu, f"layer {idx} expert {e} gate_up_proj")
             check_finite(w_dn, f"layer {idx} expert {e} down_proj")
-            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, bits_to_try[e])
+            act = expert_act(experts, e)  # its gate/up bias folded in, where it has one
+            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, act, bits_to_try[e])
             if need_loss:
                 x, r = routing.experts[e].cat(routing.hidden_dim)
                 energy = routing.output_energy if cfg.loss_normalizer == "block" else routing.residual_energy
@@ -197,7 +205,7 @@ class _Run:
                     energy = energy * RTN_LOSS_MAX_TOKENS / x.shape[0]
                     x, r = x[keep], r[keep]
                 if proj is not None:  # loss_method "rtn" (checked by MCConfig): whole and per-projection in one pass
-                    args = (x, r, w_gu, w_dn, experts.act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
+                    args = (x, r, w_gu, w_dn, act, cb, self.opts.group_size, energy, self.opts.zero_point)
                     whole, per = rtn_loss_table(*args)
                     loss[e], proj[e] = torch.tensor(whole, dtype=torch.float64), torch.tensor(per, dtype=torch.float64)
                     continue
@@ -208,7 +216,7 @@ class _Run:
                         r,
                         w_gu,
                         w_dn,
-                        experts.act_fn,
+                        act,
                         cb,
                         self.opts,
                         energy,
@@ -247,7 +255,8 @@ class _Run:
         def count(e: int) -> int:  # rows tokens(e) returns: every calibration token, or those routed to e
             return int(routing.tokens) if weighted else int(routing.counts[e])
 
-        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit, count=count)
+        acts = functools.partial(expert_act, experts)
+        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit, count=count, expert_act=acts)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands, proj=None) -> LayerFactors:
         if routing.tokens == 0:
@@ -292,17 +301,7 @@ class _Run:
 
     def packed_experts(self, idx: int, bits: list[int]) -> MCExperts:
         """An empty packed experts module for MoE layer ``idx`` at ``bits`` (filled expert by expert)."""
-        old = self.blocks[idx].experts
-        return MCExperts(
-            int(old.num_experts),
-            int(old.gate_up_proj.shape[2]),
-            int(old.gate_up_proj.shape[1] // 2),
-            bits,
-            self.config.group_size,
-            old.act_fn,
-            dtype=old.gate_up_proj.dtype,
-            device=old.gate_up_proj.device,
-        )
+        return packed_like(self.blocks[idx].experts, bits, self.config.group_size)
 
     def replace_experts(self, idx: int, new: MCExperts) -> None:
         block = self.blocks[idx]
@@ -367,9 +366,12 @@ class _Run:
             bits = known if known is not None else self.allocate_layer(idx, self.factors[idx], routing)
             new = self.packed_experts(idx, bits)
             methods = [""] * len(bits)
+            old = self.blocks[idx].experts
+            biases = getattr(old, "gate_up_proj_bias", None), getattr(old, "down_proj_bias", None)
 
             def emit(e: int, q: ExpertQuant) -> None:  # packed at once: unpacked codes never pile up
                 new.set_expert(e, gate_up=q.gate_up, down=q.down)
+                new.set_bias(e, *biases)
                 methods[e] = q.method
 
             todo = {}

@@ -16,6 +16,7 @@ from .bitwidths import split
 from .checkpoint import check_all_tensors, check_checkpoint, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
+from .expert_layout import CanonicalExperts, experts_layout
 from .skeleton import install_packed_skeleton
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,15 @@ def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> 
     names = layer_module_names(model)
     out = {}
     for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
-        ex = blocks[idx].experts
-        i2, h = int(ex.gate_up_proj.shape[1]), int(ex.gate_up_proj.shape[2])
+        layout = experts_layout(blocks[idx].experts)  # MC's layout or its transpose
+        i2, h = 2 * layout.inter, layout.hidden
+        dtype = str(blocks[idx].experts.gate_up_proj.dtype).removeprefix("torch.")
         for e, b in enumerate(bits):
             for part, (o, n), pb in zip(("gate_up", "down"), ((i2, h), (h, i2 // 2)), split(b)):
-                for buf, spec in packed_shapes(o, n, pb, cfg.group_size).items():
+                specs = packed_shapes(o, n, pb, cfg.group_size)
+                if (layout.gate_up_bias, layout.down_bias)[part == "down"]:
+                    specs["bias"] = (dtype, (o,))
+                for buf, spec in specs.items():
                     out[(idx, f"{arch.experts_attr}.packed.{e}.{part}.{buf}")] = spec
     for full, b in (cfg.linear_bits or {}).items():
         idx = next(i for i, n in names.items() if full.startswith(n + "."))
@@ -87,6 +92,12 @@ def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitect
         install_packed_skeleton(layer, idx, arch, bits.get(idx), lin, cfg.group_size, cfg.nonexpert_method)
 
 
+def _takes_routing(cls: type) -> bool:
+    """``forward(hidden_states, <indices>, <weights>, ...)`` (gpt-oss: ``router_indices, routing_weights``)."""
+    params = list(inspect.signature(cls.forward).parameters)[1:]
+    return params[:1] == ["hidden_states"] and len(params) >= 3 and "ind" in params[1] and "weight" in params[2]
+
+
 def _float_experts_class(block_module: nn.Module) -> type:
     """The float experts class of the block's modeling file: the ``*Experts`` module class following the experts
     interface (``forward(hidden_states, top_k_index, top_k_weights)``; shared-experts MLPs do not)."""
@@ -94,10 +105,7 @@ def _float_experts_class(block_module: nn.Module) -> type:
     found = [
         v
         for k, v in vars(mod).items()
-        if isinstance(v, type)
-        and k.endswith("Experts")
-        and issubclass(v, nn.Module)
-        and "top_k_index" in inspect.signature(v.forward).parameters
+        if isinstance(v, type) and k.endswith("Experts") and issubclass(v, nn.Module) and _takes_routing(v)
     ]
     if len(found) != 1:
         raise MCConfigError(
@@ -118,13 +126,18 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         ex = blk.experts
         if isinstance(ex, MCExperts):
             gate_up, down = ex.dequantize()
+            dt = dtype or gate_up.dtype
             cls = _float_experts_class(blk.block)
             with torch.device("meta"):
                 new = cls(model.config.get_text_config())
-            dt = dtype or gate_up.dtype
-            new.gate_up_proj = nn.Parameter(gate_up.to(dt), requires_grad=False)
-            new.down_proj = nn.Parameter(down.to(dt), requires_grad=False)
-            new.act_fn = ex.act_fn
+            if not experts_layout(new).canonical or any(ex.has_bias):  # transposed / interleaved / biased class
+                gb, db = ex.biases()
+                tensors = dict(gate_up_proj=gate_up, down_proj=down, gate_up_proj_bias=gb, down_proj_bias=db)
+                new = CanonicalExperts({k: v.to(dt) if v is not None else None for k, v in tensors.items()}, ex.act_fn)
+            else:
+                new.gate_up_proj = nn.Parameter(gate_up.to(dt), requires_grad=False)
+                new.down_proj = nn.Parameter(down.to(dt), requires_grad=False)
+                new.act_fn = ex.act_fn
             setattr(blk.block, arch.experts_attr, new)
     for name, m in list(model.named_modules()):
         if isinstance(m, (QuantLinear, NF4Linear)):

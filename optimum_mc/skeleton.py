@@ -20,22 +20,13 @@ def install_packed_skeleton(
 ) -> None:
     """Replace, inside one decoder ``layer``, the experts and the linears named in ``linear_bits`` (names relative
     to the layer) by empty packed modules on ``device``, ready for ``load_state_dict(..., assign=True)``."""
-    from .nn import MCExperts, QuantLinear
+    from .nn import QuantLinear
+    from .nn.experts import packed_like
     from .nn.nf4_linear import NF4Linear
 
     blk = moe_block(layer, layer_idx, arch)
     if expert_bits is not None and blk is not None:
-        old = blk.experts
-        new = MCExperts(
-            int(old.num_experts),
-            int(old.gate_up_proj.shape[2]),
-            int(old.gate_up_proj.shape[1] // 2),
-            list(expert_bits),
-            group_size,
-            old.act_fn,
-            dtype=old.gate_up_proj.dtype,
-            device=device,
-        )
+        new = packed_like(blk.experts, list(expert_bits), group_size, device=device)
         setattr(blk.block, arch.experts_attr, new)
     for name, b in linear_bits.items():
         m = layer.get_submodule(name)

@@ -25,7 +25,6 @@ from optimum_mc.tools.families import check_family, moe_model_types, tiny_config
 
 # why a family does not pass yet (strict: a family that starts passing must be moved out of here)
 XFAIL: dict[str, str] = {
-    "aria_text": "UnsupportedArchitectureError: experts module `layers.0.mlp.experts` (AriaExperts) stores its weights transpose",  # noqa: E501
     "axk2": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
     "bailing_hybrid": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
     "dbrx": "does not instantiate: NotImplementedError: dbrx nests sub-configs (attn_config, ffn_config); tiny sizes are on",  # noqa: E501

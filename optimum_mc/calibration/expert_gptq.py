@@ -41,6 +41,7 @@ def quantize_experts(
     opts: GPTQOptions,
     emit: Callable[[int, ExpertQuant], None] | None = None,
     count: Callable[[int], int] | None = None,
+    expert_act: Callable[[int], Callable] | None = None,
 ) -> dict[int, ExpertQuant]:
     """Quantize the experts in ``bits`` (expert -> width, or ``[gate_up, down]`` widths) with GPTQ, batched;
     ``weights(e)`` gives fp32 ``(gate_up, down)`` and ``tokens(e)`` the expert's calibration inputs and optional token
@@ -49,7 +50,8 @@ def quantize_experts(
     matrices: only one projection's stacked weights and Hessians are alive at a time (the down Hessians, ``I x I``,
     dominate). With ``emit``, each result is handed to ``emit(e, quant)`` as soon as it exists and not kept (the
     returned dict is empty). Token inputs may come in the model dtype: Hessians convert them to fp32 chunk by chunk.
-    ``count(e)``, when given, is the number of rows ``tokens(e)`` would return (saves gathering them just to count)."""
+    ``count(e)``, when given, is the number of rows ``tokens(e)`` would return (saves gathering them just to count).
+    ``expert_act(e)``, when given, is expert ``e``'s gate (``act_fn`` with the expert's gate/up bias folded in)."""
     out: dict[int, ExpertQuant] = {}
 
     def done(e: int, q: ExpertQuant) -> None:
@@ -100,7 +102,7 @@ def quantize_experts(
             x, tw = tokens(e)
             w[k] = dn
             del dn
-            mid_hessian(gu, x, act_fn, tw, out=h[k])
+            mid_hessian(gu, x, expert_act(e) if expert_act else act_fn, tw, out=h[k])
             del gu, x, tw
         dn_q = gptq_quantize_batched(w, h, [d for _, d in widths], opts.group_size, consume=True, **kw)
         del w, h

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..allocation import ExpertFactors, allocate_bits
+from ..expert_layout import expert_act
 from ..group_quant import dequantize_matrix, rtn_quantize
 from .factors import expert_forward
 
@@ -73,20 +74,22 @@ def layer_deltas(
     """Block-output changes on the held-out tokens for every expert and width (round-to-nearest).
 
     ``experts_tokens[e]``: (inputs ``(n, H)``, routing weights ``(n,)``, token ids ``(n,)``) of expert ``e``;
-    ``weights[e]``: its float (gate_up, down) matrices; ``heldout``: the mask of :func:`heldout_tokens`.
+    ``weights[e]``: its float (gate_up, down) matrices; ``heldout``: the mask of :func:`heldout_tokens`; ``act_fn``:
+    the gate of every expert, or a list of one per expert (biased experts).
     """
     row_of = torch.cumsum(heldout.long(), 0) - 1
     rows, deltas = [], []
-    for (x, r, ids), (w_gu, w_dn) in zip(experts_tokens, weights):
+    for e, ((x, r, ids), (w_gu, w_dn)) in enumerate(zip(experts_tokens, weights)):
+        act = act_fn[e] if isinstance(act_fn, (list, tuple)) else act_fn  # one gate per expert, or one for all
         keep = heldout[ids] if ids.numel() else torch.zeros(0, dtype=torch.bool)
         xh, rh = x[keep], r[keep].unsqueeze(-1)
         rows.append(row_of[ids[keep]])
-        ref = expert_forward(xh, w_gu.float(), w_dn.float(), act_fn)
+        ref = expert_forward(xh, w_gu.float(), w_dn.float(), act)
         per_width = {}
         for b in bits:
             q_gu = dequantize_matrix(*rtn_quantize(w_gu.float(), b, group_size, zero_point), group_size)
             q_dn = dequantize_matrix(*rtn_quantize(w_dn.float(), b, group_size, zero_point), group_size)
-            per_width[b] = (expert_forward(xh, q_gu, q_dn, act_fn) - ref) * rh
+            per_width[b] = (expert_forward(xh, q_gu, q_dn, act) - ref) * rh
         deltas.append(per_width)
     return HeldoutDeltas(int(heldout.sum()), hidden_dim, rows, deltas)
 
@@ -124,7 +127,7 @@ def tune_layer(routing, experts, factors: ExpertFactors, config, seed: int) -> t
     deltas = layer_deltas(
         tokens,
         weights,
-        experts.act_fn,
+        [expert_act(experts, e) for e in range(len(tokens))],
         config.candidate_bits,
         config.group_size,
         heldout,

@@ -81,7 +81,7 @@ def activation_name(act_fn) -> str | None:
     :class:`ClampedSwiGLU` with other parameters than the op's is not ``"clamped_swiglu"``). Element-wise
     activations are probed on ``act(gate)`` alone, gated objects (with ``glu``) on a grid of ``(gate, up)``.
     """
-    probe = torch.linspace(-9.0, 9.0, 97, dtype=torch.float32)
+    probe = torch.linspace(-9.0, 9.0, 97, dtype=torch.float32, device="cpu")
     glu = getattr(act_fn, "glu", None)
     try:
         with torch.no_grad():

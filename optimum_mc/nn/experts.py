@@ -17,7 +17,9 @@ from torch import nn
 
 from ..bitwidths import ExpertBits, join, op_bits, split
 from ..errors import CheckpointError, UnsupportedArchitectureError
+from ..expert_layout import canonical_experts, experts_layout
 from ..kernels import activation_name, check_routing, cpu, moe_op
+from ..kernels.activations import gated
 from ..kernels.eager import plain_eager
 from ..kernels.moe_cpu import DecodePlan
 from .linear import QuantLinear
@@ -26,32 +28,41 @@ QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class PackedExpert(nn.Module):
-    """One expert: fused gate/up and down projections as :class:`QuantLinear`."""
+    """One expert: fused gate/up and down projections as :class:`QuantLinear` (with the expert's biases, if any)."""
 
-    def __init__(self, hidden: int, inter: int, bits: ExpertBits, group_size: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, hidden: int, inter: int, bits: ExpertBits, group_size: int, dtype: torch.dtype, device,
+                 bias: tuple[bool, bool] = (False, False)) -> None:  # fmt: skip
         super().__init__()
         gu_bits, dn_bits = split(bits)
-        self.gate_up = QuantLinear(hidden, 2 * inter, gu_bits, group_size, dtype=dtype, device=device)
-        self.down = QuantLinear(inter, hidden, dn_bits, group_size, dtype=dtype, device=device)
+        self.gate_up = QuantLinear(hidden, 2 * inter, gu_bits, group_size, bias[0], dtype=dtype, device=device)
+        self.down = QuantLinear(inter, hidden, dn_bits, group_size, bias[1], dtype=dtype, device=device)
 
 
 def float_experts_shape(module: nn.Module) -> tuple[int, int, int]:
-    """``(num_experts, hidden, intermediate)`` of a transformers fused experts module; typed error otherwise."""
-    if hasattr(module, "gate_up_proj_bias") or getattr(module, "is_transposed", False):
-        raise UnsupportedArchitectureError(
-            f"{type(module).__name__} stores experts transposed with interleaved gate/up and biases (gpt-oss "
-            f"layout), which MCExperts does not support."
-        )
+    """``(num_experts, hidden, intermediate)`` of a transformers fused experts module (MC's layout or its
+    transpose, :mod:`~optimum_mc.expert_layout`); typed error otherwise."""
     gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor) or gu.dim() != 3:
         raise UnsupportedArchitectureError(f"{type(module).__name__} is not a fused (gate_up_proj, down_proj) module.")
-    e, two_i, h = gu.shape
-    if two_i % 2 or tuple(dn.shape) != (e, h, two_i // 2):
-        raise UnsupportedArchitectureError(
-            f"{type(module).__name__}: gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} are not the "
-            f"(E, 2I, H) / (E, H, I) layout."
-        )
-    return e, h, two_i // 2
+    layout = experts_layout(module, type(module).__name__)
+    return layout.num_experts, layout.hidden, layout.inter
+
+
+def packed_like(module: nn.Module, bits: list[ExpertBits], group_size: int, device=None) -> MCExperts:
+    """An empty :class:`MCExperts` for the float experts ``module`` (any layout :func:`experts_layout` reads): its
+    sizes, gate, biases and dtype, on ``device`` (default: the module's)."""
+    layout = experts_layout(module, type(module).__name__)
+    return MCExperts(
+        layout.num_experts,
+        layout.hidden,
+        layout.inter,
+        bits,
+        group_size,
+        layout.act_fn,
+        dtype=module.gate_up_proj.dtype,
+        device=module.gate_up_proj.device if device is None else device,
+        bias=(layout.gate_up_bias, layout.down_bias),
+    )
 
 
 class MCExperts(nn.Module):
@@ -68,6 +79,7 @@ class MCExperts(nn.Module):
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        bias: tuple[bool, bool] = (False, False),
     ) -> None:
         super().__init__()
         if len(bits) != num_experts:
@@ -77,10 +89,13 @@ class MCExperts(nn.Module):
         self.group_size, self.act_fn, self.dtype = group_size, act_fn, dtype
         self.op_bits = op_bits(self.bits)  # the fused op's bits argument (E or 2E ints)
         self.packed = nn.ModuleList(
-            PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device) for b in bits
+            PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device, bias) for b in bits
         )
-        # the fused op's name for act_fn; None (an activation it does not know) keeps the per-expert loop
-        self.activation = activation_name(act_fn)
+        # (gate_up, down) biases, stored in the model dtype next to each expert's packed matrices (packed.<e>.*.bias)
+        self.has_bias = tuple(bool(b) for b in bias)
+        # the fused op's name for act_fn; None (an activation it does not know) keeps the per-expert loop, and so do
+        # expert biases: the fused op has no bias inputs (the loop runs each QuantLinear's kernels plus its bias)
+        self.activation = activation_name(act_fn) if not any(self.has_bias) else None
         # what the CPU decode kernel feeds its GEMVs: "auto" (int8 for bf16 / fp16 inputs where the CPU has the
         # integer-dot kernels), "float" or "int8" (kernels.cpu.int8_decode; set_decode_activations)
         self.decode_activations = "auto"
@@ -90,9 +105,8 @@ class MCExperts(nn.Module):
         """Round-to-nearest conversion of a transformers fused experts module."""
         from ..group_quant import rtn_quantize
 
-        e, h, i = float_experts_shape(module)
-        dtype, device = module.gate_up_proj.dtype, module.gate_up_proj.device
-        new = cls(e, h, i, bits, group_size, module.act_fn, dtype, device)
+        module = canonical_experts(module, type(module).__name__)  # MC's layout (exact transposes / permutations)
+        new = packed_like(module, bits, group_size)
         for k, b in enumerate(bits):
             gu_bits, dn_bits = split(b)
             new.set_expert(
@@ -100,6 +114,7 @@ class MCExperts(nn.Module):
                 gate_up=rtn_quantize(module.gate_up_proj[k].detach(), gu_bits, group_size),
                 down=rtn_quantize(module.down_proj[k].detach(), dn_bits, group_size),
             )
+            new.set_bias(k, getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None))
         return new
 
     def set_expert(self, e: int, gate_up: QuantTriple, down: QuantTriple) -> None:
@@ -107,11 +122,27 @@ class MCExperts(nn.Module):
         self.packed[e].gate_up.set_codes(*gate_up)
         self.packed[e].down.set_codes(*down)
 
+    def set_bias(self, e: int, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None) -> None:
+        """Copy expert ``e``'s biases (rows ``e`` of float ``(E, 2I)`` / ``(E, H)`` tensors in MC's layout)."""
+        for lin, b in ((self.packed[e].gate_up, gate_up_bias), (self.packed[e].down, down_bias)):
+            if (lin.bias is None) != (b is None):
+                built = "with" if b is None else "without"
+                raise CheckpointError(f"expert {e}: a bias given or missing for a projection built {built} one.")
+            if b is not None:
+                with torch.no_grad():
+                    lin.bias.copy_(b[e].detach().to(lin.bias.dtype))
+
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` in the module dtype."""
         gu = torch.stack([p.gate_up.dequantize_weight(self.dtype) for p in self.packed])
         dn = torch.stack([p.down.dequantize_weight(self.dtype) for p in self.packed])
         return gu, dn
+
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``gate_up_proj_bias (E, 2I)`` and ``down_proj_bias (E, H)`` in MC's row order (None where absent)."""
+        gb = torch.stack([p.gate_up.bias for p in self.packed]) if self.has_bias[0] else None
+        db = torch.stack([p.down.bias for p in self.packed]) if self.has_bias[1] else None
+        return gb, db
 
     def expert_nbytes(self, e: int) -> int:
         """Packed bytes of expert ``e`` (both matrices, with scales and zeros)."""
@@ -119,7 +150,7 @@ class MCExperts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.packed[e].gate_up(x).chunk(2, dim=-1)
-        return self.packed[e].down(self.act_fn(gate) * up)
+        return self.packed[e].down(gated(self.act_fn, gate, up))
 
     def packed_weights(self) -> tuple[list[torch.Tensor], ...]:
         """Six lists over experts: gate_up ``qweight``, ``scales``, ``zeros``, then the same of down.
@@ -220,7 +251,8 @@ class MCExperts(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, bits={self.bits}, group_size={self.group_size}"
+        bias = f", bias={self.has_bias}" if any(self.has_bias) else ""
+        return f"num_experts={self.num_experts}, bits={self.bits}, group_size={self.group_size}{bias}"
 
 
 def set_decode_activations(model: nn.Module, mode: str = "int8") -> int:

@@ -1,8 +1,10 @@
 """The MoE text families of the installed transformers, and tiny random configs of each (tests, support matrix).
 
 The family list is generated from transformers itself: every ``models/<name>/modeling_*.py`` whose experts follow
-the shared experts interface (``forward(hidden_states, top_k_index, top_k_weights)``), mapped to the config model
-types that have a causal-LM class. A newer transformers adds its families here without a code change.
+the shared experts interface (``forward(hidden_states, top_k_index, top_k_weights)``, or are declared to
+transformers' experts dispatch with ``@use_experts_implementation``, as gpt-oss's are under other argument names),
+mapped to the config model types that have a causal-LM class. A newer transformers adds its families here without a
+code change.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def moe_model_types() -> list[str]:
         for f in os.listdir(folder):
             if f.startswith("modeling_") and f.endswith(".py"):
                 with open(os.path.join(folder, f), encoding="utf-8") as fh:
-                    if "top_k_index" in fh.read():
+                    src = fh.read()
+                    if "top_k_index" in src or "@use_experts_implementation" in src:
                         modules.add(name)
     return [
         mt

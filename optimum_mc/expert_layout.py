@@ -1,0 +1,254 @@
+"""How a transformers fused experts module stores its experts, read from the module, and MC's layout of them.
+
+MC's layout (what calibration, GPTQ and :class:`~optimum_mc.nn.MCExperts` work on) is the one most families use:
+``gate_up_proj (E, 2I, H)`` with the gate rows then the up rows, ``down_proj (E, H, I)``, ``y = x @ W.T``, and
+``act(gate) * up`` between the projections. Some families deviate; :func:`experts_layout` reads how, from the
+module itself:
+
+- **transposed** storage (``gate_up_proj (E, H, 2I)``, ``down_proj (E, I, H)``, ``y = x @ W``: gpt-oss, Aria) from
+  the shapes alone. The two readings never both fit: the down matrix would need ``H == H / 2``.
+- **biases** (``gate_up_proj_bias (E, 2I)``, ``down_proj_bias (E, H)``: gpt-oss) from the parameters present.
+- the **gate** between the projections and whether gate / up columns are **interleaved** (``[..., ::2]`` /
+  ``[..., 1::2]``: gpt-oss) rather than two halves: by probing the module's ``_apply_gate`` (transformers' hook
+  for it, taking the ``(S, 2I)`` gate/up output) on fixed random values against every candidate, the module's
+  ``act_fn`` as ``act(gate) * up`` and, for a module with ``alpha`` and ``limit`` (gpt-oss's config values), the
+  clamped SwiGLU, each on halves and on interleaved columns. Probing needs no weights, so it works on the meta
+  device; a module without ``_apply_gate`` is read as ``act_fn(gate) * up`` on halves.
+
+:func:`canonical_experts` converts a deviating module (with real weights) into :class:`CanonicalExperts` (MC's
+layout, biases kept as float tensors) and checks that it reproduces the original's forward on random routed tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+from .kernels.activations import BiasedGLU, ClampedSwiGLU, gated
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How one experts module stores its experts (see the module docstring)."""
+
+    num_experts: int
+    hidden: int
+    inter: int
+    transposed: bool = False
+    interleaved: bool = False
+    gate_up_bias: bool = False
+    down_bias: bool = False
+    act_fn: Any = None  # element-wise act (act(gate) * up) or a gated object (glu(gate, up))
+
+    @property
+    def bias(self) -> bool:
+        return self.gate_up_bias or self.down_bias
+
+    @property
+    def canonical(self) -> bool:
+        """Stored as MC's layout already (biases and the gate are carried, not converted)."""
+        return not (self.transposed or self.interleaved)
+
+
+def _shape(name: str, module: nn.Module, hidden: int | None) -> tuple[int, int, int, bool]:
+    cls = type(module).__name__
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    e = getattr(module, "num_experts", None)
+    if e is None:
+        raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `num_experts` (check: experts).")
+    if not isinstance(dn, torch.Tensor) or dn.dim() != 3:
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}) has no 3-D down_proj; expected (E, H, I) (check: experts layout)."
+        )
+    ge, a, b = (int(s) for s in gu.shape)
+    if ge == int(e) and a % 2 == 0 and tuple(dn.shape) == (ge, b, a // 2) and (not hidden or b == hidden):
+        return ge, b, a // 2, False
+    if ge == int(e) and b % 2 == 0 and tuple(dn.shape) == (ge, b // 2, a) and (not hidden or a == hidden):
+        return ge, a, b // 2, True
+    raise UnsupportedArchitectureError(
+        f"experts module `{name}` ({cls}): gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} with "
+        f"num_experts={e} are not the (E, 2I, H) / (E, H, I) layout, nor its transpose (E, H, 2I) / (E, I, H) "
+        f"(check: experts layout)."
+    )
+
+
+def _bias(name: str, module: nn.Module, attr: str, shape: tuple[int, int]) -> bool:
+    b = getattr(module, attr, None)
+    if b is None:
+        return False
+    if not isinstance(b, torch.Tensor) or tuple(b.shape) != shape:
+        got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({type(module).__name__}): {attr} is {got}, expected {shape} (check: experts "
+            f"biases)."
+        )
+    return True
+
+
+def _is_gate(act: Any) -> bool:
+    """An element-wise activation (callable) or a gated object (with ``glu(gate, up)``)."""
+    return callable(act) or callable(getattr(act, "glu", None))
+
+
+def _candidates(module: nn.Module) -> list[Any]:
+    out = []
+    if _is_gate(getattr(module, "act_fn", None)):
+        out.append(module.act_fn)
+    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
+        out.append(ClampedSwiGLU(alpha, limit))
+    return out
+
+
+def _split(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return (h[..., ::2], h[..., 1::2]) if interleaved else h.chunk(2, dim=-1)
+
+
+def _gate(name: str, module: nn.Module, inter: int) -> tuple[bool, Any]:
+    """``(interleaved, act_fn)`` of the module's gate (probed, see the module docstring)."""
+    cls = type(module).__name__
+    cands = _candidates(module)
+    apply_gate = getattr(module, "_apply_gate", None)
+    if not callable(apply_gate):
+        if not _is_gate(getattr(module, "act_fn", None)):
+            raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `act_fn` (check: experts).")
+        return False, module.act_fn
+    h = torch.randn(16, 2 * inter, generator=torch.Generator().manual_seed(0), device="cpu") * 6
+    try:
+        with torch.no_grad():
+            got = apply_gate(h)
+    except Exception as exc:  # a gate that needs more than the gate/up output: none MC can reproduce
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}): its _apply_gate does not run on a (tokens, 2I) tensor "
+            f"({type(exc).__name__}: {exc}) (check: experts activation)."
+        ) from exc
+    for interleaved in (False, True):
+        for act in cands:
+            want = gated(act, *_split(h, interleaved))
+            if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, 1e-5, 1e-6):
+                return interleaved, act
+    raise UnsupportedArchitectureError(
+        f"experts module `{name}` ({cls}): its _apply_gate matches none of act_fn(gate) * up and the clamped SwiGLU, "
+        f"on gate / up halves or interleaved columns (check: experts activation)."
+    )
+
+
+def experts_layout(module: nn.Module, name: str = "experts", hidden: int | None = None) -> ExpertsLayout:
+    """How ``module`` (a transformers fused experts module, weights possibly on the meta device) stores its
+    experts; typed error naming the failed check otherwise. ``hidden``: the model's hidden size, when known."""
+    e, h, i, transposed = _shape(name, module, hidden)
+    interleaved, act = _gate(name, module, i)
+    return ExpertsLayout(
+        e,
+        h,
+        i,
+        transposed=transposed,
+        interleaved=interleaved,
+        gate_up_bias=_bias(name, module, "gate_up_proj_bias", (e, 2 * i)),
+        down_bias=_bias(name, module, "down_proj_bias", (e, h)),
+        act_fn=act,
+    )
+
+
+def canonical_tensors(module: nn.Module, layout: ExpertsLayout) -> dict[str, torch.Tensor | None]:
+    """The module's weights in MC's layout: ``gate_up_proj (E, 2I, H)`` (gate rows, then up rows), ``down_proj
+    (E, H, I)``, ``gate_up_proj_bias (E, 2I)`` in the same row order and ``down_proj_bias (E, H)`` (None where the
+    module has none). Exact copies (transposes and column permutations only)."""
+    gu, dn = module.gate_up_proj.detach(), module.down_proj.detach()
+    if layout.transposed:
+        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+    gb = module.gate_up_proj_bias.detach() if layout.gate_up_bias else None
+    if layout.interleaved:
+        gu = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
+        gb = torch.cat([gb[:, 0::2], gb[:, 1::2]], dim=1) if gb is not None else None
+    db = module.down_proj_bias.detach() if layout.down_bias else None
+    out = {"gate_up_proj": gu, "down_proj": dn, "gate_up_proj_bias": gb, "down_proj_bias": db}
+    return {k: (v.contiguous() if v is not None else None) for k, v in out.items()}
+
+
+class CanonicalExperts(nn.Module):
+    """Float experts in MC's layout, with optional biases and a gated ``act_fn``: what a deviating module
+    (gpt-oss, Aria) is converted into before calibration. Same forward interface as transformers' experts."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None], act_fn: Any) -> None:
+        super().__init__()
+        gu, dn = tensors["gate_up_proj"], tensors["down_proj"]
+        self.num_experts, self.hidden_dim, self.intermediate_dim = gu.shape[0], gu.shape[2], dn.shape[2]
+        self.gate_up_proj = nn.Parameter(gu, requires_grad=False)
+        self.down_proj = nn.Parameter(dn, requires_grad=False)
+        for k in ("gate_up_proj_bias", "down_proj_bias"):
+            t = tensors.get(k)
+            setattr(self, k, nn.Parameter(t, requires_grad=False) if t is not None else None)
+        self.act_fn = act_fn
+
+    def expert_act(self, e: int) -> Any:
+        """The gate of expert ``e`` with its gate/up bias folded in (what calibration multiplies through)."""
+        return self.act_fn if self.gate_up_proj_bias is None else BiasedGLU(self.act_fn, self.gate_up_proj_bias[e])
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.gate_up_proj[e].t()
+        if self.gate_up_proj_bias is not None:
+            h = h + self.gate_up_proj_bias[e]
+        y = gated(self.act_fn, *h.chunk(2, dim=-1)) @ self.down_proj[e].t()
+        return y + self.down_proj_bias[e] if self.down_proj_bias is not None else y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            if e < 0 or e >= self.num_experts:
+                continue
+            token, slot = torch.where(top_k_index == e)
+            y = self.expert_forward(e, hidden_states[token]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def expert_act(experts: nn.Module, e: int) -> Any:
+    """The gate calibration uses for expert ``e`` of a float experts module (its bias folded in where it has one)."""
+    fn = getattr(experts, "expert_act", None)
+    return fn(e) if callable(fn) else experts.act_fn
+
+
+def _check_same(name: str, original: nn.Module, new: CanonicalExperts, layout: ExpertsLayout) -> None:
+    """The converted module must reproduce the original's forward on random routed tokens (fp32 copies)."""
+    g = torch.Generator().manual_seed(0)
+    dev = new.gate_up_proj.device
+    tokens, k = 16, min(2, layout.num_experts)
+    x = torch.randn(tokens, layout.hidden, generator=g).to(dev)
+    idx = torch.stack([torch.randperm(layout.num_experts, generator=g)[:k] for _ in range(tokens)]).to(dev)
+    w = torch.rand(tokens, k, generator=g).to(dev)
+    dtype = new.gate_up_proj.dtype
+    with torch.no_grad():
+        want = original(x.to(dtype), idx, w.to(dtype)).float()
+        got = new(x.to(dtype), idx, w.to(dtype)).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    err = float((got - want).abs().max())
+    if not err <= tol * (float(want.abs().max()) + 1e-6):
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({type(original).__name__}) read as {layout_summary(layout)} does not "
+            f"reproduce its forward after conversion (max |diff| {err:.3g}) (check: experts layout)."
+        )
+
+
+def layout_summary(layout: ExpertsLayout) -> str:
+    parts = ["transposed" if layout.transposed else "(E, 2I, H)"]
+    parts += ["interleaved gate/up"] if layout.interleaved else []
+    parts += ["biases"] if layout.bias else []
+    return ", ".join(parts) + f", gate {layout.act_fn!r}"
+
+
+def canonical_experts(module: nn.Module, name: str = "experts") -> nn.Module:
+    """``module`` itself when it is in MC's layout without biases, else an equivalent :class:`CanonicalExperts`
+    (checked against the original's forward)."""
+    if isinstance(module, CanonicalExperts) or hasattr(module, "packed"):
+        return module
+    layout = experts_layout(module, name)
+    if layout.canonical and not layout.bias and not hasattr(layout.act_fn, "glu"):
+        return module
+    new = CanonicalExperts(canonical_tensors(module, layout), layout.act_fn)
+    _check_same(name, module, new, layout)
+    return new
