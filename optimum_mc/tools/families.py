@@ -2,9 +2,10 @@
 
 The family list is generated from transformers itself: every ``models/<name>/modeling_*.py`` whose experts follow
 the shared experts interface (``forward(hidden_states, top_k_index, top_k_weights)``, or are declared to
-transformers' experts dispatch with ``@use_experts_implementation``, as gpt-oss's are under other argument names),
-mapped to the config model types that have a causal-LM class. A newer transformers adds its families here without a
-code change.
+transformers' experts dispatch with ``@use_experts_implementation``, as gpt-oss's are under other argument names), or
+that hold fused 3-D experts (``gate_up_proj = nn.Parameter``) behind another interface (Llama 4: listed so that the
+support matrix says why it fails), mapped to the config model types that have a causal-LM class. A newer transformers
+adds its families here without a code change.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def moe_model_types() -> list[str]:
             if f.startswith("modeling_") and f.endswith(".py"):
                 with open(os.path.join(folder, f), encoding="utf-8") as fh:
                     src = fh.read()
-                    if "top_k_index" in src or "@use_experts_implementation" in src:
+                    markers = ("top_k_index", "@use_experts_implementation", "gate_up_proj = nn.Parameter")
+                    if any(m in src for m in markers):
                         modules.add(name)
     return [
         mt
