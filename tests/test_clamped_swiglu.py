@@ -1,6 +1,7 @@
-"""gpt-oss's clamped SwiGLU ("clamped_swiglu") in every path of ``optimum_mc::moe``: the pure-torch reference
-defines it; the C kernels (decode in ``mc_moe_decode``, prefill between the grouped GEMMs), autograd and Triton (under
-``TRITON_INTERPRET=1``) must match it. Inputs are scaled so that both clamps (gate > 7, |up| > 7) are hit."""
+"""gpt-oss's clamped SwiGLU ("clamped_swiglu") and expert biases in every path of ``optimum_mc::moe``: the
+pure-torch reference defines them; the C kernels (decode in ``mc_moe_decode``, prefill between the grouped GEMMs),
+autograd and Triton (under ``TRITON_INTERPRET=1``) must match it. Inputs are scaled so that both clamps (gate > 7,
+|up| > 7) are hit."""
 
 from __future__ import annotations
 
@@ -139,5 +140,86 @@ def test_triton_moe_matches_reference_under_interpreter():
     pytest.importorskip("triton", reason="Triton is an optional extra (pip install 'optimum-mc[triton]')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------- expert biases (gpt-oss) in the fused op
+
+
+def _biases(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(BITS), 2 * INTER, generator=g) * 2, torch.randn(len(BITS), H, generator=g)
+
+
+def test_reference_adds_each_experts_bias_rows():
+    gate_up, down = _experts()
+    x, idx, w = _inputs(3)
+    gb, db = _biases()
+    got = moe_reference(x, idx, w, gate_up, down, BITS, "clamped_swiglu", gb, db)
+    want = torch.zeros_like(x)
+    for t in range(3):
+        for k in range(2):
+            e = int(idx[t, k])
+            h = x[t] @ dequantize_reference(*gate_up[e], BITS[e], torch.float32).t() + gb[e]
+            y = clamped_swiglu(h[:INTER], h[INTER:]) @ dequantize_reference(*down[e], BITS[e], torch.float32).t()
+            want[t] += w[t, k] * (y + db[e])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, cpu.GEMV_MAX_ROWS + 1, 40])
+def test_cpu_kernels_with_biases_match_reference(tokens, dtype):
+    gate_up, down = _experts()
+    x, idx, w = _inputs(tokens)
+    idx[0, 1] = len(BITS)  # a slot dropped by ODP: no bias either
+    gb, db = _biases()
+    x = x.to(dtype)
+    ref = moe_reference(x, idx, w, gate_up, down, BITS, "clamped_swiglu", gb, db)
+    got = moe(x, idx, w, gate_up, down, BITS, "clamped_swiglu", gb, db)
+    scale = ref.float().abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=3e-2 * scale)
+    assert not torch.equal(got, moe(x, idx, w, gate_up, down, BITS, "clamped_swiglu"))  # the biases count
+
+
+def test_bad_biases_raise_typed_errors():
+    from optimum_mc.errors import DTypeError, ShapeError
+
+    gate_up, down = _experts()
+    x, idx, w = _inputs(2)
+    gb, db = _biases()
+    with pytest.raises(ShapeError, match=r"gate_up_bias must be \(4, 64\)"):
+        moe(x, idx, w, gate_up, down, BITS, "clamped_swiglu", gb[:, :5], db)
+    with pytest.raises(DTypeError, match="down_bias must be floating point"):
+        moe(x, idx, w, gate_up, down, BITS, "clamped_swiglu", gb, db.long())
+
+
+def test_autograd_with_biases_matches_reference_gradient():
+    gate_up, down = _experts()
+    x, idx, w = _inputs(5)
+    gb, db = _biases()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    moe(x1, idx, w, gate_up, down, BITS, "clamped_swiglu", gb, db).square().sum().backward()
+    moe_reference(x2, idx, w, gate_up, down, BITS, "clamped_swiglu", gb, db).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4 * x2.grad.abs().max().item())
+
+
+TRITON_BIAS_CHECK = TRITON_CHECK.replace(
+    'ref = moe_reference(x, idx, w, gu, dn, bits, "clamped_swiglu")',
+    "idx[0, 1] = E; gb, db = torch.randn(E, 2 * I, generator=g) * 2, torch.randn(E, H, generator=g)\n"
+    '    ref = moe_reference(x, idx, w, gu, dn, bits, "clamped_swiglu", gb, db)',
+).replace('"clamped_swiglu", gemv=gemv', '"clamped_swiglu", "float", gb, db, gemv=gemv')
+
+
+def test_triton_moe_with_biases_matches_reference_under_interpreter():
+    pytest.importorskip("triton", reason="Triton is an optional extra (pip install 'optimum-mc[triton]')")
+    assert "gb, db, gemv=gemv" in TRITON_BIAS_CHECK
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_BIAS_CHECK], env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")

@@ -45,11 +45,11 @@ def test_pipeline_counts_match_the_gathered_tokens(monkeypatch, expert_hessian):
     checked = []
     original = pipeline.quantize_experts
 
-    def spy(weights, tokens, act_fn, bits, opts, emit=None, count=None):
+    def spy(weights, tokens, act_fn, bits, opts, emit=None, count=None, **kw):
         for e in bits:
             assert count(e) == tokens(e)[0].shape[0], (e, count(e))
             checked.append(e)
-        return original(weights, tokens, act_fn, bits, opts, emit=emit, count=count)
+        return original(weights, tokens, act_fn, bits, opts, emit=emit, count=count, **kw)
 
     monkeypatch.setattr(pipeline, "quantize_experts", spy)
     cfg = optimum_mc.MCConfig(bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS,

@@ -102,10 +102,15 @@ def test_mc_experts_track_the_float_module(bits, bound):
     """Round-to-nearest MCExperts (biases kept in float) against GptOssExperts: relative output error."""
     ex = _gpt_oss_experts()
     mc = MCExperts.from_float(ex, [bits] * 8, group_size=32)
-    assert mc.has_bias == (True, True) and mc.activation is None  # biases: the per-expert loop (documented)
+    assert mc.has_bias == (True, True) and mc.activation == "clamped_swiglu"  # the fused op, biases included
     x, idx, w = _routed(ex, scale=4.0)
     with torch.no_grad():
         want, got = ex(x, idx, w), mc(x, idx, w)
+        # the fused op (C prefill here, C decode for 2 tokens) against the QuantLinear-by-QuantLinear loop
+        loop = mc.forward_per_expert(x, idx, w)
+        torch.testing.assert_close(got, loop, rtol=1e-5, atol=1e-5 * loop.abs().max().item())
+        few = mc(x[:2], idx[:2], w[:2])
+        torch.testing.assert_close(few, loop[:2], rtol=1e-5, atol=1e-5 * loop.abs().max().item())
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < bound, rel
     gb, db = mc.biases()  # kept exactly, in MC's row order

@@ -77,18 +77,21 @@ def test_mcexperts_match_float_experts_with_dequantized_weights(family):
     assert torch.equal(fresh(hidden, index, weights), got)
 
 
-def test_gpt_oss_is_rejected_clearly(tmp_path):
+def test_experts_whose_forward_their_layout_does_not_reproduce_are_refused():
+    """gpt-oss's experts are converted into MC's layout (tests/test_gpt_oss.py); a module whose forward differs from
+    what its layout says is refused by the conversion's check instead of being quantized into wrong numbers."""
     cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
                                     num_experts_per_tok=2, head_dim=32)  # fmt: skip
-    model = transformers.GptOssForCausalLM(cfg)
-    with pytest.raises(UnsupportedArchitectureError, match="gpt-oss"):
-        MCExperts.from_float(model.model.layers[0].mlp.experts, [2] * 4, 32)
-    model.save_pretrained(tmp_path)
-    import optimum_mc
-
-    with pytest.raises(UnsupportedArchitectureError, match="gpt_oss"):
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=optimum_mc.MCConfig())
+    ex = transformers.GptOssForCausalLM(cfg).model.layers[0].mlp.experts
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.1, generator=G)
+    assert MCExperts.from_float(ex, [4] * 4, 32).has_bias == (True, True)
+    real = ex.forward
+    ex.forward = lambda h, i, w: real(h, i, w) * 2
+    with pytest.raises(UnsupportedArchitectureError, match=r"GptOssExperts.*does not reproduce its forward"):
+        MCExperts.from_float(ex, [2] * 4, 32)
 
 
 def test_nf4_linear_uses_bitsandbytes_and_round_trips():

@@ -42,9 +42,10 @@ def _qmatmul_backward(ctx, grad: torch.Tensor):
 
 
 def _moe_setup(ctx, inputs, output) -> None:
-    x, top_k_index, top_k_weights, gq, gs, gz, dq, ds, dz, bits, activation, *_ = inputs
+    x, top_k_index, top_k_weights, gq, gs, gz, dq, ds, dz, bits, activation, *rest = inputs
     ctx.save_for_backward(x, top_k_index, top_k_weights, *gq, *gs, *gz, *dq, *ds, *dz)
     ctx.bits, ctx.activation = list(bits), activation
+    ctx.biases = (rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None)  # frozen, like the codes
 
 
 def _moe_backward(ctx, grad: torch.Tensor):
@@ -64,8 +65,12 @@ def _moe_backward(ctx, grad: torch.Tensor):
         w_gu, w_dn = _dequant(gq[e], gs[e], gz[e], gu_bits[e]), _dequant(dq[e], ds[e], dz[e], dn_bits[e])
         with torch.enable_grad():
             h = x[token].detach().float().requires_grad_(want_x)
-            gate, up = (h @ w_gu.t()).chunk(2, dim=-1)
-            y = glu(gate, up) @ w_dn.t()
+            hg = h @ w_gu.t()
+            if ctx.biases[0] is not None:
+                hg = hg + ctx.biases[0][e].float()
+            y = glu(*hg.chunk(2, dim=-1)) @ w_dn.t()
+            if ctx.biases[1] is not None:
+                y = y + ctx.biases[1][e].float()
             weight = top_k_weights[token, slot].float()
             if want_w:
                 grad_w[token, slot] = (g[token] * y.detach()).sum(-1)

@@ -189,7 +189,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_dequantize_bf16.restype = _INT
     lib.mc_moe_gemv.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _INT, _INT]
     lib.mc_moe_gemv.restype = _INT
-    decode_args = [_P, _I64, _I64, _P, _P, *[_P] * 7, *[_I64] * 5, _INT, _P, _INT, ctypes.c_float, _P, _INT]
+    decode_args = [_P, _I64, _I64, _P, _P, *[_P] * 7, *[_I64] * 5, _INT, _P, _INT, ctypes.c_float, _P, _INT, _P, _P]
     lib.mc_moe_decode.argtypes = decode_args
     lib.mc_moe_decode.restype = _INT
     lib.mc_i8dot_available.argtypes = []

@@ -931,11 +931,13 @@ static void odp_rule(const int64_t *idx, const float *w, int64_t T, int64_t K, i
  * odp_threshold > 0 applies ODP's rule to the routing first; odp_counts (E + 3 int64, or NULL) accumulates ODP's
  * statistics: slots evaluated per expert [0, E), dropped slots [E], tokens [E + 2]. int8_act != 0 rounds the
  * GEMVs' inputs to int8 per group (the int8-activation GEMV above); 0 keeps them fp32. bits holds 2E widths: the
- * gate/up matrices' (bits[e]), then the down matrices' (bits[E + e]). */
+ * gate/up matrices' (bits[e]), then the down matrices' (bits[E + e]). gu_bias (E, 2I) / dn_bias (E, H) fp32, or
+ * NULL: the experts' biases, added to each projection's output (gpt-oss). */
 int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, const float *w_in, const int64_t *gq,
                   const int64_t *gs, const int64_t *gz, const int64_t *dq, const int64_t *ds, const int64_t *dz,
                   const int32_t *bits, int64_t E, int64_t H, int64_t I, int64_t group_gu, int64_t group_dn, int act,
-                  float *out, int threads, float odp_threshold, int64_t *odp_counts, int int8_act) {
+                  float *out, int threads, float odp_threshold, int64_t *odp_counts, int int8_act,
+                  const float *gu_bias, const float *dn_bias) {
     memset(out, 0, sizeof(float) * (size_t)(T * H));
     int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     int64_t *start = (int64_t *)calloc((size_t)E, sizeof(int64_t));
@@ -977,17 +979,30 @@ int mc_moe_decode(const float *x, int64_t T, int64_t K, const int64_t *idx_in, c
         for (int64_t r = 0; r < P; r++) memcpy(xg + r * H, x + (pair[r] / K) * H, sizeof(float) * (size_t)H);
         rc = mc_moe_gemv(xg, gq, gs, gz, bits, start, count, E, h, 2 * I, H, group_gu, threads, int8_act);
         if (rc == 0) {
-            for (int64_t r = 0; r < P; r++) {
-                float *hr = h + r * 2 * I, *ar = h + r * I; /* glu(gate, up), compacted in place into (P, I) */
-                for (int64_t j = 0; j < I; j++) ar[j] = gated(hr[j], hr[I + j], act);
+            /* glu(gate + b, up + b), compacted in place into (P, I): rows in increasing order (sorted by expert) */
+            for (int64_t e = 0; e < E; e++) {
+                const float *gb = gu_bias != NULL ? gu_bias + e * 2 * I : NULL;
+                for (int64_t r = start[e]; r < start[e] + count[e]; r++) {
+                    float *hr = h + r * 2 * I, *ar = h + r * I;
+                    if (gb == NULL)
+                        for (int64_t j = 0; j < I; j++) ar[j] = gated(hr[j], hr[I + j], act);
+                    else
+                        for (int64_t j = 0; j < I; j++) ar[j] = gated(hr[j] + gb[j], hr[I + j] + gb[I + j], act);
+                }
             }
             rc = mc_moe_gemv(h, dq, ds, dz, bits + E, start, count, E, y, H, I, group_dn, threads, int8_act);
         }
         if (rc == 0) {
-            for (int64_t r = 0; r < P; r++) {
-                float wr = w[pair[r]], *o = out + (pair[r] / K) * H;
-                const float *yr = y + r * H;
-                for (int64_t j = 0; j < H; j++) o[j] += wr * yr[j];
+            for (int64_t e = 0; e < E; e++) {
+                const float *db = dn_bias != NULL ? dn_bias + e * H : NULL;
+                for (int64_t r = start[e]; r < start[e] + count[e]; r++) {
+                    float wr = w[pair[r]], *o = out + (pair[r] / K) * H;
+                    const float *yr = y + r * H;
+                    if (db == NULL)
+                        for (int64_t j = 0; j < H; j++) o[j] += wr * yr[j];
+                    else
+                        for (int64_t j = 0; j < H; j++) o[j] += wr * (yr[j] + db[j]);
+                }
             }
         }
     }

@@ -1,8 +1,10 @@
 """``optimum_mc::moe``: one op for a whole mixed-precision MoE layer (all experts, both projections, routing sum).
 
 Schema: ``moe(x (T, H), top_k_index (T, K), top_k_weights (T, K), gate_up_{qweight,scales,zeros}: E tensors each,
-down_{qweight,scales,zeros}: E tensors each, bits: E or 2E ints, activation: str) -> (T, H)`` in ``x.dtype``: for every
-token ``sum_k w[t, k] * down_e(glu(gate_e(x_t), up_e(x_t)))`` with ``e = top_k_index[t, k]``; a slot whose index is
+down_{qweight,scales,zeros}: E tensors each, bits: E or 2E ints, activation: str, decode_activations: str,
+gate_up_bias: (E, 2I)?, down_bias: (E, H)?) -> (T, H)`` in ``x.dtype``: for every token
+``sum_k w[t, k] * down_e(glu(gate_e(x_t), up_e(x_t)))`` with ``e = top_k_index[t, k]`` (each projection plus its
+expert's bias row where biases are given: gpt-oss); a slot whose index is
 ``E`` (dropped by online dynamic pruning) contributes nothing and costs nothing. Expert ``e``'s fused ``(2I, H)``
 gate/up matrix and ``(I, H)``-input down matrix are packed at ``bits[e]`` bits (docs/format.md), or, with ``2E``
 widths, at ``bits[e]`` and ``bits[E + e]`` (per-projection allocation, :mod:`optimum_mc.bitwidths`), so one call mixes
@@ -44,16 +46,18 @@ def _moe_op(
     bits: list[int],
     activation: str,
     decode_activations: str = "float",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_index_values(top_k_index, len(gate_up_qweight))
     gate_up = list(zip(gate_up_qweight, gate_up_scales, gate_up_zeros))
     down = list(zip(down_qweight, down_scales, down_zeros))
-    return moe_reference(x, top_k_index, top_k_weights, gate_up, down, bits, activation)
+    return moe_reference(x, top_k_index, top_k_weights, gate_up, down, bits, activation, gate_up_bias, down_bias)
 
 
 @_moe_op.register_fake
 def _(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight, down_scales,
-      down_zeros, bits, activation, decode_activations="float"):  # fmt: skip
+      down_zeros, bits, activation, decode_activations="float", gate_up_bias=None, down_bias=None):  # fmt: skip
     return torch.empty_like(x)
 
 
@@ -96,6 +100,21 @@ def check_experts(gate_up: Sequence[Packed], down: Sequence[Packed], bits: Seque
     return h, i
 
 
+def check_biases(gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, experts: int, hidden: int,
+                 inter: int, device: torch.device) -> None:  # fmt: skip
+    """The optional expert biases: float ``(E, 2I)`` and ``(E, H)`` on the experts' device."""
+    for name, b, shape in (("gate_up_bias", gate_up_bias, (experts, 2 * inter)), ("down_bias", down_bias,
+                                                                                  (experts, hidden))):  # fmt: skip
+        if b is None:
+            continue
+        if tuple(b.shape) != shape:
+            raise ShapeError(f"{name} must be {shape}, got {tuple(b.shape)}.")
+        if not b.dtype.is_floating_point:
+            raise DTypeError(f"{name} must be floating point, got {b.dtype}.")
+        if b.device != device:
+            raise DeviceMismatchError(f"{name} is on {b.device}, the packed experts on {device}.")
+
+
 def check_routing(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, hidden: int,
                   device: torch.device, activation: str) -> None:  # fmt: skip
     """Cheap per-call checks of the op's non-weight inputs (shapes, dtypes, devices; never values)."""
@@ -129,13 +148,17 @@ def moe(
     down: Sequence[Packed],
     bits: Sequence[int],
     activation: str = "silu",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validated entry point of ``optimum_mc::moe``: ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed
-    ``(qweight, scales, zeros)``. Checks the packed experts too (modules check them once, at build / load)."""
-    hidden, _ = check_experts(gate_up, down, bits)
+    ``(qweight, scales, zeros)``, optional ``gate_up_bias (E, 2I)`` / ``down_bias (E, H)`` their biases. Checks the
+    packed experts too (modules check them once, at build / load)."""
+    hidden, inter = check_experts(gate_up, down, bits)
     check_routing(x, top_k_index, top_k_weights, hidden, gate_up[0][0].device, activation)
+    check_biases(gate_up_bias, down_bias, len(gate_up), hidden, inter, gate_up[0][0].device)
     lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
-    return moe_op(x, top_k_index, top_k_weights, *lists, list(bits), activation)
+    return moe_op(x, top_k_index, top_k_weights, *lists, list(bits), activation, "float", gate_up_bias, down_bias)
 
 
 def moe_op(
@@ -151,6 +174,8 @@ def moe_op(
     bits: list[int],
     activation: str,
     decode_activations: str = "float",
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``optimum_mc::moe`` on already-validated experts (what :class:`~optimum_mc.nn.MCExperts` calls).
     ``decode_activations`` ("float", "int8", "auto"): what the CPU decode kernel feeds its GEMVs
@@ -161,7 +186,7 @@ def moe_op(
     ``top_k_weights`` needing a gradient) the op goes through the dispatcher as usual (same kernel, same results).
     """
     args = (x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-            down_scales, down_zeros, bits, activation, decode_activations)  # fmt: skip
+            down_scales, down_zeros, bits, activation, decode_activations, gate_up_bias, down_bias)  # fmt: skip
     if x.device.type == "cpu" and plain_eager(x) and not (top_k_weights.requires_grad and torch.is_grad_enabled()):
         fn = _EAGER.get("cpu")
         if fn is not None:

@@ -173,20 +173,24 @@ class DecodePlan:
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None,
-                 int8: bool = False) -> torch.Tensor:  # fmt: skip
+                 int8: bool = False, gate_up_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """A few tokens (at most ``cpu.GEMV_MAX_ROWS``): the whole layer in one C call, optionally with ODP's rule
-        (``odp_threshold`` > 0), ODP's counters (int64 ``E + 3``, CPU, contiguous) and int8 activations in the
-        GEMVs (``int8``: each group of the inputs rounded to int8 with its own scale, as llama.cpp does)."""
+        (``odp_threshold`` > 0), ODP's counters (int64 ``E + 3``, CPU, contiguous), int8 activations in the
+        GEMVs (``int8``: each group of the inputs rounded to int8 with its own scale, as llama.cpp does) and the
+        experts' biases (``(E, 2I)`` / ``(E, H)``, read as fp32)."""
         (tokens, hidden), k = x.shape, top_k_index.shape[1]
         xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
         idx = top_k_index if top_k_index.dtype == torch.int64 else top_k_index.long()
         w = top_k_weights if top_k_weights.dtype == torch.float32 else top_k_weights.float()
         idx, w = idx.contiguous(), w.contiguous()
         out = torch.empty(tokens, hidden, dtype=torch.float32)
+        gb, db = (None if b is None else b.float().contiguous() for b in (gate_up_bias, down_bias))
         rc = self.lib.mc_moe_decode(
             xf.data_ptr(), tokens, k, idx.data_ptr(), w.data_ptr(), *self.tables, self.bits, self.num_experts,
             hidden, self.inter, self.groups[0], self.groups[1], ACT_CODES[self.activation], out.data_ptr(),
             torch.get_num_threads(), odp_threshold, None if odp_counts is None else odp_counts.data_ptr(), int(int8),
+            None if gb is None else gb.data_ptr(), None if db is None else db.data_ptr(),
         )  # fmt: skip
         if rc == -3:
             check_index_values(top_k_index, self.num_experts)  # raises the typed error
@@ -198,12 +202,14 @@ class DecodePlan:
 
 
 def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str,
-            int8: bool = False) -> torch.Tensor:  # fmt: skip
+            int8: bool = False, biases=(None, None)) -> torch.Tensor:  # fmt: skip
     """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
-    return DecodePlan((*gu, *dn), bits, activation, checked=True)(x, top_k_index, top_k_weights, int8=int8)
+    plan = DecodePlan((*gu, *dn), bits, activation, checked=True)
+    return plan(x, top_k_index, top_k_weights, int8=int8, gate_up_bias=biases[0], down_bias=biases[1])
 
 
-def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str) -> torch.Tensor:
+def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str,
+             biases=(None, None)) -> torch.Tensor:  # fmt: skip
     """Many tokens: pairs sorted by expert, grouped GEMV for experts with few rows, dequantize + BLAS for the rest."""
     num_experts, (tokens, k) = len(gu[0]), top_k_index.shape
     gu_bits, dn_bits = from_op_bits(bits, num_experts)
@@ -220,10 +226,15 @@ def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activa
     xg = xg.contiguous() if keep_bf16 else xg.float().contiguous()
     inter = gu[0][0].shape[0] // 2
     h = _grouped_linear(lib, xg, *gu, gu_bits, starts, counts, 2 * inter)
+    row_expert = flat.index_select(0, pairs)  # the pairs are sorted by expert
+    if biases[0] is not None:
+        h += biases[0].float().index_select(0, row_expert)
     h = GATED[activation](h[:, :inter], h[:, inter:])
     if keep_bf16:
         h = h.to(torch.bfloat16)
     y = _grouped_linear(lib, h.contiguous(), *dn, dn_bits, starts, counts, x.shape[1])
+    if biases[1] is not None:
+        y += biases[1].float().index_select(0, row_expert)
     y *= top_k_weights.reshape(-1).index_select(0, pairs).float().unsqueeze(1)
     out = torch.zeros(tokens, x.shape[1], dtype=torch.float32)
     out.index_add_(0, token, y)
@@ -231,8 +242,9 @@ def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activa
 
 
 def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-            down_scales, down_zeros, bits: list[int], activation: str,
-            decode_activations: str = "float") -> torch.Tensor:  # fmt: skip
+            down_scales, down_zeros, bits: list[int], activation: str, decode_activations: str = "float",
+            gate_up_bias: torch.Tensor | None = None,
+            down_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """CPU implementation of ``optimum_mc::moe`` (the reference serves inputs the C kernels do not take)."""
     lib = cpu.library()
     gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
@@ -247,11 +259,13 @@ def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate
         or not _fits(*dn, dn_bits, hidden, inter)
     ):
         check_index_values(top_k_index, len(gate_up_qweight))
-        return moe_reference(x, top_k_index, top_k_weights, list(zip(*gu)), list(zip(*dn)), bits, activation)
+        return moe_reference(x, top_k_index, top_k_weights, list(zip(*gu)), list(zip(*dn)), bits, activation,
+                             gate_up_bias, down_bias)  # fmt: skip
+    biases = (gate_up_bias, down_bias)
     if x.shape[0] <= cpu.GEMV_MAX_ROWS:
         int8 = cpu.int8_decode(decode_activations, x.dtype)
-        return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, int8)
-    return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation)
+        return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, int8, biases)
+    return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, biases)
 
 
 def register() -> None:

@@ -171,6 +171,7 @@ def _device_tables(ptrs: tuple[int, ...], bits: tuple[int, ...], device: str):
 
 def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
                down_scales, down_zeros, bits: list[int], activation: str, decode_activations: str = "float",
+               gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
                tiles: tuple[int, int, int, int] | None = None, gemv: bool | None = None,
                dequant: bool | None = None) -> torch.Tensor:  # fmt: skip
     """``optimum_mc::moe`` with two Triton launches (gate_up for all experts, down for all experts).
@@ -181,7 +182,8 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
     device sync). Calls of at most ``GEMV_MAX_PAIRS`` (token, slot) pairs use the per-pair GEMV kernel instead
     (``gemv`` forces the choice); bf16 calls (on CUDA; ``GROUPED_MM_DTYPES``) of at least ``DEQUANT_MIN_PAIRS`` pairs
     dequantize and use the grouped matmul (``dequant`` forces the choice). ``decode_activations`` is a CPU
-    decode option, ignored here.
+    decode option, ignored here. Expert biases (gpt-oss) are added in torch to the rows each launch returns, by
+    the rows' experts (a zero row for padding and dropped slots).
     """
     from .moe import check_index_values
 
@@ -195,21 +197,33 @@ def triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, g
         dequant = grouped and tiles is None and not gemv and tokens * top_k >= DEQUANT_MIN_PAIRS
     if dequant:
         gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
-        return _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, (gu_bits, dn_bits), activation)
+        return _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, (gu_bits, dn_bits), activation,
+                                (gate_up_bias, down_bias))  # fmt: skip
     if gemv is None:
         gemv = tiles is None and tokens * top_k <= GEMV_MAX_PAIRS
     if gemv:
         project, to_pairs, mid_dtype = _gemv_launcher(x, top_k_index, experts)
+        row_expert = top_k_index.reshape(-1)  # rows are the (token, slot) pairs
     else:
-        project, to_pairs = _tiled_launcher(x, top_k_index, experts, tiles)
+        project, to_pairs, row_expert = _tiled_launcher(x, top_k_index, experts, tiles)
         mid_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     gu = _tables(gate_up_qweight, gate_up_scales, gate_up_zeros, gu_bits, x.device)
     dn = _tables(down_qweight, down_scales, down_zeros, dn_bits, x.device)
-    h = project(x.contiguous(), gu, 2 * inter, hidden, gate_up_scales[0].shape[1], True)
+    h = _plus_bias(project(x.contiguous(), gu, 2 * inter, hidden, gate_up_scales[0].shape[1], True), gate_up_bias,
+                   row_expert)  # fmt: skip
     a = GATED[activation](h[:, :inter], h[:, inter:]).to(mid_dtype).contiguous()
-    y = to_pairs(project(a, dn, hidden, inter, down_scales[0].shape[1], False))
+    y = to_pairs(_plus_bias(project(a, dn, hidden, inter, down_scales[0].shape[1], False), down_bias, row_expert))
     out = (y.view(tokens, top_k, hidden) * top_k_weights.float().unsqueeze(-1)).sum(1)
     return out.to(x.dtype)
+
+
+def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None, row_expert: torch.Tensor) -> torch.Tensor:
+    """``y`` (rows, N) plus the bias row of each row's expert; rows whose expert is ``E`` (padding, dropped slots)
+    get nothing."""
+    if bias is None:
+        return y
+    padded = torch.cat([bias.float(), bias.new_zeros(1, bias.shape[1], dtype=torch.float32)])
+    return y.float() + padded.index_select(0, row_expert.long())
 
 
 def _dequantized(lists, bits: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -223,7 +237,7 @@ def _dequantized(lists, bits: list[int], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits: tuple[list[int], list[int]],
-                     activation: str) -> torch.Tensor:  # fmt: skip
+                     activation: str, biases=(None, None)) -> torch.Tensor:  # fmt: skip
     """Prefill: dequantize each projection of all experts, then transformers' grouped matmul on the sorted rows.
     ``bits``: the gate/up and the down widths."""
     from transformers.integrations.moe import _grouped_linear
@@ -238,8 +252,9 @@ def _dequant_grouped(x, top_k_index, top_k_weights, gu, dn, bits: tuple[list[int
     rows = x.to(dtype)[perm // top_k]
     inter = gu[0][0].shape[0] // 2
     h = _grouped_linear(rows, _dequantized(gu, bits[0], dtype), offsets).masked_fill(dropped, 0)
+    h = _plus_bias(h, biases[0], sorted_e)
     a = GATED[activation](h[:, :inter].float(), h[:, inter:].float()).to(dtype)
-    y = _grouped_linear(a, _dequantized(dn, bits[1], dtype), offsets).float()
+    y = _plus_bias(_grouped_linear(a, _dequantized(dn, bits[1], dtype), offsets).float(), biases[1], sorted_e)
     y = y.masked_fill(dropped, 0) * top_k_weights.reshape(-1)[perm].float().unsqueeze(-1)
     out = torch.zeros(tokens, x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, perm // top_k, y)
@@ -270,7 +285,9 @@ def _tiled_launcher(x, top_k_index, experts: int, tiles):
         per_pair.index_add_(0, rows, torch.nan_to_num(y))  # padding rows (never stored) land in the scratch row
         return per_pair[:sentinel]
 
-    return project, to_pairs
+    # each sorted row's expert (E for padding rows, which point at the sentinel pair)
+    row_expert = torch.where(rows < sentinel, block_expert.repeat_interleave(block_m)[: rows.numel()], experts)
+    return project, to_pairs, row_expert
 
 
 def _gemv_launcher(x, top_k_index, experts: int):

@@ -33,12 +33,15 @@ def moe_reference(
     down: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     bits: list[int],
     activation: str,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused MoE op, expert by expert: ``sum_slots w * down(glu(gate, up))`` in fp32, cast to ``x.dtype``.
 
     ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed ``(qweight, scales, zeros)``; ``bits`` holds ``E`` widths
     (both projections) or ``2E`` (gate/up widths, then down widths: :func:`~optimum_mc.bitwidths.op_bits`). Slots
-    whose index is ``E`` (dropped by online dynamic pruning) are skipped.
+    whose index is ``E`` (dropped by online dynamic pruning) are skipped. ``gate_up_bias (E, 2I)`` /
+    ``down_bias (E, H)`` (optional, any float dtype) are added to the projections' outputs (gpt-oss).
     """
     from ..bitwidths import from_op_bits
     from .activations import GATED
@@ -52,7 +55,11 @@ def moe_reference(
         if token.numel() == 0:
             continue
         h = xf[token] @ dequantize_reference(*gate_up[e], bg, torch.float32).t()
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].float()
         gate, up = h.chunk(2, dim=-1)
         y = glu(gate, up) @ dequantize_reference(*down[e], bd, torch.float32).t()
+        if down_bias is not None:
+            y = y + down_bias[e].float()
         out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
     return out.to(x.dtype)

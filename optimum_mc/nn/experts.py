@@ -92,10 +92,10 @@ class MCExperts(nn.Module):
             PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device, bias) for b in bits
         )
         # (gate_up, down) biases, stored in the model dtype next to each expert's packed matrices (packed.<e>.*.bias)
+        # and handed to the fused op stacked in fp32 ((E, 2I) / (E, H), built once: _op_biases)
         self.has_bias = tuple(bool(b) for b in bias)
-        # the fused op's name for act_fn; None (an activation it does not know) keeps the per-expert loop, and so do
-        # expert biases: the fused op has no bias inputs (the loop runs each QuantLinear's kernels plus its bias)
-        self.activation = activation_name(act_fn) if not any(self.has_bias) else None
+        # the fused op's name for act_fn; None (an activation it does not know) keeps the per-expert loop
+        self.activation = activation_name(act_fn)
         # what the CPU decode kernel feeds its GEMVs: "auto" (int8 for bf16 / fp16 inputs where the CPU has the
         # integer-dot kernels), "float" or "int8" (kernels.cpu.int8_decode; set_decode_activations)
         self.decode_activations = "auto"
@@ -131,6 +131,21 @@ class MCExperts(nn.Module):
             if b is not None:
                 with torch.no_grad():
                     lin.bias.copy_(b[e].detach().to(lin.bias.dtype))
+
+    def _op_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The biases as the fused op takes them: fp32 ``(E, 2I)`` / ``(E, H)`` stacks, rebuilt only when a bias
+        tensor was replaced (``.to()``, loading) or changed in place (its version counter)."""
+        if not any(self.has_bias):
+            return None, None
+        parts = [p._modules[n]._buffers["bias"] for p in self.packed._modules.values() for n in ("gate_up", "down")]
+        key = tuple((id(t), t._version) if t is not None else None for t in parts)
+        cached = self.__dict__.get("_mc_op_biases")
+        if cached is None or cached[0] != key:
+            gb = torch.stack([t.float() for t in parts[0::2]]) if self.has_bias[0] else None
+            db = torch.stack([t.float() for t in parts[1::2]]) if self.has_bias[1] else None
+            cached = (key, (gb, db), parts)  # the parts are kept alive: their ids stay theirs
+            self.__dict__["_mc_op_biases"] = cached
+        return cached[1]
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` in the module dtype."""
@@ -183,12 +198,13 @@ class MCExperts(nn.Module):
         # the packed buffers were validated when built or loaded (QuantLinear); only the routing is checked here
         check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
         weights = self.packed_weights()
+        gb, db = self._op_biases()
         plan = self._decode_plan(hidden_states, weights)
         if plan is not None:
             int8 = cpu.int8_decode(self.decode_activations, hidden_states.dtype)
-            return plan(hidden_states, top_k_index, top_k_weights, int8=int8)
+            return plan(hidden_states, top_k_index, top_k_weights, int8=int8, gate_up_bias=gb, down_bias=db)
         return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.op_bits, self.activation,
-                      self.decode_activations)  # fmt: skip
+                      self.decode_activations, gb, db)  # fmt: skip
 
     def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> DecodePlan | None:
         """The CPU decode kernel's cached plan for a plain-eager CPU decode step, else None (the op's dispatch)."""
@@ -224,7 +240,9 @@ class MCExperts(nn.Module):
                     hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation
                 )
                 int8 = cpu.int8_decode(self.decode_activations, hidden_states.dtype)
-                return plan(hidden_states, top_k_index, top_k_weights, threshold, counts, int8=int8)
+                gb, db = self._op_biases()
+                return plan(hidden_states, top_k_index, top_k_weights, threshold, counts, int8=int8, gate_up_bias=gb,
+                            down_bias=db)  # fmt: skip
         from ..pruning.rule import apply_drop, count_routing, drop_mask
 
         if threshold > 0:
