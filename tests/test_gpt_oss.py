@@ -177,3 +177,28 @@ def test_quantize_save_reload_generate(tmp_path):
         back = again(input_ids=ids).logits
     torch.testing.assert_close(back, got, rtol=1e-4, atol=1e-4 * got.abs().max().item())
     assert discover(again).experts_attr == "experts"
+
+
+def test_biased_experts_compile_without_graph_breaks():
+    ex = _gpt_oss_experts()
+    mc = MCExperts.from_float(ex, [2, 3, 4, 2, 3, 4, 2, 3], group_size=32)
+    x, idx, w = _routed(ex, tokens=8)
+    explained = torch._dynamo.explain(mc)(x, idx, w)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(mc, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, idx, w), mc(x, idx, w), rtol=0, atol=0)
+
+
+def test_op_biases_follow_the_bias_buffers():
+    ex = _gpt_oss_experts()
+    mc = MCExperts.from_float(ex, [4] * 8, group_size=32)
+    x, idx, w = _routed(ex, tokens=3)
+    with torch.no_grad():
+        before = mc(x, idx, w)
+        assert mc._op_biases()[0] is mc._op_biases()[0]  # built once
+        mc.packed[idx[0, 0].item()].down.bias.add_(1.0)  # changed in place: the fused op sees it
+        after = mc(x, idx, w)
+    torch.testing.assert_close(after, mc.forward_per_expert(x, idx, w), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(before, after)

@@ -138,12 +138,17 @@ class MCExperts(nn.Module):
         if not any(self.has_bias):
             return None, None
         parts = [p._modules[n]._buffers["bias"] for p in self.packed._modules.values() for n in ("gate_up", "down")]
+
+        def stacked() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            gb, db = (torch.stack([t.float() for t in parts[j::2]]) if self.has_bias[j] else None for j in (0, 1))
+            return gb, db
+
+        if torch.compiler.is_compiling():  # traced once into the graph: no cache to consult
+            return stacked()
         key = tuple((id(t), t._version) if t is not None else None for t in parts)
         cached = self.__dict__.get("_mc_op_biases")
         if cached is None or cached[0] != key:
-            gb = torch.stack([t.float() for t in parts[0::2]]) if self.has_bias[0] else None
-            db = torch.stack([t.float() for t in parts[1::2]]) if self.has_bias[1] else None
-            cached = (key, (gb, db), parts)  # the parts are kept alive: their ids stay theirs
+            cached = (key, stacked(), parts)  # the parts are kept alive: their ids stay theirs
             self.__dict__["_mc_op_biases"] = cached
         return cached[1]
 
