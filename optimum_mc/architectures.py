@@ -6,9 +6,10 @@ top_k_weights)``. Its parent is the MoE block; the block's child with an ``(E, H
 returns ``(router_logits, top_k_weights, top_k_index)``; the block's other children holding linear layers are its
 shared experts; decoder layers without an experts module are dense. :func:`discover` finds these in the first MoE
 layer, checks every other layer against it, and reads the routing (softmax / sigmoid scores, top-k) from the router.
-A family added to transformers later works without a code change when it follows the interface; ``EXCEPTIONS``
-names the families that deviate. Everything transformers-layout-specific about MoE blocks is here, so the math in
-calibration/, allocation and gptq never looks at model classes.
+A family added to transformers later works without a code change when it follows the interface; how its experts are
+stored (transposed, interleaved gate / up, biases, gpt-oss's clamped SwiGLU) is read by :mod:`.expert_layout`;
+``EXCEPTIONS`` names the families that deviate otherwise. Everything transformers-layout-specific about MoE blocks
+is here (and in :mod:`.expert_layout`), so the math in calibration/, allocation and gptq never looks at model classes.
 """
 
 from __future__ import annotations
