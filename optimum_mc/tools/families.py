@@ -52,6 +52,19 @@ _SIZES = dict(
     index_n_heads=2,
     index_head_dim=16,
 )
+# sizes vLLM's CPU build takes on top of _SIZES (its attention kernels take head sizes 32, 64, 80, ...; group 32)
+VLLM_SIZES = dict(
+    hidden_size=128,
+    head_dim=32,
+    intermediate_size=128,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=64,
+    qk_rope_head_dim=32,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    kv_lora_rank=64,
+    q_lora_rank=64,
+)
 # families whose defaults cannot be derived from the generic rules above
 _EXCEPTIONS = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
@@ -168,12 +181,22 @@ def build_tiny_tokenizer(vocab_size: int, corpus: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_model(model_type: str, seed: int = 0):
-    """A random tiny causal LM of ``model_type`` (weights ~ N(0, 0.08²): distinct experts, non-degenerate routing)."""
+def vllm_sizes(model_type: str) -> dict:
+    """:data:`VLLM_SIZES` restricted to the attributes ``model_type``'s config has."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    # head_dim always: vLLM reads it from the config where an older transformers' config class does not define it
+    return {k: v for k, v in VLLM_SIZES.items() if k == "head_dim" or hasattr(base, k)}
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A random tiny causal LM of ``model_type`` (weights ~ N(0, 0.08²): distinct experts, non-degenerate routing);
+    ``overrides`` go to :func:`tiny_config` (e.g. :data:`VLLM_SIZES`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
