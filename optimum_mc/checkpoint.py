@@ -157,11 +157,38 @@ def _layer_key(key: str) -> tuple[int, str] | None:
     return None
 
 
-def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]]) -> None:
+def key_renamer(model, quantizer=None):
+    """``rename(checkpoint key) -> (model key, converted)`` with transformers' conversion mapping of ``model`` (the
+    renamings and merges transformers applies when loading: ``shared_expert.`` -> ``shared_experts.``, a fused
+    ``in_proj`` split in four, ...); ``converted`` when a weight converter (merge / split) matched, whose target
+    shapes differ from the stored ones. Without a conversion mapping in this transformers: the identity."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # pragma: no cover - another transformers layout
+        return lambda key: (key, False)
+    meta = model.state_dict()
+    transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        return name, pattern is not None
+
+    return rename
+
+
+def check_checkpoint(
+    files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]], rename=None
+) -> None:
     """Compare ``expected[(layer, suffix)] = (dtype, shape)`` with the checkpoint; raise CheckpointError.
 
     ``suffix`` is matched against the end of each checkpoint key of that layer, so renamed block attributes
-    (e.g. Mixtral's ``mlp`` saved as ``block_sparse_moe``) do not matter.
+    (e.g. Mixtral's ``mlp`` saved as ``block_sparse_moe``) do not matter. ``rename`` (:func:`key_renamer`) maps
+    checkpoint keys to the model's names first: transformers saves a model's keys under its checkpoint names
+    (``shared_experts.`` saved as ``shared_expert.``), which no suffix of the model's names matches.
     """
     files = list(files)
     check_format_metadata(f for f in files if str(f).endswith(".safetensors"))
@@ -171,7 +198,7 @@ def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple
         if not str(path).endswith(".safetensors"):
             raise CheckpointError(f"{path}: MC checkpoints are read from safetensors only (no pickle).")
         for key, info in read_safetensors_header(str(path)).items():
-            lk = _layer_key(key)
+            lk = _layer_key(rename(key)[0] if rename is not None else key)
             if lk is not None:
                 by_layer.setdefault(lk[0], []).append((lk[1], info))
     problems = []
@@ -208,25 +235,15 @@ def check_all_tensors(model, files: Iterable[str], quantizer=None) -> None:
     missing its router, embeddings, norms or any quantized linear before transformers would initialize them
     randomly.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-    except ImportError:  # pragma: no cover - another transformers layout: packed tensors were checked already
-        logger.warning("optimum-mc: this transformers version has no conversion mapping; only packed tensors checked")
-        return
-
     meta = model.state_dict()
-    transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    prefix = getattr(model, "base_model_prefix", None)
+    rename = key_renamer(model, quantizer)
     found: set[str] = set()
     converted = False
     problems = []
     for path in files:
         for key, info in read_safetensors_header(str(path)).items():
-            name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-            if pattern is not None:  # merged / split by a converter: shapes change, only presence is known
+            name, by_converter = rename(key)
+            if by_converter:  # merged / split by a converter: shapes change, only presence is known
                 converted = True
                 found.add(name)
                 continue

@@ -26,8 +26,6 @@ from optimum_mc.tools.families import check_family, moe_model_types, tiny_config
 # why a family does not pass yet (strict: a family that starts passing must be moved out of here)
 XFAIL: dict[str, str] = {
     "aria_text": "UnsupportedArchitectureError: experts module `layers.0.mlp.experts` (AriaExperts) stores its weights transpose",  # noqa: E501
-    "axk2": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
-    "bailing_hybrid": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
     "dbrx": "does not instantiate: NotImplementedError: dbrx nests sub-configs (attn_config, ffn_config); tiny sizes are on",  # noqa: E501
     "deepseek_v4": "CheckpointError: decoder layer 0 could not be read completely from the checkpoint: missing ['self_attn.compres",  # noqa: E501
     "dots3_note": "does not instantiate: NotImplementedError: dots3_note nests sub-configs (text_config, vision_config, audio_con",  # noqa: E501
@@ -36,17 +34,13 @@ XFAIL: dict[str, str] = {
     "gemma4": "does not instantiate: NotImplementedError: gemma4 nests sub-configs (text_config, vision_config, audio_config)",  # noqa: E501
     "gemma4_text": "does not instantiate: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may vary ",  # noqa: E501
     "granitemoehybrid": "ValueError: `get_mask_sizes` can only be called on Attention layers, and the current Cache seem to only",  # noqa: E501
-    "hy_v3": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
     "hy_v4": "UnsupportedArchitectureError: experts module `layers.1.mlp.experts` (HYV4Experts) has no `act_fn` (check: expe",  # noqa: E501
     "inkling2_loop_text": "RuntimeError: Trying to create tensor with negative dimension -199738: [-199738, 64]",  # noqa: E501
     "inkling2_text": "RuntimeError: Trying to create tensor with negative dimension -199738: [-199738, 64]",  # noqa: E501
     "inkling_text": "UnsupportedArchitectureError: MoE block `layers.0.mlp` (InklingMoE) has no child with a (8, 64) weight; expect",  # noqa: E501
-    "kimi_linear": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
     "kolibri1_1": "does not instantiate: StrictDataclassClassValidationError: Class validation error for validator 'validate_arch",  # noqa: E501
-    "laguna": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
     "lara_mini": "SaveError: the saved checkpoint does not verify: the checkpoint does not hold every tensor of the model: missi",  # noqa: E501
     "longcat_flash": "UnsupportedArchitectureError: MoE block `layers.0.mlp` (LongcatFlashMoE) has no child with a (8, 64) weight; e",  # noqa: E501
-    "minicpm5_moe": "CheckpointError: the checkpoint's tensors disagree with its quantization_config (per-expert bits / group size)",  # noqa: E501
     "minimax_m3_vl_text": "UnsupportedArchitectureError: experts module `layers.0.mlp.experts` (MiniMaxM3VLExperts) has no `act_fn` (chec",  # noqa: E501
     "nemotron_h": "UnsupportedArchitectureError: NemotronHForCausalLM (model_type 'nemotron_h') has no MoE layers: no decoder lay",  # noqa: E501
     "qwen3_5_moe": "does not instantiate: NotImplementedError: qwen3_5_moe nests sub-configs (vision_config, text_config); tiny si",  # noqa: E501
