@@ -180,9 +180,7 @@ def key_renamer(model, quantizer=None):
     return rename
 
 
-def check_checkpoint(
-    files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]], rename=None
-) -> None:
+def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]], rename=None) -> None:
     """Compare ``expected[(layer, suffix)] = (dtype, shape)`` with the checkpoint; raise CheckpointError.
 
     ``suffix`` is matched against the end of each checkpoint key of that layer, so renamed block attributes
