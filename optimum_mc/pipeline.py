@@ -35,6 +35,7 @@ from .calibration.layer_source import ResidentLayers, release_memory, return_lar
 from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
+from .checkpoint import save_converter
 from .config import _RESULT_FIELDS, MCConfig
 from .errors import CalibrationError, UnsupportedArchitectureError
 from .gptq import gptq_quantize
@@ -83,8 +84,19 @@ def _weight_read_directly(layer: nn.Module) -> set[int]:
     return out
 
 
-def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitecture, config: MCConfig) -> dict:
-    """The ``nn.Linear`` modules of a decoder layer quantized at ``attn_bits`` (name relative to the layer)."""
+def linear_targets(
+    layer: nn.Module,
+    block: MoEBlock | None,
+    arch: MoEArchitecture,
+    config: MCConfig,
+    prefix: str = "",
+    converted=None,
+) -> dict:
+    """The ``nn.Linear`` modules of a decoder layer quantized at ``attn_bits`` (name relative to the layer).
+
+    ``converted`` (:func:`checkpoint.save_converter`) names the transformers weight converter that would merge or
+    split a linear's saved tensors (keys ``prefix.name.*``); such linears stay float (logged), at save and reload
+    alike, since their packed buffers cannot be cut or concatenated like float weights."""
     if config.attn_bits is None:
         return {}
     skip_ids = set()
@@ -97,6 +109,16 @@ def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitectu
         if type(m) is not nn.Linear or id(m) in skip_ids:
             continue
         if any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip_names):
+            continue
+        pattern = converted(f"{prefix}{name}.qweight") if converted is not None else None
+        if pattern is not None:
+            logger.warning(
+                "keeping %s%s in float: transformers' conversion mapping merges or splits its saved tensors "
+                "(pattern %r), which packed buffers cannot follow",
+                prefix,
+                name,
+                pattern,
+            )
             continue
         g = m.in_features if config.group_size == -1 else config.group_size
         if m.in_features % g or m.in_features % 32:
@@ -132,6 +154,7 @@ class _Run:
         self.num_experts = {i: int(moe_block(structures[i], i, arch).experts.num_experts) for i in self.moe_layers}
         self.blocks: dict[int, MoEBlock] = {}  # MoE parts of the layer being processed
         self.layer_names = layer_module_names(model)
+        self.converted = save_converter(model)
         self.factors: dict[int, LayerFactors] = {}
         self.bits: dict[int, list[ExpertBits]] = {}
         self.linear_bits: dict[str, int] = {}
@@ -152,7 +175,10 @@ class _Run:
         """Run the float layer with hooks recording linear-input Hessians and routing; its outputs are returned
         when ``keep`` (the factors pass propagates them) and dropped at once otherwise."""
         block = self.blocks.get(idx)
-        lin = linear_targets(layer, block, self.arch, self.config) if with_linears else {}
+        lin = {}
+        if with_linears:
+            prefix = self.layer_names[idx] + "."
+            lin = linear_targets(layer, block, self.arch, self.config, prefix, self.converted)
         for name, m in lin.items():
             check_finite(m.weight, f"layer {idx} {name}.weight")
         lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {}, device=self.device)

@@ -39,7 +39,6 @@ XFAIL: dict[str, str] = {
     "inkling2_text": "RuntimeError: Trying to create tensor with negative dimension -199738: [-199738, 64]",  # noqa: E501
     "inkling_text": "UnsupportedArchitectureError: MoE block `layers.0.mlp` (InklingMoE) has no child with a (8, 64) weight; expect",  # noqa: E501
     "kolibri1_1": "does not instantiate: StrictDataclassClassValidationError: Class validation error for validator 'validate_arch",  # noqa: E501
-    "lara_mini": "SaveError: the saved checkpoint does not verify: the checkpoint does not hold every tensor of the model: missi",  # noqa: E501
     "longcat_flash": "UnsupportedArchitectureError: MoE block `layers.0.mlp` (LongcatFlashMoE) has no child with a (8, 64) weight; e",  # noqa: E501
     "minimax_m3_vl_text": "UnsupportedArchitectureError: experts module `layers.0.mlp.experts` (MiniMaxM3VLExperts) has no `act_fn` (chec",  # noqa: E501
     "nemotron_h": "UnsupportedArchitectureError: NemotronHForCausalLM (model_type 'nemotron_h') has no MoE layers: no decoder lay",  # noqa: E501
@@ -151,3 +150,25 @@ def test_missing_router_is_named():
     del model.model.layers[0].mlp.gate
     with pytest.raises(UnsupportedArchitectureError, match=r"MoE block `layers\.0\.mlp`.*check: router"):
         discover(model)
+
+
+def test_linears_a_converter_splits_stay_float(caplog):
+    """lara_mini saves ``in_proj_qkv / z / b / a`` merged as one ``in_proj`` (a transformers weight converter):
+    packed buffers cannot be merged like that, so those linears stay float, logged; the others are quantized."""
+    from optimum_mc import MCConfig
+    from optimum_mc.architectures import layer_module_names
+    from optimum_mc.checkpoint import save_converter
+    from optimum_mc.pipeline import linear_targets
+
+    model = tiny_model("lara_mini")
+    arch = discover(model)
+    prefix = layer_module_names(model)[0] + "."
+    layer = model.model.layers[0]
+    cfg = MCConfig(bits=2.5, group_size=32)
+    with caplog.at_level("WARNING", logger="optimum_mc.pipeline"):
+        got = linear_targets(layer, None, arch, cfg, prefix, save_converter(model))
+    names = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and ".in_proj_" in "." + n}
+    assert names and not names & set(got)
+    assert "linear_attn.out_proj" in got
+    assert all(f"keeping {prefix}{n} in float" in caplog.text for n in names)
+    assert set(linear_targets(layer, None, arch, cfg, prefix)) >= names  # without the converter rule: packed
