@@ -38,6 +38,7 @@ from .calibration.tuning import tune_layer
 from .checkpoint import save_converter
 from .config import _RESULT_FIELDS, MCConfig
 from .errors import CalibrationError, UnsupportedArchitectureError
+from .expert_activation import experts_act_fn
 from .gptq import gptq_quantize
 from .group_quant import check_finite
 from .nn import MCExperts, QuantLinear
@@ -210,11 +211,12 @@ class _Run:
         per_projection = cfg.allocation_granularity == "projection" and need_loss
         proj = torch.zeros(e_total, 2, len(cb), dtype=torch.float64) if per_projection else None
         method = "hessian" if cfg.allocation == "hessian" else cfg.loss_method
+        act_fn = experts_act_fn(experts)
         for e in tqdm(range(e_total), desc=f"layer {idx} experts", leave=False, disable=not self.progress):
             w_gu, w_dn = experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
             check_finite(w_gu, f"layer {idx} expert {e} gate_up_proj")
             check_finite(w_dn, f"layer {idx} expert {e} down_proj")
-            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, bits_to_try[e])
+            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, act_fn, bits_to_try[e])
             if need_loss:
                 x, r = routing.experts[e].cat(routing.hidden_dim)
                 energy = routing.output_energy if cfg.loss_normalizer == "block" else routing.residual_energy
@@ -223,7 +225,7 @@ class _Run:
                     energy = energy * RTN_LOSS_MAX_TOKENS / x.shape[0]
                     x, r = x[keep], r[keep]
                 if proj is not None:  # loss_method "rtn" (checked by MCConfig): whole and per-projection in one pass
-                    args = (x, r, w_gu, w_dn, experts.act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
+                    args = (x, r, w_gu, w_dn, act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
                     whole, per = rtn_loss_table(*args)
                     loss[e], proj[e] = torch.tensor(whole, dtype=torch.float64), torch.tensor(per, dtype=torch.float64)
                     continue
@@ -234,7 +236,7 @@ class _Run:
                         r,
                         w_gu,
                         w_dn,
-                        experts.act_fn,
+                        act_fn,
                         cb,
                         self.opts,
                         energy,
@@ -273,7 +275,7 @@ class _Run:
         def count(e: int) -> int:  # rows tokens(e) returns: every calibration token, or those routed to e
             return int(routing.tokens) if weighted else int(routing.counts[e])
 
-        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit, count=count)
+        quantize_experts(weights, tokens, experts_act_fn(experts), bits, self.opts, emit=emit, count=count)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands, proj=None) -> LayerFactors:
         if routing.tokens == 0:
@@ -325,7 +327,7 @@ class _Run:
             int(old.gate_up_proj.shape[1] // 2),
             bits,
             self.config.group_size,
-            old.act_fn,
+            experts_act_fn(old),
             dtype=old.gate_up_proj.dtype,
             device=old.gate_up_proj.device,
         )
