@@ -168,12 +168,13 @@ def build_tiny_tokenizer(vocab_size: int, corpus: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_model(model_type: str, seed: int = 0):
-    """A random tiny causal LM of ``model_type`` (weights ~ N(0, 0.08²): distinct experts, non-degenerate routing)."""
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A random tiny causal LM of ``model_type`` (weights ~ N(0, 0.08²): distinct experts, non-degenerate routing);
+    ``overrides`` go to :func:`tiny_config`."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -251,12 +252,13 @@ def check_family(model_type: str, workdir: str) -> dict:
         "kept_float": _kept_float(again),
         "odp": "n/a (top-1)",
     }
-    if top_k >= 2:
-        active = optimum_mc.set_odp(again, True, threshold=0.5, layers=len(blocks))
+    if top_k >= 2:  # the calibrated per-layer thresholds (median ratio): a fixed one means another share per router
+        active = optimum_mc.set_odp(again, True, layers=len(blocks))
         with torch.no_grad():
             pruned = again(input_ids=ids).logits
         stats = optimum_mc.get_odp_stats(again)["total"]
         if not torch.isfinite(pruned).all() or not active:
             raise AssertionError("ODP produced non-finite logits or no active layer")
-        notes["odp"] = f"skipped {stats['skipped_fraction']:.2f} of expert slots at threshold 0.5"
+        thr = ", ".join(f"{t:.2f}" for t in again.config.quantization_config.odp_thresholds)
+        notes["odp"] = f"skipped {stats['skipped_fraction']:.2f} of expert slots at calibrated thresholds {thr}"
     return {"status": "pass", "notes": notes}
