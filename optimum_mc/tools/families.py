@@ -131,6 +131,9 @@ def tiny_config(model_type: str, **overrides):
         if hasattr(base, k):
             kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
     kw.update(_EXCEPTIONS.get(model_type, {}))
+    alias = getattr(base, "attribute_map", None) or {}  # e.g. num_local_experts -> num_experts: one value wins
+    for k in overrides:
+        kw = {j: v for j, v in kw.items() if alias.get(j, j) != alias.get(k, k)}
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 
