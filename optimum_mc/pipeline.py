@@ -297,11 +297,16 @@ class _Run:
     def quantize_linears(self, idx: int, layer: nn.Module, lin: dict, capture: LinearInputs) -> None:
         bits = self.config.attn_bits
         for name, m in lin.items():
-            self.linear_bits[f"{self.layer_names[idx]}.{name}"] = bits
+            full = f"{self.layer_names[idx]}.{name}"
             if self.config.nonexpert_method == "bnb_nf4":
+                self.linear_bits[full] = bits
                 set_submodule(layer, name, NF4Linear.from_linear(m))
                 continue
             h = capture.hessians[name]
+            if h.num_tokens == 0:  # not in linear_bits: the reload skeleton keeps it float as well
+                logger.warning("keeping %s in float: calibration never reached it (no input recorded)", full)
+                continue
+            self.linear_bits[full] = bits
             w = m.weight.detach().float()
             codes, scales, zeros = gptq_quantize(
                 w,
