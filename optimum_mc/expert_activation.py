@@ -55,13 +55,16 @@ class GatedActivation:
             eye = torch.eye(2 * i, dtype=gate.dtype, device=gate.device)
             self._weights = {key: (eye.unsqueeze(0), eye[:, :i].unsqueeze(0).contiguous())}
         gu, dn = self._weights[key]
-        self._probe._parameters["gate_up_proj"] = nn.Parameter(gu, requires_grad=False)
-        self._probe._parameters["down_proj"] = nn.Parameter(dn, requires_grad=False)
+        probe = self._probe
+        probe._parameters["gate_up_proj"] = nn.Parameter(gu, requires_grad=False)
+        probe._parameters["down_proj"] = nn.Parameter(dn, requires_grad=False)
+        for attr, value in (("hidden_dim", 2 * i), ("hidden_size", 2 * i), ("intermediate_dim", i)):
+            if isinstance(probe.__dict__.get(attr), int):  # a forward reading its sizes sees the probe's
+                probe.__dict__[attr] = value
         h = torch.cat([gate, up], dim=-1).reshape(-1, 2 * i)
         index = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
         weight = torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)
-        with torch.no_grad():
-            out = self._probe.forward(h, index, weight)
+        out = probe.forward(h, index, weight)  # differentiable in gate / up (LoRA trains through it)
         return out[:, :i].reshape(gate.shape)
 
     def __repr__(self) -> str:
@@ -89,7 +92,7 @@ def _probe(experts: nn.Module) -> Callable | None:
     i = 8
     act = GatedActivation(experts)
     try:
-        with torch.device("cpu"):  # the model may be built under a meta-device context (checkpoint loading)
+        with torch.device("cpu"), torch.no_grad():  # the model may be built under a meta-device context
             return _read(act, i)
     except Exception:  # a forward the identity probe cannot run: not discoverable this way
         return None

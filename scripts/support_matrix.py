@@ -33,7 +33,7 @@ try:
         res = check_family(mt, d)
 except Exception as exc:
     tb = traceback.extract_tb(exc.__traceback__)[-1]
-    where = f"{tb.filename.split('site-packages/')[-1].split('wt-families/')[-1]}:{tb.lineno}"
+    where = f"{tb.filename.split('site-packages/')[-1]}:{tb.lineno}"
     res = {"status": "fail", "error": f"{type(exc).__name__}: {exc}", "where": where}
 print("RESULT " + json.dumps(res))
 """
@@ -54,6 +54,8 @@ def run_one(model_type: str, timeout: int) -> dict:
         res = json.loads(lines[-1][len("RESULT ") :])
     else:
         res = {"status": "fail", "error": f"process exited {p.returncode}: {p.stderr.strip()[-300:]}"}
+    if res.get("where", "").startswith(ROOT + os.sep):  # repository-relative: no checkout path in the docs
+        res["where"] = res["where"][len(ROOT) + 1 :]
     res["seconds"] = round(time.time() - t0, 1)
     return res
 

@@ -80,3 +80,18 @@ def test_forward_that_mixes_features_is_refused():
     experts._apply_gate = lambda gate_up: orig(gate_up) / (1 + gate_up.abs().sum(-1, keepdim=True))
     with pytest.raises(UnsupportedArchitectureError, match=r"layers\.1\.mlp\.experts.*check: experts activation"):
         discover(model)
+
+
+def test_gated_activation_is_differentiable():
+    """Adapters train through the per-expert path: gradients reach gate and up as through the module's code."""
+    experts = tiny_model("hy_v4").model.layers[1].mlp.experts
+    glu = gated(experts_act_fn(experts))
+    lim = experts.swiglu_limit
+    g = torch.Generator().manual_seed(0)
+    gate = (torch.randn(5, 16, generator=g) * 2 * lim).requires_grad_()
+    up = (torch.randn(5, 16, generator=g) * 2 * lim).requires_grad_()
+    glu(gate, up).square().sum().backward()
+    gate2, up2 = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    (F.silu(gate2.clamp(max=lim)) * up2.clamp(-lim, lim)).square().sum().backward()  # hy_v4's _apply_gate
+    torch.testing.assert_close(gate.grad, gate2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(up.grad, up2.grad, rtol=1e-5, atol=1e-5)
