@@ -262,6 +262,8 @@ def check_family(model_type: str, workdir: str) -> dict:
         stats = optimum_mc.get_odp_stats(again)["total"]
         if not torch.isfinite(pruned).all() or not active:
             raise AssertionError("ODP produced non-finite logits or no active layer")
+        if stats["skipped_fraction"] <= 0:
+            raise AssertionError("ODP at the calibrated thresholds skipped no expert slot")
         thr = ", ".join(f"{t:.2f}" for t in again.config.quantization_config.odp_thresholds)
         notes["odp"] = f"skipped {stats['skipped_fraction']:.2f} of expert slots at calibrated thresholds {thr}"
     return {"status": "pass", "notes": notes}
