@@ -176,6 +176,8 @@ def key_renamer(model, quantizer=None):
 
     def rename(key: str) -> tuple[list[str], bool]:
         name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:  # as transformers loads: a key the model has is not renamed
+            name, pattern = rename_source_key(key, [], [], prefix, meta)
         if pattern is None:
             return [name], False
         targets = next((c.target_patterns for c in converters if pattern in c.source_patterns), [])

@@ -31,7 +31,12 @@ from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches, resolve_tokenizer
 from .calibration.expert_gptq import quantize_experts
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert, rtn_loss_table
-from .calibration.layer_source import ResidentLayers, release_memory, return_large_frees_to_the_os
+from .calibration.layer_source import (
+    ResidentLayers,
+    init_computed_buffers,
+    release_memory,
+    return_large_frees_to_the_os,
+)
 from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
@@ -468,6 +473,7 @@ class _Run:
             self.config.nonexpert_method,
         )
         layer.load_state_dict(tensors, strict=True, assign=True)
+        init_computed_buffers(self.model, layer, "cpu")  # not in a state dict: computed, as transformers does
         self.source.finish(idx, layer)
         self.adopt_record(idx, record)
 

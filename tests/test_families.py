@@ -27,7 +27,6 @@ from optimum_mc.tools.families import check_family, moe_model_types, tiny_config
 XFAIL: dict[str, str] = {
     "aria_text": "UnsupportedArchitectureError: experts module `layers.0.mlp.experts` (AriaExperts) stores its weights transpose",  # noqa: E501
     "dbrx": "does not instantiate: NotImplementedError: dbrx nests sub-configs (attn_config, ffn_config); tiny sizes are on",  # noqa: E501
-    "deepseek_v4": "CheckpointError: decoder layer 0 could not be read completely from the checkpoint: missing ['self_attn.compres",  # noqa: E501
     "dots3_note": "does not instantiate: NotImplementedError: dots3_note nests sub-configs (text_config, vision_config, audio_con",  # noqa: E501
     "dots3_note_text": "does not instantiate: AmbiguousGlobalPerLayerAttributeError: 'num_attention_heads' is a per-layer attribute an",  # noqa: E501
     "ergo": "UnsupportedArchitectureError: ErgoForCausalLM (model_type 'ergo') has no MoE layers: no decoder layer holds an",  # noqa: E501

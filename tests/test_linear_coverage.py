@@ -40,3 +40,13 @@ def test_checkpoint_names_map_to_model_names(tmp_path):
     assert rename(saved) == (["model.layers.1.mlp.shared_experts.down_proj.qweight"], False)
     assert rename("model.layers.0.self_attn.q_proj.weight") == (["model.layers.0.self_attn.q_proj.weight"], False)
     assert torch.is_tensor(model.model.layers[1].mlp.shared_experts.down_proj.weight)
+
+
+def test_a_key_the_model_has_is_not_renamed():
+    """deepseek_v4's mapping renames ``.norm.`` to ``.kv_norm.`` (its attention's norm); the final ``model.norm``
+    is the model's own key and, as transformers loads it, keeps its name."""
+    model = tiny_model("deepseek_v4")
+    rename = key_renamer(model)
+    assert rename("model.norm.weight") == (["model.norm.weight"], False)
+    assert rename("model.layers.0.attn_norm.weight") == (["model.layers.0.input_layernorm.weight"], False)
+    assert rename("model.layers.0.self_attn.norm.weight") == (["model.layers.0.self_attn.kv_norm.weight"], False)
