@@ -147,8 +147,13 @@ def _check_experts(name: str, experts: nn.Module, hidden: int | None) -> int:
             f"experts module `{name}` ({cls}) takes forward({', '.join(params)}); expected forward(hidden_states, "
             f"top_k_index, top_k_weights) (check: experts interface)."
         )
-    if not callable(getattr(experts, "act_fn", None)):
-        raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `act_fn` (check: experts).")
+    from .expert_activation import experts_act_fn
+
+    if experts_act_fn(experts) is None:
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({cls}) has no `act_fn`, and its forward is not an elementwise gated "
+            f"activation of (gate, up) that a probe with identity weights can read (check: experts activation)."
+        )
     return int(e)
 
 

@@ -31,12 +31,19 @@ from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches, resolve_tokenizer
 from .calibration.expert_gptq import quantize_experts
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert, rtn_loss_table
-from .calibration.layer_source import ResidentLayers, release_memory, return_large_frees_to_the_os
+from .calibration.layer_source import (
+    ResidentLayers,
+    init_computed_buffers,
+    release_memory,
+    return_large_frees_to_the_os,
+)
 from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
+from .checkpoint import save_converter
 from .config import _RESULT_FIELDS, MCConfig
 from .errors import CalibrationError, UnsupportedArchitectureError
+from .expert_activation import experts_act_fn
 from .gptq import gptq_quantize
 from .group_quant import check_finite
 from .nn import MCExperts, QuantLinear
@@ -83,8 +90,19 @@ def _weight_read_directly(layer: nn.Module) -> set[int]:
     return out
 
 
-def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitecture, config: MCConfig) -> dict:
-    """The ``nn.Linear`` modules of a decoder layer quantized at ``attn_bits`` (name relative to the layer)."""
+def linear_targets(
+    layer: nn.Module,
+    block: MoEBlock | None,
+    arch: MoEArchitecture,
+    config: MCConfig,
+    prefix: str = "",
+    converted=None,
+) -> dict:
+    """The ``nn.Linear`` modules of a decoder layer quantized at ``attn_bits`` (name relative to the layer).
+
+    ``converted`` (:func:`checkpoint.save_converter`) names the transformers weight converter that would merge or
+    split a linear's saved tensors (keys ``prefix.name.*``); such linears stay float (logged), at save and reload
+    alike, since their packed buffers cannot be cut or concatenated like float weights."""
     if config.attn_bits is None:
         return {}
     skip_ids = set()
@@ -97,6 +115,16 @@ def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitectu
         if type(m) is not nn.Linear or id(m) in skip_ids:
             continue
         if any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip_names):
+            continue
+        pattern = converted(f"{prefix}{name}.qweight") if converted is not None else None
+        if pattern is not None:
+            logger.warning(
+                "keeping %s%s in float: transformers' conversion mapping merges or splits its saved tensors "
+                "(pattern %r), which packed buffers cannot follow",
+                prefix,
+                name,
+                pattern,
+            )
             continue
         g = m.in_features if config.group_size == -1 else config.group_size
         if m.in_features % g or m.in_features % 32:
@@ -132,6 +160,7 @@ class _Run:
         self.num_experts = {i: int(moe_block(structures[i], i, arch).experts.num_experts) for i in self.moe_layers}
         self.blocks: dict[int, MoEBlock] = {}  # MoE parts of the layer being processed
         self.layer_names = layer_module_names(model)
+        self.converted = save_converter(model)
         self.factors: dict[int, LayerFactors] = {}
         self.bits: dict[int, list[ExpertBits]] = {}
         self.linear_bits: dict[str, int] = {}
@@ -152,7 +181,10 @@ class _Run:
         """Run the float layer with hooks recording linear-input Hessians and routing; its outputs are returned
         when ``keep`` (the factors pass propagates them) and dropped at once otherwise."""
         block = self.blocks.get(idx)
-        lin = linear_targets(layer, block, self.arch, self.config) if with_linears else {}
+        lin = {}
+        if with_linears:
+            prefix = self.layer_names[idx] + "."
+            lin = linear_targets(layer, block, self.arch, self.config, prefix, self.converted)
         for name, m in lin.items():
             check_finite(m.weight, f"layer {idx} {name}.weight")
         lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {}, device=self.device)
@@ -184,11 +216,12 @@ class _Run:
         per_projection = cfg.allocation_granularity == "projection" and need_loss
         proj = torch.zeros(e_total, 2, len(cb), dtype=torch.float64) if per_projection else None
         method = "hessian" if cfg.allocation == "hessian" else cfg.loss_method
+        act_fn = experts_act_fn(experts)
         for e in tqdm(range(e_total), desc=f"layer {idx} experts", leave=False, disable=not self.progress):
             w_gu, w_dn = experts.gate_up_proj[e].detach().float(), experts.down_proj[e].detach().float()
             check_finite(w_gu, f"layer {idx} expert {e} gate_up_proj")
             check_finite(w_dn, f"layer {idx} expert {e} down_proj")
-            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, experts.act_fn, bits_to_try[e])
+            cands[e] = self.quantize_one(routing, e, w_gu, w_dn, act_fn, bits_to_try[e])
             if need_loss:
                 x, r = routing.experts[e].cat(routing.hidden_dim)
                 energy = routing.output_energy if cfg.loss_normalizer == "block" else routing.residual_energy
@@ -197,7 +230,7 @@ class _Run:
                     energy = energy * RTN_LOSS_MAX_TOKENS / x.shape[0]
                     x, r = x[keep], r[keep]
                 if proj is not None:  # loss_method "rtn" (checked by MCConfig): whole and per-projection in one pass
-                    args = (x, r, w_gu, w_dn, experts.act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
+                    args = (x, r, w_gu, w_dn, act_fn, cb, self.opts.group_size, energy, self.opts.zero_point)
                     whole, per = rtn_loss_table(*args)
                     loss[e], proj[e] = torch.tensor(whole, dtype=torch.float64), torch.tensor(per, dtype=torch.float64)
                     continue
@@ -208,7 +241,7 @@ class _Run:
                         r,
                         w_gu,
                         w_dn,
-                        experts.act_fn,
+                        act_fn,
                         cb,
                         self.opts,
                         energy,
@@ -247,7 +280,7 @@ class _Run:
         def count(e: int) -> int:  # rows tokens(e) returns: every calibration token, or those routed to e
             return int(routing.tokens) if weighted else int(routing.counts[e])
 
-        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit, count=count)
+        quantize_experts(weights, tokens, experts_act_fn(experts), bits, self.opts, emit=emit, count=count)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands, proj=None) -> LayerFactors:
         if routing.tokens == 0:
@@ -269,11 +302,16 @@ class _Run:
     def quantize_linears(self, idx: int, layer: nn.Module, lin: dict, capture: LinearInputs) -> None:
         bits = self.config.attn_bits
         for name, m in lin.items():
-            self.linear_bits[f"{self.layer_names[idx]}.{name}"] = bits
+            full = f"{self.layer_names[idx]}.{name}"
             if self.config.nonexpert_method == "bnb_nf4":
+                self.linear_bits[full] = bits
                 set_submodule(layer, name, NF4Linear.from_linear(m))
                 continue
             h = capture.hessians[name]
+            if h.num_tokens == 0:  # not in linear_bits: the reload skeleton keeps it float as well
+                logger.warning("keeping %s in float: calibration never reached it (no input recorded)", full)
+                continue
+            self.linear_bits[full] = bits
             w = m.weight.detach().float()
             codes, scales, zeros = gptq_quantize(
                 w,
@@ -299,7 +337,7 @@ class _Run:
             int(old.gate_up_proj.shape[1] // 2),
             bits,
             self.config.group_size,
-            old.act_fn,
+            experts_act_fn(old),
             dtype=old.gate_up_proj.dtype,
             device=old.gate_up_proj.device,
         )
@@ -435,6 +473,7 @@ class _Run:
             self.config.nonexpert_method,
         )
         layer.load_state_dict(tensors, strict=True, assign=True)
+        init_computed_buffers(self.model, layer, "cpu")  # not in a state dict: computed, as transformers does
         self.source.finish(idx, layer)
         self.adopt_record(idx, record)
 

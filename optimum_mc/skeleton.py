@@ -6,6 +6,7 @@ from torch import nn
 
 from .architectures import MoEArchitecture, moe_block, set_submodule
 from .bitwidths import ExpertBits
+from .expert_activation import experts_act_fn
 
 
 def install_packed_skeleton(
@@ -32,7 +33,7 @@ def install_packed_skeleton(
             int(old.gate_up_proj.shape[1] // 2),
             list(expert_bits),
             group_size,
-            old.act_fn,
+            experts_act_fn(old),
             dtype=old.gate_up_proj.dtype,
             device=device,
         )

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..expert_activation import gated
 from ..gptq import calibration_free_quantize, gptq_quantize_multi
 from ..group_quant import dequantize_matrix, rtn_quantize
 
@@ -66,7 +67,7 @@ def expert_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     """The expert MLP of transformers' fused layout: ``down(act(gate(x)) * up(x))`` in fp32, in token chunks."""
     if x.shape[0] <= FORWARD_CHUNK:
         gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-        return (act_fn(gate) * up) @ w_down.t()
+        return gated(act_fn)(gate, up) @ w_down.t()
     return torch.cat(
         [
             expert_forward(x[i : i + FORWARD_CHUNK], w_gate_up, w_down, act_fn)
@@ -252,7 +253,7 @@ def hessian_trace_loss(
     w_gate_up, w_down = w_gate_up.float(), w_down.float()
     n = max(total_tokens, 1)
     gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    mid = act_fn(gate) * up
+    mid = gated(act_fn)(gate, up)
     traces = [2.0 / n * float(x.pow(2).sum()) / x.shape[-1], 2.0 / n * float(mid.pow(2).sum()) / mid.shape[-1]]
     out = []
     for b in bits:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..expert_activation import gated
+
 TOKEN_CHUNK = 1024  # tokens per update: bounds the (tokens x 2*intermediate) activations held at once
 
 
@@ -60,6 +62,6 @@ def mid_hessian(
 
     def mid(part: torch.Tensor) -> torch.Tensor:
         gate, up = (part @ w_gate_up.t()).chunk(2, dim=-1)
-        return act_fn(gate).mul_(up)
+        return gated(act_fn)(gate, up)
 
     return _hessian(x, mid, token_weights, out)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..allocation import ExpertFactors, allocate_bits
+from ..expert_activation import experts_act_fn
 from ..group_quant import dequantize_matrix, rtn_quantize
 from .factors import expert_forward
 
@@ -124,7 +125,7 @@ def tune_layer(routing, experts, factors: ExpertFactors, config, seed: int) -> t
     deltas = layer_deltas(
         tokens,
         weights,
-        experts.act_fn,
+        experts_act_fn(experts),
         config.candidate_bits,
         config.group_size,
         heldout,

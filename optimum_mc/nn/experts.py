@@ -17,6 +17,7 @@ from torch import nn
 
 from ..bitwidths import ExpertBits, join, op_bits, split
 from ..errors import CheckpointError, UnsupportedArchitectureError
+from ..expert_activation import experts_act_fn, gated
 from ..kernels import activation_name, check_routing, cpu, moe_op
 from ..kernels.eager import plain_eager
 from ..kernels.moe_cpu import DecodePlan
@@ -92,7 +93,7 @@ class MCExperts(nn.Module):
 
         e, h, i = float_experts_shape(module)
         dtype, device = module.gate_up_proj.dtype, module.gate_up_proj.device
-        new = cls(e, h, i, bits, group_size, module.act_fn, dtype, device)
+        new = cls(e, h, i, bits, group_size, experts_act_fn(module), dtype, device)
         for k, b in enumerate(bits):
             gu_bits, dn_bits = split(b)
             new.set_expert(
@@ -119,7 +120,7 @@ class MCExperts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.packed[e].gate_up(x).chunk(2, dim=-1)
-        return self.packed[e].down(self.act_fn(gate) * up)
+        return self.packed[e].down(gated(self.act_fn)(gate, up))
 
     def packed_weights(self) -> tuple[list[torch.Tensor], ...]:
         """Six lists over experts: gate_up ``qweight``, ``scales``, ``zeros``, then the same of down.

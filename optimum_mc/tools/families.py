@@ -144,6 +144,9 @@ def tiny_config(model_type: str, **overrides):
         if hasattr(base, k):
             kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
     kw.update(_EXCEPTIONS.get(model_type, {}))
+    alias = getattr(base, "attribute_map", None) or {}  # e.g. num_local_experts -> num_experts: one value wins
+    for k in overrides:
+        kw = {j: v for j, v in kw.items() if alias.get(j, j) != alias.get(k, k)}
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 
@@ -274,12 +277,15 @@ def check_family(model_type: str, workdir: str) -> dict:
         "kept_float": _kept_float(again),
         "odp": "n/a (top-1)",
     }
-    if top_k >= 2:
-        active = optimum_mc.set_odp(again, True, threshold=0.5, layers=len(blocks))
+    if top_k >= 2:  # the calibrated per-layer thresholds (median ratio): a fixed one means another share per router
+        active = optimum_mc.set_odp(again, True, layers=len(blocks))
         with torch.no_grad():
             pruned = again(input_ids=ids).logits
         stats = optimum_mc.get_odp_stats(again)["total"]
         if not torch.isfinite(pruned).all() or not active:
             raise AssertionError("ODP produced non-finite logits or no active layer")
-        notes["odp"] = f"skipped {stats['skipped_fraction']:.2f} of expert slots at threshold 0.5"
+        if stats["skipped_fraction"] <= 0:
+            raise AssertionError("ODP at the calibrated thresholds skipped no expert slot")
+        thr = ", ".join(f"{t:.2f}" for t in again.config.quantization_config.odp_thresholds)
+        notes["odp"] = f"skipped {stats['skipped_fraction']:.2f} of expert slots at calibrated thresholds {thr}"
     return {"status": "pass", "notes": notes}
