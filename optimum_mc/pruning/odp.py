@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import decoder_layers, moe_blocks, require_moe
+from ..architectures import decoder_layers, moe_blocks, require_moe, router_output_positions
 from ..errors import MCConfigError
 from .importance import install_attention, uninstall_attention
 from .routing import routing_is_normalized
@@ -66,7 +66,8 @@ class ODPLayerState:
     renormalize: bool = True
 
     def router_hook(self, module: nn.Module, args: tuple, output: tuple):
-        logits, weights, index = output[0], output[1], output[2]
+        pos = router_output_positions(output)
+        logits, weights, index = (output[i] for i in pos)
         flat_i = index.reshape(-1, index.shape[-1])
         t = flat_i.shape[0]
         valid = self.valid.reshape(-1) if self.valid is not None and self.valid.numel() == t else None
@@ -90,7 +91,9 @@ class ODPLayerState:
         with torch.no_grad():
             count_routing(counts, flat_i, valid, self.num_experts)
         self.received = self.valid = None
-        return (logits, flat_w.reshape(weights.shape), flat_i.reshape(index.shape), *output[3:])
+        out = list(output)
+        out[pos[1]], out[pos[2]] = flat_w.reshape(weights.shape), flat_i.reshape(index.shape)
+        return tuple(out)
 
     def _counters(self, device: torch.device) -> torch.Tensor:
         if self.counts is None or self.counts.device != device:
