@@ -58,7 +58,7 @@ def write(results: dict, path_md: str, path_json: str) -> None:
         "tiny random model is quantized with MC (2.5 bits, group 32); vLLM and transformers then run the float and "
         f"the MC model on the same prompts. **pass**: the MC model's prompt logprobs agree within {TOL:g} (fp32) "
         "and every greedy completion is equal. The plugin serves exactly the passing architectures "
-        "(`SUPPORTED_ARCHITECTURES` in `optimum_mc/integrations/vllm/config.py`) and refuses the others at load.",
+        "(`SUPPORTED_ARCHITECTURES` in `optimum_mc/integrations/vllm/__init__.py`) and refuses the others at load.",
         "",
         f"**{len(passing)} of {len(results)} families pass.**",
         "",

@@ -64,6 +64,8 @@ VLLM_SIZES = dict(
     v_head_dim=32,
     kv_lora_rank=64,
     q_lora_rank=64,
+    linear_key_head_dim=32,  # vLLM's CPU gated delta-net kernel takes head dims in multiples of 32
+    linear_value_head_dim=32,
 )
 # families whose defaults cannot be derived from the generic rules above
 _EXCEPTIONS = {

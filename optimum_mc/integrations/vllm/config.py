@@ -21,16 +21,11 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from ...config import DECODE_ACTIVATIONS
 from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
 from ...packing import WORD_BITS
+from . import SUPPORTED_ARCHITECTURES
 from .linear_method import MCLinearMethod
 from .moe_method import MCFusedMoEMethod
 from .odp import ODPSettings
 from .odp import resolve as resolve_odp
-
-# Architectures whose vLLM model hands a MoE layer's checkpoint tensors to its RoutedExperts.load_weights (through
-# AutoWeightsLoader and MoERunner.load_weights) and uses a plain gated SiLU MoE: what MCFusedMoEMethod relies on.
-# Models with a hand-written load_weights loop over expert_params_mapping would look the packed names up in their
-# own params dict and fail, so they are refused at load with this list in the message.
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
 
 UNVERIFIED_ENV = "OPTIMUM_MC_VLLM_UNVERIFIED"  # "1": serve an architecture not in SUPPORTED_ARCHITECTURES (warned)
 logger = logging.getLogger("vllm.optimum_mc")
