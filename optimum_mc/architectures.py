@@ -291,6 +291,22 @@ def require_moe(model: nn.Module) -> MoEArchitecture:
     return architecture_of(model)
 
 
+def router_output_positions(output: tuple) -> tuple[int, int, int]:
+    """Positions of ``(logits, weights, index)`` in a router's output tuple: the index is the integer tensor, the
+    logits the float one with a wider last dimension than the index (all experts, not the top-k), the weights the
+    other. transformers orders them (logits, weights, index), except some releases' routers that return
+    (index, weights, logits) (GraniteMoe before 5.20); where widths cannot tell, the usual order is assumed."""
+    ints = [i for i, t in enumerate(output[:3]) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+    if len(output) < 3 or len(ints) != 1 or ints[0] == 2:
+        return 0, 1, 2
+    idx = ints[0]
+    a, b = (i for i in range(3) if i != idx)
+    k = output[idx].shape[-1]
+    wide = [i for i in (a, b) if output[i].shape[-1] != k]
+    logits = wide[0] if len(wide) == 1 else a
+    return logits, (b if logits == a else a), idx
+
+
 def router_probabilities(arch: MoEArchitecture, router_logits: torch.Tensor) -> torch.Tensor:
     """Per-expert probabilities from router logits, before top-k selection or renormalization."""
     if arch.score_fn == "sigmoid":

@@ -157,11 +157,62 @@ def _layer_key(key: str) -> tuple[int, str] | None:
     return None
 
 
-def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]]) -> None:
+def key_renamer(model, quantizer=None):
+    """``rename(checkpoint key) -> (model keys, converted)`` with transformers' conversion mapping of ``model`` (the
+    renamings and merges transformers applies when loading: ``shared_expert.`` -> ``shared_experts.``, a fused
+    ``in_proj`` split in four, ...). ``converted`` when a weight converter (merge / split) matched, whose target
+    shapes differ from the stored ones; a split lists every key it fills. Without a conversion mapping in this
+    transformers: the identity."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # pragma: no cover - another transformers layout
+        return lambda key: ([key], False)
+    meta = model.state_dict()
+    transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> tuple[list[str], bool]:
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:  # as transformers loads: a key the model has is not renamed
+            name, pattern = rename_source_key(key, [], [], prefix, meta)
+        if pattern is None:
+            return [name], False
+        targets = next((c.target_patterns for c in converters if pattern in c.source_patterns), [])
+        first = targets[0] if targets else ""
+        names = [name] + [name.replace(first, t) for t in targets[1:] if first and first in name]
+        return names, True
+
+    return rename
+
+
+def save_converter(model):
+    """``pattern(model key) -> str | None``: the pattern of the weight converter (a merge or split of tensors, not a
+    renaming) transformers applies to that key when saving ``model``, or None. A packed linear's buffers under such
+    a key would be concatenated or cut like float weights (lara_mini's ``in_proj_qkv / z / b / a`` saved merged
+    as one ``in_proj``), which their packed layout cannot follow, so such linears stay float."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, apply_converters
+    except ImportError:  # pragma: no cover - another transformers layout: nothing is converted
+        return lambda key: None
+    transforms = getattr(model, "_weight_conversions", None)
+    if transforms is None:
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    reverse = [t.reverse_transform() for t in (transforms or [])[::-1]]
+    converters = [t for t in reverse if isinstance(t, WeightConverter)]
+    return lambda key: apply_converters(key, converters)[1] if converters else None
+
+
+def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]], rename=None) -> None:
     """Compare ``expected[(layer, suffix)] = (dtype, shape)`` with the checkpoint; raise CheckpointError.
 
     ``suffix`` is matched against the end of each checkpoint key of that layer, so renamed block attributes
-    (e.g. Mixtral's ``mlp`` saved as ``block_sparse_moe``) do not matter.
+    (e.g. Mixtral's ``mlp`` saved as ``block_sparse_moe``) do not matter. ``rename`` (:func:`key_renamer`) maps
+    checkpoint keys to the model's names first: transformers saves a model's keys under its checkpoint names
+    (``shared_experts.`` saved as ``shared_expert.``), which no suffix of the model's names matches.
     """
     files = list(files)
     check_format_metadata(f for f in files if str(f).endswith(".safetensors"))
@@ -171,7 +222,7 @@ def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple
         if not str(path).endswith(".safetensors"):
             raise CheckpointError(f"{path}: MC checkpoints are read from safetensors only (no pickle).")
         for key, info in read_safetensors_header(str(path)).items():
-            lk = _layer_key(key)
+            lk = _layer_key(rename(key)[0][0] if rename is not None else key)
             if lk is not None:
                 by_layer.setdefault(lk[0], []).append((lk[1], info))
     problems = []
@@ -208,27 +259,18 @@ def check_all_tensors(model, files: Iterable[str], quantizer=None) -> None:
     missing its router, embeddings, norms or any quantized linear before transformers would initialize them
     randomly.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-    except ImportError:  # pragma: no cover - another transformers layout: packed tensors were checked already
-        logger.warning("optimum-mc: this transformers version has no conversion mapping; only packed tensors checked")
-        return
-
     meta = model.state_dict()
-    transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    prefix = getattr(model, "base_model_prefix", None)
+    rename = key_renamer(model, quantizer)
     found: set[str] = set()
     converted = False
     problems = []
     for path in files:
         for key, info in read_safetensors_header(str(path)).items():
-            name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-            if pattern is not None:  # merged / split by a converter: shapes change, only presence is known
+            names, by_converter = rename(key)
+            name = names[0]
+            if by_converter:  # merged / split by a converter: shapes change, only presence is known
                 converted = True
-                found.add(name)
+                found.update(names)
                 continue
             found.add(name)
             want = meta.get(name)

@@ -13,7 +13,11 @@ module itself:
   for it, taking the ``(S, 2I)`` gate/up output) on fixed random values against every candidate, the module's
   ``act_fn`` as ``act(gate) * up`` and, for a module with ``alpha`` and ``limit`` (gpt-oss's config values), the
   clamped SwiGLU, each on halves and on interleaved columns. Probing needs no weights, so it works on the meta
-  device; a module without ``_apply_gate`` is read as ``act_fn(gate) * up`` on halves.
+  device; a module without ``_apply_gate`` is read as ``act_fn(gate) * up`` on halves. A gate no candidate names
+  (hy_v4's, minimax_m3_vl's, deepseek_v4's), or a module with neither ``_apply_gate`` nor ``act_fn``, is read from
+  the module's forward instead (:func:`~optimum_mc.expert_activation.probed_act_fn`): a plain activation, or a
+  :class:`~optimum_mc.expert_activation.GatedActivation` evaluated by the module's own code (halves, MC's layout);
+  a gate that is not elementwise in ``(gate_j, up_j)`` pairs is refused (check: experts activation).
 
 :func:`canonical_experts` converts a deviating module (with real weights) into :class:`CanonicalExperts` (MC's
 layout, biases kept as float tensors) and checks that it reproduces the original's forward on random routed tokens.
@@ -109,32 +113,48 @@ def _split(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tens
 
 
 def _gate(name: str, module: nn.Module, inter: int) -> tuple[bool, Any]:
-    """``(interleaved, act_fn)`` of the module's gate (probed, see the module docstring)."""
-    cls = type(module).__name__
+    """``(interleaved, act_fn)`` of the module's gate (probed, see the module docstring). A gate none of the
+    candidates names (or a module with neither ``_apply_gate`` nor ``act_fn``) is read from the module's forward
+    by :func:`~optimum_mc.expert_activation.probed_act_fn` (on halves): a plain activation or a
+    :class:`~optimum_mc.expert_activation.GatedActivation`; typed error when that finds none either."""
     cands = _candidates(module)
     apply_gate = getattr(module, "_apply_gate", None)
     if not callable(apply_gate):
-        if not _is_gate(getattr(module, "act_fn", None)):
-            raise UnsupportedArchitectureError(f"experts module `{name}` ({cls}) has no `act_fn` (check: experts).")
-        return False, module.act_fn
+        if _is_gate(getattr(module, "act_fn", None)):
+            return False, module.act_fn
+        return False, _probed(name, module, "it has neither `act_fn` nor `_apply_gate`")
     h = torch.randn(16, 2 * inter, generator=torch.Generator().manual_seed(0), device="cpu") * 6
     try:
         with torch.no_grad():
             got = apply_gate(h)
-    except Exception as exc:  # a gate that needs more than the gate/up output: none MC can reproduce
-        raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({cls}): its _apply_gate does not run on a (tokens, 2I) tensor "
-            f"({type(exc).__name__}: {exc}) (check: experts activation)."
-        ) from exc
+    except Exception as exc:  # a gate that needs more than the gate/up output: perhaps its forward tells
+        return False, _probed(name, module, f"its _apply_gate does not run on a (tokens, 2I) tensor "
+                                            f"({type(exc).__name__}: {exc})")  # fmt: skip
     for interleaved in (False, True):
         for act in cands:
             want = gated(act, *_split(h, interleaved))
             if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, 1e-5, 1e-6):
                 return interleaved, act
-    raise UnsupportedArchitectureError(
-        f"experts module `{name}` ({cls}): its _apply_gate matches none of act_fn(gate) * up and the clamped SwiGLU, "
-        f"on gate / up halves or interleaved columns (check: experts activation)."
+    return False, _probed(
+        name,
+        module,
+        "its _apply_gate matches none of act_fn(gate) * up and the clamped SwiGLU, on gate / up "
+        "halves or interleaved columns",
     )
+
+
+def _probed(name: str, module: nn.Module, why: str) -> Any:
+    """The gate read from the module's forward (:func:`~optimum_mc.expert_activation.probed_act_fn`); typed
+    error naming the check when there is none."""
+    from .expert_activation import probed_act_fn
+
+    act = probed_act_fn(module)
+    if act is None:
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({type(module).__name__}): {why}; nor is its forward an elementwise gated "
+            f"activation of (gate, up) that a probe with identity weights can read (check: experts activation)."
+        )
+    return act
 
 
 def experts_layout(module: nn.Module, name: str = "experts", hidden: int | None = None) -> ExpertsLayout:
@@ -208,9 +228,11 @@ class CanonicalExperts(nn.Module):
 
 
 def expert_act(experts: nn.Module, e: int) -> Any:
-    """The gate calibration uses for expert ``e`` of a float experts module (its bias folded in where it has one)."""
+    """The gate calibration uses for expert ``e`` of a float experts module (its bias folded in where it has one):
+    a :class:`CanonicalExperts`' own, else the gate :func:`experts_layout` reads (the module's ``act_fn``, or a
+    :class:`~optimum_mc.expert_activation.GatedActivation` for a gate it cannot name)."""
     fn = getattr(experts, "expert_act", None)
-    return fn(e) if callable(fn) else experts.act_fn
+    return fn(e) if callable(fn) else experts_layout(experts, type(experts).__name__).act_fn
 
 
 def _check_same(name: str, original: nn.Module, new: CanonicalExperts, layout: ExpertsLayout) -> None:
@@ -234,6 +256,12 @@ def _check_same(name: str, original: nn.Module, new: CanonicalExperts, layout: E
         )
 
 
+def _probed_gate(act: Any) -> bool:
+    from .expert_activation import GatedActivation
+
+    return isinstance(act, GatedActivation)
+
+
 def layout_summary(layout: ExpertsLayout) -> str:
     parts = ["transposed" if layout.transposed else "(E, 2I, H)"]
     parts += ["interleaved gate/up"] if layout.interleaved else []
@@ -247,8 +275,8 @@ def canonical_experts(module: nn.Module, name: str = "experts") -> nn.Module:
     if isinstance(module, CanonicalExperts) or hasattr(module, "packed"):
         return module
     layout = experts_layout(module, name)
-    if layout.canonical and not layout.bias and not hasattr(layout.act_fn, "glu"):
-        return module
+    if layout.canonical and not layout.bias and (_probed_gate(layout.act_fn) or not hasattr(layout.act_fn, "glu")):
+        return module  # (a gate read from the module's forward is evaluated by that module's own code)
     new = CanonicalExperts(canonical_tensors(module, layout), layout.act_fn)
     _check_same(name, module, new, layout)
     return new

@@ -31,13 +31,19 @@ from .calibration.capture import LinearInputs, RoutingCapture
 from .calibration.data import calibration_batches, resolve_tokenizer
 from .calibration.expert_gptq import quantize_experts
 from .calibration.factors import ExpertQuant, GPTQOptions, expert_losses, quantize_expert, rtn_loss_table
-from .calibration.layer_source import ResidentLayers, release_memory, return_large_frees_to_the_os
+from .calibration.layer_source import (
+    ResidentLayers,
+    init_computed_buffers,
+    release_memory,
+    return_large_frees_to_the_os,
+)
 from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, run_layer
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
+from .checkpoint import save_converter
 from .config import _RESULT_FIELDS, MCConfig
 from .errors import CalibrationError, UnsupportedArchitectureError
-from .expert_layout import canonical_experts, expert_act
+from .expert_layout import canonical_experts, expert_act, experts_layout
 from .gptq import gptq_quantize
 from .group_quant import check_finite
 from .nn import MCExperts, QuantLinear
@@ -85,8 +91,19 @@ def _weight_read_directly(layer: nn.Module) -> set[int]:
     return out
 
 
-def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitecture, config: MCConfig) -> dict:
-    """The ``nn.Linear`` modules of a decoder layer quantized at ``attn_bits`` (name relative to the layer)."""
+def linear_targets(
+    layer: nn.Module,
+    block: MoEBlock | None,
+    arch: MoEArchitecture,
+    config: MCConfig,
+    prefix: str = "",
+    converted=None,
+) -> dict:
+    """The ``nn.Linear`` modules of a decoder layer quantized at ``attn_bits`` (name relative to the layer).
+
+    ``converted`` (:func:`checkpoint.save_converter`) names the transformers weight converter that would merge or
+    split a linear's saved tensors (keys ``prefix.name.*``); such linears stay float (logged), at save and reload
+    alike, since their packed buffers cannot be cut or concatenated like float weights."""
     if config.attn_bits is None:
         return {}
     skip_ids = set()
@@ -99,6 +116,16 @@ def linear_targets(layer: nn.Module, block: MoEBlock | None, arch: MoEArchitectu
         if type(m) is not nn.Linear or id(m) in skip_ids:
             continue
         if any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip_names):
+            continue
+        pattern = converted(f"{prefix}{name}.qweight") if converted is not None else None
+        if pattern is not None:
+            logger.warning(
+                "keeping %s%s in float: transformers' conversion mapping merges or splits its saved tensors "
+                "(pattern %r), which packed buffers cannot follow",
+                prefix,
+                name,
+                pattern,
+            )
             continue
         g = m.in_features if config.group_size == -1 else config.group_size
         if m.in_features % g or m.in_features % 32:
@@ -134,6 +161,7 @@ class _Run:
         self.num_experts = {i: int(moe_block(structures[i], i, arch).experts.num_experts) for i in self.moe_layers}
         self.blocks: dict[int, MoEBlock] = {}  # MoE parts of the layer being processed
         self.layer_names = layer_module_names(model)
+        self.converted = save_converter(model)
         self.factors: dict[int, LayerFactors] = {}
         self.bits: dict[int, list[ExpertBits]] = {}
         self.linear_bits: dict[str, int] = {}
@@ -159,7 +187,10 @@ class _Run:
         """Run the float layer with hooks recording linear-input Hessians and routing; its outputs are returned
         when ``keep`` (the factors pass propagates them) and dropped at once otherwise."""
         block = self.blocks.get(idx)
-        lin = linear_targets(layer, block, self.arch, self.config) if with_linears else {}
+        lin = {}
+        if with_linears:
+            prefix = self.layer_names[idx] + "."
+            lin = linear_targets(layer, block, self.arch, self.config, prefix, self.converted)
         for name, m in lin.items():
             check_finite(m.weight, f"layer {idx} {name}.weight")
         lin_capture = LinearInputs(lin if self.config.nonexpert_method == "gptq" else {}, device=self.device)
@@ -256,7 +287,8 @@ class _Run:
             return int(routing.tokens) if weighted else int(routing.counts[e])
 
         acts = functools.partial(expert_act, experts)
-        quantize_experts(weights, tokens, experts.act_fn, bits, self.opts, emit=emit, count=count, expert_act=acts)
+        act_fn = experts_layout(experts, type(experts).__name__).act_fn
+        quantize_experts(weights, tokens, act_fn, bits, self.opts, emit=emit, count=count, expert_act=acts)
 
     def layer_factors(self, idx: int, routing: RoutingCapture, loss: torch.Tensor, cands, proj=None) -> LayerFactors:
         if routing.tokens == 0:
@@ -278,11 +310,16 @@ class _Run:
     def quantize_linears(self, idx: int, layer: nn.Module, lin: dict, capture: LinearInputs) -> None:
         bits = self.config.attn_bits
         for name, m in lin.items():
-            self.linear_bits[f"{self.layer_names[idx]}.{name}"] = bits
+            full = f"{self.layer_names[idx]}.{name}"
             if self.config.nonexpert_method == "bnb_nf4":
+                self.linear_bits[full] = bits
                 set_submodule(layer, name, NF4Linear.from_linear(m))
                 continue
             h = capture.hessians[name]
+            if h.num_tokens == 0:  # not in linear_bits: the reload skeleton keeps it float as well
+                logger.warning("keeping %s in float: calibration never reached it (no input recorded)", full)
+                continue
+            self.linear_bits[full] = bits
             w = m.weight.detach().float()
             codes, scales, zeros = gptq_quantize(
                 w,
@@ -437,6 +474,7 @@ class _Run:
             self.config.nonexpert_method,
         )
         layer.load_state_dict(tensors, strict=True, assign=True)
+        init_computed_buffers(self.model, layer, "cpu")  # not in a state dict: computed, as transformers does
         self.source.finish(idx, layer)
         self.adopt_record(idx, record)
 

@@ -13,7 +13,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .architectures import MoEArchitecture, decoder_layers, layer_module_names, moe_blocks, require_moe, set_submodule
 from .bitwidths import split
-from .checkpoint import check_all_tensors, check_checkpoint, nf4_shapes, packed_shapes
+from .checkpoint import check_all_tensors, check_checkpoint, key_renamer, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
 from .expert_layout import CanonicalExperts, experts_layout
@@ -210,7 +210,7 @@ class MCQuantizer(HfQuantizer):
         if self.pre_quantized:
             check_results_match_model(model, cfg, arch)
             if checkpoint_files:
-                check_checkpoint(checkpoint_files, expected_tensors(model, cfg, arch))
+                check_checkpoint(checkpoint_files, expected_tensors(model, cfg, arch), key_renamer(model, self))
             build_quantized_skeleton(model, cfg, arch)
             if checkpoint_files:  # every tensor, not only packed ones
                 check_all_tensors(model, checkpoint_files, self)

@@ -33,7 +33,7 @@ try:
         res = check_family(mt, d)
 except Exception as exc:
     tb = traceback.extract_tb(exc.__traceback__)[-1]
-    where = f"{tb.filename.split('site-packages/')[-1].split('wt-families/')[-1]}:{tb.lineno}"
+    where = f"{tb.filename.split('site-packages/')[-1]}:{tb.lineno}"
     res = {"status": "fail", "error": f"{type(exc).__name__}: {exc}", "where": where}
 print("RESULT " + json.dumps(res))
 """
@@ -54,7 +54,7 @@ def run_one(model_type: str, timeout: int) -> dict:
         res = json.loads(lines[-1][len("RESULT ") :])
     else:
         res = {"status": "fail", "error": f"process exited {p.returncode}: {p.stderr.strip()[-300:]}"}
-    if res.get("where", "").startswith(ROOT + os.sep):  # this checkout's files, named relative to it
+    if res.get("where", "").startswith(ROOT + os.sep):  # repository-relative: no checkout path in the docs
         res["where"] = res["where"][len(ROOT) + 1 :]
     res["seconds"] = round(time.time() - t0, 1)
     return res
@@ -82,7 +82,8 @@ def write(results: dict, md_path: str, json_path: str) -> None:
         "the modules (`optimum_mc/expert_layout.py`). Per family a tiny",
         "random model (hidden 64, 2 layers, 8 experts, top-2) is",
         "quantized with `MCConfig(bits=2.5)`, saved, reloaded (logits must be equal), asked to generate, and run with",
-        "ODP where it routes top-k >= 2. The same check is `tests/test_families.py`.",
+        "ODP where it routes top-k >= 2 (at the per-layer thresholds calibrated at quantization: the median ratio of",
+        "a selected weight to the top-1 weight). The same check is `tests/test_families.py`.",
         "",
         f"**{n_pass} of {n_inst} families that instantiate pass end to end** ({len(results)} listed).",
         "",

@@ -11,7 +11,7 @@ import torch
 
 from optimum_mc.group_quant import rtn_quantize
 from optimum_mc.kernels import cpu, dequantize, qmatmul
-from optimum_mc.kernels.reference import dequantize_reference, qmatmul_reference
+from optimum_mc.kernels.reference import dequantize_reference
 from optimum_mc.packing import pack
 
 needs_c = pytest.mark.skipif(
@@ -36,10 +36,11 @@ def _packed(bits, out_f, in_f, group, seed=0):
     return pack(q, bits), s, z
 
 
-def _assert_close_to_reference(y, x, p, s, z, bits, rtol=2e-6):
-    """|y - ref| <= rtol * (|x| @ |W|^T) (+ one rounding of the output dtype): fp32 sums in another order."""
-    ref = qmatmul_reference(x, p, s, z, bits).float()
-    w = dequantize_reference(p, s, z, bits, torch.float32)
+def _assert_close_to_reference(y, x, p, s, z, bits, rtol=2e-6, weights=torch.float32):
+    """|y - ref| <= rtol * (|x| @ |W|^T) (+ one rounding of the output dtype): fp32 sums in another order. ``ref``
+    is x @ W^T with W dequantized exactly, or rounded to ``weights`` (bf16: the bf16 prefill kernels' contract)."""
+    w = dequantize_reference(p, s, z, bits, torch.float32).to(weights).float()
+    ref = (x.float() @ w.t()).to(x.dtype).float()
     bound = rtol * (x.float().abs() @ w.abs().t()) + 1e-30
     if x.dtype != torch.float32:
         bound = bound + 2 * torch.finfo(x.dtype).eps * ref.abs()
@@ -66,7 +67,12 @@ def test_dequantize_is_bit_identical(bits, shape):
 def test_qmatmul_matches_reference(bits, shape, rows, dtype):
     p, s, z = _packed(bits, *shape, seed=rows)
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
-    _assert_close_to_reference(qmatmul(x, p, s, z, bits), x, p, s, z, bits)
+    group = shape[1] // s.shape[1]
+    prefill = dtype == torch.bfloat16 and rows > cpu.GEMV_MAX_ROWS
+    bf16_weights = prefill and cpu.bf16_prefill_kernel(cpu.library(), shape[1], group, bits) is not None
+    # bf16 prefill rows are multiplied by bf16(W) where the CPU has a bf16 kernel (as a bf16 float model's weights)
+    weights = torch.bfloat16 if bf16_weights else torch.float32
+    _assert_close_to_reference(qmatmul(x, p, s, z, bits), x, p, s, z, bits, weights=weights)
 
 
 @needs_c

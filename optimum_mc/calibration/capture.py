@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import MoEArchitecture, router_probabilities
+from ..architectures import MoEArchitecture, router_output_positions, router_probabilities
 from ..gptq import HessianAccumulator
 
 
@@ -109,7 +109,7 @@ class RoutingCapture(_Hooks):
         ]
 
     def _router_hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        logits, weights, index = output[0], output[1], output[2]
+        logits, weights, index = (output[i] for i in router_output_positions(output))
         probs = router_probabilities(self.arch, logits.reshape(-1, logits.shape[-1]).detach())
         if self.keep_all:
             self.all_probs.append(probs.float())

@@ -99,6 +99,29 @@ def _own_memory(layer: nn.Module) -> None:
                 t.data = t.data.clone()
 
 
+def init_computed_buffers(model: nn.Module, layer: nn.Module, device) -> None:
+    """Compute the non-persistent buffers a layer holds (rotary frequencies inside an attention's compressor, as in
+    deepseek_v4): no checkpoint stores them, transformers computes them at init, so on a layer read from meta they
+    are still empty. Only parameter-free modules are initialized (``model._init_weights``), which cannot overwrite
+    weights read from the checkpoint."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    for module in layer.modules():
+        names = [
+            n
+            for n, b in module.named_buffers(recurse=False)
+            if b.is_meta and n in getattr(module, "_non_persistent_buffers_set", ())
+        ]
+        if not names or next(module.parameters(recurse=False), None) is not None:
+            continue
+        for n in names:
+            b = module._buffers[n]
+            module._buffers[n] = torch.empty(b.shape, dtype=b.dtype, device=device)
+        with torch.no_grad():
+            init(module)
+
+
 _STACKING_OPS = (("MergeModulelist",), ("MergeModulelist", "Concatenate"))
 
 
@@ -337,6 +360,7 @@ class CheckpointLayers:
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         layer = layers[index]
         _own_memory(layer)
+        init_computed_buffers(self.model, layer, device)
         missing = sorted(k for k in info.missing_keys if k.startswith(prefix))
         on_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
         if missing or on_meta or info.mismatched_keys:

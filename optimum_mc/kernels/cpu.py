@@ -2,17 +2,20 @@
 
 - ``dequantize``: multithreaded unpack + ``(q - zero) * scale`` in fp32, bit-identical to the reference.
 - ``qmatmul`` with at most ``GEMV_MAX_ROWS`` rows of ``x`` (decode): a fused GEMV that reads the packed bits
-  directly, never materializing a dequantized copy. With more rows (prefill): blocks of the weight are dequantized
-  in C into a reused fp32 buffer and multiplied with BLAS (``torch.mm``).
+  directly, never materializing a dequantized copy. With more rows (prefill): bf16 rows go through the fused bf16
+  kernels below; fp32 rows: blocks of the weight are dequantized in C into a reused fp32 buffer and multiplied with
+  BLAS (``torch.mm``).
 
-Every path computes in fp32 and casts the result to ``x.dtype``. (The fused MoE op's bf16 prefill, in
-``moe_cpu``, is the exception: its kernels round the weights to bf16 and sum in fp32 — AMX ``mc_amx_linear``
-where the CPU has AMX, else ``mc_bf16_linear`` / ``mc_bf16_linear_fma`` with AVX512-BF16 — and CPUs with neither
-compute it in fp32: ``mc_fma_linear`` with AVX2 + FMA.) Switches, read once per process: ``OPTIMUM_MC_CPU_AMX=0``
-turns the AMX kernel off, ``OPTIMUM_MC_CPU_AVX512BF16=0`` the AVX512-BF16 ones (to measure and test the other
-paths on a CPU that has these units), ``OPTIMUM_MC_CPU_BF16_DOT=dp|fma`` picks the AVX512-BF16 variant (see
-:func:`bf16_dot`), ``OPTIMUM_MC_CPU_MARCH=haswell`` builds for that ``-march`` instead of ``native`` (emulating an
-AVX2-only CPU).
+Every path sums in fp32 and casts the result to ``x.dtype``. Weights are dequantized exactly (fp32), except in
+the bf16 prefill (more than ``GEMV_MAX_ROWS`` bf16 rows, in ``qmatmul`` and in the fused MoE op alike,
+:func:`dense_rows`): there the kernels round the weights to bf16, as a bf16 float model's weights are — AMX
+``mc_amx_linear`` where the CPU has AMX, else ``mc_bf16_linear`` / ``mc_bf16_linear_fma`` with AVX512-BF16
+(:func:`bf16_prefill_kernel`) — and CPUs with neither compute it in fp32: ``mc_fma_linear`` with AVX2 + FMA.
+
+Switches, read once per process: ``OPTIMUM_MC_CPU_AMX=0`` turns the AMX kernel off, ``OPTIMUM_MC_CPU_AVX512BF16=0``
+the AVX512-BF16 ones (to measure and test the other paths on a CPU that has these units),
+``OPTIMUM_MC_CPU_BF16_DOT=dp|fma`` picks the AVX512-BF16 variant (see :func:`bf16_dot`),
+``OPTIMUM_MC_CPU_MARCH=haswell`` builds for that ``-march`` instead of ``native`` (emulating an AVX2-only CPU).
 
 The library is built with the system C compiler
 (``$CC``, ``cc``, ``gcc`` or ``clang``) into ``$OPTIMUM_MC_CACHE/kernels`` (default ``~/.cache/optimum_mc``),
@@ -331,6 +334,61 @@ def _gemm(lib, xf: torch.Tensor, qw, s, z, bits: int) -> torch.Tensor:
     return y_t.t().contiguous()
 
 
+def bf16_prefill_kernel(lib: ctypes.CDLL, in_f: int, group: int, bits: int):
+    """The fused kernel multiplying bf16 rows by ``bf16(W)`` with fp32 sums that this CPU runs for a matrix of
+    ``in_f`` columns in groups of ``group`` at ``bits`` (AMX, else AVX512-BF16), or None (shapes it does not take,
+    or neither unit)."""
+    if in_f % WORD_BITS or group < 32 or group % 32 or in_f % group or bits not in (1, 2, 3, 4, 8):
+        return None
+    if amx_available():
+        return lib.mc_amx_linear
+    if avx512bf16_available():
+        return lib.mc_bf16_linear if bf16_dot() == "dp" else lib.mc_bf16_linear_fma
+    return None
+
+
+def dense_rows(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) -> None:
+    """``out = x @ W.T`` for many rows (prefill), ``out`` fp32. bf16 ``x``: a fused kernel (AMX, else AVX512-BF16,
+    :func:`bf16_prefill_kernel`) that dequantizes small blocks of ``W`` into bf16 and multiplies them while they are
+    in cache; on CPUs with neither, ``x`` is widened to fp32 (without AVX512-BF16, bf16 BLAS is several times slower
+    than fp32 BLAS; docs/kernels.md) and the fused AVX2 + FMA kernel multiplies it with exactly dequantized fp32
+    weights. fp32 ``x`` (and the AVX2 kernel's absence): row blocks of ``W`` are dequantized into fp32 and
+    multiplied with fp32 BLAS."""
+    out_f, in_f = qw.shape[0], x.shape[1]
+    groups, words = s.shape[1], qw.shape[1]
+    fused = None
+    if x.dtype == torch.bfloat16 and out.is_contiguous():
+        fused = bf16_prefill_kernel(lib, in_f, in_f // groups, bits)
+        if fused is None and fma_available():
+            x, fused = x.float(), lib.mc_fma_linear
+    if fused is not None:
+        # dequantized blocks of rows go straight into the tile unit / the multiply-add registers
+        rc = fused(
+            x.data_ptr(), x.shape[0], in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), out_f, bits,
+            in_f // groups, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("optimum-mc CPU prefill kernel could not allocate its buffers")
+        if rc == 0:
+            return
+    if x.dtype != torch.float32:
+        x = x.float()
+    block = max(1, min(out_f, GEMM_BLOCK_BYTES // (4 * in_f)))
+    buf = torch.empty(block, in_f, dtype=torch.float32)
+    for start in range(0, out_f, block):
+        stop = min(out_f, start + block)
+        rc = lib.mc_dequantize(
+            qw.data_ptr() + start * words * 4, s.data_ptr() + start * groups * 2, z.data_ptr() + start * groups * 2,
+            buf.data_ptr(), stop - start, in_f, bits, in_f // groups, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise MemoryError("optimum-mc CPU dequantize could not allocate its row buffer")
+        if block == out_f and out.dtype == torch.float32 and out.is_contiguous():
+            torch.mm(x, buf.t(), out=out)  # the whole matrix in one block: straight into the output rows
+        else:
+            out[:, start:stop] = torch.mm(x, buf[: stop - start].t())
+
+
 def qmatmul_cpu(x, qweight, scales, zeros, bits: int, decode_activations: str = "float") -> torch.Tensor:
     """CPU implementation of ``optimum_mc::qmatmul``: fused GEMV for few rows (int8 activations per
     :func:`int8_decode`), dequantize + BLAS otherwise."""
@@ -347,14 +405,17 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
     ``int8``: a few rows (decode) go through the int8-activation GEMV (``decode_activations="int8"``)."""
     out_f, in_f, flat = qw.shape[0], x.shape[-1], x.dim() == 2
     xf = x if flat else x.reshape(-1, in_f)
-    if xf.dtype != torch.float32:
-        xf = xf.float()
-    if not xf.is_contiguous():
-        xf = xf.contiguous()
     rows = xf.shape[0]
     if rows == 0:
         return x.new_zeros((*x.shape[:-1], out_f))
-    if rows <= GEMV_MAX_ROWS:
+    if xf.dtype != torch.float32 and not (rows > GEMV_MAX_ROWS and xf.dtype == torch.bfloat16):
+        xf = xf.float()  # bf16 prefill rows stay bf16: dense_rows multiplies them by bf16(W)
+    if not xf.is_contiguous():
+        xf = xf.contiguous()
+    if rows > GEMV_MAX_ROWS and xf.dtype == torch.bfloat16:
+        y = torch.empty(rows, out_f, dtype=torch.float32)
+        dense_rows(lib, xf, qw, s, z, bits, y)
+    elif rows <= GEMV_MAX_ROWS:
         y = torch.empty(rows, out_f, dtype=torch.float32)
         rc = (lib.mc_gemv_i8 if int8 else lib.mc_gemv)(
             xf.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(),

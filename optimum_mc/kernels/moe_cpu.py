@@ -55,55 +55,6 @@ def _ptrs(ts) -> ctypes.Array:
     return (ctypes.c_int64 * len(ts))(*(t.data_ptr() for t in ts))
 
 
-def _fused_bf16(lib):
-    """The fused bf16 prefill kernel this CPU runs (AMX, else AVX512-BF16), or None."""
-    if cpu.amx_available():
-        return lib.mc_amx_linear
-    if cpu.avx512bf16_available():
-        return lib.mc_bf16_linear if cpu.bf16_dot() == "dp" else lib.mc_bf16_linear_fma
-    return None
-
-
-def _dense_rows(lib, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) -> None:
-    """``out = x @ W.T`` for many rows. bf16 ``x``: a fused kernel (AMX, else AVX512-BF16) that dequantizes small
-    blocks of ``W`` into bf16 and multiplies them while they are in cache; on CPUs with neither, ``x`` is widened
-    to fp32 (without AVX512-BF16, bf16 BLAS is several times slower than fp32 BLAS; docs/kernels.md) and the fused
-    AVX2 + FMA kernel multiplies it with exactly dequantized fp32 weights. fp32 ``x`` (and the AVX2 kernel's
-    absence): row blocks of ``W`` are dequantized into fp32 and multiplied with fp32 BLAS."""
-    out_f, in_f = qw.shape[0], x.shape[1]
-    groups, words = s.shape[1], qw.shape[1]
-    bf16 = x.dtype == torch.bfloat16
-    fused = _fused_bf16(lib) if bf16 and out.is_contiguous() else None
-    if bf16 and fused is None and out.is_contiguous() and cpu.fma_available():
-        x, fused = x.float(), lib.mc_fma_linear
-    if fused is not None:
-        # dequantized blocks of rows go straight into the tile unit / the multiply-add registers
-        rc = fused(
-            x.data_ptr(), x.shape[0], in_f, qw.data_ptr(), s.data_ptr(), z.data_ptr(), out_f, bits,
-            in_f // groups, out.data_ptr(), out.stride(0), torch.get_num_threads(),
-        )  # fmt: skip
-        if rc == -2:
-            raise MemoryError("optimum-mc CPU prefill kernel could not allocate its buffers")
-        if rc == 0:
-            return
-    if x.dtype != torch.float32:
-        x = x.float()
-    block = max(1, min(out_f, cpu.GEMM_BLOCK_BYTES // (4 * in_f)))
-    buf = torch.empty(block, in_f, dtype=torch.float32)
-    for start in range(0, out_f, block):
-        stop = min(out_f, start + block)
-        rc = lib.mc_dequantize(
-            qw.data_ptr() + start * words * 4, s.data_ptr() + start * groups * 2, z.data_ptr() + start * groups * 2,
-            buf.data_ptr(), stop - start, in_f, bits, in_f // groups, torch.get_num_threads(),
-        )  # fmt: skip
-        if rc:
-            raise MemoryError("optimum-mc CPU dequantize could not allocate its row buffer")
-        if block == out_f and out.dtype == torch.float32 and out.is_contiguous():
-            torch.mm(x, buf.t(), out=out)  # the whole matrix in one block: straight into the output rows
-        else:
-            out[:, start:stop] = torch.mm(x, buf[: stop - start].t())
-
-
 def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: list[int], counts: list[int],
                     out_f: int) -> torch.Tensor:  # fmt: skip
     """Rows ``starts[e] : starts[e] + counts[e]`` of ``x`` (fp32, or bf16 for the BLAS path) times expert ``e``'s
@@ -128,7 +79,7 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
         if c > cpu.GEMV_MAX_ROWS:
             a, b = starts[e], starts[e] + c
             xe = x[a:b] if x.dtype in (torch.float32, torch.bfloat16) else x[a:b].float()
-            _dense_rows(lib, xe, qws[e], ss[e], zs[e], bits[e], y[a:b])
+            cpu.dense_rows(lib, xe, qws[e], ss[e], zs[e], bits[e], y[a:b])
     return y
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import decoder_layers, moe_blocks, require_moe
+from ..architectures import decoder_layers, moe_blocks, require_moe, router_output_positions
 from ..errors import MCConfigError
 from .importance import install_attention, uninstall_attention
+from .routing import routing_is_normalized
 from .rule import apply_drop, count_routing, drop_mask, protected_tokens, slot_ratios
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,12 @@ class ODPLayerState:
     counts: torch.Tensor | None = None
     # the layer's experts module when it applies the rule itself (MCExperts: inside its fused C kernel on CPU)
     experts: nn.Module | None = None
+    # whether the router renormalizes its selected weights (routing.py): kept weights rescaled to their sum or not
+    renormalize: bool = True
 
     def router_hook(self, module: nn.Module, args: tuple, output: tuple):
-        logits, weights, index = output[0], output[1], output[2]
+        pos = router_output_positions(output)
+        logits, weights, index = (output[i] for i in pos)
         flat_i = index.reshape(-1, index.shape[-1])
         t = flat_i.shape[0]
         valid = self.valid.reshape(-1) if self.valid is not None and self.valid.numel() == t else None
@@ -83,11 +87,13 @@ class ODPLayerState:
                 vmask = self.valid if self.valid is not None else torch.ones_like(self.received, dtype=torch.bool)
                 keep_all = protected_tokens(importance, vmask, self.protect_ratio).reshape(-1)
                 drop &= ~keep_all.unsqueeze(-1)
-            flat_i, flat_w = apply_drop(flat_i, flat_w, drop, self.num_experts)
+            flat_i, flat_w = apply_drop(flat_i, flat_w, drop, self.num_experts, self.renormalize)
         with torch.no_grad():
             count_routing(counts, flat_i, valid, self.num_experts)
         self.received = self.valid = None
-        return (logits, flat_w.reshape(weights.shape), flat_i.reshape(index.shape), *output[3:])
+        out = list(output)
+        out[pos[1]], out[pos[2]] = flat_w.reshape(weights.shape), flat_i.reshape(index.shape)
+        return tuple(out)
 
     def _counters(self, device: torch.device) -> torch.Tensor:
         if self.counts is None or self.counts.device != device:
@@ -226,10 +232,12 @@ def set_odp(
         if st is None:
             params, nbytes = _expert_sizes(blk.experts)
             st = ODPLayerState(blk.layer_idx, blk.num_experts, t, protect_ratio, False, params, nbytes)
+            st.renormalize = routing_is_normalized(blk.router)  # before the hook is on the router
             st.handle = blk.router.register_forward_hook(st.router_hook)
             blk.router._mc_odp = st
         st.threshold, st.protect_ratio, st.enabled = t, float(protect_ratio), blk.layer_idx in active
-        st.experts = blk.experts if hasattr(blk.experts, "forward_with_odp") else None
+        # the fused kernel's rule rescales kept weights: only for routers that renormalize
+        st.experts = blk.experts if hasattr(blk.experts, "forward_with_odp") and st.renormalize else None
         attn_mod = attention_module(layer_list[blk.layer_idx])
         if attn_mod is not None:  # a linear-attention (hybrid) layer: ODP without token protection
             attn_mod._mc_odp_state = st
@@ -341,13 +349,13 @@ def calibrate_odp(
     # pass 2: relative change of each MoE layer's routed output when ODP (median threshold) is applied
     errors = {b.layer_idx: [0.0, 0.0] for b in blocks}
 
-    def error_hook(idx, ne, thr):
+    def error_hook(idx, ne, thr, renormalize):
         def hook(mod, args, out):
             if getattr(mod, "_mc_odp_inner_call", False):
                 return
             hidden, index, weights = args[0], args[1], args[2]
             drop = drop_mask(weights.reshape(-1, weights.shape[-1]), thr).reshape(index.shape)
-            i2, w2 = apply_drop(index, weights, drop, ne)
+            i2, w2 = apply_drop(index, weights, drop, ne, renormalize)
             mod._mc_odp_inner_call = True
             try:
                 pruned = mod(hidden, i2, w2)
@@ -358,11 +366,17 @@ def calibrate_odp(
 
         return hook
 
+    renorm = [
+        states[b.layer_idx].renormalize if b.layer_idx in states else routing_is_normalized(b.router) for b in blocks
+    ]
     try:
         run([(b.router, ratio_hook(b.layer_idx)) for b in blocks])
         thresholds = [_median_or(ratios[b.layer_idx], 0.5) for b in blocks]
         thresholds = [min(max(t, 1e-6), 1.0) for t in thresholds]
-        run([(b.experts, error_hook(b.layer_idx, b.num_experts, t)) for b, t in zip(blocks, thresholds)])
+        hooks = [
+            (b.experts, error_hook(b.layer_idx, b.num_experts, t, r)) for b, t, r in zip(blocks, thresholds, renorm)
+        ]
+        run(hooks)
     finally:
         for i, st in states.items():
             st.enabled = was[i]

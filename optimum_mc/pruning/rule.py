@@ -2,8 +2,10 @@
 
 - A token drops its k-th selected expert (k >= 2) when that slot's routing weight divided by the token's top-1
   weight (the max over its slots; DeepSeek's top-k is unsorted) is below the layer threshold mu.
-- A dropped slot gets index ``num_experts`` (experts modules skip it) and weight 0; the kept weights are rescaled
-  so they keep the original sum (1 for renormalized routers, the routed scaling factor for DeepSeek).
+- A dropped slot gets index ``num_experts`` (experts modules skip it) and weight 0. For a normalized router the kept
+  weights are rescaled so they keep the original sum (1 for softmax top-k, the routed scaling factor for DeepSeek);
+  for an un-normalized one (sigmoid or softmax scores without renormalization) they stay as they are
+  (``renormalize=False``; :mod:`.routing` tells which a router is).
 - Protected tokens (the top ``ratio`` share of each sequence by importance) keep all their experts.
 """
 
@@ -27,12 +29,14 @@ def drop_mask(weights: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def apply_drop(
-    index: torch.Tensor, weights: torch.Tensor, drop: torch.Tensor, num_experts: int
+    index: torch.Tensor, weights: torch.Tensor, drop: torch.Tensor, num_experts: int, renormalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mark dropped slots with index ``num_experts`` and weight 0; rescale kept weights to the original sum."""
+    """Mark dropped slots with index ``num_experts`` and weight 0; with ``renormalize`` rescale the kept weights to
+    the original sum (a normalized router), else leave them unchanged (an un-normalized one)."""
     total = weights.float().sum(-1, keepdim=True)
     kept = weights.float().masked_fill(drop, 0.0)
-    kept = kept * (total / kept.sum(-1, keepdim=True).clamp_min(1e-20))
+    if renormalize:
+        kept = kept * (total / kept.sum(-1, keepdim=True).clamp_min(1e-20))
     return index.masked_fill(drop, num_experts), kept.to(weights.dtype)
 
 

@@ -193,14 +193,14 @@ def build_demo_model(
 @torch.no_grad()
 def expert_usage(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Share of routing slots each expert receives, ``(MoE layers, experts)``, over ``windows`` of token ids."""
-    from ..architectures import moe_blocks
+    from ..architectures import moe_blocks, router_output_positions
 
     blocks = list(moe_blocks(model))
     counts = torch.zeros(len(blocks), blocks[0].num_experts)
 
     def hook(row):
         def count(module, args, out):
-            idx = out[2].reshape(-1)
+            idx = out[router_output_positions(out)[2]].reshape(-1)
             counts[row] += torch.bincount(idx[idx < counts.shape[1]].cpu(), minlength=counts.shape[1]).float()
 
         return count

@@ -8,6 +8,12 @@ after it, ``LLM(model=mc_folder)`` picks the method from ``config.json``'s ``qua
 from __future__ import annotations
 
 SUPPORTED_VLLM = (">=0.32", "<0.33")
+# Architectures measured to serve as transformers runs them (scripts/vllm_support.py → docs/vllm-support.md; a test
+# checks this list equals the passing rows there). Others are refused at load (OPTIMUM_MC_VLLM_UNVERIFIED=1 tries).
+SUPPORTED_ARCHITECTURES = (
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 _MIN, _MAX = (0, 32), (0, 33)
 
 
@@ -52,4 +58,10 @@ def register() -> None:
     _registered = True
 
 
-__all__ = ["SUPPORTED_VLLM", "UnsupportedVllmVersionError", "check_vllm_version", "register"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_VLLM",
+    "UnsupportedVllmVersionError",
+    "check_vllm_version",
+    "register",
+]

@@ -7,6 +7,8 @@ else (attention, KV cache, routing, scheduling, sampling).
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from typing import Any
 
@@ -19,16 +21,14 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from ...config import DECODE_ACTIVATIONS
 from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
 from ...packing import WORD_BITS
+from . import SUPPORTED_ARCHITECTURES
 from .linear_method import MCLinearMethod
 from .moe_method import MCFusedMoEMethod
 from .odp import ODPSettings
 from .odp import resolve as resolve_odp
 
-# Architectures whose vLLM model hands a MoE layer's checkpoint tensors to its RoutedExperts.load_weights (through
-# AutoWeightsLoader and MoERunner.load_weights) and uses a plain gated SiLU MoE: what MCFusedMoEMethod relies on.
-# Models with a hand-written load_weights loop over expert_params_mapping would look the packed names up in their
-# own params dict and fail, so they are refused at load with this list in the message.
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+UNVERIFIED_ENV = "OPTIMUM_MC_VLLM_UNVERIFIED"  # "1": serve an architecture not in SUPPORTED_ARCHITECTURES (warned)
+logger = logging.getLogger("vllm.optimum_mc")
 
 # A fused vLLM linear and the checkpoint's linears it stacks (used when the model did not say).
 _DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -86,11 +86,15 @@ class MCVllmConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         archs = list(getattr(hf_config, "architectures", None) or [])
-        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        verified = not archs or any(a in SUPPORTED_ARCHITECTURES for a in archs)
+        if not verified and os.environ.get(UNVERIFIED_ENV) == "1":
+            logger.warning("optimum-mc: serving %s, not verified with this plugin (%s=1)", archs, UNVERIFIED_ENV)
+        elif not verified:
             raise UnsupportedArchitectureError(
                 f"{model_name}: architecture {', '.join(archs)} is not supported by optimum-mc's vLLM plugin yet; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. Serve it with transformers "
-                "(AutoModelForCausalLM.from_pretrained) instead."
+                f"(AutoModelForCausalLM.from_pretrained) instead, or try it at your own risk with {UNVERIFIED_ENV}=1 "
+                "(scripts/vllm_support.py checks a family)."
             )
         self.odp = resolve_odp(self.raw, self.moe_layers, hf_config)
 

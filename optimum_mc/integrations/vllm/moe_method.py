@@ -189,14 +189,15 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         if self.log_every and self.calls % self.log_every == 0 and self.prefix == min(odp._COUNTERS):
             logger.info("optimum-mc ODP: %.2f%% of expert evaluations skipped", 100 * odp.odp_stats()["skipped_share"])
         protect = odp.protected_tokens(x.shape[0], self.protect_first) if self.odp_threshold > 0 else None
-        if expert_map is None and decode and protect is None and w.dtype == torch.float32:
-            # the rule and the counts inside the C kernel
+        renormalize = bool(getattr(layer, "renormalize", True))  # the router's: kept weights rescaled, or not
+        if expert_map is None and decode and protect is None and w.dtype == torch.float32 and renormalize:
+            # the rule and the counts inside the C kernel (which rescales the kept weights)
             return self.plan(x, ids, w, self.odp_threshold, counts, int8=self.int8(x))
         if self.odp_threshold > 0:
             drop = drop_mask(w, self.odp_threshold)
             if protect is not None:
                 drop &= ~protect.unsqueeze(-1)
-            ids, w = apply_drop(ids, w, drop, total)
+            ids, w = apply_drop(ids, w, drop, total, renormalize)
         count_routing(counts, ids, None, total)
         return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu", self.mode)
 

@@ -1,0 +1,140 @@
+"""Whether vLLM serves a MoE family's MC checkpoints as transformers runs them (tests, scripts/vllm_support.py).
+
+Per family a tiny random model (vLLM-friendly sizes, :data:`~optimum_mc.tools.families.VLLM_SIZES`) is quantized
+with MC; vLLM (each engine in its own process) and transformers then run the float and the MC model on the same
+prompts. A family passes when the MC model's prompt logprobs agree within ``TOL`` and the greedy tokens are equal
+(fp32; families whose vLLM CPU kernels need bf16 run in bf16 and are judged against how close the two engines get on
+the float model). Statuses say whose side a failure is on: "vLLM cannot run the float model" and "vLLM and
+transformers differ on the float model" are not MC's to fix; "fail" is. Imports vLLM only in :func:`candidates`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+TOL = 1e-4  # fp32 |logprob| difference between the engines (measured ~2e-6 on the families that pass)
+PROMPTS = [[1, 42, 275, 78, 81, 273, 263, 78, 70], [1, 284, 223, 69, 286], list(range(3, 40))]
+ENGINE = r"""
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    model, dtype, out, prompts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    llm = LLM(model=model, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.25, enforce_eager=True)
+    params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0, logprobs=0)
+    rows = []
+    for p, r in zip(prompts, llm.generate([{"prompt_token_ids": p} for p in prompts], params)):
+        lp = [d[t].logprob for t, d in zip(p[1:], r.prompt_logprobs[1:])]
+        rows.append({"tokens": list(r.outputs[0].token_ids), "prompt_logprobs": lp})
+    json.dump(rows, open(out, "w"))
+"""
+
+
+def candidates() -> list[tuple[str, str]]:
+    """(model type, architecture) of every MoE family of transformers whose architecture vLLM registers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    from optimum_mc.tools.families import moe_model_types
+
+    have = set(ModelRegistry.get_supported_archs())
+    return [(mt, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[mt]) for mt in moe_model_types()
+            if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[mt] in have]  # fmt: skip
+
+
+def reference(folder: str, dtype) -> list[dict]:
+    """transformers: greedy tokens and the prompt tokens' logprobs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    rows = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = torch.tensor([p])
+            lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            gen = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, eos_token_id=None)
+            rows.append({"tokens": gen[0, len(p):].tolist(),
+                         "prompt_logprobs": [lp[i - 1, p[i]].item() for i in range(1, len(p))]})  # fmt: skip
+    return rows
+
+
+def engine(folder: str, dtype: str, timeout: int) -> tuple[list[dict] | None, str]:
+    """vLLM's rows for ``folder`` in a subprocess, or None and the last error line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = os.path.join(tmp, "engine.py"), os.path.join(tmp, "out.json")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(ENGINE)
+        argv = [sys.executable, script, folder, dtype, out, json.dumps(PROMPTS)]
+        try:
+            env = dict(os.environ, OPTIMUM_MC_VLLM_UNVERIFIED="1")  # checking a family the plugin may not list yet
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=tmp, env=env)
+        except subprocess.TimeoutExpired:
+            return None, f"timed out after {timeout}s"
+        if p.returncode == 0:
+            with open(out, encoding="utf-8") as f:
+                return json.load(f), ""
+        lines = [ln for ln in (p.stdout + p.stderr).splitlines() if "Error" in ln and "Traceback" not in ln]
+        causes = [ln for ln in lines if "Engine core initialization failed" not in ln and "WorkerProc" not in ln]
+        return None, ((causes or lines or ["exit " + str(p.returncode)])[0].split("] ")[-1]).strip()[:300]
+
+
+def compare(got: list[dict], want: list[dict]) -> dict:
+    diff = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g["prompt_logprobs"], w["prompt_logprobs"]))
+    same = sum(g["tokens"] == w["tokens"] for g, w in zip(got, want))
+    return {"max_logprob_diff": diff, "greedy_equal": f"{same}/{len(want)}"}
+
+
+def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True) -> dict:
+    """Quantize a tiny ``model_type`` under ``work`` and compare the engines (``baseline``: the float model too)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_mc
+    from optimum_mc.tools.families import CORPUS, tiny_model, tiny_tokenizer, vllm_sizes
+
+    src, dst = os.path.join(work, "float"), os.path.join(work, "mc")
+    tok = tiny_tokenizer()
+    try:
+        tiny_model(model_type, **vllm_sizes(model_type)).save_pretrained(src)
+        tok.save_pretrained(src)
+        qc = optimum_mc.MCConfig(bits=2.5, group_size=32, num_samples=4, seq_len=32, dataset=CORPUS,
+                                 show_progress=False, seed=0)  # fmt: skip
+        AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, dtype=torch.float32).save_pretrained(dst)
+        tok.save_pretrained(dst)
+    except Exception as exc:  # noqa: BLE001 - reported: MC's own support matrix says why (docs/support.md)
+        return {"status": "MC does not quantize it here (docs/support.md)", "error": f"{type(exc).__name__}: {exc}"}
+    res: dict = {}
+    errors = []
+    for dtype in ("float32", "bfloat16"):
+        got, err = engine(src if baseline else dst, dtype, timeout)
+        if got is not None:
+            break  # bf16 only where vLLM's CPU kernels refuse fp32 (gated delta-net attention, MLA, ...)
+        errors.append(err)
+    if got is None:
+        dtype, err = "float32", errors[0]
+    res["dtype"] = dtype
+    tdt = getattr(torch, dtype)
+    if baseline:
+        if got is None:
+            return {**res, "status": "vLLM cannot run the float model", "error": err}
+        res["float"] = compare(got, reference(src, tdt))
+        got, err = engine(dst, dtype, timeout)
+    if got is None:
+        return {**res, "status": "fail", "error": err}
+    res["mc"] = compare(got, reference(dst, tdt))
+    tol = TOL
+    if dtype != "float32":  # bf16: as close as the engines get on the float model (two roundings of every layer)
+        tol = max(3 * res["float"]["max_logprob_diff"], 0.05) if baseline else 0.05
+    float_ok = not baseline or res["float"]["max_logprob_diff"] <= tol
+    mc_ok = res["mc"]["max_logprob_diff"] <= tol and res["mc"]["greedy_equal"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
+    if mc_ok and float_ok:
+        res["status"] = "pass"
+    elif not float_ok:
+        res["status"] = "vLLM and transformers differ on the float model"
+    else:
+        res["status"] = "fail"
+    return res
