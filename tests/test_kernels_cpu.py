@@ -61,15 +61,16 @@ def test_dequantize_is_bit_identical(bits, shape):
 
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("rows", [1, 3, 8, 64])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("bits", BITS)
 def test_qmatmul_matches_reference(bits, shape, rows, dtype):
     p, s, z = _packed(bits, *shape, seed=rows)
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
     group = shape[1] // s.shape[1]
-    prefill = dtype == torch.bfloat16 and rows > cpu.GEMV_MAX_ROWS
-    bf16_weights = prefill and cpu.bf16_prefill_kernel(cpu.library(), shape[1], group, bits) is not None
+    lib = cpu.library()
+    prefill = dtype == torch.bfloat16 and rows > cpu.gemv_rows(lib, dtype, shape[1], group, bits)
+    bf16_weights = prefill and cpu.bf16_prefill_kernel(lib, shape[1], group, bits) is not None
     # bf16 prefill rows are multiplied by bf16(W) where the CPU has a bf16 kernel (as a bf16 float model's weights)
     weights = torch.bfloat16 if bf16_weights else torch.float32
     _assert_close_to_reference(qmatmul(x, p, s, z, bits), x, p, s, z, bits, weights=weights)

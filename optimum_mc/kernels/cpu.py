@@ -1,13 +1,14 @@
 """The fast CPU path: C kernels (``cpu_kernels.c``) compiled on first use and registered for the "cpu" key.
 
 - ``dequantize``: multithreaded unpack + ``(q - zero) * scale`` in fp32, bit-identical to the reference.
-- ``qmatmul`` with at most ``GEMV_MAX_ROWS`` rows of ``x`` (decode): a fused GEMV that reads the packed bits
+- ``qmatmul`` with at most ``GEMV_MAX_ROWS`` rows of ``x`` (decode; bf16 rows on AMX: fewer than ``AMX_MIN_ROWS``,
+  :func:`gemv_rows`): a fused GEMV that reads the packed bits
   directly, never materializing a dequantized copy. With more rows (prefill): bf16 rows go through the fused bf16
   kernels below; fp32 rows: blocks of the weight are dequantized in C into a reused fp32 buffer and multiplied with
   BLAS (``torch.mm``).
 
 Every path sums in fp32 and casts the result to ``x.dtype``. Weights are dequantized exactly (fp32), except in
-the bf16 prefill (more than ``GEMV_MAX_ROWS`` bf16 rows, in ``qmatmul`` and in the fused MoE op alike,
+the bf16 prefill (bf16 rows past :func:`gemv_rows`, in ``qmatmul`` and in the fused MoE op alike,
 :func:`dense_rows`): there the kernels round the weights to bf16, as a bf16 float model's weights are — AMX
 ``mc_amx_linear`` where the CPU has AMX, else ``mc_bf16_linear`` / ``mc_bf16_linear_fma`` with AVX512-BF16
 (:func:`bf16_prefill_kernel`) — and CPUs with neither compute it in fp32: ``mc_fma_linear`` with AVX2 + FMA.
@@ -54,6 +55,7 @@ ENV_AVX512BF16 = "OPTIMUM_MC_CPU_AVX512BF16"  # "0": never use the AVX512-BF16 p
 ENV_MARCH = "OPTIMUM_MC_CPU_MARCH"  # e.g. "haswell": build for that -march instead of native (emulation)
 ENV_BF16_DOT = "OPTIMUM_MC_CPU_BF16_DOT"  # "dp" / "fma": which AVX512-BF16 prefill kernel (default: by CPU vendor)
 GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
+AMX_MIN_ROWS = 6  # bf16 rows from which the AMX prefill kernel beats the fused GEMV (measured: docs/kernels.md)
 # weight block dequantized per BLAS call (QuantLinear and the MoE prefill). Measured on one Mixtral expert layer, 256
 # tokens, fp32: 16 MiB beat 4/8/12/24/32/64 MiB at 2 threads (973 ms vs 1055 at 8 MiB and 1411 at 64 MiB) and 8 MiB
 # at 1 thread (1725 vs 1871 ms): smaller blocks cost BLAS efficiency, larger ones fall out of the caches
@@ -347,6 +349,15 @@ def bf16_prefill_kernel(lib: ctypes.CDLL, in_f: int, group: int, bits: int):
     return None
 
 
+def gemv_rows(lib: ctypes.CDLL, dtype: torch.dtype, in_f: int, group: int, bits: int) -> int:
+    """Rows of ``x`` up to which the fused GEMV serves ``x @ W.T``; more go to :func:`dense_rows`. bf16 rows on AMX
+    leave the GEMV earlier (``AMX_MIN_ROWS``): the AMX kernel's cost hardly grows with rows while the GEMV's grows
+    linearly (docs/kernels.md); elsewhere ``GEMV_MAX_ROWS``."""
+    if dtype == torch.bfloat16 and amx_available() and bf16_prefill_kernel(lib, in_f, group, bits) is not None:
+        return AMX_MIN_ROWS - 1
+    return GEMV_MAX_ROWS
+
+
 def dense_rows(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, out: torch.Tensor) -> None:
     """``out = x @ W.T`` for many rows (prefill), ``out`` fp32. bf16 ``x``: a fused kernel (AMX, else AVX512-BF16,
     :func:`bf16_prefill_kernel`) that dequantizes small blocks of ``W`` into bf16 and multiplies them while they are
@@ -408,14 +419,15 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
     rows = xf.shape[0]
     if rows == 0:
         return x.new_zeros((*x.shape[:-1], out_f))
-    if xf.dtype != torch.float32 and not (rows > GEMV_MAX_ROWS and xf.dtype == torch.bfloat16):
+    limit = gemv_rows(lib, xf.dtype, in_f, in_f // s.shape[1], bits)
+    if xf.dtype != torch.float32 and not (rows > limit and xf.dtype == torch.bfloat16):
         xf = xf.float()  # bf16 prefill rows stay bf16: dense_rows multiplies them by bf16(W)
     if not xf.is_contiguous():
         xf = xf.contiguous()
-    if rows > GEMV_MAX_ROWS and xf.dtype == torch.bfloat16:
+    if rows > limit and xf.dtype == torch.bfloat16:
         y = torch.empty(rows, out_f, dtype=torch.float32)
         dense_rows(lib, xf, qw, s, z, bits, y)
-    elif rows <= GEMV_MAX_ROWS:
+    elif rows <= limit:
         y = torch.empty(rows, out_f, dtype=torch.float32)
         rc = (lib.mc_gemv_i8 if int8 else lib.mc_gemv)(
             xf.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(),

@@ -3,8 +3,9 @@
 Token-expert pairs are sorted by expert (dropped slots sort last and are never computed). Each projection then
 runs as one grouped call for every expert at once:
 
-- experts with at most ``cpu.GEMV_MAX_ROWS`` routed rows (decode): ``mc_moe_gemv``, threaded over (expert,
-  64-row output block) work items, reading the packed bits directly, every bit-width in the same call;
+- experts with at most ``cpu.gemv_rows(...)`` routed rows (decode; 12, or 5 for bf16 on AMX): ``mc_moe_gemv``,
+  threaded over (expert, 64-row output block) work items, reading the packed bits directly, every bit-width in
+  the same call;
 - experts with more rows (prefill), bf16 hidden states: a fused C kernel dequantizes small blocks of the expert's
   weight into bf16 and multiplies them while they are in cache (AMX ``mc_amx_linear``; else, with AVX512-BF16,
   ``mc_bf16_linear_fma`` / ``mc_bf16_linear``: weights rounded to bf16, fp32 sums); on CPUs with neither, the
@@ -61,7 +62,9 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
     weight, for every expert; returns fp32 ``(rows, out_f)``."""
     rows, in_f = x.shape
     y = torch.empty(rows, out_f, dtype=torch.float32)
-    small = [c if c <= cpu.GEMV_MAX_ROWS else 0 for c in counts]
+    group = in_f // ss[0].shape[1]
+    limits = [cpu.gemv_rows(lib, x.dtype, in_f, group, b) for b in bits]
+    small = [c if c <= lim else 0 for c, lim in zip(counts, limits)]
     if any(small):
         xf = x if x.dtype == torch.float32 else x.float()
         # tables referenced by name until the call returns (a temporary's memory could be reused before it)
@@ -76,7 +79,7 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
         if rc:
             raise RuntimeError(f"optimum-mc CPU MoE GEMV rejected bits={bits} (internal error)")
     for e, c in enumerate(counts):
-        if c > cpu.GEMV_MAX_ROWS:
+        if c > limits[e]:
             a, b = starts[e], starts[e] + c
             xe = x[a:b] if x.dtype in (torch.float32, torch.bfloat16) else x[a:b].float()
             cpu.dense_rows(lib, xe, qws[e], ss[e], zs[e], bits[e], y[a:b])

@@ -68,3 +68,15 @@ class PackedExpert(nn.Module):
         super().__init__()
         self.gate_up = PackedMatrix(2 * inter, hidden, gate_up_bits, group)
         self.down = PackedMatrix(hidden, inter, down_bits, inter_group)
+
+
+def parameter_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of a served model's parameters: ``packed`` (MC's int32 words, fp16 scales / zeros), ``float`` (the
+    rest: embeddings, norms, routers, unquantized linears). For ``LLM.apply_model`` (a module-level function, so
+    vLLM's workers can unpickle it by reference)."""
+    out = {"packed": 0, "float": 0}
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        kind = "packed" if leaf in _TENSOR_DTYPES and p.dtype == _TENSOR_DTYPES[leaf] else "float"
+        out[kind] += p.numel() * p.element_size()
+    return out
