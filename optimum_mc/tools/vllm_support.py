@@ -106,7 +106,8 @@ def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True)
         AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, dtype=torch.float32).save_pretrained(dst)
         tok.save_pretrained(dst)
     except Exception as exc:  # noqa: BLE001 - reported: MC's own support matrix says why (docs/support.md)
-        return {"status": "MC does not quantize it here (docs/support.md)", "error": f"{type(exc).__name__}: {exc}"}
+        status = "its tiny vLLM-sized model does not build or quantize (see docs/support.md)"
+        return {"status": status, "error": f"{type(exc).__name__}: {exc}"}
     res: dict = {}
     errors = []
     for dtype in ("float32", "bfloat16"):

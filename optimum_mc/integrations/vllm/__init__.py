@@ -11,7 +11,17 @@ SUPPORTED_VLLM = (">=0.32", "<0.33")
 # Architectures measured to serve as transformers runs them (scripts/vllm_support.py → docs/vllm-support.md; a test
 # checks this list equals the passing rows there). Others are refused at load (OPTIMUM_MC_VLLM_UNVERIFIED=1 tries).
 SUPPORTED_ARCHITECTURES = (
+    "ExaoneMoeForCausalLM",
+    "FlexOlmoForCausalLM",
+    "Glm4MoeForCausalLM",
+    "GraniteMoeForCausalLM",
+    "GraniteMoeSWAForCausalLM",
+    "GraniteMoeSharedForCausalLM",
+    "HunYuanMoEV1ForCausalLM",
+    "MellumForCausalLM",
     "MixtralForCausalLM",
+    "OlmoeForCausalLM",
+    "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
 )
 _MIN, _MAX = (0, 32), (0, 33)
