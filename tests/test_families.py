@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from torch import nn
 
 from optimum_mc.architectures import discover, moe_blocks
@@ -46,16 +47,6 @@ XFAIL: dict[str, str] = {
 }
 
 FAMILIES = moe_model_types()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only spin, and on a busy machine (or ``-n 2`` on 2 cores) they make the
-    check 10-100x slower. One thread per worker for this module; the previous setting is restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _instantiates(model_type: str) -> str | None:

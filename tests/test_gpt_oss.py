@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from torch import nn
 
 from optimum_mc.architectures import discover, get_architecture, moe_blocks
@@ -14,14 +15,6 @@ from optimum_mc.expert_layout import CanonicalExperts, canonical_experts, canoni
 from optimum_mc.kernels.activations import ClampedSwiGLU
 from optimum_mc.nn import MCExperts
 from optimum_mc.tools.families import IDS, tiny_config, tiny_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _routed(experts, tokens=24, k=2, seed=0, scale=1.0):

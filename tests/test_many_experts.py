@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from transformers import AutoModelForCausalLM
 
 import optimum_mc
@@ -25,14 +26,6 @@ CASES = {
     "qwen3_moe-128x8": ("qwen3_moe", dict(num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)),
     "deepseek_v3-256x8": ("deepseek_v3", dict(n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4)),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _reference(experts: MCExperts, x, idx, w) -> torch.Tensor:
