@@ -419,7 +419,8 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
     rows = xf.shape[0]
     if rows == 0:
         return x.new_zeros((*x.shape[:-1], out_f))
-    limit = gemv_rows(lib, xf.dtype, in_f, in_f // s.shape[1], bits)
+    # (the common decode case, a row or two, never asks the bf16 kernels: below AMX_MIN_ROWS every path is the GEMV)
+    limit = GEMV_MAX_ROWS if rows < AMX_MIN_ROWS else gemv_rows(lib, xf.dtype, in_f, in_f // s.shape[1], bits)
     if xf.dtype != torch.float32 and not (rows > limit and xf.dtype == torch.bfloat16):
         xf = xf.float()  # bf16 prefill rows stay bf16: dense_rows multiplies them by bf16(W)
     if not xf.is_contiguous():

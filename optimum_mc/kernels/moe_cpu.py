@@ -63,7 +63,8 @@ def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: 
     rows, in_f = x.shape
     y = torch.empty(rows, out_f, dtype=torch.float32)
     group = in_f // ss[0].shape[1]
-    limits = [cpu.gemv_rows(lib, x.dtype, in_f, group, b) for b in bits]
+    by_width = {b: cpu.gemv_rows(lib, x.dtype, in_f, group, b) for b in set(bits)}
+    limits = [by_width[b] for b in bits]
     small = [c if c <= lim else 0 for c, lim in zip(counts, limits)]
     if any(small):
         xf = x if x.dtype == torch.float32 else x.float()
