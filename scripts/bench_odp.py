@@ -51,6 +51,7 @@ def main(argv=None) -> int:
 
     import optimum_mc
     from optimum_mc.tools.evaluation import token_windows
+    from optimum_mc.tools.provenance import provenance
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    source = provenance()
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = {d: token_windows(tok, (Path(args.data) / f"dev.{d}.txt").read_text(), 256, args.max_windows)
                for d in DOMAINS}  # fmt: skip
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
                    "ppl_change_pct": 100 * (ppl / base - 1), "expert_params_saved_pct": 100 * saved,
                    "active_expert_bytes_per_token": st["active_expert_bytes_per_token"],
                    "moe_time_ratio": moe_t / base_moe}  # fmt: skip
-            results.append(row)
+            results.append(row | {"provenance": source})
             print(f"[{variant}] {name:>22}: layers {active} saved {100 * saved:5.1f}% params, ppl {ppl:.3f} "
                   f"({row['ppl_change_pct']:+.2f}%), MoE time x{row['moe_time_ratio']:.2f}", flush=True)  # fmt: skip
             optimum_mc.set_odp(model, False)

@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         d: token_windows(tok, (Path(args.data) / f"dev.{d}.txt").read_text(encoding="utf-8"), 256, args.max_windows)
         for d in DOMAINS
     }
+    from optimum_mc.tools.provenance import provenance
+
+    source = provenance()
     rows = []
     for name in args.variants.split(","):
         model, seconds = load_variant(name, args.model, args)
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 "window_nll": nll,
                 "expert_bits": getattr(qc, "expert_bits", None),
                 "expert_factors": getattr(qc, "expert_factors", None),
+                "provenance": source,
             }
         )
         print(

@@ -441,10 +441,13 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out or work / "bench_vllm.json")
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    from optimum_mc.tools.provenance import provenance
+
     for part in [x for x in args.parts.split(",") if x]:
         t0 = time.monotonic()
         log(f"part {part} (load {load_avg()})")
         result[part] = PARTS[part](work, args) | {"seconds": round(time.monotonic() - t0), "load_end": load_avg()}
+        result[part]["provenance"] = provenance()
         result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
         out_path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
