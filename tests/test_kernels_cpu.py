@@ -314,3 +314,21 @@ def test_reference_env_var_disables_the_c_kernels():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "reference-ok" in out.stdout
+
+
+def test_kernels_wait_passively_without_changing_the_process_environment(monkeypatch):
+    """The kernels' library is loaded with OMP_WAIT_POLICY=PASSIVE (where it brings its own OpenMP runtime next to
+    torch's, spinning threads of one starve the other), set only while it loads: the process's environment stays as
+    the user set it, and a user's own policy wins."""
+    seen = []
+    monkeypatch.setattr(cpu.ctypes, "CDLL", lambda path: seen.append(os.environ.get("OMP_WAIT_POLICY")) or path)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cpu._open("lib.so")
+    assert seen == ["PASSIVE"] and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cpu._open("lib.so")
+    assert seen == ["PASSIVE", "ACTIVE"] and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    script = "import os, optimum_mc, optimum_mc.kernels; print('ENV', os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ENV None" in out.stdout, out.stderr[-2000:]

@@ -178,9 +178,24 @@ def fallback_flags() -> tuple[tuple[str, ...], ...]:
     return flags, no_omp, tuple(f for f in no_omp if not f.startswith("-march="))
 
 
+def _open(path: Path) -> ctypes.CDLL:
+    """``ctypes.CDLL(path)`` with passive OpenMP waiting for the kernels' OpenMP runtime (unless the user set
+    ``OMP_WAIT_POLICY``). Where that runtime is not torch's (pip's torch bundles ``libgomp.so.1``, which the kernels
+    then share; a torch on Intel OpenMP does not), spinning idle threads of one starve the other (GPTQ's small torch
+    ops ran 5-10x slower once the kernels had run). A runtime reads the variable when it is loaded, so it is set only
+    for that moment: the process's environment is left as the user set it."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return ctypes.CDLL(str(path))
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
 def load(path: Path) -> ctypes.CDLL:
     """Load a built kernel library and declare its C signatures."""
-    lib = ctypes.CDLL(str(path))
+    lib = _open(path)
     missing = [name for name in ("mc_dequantize", "mc_gemv") if not hasattr(lib, name)]
     if missing:  # issue 11: an OSError makes library() fall back to the reference with one warning
         raise OSError(f"{path} lacks the symbols {missing}; delete it to rebuild")
