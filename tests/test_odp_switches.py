@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import optimum_mc
 from optimum_mc import MCConfig
 from optimum_mc.errors import AlreadyQuantizedError
-from optimum_mc.pruning.importance import ATTN_NAME
+from optimum_mc.pruning.importance import attention_name
 
 QUICK = dict(group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False)
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -35,8 +35,9 @@ def test_set_odp_uses_and_restores_public_setters():
     _spy(model, "set_experts_implementation", calls)
     _spy(model, "set_attn_implementation", calls)
     optimum_mc.set_odp(model, True, threshold=0.9, layers=2)
-    assert calls == [("set_attn_implementation", ATTN_NAME), ("set_experts_implementation", "eager")]
-    assert model.config._attn_implementation == ATTN_NAME and model.config._experts_implementation == "eager"
+    assert calls == [("set_attn_implementation", attention_name(attn)), ("set_experts_implementation", "eager")]
+    assert model.config._attn_implementation == attention_name(attn)
+    assert model.config._experts_implementation == "eager"
     with torch.no_grad():
         model(input_ids=IDS)
     assert optimum_mc.get_odp_stats(model)["total"]["skipped_fraction"] > 0
@@ -53,9 +54,27 @@ def test_set_odp_off_keeps_an_implementation_the_user_chose_meanwhile():
     optimum_mc.set_odp(model, False)
     assert model.config._attn_implementation == "eager"
     optimum_mc.set_odp(model, True, threshold=0.9)  # and ODP goes back on over the new choice
-    assert model.config._attn_implementation == ATTN_NAME
+    assert model.config._attn_implementation == attention_name("eager")
     optimum_mc.set_odp(model, False)
     assert model.config._attn_implementation == "eager"
+
+
+def test_odp_on_one_model_leaves_another_models_attention_alone():
+    """Each model's ODP attention uses its own original's mask function, whichever model enabled ODP last."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    a, b = tiny_model("mixtral"), tiny_model("mixtral")
+    b.set_attn_implementation("eager")
+    with torch.no_grad():
+        before = a(input_ids=IDS).logits
+        optimum_mc.set_odp(a, True, threshold=1e-6)  # a tiny threshold skips nothing: outputs must not move
+        optimum_mc.set_odp(b, True, threshold=1e-6)
+        after = a(input_ids=IDS).logits
+    sdpa_name, eager_name = attention_name("sdpa"), attention_name("eager")
+    assert (a.config._attn_implementation, b.config._attn_implementation) == (sdpa_name, eager_name)
+    assert ALL_MASK_ATTENTION_FUNCTIONS[sdpa_name] is ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    assert ALL_MASK_ATTENTION_FUNCTIONS[eager_name] is ALL_MASK_ATTENTION_FUNCTIONS["eager"]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

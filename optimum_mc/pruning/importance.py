@@ -5,21 +5,24 @@ attend to it (causal: queries i >= j, and never padding), averaged over heads. T
 rows instead, which is 1 for every token and collapses the score to the norm; we implement the column version.
 
 With ``sdpa`` (the default) probabilities are never materialized, so ODP installs an attention function
-("mc_odp") that calls the model's original attention and, for layers where ODP is active, recomputes the
-probabilities from the same query / key tensors in chunks of ``CHUNK`` queries (memory O(chunk x keys) per head):
-exact, at the cost of one more QK^T pass. Decode steps (one new token with a KV cache) give each new token only
-its own attention; with ``round(ratio * 1) = 0`` no token is protected then, so decode uses the plain rule.
+(registered as ``"mc_odp_<original>"``, e.g. ``"mc_odp_sdpa"``: one name per original implementation, whose mask
+function it shares, so a model enabling ODP never changes another model's masks) that calls the model's original
+attention and, for layers where ODP is active, recomputes the probabilities from the same query / key tensors in
+chunks of ``CHUNK`` queries (memory O(chunk x keys) per head): exact, at the cost of one more QK^T pass. Decode
+steps (one new token with a KV cache) give each new token only its own attention; with ``round(ratio * 1) = 0`` no
+token is protected then, so decode uses the plain rule.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import torch
 from torch import nn
 
-ATTN_NAME = "mc_odp"
+ATTN_PREFIX = "mc_odp_"
 CHUNK = 256
 
 logger = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ def _eager_for(module: nn.Module):
 
 
 def odp_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Attention function "mc_odp": the model's original attention, plus importance for ODP layers."""
+    """ODP's attention function: the model's original attention, plus importance for ODP layers."""
     out = module._mc_odp_inner(module, query, key, value, attention_mask, **kwargs)
     state = getattr(module, "_mc_odp_state", None)
     if state is not None and state.enabled:
@@ -93,25 +96,33 @@ def _valid_only(query, key, mask) -> torch.Tensor | None:
     return allowed.any(2)[:, 0, lk - lq :].expand(query.shape[0], -1)
 
 
+def attention_name(original: str) -> str:
+    """The name ODP's attention function is registered under for a model whose attention was ``original``."""
+    return ATTN_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", original)
+
+
 def install_attention(model: nn.Module, attention_modules: list[nn.Module]) -> None:
     """Route every attention module through :func:`odp_attention` (idempotent; restorable).
 
-    The function is registered with transformers' ``AttentionInterface`` (and the original's mask function under
-    the same name) and selected with the model's public ``set_attn_implementation``, which validates it.
+    The function is registered with transformers' ``AttentionInterface`` under :func:`attention_name` of the
+    original implementation (and the original's mask function under the same name: the same name always maps to
+    the same pair, whichever model registered it) and selected with the model's public ``set_attn_implementation``,
+    which validates it.
     """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     current = model.config._attn_implementation
-    if current == ATTN_NAME:
+    if current and current.startswith(ATTN_PREFIX):
         return
     original = current or "sdpa"
-    ALL_ATTENTION_FUNCTIONS.register(ATTN_NAME, odp_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    name = attention_name(original)
+    ALL_ATTENTION_FUNCTIONS.register(name, odp_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     for m in attention_modules:
         m._mc_odp_inner = ALL_ATTENTION_FUNCTIONS.get_interface(original, _eager_for(m))
-    model.set_attn_implementation(ATTN_NAME)
-    if model.config._attn_implementation != ATTN_NAME:  # the model cannot switch (transformers warned why)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:  # the model cannot switch (transformers warned why)
         logger.warning(
             "optimum-mc: %s cannot switch its attention implementation, so ODP runs without token protection",
             type(model).__name__,
@@ -125,6 +136,6 @@ def uninstall_attention(model: nn.Module) -> None:
     original = getattr(model, "_mc_odp_original_attn", None)
     if original is None:
         return
-    if model.config._attn_implementation == ATTN_NAME:
+    if model.config._attn_implementation == attention_name(original):
         model.set_attn_implementation(original)
     del model._mc_odp_original_attn
