@@ -176,73 +176,24 @@ def gptq_quantize_multi(
     zero_point: str = "float",
     clip_search: bool = False,
 ) -> list[QuantResult]:
-    """GPTQ of one matrix at several bit-widths in one column loop; each result equals a separate run."""
+    """GPTQ of one matrix at several bit-widths in one column loop; each result equals a separate run. It is
+    :func:`gptq_quantize_batched` over one copy of the matrix per width, sharing one Hessian (one Cholesky)."""
     if weight.dim() != 2:
         raise ShapeError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}.")
     out_f, in_f = weight.shape
-    g = check_group_size(in_f, group_size)
     if hessian.shape != (in_f, in_f):
         raise ShapeError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={in_f}.")
+    check_group_size(in_f, group_size)
     for b in bits:
         check_bits(b)
-    _check_options(damp_percent, block_size)
-    check_zero_point(zero_point)
-    check_finite(weight)
-    if not torch.isfinite(hessian).all():
-        raise CalibrationError("the Hessian contains NaN/Inf; the calibration activations are not finite.")
     if not bits:
         return []
-
-    dev = weight.device
-    nb, groups = len(bits), in_f // g
-    w0 = weight.detach().to(dev, torch.float32).clone()
-    h = hessian.detach().to(dev, torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w0[:, dead] = 0.0
-    col_w = torch.diag(h).clone().view(groups, g) if clip_search else None  # original column order
-
-    scales = torch.zeros(nb, out_f, groups, device=dev)
-    zeros = torch.zeros(nb, out_f, groups, device=dev)
-    maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32, device=dev).view(nb, 1)
-    if act_order:
-        for k, b in enumerate(bits):  # static groups, from the original-order weights
-            scales[k], zeros[k] = searched_qparams(w0.reshape(out_f, groups, g), b, zero_point, col_w)
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        w0, h = w0[:, perm], h[perm][:, perm]
-        col_group = (perm // g).tolist()
-    else:
-        perm = None
-        col_group = [c // g for c in range(in_f)]
-
-    hinv = _inverse_cholesky_(h, damp_percent)  # h is this function's own copy
-    w = w0.unsqueeze(0).repeat(nb, 1, 1)  # (nb, out, in), in processing order
-    codes = torch.zeros(nb, out_f, in_f, dtype=torch.uint8, device=dev)
-    for b0 in range(0, in_f, block_size):
-        b1 = min(b0 + block_size, in_f)
-        wb = w[:, :, b0:b1].clone()
-        err = torch.zeros_like(wb)
-        hb = hinv[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            col = b0 + j
-            grp = col_group[col]
-            if perm is None and col % g == 0:
-                cur = _current_group(w, wb, err, hinv, b0, b1, col, g)
-                cw = None if col_w is None else col_w[grp : grp + 1]
-                for k, b in enumerate(bits):
-                    sk, zk = searched_qparams(cur[k].unsqueeze(1), b, zero_point, cw)
-                    scales[k, :, grp], zeros[k, :, grp] = sk[:, 0], zk[:, 0]
-            s, z = scales[:, :, grp], zeros[:, :, grp]  # (nb, out)
-            q = torch.minimum(torch.round(wb[:, :, j] / s + z).clamp_min(0), maxq)
-            codes[:, :, col] = q.to(torch.uint8)
-            e = (wb[:, :, j] - (q - z) * s) / hb[j, j]
-            wb[:, :, j:] -= e.unsqueeze(2) * hb[j, j:].view(1, 1, -1)
-            err[:, :, j] = e
-        w[:, :, b1:] -= err @ hinv[b0:b1, b1:]
-        w[:, :, b0:b1] = wb
-    if perm is not None:
-        codes = codes[:, :, torch.argsort(perm)]
-    return [(codes[k], scales[k].half(), zeros[k].half()) for k in range(nb)]
+    # this function's own fp32 copies (the batched loop then works in them: consume=True)
+    w = weight.detach().to(weight.device, torch.float32).unsqueeze(0).repeat(len(bits), 1, 1)
+    h = hessian.detach().to(weight.device, torch.float32).clone().unsqueeze(0)
+    return gptq_quantize_batched(
+        w, h, list(bits), group_size, damp_percent, block_size, act_order, zero_point, True, clip_search
+    )
 
 
 def _current_group(
@@ -344,7 +295,8 @@ def gptq_quantize_batched(
 ) -> list[QuantResult]:
     """GPTQ of ``E`` same-shape matrices (e.g. one projection of every expert) at one width each, in one column loop.
 
-    ``weights (E, out, in)``, ``hessians (E, in, in)``, ``bits`` one width per matrix. Each result is identical
+    ``weights (E, out, in)``, ``hessians (E, in, in)`` or ``(1, in, in)`` (one Hessian shared by all: copies of one
+    matrix at several widths, :func:`gptq_quantize_multi`), ``bits`` one width per matrix. Each result is identical
     (``torch.equal``) to ``gptq_quantize(weights[e], hessians[e], bits[e], ...)``: the per-column work runs on all
     matrices at once, while the operations whose rounding could depend on batching (Cholesky, the lazy-batch
     matrix products, the grids) run per matrix, exactly as there. ``consume=True`` lets it work in the storage of
@@ -356,7 +308,7 @@ def gptq_quantize_batched(
             f"{tuple(hessians.shape)}."
         )
     num, out_f, in_f = weights.shape
-    if hessians.shape != (num, in_f, in_f) or len(bits) != num:
+    if hessians.shape not in ((num, in_f, in_f), (1, in_f, in_f)) or len(bits) != num:
         raise ShapeError(
             f"hessians {tuple(hessians.shape)} and {len(bits)} bit-widths do not match weights {tuple(weights.shape)}."
         )
@@ -371,8 +323,10 @@ def gptq_quantize_batched(
     if num == 0:
         return []
     w0, h, dead = _prepare_batch(weights, hessians, consume)
-    groups = in_f // g
-    col_w = torch.diagonal(h, dim1=1, dim2=2).reshape(num, groups, g).clone() if clip_search else None
+    groups, nh = in_f // g, h.shape[0]  # nh: 1 when every matrix shares one Hessian
+    col_w = torch.diagonal(h, dim1=1, dim2=2).reshape(nh, groups, g).clone() if clip_search else None
+    if col_w is not None:
+        col_w = col_w.expand(num, -1, -1)
     dev = w0.device
     scales = torch.zeros(num, out_f, groups, device=dev)
     zeros = torch.zeros(num, out_f, groups, device=dev)
@@ -382,13 +336,15 @@ def gptq_quantize_batched(
         for e, b in enumerate(bits):
             cw = None if col_w is None else col_w[e]
             scales[e], zeros[e] = searched_qparams(w0[e].reshape(out_f, groups, g), b, zero_point, cw)
-        perms = torch.stack([torch.argsort(torch.diag(h[e]), descending=True, stable=True) for e in range(num)])
+        perms = torch.stack([torch.argsort(torch.diag(h[e]), descending=True, stable=True) for e in range(nh)])
+        perms = perms.expand(num, -1)
         for e in range(num):  # in place, one matrix at a time (bounded extra memory)
             w0[e] = w0[e][:, perms[e]]
+        for e in range(nh):
             h[e] = h[e][perms[e]][:, perms[e]]
-    for e in range(num):  # in place, one matrix at a time
+    for e in range(nh):  # in place, one matrix at a time
         _inverse_cholesky_(h[e], damp_percent)
-    hinv = h
+    hinv = h.expand(num, -1, -1)
     codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point, col_w)
     if perms is not None:
         codes = torch.stack([codes[e][:, torch.argsort(perms[e])] for e in range(num)])
@@ -398,8 +354,8 @@ def gptq_quantize_batched(
 def _prepare_batch(
     weights: torch.Tensor, hessians: torch.Tensor, consume: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 working tensors (copies unless ``consume``) with dead columns (zero Hessian diagonal) handled as in
-    :func:`gptq_quantize_multi`."""
+    """fp32 working tensors (copies unless ``consume``); a dead column (zero Hessian diagonal: no calibration input
+    ever reached it) gets zero weights and a unit diagonal, so the Cholesky exists and its codes are the zero's."""
 
     def own(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optimum_mc.errors import ShapeError
-from optimum_mc.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batched
+from optimum_mc.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batched, gptq_quantize_multi
 
 
 def _batch(num: int = 5, out_f: int = 24, in_f: int = 96, seed: int = 0):
@@ -35,6 +35,22 @@ def test_batched_equals_per_matrix(act_order, group_size, block_size, zero_point
     for e, b in enumerate(bits):
         ref = gptq_quantize(weights[e], hessians[e], b, group_size, **kw)
         assert all(torch.equal(x, y) for x, y in zip(got[e], ref))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("zero_point,clip_search", [("float", False), ("int", True)])
+def test_one_shared_hessian_equals_a_copy_per_matrix(act_order, zero_point, clip_search):
+    """gptq_quantize_multi (one matrix at several widths) is the batched loop over copies with one shared Hessian
+    (one Cholesky); it equals the batched loop given its own copy of the Hessian per matrix, dead column included."""
+    weights, hessians = _batch()
+    w, h = weights[2], hessians[2]  # matrix 2 has a dead input column
+    bits = [1, 2, 3, 4, 8]
+    kw = dict(block_size=40, act_order=act_order, zero_point=zero_point, clip_search=clip_search)
+    multi = gptq_quantize_multi(w, h, bits, 32, **kw)
+    copies = gptq_quantize_batched(w.expand(5, -1, -1), h.expand(5, -1, -1), bits, 32, **kw)
+    for a, b in zip(multi, copies):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(w, weights[2]) and torch.equal(h, hessians[2])  # the caller's tensors are left alone
 
 
 def test_batched_shape_errors():
