@@ -67,9 +67,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="rows of x (decode GEMV, prefill GEMM)")
     p.add_argument("--crossover", action="store_true", help="only: bf16 rows, fused GEMV vs the AMX kernel")
+    p.add_argument(
+        "--moe-decode-crossover",
+        action="store_true",
+        help="only: bf16 MoE layer, the one-call int8 decode kernel vs the grouped path, per token count",
+    )
     args = p.parse_args(argv)
     if args.crossover:
         return crossover(args.group_size)
+    if args.moe_decode_crossover:
+        return moe_decode_crossover(args.group_size)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SMALL + ([] if args.quick else LARGE)
@@ -132,6 +139,42 @@ def crossover(group: int) -> None:
             tk = median_time(lambda: cpu.dense_rows(lib, x, qw, s, z, bits, y), 0.2)  # noqa: B023
             row = f"| {out_f}x{in_f} | {bits} | {rows} | {tg * 1e3:.3f} | {tk * 1e3:.3f} | {tk / tg:.2f} |"
             print(row, flush=True)
+
+
+def moe_decode_crossover(group: int, rounds: int = 21) -> None:
+    """bf16 hidden states of a Mixtral layer of 1/4 width (8 experts top-2, experts at 2 and 3 bits, int8 decode
+    activations): the whole-layer decode kernel (``mc_moe_decode``) against the grouped prefill path, per token
+    count: where ``cpu.moe_decode_tokens`` should hand over (``MOE_DECODE_MAX_TOKENS_INT8``). Rounds alternate the
+    two paths; each time is the minimum over the rounds (robust to other load on the machine)."""
+    from optimum_mc.kernels import moe_cpu
+
+    lib, gen = cpu.library(), torch.Generator().manual_seed(0)
+    hidden, inter, experts, bits = 1024, 3584, 8, [2, 3] * 4
+    gate_up = [random_words(2 * inter, hidden, b, group, gen) for b in bits]
+    down = [random_words(hidden, inter, b, group, gen) for b in bits]
+    gu, dn = tuple([m[j] for m in gate_up] for j in range(3)), tuple([m[j] for m in down] for j in range(3))
+    paths = {
+        "decode kernel": lambda x, i, w: moe_cpu._decode(lib, x, i, w, gu, dn, bits, "silu", True),
+        "grouped path": lambda x, i, w: moe_cpu._prefill(lib, x, i, w, gu, dn, bits, "silu"),
+    }
+    print(f"int8 decode: {cpu.int8_decode('auto', torch.bfloat16)}; "
+          f"MOE_DECODE_MAX_TOKENS_INT8 = {cpu.MOE_DECODE_MAX_TOKENS_INT8}\n")  # fmt: skip
+    print("| tokens | decode kernel ms | grouped path ms | grouped / decode |")
+    print("|---|---|---|---|")
+    for tokens in (4, 8, 12, 16, 24, 32, 40, 48, 64):
+        x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+        w, idx = torch.topk(torch.softmax(torch.randn(tokens, experts, generator=gen), -1), 2)
+        w = w / w.sum(-1, keepdim=True)
+        times = {k: [] for k in paths}
+        for f in paths.values():
+            f(x, idx, w)
+        for _ in range(rounds):
+            for k, f in paths.items():
+                t = time.perf_counter()
+                f(x, idx, w)
+                times[k].append(time.perf_counter() - t)
+        td, tg = (min(times[k]) for k in paths)
+        print(f"| {tokens} | {td * 1e3:.2f} | {tg * 1e3:.2f} | {tg / td:.2f} |", flush=True)
 
 
 def dense_moe(x, idx, wts, w1, w2) -> torch.Tensor:

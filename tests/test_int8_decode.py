@@ -70,7 +70,7 @@ def _check(plan: DecodePlan, group: int, tokens: int, hidden: int = HIDDEN) -> N
 
 @needs_c
 @pytest.mark.parametrize("group", [32, 64, 128])  # 64 and 128: the vector kernel; 32: its portable fallback
-@pytest.mark.parametrize("tokens", [1, 3, cpu.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("tokens", [1, 3, cpu.GEMV_MAX_ROWS, cpu.MOE_DECODE_MAX_TOKENS_INT8])
 def test_int8_decode_matches_the_rounding_oracle(group, tokens):
     gate_up, down = _experts(BITS, hidden=HIDDEN, inter=INTER, group=group)
     _check(_plan(gate_up, down, BITS), group, tokens)
@@ -254,3 +254,35 @@ def test_auto_decode_of_a_bf16_model_is_the_int8_decode_in_eager_and_compiled_mo
         assert torch.equal(eager, lin(xl))
         lin.decode_activations = "auto"
         assert torch.equal(torch.compile(lin, fullgraph=True)(xl), eager)
+
+
+@needs_c
+def test_int8_decode_serves_batches_up_to_its_own_token_limit(monkeypatch):
+    """With int8 activations the whole-layer decode kernel serves up to MOE_DECODE_MAX_TOKENS_INT8 tokens (a
+    decode batch, e.g. vLLM at concurrency 16); fp32 activations hand over to the grouped path above GEMV_MAX_ROWS."""
+    from optimum_mc.kernels import moe_cpu, moe_op
+
+    assert cpu.GEMV_MAX_ROWS < cpu.MOE_DECODE_MAX_TOKENS_INT8
+    assert cpu.moe_decode_tokens(True) == cpu.MOE_DECODE_MAX_TOKENS_INT8
+    assert cpu.moe_decode_tokens(False) == cpu.GEMV_MAX_ROWS
+    gate_up, down = _experts(BITS, hidden=HIDDEN, inter=INTER, group=64)
+    lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
+    calls = []
+    real_decode, real_prefill = moe_cpu._decode, moe_cpu._prefill
+    monkeypatch.setattr(moe_cpu, "_decode", lambda *a, **k: calls.append("decode") or real_decode(*a, **k))
+    monkeypatch.setattr(moe_cpu, "_prefill", lambda *a, **k: calls.append("grouped") or real_prefill(*a, **k))
+    limit = cpu.MOE_DECODE_MAX_TOKENS_INT8
+    for tokens, mode, path in (
+        (cpu.GEMV_MAX_ROWS + 1, "int8", "decode"),
+        (limit, "int8", "decode"),
+        (limit + 1, "int8", "grouped"),
+        (cpu.GEMV_MAX_ROWS + 1, "float", "grouped"),
+    ):
+        calls.clear()
+        idx, w = _routing(tokens, len(BITS), k=2, seed=tokens)
+        x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+        got = moe_op(x, idx, w, *lists, BITS, "silu", mode)
+        assert calls == [path], (tokens, mode, calls)
+        ref = _oracle(x, idx, w, gate_up, down, BITS, 64) if mode == "int8" and path == "decode" else None
+        if ref is not None:
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

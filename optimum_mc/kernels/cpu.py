@@ -56,6 +56,11 @@ ENV_MARCH = "OPTIMUM_MC_CPU_MARCH"  # e.g. "haswell": build for that -march inst
 ENV_BF16_DOT = "OPTIMUM_MC_CPU_BF16_DOT"  # "dp" / "fma": which AVX512-BF16 prefill kernel (default: by CPU vendor)
 GEMV_MAX_ROWS = 12  # x rows up to which the fused GEMV beats dequantize + BLAS (measured: docs/kernels.md)
 AMX_MIN_ROWS = 6  # bf16 rows from which the AMX prefill kernel beats the fused GEMV (measured: docs/kernels.md)
+# tokens up to which the whole-layer MoE decode kernel with int8 activations (mc_moe_decode) beats the grouped
+# prefill path: 2.2x at 16 tokens, 1.2x at 32, 0.95x at 40 (Mixtral of 1/4 width, 2/3-bit experts, bf16, 2 threads;
+# scripts/bench_kernels.py --moe-decode-crossover; docs/kernels.md). Without int8 activations the fp32 limbs cost
+# 4x the integer dots and the decode kernel stops at GEMV_MAX_ROWS.
+MOE_DECODE_MAX_TOKENS_INT8 = 32
 # weight block dequantized per BLAS call (QuantLinear and the MoE prefill). Measured on one Mixtral expert layer, 256
 # tokens, fp32: 16 MiB beat 4/8/12/24/32/64 MiB at 2 threads (973 ms vs 1055 at 8 MiB and 1411 at 64 MiB) and 8 MiB
 # at 1 thread (1725 vs 1871 ms): smaller blocks cost BLAS efficiency, larger ones fall out of the caches
@@ -362,6 +367,13 @@ def bf16_prefill_kernel(lib: ctypes.CDLL, in_f: int, group: int, bits: int):
     if avx512bf16_available():
         return lib.mc_bf16_linear if bf16_dot() == "dp" else lib.mc_bf16_linear_fma
     return None
+
+
+def moe_decode_tokens(int8: bool) -> int:
+    """Tokens up to which ``optimum_mc::moe`` on CPU runs the whole layer in one decode call (``mc_moe_decode``)
+    rather than the grouped prefill path: :data:`MOE_DECODE_MAX_TOKENS_INT8` with int8 activations
+    (:func:`int8_decode`), else :data:`GEMV_MAX_ROWS`."""
+    return MOE_DECODE_MAX_TOKENS_INT8 if int8 else GEMV_MAX_ROWS
 
 
 def gemv_rows(lib: ctypes.CDLL, dtype: torch.dtype, in_f: int, group: int, bits: int) -> int:

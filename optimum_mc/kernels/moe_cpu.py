@@ -1,6 +1,8 @@
 """CPU implementation of ``optimum_mc::moe`` on the C kernels (``cpu_kernels.c``).
 
-Token-expert pairs are sorted by expert (dropped slots sort last and are never computed). Each projection then
+A few tokens (decode: at most ``cpu.moe_decode_tokens(int8)``, 12, or 32 with int8 activations) run the whole layer
+in one C call (``mc_moe_decode``, cached per module as a :class:`DecodePlan`). With more tokens, token-expert pairs
+are sorted by expert (dropped slots sort last and are never computed). Each projection then
 runs as one grouped call for every expert at once:
 
 - experts with at most ``cpu.gemv_rows(...)`` routed rows (decode; 12, or 5 for bf16 on AMX): ``mc_moe_gemv``,
@@ -130,8 +132,8 @@ class DecodePlan:
                  odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None,
                  int8: bool = False, gate_up_bias: torch.Tensor | None = None,
                  down_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """A few tokens (at most ``cpu.GEMV_MAX_ROWS``): the whole layer in one C call, optionally with ODP's rule
-        (``odp_threshold`` > 0), ODP's counters (int64 ``E + 3``, CPU, contiguous), int8 activations in the
+        """A few tokens (at most ``cpu.moe_decode_tokens(int8)``): the whole layer in one C call, optionally with
+        ODP's rule (``odp_threshold`` > 0), ODP's counters (int64 ``E + 3``, CPU, contiguous), int8 activations in the
         GEMVs (``int8``: each group of the inputs rounded to int8 with its own scale, as llama.cpp does) and the
         experts' biases (``(E, 2I)`` / ``(E, H)``, read as fp32)."""
         (tokens, hidden), k = x.shape, top_k_index.shape[1]
@@ -217,8 +219,8 @@ def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate
         return moe_reference(x, top_k_index, top_k_weights, list(zip(*gu)), list(zip(*dn)), bits, activation,
                              gate_up_bias, down_bias)  # fmt: skip
     biases = (gate_up_bias, down_bias)
-    if x.shape[0] <= cpu.GEMV_MAX_ROWS:
-        int8 = cpu.int8_decode(decode_activations, x.dtype)
+    int8 = cpu.int8_decode(decode_activations, x.dtype)
+    if x.shape[0] <= cpu.moe_decode_tokens(int8):
         return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, int8, biases)
     return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, biases)
 

@@ -204,22 +204,25 @@ class MCExperts(nn.Module):
         check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
         weights = self.packed_weights()
         gb, db = self._op_biases()
-        plan = self._decode_plan(hidden_states, weights)
+        plan, int8 = self._decode_plan(hidden_states, weights)
         if plan is not None:
-            int8 = cpu.int8_decode(self.decode_activations, hidden_states.dtype)
             return plan(hidden_states, top_k_index, top_k_weights, int8=int8, gate_up_bias=gb, down_bias=db)
         return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.op_bits, self.activation,
                       self.decode_activations, gb, db)  # fmt: skip
 
-    def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> DecodePlan | None:
-        """The CPU decode kernel's cached plan for a plain-eager CPU decode step, else None (the op's dispatch)."""
-        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > cpu.GEMV_MAX_ROWS or not plain_eager(x):
-            return None
+    def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> tuple[DecodePlan | None, bool]:
+        """The CPU decode kernel's cached plan for a plain-eager CPU decode step (at most ``cpu.moe_decode_tokens``
+        tokens: more with int8 activations), else None (the op's dispatch); and whether it takes int8 activations."""
+        if x.device.type != "cpu" or x.dim() != 2 or not plain_eager(x):
+            return None, False
+        int8 = cpu.int8_decode(self.decode_activations, x.dtype)
+        if x.shape[0] > cpu.moe_decode_tokens(int8):
+            return None, int8
         plan = self.__dict__.get("_mc_decode_plan")
         if plan is None or not plan.matches(weights):
             plan = DecodePlan(weights, self.op_bits, self.activation)
             self.__dict__["_mc_decode_plan"] = plan
-        return plan if plan.ok else None
+        return (plan if plan.ok else None), int8
 
     def forward_with_odp(
         self,
@@ -239,12 +242,11 @@ class MCExperts(nn.Module):
             and top_k_weights.dtype == torch.float32
             and counts.device.type == "cpu"
         ):
-            plan = self._decode_plan(hidden_states, self.packed_weights())
+            plan, int8 = self._decode_plan(hidden_states, self.packed_weights())
             if plan is not None:
                 check_routing(
                     hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation
                 )
-                int8 = cpu.int8_decode(self.decode_activations, hidden_states.dtype)
                 gb, db = self._op_biases()
                 return plan(hidden_states, top_k_index, top_k_weights, threshold, counts, int8=int8, gate_up_bias=gb,
                             down_bias=db)  # fmt: skip

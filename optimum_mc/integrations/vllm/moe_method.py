@@ -175,9 +175,9 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         decode = (
             self.plan is not None
             and x.dim() == 2
-            and x.shape[0] <= cpu.GEMV_MAX_ROWS
             and x.device.type == "cpu"
             and plain_eager(x)
+            and x.shape[0] <= cpu.moe_decode_tokens(self.int8(x))
         )
         if self.odp_threshold is None:  # ODP off
             if expert_map is None and decode:
