@@ -7,7 +7,7 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # both OpenMP runtimes (to
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 ruff check optimum_mc tests scripts
-python -m pytest -n 2 -q "$@"
+python -m pytest -n 2 -q --durations=20 "$@"
 if [ "${OPTIMUM_MC_SKIP_VLLM:-0}" != 1 ]; then
     bash scripts/test_vllm.sh
 fi

@@ -87,12 +87,13 @@ def test_inspect_into_a_closed_pipe_ends_quietly(quantized_dir):
         (["inspect", "/no/such/dir"], "not a model folder"),
         (["eval", "/no/such/model"], "not found"),
         (["eval", "{model}", "--text", "/no/such/file.txt"], "cannot read text file"),
-        (["quantize", "{model}", "--bits", "7", "--output", "/tmp/x"], "infeasible"),
+        (["quantize", "{model}", "--bits", "7", "--output", "{tmp}/x"], "infeasible"),
     ],
 )
-def test_user_errors_exit_2_without_traceback(argv, match, tiny_dir, capsys):
-    argv = [a.replace("{model}", tiny_dir) for a in argv]
+def test_user_errors_exit_2_without_traceback(argv, match, tiny_dir, tmp_path, capsys):
+    argv = [a.replace("{model}", tiny_dir).replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
+    assert not (tmp_path / "x").exists()  # refused before anything is written
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

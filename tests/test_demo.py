@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_mc.tools import demo, demo_run
 from optimum_mc.tools.evaluation import token_windows
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves it out of a quick run
+
 # the demo's recipe (load-balancing loss weight, schedule, seed, top-2 of 8 experts) on a smaller, faster model
 # (one thread: pytest-xdist already runs two workers on the two cores)
 SMALL = dataclasses.replace(demo.RECIPE, hidden=64, intermediate=128, layers=2, steps=80, batch=4, threads=1)

@@ -24,6 +24,8 @@ from optimum_mc.architectures import discover, moe_blocks
 from optimum_mc.errors import UnsupportedArchitectureError
 from optimum_mc.tools.families import check_family, moe_model_types, tiny_config, tiny_model
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves it out of a quick run
+
 # why a family does not pass yet (strict: a family that starts passing must be moved out of here)
 XFAIL: dict[str, str] = {
     "dbrx": "does not instantiate: NotImplementedError: dbrx nests sub-configs (attn_config, ffn_config); tiny sizes are on",  # noqa: E501

@@ -17,7 +17,10 @@ from optimum_mc.tools.evaluation import perplexity, token_windows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "mc-ref-mixtral"
-pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models/mc-ref-mixtral not available")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models/mc-ref-mixtral not available"),
+]
 
 
 @pytest.fixture(scope="module")
