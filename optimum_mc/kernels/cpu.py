@@ -1,4 +1,5 @@
-"""The fast CPU path: C kernels (``cpu_kernels.c``) compiled on first use and registered for the "cpu" key.
+"""The fast CPU path: C kernels (``csrc/``, one translation unit ``csrc/mc_kernels.c``) compiled on first use and
+registered for the "cpu" key.
 
 - ``dequantize``: multithreaded unpack + ``(q - zero) * scale`` in fp32, bit-identical to the reference.
 - ``qmatmul`` with at most ``GEMV_MAX_ROWS`` rows of ``x`` (decode; bf16 rows on AMX: fewer than ``AMX_MIN_ROWS``,
@@ -47,7 +48,8 @@ from .reference import dequantize_reference, qmatmul_reference
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CSRC = Path(__file__).with_name("csrc")  # the kernels, one file per concern (csrc/mc_kernels.c lists them)
+SOURCE = CSRC / "mc_kernels.c"  # the translation unit compiled: it includes the other files
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 ENV_KERNEL = "OPTIMUM_MC_CPU_KERNEL"
 ENV_AMX = "OPTIMUM_MC_CPU_AMX"  # "0": never use the AMX prefill kernel
@@ -95,7 +97,8 @@ def _cpu_id() -> str:
 def build(cc: str, flags: tuple[str, ...] = FLAGS, announce: bool = True) -> Path:
     """Compile the kernels with ``cc`` unless a build for this source, flags and CPU is cached; return its path.
     ``announce``: log one line before compiling (a fallback build after a rejected flag set says nothing more)."""
-    key_src = b"\0".join([SOURCE.read_bytes(), " ".join((cc, *flags)).encode(), platform.machine().encode()])
+    parts = [SOURCE.read_bytes()] + [f.name.encode() + f.read_bytes() for f in sorted(CSRC.glob("*.[ch]"))]
+    key_src = b"\0".join([*parts, " ".join((cc, *flags)).encode(), platform.machine().encode()])
     key = hashlib.sha256(key_src + _cpu_id().encode()).hexdigest()[:16]
     cached, bad = find_verified(cache_dir(), f"mc_cpu_{key}", ".so")  # issue 11: never dlopen a damaged file
     if bad:
@@ -112,7 +115,7 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS, announce: bool = True) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f"mc_cpu_{key}", suffix=".tmp.so", dir=cache_dir())
     os.close(fd)
     try:
-        cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [cc, *flags, f"-I{CSRC}", str(SOURCE), "-o", tmp, "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         out = digest_path(cache_dir(), f"mc_cpu_{key}", ".so", tmp)  # the name carries a checksum of the bytes
         os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file

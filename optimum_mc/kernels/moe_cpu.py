@@ -1,4 +1,4 @@
-"""CPU implementation of ``optimum_mc::moe`` on the C kernels (``cpu_kernels.c``).
+"""CPU implementation of ``optimum_mc::moe`` on the C kernels (``csrc/``).
 
 A few tokens (decode: at most ``cpu.moe_decode_tokens(int8)``, 12, or 32 with int8 activations) run the whole layer
 in one C call (``mc_moe_decode``, cached per module as a :class:`DecodePlan`). With more tokens, token-expert pairs

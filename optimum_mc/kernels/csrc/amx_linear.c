@@ -1,0 +1,143 @@
+/* Part of the CPU kernels' one translation unit (mc_kernels.c includes it; not compiled on its own):
+ * bf16 prefill on AMX (after dequantize_bf16.c). */
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Prefill with bf16 activations on AMX: y (M, N) fp32 = x (M, K) bf16 @ W.T, W (N, K) packed, with W dequantized
+ * into bf16 32 rows at a time (a block that stays in L2) and fed straight to the tile unit, never written out whole.
+ * The tiles compute y.T = W @ x.T: W's dequantized rows are the A operand as they are (16 rows x 32 k), x is
+ * re-laid once per call into the pair-interleaved B layout (16 k-pairs x 16 rows of x). Same rounding as
+ * dequantizing into bf16 and calling bf16 BLAS: (q - zero) * scale in fp32 rounded to bf16 (nearest even),
+ * products summed in fp32. Returns -1 where the CPU or the build has no AMX (the caller then uses BLAS).
+ * ------------------------------------------------------------------------------------------------------------- */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MC_HAVE_AMX 1
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+/* Every tile: 16 rows of 64 bytes (16 fp32 or 32 bf16). A constant, not a struct filled on the stack: GCC at -O3
+ * may treat stores into a local that only ldtilecfg reads as dead once the function is inlined (seen while
+ * prototyping an AMX-INT8 kernel: ldtilecfg then read garbage and faulted). */
+static const amx_tilecfg amx_cfg __attribute__((aligned(64))) = {
+    1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+static inline void amx_configure(void) { _tile_loadconfig(&amx_cfg); }
+
+static void dequantize_rows_bf16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
+                                 uint16_t *dst, int64_t first, int64_t count, int64_t rows, int64_t in_f, int bits,
+                                 int64_t group_size, uint8_t *pad) {
+    int64_t row_bytes = in_f * bits / 8, groups = in_f / group_size;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t o = first + i;
+        const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
+        const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
+        uint16_t *d = dst + i * in_f;
+        switch (bits) {
+            case 1: dequantize_row_bf16(row, s, z, d, in_f, group_size, 1); break;
+            case 2: dequantize_row_bf16(row, s, z, d, in_f, group_size, 2); break;
+            case 3: dequantize_row_bf16(row, s, z, d, in_f, group_size, 3); break;
+            case 4: dequantize_row_bf16(row, s, z, d, in_f, group_size, 4); break;
+            default: dequantize_row_bf16(row, s, z, d, in_f, group_size, 8); break;
+        }
+    }
+}
+#endif
+
+/* 1 if the AMX prefill kernel can run here (built with AMX, and the kernel grants this process the tile state). */
+int mc_amx_available(void) {
+#ifdef MC_HAVE_AMX
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* y rows have stride ldy floats. Returns 0, -1 (no AMX, or shapes it does not take), -2 when out of memory. */
+int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                  const uint16_t *zeros, int64_t N, int bits, int64_t group_size, float *y, int64_t ldy,
+                  int threads) {
+#ifdef MC_HAVE_AMX
+    if (M < 1 || N < 1 || K % 32 || group_size % 16 || K % group_size || gemv_range(bits, 1) == NULL) return -1;
+    int64_t Mp = (M + 31) / 32 * 32, KB = K / 32, NB = (N + 31) / 32;
+    /* x in the B layout: block (m16, kb) is 16 rows r x 16 columns i of bf16 pairs x[16*m16 + i][32*kb + 2r + {0,1}] */
+    uint32_t *xv = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(Mp * K / 2));
+    if (xv == NULL) return -2;
+    const uint32_t *x32 = (const uint32_t *)x;
+    for (int64_t m16 = 0; m16 < Mp / 16; m16++)
+        for (int64_t kb = 0; kb < KB; kb++) {
+            uint32_t *blk = xv + (m16 * KB + kb) * 256;
+            for (int64_t r = 0; r < 16; r++)
+                for (int64_t i = 0; i < 16; i++) {
+                    int64_t m = 16 * m16 + i;
+                    blk[r * 16 + i] = m < M ? x32[m * (K / 2) + 16 * kb + r] : 0u;
+                }
+        }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && NB > 1 && M * N * K >= (1 << 24))
+    {
+        uint16_t *buf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(32 * K));
+        uint8_t *pad = (uint8_t *)malloc((size_t)(K * bits / 8) + 8);
+        float tmp[4][256];
+        if (buf == NULL || pad == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_configure();
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t nb = 0; nb < NB; nb++) {
+            if (buf == NULL || pad == NULL) continue;
+            int64_t n0 = 32 * nb, nn = N - n0 < 32 ? N - n0 : 32;
+            dequantize_rows_bf16(qweight, scales, zeros, buf, n0, nn, N, K, bits, group_size, pad);
+            if (nn < 32) memset(buf + nn * K, 0, sizeof(uint16_t) * (size_t)((32 - nn) * K));
+            for (int64_t m32 = 0; m32 < Mp / 32; m32++) {
+                const uint32_t *b0 = xv + (2 * m32) * KB * 256, *b1 = xv + (2 * m32 + 1) * KB * 256;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kb = 0; kb < KB; kb++) {
+                    _tile_loadd(4, buf + 32 * kb, K * 2);
+                    _tile_loadd(5, buf + 16 * K + 32 * kb, K * 2);
+                    _tile_loadd(6, b0 + kb * 256, 64);
+                    _tile_loadd(7, b1 + kb * 256, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, tmp[0], 64);
+                _tile_stored(1, tmp[1], 64);
+                _tile_stored(2, tmp[2], 64);
+                _tile_stored(3, tmp[3], 64);
+                for (int t = 0; t < 4; t++) { /* tile t: W rows 16 * (t / 2) + i, x rows 16 * (t % 2) + j */
+                    for (int64_t j = 0; j < 16; j++) {
+                        int64_t m = 32 * m32 + 16 * (t % 2) + j;
+                        if (m >= M) break;
+                        for (int64_t i = 0; i < 16; i++) {
+                            int64_t n = n0 + 16 * (t / 2) + i;
+                            if (n < N) y[m * ldy + n] = tmp[t][i * 16 + j];
+                        }
+                    }
+                }
+            }
+        }
+        if (buf != NULL && pad != NULL) _tile_release();
+        free(buf);
+        free(pad);
+    }
+    free(xv);
+    return failed ? -2 : 0;
+#else
+    (void)x, (void)M, (void)K, (void)qweight, (void)scales, (void)zeros, (void)N, (void)bits, (void)group_size;
+    (void)y, (void)ldy, (void)threads;
+    return -1;
+#endif
+}

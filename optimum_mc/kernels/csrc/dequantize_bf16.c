@@ -1,0 +1,90 @@
+/* Part of the CPU kernels' one translation unit (mc_kernels.c includes it; not compiled on its own):
+ * dequantization to bf16 (after gemv.c: uses GEMV_PREFETCH). */
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Dequantize to bf16 (round to nearest even, like torch's cast): the prefill path feeds bf16 BLAS with it.
+ * ------------------------------------------------------------------------------------------------------------- */
+/* n floats to bf16, round to nearest even (NaN stays NaN); branch-free so the compiler vectorizes it. */
+static void floats_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t k = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    for (; k + 8 <= n; k += 8) { /* hardware round-to-nearest-even conversion */
+        __m128bh v = _mm256_cvtneps_pbh(_mm256_loadu_ps(src + k));
+        _mm_storeu_si128((__m128i *)(dst + k), (__m128i)v);
+    }
+#endif
+    for (; k < n; k++) {
+        uint32_t u;
+        memcpy(&u, &src[k], 4);
+        uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        uint32_t quiet = (u >> 16) | 0x40u;
+        dst[k] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);
+    }
+}
+
+/* Returns 0, or -1 when out of memory. */
+int mc_dequantize_bf16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, uint16_t *out,
+                       int64_t rows, int64_t in_f, int bits, int64_t group_size, int threads) {
+    int64_t row_bytes = in_f * bits / 8, groups = in_f / group_size;
+    uint8_t *pad = (uint8_t *)malloc((size_t)row_bytes + 8);
+    if (pad == NULL) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && rows * in_f >= (1 << 18))
+    {
+        /* a few rows at a time through an fp32 buffer that stays in L1/L2, then converted */
+        const int64_t chunk_rows = in_f >= 4096 ? 1 : 4096 / in_f;
+        float *tmp = (float *)malloc(sizeof(float) * (size_t)(in_f * chunk_rows));
+        if (tmp == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t c0 = 0; c0 < rows; c0 += chunk_rows) {
+            if (tmp == NULL) continue;
+            int64_t c1 = c0 + chunk_rows < rows ? c0 + chunk_rows : rows;
+            for (int64_t o = c0; o < c1; o++) {
+                const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
+                dequantize_row(row, scales + o * groups, zeros + o * groups, tmp + (o - c0) * in_f, in_f, bits,
+                               group_size);
+            }
+            floats_to_bf16(tmp, out + c0 * in_f, (c1 - c0) * in_f);
+        }
+        free(tmp);
+    }
+    free(pad);
+    return failed ? -1 : 0;
+}
+
+
+/* bf16 dequantization shared by the AMX and AVX512-BF16 prefill kernels below. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MC_HAVE_BF16_DQ 1
+/* 16 codes of a row, shifted down to the low bits, as floats (b <= 4: two 32-bit loads at bytes 0 and b). */
+static inline __attribute__((always_inline)) __m512 codes16(const uint8_t *src, int64_t c, const int BITS) {
+    if (BITS == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * c))));
+    const uint8_t *p = src + 2 * BITS * c;
+    __m512i v = _mm512_mask_set1_epi32(_mm512_set1_epi32((int)load_u32(p)), 0xFF00, (int)load_u32(p + BITS));
+    const int b = BITS;
+    v = _mm512_srlv_epi32(v, _mm512_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b, 0, b, 2 * b, 3 * b,
+                                               4 * b, 5 * b, 6 * b, 7 * b));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
+static inline __attribute__((always_inline)) void dequantize_row_bf16(const uint8_t *row, const uint16_t *s16,
+                                                                      const uint16_t *z16, uint16_t *dst,
+                                                                      int64_t in_f, int64_t group_size,
+                                                                      const int BITS) {
+    int64_t groups = in_f / group_size, chunks = group_size / 16;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *src = row + g * group_size * BITS / 8;
+        _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
+        __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
+        uint16_t *d = dst + g * group_size;
+        for (int64_t c = 0; c < chunks; c++) {
+            __m512 w = _mm512_mul_ps(_mm512_sub_ps(codes16(src, c, BITS), vz), vs);
+            _mm256_storeu_si256((__m256i *)(d + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+    }
+}
+
+#endif
