@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run (a lent GPU machine's time is short): the CUDA tests, the kernel
+# Everything that needs a CUDA GPU, in one run (a lent GPU machine's time is short): the CUDA tests (with the vLLM MoE
+# method's forward, which imports no vLLM: vLLM cannot be installed there), the kernel
 # benchmark, the Triton MoE tile sweep and the scale benchmark with calibration on the GPU. Logs go to $OUT
 # (default ./gpu-out). Python packages missing on the machine can be given as wheels in ./.whl.
 #
@@ -26,7 +27,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     echo "== $name: exit $? after $((SECONDS - t0)) s"
 }
 
-step pytest 130 python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_cuda.py
+step pytest 150 python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_cuda.py tests/test_vllm_apply.py
 grep -E "error vs float|passed|failed|^E  |Error" "$OUT/pytest.log" | head -n 30
 step bench_kernels 70 python3 scripts/bench_kernels.py --quick
 grep -A12 "fused MoE layer" "$OUT/bench_kernels.log"

@@ -11,11 +11,10 @@ from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 
 from ... import bitwidths
 from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
-from ...kernels import check_experts, cpu, moe_op
-from ...kernels.eager import plain_eager
+from ...kernels import check_experts
 from ...kernels.moe_cpu import DecodePlan
-from ...pruning.rule import apply_drop, count_routing, drop_mask
 from . import odp
+from .moe_apply import apply_packed_moe
 from .weights import EXPERT_NAME, PackedExpert, allow_amx, check_tensor, packed_shape, working_tp_sizes
 
 if TYPE_CHECKING:
@@ -137,10 +136,10 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
             if self.tp_size > 1:
                 r, n = self.tp_rank, self.inter
                 if proj == "gate_up":  # gate rows then up rows: this rank's slice of each
-                    w = torch.cat([w[r * n:(r + 1) * n], w[self.inter_full + r * n:self.inter_full + (r + 1) * n]])
+                    w = torch.cat([w[r * n : (r + 1) * n], w[self.inter_full + r * n : self.inter_full + (r + 1) * n]])
                 else:  # input columns: words and groups of this rank's slice (whole groups, so whole words)
                     cols = w.shape[1] // self.tp_size
-                    w = w[:, r * cols:(r + 1) * cols]
+                    w = w[:, r * cols : (r + 1) * cols]
             param = getattr(getattr(layer.packed[str(e)], proj), kind)
             param.data.copy_(w)
             self.loaded.add(name)
@@ -162,7 +161,6 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.op_bits = bitwidths.op_bits([bitwidths.join(*self.expert_bits[e]) for e in self.local_ids])
         check_experts(gate_up, down, self.op_bits)
         self.lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
-        self.num_local = len(experts)
         self.plan = None
         if all(t.device.type == "cpu" for t in self.lists[0]):
             plan = DecodePlan(tuple(self.lists), self.op_bits, "silu")
@@ -170,45 +168,16 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:  # fmt: skip
-        ids, w = topk_ids, topk_weights
-        expert_map = layer.expert_map
-        decode = (
-            self.plan is not None
-            and x.dim() == 2
-            and x.device.type == "cpu"
-            and plain_eager(x)
-            and x.shape[0] <= cpu.moe_decode_tokens(self.int8(x))
-        )
-        if self.odp_threshold is None:  # ODP off
-            if expert_map is None and decode:
-                return self.plan(x, ids, w, int8=self.int8(x))
-            return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu", self.mode)
-        total = len(self.expert_bits)
-        counts = odp.counters(self.prefix, total)
-        self.calls += 1
-        if self.log_every and self.calls % self.log_every == 0 and self.prefix == min(odp._COUNTERS):
-            logger.info("optimum-mc ODP: %.2f%% of expert evaluations skipped", 100 * odp.odp_stats()["skipped_share"])
-        protect = odp.protected_tokens(x.shape[0], self.protect_first) if self.odp_threshold > 0 else None
-        renormalize = bool(getattr(layer, "renormalize", True))  # the router's: kept weights rescaled, or not
-        if expert_map is None and decode and protect is None and w.dtype == torch.float32 and renormalize:
-            # the rule and the counts inside the C kernel (which rescales the kept weights)
-            return self.plan(x, ids, w, self.odp_threshold, counts, int8=self.int8(x))
-        if self.odp_threshold > 0:
-            drop = drop_mask(w, self.odp_threshold)
-            if protect is not None:
-                drop &= ~protect.unsqueeze(-1)
-            ids, w = apply_drop(ids, w, drop, total, renormalize)
-        count_routing(counts, ids, None, total)
-        return moe_op(x, self._local(ids, expert_map), w, *self.lists, self.op_bits, "silu", self.mode)
-
-    def int8(self, x: torch.Tensor) -> bool:
-        """Whether the decode kernel rounds its GEMV inputs to int8 (``decode_activations``, as in transformers)."""
-        return cpu.int8_decode(self.mode, x.dtype)
-
-    def _local(self, ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
-        """Global expert ids (E: dropped) to this rank's (``num_local``: not computed here)."""
-        if expert_map is None:  # all experts local, in global order
-            return ids
-        total = len(self.expert_bits)
-        local = expert_map[ids.long().clamp_max(total - 1)]
-        return torch.where((local < 0) | (ids >= total), torch.full_like(local, self.num_local), local)
+        total, protect, counts = len(self.expert_bits), None, None
+        if self.odp_threshold is not None:
+            counts = odp.counters(self.prefix, total, topk_ids.device)
+            self.calls += 1
+            if self.log_every and self.calls % self.log_every == 0 and self.prefix == min(odp._COUNTERS):
+                share = 100 * odp.odp_stats()["skipped_share"]
+                logger.info("optimum-mc ODP: %.2f%% of expert evaluations skipped", share)
+            protect = odp.protected_tokens(x.shape[0], self.protect_first) if self.odp_threshold > 0 else None
+        return apply_packed_moe(
+            x, topk_weights, topk_ids, self.lists, self.op_bits, total, mode=self.mode, plan=self.plan,
+            expert_map=layer.expert_map, odp_threshold=self.odp_threshold, protect=protect, counts=counts,
+            renormalize=bool(getattr(layer, "renormalize", True)),  # the router's: kept weights rescaled, or not
+        )  # fmt: skip

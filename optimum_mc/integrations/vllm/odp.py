@@ -114,11 +114,15 @@ def resolve(raw: dict, moe_layers: list[int], hf_config=None) -> ODPSettings:
 _COUNTERS: dict[str, tuple[int, torch.Tensor]] = {}  # layer prefix -> (number of experts E, int64 E + 3 counts)
 
 
-def counters(prefix: str, num_experts: int) -> torch.Tensor:
-    """The counts of layer ``prefix`` (``pruning.rule.count_routing``'s layout), created on first use."""
+def counters(prefix: str, num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The counts of layer ``prefix`` (``pruning.rule.count_routing``'s layout) on ``device`` (the routing's: the
+    counting adds to them without a host sync), created on first use; counts so far move along."""
     entry = _COUNTERS.get(prefix)
     if entry is None or entry[0] != num_experts:
-        entry = (num_experts, torch.zeros(num_experts + 3, dtype=torch.int64))
+        entry = (num_experts, torch.zeros(num_experts + 3, dtype=torch.int64, device=device))
+        _COUNTERS[prefix] = entry
+    elif entry[1].device != torch.device(device):
+        entry = (num_experts, entry[1].to(device))
         _COUNTERS[prefix] = entry
     return entry[1]
 

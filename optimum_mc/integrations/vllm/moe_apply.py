@@ -1,0 +1,80 @@
+"""The vLLM MoE method's forward on packed experts, without vLLM (imports none of it).
+
+:class:`~.moe_method.MCFusedMoEMethod` ``.apply`` reads what only vLLM knows (the layer's expert map, the router's
+renormalization, ODP's protected positions from the forward context) and calls :func:`apply_packed_moe`, which does
+the rest: expert parallelism's global-to-local ids, ODP's rule and counts, and ``optimum_mc::moe`` (the C kernels on
+CPU, with the whole-layer decode kernel for a few tokens; the Triton kernels on CUDA). Kept apart so that the same
+code is checked on a GPU machine, where vLLM cannot be installed (``tests/test_vllm_apply.py`` on CPU and CUDA,
+``scripts/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...kernels import cpu, moe_op
+from ...kernels.eager import plain_eager
+from ...kernels.moe_cpu import DecodePlan
+from ...pruning.rule import apply_drop, count_routing, drop_mask
+
+
+def local_ids(ids: torch.Tensor, expert_map: torch.Tensor | None, total: int, num_local: int) -> torch.Tensor:
+    """Global expert ids (``total``: dropped) to this rank's local ids (``num_local``: not computed on this rank).
+    ``expert_map`` (vLLM's, ``(total,)``): local id of each global expert, -1 for another rank's; None: all local."""
+    if expert_map is None:  # all experts local, in global order
+        return ids
+    local = expert_map[ids.long().clamp_max(total - 1)]
+    return torch.where((local < 0) | (ids >= total), torch.full_like(local, num_local), local)
+
+
+def apply_packed_moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    lists: list[list[torch.Tensor]],
+    op_bits: list[int],
+    total: int,
+    *,
+    mode: str = "auto",
+    plan: DecodePlan | None = None,
+    expert_map: torch.Tensor | None = None,
+    odp_threshold: float | None = None,
+    protect: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    renormalize: bool = True,
+) -> torch.Tensor:
+    """``sum_k w[t, k] * expert_{ids[t, k]}(x_t)`` over this rank's packed experts.
+
+    ``lists``: the six packed lists of this rank's experts in local order (gate/up qweight, scales, zeros, then
+    down's), ``op_bits`` their widths (``optimum_mc::moe``'s), ``total`` the experts of the whole model, ``mode``
+    the decode activations ("auto" / "float" / "int8"), ``plan`` the CPU decode plan of these lists (or None).
+    ODP: ``odp_threshold`` None is off; 0.0 on but not active in this layer (counted only); > 0 drops the slots its
+    rule drops, except for ``protect``-ed tokens (bool ``(T,)``), with the kept weights rescaled to their sum when
+    the router ``renormalize``-s; ``counts`` (int64 ``E + 3`` on the routing's device) accumulates its statistics.
+    """
+    num_local = len(lists[0])
+    decode = (
+        plan is not None
+        and x.dim() == 2
+        and x.device.type == "cpu"
+        and plain_eager(x)
+        and x.shape[0] <= cpu.moe_decode_tokens(cpu.int8_decode(mode, x.dtype))
+    )
+    int8 = decode and cpu.int8_decode(mode, x.dtype)
+    ids, w = topk_ids, topk_weights
+    if odp_threshold is None:  # ODP off
+        if expert_map is None and decode:
+            return plan(x, ids, w, int8=int8)
+        return moe_op(x, local_ids(ids, expert_map, total, num_local), w, *lists, op_bits, "silu", mode)
+    if counts is None:
+        counts = torch.zeros(total + 3, dtype=torch.int64, device=ids.device)
+    if expert_map is None and decode and protect is None and w.dtype == torch.float32 and renormalize:
+        # the rule and the counts inside the C kernel (which rescales the kept weights)
+        return plan(x, ids, w, odp_threshold, counts, int8=int8)
+    if odp_threshold > 0:
+        drop = drop_mask(w, odp_threshold)
+        if protect is not None:
+            drop &= ~protect.to(drop.device).unsqueeze(-1)
+        ids, w = apply_drop(ids, w, drop, total, renormalize)
+    count_routing(counts, ids, None, total)
+    return moe_op(x, local_ids(ids, expert_map, total, num_local), w, *lists, op_bits, "silu", mode)
