@@ -343,22 +343,6 @@ def dequantize_cpu(qweight, scales, zeros, bits: int, dtype: torch.dtype) -> tor
     return out.to(dtype)
 
 
-def _gemm(lib, xf: torch.Tensor, qw, s, z, bits: int) -> torch.Tensor:
-    """``xf @ W.T`` for many rows: dequantize row blocks of ``W`` into a reused fp32 buffer, multiply with BLAS."""
-    out_f, in_f = qw.shape[0], xf.shape[1]
-    block = max(1, min(out_f, GEMM_BLOCK_BYTES // (4 * in_f)))
-    buf = torch.empty(block, in_f, dtype=torch.float32)
-    if block == out_f:
-        _dequantize_into(lib, buf, qw, s, z, bits, 0, out_f)
-        return torch.mm(xf, buf.t())
-    y_t = torch.empty(out_f, xf.shape[0], dtype=torch.float32)
-    for start in range(0, out_f, block):
-        stop = min(out_f, start + block)
-        _dequantize_into(lib, buf, qw, s, z, bits, start, stop)
-        torch.mm(buf[: stop - start], xf.t(), out=y_t[start:stop])
-    return y_t.t().contiguous()
-
-
 def bf16_prefill_kernel(lib: ctypes.CDLL, in_f: int, group: int, bits: int):
     """The fused kernel multiplying bf16 rows by ``bf16(W)`` with fp32 sums that this CPU runs for a matrix of
     ``in_f`` columns in groups of ``group`` at ``bits`` (AMX, else AVX512-BF16), or None (shapes it does not take,
@@ -455,10 +439,10 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
         xf = xf.float()  # bf16 prefill rows stay bf16: dense_rows multiplies them by bf16(W)
     if not xf.is_contiguous():
         xf = xf.contiguous()
-    if rows > limit and xf.dtype == torch.bfloat16:
+    if rows > limit:  # bf16: the fused prefill kernels; fp32: dequantized blocks of W and BLAS
         y = torch.empty(rows, out_f, dtype=torch.float32)
         dense_rows(lib, xf, qw, s, z, bits, y)
-    elif rows <= limit:
+    else:
         y = torch.empty(rows, out_f, dtype=torch.float32)
         rc = (lib.mc_gemv_i8 if int8 else lib.mc_gemv)(
             xf.data_ptr(), qw.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(),
@@ -468,8 +452,6 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
             raise MemoryError("optimum-mc CPU GEMV could not allocate its buffers")
         if rc:
             raise RuntimeError(f"optimum-mc CPU GEMV rejected bits={bits}, rows={rows} (internal error)")
-    else:
-        y = _gemm(lib, xf, qw, s, z, bits)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y if flat else y.view(*x.shape[:-1], out_f)
