@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import UnsupportedArchitectureError
 from .expert_layout import experts_layout
+from .input_scaled import adapt_input_scaled_blocks
 
 EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."
 
@@ -158,7 +159,10 @@ def _check_router(name: str, router: nn.Module) -> None:
 
 
 def _score_fn(router: nn.Module) -> str:
-    """``"sigmoid"`` when the router's forward scores experts with a sigmoid, else ``"softmax"``."""
+    """``"sigmoid"`` when the router's forward scores experts with a sigmoid, else ``"softmax"`` (a router that
+    states its ``score_fn``, MC's :class:`~optimum_mc.input_scaled.TopKRouter`, is taken at its word)."""
+    if getattr(router, "score_fn", None) in ("sigmoid", "softmax"):
+        return router.score_fn
     try:
         src = inspect.getsource(type(router).forward)
     except (OSError, TypeError):
@@ -183,6 +187,8 @@ def discover(model: nn.Module) -> MoEArchitecture:
     _check_exception(config)
     model_type = _model_type(config) or type(model).__name__
     layers = decoder_layers(model)
+    # blocks whose experts take inputs scaled by a dense router's scores (Llama 4) -> the router/experts contract
+    adapt_input_scaled_blocks(layers)
     hidden = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
     arch, counts = None, set()
     for i, layer in enumerate(layers):

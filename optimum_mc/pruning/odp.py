@@ -237,7 +237,9 @@ def set_odp(
             blk.router._mc_odp = st
         st.threshold, st.protect_ratio, st.enabled = t, float(protect_ratio), blk.layer_idx in active
         # the fused kernel's rule rescales kept weights: only for routers that renormalize
-        st.experts = blk.experts if hasattr(blk.experts, "forward_with_odp") and st.renormalize else None
+        # (not for a block scaling the experts' inputs, input_scaled.py: its experts see one slot per row)
+        fused = hasattr(blk.experts, "forward_with_odp") and not getattr(blk.block, "scales_expert_inputs", False)
+        st.experts = blk.experts if fused and st.renormalize else None
         attn_mod = attention_module(layer_list[blk.layer_idx])
         if attn_mod is not None:  # a linear-attention (hybrid) layer: ODP without token protection
             attn_mod._mc_odp_state = st
@@ -366,6 +368,21 @@ def calibrate_odp(
 
         return hook
 
+    def scaled_error_hook(idx, ne, thr, renormalize):
+        """The same for a block scaling its experts' inputs (input_scaled.py): the routing is recomputed (router
+        forward, no hooks) and the block's routed part run with and without the dropped slots."""
+
+        def hook(mod, args, out):
+            x = args[0].reshape(-1, mod.hidden_dim)
+            _, weights, index = getattr(mod, mod.router_attr).forward(x)
+            drop = drop_mask(weights, thr)
+            i2, w2 = apply_drop(index, weights, drop, ne, renormalize)
+            full, pruned = mod.routed(x, index, weights), mod.routed(x, i2, w2)
+            errors[idx][0] += (pruned - full).float().pow(2).sum().item()
+            errors[idx][1] += full.float().pow(2).sum().item()
+
+        return hook
+
     renorm = [
         states[b.layer_idx].renormalize if b.layer_idx in states else routing_is_normalized(b.router) for b in blocks
     ]
@@ -374,7 +391,10 @@ def calibrate_odp(
         thresholds = [_median_or(ratios[b.layer_idx], 0.5) for b in blocks]
         thresholds = [min(max(t, 1e-6), 1.0) for t in thresholds]
         hooks = [
-            (b.experts, error_hook(b.layer_idx, b.num_experts, t, r)) for b, t, r in zip(blocks, thresholds, renorm)
+            (b.block, scaled_error_hook(b.layer_idx, b.num_experts, t, r))
+            if getattr(b.block, "scales_expert_inputs", False)
+            else (b.experts, error_hook(b.layer_idx, b.num_experts, t, r))
+            for b, t, r in zip(blocks, thresholds, renorm)
         ]
         run(hooks)
     finally:

@@ -3,8 +3,9 @@
 The family list is generated from transformers itself: every ``models/<name>/modeling_*.py`` whose experts follow
 the shared experts interface (``forward(hidden_states, top_k_index, top_k_weights)``, or are declared to
 transformers' experts dispatch with ``@use_experts_implementation``, as gpt-oss's are under other argument names), or
-that hold fused 3-D experts (``gate_up_proj = nn.Parameter``) behind another interface (Llama 4: listed so that the
-support matrix says why it fails), mapped to the config model types that have a causal-LM class. A newer transformers
+that hold fused 3-D experts (``gate_up_proj = nn.Parameter``) behind another interface (Llama 4's experts on inputs
+scaled by a dense router's scores: adapted by ``optimum_mc/input_scaled.py``), mapped to the config model types that
+have a causal-LM class. A newer transformers
 adds its families here without a code change.
 """
 
@@ -21,6 +22,7 @@ _SIZES = dict(
     num_key_value_heads=2,
     head_dim=16,
     intermediate_size=64,
+    intermediate_size_mlp=64,
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
     expert_intermediate_size=32,
