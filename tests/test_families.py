@@ -32,7 +32,6 @@ XFAIL: dict[str, str] = {
     "ergo": "UnsupportedArchitectureError: ErgoForCausalLM (model_type 'ergo') has no MoE layers: no decoder layer holds an",  # noqa: E501
     "gemma4": "does not instantiate: NotImplementedError: gemma4 nests sub-configs (text_config, vision_config, audio_config)",  # noqa: E501
     "gemma4_text": "does not instantiate: AmbiguousGlobalPerLayerAttributeError: 'head_dim' is a per-layer attribute and may vary ",  # noqa: E501
-    "granitemoehybrid": "ValueError: `get_mask_sizes` can only be called on Attention layers, and the current Cache seem to only",  # noqa: E501
     "inkling2_loop_text": "RuntimeError: Trying to create tensor with negative dimension -199738: [-199738, 64]",  # noqa: E501
     "inkling2_text": "RuntimeError: Trying to create tensor with negative dimension -199738: [-199738, 64]",  # noqa: E501
     "inkling_text": "UnsupportedArchitectureError: MoE block `layers.0.mlp` (InklingMoE) has no child with a (8, 64) weight; expect",  # noqa: E501

@@ -76,6 +76,9 @@ VLLM_SIZES = dict(
 _EXCEPTIONS = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "zaya": dict(num_experts_per_tok=1),
+    # its default is all Mamba layers, which transformers' mask creation cannot run with a cache (real checkpoints
+    # interleave attention layers): one of each kind
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
