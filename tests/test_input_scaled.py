@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.dequantized import dequantized_reference
 from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from torch import nn
 
@@ -99,34 +100,6 @@ def test_unreadable_router_is_named():
         discover(model)
 
 
-def _dequantized_reference(q, src):
-    """transformers' own Llama 4 (not adapted) loaded from the float checkpoint, with every packed weight of ``q``
-    replaced by its dequantized value."""
-    from transformers import AutoModelForCausalLM
-
-    from optimum_mc.nn import MCExperts, QuantLinear
-
-    ref = AutoModelForCausalLM.from_pretrained(src).eval()
-    assert type(ref.model.layers[0].feed_forward).__name__ == "Llama4TextMoe"
-    done, experts = 0, []
-    with torch.no_grad():
-        for name, m in q.named_modules():
-            if any(name.startswith(e + ".") for e in experts):
-                continue  # the per-expert packed matrices inside MCExperts
-            if isinstance(m, MCExperts):
-                experts.append(name)
-                gu, dn = m.dequantize()  # MC's layout (E, 2I, H) / (E, H, I); Llama 4 stores the transpose
-                ex = ref.get_submodule(name)
-                ex.gate_up_proj.copy_(gu.transpose(1, 2))
-                ex.down_proj.copy_(dn.transpose(1, 2))
-                done += 1
-            elif isinstance(m, QuantLinear):
-                ref.get_submodule(name).weight.copy_(m.dequantize_weight())
-                done += 1
-    assert done > 1
-    return ref
-
-
 def test_quantize_save_reload_generate_against_reference(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -157,7 +130,8 @@ def test_quantize_save_reload_generate_against_reference(tmp_path):
         assert torch.equal(again(input_ids=ids).logits, logits)
 
     # against transformers' own block on the dequantized weights (fp32; kernels vs reference matmuls)
-    ref = _dequantized_reference(again, src)
+    ref = dequantized_reference(again, src)
+    assert type(ref.model.layers[0].feed_forward).__name__ == "Llama4TextMoe"  # transformers' own block
     with torch.no_grad():
         want = ref(input_ids=ids).logits
     err = float((logits - want).abs().max())

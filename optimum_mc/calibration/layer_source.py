@@ -377,8 +377,8 @@ class CheckpointLayers:
         to capture the first layer's inputs and, at the end, to run the whole model)."""
         self._outside = _outside_modules(self.model)
         tensors = {}
-        for name, module in self._outside.items():
-            for pname, p in module.named_parameters(recurse=False):
+        for name, module in self._outside.items():  # with submodules' (inkling's embedding holds a norm)
+            for pname, p in [*module.named_parameters(), *module.named_buffers()]:
                 tensors[f"{name}.{pname}"] = p
         if tensors:
             stage.save_layer("outside", 0, tensors, {"names": sorted(tensors)})
@@ -393,8 +393,15 @@ class CheckpointLayers:
             return
         tensors, _ = stage.load_layer("outside", 0)
         for name, module in self._outside.items():
-            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            module.load_state_dict(own, strict=False, assign=True)
+            for key, value in tensors.items():
+                if not key.startswith(name + "."):
+                    continue
+                owner, _, leaf = key[len(name) + 1 :].rpartition(".")
+                sub = module.get_submodule(owner)
+                if leaf in sub._parameters:
+                    sub._parameters[leaf] = nn.Parameter(value, requires_grad=sub._parameters[leaf].requires_grad)
+                else:
+                    sub._buffers[leaf] = value
         self._outside_stage = None
 
     def finish(self, index: int, layer: nn.Module) -> nn.Module:

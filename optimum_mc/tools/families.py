@@ -37,6 +37,7 @@ _SIZES = dict(
     moe_k=2,
     n_shared_experts=1,
     num_shared_experts=1,
+    zero_expert_num=2,
     q_lora_rank=32,
     kv_lora_rank=32,
     qk_rope_head_dim=16,
@@ -232,7 +233,7 @@ def _kept_float(model) -> list[str]:
     kinds = set()
     for layer in decoder_layers(model):
         for m in layer.modules():
-            if type(m).__module__.startswith("optimum_mc") or "norm" in type(m).__name__.lower():
+            if "norm" in type(m).__name__.lower():  # (packed modules hold their matrices in buffers, not here)
                 continue
             if any(p.dim() >= 2 and p.is_floating_point() for p in m.parameters(recurse=False)):
                 kinds.add(type(m).__name__)

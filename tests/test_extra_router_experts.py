@@ -1,0 +1,127 @@
+"""Routers that score more experts than the experts module holds: longcat_flash's zero-computation (identity)
+experts (indices ``[E, E + Z)`` the block computes as ``w * x`` itself) and inkling's shared experts scored with the
+routed ones. Found by the router weight's shape (``(R, H)``, ``R > E``); MC quantizes the ``E`` real experts, leaves
+the others to the block, and ODP marks a dropped slot outside both ranges. Checked on tiny random models against an
+independent reference: transformers' own float model holding the dequantized weights."""
+
+from __future__ import annotations
+
+import torch
+from helpers.dequantized import dequantized_reference
+from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
+
+from optimum_mc.architectures import discover, moe_blocks
+from optimum_mc.calibration.capture import RoutingCapture
+from optimum_mc.tools.families import CORPUS, IDS, tiny_model, tiny_tokenizer
+
+REL_TOL = 1e-4  # packed kernels vs float matmuls on the same (dequantized) weights, fp32
+
+
+def test_zero_experts_are_read_from_the_router():
+    model = tiny_model("longcat_flash")
+    cfg = model.config
+    arch = discover(model)
+    (blk,) = [b for b in moe_blocks(model) if b.layer_idx == 0]
+    assert (arch.router_attr, arch.experts_attr) == ("router", "experts")
+    assert blk.num_experts == cfg.n_routed_experts == 8
+    assert blk.router_classes == cfg.n_routed_experts + cfg.zero_expert_num == 10
+
+
+def test_capture_skips_zero_experts():
+    """Calibration counts only real experts; a slot the block sends to a real expert with weight 0 (longcat's
+    identity slots) is no calibration token of that expert."""
+    model = tiny_model("longcat_flash")
+    arch = discover(model)
+    blk = next(iter(moe_blocks(model)))
+    cap = RoutingCapture(arch, blk.router, blk.experts)
+    x = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, w, idx = blk.router.forward(x)  # (not __call__: only the block's own call is captured)
+        blk.block(x)
+    cap.remove()
+    real = idx < 8
+    assert (~real).any() and real.any()  # both kinds occur
+    assert cap.counts.sum() == real.sum()
+    assert sum(len(t.ids()) for t in cap.experts) == int(real.sum())
+
+
+def _quantize(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import optimum_mc
+
+    src, dst = str(tmp_path / "float"), str(tmp_path / "mc")
+    tiny_model(family).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    qc = optimum_mc.MCConfig(
+        bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False, seed=0
+    )
+    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc)
+    q.save_pretrained(dst)
+    again = AutoModelForCausalLM.from_pretrained(dst)
+    a, b = q.state_dict(), again.state_dict()
+    assert set(a) == set(b) and any(".experts.packed." in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return again, src
+
+
+def _close(got, want):
+    err = float((got - want).abs().max())
+    assert err <= REL_TOL * float(want.abs().max()), err
+    return err
+
+
+def test_longcat_quantized_against_reference_with_odp(tmp_path):
+    import optimum_mc
+
+    q, src = _quantize("longcat_flash", tmp_path)
+    ref = dequantized_reference(q, src)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        _close(q(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert torch.equal(
+        q.generate(ids[:, :5], max_new_tokens=4, do_sample=False),
+        ref.generate(ids[:, :5], max_new_tokens=4, do_sample=False),
+    )
+
+    # ODP: the reference drops the same slots by zeroing their weights (softmax scores times a scaling factor are
+    # not renormalized: the kept weights stay); its router output also gives the expected statistics
+    layers = [b.layer_idx for b in moe_blocks(q)]
+    optimum_mc.set_odp(q, True, layers=len(layers))
+    thr = dict(zip(layers, q.config.quantization_config.odp_thresholds))
+    seen = {"real": 0, "kept": 0}
+
+    def drop_hook(idx):
+        def hook(mod, args, out):
+            logits, w, index = out
+            top1 = w.max(-1, keepdim=True).values
+            drop = (w < thr[idx] * top1) & (w < top1)
+            real = index < q.config.n_routed_experts
+            seen["real"] += int(real.sum())
+            seen["kept"] += int((real & ~drop).sum())
+            return logits, w.masked_fill(drop, 0.0), index
+
+        return hook
+
+    handles = [ref.model.layers[i].mlp.router.register_forward_hook(drop_hook(i)) for i in layers]
+    with torch.no_grad():
+        pruned, want = q(input_ids=ids).logits, ref(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    _close(pruned, want)
+    stats = optimum_mc.get_odp_stats(q)["total"]
+    assert stats["expert_evaluations"] == seen["kept"] < seen["real"]  # identity slots are no expert slots
+    assert abs(stats["skipped_fraction"] - (1 - seen["kept"] / seen["real"])) < 1e-9
+
+
+def test_inkling_router_scoring_shared_experts(tmp_path):
+    """inkling's router weight has a row per shared expert after the routed ones; its outputs cover the routed
+    experts only. The model quantizes, reloads bit-exactly and matches the dequantized reference."""
+    q, src = _quantize("inkling_text", tmp_path)
+    blk = next(iter(moe_blocks(q)))
+    assert blk.router_classes == blk.num_experts + q.config.n_shared_experts
+    ref = dequantized_reference(q, src)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        _close(q(input_ids=ids).logits, ref(input_ids=ids).logits)
