@@ -139,6 +139,12 @@ def _router(
     cands = _router_candidates(block, experts, lambda rows: rows == num_experts, hidden)
     if not cands:
         cands = _router_candidates(block, experts, lambda rows: rows > num_experts, hidden)
+    if not cands:  # a router MLP (zaya's: hidden -> router width -> ... -> E + 1): a child with top_k scoring >= E
+        cands = [
+            c
+            for c in _router_candidates(block, experts, lambda rows: rows >= num_experts, None)
+            if getattr(c[1], "top_k", None) is not None
+        ]
     if len(cands) > 1:
         cands = [c for c in cands if getattr(c[1], "top_k", None) is not None] or cands
     if len(cands) != 1:
@@ -150,12 +156,14 @@ def _router(
     return cands[0]
 
 
-def _router_candidates(block: nn.Module, experts: nn.Module, rows_ok, hidden: int) -> list[tuple[str, nn.Module]]:
+def _router_candidates(
+    block: nn.Module, experts: nn.Module, rows_ok, hidden: int | None
+) -> list[tuple[str, nn.Module]]:
     out = []
     for name, child in block.named_children():
         if child is experts:
             continue
-        if any(p.dim() == 2 and rows_ok(p.shape[0]) and p.shape[1] == hidden for p in child.parameters()):
+        if any(p.dim() == 2 and rows_ok(p.shape[0]) and hidden in (None, p.shape[1]) for p in child.parameters()):
             out.append((name, child))
     return out
 
@@ -166,7 +174,7 @@ def router_classes(router: nn.Module, num_experts: int) -> int:
     are not the experts module's: the block handles them itself (longcat_flash's identity experts); MC leaves them
     alone, and ODP marks a dropped slot with index ``R`` (no expert of either kind)."""
     rows = [int(p.shape[0]) for p in router.parameters() if p.dim() == 2 and p.shape[0] >= num_experts]
-    return min(rows) if rows and num_experts not in rows else num_experts
+    return min(rows) if rows and num_experts not in rows else num_experts  # (a router MLP's hidden layers: wider)
 
 
 def _check_router(name: str, router: nn.Module) -> None:

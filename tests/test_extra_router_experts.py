@@ -125,3 +125,30 @@ def test_inkling_router_scoring_shared_experts(tmp_path):
     ids = torch.tensor(IDS)
     with torch.no_grad():
         _close(q(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_zaya_router_mlp_with_a_skip_expert(tmp_path):
+    """zaya's router is an MLP (hidden -> router width -> E + 1 classes, the last a skip expert it hands to the
+    experts as expert 0 with weight 0): found as the block's child with ``top_k`` scoring >= E classes. Skip slots
+    are no calibration tokens of expert 0; the quantized model reloads bit-exactly and matches the reference."""
+    model = tiny_model("zaya")
+    arch = discover(model)
+    blk = next(iter(moe_blocks(model)))
+    assert arch.router_attr == "gate" and blk.router_classes == blk.num_experts + 1
+    with torch.no_grad():
+        blk.router.balancing_biases[-1] = 0.2  # the skip expert chosen often
+    cap = RoutingCapture(arch, blk.router, blk.experts)
+    skipped = []
+    handle = blk.router.register_forward_hook(lambda m, a, out: skipped.append(int((out[1] == 0).sum())))
+    with torch.no_grad():
+        model(input_ids=torch.tensor(IDS))
+    cap.remove()
+    handle.remove()
+    routed = sum(len(t.ids()) for t in cap.experts)
+    assert 0 < skipped[0] < cap.tokens
+    assert routed == cap.counts.sum() == cap.tokens - skipped[0]  # top-1: one slot per token
+    q, src = _quantize("zaya", tmp_path)
+    ref = dequantized_reference(q, src)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        _close(q(input_ids=ids).logits, ref(input_ids=ids).logits)

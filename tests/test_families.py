@@ -39,7 +39,6 @@ XFAIL: dict[str, str] = {
     "qwen3_5_moe": "does not instantiate: NotImplementedError: qwen3_5_moe nests sub-configs (vision_config, text_config); tiny si",  # noqa: E501
     "qwen4_exp": "does not instantiate: NotImplementedError: qwen4_exp nests sub-configs (vision_config, text_config); tiny size",  # noqa: E501
     "qwen4_exp_text": "does not instantiate: TypeError: unsupported operand type(s) for //: 'NoneType' and 'NoneType'",  # noqa: E501
-    "zaya": "UnsupportedArchitectureError: MoE block `layers.0.mlp` (ZayaSparseMoeBlock) has no child with a (8, 64) weight",  # noqa: E501
 }
 
 FAMILIES = moe_model_types()

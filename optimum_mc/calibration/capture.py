@@ -117,7 +117,9 @@ class RoutingCapture(_Hooks):
         self.tokens += index.shape[0]
         selected = probs.gather(1, index).double().cpu().reshape(-1)
         flat = index.reshape(-1).cpu()
-        own = flat < self.num_experts  # a router may score experts the experts module lacks (zero / identity ones)
+        # a router may score experts the experts module lacks (zero / identity / skip ones): their slots, and slots
+        # handed to a real expert with weight 0 in their stead (zaya's skip expert), are no expert's tokens
+        own = (flat < self.num_experts) & (weights.reshape(-1) != 0).cpu()
         flat, selected = flat[own], selected[own]
         self.counts += torch.bincount(flat, minlength=self.num_experts).double()
         self.prob_sum.index_add_(0, flat, selected)
