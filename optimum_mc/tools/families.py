@@ -248,7 +248,7 @@ def check_family(model_type: str, workdir: str) -> dict:
 
     import optimum_mc
 
-    from ..architectures import moe_blocks
+    from ..architectures import decoder_layers, moe_blocks
 
     src, dst = os.path.join(workdir, "float"), os.path.join(workdir, "mc")
     tok = tiny_tokenizer()
@@ -278,10 +278,8 @@ def check_family(model_type: str, workdir: str) -> dict:
     top_k = min(b.top_k for b in blocks)
     notes = {
         "moe_layers": [b.layer_idx for b in blocks],
-        "dense_layers": [
-            i
-            for i in range(again.config.get_text_config().num_hidden_layers)
-            if i not in {b.layer_idx for b in blocks}
+        "dense_layers": [  # (decoder layers, not num_hidden_layers: longcat_flash's layer holds two sublayers)
+            i for i in range(len(decoder_layers(again))) if i not in {b.layer_idx for b in blocks}
         ],
         "experts": blocks[0].num_experts,
         "top_k": top_k,
