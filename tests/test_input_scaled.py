@@ -159,3 +159,11 @@ def test_quantize_save_reload_generate_against_reference(tmp_path):
     err = float((pruned - want_pruned).abs().max())
     assert err <= 1e-4 * float(want_pruned.abs().max()), err
     assert [b.layer_idx for b in moe_blocks(again)] == [0]
+
+    # model.dequantize(): float experts behind the same adapter block, the same logits
+    optimum_mc.set_odp(again, False)
+    again.dequantize()
+    assert not isinstance(again.model.layers[0].feed_forward.experts, MCExperts)
+    with torch.no_grad():
+        err = float((again(input_ids=ids).logits - logits).abs().max())
+    assert err <= 1e-4 * float(logits.abs().max()), err
