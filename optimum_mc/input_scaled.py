@@ -178,9 +178,10 @@ class InputScaledMoE(nn.Module):
         tol = (1e-4 if dtype == torch.float32 else 3e-2) * (float(want.float().abs().max()) + 1e-6)
         del self.__dict__["_mc_original"]
         if not err <= tol:
+            kind = getattr(self, self.router_attr).kind
             raise UnsupportedArchitectureError(
-                f"MoE block {type(original).__name__}: read as a dense-score router ({self.router.kind}) and experts "
-                f"on inputs scaled by their scores, the adapter does not reproduce its forward (max |diff| {err:.3g}) "
+                f"MoE block {type(original).__name__}: read as a dense-score router ({kind}) and experts on inputs "
+                f"scaled by their scores, the adapter does not reproduce its forward (max |diff| {err:.3g}) "
                 f"(check: input-scaled experts)."
             )
 

@@ -47,6 +47,15 @@ def test_adapter_reproduces_the_block():
     assert arch.shared_expert_attrs == ("shared_expert",) and arch.score_fn == "sigmoid"
 
 
+def test_adapter_that_differs_from_the_block_is_refused():
+    model = tiny_model(FAMILY)
+    adapt_input_scaled_blocks(model.model.layers)
+    block = model.model.layers[0].feed_forward
+    block.router.kind = "softmax_topk"  # a wrong reading of the router
+    with pytest.raises(UnsupportedArchitectureError, match=r"Llama4TextMoe.*check: input-scaled experts"):
+        block.check_original()
+
+
 def test_inputs_are_scaled_not_outputs():
     """f(w x) != w f(x): the routed part must equal the original, and differ from output weighting."""
     model = tiny_model(FAMILY)
@@ -100,7 +109,7 @@ def test_unreadable_router_is_named():
         discover(model)
 
 
-def test_quantize_save_reload_generate_against_reference(tmp_path):
+def test_quantize_save_reload_generate_against_reference(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     import optimum_mc
@@ -112,9 +121,18 @@ def test_quantize_save_reload_generate_against_reference(tmp_path):
     qc = optimum_mc.MCConfig(
         bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False, seed=0
     )
+    compared, check = [], InputScaledMoE.check_original
+
+    def recording_check(self):
+        real = "_mc_original" in self.__dict__ and not self.experts.gate_up_proj.is_meta
+        check(self)
+        compared.append(real and "_mc_original" not in self.__dict__)
+
+    monkeypatch.setattr(InputScaledMoE, "check_original", recording_check)
     q = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc)
     block = q.model.layers[0].feed_forward
     assert isinstance(block, InputScaledMoE) and isinstance(block.experts, MCExperts)
+    assert compared == [True]  # the adapter was compared with transformers' block on the real weights
     ids = torch.tensor(IDS)
     with torch.no_grad():
         logits = q(input_ids=ids).logits
