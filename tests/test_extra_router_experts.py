@@ -152,3 +152,33 @@ def test_zaya_router_mlp_with_a_skip_expert(tmp_path):
     ids = torch.tensor(IDS)
     with torch.no_grad():
         _close(q(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_two_argument_gate_is_read_from_the_forward():
+    """inkling2's experts call ``act_fn(gate, up)`` (a softcapped SwiGLU module), not ``act_fn(gate) * up``: the
+    gate is read from the module's forward and the converted experts reproduce the original."""
+    from optimum_mc.expert_activation import GatedActivation
+    from optimum_mc.expert_layout import experts_layout
+
+    ex = tiny_model("inkling2_text").model.layers[0].mlp.experts
+    layout = experts_layout(ex)
+    assert isinstance(layout.act_fn, GatedActivation) and layout.canonical
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g) * 8
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=g)
+    gate, up = (x @ ex.gate_up_proj[idx[0, 0]].t()).chunk(2, dim=-1)
+    assert torch.allclose(layout.act_fn.glu(gate, up), ex.act_fn(gate, up), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert ex(x, idx, w).shape == x.shape
+
+
+def test_pending_layer_keeps_the_layers_plain_attributes():
+    """A parked layer's placeholder answers what a model's layer loop reads before calling it (inkling2 picks
+    each layer's mask by the class attribute ``attention_type``)."""
+    from optimum_mc.calibration.layer_source import PendingLayer
+
+    layer = tiny_model("inkling2_text").model.layers[0]
+    pending = PendingLayer(0, layer)
+    assert pending.attention_type == type(layer).attention_type and pending.index == 0
+    assert not list(pending.parameters())

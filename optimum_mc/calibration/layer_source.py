@@ -33,9 +33,18 @@ from ..errors import CheckpointError
 class PendingLayer(nn.Module):
     """Holds a decoder layer's slot while the layer's weights are elsewhere (checkpoint or staging folder)."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, like: nn.Module | None = None) -> None:
         super().__init__()
         self.index = index
+        if like is None:
+            return
+        # the layer's plain attributes (its own and its class's), which a model's layer loop may read before the
+        # call: inkling2's ``decoder_layer.attention_type`` (a class attribute) picks the layer's mask
+        scopes = [vars(like)] + [vars(c) for c in type(like).__mro__ if c not in (nn.Module, object)]
+        for scope in scopes:
+            for k, v in scope.items():
+                if not k.startswith("_") and k != "training" and isinstance(v, (str, int, float, bool)):
+                    self.__dict__.setdefault(k, v)
 
     def forward(self, *args, **kwargs):  # noqa: D401 - a placeholder must never run
         raise RuntimeError(
@@ -275,7 +284,7 @@ class CheckpointLayers:
         layers = decoder_layers(model)
         self._meta = list(layers)  # float layers on the meta device: structure only, not registered anywhere
         for i in range(len(layers)):
-            layers[i] = PendingLayer(i)
+            layers[i] = PendingLayer(i, self._meta[i])
         self._keys = self._index_keys()
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -364,7 +373,7 @@ class CheckpointLayers:
         missing = sorted(k for k in info.missing_keys if k.startswith(prefix))
         on_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
         if missing or on_meta or info.mismatched_keys:
-            layers[index] = PendingLayer(index)
+            layers[index] = PendingLayer(index, self._meta[index])
             raise CheckpointError(
                 f"decoder layer {index} could not be read completely from the checkpoint: missing "
                 f"{(missing or on_meta)[:4]}, mismatched {sorted(info.mismatched_keys)[:2]}; the checkpoint does "
@@ -411,4 +420,5 @@ class CheckpointLayers:
 
     def park(self, index: int) -> None:
         """Free the slot (its packed weights are staged on disk)."""
-        decoder_layers(self.model)[index] = PendingLayer(index)
+        layers = decoder_layers(self.model)
+        layers[index] = PendingLayer(index, layers[index])

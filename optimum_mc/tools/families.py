@@ -16,6 +16,7 @@ import os
 
 _SIZES = dict(
     vocab_size=320,
+    unpadded_vocab_size=320,  # (inkling2: the head's size before padding to vocab_size)
     hidden_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
