@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import UnsupportedArchitectureError
 from .expert_layout import experts_layout
+from .input_scaled import adapt_input_scaled_blocks
 
 EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."
 
@@ -131,22 +132,49 @@ def _check_experts(name: str, experts: nn.Module, hidden: int | None) -> int:
 def _router(
     block_name: str, block: nn.Module, experts: nn.Module, num_experts: int, hidden: int
 ) -> tuple[str, nn.Module]:
-    """The block's child holding an ``(E, H)`` weight (the router; preferred: one with ``top_k``)."""
-    cands = []
-    for name, child in block.named_children():
-        if child is experts:
-            continue
-        if any(p.dim() == 2 and tuple(p.shape) == (num_experts, hidden) for p in child.parameters()):
-            cands.append((name, child))
+    """The block's child holding an ``(E, H)`` weight (the router; preferred: one with ``top_k``). Without one, a
+    child holding an ``(R, H)`` weight with ``R > E``: a router that also scores ``R - E`` experts the experts module
+    does not hold (zero-computation / identity experts as longcat_flash's, shared experts scored with the routed ones
+    as inkling's; see :func:`router_classes`)."""
+    cands = _router_candidates(block, experts, lambda rows: rows == num_experts, hidden)
+    if not cands:
+        cands = _router_candidates(block, experts, lambda rows: rows > num_experts, hidden)
+    if not cands:  # a router MLP (zaya's: hidden -> router width -> ... -> E + 1): a child with top_k scoring >= E
+        cands = [
+            c
+            for c in _router_candidates(block, experts, lambda rows: rows >= num_experts, None)
+            if getattr(c[1], "top_k", None) is not None
+        ]
     if len(cands) > 1:
         cands = [c for c in cands if getattr(c[1], "top_k", None) is not None] or cands
     if len(cands) != 1:
         what = "no child" if not cands else f"{len(cands)} children ({', '.join(n for n, _ in cands)})"
         raise UnsupportedArchitectureError(
-            f"MoE block `{block_name}` ({type(block).__name__}) has {what} with a ({num_experts}, {hidden}) weight; "
-            f"expected exactly one router (check: router)."
+            f"MoE block `{block_name}` ({type(block).__name__}) has {what} with a ({num_experts}, {hidden}) weight "
+            f"(or ({num_experts} + extra experts, {hidden})); expected exactly one router (check: router)."
         )
     return cands[0]
+
+
+def _router_candidates(
+    block: nn.Module, experts: nn.Module, rows_ok, hidden: int | None
+) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, child in block.named_children():
+        if child is experts:
+            continue
+        if any(p.dim() == 2 and rows_ok(p.shape[0]) and hidden in (None, p.shape[1]) for p in child.parameters()):
+            out.append((name, child))
+    return out
+
+
+def router_classes(router: nn.Module, num_experts: int) -> int:
+    """How many experts ``router`` scores: ``num_experts``, or more for a router that also scores experts outside
+    the experts module (rows of its ``(R, H)`` weight). Indices in ``[num_experts, R)`` that such a router returns
+    are not the experts module's: the block handles them itself (longcat_flash's identity experts); MC leaves them
+    alone, and ODP marks a dropped slot with index ``R`` (no expert of either kind)."""
+    rows = [int(p.shape[0]) for p in router.parameters() if p.dim() == 2 and p.shape[0] >= num_experts]
+    return min(rows) if rows and num_experts not in rows else num_experts  # (a router MLP's hidden layers: wider)
 
 
 def _check_router(name: str, router: nn.Module) -> None:
@@ -158,7 +186,10 @@ def _check_router(name: str, router: nn.Module) -> None:
 
 
 def _score_fn(router: nn.Module) -> str:
-    """``"sigmoid"`` when the router's forward scores experts with a sigmoid, else ``"softmax"``."""
+    """``"sigmoid"`` when the router's forward scores experts with a sigmoid, else ``"softmax"`` (a router that
+    states its ``score_fn``, MC's :class:`~optimum_mc.input_scaled.TopKRouter`, is taken at its word)."""
+    if getattr(router, "score_fn", None) in ("sigmoid", "softmax"):
+        return router.score_fn
     try:
         src = inspect.getsource(type(router).forward)
     except (OSError, TypeError):
@@ -183,6 +214,8 @@ def discover(model: nn.Module) -> MoEArchitecture:
     _check_exception(config)
     model_type = _model_type(config) or type(model).__name__
     layers = decoder_layers(model)
+    # blocks whose experts take inputs scaled by a dense router's scores (Llama 4) -> the router/experts contract
+    adapt_input_scaled_blocks(layers)
     hidden = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
     arch, counts = None, set()
     for i, layer in enumerate(layers):
@@ -257,6 +290,11 @@ class MoEBlock:
     @property
     def top_k(self) -> int:
         return int(self.router.top_k)
+
+    @property
+    def router_classes(self) -> int:
+        """Experts the router scores (:func:`router_classes`): ``num_experts`` unless it scores extra ones."""
+        return router_classes(self.router, self.num_experts)
 
 
 def moe_blocks(model: nn.Module, arch: MoEArchitecture | None = None) -> Iterator[MoEBlock]:

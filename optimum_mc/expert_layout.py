@@ -132,7 +132,10 @@ def _gate(name: str, module: nn.Module, inter: int) -> tuple[bool, Any]:
                                             f"({type(exc).__name__}: {exc})")  # fmt: skip
     for interleaved in (False, True):
         for act in cands:
-            want = gated(act, *_split(h, interleaved))
+            try:
+                want = gated(act, *_split(h, interleaved))
+            except TypeError:  # an act_fn of (gate, up) (inkling2's): not act(gate) * up; read from the forward
+                continue
             if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, 1e-5, 1e-6):
                 return interleaved, act
     return False, _probed(

@@ -175,6 +175,8 @@ class _Run:
         layer = self.source.fetch(idx, self.device)
         release_memory()  # the per-expert tensors transformers fused
         blk = moe_block(layer, idx, self.arch)
+        if blk is not None and callable(getattr(blk.block, "check_original", None)):
+            blk.block.check_original()  # an adapted block (input_scaled.py) reproduces the replaced one
         if blk is not None:  # transposed / interleaved / biased experts (gpt-oss, Aria) in MC's layout, same forward
             experts = canonical_experts(blk.experts, f"layers.{idx}.{self.arch.block_attr}.{self.arch.experts_attr}")
             if experts is not blk.experts:

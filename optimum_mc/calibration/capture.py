@@ -115,10 +115,14 @@ class RoutingCapture(_Hooks):
             self.all_probs.append(probs.float())
         index = index.reshape(-1, index.shape[-1])
         self.tokens += index.shape[0]
-        selected = probs.gather(1, index).double().cpu()
+        selected = probs.gather(1, index).double().cpu().reshape(-1)
         flat = index.reshape(-1).cpu()
+        # a router may score experts the experts module lacks (zero / identity / skip ones): their slots, and slots
+        # handed to a real expert with weight 0 in their stead (zaya's skip expert), are no expert's tokens
+        own = (flat < self.num_experts) & (weights.reshape(-1) != 0).cpu()
+        flat, selected = flat[own], selected[own]
         self.counts += torch.bincount(flat, minlength=self.num_experts).double()
-        self.prob_sum.index_add_(0, flat, selected.reshape(-1))
+        self.prob_sum.index_add_(0, flat, selected)
         w = weights.reshape(index.shape).detach().float()
         if w.shape[-1] > 1:
             top1 = w.max(-1, keepdim=True).values.clamp_min(1e-20)
@@ -135,7 +139,11 @@ class RoutingCapture(_Hooks):
         for e in torch.unique(index).tolist():
             if e >= self.num_experts:
                 continue
-            tok, slot = torch.where(index == e)
+            # a slot of weight 0 adds nothing to the output (a block routing its identity experts' slots to a real
+            # expert with weight 0, longcat_flash): not a calibration token of that expert
+            tok, slot = torch.where((index == e) & (weights != 0))
+            if tok.numel() == 0:
+                continue
             self.experts[e].rows.append((batch, tok))
             self.experts[e].weights.append(weights[tok, slot])
             self.experts[e].token_ids.append(tok + self.seen)

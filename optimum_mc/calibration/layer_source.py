@@ -33,9 +33,18 @@ from ..errors import CheckpointError
 class PendingLayer(nn.Module):
     """Holds a decoder layer's slot while the layer's weights are elsewhere (checkpoint or staging folder)."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, like: nn.Module | None = None) -> None:
         super().__init__()
         self.index = index
+        if like is None:
+            return
+        # the layer's plain attributes (its own and its class's), which a model's layer loop may read before the
+        # call: inkling2's ``decoder_layer.attention_type`` (a class attribute) picks the layer's mask
+        scopes = [vars(like)] + [vars(c) for c in type(like).__mro__ if c not in (nn.Module, object)]
+        for scope in scopes:
+            for k, v in scope.items():
+                if not k.startswith("_") and k != "training" and isinstance(v, (str, int, float, bool)):
+                    self.__dict__.setdefault(k, v)
 
     def forward(self, *args, **kwargs):  # noqa: D401 - a placeholder must never run
         raise RuntimeError(
@@ -275,7 +284,7 @@ class CheckpointLayers:
         layers = decoder_layers(model)
         self._meta = list(layers)  # float layers on the meta device: structure only, not registered anywhere
         for i in range(len(layers)):
-            layers[i] = PendingLayer(i)
+            layers[i] = PendingLayer(i, self._meta[i])
         self._keys = self._index_keys()
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -364,7 +373,7 @@ class CheckpointLayers:
         missing = sorted(k for k in info.missing_keys if k.startswith(prefix))
         on_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
         if missing or on_meta or info.mismatched_keys:
-            layers[index] = PendingLayer(index)
+            layers[index] = PendingLayer(index, self._meta[index])
             raise CheckpointError(
                 f"decoder layer {index} could not be read completely from the checkpoint: missing "
                 f"{(missing or on_meta)[:4]}, mismatched {sorted(info.mismatched_keys)[:2]}; the checkpoint does "
@@ -377,8 +386,8 @@ class CheckpointLayers:
         to capture the first layer's inputs and, at the end, to run the whole model)."""
         self._outside = _outside_modules(self.model)
         tensors = {}
-        for name, module in self._outside.items():
-            for pname, p in module.named_parameters(recurse=False):
+        for name, module in self._outside.items():  # with submodules' (inkling's embedding holds a norm)
+            for pname, p in [*module.named_parameters(), *module.named_buffers()]:
                 tensors[f"{name}.{pname}"] = p
         if tensors:
             stage.save_layer("outside", 0, tensors, {"names": sorted(tensors)})
@@ -393,8 +402,15 @@ class CheckpointLayers:
             return
         tensors, _ = stage.load_layer("outside", 0)
         for name, module in self._outside.items():
-            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            module.load_state_dict(own, strict=False, assign=True)
+            for key, value in tensors.items():
+                if not key.startswith(name + "."):
+                    continue
+                owner, _, leaf = key[len(name) + 1 :].rpartition(".")
+                sub = module.get_submodule(owner)
+                if leaf in sub._parameters:
+                    sub._parameters[leaf] = nn.Parameter(value, requires_grad=sub._parameters[leaf].requires_grad)
+                else:
+                    sub._buffers[leaf] = value
         self._outside_stage = None
 
     def finish(self, index: int, layer: nn.Module) -> nn.Module:
@@ -404,4 +420,5 @@ class CheckpointLayers:
 
     def park(self, index: int) -> None:
         """Free the slot (its packed weights are staged on disk)."""
-        decoder_layers(self.model)[index] = PendingLayer(index)
+        layers = decoder_layers(self.model)
+        layers[index] = PendingLayer(index, layers[index])

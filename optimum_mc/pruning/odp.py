@@ -80,6 +80,12 @@ class ODPLayerState:
             return None
         hidden = args[0].reshape(-1, args[0].shape[-1])
         flat_w = weights.reshape(-1, weights.shape[-1])
+        # a router scoring experts beyond the experts module (zero-computation / identity experts, longcat_flash)
+        # returns their indices in [E, R), R = its logits' width, and the block computes them itself: a dropped slot
+        # is then marked R (neither kind), and those slots are not counted as expert slots
+        extra = int(logits.shape[-1]) if logits.shape[-1] > self.num_experts else None
+        routed = flat_i
+        drop = None
         if self.enabled:
             drop = drop_mask(flat_w, self.threshold)
             if self.received is not None and self.received.numel() == t:
@@ -87,9 +93,14 @@ class ODPLayerState:
                 vmask = self.valid if self.valid is not None else torch.ones_like(self.received, dtype=torch.bool)
                 keep_all = protected_tokens(importance, vmask, self.protect_ratio).reshape(-1)
                 drop &= ~keep_all.unsqueeze(-1)
-            flat_i, flat_w = apply_drop(flat_i, flat_w, drop, self.num_experts, self.renormalize)
+            flat_i, flat_w = apply_drop(flat_i, flat_w, drop, extra or self.num_experts, self.renormalize)
         with torch.no_grad():
-            count_routing(counts, flat_i, valid, self.num_experts)
+            counted = flat_i
+            if extra is not None:  # slots of extra experts -> E + 1 (no expert slot, dropped or not); dropped -> E
+                own = routed < self.num_experts
+                counted = routed.masked_fill(~own, self.num_experts + 1)
+                counted = counted.masked_fill(drop & own, self.num_experts) if drop is not None else counted
+            count_routing(counts, counted, valid, self.num_experts)
         self.received = self.valid = None
         out = list(output)
         out[pos[1]], out[pos[2]] = flat_w.reshape(weights.shape), flat_i.reshape(index.shape)
@@ -119,9 +130,24 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
     """The softmax-attention module of a decoder layer (None for linear-attention / state-space layers)."""
     for name in ("self_attn", "attention", "self_attention", "attn"):
         m = getattr(layer, name, None)
-        if isinstance(m, nn.Module):
+        # (a container of several attention modules, longcat_flash's two per layer: none to read importance from)
+        if isinstance(m, nn.Module) and not isinstance(m, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
             return m
     return None
+
+
+def _attention_modules(layer: nn.Module) -> list[nn.Module]:
+    """Every attention module of a decoder layer (the elements of a container holding several), which the ODP
+    attention function must be able to run."""
+    for name in ("self_attn", "attention", "self_attention", "attn"):
+        m = getattr(layer, name, None)
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            return list(m)
+        if isinstance(m, nn.ModuleDict):
+            return list(m.values())
+        if isinstance(m, nn.Module):
+            return [m]
+    return []
 
 
 def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,12 +263,15 @@ def set_odp(
             blk.router._mc_odp = st
         st.threshold, st.protect_ratio, st.enabled = t, float(protect_ratio), blk.layer_idx in active
         # the fused kernel's rule rescales kept weights: only for routers that renormalize
-        st.experts = blk.experts if hasattr(blk.experts, "forward_with_odp") and st.renormalize else None
+        # (not for a block scaling the experts' inputs, input_scaled.py: its experts see one slot per row)
+        fused = hasattr(blk.experts, "forward_with_odp") and not getattr(blk.block, "scales_expert_inputs", False)
+        fused = fused and blk.router_classes == blk.num_experts  # (a router scoring extra experts: the hook's rule)
+        st.experts = blk.experts if fused and st.renormalize else None
         attn_mod = attention_module(layer_list[blk.layer_idx])
         if attn_mod is not None:  # a linear-attention (hybrid) layer: ODP without token protection
             attn_mod._mc_odp_state = st
             attn.append(attn_mod)
-    install_attention(model, [m for m in map(attention_module, layer_list) if m is not None])
+    install_attention(model, [m for layer in layer_list for m in _attention_modules(layer)])
     _eager_experts(model)
     return sorted(active)
 
@@ -366,6 +395,21 @@ def calibrate_odp(
 
         return hook
 
+    def scaled_error_hook(idx, ne, thr, renormalize):
+        """The same for a block scaling its experts' inputs (input_scaled.py): the routing is recomputed (router
+        forward, no hooks) and the block's routed part run with and without the dropped slots."""
+
+        def hook(mod, args, out):
+            x = args[0].reshape(-1, mod.hidden_dim)
+            _, weights, index = getattr(mod, mod.router_attr).forward(x)
+            drop = drop_mask(weights, thr)
+            i2, w2 = apply_drop(index, weights, drop, ne, renormalize)
+            full, pruned = mod.routed(x, index, weights), mod.routed(x, i2, w2)
+            errors[idx][0] += (pruned - full).float().pow(2).sum().item()
+            errors[idx][1] += full.float().pow(2).sum().item()
+
+        return hook
+
     renorm = [
         states[b.layer_idx].renormalize if b.layer_idx in states else routing_is_normalized(b.router) for b in blocks
     ]
@@ -374,7 +418,10 @@ def calibrate_odp(
         thresholds = [_median_or(ratios[b.layer_idx], 0.5) for b in blocks]
         thresholds = [min(max(t, 1e-6), 1.0) for t in thresholds]
         hooks = [
-            (b.experts, error_hook(b.layer_idx, b.num_experts, t, r)) for b, t, r in zip(blocks, thresholds, renorm)
+            (b.block, scaled_error_hook(b.layer_idx, b.num_experts, t, r))
+            if getattr(b.block, "scales_expert_inputs", False)
+            else (b.experts, error_hook(b.layer_idx, b.num_experts, t, r))
+            for b, t, r in zip(blocks, thresholds, renorm)
         ]
         run(hooks)
     finally:

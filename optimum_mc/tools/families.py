@@ -3,8 +3,9 @@
 The family list is generated from transformers itself: every ``models/<name>/modeling_*.py`` whose experts follow
 the shared experts interface (``forward(hidden_states, top_k_index, top_k_weights)``, or are declared to
 transformers' experts dispatch with ``@use_experts_implementation``, as gpt-oss's are under other argument names), or
-that hold fused 3-D experts (``gate_up_proj = nn.Parameter``) behind another interface (Llama 4: listed so that the
-support matrix says why it fails), mapped to the config model types that have a causal-LM class. A newer transformers
+that hold fused 3-D experts (``gate_up_proj = nn.Parameter``) behind another interface (Llama 4's experts on inputs
+scaled by a dense router's scores: adapted by ``optimum_mc/input_scaled.py``), mapped to the config model types that
+have a causal-LM class. A newer transformers
 adds its families here without a code change.
 """
 
@@ -15,12 +16,14 @@ import os
 
 _SIZES = dict(
     vocab_size=320,
+    unpadded_vocab_size=320,  # (inkling2: the head's size before padding to vocab_size)
     hidden_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
     intermediate_size=64,
+    intermediate_size_mlp=64,
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
     expert_intermediate_size=32,
@@ -35,6 +38,7 @@ _SIZES = dict(
     moe_k=2,
     n_shared_experts=1,
     num_shared_experts=1,
+    zero_expert_num=2,
     q_lora_rank=32,
     kv_lora_rank=32,
     qk_rope_head_dim=16,
@@ -74,6 +78,9 @@ VLLM_SIZES = dict(
 _EXCEPTIONS = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "zaya": dict(num_experts_per_tok=1),
+    # its default is all Mamba layers, which transformers' mask creation cannot run with a cache (real checkpoints
+    # interleave attention layers): one of each kind
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -227,7 +234,7 @@ def _kept_float(model) -> list[str]:
     kinds = set()
     for layer in decoder_layers(model):
         for m in layer.modules():
-            if type(m).__module__.startswith("optimum_mc") or "norm" in type(m).__name__.lower():
+            if "norm" in type(m).__name__.lower():  # (packed modules hold their matrices in buffers, not here)
                 continue
             if any(p.dim() >= 2 and p.is_floating_point() for p in m.parameters(recurse=False)):
                 kinds.add(type(m).__name__)
@@ -242,7 +249,7 @@ def check_family(model_type: str, workdir: str) -> dict:
 
     import optimum_mc
 
-    from ..architectures import moe_blocks
+    from ..architectures import decoder_layers, moe_blocks
 
     src, dst = os.path.join(workdir, "float"), os.path.join(workdir, "mc")
     tok = tiny_tokenizer()
@@ -272,10 +279,8 @@ def check_family(model_type: str, workdir: str) -> dict:
     top_k = min(b.top_k for b in blocks)
     notes = {
         "moe_layers": [b.layer_idx for b in blocks],
-        "dense_layers": [
-            i
-            for i in range(again.config.get_text_config().num_hidden_layers)
-            if i not in {b.layer_idx for b in blocks}
+        "dense_layers": [  # (decoder layers, not num_hidden_layers: longcat_flash's layer holds two sublayers)
+            i for i in range(len(decoder_layers(again))) if i not in {b.layer_idx for b in blocks}
         ],
         "experts": blocks[0].num_experts,
         "top_k": top_k,
