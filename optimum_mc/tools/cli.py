@@ -93,6 +93,7 @@ def _config_from_args(args, tokenizer=None):
 
     return optimum_mc.MCConfig(
         bits=args.bits,
+        bits_budget=getattr(args, "bits_budget", "codes"),
         candidate_bits=args.candidate_bits,
         attn_bits=None if args.attn_bits == 0 else args.attn_bits,
         group_size=args.group_size,
