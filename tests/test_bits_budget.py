@@ -131,3 +131,10 @@ def test_infeasible_stored_budget_names_the_conversion(tmp_path):
         AutoModelForCausalLM.from_pretrained(
             path, quantization_config=mc_config(bits=1.3, bits_budget="stored", group_size=-1)
         )
+
+
+def test_global_allocation_counts_stored_bits(mixtral_dir, tmp_path):
+    out = tmp_path / "q"
+    model = _quantize_save(mixtral_dir, out, bits=3.5, bits_budget="stored", group_size=32, allocation="global")
+    assert sum(map(sum, model.config.quantization_config.expert_bits)) == 20  # 2.5 code bits over 2 x 4 experts
+    assert bytes_per_expert_weight(out) == pytest.approx(3.5, abs=1e-12)
