@@ -44,6 +44,29 @@ def mean_bits(bits: ExpertBits) -> float:
     return (PROJECTION_UNITS[0] * gu + PROJECTION_UNITS[1] * dn) / sum(PROJECTION_UNITS)
 
 
+# fp16 scale + fp16 zero stored per group of ``group_size`` weights (docs/format.md)
+METADATA_BITS_PER_GROUP = 32
+
+
+def group_of(in_features: int, group_size: int) -> int:
+    """The group a matrix with ``in_features`` inputs is quantized in (``-1``: the whole row)."""
+    return in_features if group_size == -1 else group_size
+
+
+def metadata_bits(hidden: int, intermediate: int, group_size: int) -> float:
+    """Bits of scales and zeros per expert weight: 32 per group of the gate/up ``(2I, H)`` matrix (groups along
+    ``H``) and of the down ``(H, I)`` matrix (groups along ``I``), averaged over the expert's weights (gate/up holds
+    2/3 of them). The same for every bit-width: 0.25 at ``group_size=128``."""
+    gu = METADATA_BITS_PER_GROUP / group_of(hidden, group_size)
+    dn = METADATA_BITS_PER_GROUP / group_of(intermediate, group_size)
+    return (PROJECTION_UNITS[0] * gu + PROJECTION_UNITS[1] * dn) / sum(PROJECTION_UNITS)
+
+
+def stored_bits(bits: ExpertBits, hidden: int, intermediate: int, group_size: int) -> float:
+    """Stored bits per weight of one expert: packed codes plus fp16 scales and zeros (biases not counted)."""
+    return mean_bits(bits) + metadata_bits(hidden, intermediate, group_size)
+
+
 def op_bits(bits: Sequence[ExpertBits]) -> list[int]:
     """The ``bits`` argument of ``optimum_mc::moe``: ``E`` ints when every expert has one width for both
     projections, else ``2E`` (the gate/up widths, then the down widths)."""

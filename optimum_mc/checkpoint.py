@@ -331,3 +331,24 @@ def size_groups(path: str | Path, cfg) -> dict[str, tuple[int, int]]:
             elif not packed:
                 groups[g][1] += n
     return {k: (b, n) for k, (b, n) in groups.items()}
+
+
+def expert_stored_bits(path: str | Path, cfg) -> tuple[float, float] | None:
+    """``(stored, code)`` bits per routed-expert weight of an MC folder, from its safetensors headers: stored counts
+    every byte of the experts' ``qweight``, ``scales`` and ``zeros`` (biases not counted), code the ``qweight``
+    bytes alone (None: no packed experts)."""
+    stored = codes = weights = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        for key, info in read_safetensors_header(str(f)).items():
+            if ".packed." not in key or not key.endswith((".qweight", ".scales", ".zeros")):
+                continue
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            nbytes = n * _ELEM.get(info["dtype"], 4)
+            stored += nbytes
+            if key.endswith(".qweight"):
+                codes += nbytes
+                rows, words = info["shape"]
+                weights += rows * words * 32 // _bits_for(key, cfg)
+    return (8 * stored / weights, 8 * codes / weights) if weights else None

@@ -24,6 +24,9 @@ EXPERT_HESSIANS = ("routed", "router-weighted")
 LOSS_NORMALIZERS = ("block", "residual")
 NONEXPERT_METHODS = ("gptq", "bnb_nf4")
 EXPERT_BITS = (1, 2, 3, 4)
+# What ``bits`` counts: "codes" (the packed integer codes only, MC's and the paper's meaning) or "stored" (codes plus
+# the fp16 scales and zeros of every group: the bytes on disk per expert weight, as llama.cpp's bits per weight).
+BITS_BUDGETS = ("codes", "stored")
 
 # Results of quantization written into config.json; users do not set them.
 _RESULT_FIELDS = (
@@ -49,7 +52,12 @@ DECODE_ACTIVATIONS = ("auto", "float", "int8")
 
 # Options added after the first versioned release, left out of to_dict() (config.json) while at these defaults: a
 # checkpoint that does not use them stays loadable by optimum-mc versions that do not know them.
-_OMITTED_AT_DEFAULT = {"allocation_granularity": "expert", "clip_search": False, "decode_activations": "auto"}
+_OMITTED_AT_DEFAULT = {
+    "allocation_granularity": "expert",
+    "clip_search": False,
+    "decode_activations": "auto",
+    "bits_budget": "codes",
+}
 
 # Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
 _VERSION_FIELDS = ("format_version", "optimum_mc_version")
@@ -68,7 +76,12 @@ class MCConfig(QuantizationConfigMixin):
     """Configuration of MC (Mixture Compressor) quantization, registered with transformers as method ``"mc"``.
 
     Quantization (PMQ):
-        bits: target average bit-width of the routed experts (e.g. 2.5).
+        bits: target average bit-width of the routed experts (e.g. 2.5), counted as ``bits_budget`` says.
+        bits_budget: what ``bits`` counts per expert weight: ``"codes"`` (default; the packed integer codes only,
+            MC's meaning) or ``"stored"`` (codes plus the fp16 scale and zero of every group, i.e. the checkpoint's
+            bytes per expert weight, comparable with llama.cpp's bits per weight): ``32 / group_size`` bits more
+            (0.25 at group_size 128), so ``bits=2.25, bits_budget="stored"`` allocates like ``bits=2.0``. With
+            ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model.
         candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit.
         attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
         group_size: quantization group size along the input dimension (-1: one group per row).
@@ -149,6 +162,7 @@ class MCConfig(QuantizationConfigMixin):
     def __init__(
         self,
         bits: float = 2.5,
+        bits_budget: str = "codes",
         candidate_bits: list[int] | tuple[int, ...] = (1, 2, 3),
         attn_bits: int | None = 4,
         group_size: int = 128,
@@ -194,6 +208,7 @@ class MCConfig(QuantizationConfigMixin):
     ) -> None:
         self.quant_method = "mc"
         self.bits = bits
+        self.bits_budget = bits_budget
         self.candidate_bits = list(candidate_bits) if candidate_bits is not None else None
         self.attn_bits = attn_bits
         self.group_size = group_size
@@ -253,11 +268,19 @@ class MCConfig(QuantizationConfigMixin):
         self.candidate_bits = sorted(cb)
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
             raise _err(f"bits must be a number, got {self.bits!r}.")
+        if self.bits_budget not in BITS_BUDGETS:
+            raise _err(f"bits_budget must be one of {BITS_BUDGETS}, got {self.bits_budget!r}.")
         lo, hi = min(cb), max(cb)
+        if self.bits_budget == "stored" and _is_int(self.group_size) and self.group_size > 0:
+            meta = 32 / self.group_size  # fp16 scale + zero per group, whatever the matrix
+            lo, hi = lo + meta, hi + meta
+        elif self.bits_budget == "stored":  # group_size=-1: 32 bits per row, resolved per model (at most 1 bit)
+            lo, hi = lo, hi + 1
         if not lo <= self.bits <= hi:
+            what = " stored bits (codes + scales + zeros)" if self.bits_budget == "stored" else ""
             raise _err(
-                f"bits={self.bits} is infeasible with candidate_bits={cb}: the average must lie in [{lo}, {hi}]; "
-                f"change bits or candidate_bits."
+                f"bits={self.bits} is infeasible with candidate_bits={cb}: the average{what} must lie in "
+                f"[{lo:g}, {hi:g}]; change bits or candidate_bits."
             )
         if self.attn_bits is not None and (
             not _is_int(self.attn_bits) or self.attn_bits not in SUPPORTED_BITS or self.attn_bits == 1
@@ -407,6 +430,16 @@ class MCConfig(QuantizationConfigMixin):
             raise _err(f"decode_activations must be one of {DECODE_ACTIVATIONS}, got {self.decode_activations!r}.")
 
     # ------------------------------------------------------------------ derived
+    def code_bits(self, hidden: int, intermediate: int) -> float:
+        """The target average of code bits per expert weight for experts of this shape: ``bits`` itself, or with
+        ``bits_budget="stored"`` ``bits`` less the scales' and zeros' bits per weight (the same for every width, so
+        the allocation program is unchanged and only its budget moves)."""
+        if self.bits_budget == "codes":
+            return float(self.bits)
+        from .bitwidths import metadata_bits
+
+        return float(self.bits) - metadata_bits(hidden, intermediate, self.group_size)
+
     @property
     def is_uniform(self) -> bool:
         return len(self.candidate_bits) == 1

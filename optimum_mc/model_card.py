@@ -117,7 +117,19 @@ def _sizes(folder: Path, cfg) -> tuple[int, int]:
     return sum(b for b, _ in groups.values()), 2 * sum(n for _, n in groups.values())
 
 
-def _options(cfg) -> list[str]:
+def _stored_line(folder: Path, cfg) -> str:
+    """Stored bits per expert weight (codes + fp16 scales and zeros) from the folder's safetensors, and the target."""
+    from .checkpoint import expert_stored_bits
+
+    per_weight = expert_stored_bits(folder, cfg)
+    target = f"target bits={cfg.bits} counting {cfg.bits_budget}"
+    if per_weight is None:
+        return f"- ({target})"
+    stored, code = per_weight
+    return f"{stored:.3f} (codes {code:.3f} + scales / zeros {stored - code:.3f}; {target})"
+
+
+def _options(cfg, stored_line: str = "-") -> list[str]:
     from .calibration.data import describe_source
 
     attn = "float (not quantized)" if cfg.attn_bits is None else f"{cfg.attn_bits}-bit"
@@ -134,7 +146,8 @@ def _options(cfg) -> list[str]:
     else:
         source = describe_source(ds, **cfg.dataset_options())
     rows = [
-        ("average expert bits", f"{average_bits(cfg):.3f} (target {cfg.bits}, candidates {cfg.candidate_bits})"),
+        ("average expert bits", f"{average_bits(cfg):.3f} code bits (candidates {cfg.candidate_bits})"),
+        ("stored bits per expert weight", stored_line),
         ("attention / shared experts / dense", attn),
         ("group size", str(cfg.group_size)),
         ("allocation", f"{cfg.allocation} (PMQ: activation frequency, routing weight, quantization loss)"),
@@ -206,7 +219,7 @@ def build_card(
         "",
         "## Quantization",
         "",
-        *_options(cfg),
+        *_options(cfg, _stored_line(Path(folder), cfg)),
         "",
         "## Size",
         "",

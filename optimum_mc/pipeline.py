@@ -42,7 +42,7 @@ from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
 from .checkpoint import save_converter
 from .config import _RESULT_FIELDS, MCConfig
-from .errors import CalibrationError, UnsupportedArchitectureError
+from .errors import CalibrationError, MCConfigError, UnsupportedArchitectureError
 from .expert_layout import canonical_experts, expert_act, experts_layout
 from .gptq import gptq_quantize
 from .group_quant import check_finite
@@ -149,6 +149,37 @@ def _gptq_opts(config: MCConfig) -> GPTQOptions:
     )
 
 
+def expert_code_bits(config: MCConfig, experts: nn.Module) -> float:
+    """:meth:`MCConfig.code_bits` for one MoE layer's experts (float or packed; weights may be on meta)."""
+    if hasattr(experts, "packed"):
+        return config.code_bits(int(experts.hidden_dim), int(experts.intermediate_dim))
+    layout = experts_layout(experts)
+    return config.code_bits(layout.hidden, layout.inter)
+
+
+def global_code_bits(num_experts: list[int], code_bits: list[float]) -> float:
+    """The code-bit target of ``allocation="global"``: the layers' targets averaged over their experts (equal to each
+    of them when every MoE layer's experts have the same shape)."""
+    return sum(n * t for n, t in zip(num_experts, code_bits)) / sum(num_experts)
+
+
+def check_budget(config: MCConfig, num_experts: list[int], code_bits: list[float]) -> None:
+    """:func:`~optimum_mc.allocation.check_feasible` for every MoE layer's code-bit target; with
+    ``bits_budget="stored"`` the error says how the stored-bits target was converted."""
+    for t in sorted(set(code_bits)):
+        sizes = [n for n, c in zip(num_experts, code_bits) if c == t]
+        try:
+            check_feasible(sizes, config.candidate_bits, t, config.allocation_constraints)
+        except MCConfigError as exc:
+            if config.bits_budget != "stored":
+                raise
+            raise MCConfigError(
+                f"bits={config.bits} stored bits per expert weight (bits_budget='stored') leaves {t:.4g} bits for "
+                f"codes after {config.bits - t:.4g} bits of fp16 scales and zeros (group_size={config.group_size}): "
+                f"{exc}"
+            ) from exc
+
+
 class _Run:
     """State of one quantization run (kept off the modules and out of globals)."""
 
@@ -159,6 +190,10 @@ class _Run:
         structures = [source.structure(i) for i in range(source.num_layers)]
         self.moe_layers = [i for i, layer in enumerate(structures) if moe_block(layer, i, arch) is not None]
         self.num_experts = {i: int(moe_block(structures[i], i, arch).experts.num_experts) for i in self.moe_layers}
+        # the allocation's target in code bits per MoE layer (config.bits less scales / zeros when it counts them)
+        self.code_bits = {
+            i: expert_code_bits(config, moe_block(structures[i], i, arch).experts) for i in self.moe_layers
+        }
         self.blocks: dict[int, MoEBlock] = {}  # MoE parts of the layer being processed
         self.layer_names = layer_module_names(model)
         self.converted = save_converter(model)
@@ -368,12 +403,14 @@ class _Run:
             return [cfg.candidate_bits[0]] * e
         exponents = (cfg.alpha, cfg.beta, cfg.gamma)
         if cfg.tune_exponents and cfg.allocation == "layer" and routing is not None:
-            exponents = tune_layer(routing, self.blocks[idx].experts, lf.factors, cfg, cfg.seed + 7919 * idx)
+            exponents = tune_layer(
+                routing, self.blocks[idx].experts, lf.factors, cfg, cfg.seed + 7919 * idx, self.code_bits[idx]
+            )
             self.tuned[idx] = list(exponents)
         return allocate_bits(
             [lf.factors],
             cfg.candidate_bits,
-            cfg.bits,
+            self.code_bits[idx],
             cfg.allocation,
             *exponents,
             constraints=cfg.allocation_constraints,
@@ -639,12 +676,7 @@ def _quantize_model(model: nn.Module, config: MCConfig, tokenizer, source, place
     run = _Run(model, config, arch, source, device, stage)
     if not run.moe_layers:
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no MoE layers; MC quantizes MoE models.")
-    check_feasible(
-        [run.num_experts[i] for i in run.moe_layers],
-        config.candidate_bits,
-        config.bits,
-        config.allocation_constraints,
-    )
+    check_budget(config, [run.num_experts[i] for i in run.moe_layers], [run.code_bits[i] for i in run.moe_layers])
     was_training = model.training
     model.eval()
     progress = stage.resume() if stage is not None and not stage.temporary else None
@@ -675,7 +707,7 @@ def _quantize_model(model: nn.Module, config: MCConfig, tokenizer, source, place
             solved = allocate_bits(
                 factors,
                 config.candidate_bits,
-                config.bits,
+                global_code_bits(*zip(*[(run.num_experts[i], run.code_bits[i]) for i in run.moe_layers])),
                 "global",
                 config.alpha,
                 config.beta,

@@ -221,13 +221,11 @@ class MCQuantizer(HfQuantizer):
             if checkpoint_files:  # every tensor, not only packed ones
                 check_all_tensors(model, checkpoint_files, self)
             return model
-        from .allocation import check_feasible
+        from .pipeline import check_budget, expert_code_bits
 
-        check_feasible(
-            [int(b.experts.num_experts) for b in moe_blocks(model, arch)],
-            cfg.candidate_bits,
-            cfg.bits,
-            cfg.allocation_constraints,
+        blocks = moe_blocks(model, arch)
+        check_budget(
+            cfg, [int(b.experts.num_experts) for b in blocks], [expert_code_bits(cfg, b.experts) for b in blocks]
         )
         if checkpoint_files and all(str(f).endswith(".safetensors") for f in checkpoint_files):
             from .calibration.layer_source import CheckpointLayers

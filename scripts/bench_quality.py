@@ -55,6 +55,9 @@ VARIANT_OPTIONS = {
     "mcproj": {"allocation_granularity": "projection"},
     "globalproj": {"allocation": "global", "allocation_granularity": "projection"},
     "mc23": {"candidate_bits": [2, 3]},
+    # the suffix counts stored bits per expert weight (codes + fp16 scales and zeros), as llama.cpp's bpw does
+    "mcstored": {"bits_budget": "stored"},
+    "mcstored23": {"bits_budget": "stored", "candidate_bits": [2, 3]},
     "mcclip": {"clip_search": True},  # GPTQ grids by the Hessian-weighted clip search
     "mcnoclip": {"clip_search": False},
     "mcproj23": {"allocation_granularity": "projection", "candidate_bits": [2, 3]},
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": name,
                 "load_seconds": round(seconds, 1),
                 "avg_expert_bits": avg,
-                "effective_expert_bits": eff,
+                "effective_expert_bits": eff,  # the same number as stored_expert_bits (older name)
+                "stored_expert_bits": eff,
                 "bytes": size,
                 **ppl,
                 "window_nll": nll,
@@ -290,12 +294,14 @@ def _pairs(spec: str | None) -> list[tuple[str, str]] | None:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| variant | avg expert bits | effective bits | code | docs | quotes | mean | size (MB) | load+quantize s |",
+        "| variant | code bits/expert weight | stored bits/expert weight | code | docs | quotes | mean | size (MB) "
+        "| load+quantize s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = "-" if r["avg_expert_bits"] is None else f"{r['avg_expert_bits']:.2f}"
-        eb = "-" if r["effective_expert_bits"] is None else f"{r['effective_expert_bits']:.3f}"
+        stored = r.get("stored_expert_bits", r.get("effective_expert_bits"))
+        eb = "-" if stored is None else f"{stored:.3f}"
         lines.append(
             f"| {r['variant']} | {b} | {eb} | {r['code']:.3f} | {r['docs']:.3f} | {r['quotes']:.3f} | {r['mean']:.3f} "
             f"| {r['bytes'] / 2**20:.2f} | {r['load_seconds']} |"

@@ -91,6 +91,13 @@ def _loading_options(p: argparse.ArgumentParser) -> None:
 def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=_positive_float, default=2.5, help="average expert bits (default 2.5)")
     p.add_argument(
+        "--bits-budget",
+        default="codes",
+        choices=("codes", "stored"),
+        help="what --bits counts per expert weight: codes (default) or stored (codes + fp16 scales and zeros, "
+        "e.g. 2.25 stored = 2.0 code bits at group size 128)",
+    )
+    p.add_argument(
         "--candidate-bits",
         type=_bits_list,
         default=[1, 2, 3],

@@ -119,8 +119,11 @@ def tune_exponents(
     return best, best_bits, errors
 
 
-def tune_layer(routing, experts, factors: ExpertFactors, config, seed: int) -> tuple[float, float, float]:
-    """The tuned exponents of one MoE layer from its :class:`~optimum_mc.calibration.capture.RoutingCapture`."""
+def tune_layer(
+    routing, experts, factors: ExpertFactors, config, seed: int, code_bits: float | None = None
+) -> tuple[float, float, float]:
+    """The tuned exponents of one MoE layer from its :class:`~optimum_mc.calibration.capture.RoutingCapture`;
+    ``code_bits``: the layer's target in code bits (default ``config.bits``)."""
     heldout = heldout_tokens(routing.seen, config.heldout_fraction, seed)
     tokens = [(*t.cat(routing.hidden_dim), t.ids()) for t in routing.experts]
     weights = [(experts.gate_up_proj[e].detach(), experts.down_proj[e].detach()) for e in range(len(tokens))]
@@ -135,6 +138,11 @@ def tune_layer(routing, experts, factors: ExpertFactors, config, seed: int) -> t
         config.zero_point,
     )
     best, _, _ = tune_exponents(
-        factors, config.candidate_bits, config.bits, deltas, config.allocation_constraints, solver="dp"
+        factors,
+        config.candidate_bits,
+        config.bits if code_bits is None else code_bits,
+        deltas,
+        config.allocation_constraints,
+        solver="dp",
     )
     return best

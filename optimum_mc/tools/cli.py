@@ -34,7 +34,8 @@ def _describe(qc: dict) -> str:
     if qc.get("quant_method") != "mc":
         return f"quantized with {qc.get('quant_method', 'an unknown method')!r}"
     base = f"; it was quantized from {qc['base_model']}" if qc.get("base_model") else ""
-    return f"already MC-quantized ({qc.get('bits')} average expert bits{base})"
+    counted = " stored" if qc.get("bits_budget") == "stored" else ""
+    return f"already MC-quantized ({qc.get('bits')}{counted} average expert bits{base})"
 
 
 def _refuse_quantized(path: str, what: str) -> None:
@@ -93,6 +94,7 @@ def _config_from_args(args, tokenizer=None):
 
     return optimum_mc.MCConfig(
         bits=args.bits,
+        bits_budget=getattr(args, "bits_budget", "codes"),
         candidate_bits=args.candidate_bits,
         attn_bits=None if args.attn_bits == 0 else args.attn_bits,
         group_size=args.group_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..allocation import format_allocation_table
 from ..bitwidths import split
-from ..checkpoint import size_groups
+from ..checkpoint import expert_stored_bits, size_groups
 from ..config import MCConfig
 
 
@@ -45,6 +45,11 @@ def size_breakdown(path: str | Path, cfg: MCConfig) -> str:
         bpw = f"{8 * b / n:.2f}" if n else "-"
         lines.append(f"{name} | {b / 2**20:.2f} | {n:,} | {bpw}")
     lines.append(f"total | {total_b / 2**20:.2f} | {total_n:,} | {8 * total_b / max(total_n, 1):.2f}")
+    per_weight = expert_stored_bits(path, cfg)
+    if per_weight is not None:
+        stored, code = per_weight
+        meta = f"scales/zeros {stored - code:.4f}; target bits={cfg.bits} counts {cfg.bits_budget}"
+        lines.append(f"\nstored bits per expert weight: {stored:.4f} (codes {code:.4f} + {meta})")
     return "\n".join(lines)
 
 
