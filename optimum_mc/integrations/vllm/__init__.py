@@ -65,6 +65,9 @@ def register() -> None:
     from .config import MCVllmConfig
 
     register_quantization_config("mc")(MCVllmConfig)
+    from . import cpu_rope
+
+    cpu_rope.install()  # vLLM's CPU rope kernel rotates MLA's 3-D query / key wrong (see cpu_rope)
     _registered = True
 
 
