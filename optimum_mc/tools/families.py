@@ -70,8 +70,10 @@ VLLM_SIZES = dict(
     v_head_dim=32,
     kv_lora_rank=512,
     q_lora_rank=64,
-    linear_key_head_dim=32,  # vLLM's CPU gated delta-net kernel takes head dims in multiples of 32
-    linear_value_head_dim=32,
+    # vLLM's CPU gated delta-net kernel (chunk_gated_delta_rule_cpu) takes Qwen3-Next's head dims, 128 ("Unexpected
+    # head dim size, 32")
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
 )
 # config.json fields real checkpoints of a family carry that transformers' config class does not default to (or
 # defaults otherwise), and that vLLM reads to build the model: without them vLLM builds another model than the one
