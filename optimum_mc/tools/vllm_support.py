@@ -129,14 +129,13 @@ def bf16_pass(float_row: dict | None, mc_row: dict) -> bool:
 
 
 def engine_options(folder: str) -> list[tuple[str, dict]]:
-    """(dtype, extra ``LLM`` arguments) to try in order: fp32; fp32 on the reference CPU MLA backend for multi-head
-    latent attention (the AMX MLA backend takes only bf16); bf16 (gated delta-net attention takes only bf16)."""
+    """(dtype, extra ``LLM`` arguments) to try in order: fp32 (multi-head latent attention: on the reference CPU MLA
+    backend, as the AMX one takes only bf16); bf16 (gated delta-net attention takes only bf16)."""
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
-    options = [("float32", {})]
-    if cfg.get("kv_lora_rank"):
-        options.append(("float32", {"attention_config": {"backend": "CPU_MLA"}}))
-    return options + [("bfloat16", {})]
+    if cfg.get("kv_lora_rank"):  # where the CPU has no AMX, vLLM picks CPU_MLA by itself
+        return [("float32", {"attention_config": {"backend": "CPU_MLA"}}), ("bfloat16", {})]
+    return [("float32", {}), ("bfloat16", {})]
 
 
 def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True) -> dict:
