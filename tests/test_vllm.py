@@ -140,8 +140,11 @@ def _checkpoint_bytes(folder) -> dict[str, int]:
 
 @needs_vllm
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")
-@pytest.mark.parametrize("extra", [{"tensor_parallel_size": 2},
-                                   {"tensor_parallel_size": 2, "enable_expert_parallel": True}], ids=["tp2", "ep2"])
+@pytest.mark.parametrize(
+    "extra",
+    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
+    ids=["tp2", "ep2"],
+)
 def test_tensor_and_expert_parallel_match_transformers(mc_dir, tmp_path, monkeypatch, extra):
     """TP=2 splits attention rows / o_proj groups and each expert's intermediate columns at group boundaries;
     EP=2 gives each rank its own experts (loaded and run there only, the others' slots dropped)."""
@@ -166,8 +169,10 @@ def test_offline_llm_with_quantization_flag(mc_dir, tmp_path):
 SUPPORT = os.path.join(os.path.dirname(__file__), "..", "docs", "vllm-support.json")
 # one family per structure the plugin must handle besides Mixtral's: shared expert behind a sigmoid gate and
 # un-normalized top-k (qwen2_moe); sigmoid grouped top-k with a correction bias, routed scaling factor, shared
-# experts and a dense first layer (glm4_moe)
-FAMILIES = ["qwen2_moe", "glm4_moe"]
+# experts and a dense first layer (glm4_moe); the same routing (topk_method "noaux_tc") behind multi-head latent
+# attention with quantized q/kv LoRA projections, loaded by DeepSeek's own loading loop (deepseek_v3, fp32 on vLLM's
+# CPU_MLA backend)
+FAMILIES = ["qwen2_moe", "glm4_moe", "deepseek_v3"]
 
 
 def test_listed_architectures_are_exactly_those_measured_to_pass():
@@ -189,6 +194,37 @@ def test_family_served_as_transformers_runs_it(family, tmp_path):
 
     res = check(family, str(tmp_path), timeout=ENGINE_TIMEOUT, baseline=False)
     assert res["status"] == "pass", res
+
+
+@needs_vllm
+def test_cpu_rope_workaround_rotates_mla_query_and_key_as_the_native_rope():
+    """vLLM 0.32's CPU rope kernel rotates a 3-D (tokens, heads, rope) query and a strided (tokens, 1, rope) key view
+    wrong (multi-head latent attention passes those); after the plugin's workaround forward_cpu equals
+    forward_native, in place, at DeepSeek-V3's head layout."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.model_executor.layers.rotary_embedding import get_rope
+        from optimum_mc.integrations.vllm import cpu_rope
+
+        with set_current_vllm_config(VllmConfig()):
+            rope = get_rope(64, max_position=256, is_neox_style=False,
+                            rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, dtype=torch.float32)
+        torch.manual_seed(0)
+        q_all, latent, pos = torch.randn(9, 16, 192), torch.randn(9, 1536 + 576), torch.arange(9)
+        q, k = q_all[..., 128:], latent[:, 1536 + 512:].unsqueeze(1)
+        want_q, want_k = rope.forward_native(pos, q.clone(), k.clone())
+        print(int(cpu_rope.install()))
+        got_q, got_k = rope.forward_cpu(pos, q, k)
+        print(max((got_q - want_q).abs().max().item(), (got_k - want_k).abs().max().item(),
+                  (q - want_q).abs().max().item(), (latent[:, 1536 + 512:] - want_k[:, 0]).abs().max().item()))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    installed, err = out.stdout.split()[-2:]
+    assert installed == "1" and float(err) < 1e-5
 
 
 # --- bad input: clear errors at load ---
@@ -406,8 +442,9 @@ def test_odp_matches_transformers_odp_without_protection(mc_dir, tmp_path):
     want, plain = _transformers_odp_logprobs(mc_dir, PROMPTS), reference(mc_dir, PROMPTS)
     diffs = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g["prompt_logprobs"][1:], w)]
     assert max(diffs) < 1e-4, max(diffs)
-    moved = [abs(a - b) for g, w in zip(got, plain)
-             for a, b in zip(g["prompt_logprobs"][1:], w["prompt_logprobs"][1:])]
+    moved = [
+        abs(a - b) for g, w in zip(got, plain) for a, b in zip(g["prompt_logprobs"][1:], w["prompt_logprobs"][1:])
+    ]
     assert max(moved) > 1e-3  # ODP changed the model's outputs (it dropped experts), and transformers' the same way
 
 

@@ -66,14 +66,37 @@ VLLM_SIZES = dict(
     intermediate_size=128,
     moe_intermediate_size=64,
     shared_expert_intermediate_size=64,
-    qk_rope_head_dim=32,
+    # multi-head latent attention: vLLM's CPU MLA backends (AMX_MLA, CPU_MLA) take only a latent cache of
+    # kv_lora_rank + qk_rope_head_dim = 576 wide (DeepSeek-V2/V3's 512 + 64: "Head dimension 96 is not supported")
+    qk_rope_head_dim=64,
     qk_nope_head_dim=32,
+    qk_head_dim=96,
     v_head_dim=32,
-    kv_lora_rank=64,
+    kv_lora_rank=512,
     q_lora_rank=64,
-    linear_key_head_dim=32,  # vLLM's CPU gated delta-net kernel takes head dims in multiples of 32
-    linear_value_head_dim=32,
+    # vLLM's CPU gated delta-net kernel (chunk_gated_delta_rule_cpu) takes Qwen3-Next's head dims, 128 ("Unexpected
+    # head dim size, 32")
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
 )
+# config.json fields real checkpoints of a family carry that transformers' config class does not default to (or
+# defaults otherwise), and that vLLM reads to build the model: without them vLLM builds another model than the one
+# transformers runs (DeepSeek-V3 without topk_method "noaux_tc" has no e_score_correction_bias and routes by
+# softmax; DeepSeek-V2 with transformers' default topk_method "greedy" is routed by vLLM with grouped top-k anyway).
+# Values from deepseek-ai/DeepSeek-V3 and deepseek-ai/DeepSeek-V2 config.json (group counts scaled to 8 experts).
+VLLM_CONFIG_EXTRAS = {
+    "deepseek_v2": dict(
+        topk_method="group_limited_greedy", scoring_func="softmax", n_group=2, topk_group=1, routed_scaling_factor=16.0
+    ),  # fmt: skip
+    "deepseek_v3": dict(
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    ),  # fmt: skip
+}
 # families whose defaults cannot be derived from the generic rules above
 _EXCEPTIONS = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
@@ -199,12 +222,16 @@ def build_tiny_tokenizer(vocab_size: int, corpus: list[str]):
 
 
 def vllm_sizes(model_type: str) -> dict:
-    """:data:`VLLM_SIZES` restricted to the attributes ``model_type``'s config has."""
+    """:data:`VLLM_SIZES` restricted to the attributes ``model_type``'s config has, and the family's
+    :data:`VLLM_CONFIG_EXTRAS`."""
     from transformers import AutoConfig
 
     base = AutoConfig.for_model(model_type)
     # head_dim always: vLLM reads it from the config where an older transformers' config class does not define it
-    return {k: v for k, v in VLLM_SIZES.items() if k == "head_dim" or hasattr(base, k)}
+    sizes = {k: v for k, v in VLLM_SIZES.items() if k == "head_dim" or hasattr(base, k)}
+    if "kv_lora_rank" in sizes and "qk_rope_head_dim" in sizes:  # MLA: transformers' rotary head is the rope part
+        sizes["head_dim"] = sizes["qk_rope_head_dim"]
+    return {**sizes, **VLLM_CONFIG_EXTRAS.get(model_type, {})}
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):

@@ -11,6 +11,8 @@ SUPPORTED_VLLM = (">=0.32", "<0.33")
 # Architectures measured to serve as transformers runs them (scripts/vllm_support.py → docs/vllm-support.md; a test
 # checks this list equals the passing rows there). Others are refused at load (OPTIMUM_MC_VLLM_UNVERIFIED=1 tries).
 SUPPORTED_ARCHITECTURES = (
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
     "ExaoneMoeForCausalLM",
     "FlexOlmoForCausalLM",
     "Glm4MoeForCausalLM",
@@ -23,6 +25,7 @@ SUPPORTED_ARCHITECTURES = (
     "OlmoeForCausalLM",
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Qwen3NextForCausalLM",
 )
 _MIN, _MAX = (0, 32), (0, 33)
 
@@ -65,6 +68,9 @@ def register() -> None:
     from .config import MCVllmConfig
 
     register_quantization_config("mc")(MCVllmConfig)
+    from . import cpu_rope
+
+    cpu_rope.install()  # vLLM's CPU rope kernel rotates MLA's 3-D query / key wrong (see cpu_rope)
     _registered = True
 
 

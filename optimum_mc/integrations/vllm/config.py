@@ -51,9 +51,7 @@ class MCVllmConfig(QuantizationConfig):
             )
         self.decode_activations = str(config.get("decode_activations", "auto"))
         if self.decode_activations not in DECODE_ACTIVATIONS:
-            raise MCConfigError(
-                f"decode_activations {self.decode_activations!r} is not one of {DECODE_ACTIVATIONS}."
-            )
+            raise MCConfigError(f"decode_activations {self.decode_activations!r} is not one of {DECODE_ACTIVATIONS}.")
         self.odp: ODPSettings | None = None  # resolved in maybe_update_config (it sees hf_overrides)
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % WORD_BITS):
             raise MCConfigError(f"group_size {self.group_size} is not -1 or a positive multiple of 32.")

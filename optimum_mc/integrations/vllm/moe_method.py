@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 
 from ... import bitwidths
@@ -26,19 +27,24 @@ logger = logging.getLogger("vllm.optimum_mc")  # under vLLM's logger: its handle
 class MCFusedMoEMethod(FusedMoEMethodBase):
     """A MoE layer of per-expert packed matrices, each at its expert's own width (never padded to the widest).
 
-    Parameters live on the RoutedExperts layer as ``packed.<e>.gate_up.{qweight,scales,zeros}`` and
-    ``packed.<e>.down.{...}``, the checkpoint's own names, for the experts of this rank (all of them without expert
-    parallelism). Tensor parallelism splits each expert's intermediate dimension (gate and up rows, down's input
+    Parameters are ``packed.<e>.gate_up.{qweight,scales,zeros}`` and ``packed.<e>.down.{...}``, the checkpoint's own
+    names, for the experts of this rank (all of them without expert parallelism). They are registered on the MoE
+    layer's ``MoERunner`` (the module at ``<...>.experts``, the RoutedExperts layer's parent), so that their full names
+    in ``model.named_parameters()`` are the checkpoint's (``<...>.mlp.experts.packed.<e>.<proj>.<tensor>``, not
+    ``<...>.experts.routed_experts.packed...``); the RoutedExperts layer holds them as a plain attribute.
+    Tensor parallelism splits each expert's intermediate dimension (gate and up rows, down's input
     columns) at quantization-group boundaries; vLLM all-reduces the partial outputs as for its own MoE methods.
 
-    Loading: vLLM's ``RoutedExperts.load_weights`` maps checkpoint names through ``expert_params_mapping``
+    Loading, two routes. Models loaded by ``AutoWeightsLoader`` (Mixtral, Qwen-MoE, GLM, ...): vLLM's
+    ``RoutedExperts.load_weights`` maps checkpoint names through ``expert_params_mapping``
     (``experts.<e>.w1/w2/w3`` or ``gate_up_proj``) onto one stacked ``w13_*`` / ``w2_*`` parameter of shape
     ``(E, ...)``, which presumes every expert has the same shape. MC experts differ in size, so that route would
     need a fake stacked parameter and every packed name rewritten into it. Instead this method gives the layer its
     own ``load_weights`` (an instance attribute set in :meth:`create_weights`): ``MoERunner.load_weights`` hands the
     layer every tensor under ``...experts.`` with the names exactly as saved, and ours checks and copies them
-    (this rank's experts, this rank's slice). Nothing else in vLLM is changed; the parameters stay ordinary
-    parameters, so vLLM's own "weights not initialized from checkpoint" check reports a missing tensor.
+    (this rank's experts, this rank's slice). Models with their own loading loop over ``dict(named_parameters())``
+    (DeepSeek-V2/V3): a checkpoint name no stacking or expert mapping matches is looked up as it is and loaded with
+    the parameter's ``weight_loader``, which is ours (the same check and slice). Nothing else in vLLM is changed.
 
     Routing is vLLM's (the layer's router: softmax / sigmoid, grouped top-k, renormalization, bias correction all as
     vLLM computes them for the model); ``apply`` then runs ``optimum_mc::moe`` over the packed lists. With online
@@ -100,16 +106,48 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.local_ids = [local[s] for s in sorted(local)]
         if len(self.local_ids) != num_experts:
             raise MCConfigError(f"{self.prefix}: {num_experts} local experts expected, found {len(self.local_ids)}.")
-        layer.packed = nn.ModuleDict({
+        packed = nn.ModuleDict({
             str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group)
             for e in self.local_ids
         })  # fmt: skip
+        for name, param in packed.named_parameters():
+            e, proj, kind = name.split(".")
+            param.weight_loader = self._param_loader(layer, int(e), proj, kind)
+        object.__setattr__(layer, "packed", packed)  # a plain attribute; registered by _attach (class docstring)
+        self._hook = register_module_module_registration_hook(self._attach(layer, packed))
         method = self
 
         def load_weights(weights):
             return method.load_packed(layer, weights)
 
         layer.load_weights = load_weights  # see the class docstring
+
+    def _attach(self, layer: nn.Module, packed: nn.ModuleDict):
+        """A module-registration hook: when the MoERunner takes ``layer`` as its child (right after vLLM built the
+        layer), register ``packed`` on the runner, so that the parameters' names are the checkpoint's; with any other
+        parent, on ``layer`` itself."""
+
+        def hook(parent: nn.Module, name: str, child):
+            if child is not layer or "packed" in layer._modules or self._attached is not None:
+                return None
+            owner = parent if type(parent).__name__ == "MoERunner" and not hasattr(parent, "packed") else layer
+            if owner is layer:
+                del layer.__dict__["packed"]
+            owner.register_module("packed", packed)
+            self._attached = owner
+            return None
+
+        self._attached: nn.Module | None = None
+        return hook
+
+    def _param_loader(self, layer: nn.Module, e: int, proj: str, kind: str):
+        """The ``weight_loader`` of ``packed.<e>.<proj>.<kind>`` (vLLM's loading loops call it with the tensor)."""
+
+        def load(param: nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs):
+            self._copy(layer, e, proj, kind, loaded_weight)
+            return True if kwargs.get("return_success") else None
+
+        return load
 
     def load_packed(self, layer: nn.Module, weights):
         """Copy the checkpoint's ``packed.<e>.<proj>.<tensor>`` tensors (names relative to the layer) in; yield the
@@ -127,26 +165,31 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
                 raise CheckpointError(f"{self.prefix}.{name}: expert {e}, but the layer has {total} experts.")
             if str(e) not in layer.packed:
                 continue  # another rank's expert (expert parallelism)
-            gu_bits, dn_bits = self.expert_bits[e]
-            if proj == "gate_up":
-                bits, full = gu_bits, packed_shape(2 * self.inter_full, self.hidden, gu_bits, self.group)
-            else:
-                bits, full = dn_bits, packed_shape(self.hidden, self.inter_full, dn_bits, self.inter_group)
-            check_tensor(f"{self.prefix}.packed.{e}.{proj}", kind, w, full[0 if kind == "qweight" else 1], bits)
-            if self.tp_size > 1:
-                r, n = self.tp_rank, self.inter
-                if proj == "gate_up":  # gate rows then up rows: this rank's slice of each
-                    w = torch.cat([w[r * n : (r + 1) * n], w[self.inter_full + r * n : self.inter_full + (r + 1) * n]])
-                else:  # input columns: words and groups of this rank's slice (whole groups, so whole words)
-                    cols = w.shape[1] // self.tp_size
-                    w = w[:, r * cols : (r + 1) * cols]
-            param = getattr(getattr(layer.packed[str(e)], proj), kind)
-            param.data.copy_(w)
-            self.loaded.add(name)
+            self._copy(layer, e, proj, kind, w)
             yield name
+
+    def _copy(self, layer: nn.Module, e: int, proj: str, kind: str, w: torch.Tensor) -> None:
+        """Check the checkpoint's ``packed.<e>.<proj>.<kind>`` and copy this rank's slice of it in."""
+        gu_bits, dn_bits = self.expert_bits[e]
+        if proj == "gate_up":
+            bits, full = gu_bits, packed_shape(2 * self.inter_full, self.hidden, gu_bits, self.group)
+        else:
+            bits, full = dn_bits, packed_shape(self.hidden, self.inter_full, dn_bits, self.inter_group)
+        check_tensor(f"{self.prefix}.packed.{e}.{proj}", kind, w, full[0 if kind == "qweight" else 1], bits)
+        if self.tp_size > 1:
+            r, n = self.tp_rank, self.inter
+            if proj == "gate_up":  # gate rows then up rows: this rank's slice of each
+                w = torch.cat([w[r * n : (r + 1) * n], w[self.inter_full + r * n : self.inter_full + (r + 1) * n]])
+            else:  # input columns: words and groups of this rank's slice (whole groups, so whole words)
+                cols = w.shape[1] // self.tp_size
+                w = w[:, r * cols : (r + 1) * cols]
+        param = getattr(getattr(layer.packed[str(e)], proj), kind)
+        param.data.copy_(w)
+        self.loaded.add(f"packed.{e}.{proj}.{kind}")
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         allow_amx()
+        self._hook.remove()
         # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
         missing = sorted(n for n, _ in layer.packed.named_parameters(prefix="packed") if n not in self.loaded)
         if missing:
