@@ -87,7 +87,7 @@ VLLM_SIZES = dict(
 VLLM_CONFIG_EXTRAS = {
     "deepseek_v2": dict(
         topk_method="group_limited_greedy", scoring_func="softmax", n_group=2, topk_group=1, routed_scaling_factor=16.0
-    ),  # fmt: skip
+    ),
     "deepseek_v3": dict(
         topk_method="noaux_tc",
         scoring_func="sigmoid",
@@ -95,7 +95,7 @@ VLLM_CONFIG_EXTRAS = {
         topk_group=1,
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
-    ),  # fmt: skip
+    ),
 }
 # families whose defaults cannot be derived from the generic rules above
 _EXCEPTIONS = {

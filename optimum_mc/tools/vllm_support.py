@@ -149,7 +149,13 @@ def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True)
     src, dst = os.path.join(work, "float"), os.path.join(work, "mc")
     tok = tiny_tokenizer()
     try:
-        tiny_model(model_type, **vllm_sizes(model_type)).save_pretrained(src)
+        model = tiny_model(model_type, **vllm_sizes(model_type))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a correction bias that steers the choice (zeros at init: then it would not count)
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+        model.save_pretrained(src)
         tok.save_pretrained(src)
         qc = optimum_mc.MCConfig(bits=2.5, group_size=32, num_samples=4, seq_len=32, dataset=CORPUS,
                                  show_progress=False, seed=0)  # fmt: skip
