@@ -227,6 +227,30 @@ def test_cpu_rope_workaround_rotates_mla_query_and_key_as_the_native_rope():
     assert installed == "1" and float(err) < 1e-5
 
 
+@needs_vllm
+def test_cpu_rope_workaround_only_where_an_mc_checkpoint_is_served():
+    """Registering the plugin (every vLLM process, whatever it serves) leaves vLLM's rope as it is; building the
+    config of an MC checkpoint installs the workaround; OPTIMUM_MC_VLLM_CPU_ROPE_FIX=1 installs it for any model."""
+    code = textwrap.dedent(
+        """
+        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+        from optimum_mc.integrations.vllm import register
+        from optimum_mc.integrations.vllm.config import MCVllmConfig
+
+        register()
+        before = getattr(RotaryEmbedding.forward_cpu, "_optimum_mc", False)
+        MCVllmConfig({"quant_method": "mc", "group_size": 64, "moe_layers": [0], "expert_bits": [[2, 3]]})
+        print(int(before), int(getattr(RotaryEmbedding.forward_cpu, "_optimum_mc", False)))
+        """
+    )
+    env = {k: v for k, v in ENV.items() if k != "OPTIMUM_MC_VLLM_CPU_ROPE_FIX"}
+    for extra, want in (({}, "0 1"), ({"OPTIMUM_MC_VLLM_CPU_ROPE_FIX": "1"}, "1 1")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**env, **extra})  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split("\n")[-2].strip() == want, out.stdout[-500:]
+
+
 # --- bad input: clear errors at load ---
 
 

@@ -81,7 +81,8 @@ def engine(folder: str, dtype: str, timeout: int, extra: dict | None = None) -> 
             f.write(ENGINE)
         argv = [sys.executable, script, folder, dtype, out, json.dumps(PROMPTS), json.dumps(extra or {})]
         try:
-            env = dict(os.environ, OPTIMUM_MC_VLLM_UNVERIFIED="1")  # checking a family the plugin may not list yet
+            # checking a family the plugin may not list yet; the float references get the same rope fix (cpu_rope)
+            env = dict(os.environ, OPTIMUM_MC_VLLM_UNVERIFIED="1", OPTIMUM_MC_VLLM_CPU_ROPE_FIX="1")
             p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=tmp, env=env)
         except subprocess.TimeoutExpired:
             return None, f"timed out after {timeout}s"

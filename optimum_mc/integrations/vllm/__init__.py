@@ -7,6 +7,8 @@ after it, ``LLM(model=mc_folder)`` picks the method from ``config.json``'s ``qua
 
 from __future__ import annotations
 
+import os
+
 SUPPORTED_VLLM = (">=0.32", "<0.33")
 # Architectures measured to serve as transformers runs them (scripts/vllm_support.py → docs/vllm-support.md; a test
 # checks this list equals the passing rows there). Others are refused at load (OPTIMUM_MC_VLLM_UNVERIFIED=1 tries).
@@ -62,15 +64,16 @@ def register() -> None:
         return
     import vllm
 
+    from . import cpu_rope
+
     check_vllm_version(vllm.__version__)
     from vllm.model_executor.layers.quantization import register_quantization_config
 
     from .config import MCVllmConfig
 
     register_quantization_config("mc")(MCVllmConfig)
-    from . import cpu_rope
-
-    cpu_rope.install()  # vLLM's CPU rope kernel rotates MLA's 3-D query / key wrong (see cpu_rope)
+    if os.environ.get(cpu_rope.ENV_ALL_MODELS, "").strip() == "1":  # also for models MC did not quantize
+        cpu_rope.install()
     _registered = True
 
 

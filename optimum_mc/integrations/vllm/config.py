@@ -39,6 +39,9 @@ class MCVllmConfig(QuantizationConfig):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
+        from . import cpu_rope
+
+        cpu_rope.install()  # this process serves an MC checkpoint: vLLM's CPU rope kernel needs the fix (cpu_rope)
         self.raw = dict(config)
         self.group_size = int(config.get("group_size", 128))
         self.moe_layers = [int(i) for i in config.get("moe_layers") or []]

@@ -12,10 +12,15 @@ with wrong positions: its prompt logprobs differed from transformers' by 0.3-1.0
 
 The fix routes every call with a query or key that is not 2-D to ``forward_native`` and writes the result back into
 the given tensors (callers may rely on the kernel's in-place update); 2-D calls keep the kernel. Nothing else of vLLM
-is changed, and only on the CPU platform.
+is changed, and only on the CPU platform. It is installed by the process that loads an MC checkpoint (when vLLM builds
+its ``MCVllmConfig``), not by the plugin's registration, so a vLLM process serving other models keeps vLLM's code as
+it is; ``OPTIMUM_MC_VLLM_CPU_ROPE_FIX=1`` installs it in every vLLM process (the family check sets it so that the
+float reference models are served with the same rope as the MC ones).
 """
 
 from __future__ import annotations
+
+ENV_ALL_MODELS = "OPTIMUM_MC_VLLM_CPU_ROPE_FIX"
 
 
 def install() -> bool:
