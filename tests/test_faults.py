@@ -414,6 +414,7 @@ def test_save_over_existing_replaces_weights_keeps_tokenizer(ws, mc_model, tmp_p
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores SIGINT)
     import transformers.modeling_utils as mu
     from transformers import AutoModelForCausalLM
     import optimum_mc
@@ -553,6 +554,7 @@ def test_cli_failed_push_keeps_local_save(ws, tmp_path, monkeypatch, capsys):
 SOLVE_THEN_SIGINT = textwrap.dedent(
     """
     import os, signal, torch
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores SIGINT)
     from optimum_mc.allocation import ExpertFactors, allocate_bits
     f = ExpertFactors(torch.rand(8) + 0.1, torch.rand(8) + 0.1, torch.rand(8, 3) + 0.1)
     allocate_bits([f], [1, 2, 3], 2.5, "layer", 1.0, 1.5, 2.0)
