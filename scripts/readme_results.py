@@ -25,7 +25,7 @@ END = "<!-- results:end -->"
 
 # bench_quality variant -> how the README names it
 LABELS = {
-    "float": "float (bf16 weights, fp32 compute)",
+    "float": "float",
     "uniform-4": "uniform GPTQ 4-bit",
     "uniform-3": "uniform GPTQ 3-bit",
     "mc-3.0": "MC 3-bit budget",
@@ -55,7 +55,7 @@ def quality_table(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        bits = "16" if r["avg_expert_bits"] is None else f"{r['avg_expert_bits']:.2f}"
+        bits = "-" if r["avg_expert_bits"] is None else f"{r['avg_expert_bits']:.2f}"
         delta = "" if base is None or r is base else f"{100 * (r['mean'] / base['mean'] - 1):+.2f}%"
         name = LABELS.get(r["variant"], r["variant"])
         out.append(
