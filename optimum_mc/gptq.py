@@ -183,12 +183,8 @@ def gptq_quantize_multi(
     out_f, in_f = weight.shape
     if hessian.shape != (in_f, in_f):
         raise ShapeError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={in_f}.")
-    check_group_size(in_f, group_size)
-    for b in bits:
-        check_bits(b)
-    if not bits:
-        return []
-    # this function's own fp32 copies (the batched loop then works in them: consume=True)
+    # this function's own fp32 copies, which the batched loop works in (consume=True); it checks the rest (group
+    # size, widths, options, finiteness) and returns [] for no widths
     w = weight.detach().to(weight.device, torch.float32).unsqueeze(0).repeat(len(bits), 1, 1)
     h = hessian.detach().to(weight.device, torch.float32).clone().unsqueeze(0)
     return gptq_quantize_batched(

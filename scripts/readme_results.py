@@ -128,33 +128,26 @@ def vllm_tables(res: dict) -> list[str]:
     return out
 
 
+QUALITY_INTRO = (
+    "Perplexity on held-out dev text (`../shared/models/mc-ref-mixtral`: Mixtral layout, 8 experts top-2, 22M "
+    "parameters; 40 windows of 256 tokens per domain; calibration on the package's builtin offline text; attention "
+    "4-bit). Code bits count the packed codes only; fp16 scales and zeros add 0.25 bits per weight at group size 128."
+)
+ODP_INTRO = "ODP (dynamic pruning of a token's second expert) on the same model and windows:"
+
+
+def rows_section(path: Path, intro: str, table) -> list[str]:
+    """A benchmark's rows (a JSON list with per-row provenance) as intro, table and source line; [] when absent."""
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    return [intro, "", *table(rows), "", source_line(rows[0].get("provenance") if rows else None), ""]
+
+
 def render() -> str:
     lines = [BEGIN, ""]
-    qpath = RESULTS / "readme-quality-mixtral.json"
-    if qpath.exists():
-        rows = json.loads(qpath.read_text())
-        lines += [
-            "Perplexity on held-out dev text (`../shared/models/mc-ref-mixtral`: Mixtral layout, 8 experts top-2, "
-            "22M parameters; 40 windows of 256 tokens per domain; calibration on the package's builtin offline "
-            "text; attention 4-bit). Code bits count the packed codes only; fp16 scales and zeros add 0.25 bits per "
-            "weight at group size 128.",
-            "",
-            *quality_table(rows),
-            "",
-            source_line(rows[0].get("provenance") if rows else None),
-            "",
-        ]
-    opath = RESULTS / "readme-odp-mixtral.json"
-    if opath.exists():
-        rows = json.loads(opath.read_text())
-        lines += [
-            "ODP (dynamic pruning of a token's second expert) on the same model and windows:",
-            "",
-            *odp_table(rows),
-            "",
-            source_line(rows[0].get("provenance") if rows else None),
-            "",
-        ]
+    lines += rows_section(RESULTS / "readme-quality-mixtral.json", QUALITY_INTRO, quality_table)
+    lines += rows_section(RESULTS / "readme-odp-mixtral.json", ODP_INTRO, odp_table)
     vpath = RESULTS / "vllm.json"
     if vpath.exists():
         lines += ["### Served by vLLM (CPU build)", "", *vllm_tables(json.loads(vpath.read_text())), ""]

@@ -53,14 +53,9 @@ def apply_packed_moe(
     the router ``renormalize``-s; ``counts`` (int64 ``E + 3`` on the routing's device) accumulates its statistics.
     """
     num_local = len(lists[0])
-    decode = (
-        plan is not None
-        and x.dim() == 2
-        and x.device.type == "cpu"
-        and plain_eager(x)
-        and x.shape[0] <= cpu.moe_decode_tokens(cpu.int8_decode(mode, x.dtype))
-    )
+    decode = plan is not None and x.dim() == 2 and x.device.type == "cpu" and plain_eager(x)
     int8 = decode and cpu.int8_decode(mode, x.dtype)
+    decode = decode and x.shape[0] <= cpu.moe_decode_tokens(int8)
     ids, w = topk_ids, topk_weights
     if odp_threshold is None:  # ODP off
         if expert_map is None and decode:
