@@ -12,7 +12,7 @@ from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread
 
 from optimum_mc.architectures import discover, moe_blocks
 from optimum_mc.calibration.capture import RoutingCapture
-from optimum_mc.tools.families import CORPUS, IDS, tiny_model, tiny_tokenizer
+from optimum_mc.tools.families import IDS, quick_config, save_tiny, tiny_model
 
 REL_TOL = 1e-4  # packed kernels vs float matmuls on the same (dequantized) weights, fp32
 
@@ -48,15 +48,8 @@ def test_capture_skips_zero_experts():
 def _quantize(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    import optimum_mc
-
-    src, dst = str(tmp_path / "float"), str(tmp_path / "mc")
-    tiny_model(family).save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
-    qc = optimum_mc.MCConfig(
-        bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False, seed=0
-    )
-    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc)
+    src, dst = save_tiny(family, str(tmp_path / "float")), str(tmp_path / "mc")
+    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=quick_config())
     q.save_pretrained(dst)
     again = AutoModelForCausalLM.from_pretrained(dst)
     a, b = q.state_dict(), again.state_dict()

@@ -15,7 +15,7 @@ from torch import nn
 from optimum_mc.architectures import discover, moe_blocks
 from optimum_mc.errors import UnsupportedArchitectureError
 from optimum_mc.input_scaled import InputScaledMoE, RoutedExperts, TopKRouter, adapt_input_scaled_blocks
-from optimum_mc.tools.families import CORPUS, IDS, tiny_model, tiny_tokenizer
+from optimum_mc.tools.families import IDS, quick_config, save_tiny, tiny_model
 
 FAMILY = "llama4_text"
 
@@ -115,12 +115,8 @@ def test_quantize_save_reload_generate_against_reference(tmp_path, monkeypatch):
     import optimum_mc
     from optimum_mc.nn import MCExperts
 
-    src, dst = str(tmp_path / "float"), str(tmp_path / "mc")
-    tiny_model(FAMILY).save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
-    qc = optimum_mc.MCConfig(
-        bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False, seed=0
-    )
+    src, dst = save_tiny(FAMILY, str(tmp_path / "float")), str(tmp_path / "mc")
+    qc = quick_config()
     compared, check = [], InputScaledMoE.check_original
 
     def recording_check(self):

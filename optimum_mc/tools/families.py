@@ -254,6 +254,23 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
 IDS = [[5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 31, 8]]
 
 
+def save_tiny(model_type: str, folder: str, **overrides) -> str:
+    """Save :func:`tiny_model` of ``model_type`` (``overrides``: config fields) and :func:`tiny_tokenizer` to
+    ``folder``; return it."""
+    tiny_model(model_type, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def quick_config(**overrides):
+    """The MC settings of the tiny-model checks: 2.5 bits, group 32, 4 x 16 calibration tokens of :data:`CORPUS`,
+    seed 0, no progress bars (``overrides`` replace any of them)."""
+    import optimum_mc
+
+    options = dict(bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False, seed=0)
+    return optimum_mc.MCConfig(**{**options, **overrides})
+
+
 def _kept_float(model) -> list[str]:
     """Classes of the decoder-layer modules whose own matrices stay in float (routers, gates, convolutions, ...)."""
     from ..architectures import decoder_layers
@@ -278,16 +295,8 @@ def check_family(model_type: str, workdir: str) -> dict:
 
     from ..architectures import decoder_layers, moe_blocks
 
-    src, dst = os.path.join(workdir, "float"), os.path.join(workdir, "mc")
-    tok = tiny_tokenizer()
-    model = tiny_model(model_type)
-    model.save_pretrained(src)
-    tok.save_pretrained(src)
-    del model
-    qc = optimum_mc.MCConfig(
-        bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS, show_progress=False, seed=0
-    )
-    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc)
+    src, dst = save_tiny(model_type, os.path.join(workdir, "float")), os.path.join(workdir, "mc")
+    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=quick_config())
     ids = torch.tensor(IDS)
     with torch.no_grad():
         ref = q(input_ids=ids).logits

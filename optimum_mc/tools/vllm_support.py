@@ -144,8 +144,7 @@ def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True)
     import torch
     from transformers import AutoModelForCausalLM
 
-    import optimum_mc
-    from optimum_mc.tools.families import CORPUS, tiny_model, tiny_tokenizer, vllm_sizes
+    from optimum_mc.tools.families import quick_config, tiny_model, tiny_tokenizer, vllm_sizes
 
     src, dst = os.path.join(work, "float"), os.path.join(work, "mc")
     tok = tiny_tokenizer()
@@ -158,8 +157,7 @@ def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True)
                     buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
         model.save_pretrained(src)
         tok.save_pretrained(src)
-        qc = optimum_mc.MCConfig(bits=2.5, group_size=32, num_samples=4, seq_len=32, dataset=CORPUS,
-                                 show_progress=False, seed=0)  # fmt: skip
+        qc = quick_config(seq_len=32)
         AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, dtype=torch.float32).save_pretrained(dst)
         tok.save_pretrained(dst)
     except Exception as exc:  # noqa: BLE001 - reported: MC's own support matrix says why (docs/support.md)
