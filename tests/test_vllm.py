@@ -197,6 +197,23 @@ def test_family_served_as_transformers_runs_it(family, tmp_path):
 
 
 @needs_vllm
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")
+@pytest.mark.parametrize(
+    "parallel",
+    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
+    ids=["tp2", "ep2"],
+)
+def test_deepseek_tensor_and_expert_parallel_match_transformers(parallel, tmp_path, monkeypatch):
+    """DeepSeek-V3 (its own loading loop looks every checkpoint name up in ``named_parameters()``, other ranks'
+    experts included under EP) at TP=2 and EP=2 against transformers' single process: measured 1.9e-6, 3/3 both."""
+    from optimum_mc.tools.vllm_support import check
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1"))
+    res = check("deepseek_v3", str(tmp_path), timeout=ENGINE_TIMEOUT, baseline=False, parallel=parallel)
+    assert res["status"] == "pass", res
+
+
+@needs_vllm
 def test_cpu_rope_workaround_rotates_mla_query_and_key_as_the_native_rope():
     """vLLM 0.32's CPU rope kernel rotates a 3-D (tokens, heads, rope) query and a strided (tokens, 1, rope) key view
     wrong (multi-head latent attention passes those); after the plugin's workaround forward_cpu equals

@@ -139,8 +139,10 @@ def engine_options(folder: str) -> list[tuple[str, dict]]:
     return [("float32", {}), ("bfloat16", {})]
 
 
-def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True) -> dict:
-    """Quantize a tiny ``model_type`` under ``work`` and compare the engines (``baseline``: the float model too)."""
+def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True, parallel: dict | None = None) -> dict:
+    """Quantize a tiny ``model_type`` under ``work`` and compare the engines (``baseline``: the float model too;
+    ``parallel``: more ``LLM`` arguments for vLLM, e.g. tensor / expert parallelism, against transformers' one
+    process)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -166,6 +168,7 @@ def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True)
     res: dict = {}
     errors = []
     for dtype, extra in engine_options(src):
+        extra = {**extra, **(parallel or {})}
         got, err = engine(src if baseline else dst, dtype, timeout, extra)
         if got is not None:
             break

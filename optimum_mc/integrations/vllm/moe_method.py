@@ -28,7 +28,8 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
     """A MoE layer of per-expert packed matrices, each at its expert's own width (never padded to the widest).
 
     Parameters are ``packed.<e>.gate_up.{qweight,scales,zeros}`` and ``packed.<e>.down.{...}``, the checkpoint's own
-    names, for the experts of this rank (all of them without expert parallelism). They are registered on the MoE
+    names; other ranks' experts (expert parallelism) as empty placeholders, so that a model's own loading loop finds
+    every checkpoint name (their tensors are checked, not kept). They are registered on the MoE
     layer's ``MoERunner`` (the module at ``<...>.experts``, the RoutedExperts layer's parent), so that their full names
     in ``model.named_parameters()`` are the checkpoint's (``<...>.mlp.experts.packed.<e>.<proj>.<tensor>``, not
     ``<...>.experts.routed_experts.packed...``); the RoutedExperts layer holds them as a plain attribute.
@@ -58,6 +59,7 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.config, self.prefix = config, prefix
         self.expert_bits = [bitwidths.split(b) for b in expert_bits]
         self.local_ids: list[int] = []  # global ids of this rank's experts, in local order
+        self.local_set: set[int] = set()
         self.loaded: set[str] = set()  # names load_packed copied in
         self.odp_threshold = config.odp_threshold_for(prefix)  # None: ODP off; 0.0: on, not active in this layer
         self.protect_first = config.odp.protect_first if config.odp is not None else 0
@@ -106,9 +108,11 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.local_ids = [local[s] for s in sorted(local)]
         if len(self.local_ids) != num_experts:
             raise MCConfigError(f"{self.prefix}: {num_experts} local experts expected, found {len(self.local_ids)}.")
+        # every expert's names, other ranks' as empty placeholders (checked at load, not kept; PackedMatrix)
+        self.local_set = mine = set(self.local_ids)
         packed = nn.ModuleDict({
-            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group)
-            for e in self.local_ids
+            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group, e not in mine)
+            for e in range(total)
         })  # fmt: skip
         for name, param in packed.named_parameters():
             e, proj, kind = name.split(".")
@@ -163,8 +167,6 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
             e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
             if e >= total:
                 raise CheckpointError(f"{self.prefix}.{name}: expert {e}, but the layer has {total} experts.")
-            if str(e) not in layer.packed:
-                continue  # another rank's expert (expert parallelism)
             self._copy(layer, e, proj, kind, w)
             yield name
 
@@ -176,6 +178,9 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         else:
             bits, full = dn_bits, packed_shape(self.hidden, self.inter_full, dn_bits, self.inter_group)
         check_tensor(f"{self.prefix}.packed.{e}.{proj}", kind, w, full[0 if kind == "qweight" else 1], bits)
+        self.loaded.add(f"packed.{e}.{proj}.{kind}")
+        if e not in self.local_set:  # another rank's expert (expert parallelism): checked, not kept
+            return
         if self.tp_size > 1:
             r, n = self.tp_rank, self.inter
             if proj == "gate_up":  # gate rows then up rows: this rank's slice of each
@@ -185,7 +190,6 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
                 w = w[:, r * cols : (r + 1) * cols]
         param = getattr(getattr(layer.packed[str(e)], proj), kind)
         param.data.copy_(w)
-        self.loaded.add(f"packed.{e}.{proj}.{kind}")
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         allow_amx()

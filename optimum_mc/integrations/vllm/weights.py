@@ -55,19 +55,23 @@ def allow_amx() -> None:
 
 
 class PackedMatrix(nn.Module):
-    def __init__(self, rows: int, cols: int, bits: int, group: int) -> None:
+    """One packed matrix's parameters; ``remote``: another rank's (expert parallelism), held as empty placeholders so
+    that its checkpoint names exist in ``named_parameters()`` (models with their own loading loop look them up)."""
+
+    def __init__(self, rows: int, cols: int, bits: int, group: int, remote: bool = False) -> None:
         super().__init__()
-        qshape, gshape = packed_shape(rows, cols, bits, group)
+        qshape, gshape = ((0,), (0,)) if remote else packed_shape(rows, cols, bits, group)
         self.qweight = nn.Parameter(torch.empty(qshape, dtype=torch.int32), requires_grad=False)
         self.scales = nn.Parameter(torch.empty(gshape, dtype=torch.float16), requires_grad=False)
         self.zeros = nn.Parameter(torch.empty(gshape, dtype=torch.float16), requires_grad=False)
 
 
 class PackedExpert(nn.Module):
-    def __init__(self, hidden: int, inter: int, gate_up_bits: int, down_bits: int, group: int, inter_group: int):
+    def __init__(self, hidden: int, inter: int, gate_up_bits: int, down_bits: int, group: int, inter_group: int,
+                 remote: bool = False):  # fmt: skip
         super().__init__()
-        self.gate_up = PackedMatrix(2 * inter, hidden, gate_up_bits, group)
-        self.down = PackedMatrix(hidden, inter, down_bits, inter_group)
+        self.gate_up = PackedMatrix(2 * inter, hidden, gate_up_bits, group, remote)
+        self.down = PackedMatrix(hidden, inter, down_bits, inter_group, remote)
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
