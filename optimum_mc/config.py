@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import math
 import os
 from typing import Any
@@ -27,6 +28,33 @@ EXPERT_BITS = (1, 2, 3, 4)
 # What ``bits`` counts: "codes" (the packed integer codes only, MC's and the paper's meaning) or "stored" (codes plus
 # the fp16 scales and zeros of every group: the bytes on disk per expert weight, as llama.cpp's bits per weight).
 BITS_BUDGETS = ("codes", "stored")
+
+# Options grouped out of the top level, each group one keyword of MCConfig taking a dict of these names (the names
+# config.json records): GPTQ's own knobs; the allocation program's objective and solver; and the research options
+# docs/results.md measured and found not better than the defaults. config.json keeps every option flat (the record of
+# what was done), and the constructor also takes the flat names: that is how checkpoints load.
+GPTQ_OPTIONS = {"damp_percent": 0.01, "act_order": True, "block_size": 128, "min_expert_tokens": 16}
+ALLOCATION_OPTIONS = {
+    "alpha": 1.0,
+    "beta": 1.5,
+    "gamma": 1.0,
+    "allocation_solver": "cp-sat",
+    "allocation_time_limit": 60.0,
+    "allocation_constraints": True,
+}
+EXPERIMENTAL_OPTIONS = {
+    "loss_method": "rtn",
+    "loss_normalizer": "block",
+    "heldout_fraction": 0.25,
+    "tune_exponents": False,
+    "allocation_granularity": "expert",
+    "nonexpert_method": "gptq",
+    "clip_search": False,
+    "expert_hessian": "routed",
+}
+_GROUPS = {"gptq": GPTQ_OPTIONS, "allocation_options": ALLOCATION_OPTIONS, "experimental": EXPERIMENTAL_OPTIONS}
+# a datasets source's own options: keys of a ``dataset`` dict, flat options in config.json
+DATASET_KEYS = {"config": "dataset_config", "split": "dataset_split", "text_column": "text_column"}
 
 # Results of quantization written into config.json; users do not set them.
 _RESULT_FIELDS = (
@@ -85,53 +113,41 @@ class MCConfig(QuantizationConfigMixin):
         candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit.
         attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
         group_size: quantization group size along the input dimension (-1: one group per row).
+        zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
+            1-bit keeps its binary form); both are stored in the same fp16 zero tensor.
         allocation: ``"layer"`` (the paper: the same budget in every MoE layer), ``"global"`` (one budget over
             all layers), or the baselines ``"random"`` / ``"frequency"`` / ``"hessian"`` (Hessian-trace
             importance) at the same per-layer budget.
-        alpha, beta, gamma: exponents of the allocation objective phi^alpha * w^beta * eps^gamma
-            (activation frequency, routing-weight mass, quantization loss, an un-squared norm); defaults 1, 1.5, 1:
-            the paper's cost phi * w^1.5 * eps.
-        loss_method: how eps is measured: ``"rtn"`` (round-to-nearest, the authors' method; GPTQ then runs once
-            per expert), ``"heldout"`` (GPTQ on a split of the routed tokens, measured on the rest) or
-            ``"insample"`` (GPTQ and measurement on the same tokens).
-        loss_normalizer: what eps is relative to: ``"block"`` (the MoE block's routed output, the paper) or
-            ``"residual"`` (the decoder layer's output, residual stream included). Within one layer it only scales
-            every cost alike; with ``allocation="global"`` it decides how layers compare.
-        heldout_fraction: share of each expert's routed tokens held out for ``loss_method="heldout"`` (and of the
-            calibration tokens held out for ``tune_exponents``).
-        tune_exponents: per MoE layer, pick (alpha, beta, gamma) from a small grid by the measured block-output
-            error of the resulting allocation on held-out calibration tokens (``allocation="layer"`` only); the
-            choice is stored in ``tuned_exponents``.
-        allocation_solver: ``"cp-sat"`` (OR-Tools, hinted with the exact DP optimum; the solver of record) or
-            ``"dp"`` (the exact dynamic program alone).
-        allocation_time_limit: seconds CP-SAT may take per program (a stop before proof is logged).
-        allocation_constraints: require at least one expert at the top and one at the middle candidate
-            bit-width in every layer (the paper's constraints).
-        allocation_granularity: ``"expert"`` (the paper: one width per expert) or ``"projection"``: each expert's
-            gate/up and down matrices get their own widths, costed by the loss of that projection alone (round-to-
-            nearest), the budget counted per weight (gate/up holds 2/3 of them); needs ``allocation`` "layer" or
-            "global" and ``loss_method="rtn"``. An expert's width is then ``[gate_up, down]`` in ``expert_bits``.
-        nonexpert_method: ``"gptq"`` or ``"bnb_nf4"`` (bitsandbytes 4-bit for attention / dense layers).
         modules_to_not_convert: module names (or name suffixes) kept in float.
-    GPTQ:
-        damp_percent: Hessian damping as a fraction of its mean diagonal.
-        act_order: process columns by decreasing Hessian diagonal (groups keep their original columns).
-        block_size: columns per lazy-batch update.
-        min_expert_tokens: experts routed fewer calibration tokens use calibration-free quantization.
-        zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
-            1-bit keeps its binary form); both are stored in the same fp16 zero tensor.
-        clip_search: GPTQ grids (2 bits and up) shrink each group's [min, max] range where that lowers the
-            Hessian-diagonal-weighted rounding error (``gptq.searched_qparams``) instead of spanning it.
-        expert_hessian: ``"routed"`` (an expert's GPTQ Hessian from the tokens routed to it) or
-            ``"router-weighted"`` (every calibration token, weighted by the expert's router probability).
+    Grouped options (each a dict of these names; config.json records them flat, and the flat names are accepted):
+        gptq: ``damp_percent`` (0.01: Hessian damping as a fraction of its mean diagonal), ``act_order`` (True:
+            columns by decreasing Hessian diagonal, groups keep their original columns), ``block_size`` (128:
+            columns per lazy-batch update), ``min_expert_tokens`` (16: experts routed fewer calibration tokens use
+            calibration-free quantization).
+        allocation_options: ``alpha``, ``beta``, ``gamma`` (1, 1.5, 1: exponents of the objective
+            phi^alpha * w^beta * eps^gamma, activation frequency, routing-weight mass, quantization loss as an
+            un-squared norm: the paper's phi * w^1.5 * eps); ``allocation_solver`` (``"cp-sat"``: OR-Tools,
+            hinted with the exact DP optimum, the solver of record; or ``"dp"``, the exact dynamic program alone);
+            ``allocation_time_limit`` (60: CP-SAT seconds per program); ``allocation_constraints`` (True: at least
+            one expert at the top and one at the middle candidate width per layer, the paper's constraints).
+        experimental: research options measured and not better than the defaults (docs/results.md, "Options
+            measured and not better"): ``loss_method`` (``"rtn"``; ``"heldout"``: GPTQ on a split of the routed
+            tokens, eps on the rest; ``"insample"``), ``heldout_fraction`` (0.25), ``loss_normalizer``
+            (``"block"``; ``"residual"``: relative to the decoder layer's output), ``tune_exponents`` (False: per
+            layer, pick the exponents from a grid by held-out block error; layer allocation only),
+            ``allocation_granularity`` (``"expert"``; ``"projection"``: gate/up and down get their own widths,
+            layer/global allocation and ``loss_method="rtn"`` only), ``nonexpert_method`` (``"gptq"``;
+            ``"bnb_nf4"``: bitsandbytes NF4 for attention / dense layers, needs ``pip install
+            optimum-mc[nf4]``), ``clip_search`` (False: shrink GPTQ group ranges by a Hessian-weighted search),
+            ``expert_hessian`` (``"routed"``; ``"router-weighted"``: every token weighted by router probability).
     Calibration:
         dataset: ``None``/``"builtin"`` (offline text shipped with the package), a list of strings, a path to a
             text file or folder of .txt files, a ``datasets`` name (``"name"`` or ``"name:config"``), or one of the
-            GPTQ tooling's names ``"wikitext2"`` / ``"c4"``. Texts passed as a list are stored in config.json as a
-            description with their sha256 (``{"texts": n, "characters": c, "sha256": ...}``), not verbatim.
-        dataset_config, dataset_split, text_column: for a ``datasets`` source: its configuration name (default
-            none), split (default ``"train"``) and text column (default ``"text"``); the named sources bring their
-            own (a given value overrides them).
+            GPTQ tooling's names ``"wikitext2"`` / ``"c4"``; for a ``datasets`` source also a dict
+            ``{"name": ..., "config": ..., "split": ..., "text_column": ...}`` (configuration name, default none;
+            split, default ``"train"``; text column, default ``"text"``; the named sources bring their own, a given
+            value overrides them). Texts passed as a list are stored in config.json as a description with their
+            sha256 (``{"texts": n, "characters": c, "sha256": ...}``), not verbatim.
         tokenizer: tokenizer object or path (default: the model's own).
         num_samples, seq_len: number and length (tokens) of calibration sequences.
         seed: seed of everything random (sampling, random allocation).
@@ -166,31 +182,10 @@ class MCConfig(QuantizationConfigMixin):
         candidate_bits: list[int] | tuple[int, ...] = (1, 2, 3),
         attn_bits: int | None = 4,
         group_size: int = 128,
-        allocation: str = "layer",
-        alpha: float = 1.0,
-        beta: float = 1.5,
-        gamma: float = 1.0,
-        loss_method: str = "rtn",
-        loss_normalizer: str = "block",
-        heldout_fraction: float = 0.25,
-        tune_exponents: bool = False,
-        allocation_solver: str = "cp-sat",
-        allocation_time_limit: float = 60.0,
-        allocation_constraints: bool = True,
-        allocation_granularity: str = "expert",
-        nonexpert_method: str = "gptq",
-        modules_to_not_convert: list[str] | None = None,
-        damp_percent: float = 0.01,
-        act_order: bool = True,
-        block_size: int = 128,
-        min_expert_tokens: int = 16,
         zero_point: str = "float",
-        clip_search: bool = False,
-        expert_hessian: str = "routed",
+        allocation: str = "layer",
+        modules_to_not_convert: list[str] | None = None,
         dataset: str | list[str] | dict | None = None,
-        dataset_config: str | None = None,
-        dataset_split: str | None = None,
-        text_column: str | None = None,
         tokenizer: Any = None,
         num_samples: int = 128,
         seq_len: int = 512,
@@ -204,8 +199,13 @@ class MCConfig(QuantizationConfigMixin):
         odp_protect_ratio: float = 0.02,
         odp_layers: int | list[int] | None = None,
         decode_activations: str = "auto",
+        gptq: dict[str, Any] | None = None,
+        allocation_options: dict[str, Any] | None = None,
+        experimental: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        o = _grouped({"gptq": gptq, "allocation_options": allocation_options, "experimental": experimental}, kwargs)
+        dataset, ds = _dataset_options(dataset, kwargs)
         self.quant_method = "mc"
         self.bits = bits
         self.bits_budget = bits_budget
@@ -213,29 +213,29 @@ class MCConfig(QuantizationConfigMixin):
         self.attn_bits = attn_bits
         self.group_size = group_size
         self.allocation = allocation
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
-        self.loss_method = loss_method
-        self.loss_normalizer = loss_normalizer
-        self.heldout_fraction = heldout_fraction
-        self.tune_exponents = tune_exponents
-        self.allocation_solver = allocation_solver
-        self.allocation_time_limit = allocation_time_limit
-        self.allocation_constraints = allocation_constraints
-        self.allocation_granularity = allocation_granularity
-        self.nonexpert_method = nonexpert_method
+        self.alpha, self.beta, self.gamma = o["alpha"], o["beta"], o["gamma"]
+        self.loss_method = o["loss_method"]
+        self.loss_normalizer = o["loss_normalizer"]
+        self.heldout_fraction = o["heldout_fraction"]
+        self.tune_exponents = o["tune_exponents"]
+        self.allocation_solver = o["allocation_solver"]
+        self.allocation_time_limit = o["allocation_time_limit"]
+        self.allocation_constraints = o["allocation_constraints"]
+        self.allocation_granularity = o["allocation_granularity"]
+        self.nonexpert_method = o["nonexpert_method"]
         mtc = modules_to_not_convert
         self.modules_to_not_convert = list(mtc) if isinstance(mtc, (list, tuple)) else mtc
-        self.damp_percent = damp_percent
-        self.act_order = act_order
-        self.block_size = block_size
-        self.min_expert_tokens = min_expert_tokens
+        self.damp_percent = o["damp_percent"]
+        self.act_order = o["act_order"]
+        self.block_size = o["block_size"]
+        self.min_expert_tokens = o["min_expert_tokens"]
         self.zero_point = zero_point
-        self.clip_search = clip_search
-        self.expert_hessian = expert_hessian
+        self.clip_search = o["clip_search"]
+        self.expert_hessian = o["expert_hessian"]
         self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
-        self.dataset_config = dataset_config
-        self.dataset_split = dataset_split
-        self.text_column = text_column
+        self.dataset_config = ds["dataset_config"]
+        self.dataset_split = ds["dataset_split"]
+        self.text_column = ds["text_column"]
         self.tokenizer = tokenizer
         self.num_samples = num_samples
         self.seq_len = seq_len
@@ -303,6 +303,11 @@ class MCConfig(QuantizationConfigMixin):
         self._check_pmq()
         if self.nonexpert_method not in NONEXPERT_METHODS:
             raise _err(f"nonexpert_method must be one of {NONEXPERT_METHODS}, got {self.nonexpert_method!r}.")
+        if self.nonexpert_method == "bnb_nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            raise _err(
+                "nonexpert_method='bnb_nf4' needs bitsandbytes, an optional dependency: pip install 'optimum-mc[nf4]' "
+                "(or bitsandbytes>=0.45)."
+            )
         if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
             raise _err(f"damp_percent must be in (0, 1), got {self.damp_percent!r}.")
         for name in ("block_size", "num_samples", "seq_len"):
@@ -511,6 +516,53 @@ class MCConfig(QuantizationConfigMixin):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _grouped(groups: dict[str, dict | None], flat: dict[str, Any]) -> dict[str, Any]:
+    """The grouped options' values: defaults, then each group's dict, then flat names in ``flat`` (popped: the form
+    config.json records). Unknown names, non-dict groups and one option given twice are refused."""
+    out = {}
+    for group, defaults in _GROUPS.items():
+        out.update(defaults)
+        given = groups[group]
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            raise _err(f"{group} must be a dict of options ({', '.join(defaults)}), got {_short(given)}.")
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            where = {n: g for g, d in _GROUPS.items() for n in d}
+            hint = "; ".join(f"{n} belongs in {where[n]}=" for n in unknown if n in where)
+            raise _err(
+                f"unknown {group} option(s): {', '.join(unknown)}; {group} takes {', '.join(defaults)}"
+                + (f" ({hint})" if hint else "")
+                + "."
+            )
+        out.update(given)
+    for name in [n for n in flat if n in out]:
+        group = next(g for g, d in _GROUPS.items() if name in d)
+        if groups[group] is not None and name in groups[group]:
+            raise _err(f"{name} given twice (as {name}= and in {group}=); give it once.")
+        out[name] = flat.pop(name)
+    return out
+
+
+def _dataset_options(dataset: Any, flat: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``dataset`` and its datasets-source options: a dict ``{"name": ..., "config": ..., "split": ...,
+    "text_column": ...}`` or the flat ``dataset_config`` / ``dataset_split`` / ``text_column`` (popped from
+    ``flat``: the form config.json records)."""
+    ds = {n: flat.pop(n, None) for n in DATASET_KEYS.values()}
+    if isinstance(dataset, dict) and "name" in dataset:
+        unknown = sorted(set(dataset) - {"name", *DATASET_KEYS})
+        if unknown:
+            raise _err(f"dataset dict keys must be among name, {', '.join(DATASET_KEYS)}; got {', '.join(unknown)}.")
+        for key, name in DATASET_KEYS.items():
+            if key in dataset:
+                if ds[name] is not None:
+                    raise _err(f"{name} given twice (as {name}= and as dataset['{key}']); give it once.")
+                ds[name] = dataset[key]
+        dataset = dataset["name"]
+    return dataset, ds
 
 
 def _same_option(a: Any, b: Any) -> bool:

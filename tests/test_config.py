@@ -52,3 +52,64 @@ def test_invalid_options_raise_typed_errors(kwargs, match):
 def test_error_is_also_a_value_error():
     with pytest.raises(ValueError):
         MCConfig(bits=9)
+
+
+# --- the lean top level: grouped options (gptq=, allocation_options=, experimental=), flat names as config.json ---
+
+
+def test_top_level_has_at_most_25_options():
+    import inspect
+
+    params = [p for p in inspect.signature(MCConfig.__init__).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert len(params) - 1 <= 25, [p.name for p in params]  # less self
+
+
+def test_grouped_options_equal_their_flat_names_and_round_trip():
+    from optimum_mc.config import ALLOCATION_OPTIONS, EXPERIMENTAL_OPTIONS, GPTQ_OPTIONS
+
+    grouped = MCConfig(
+        gptq={"damp_percent": 0.02, "act_order": False},
+        allocation_options={"beta": 1.0, "allocation_solver": "dp"},
+        experimental={"tune_exponents": True},
+        dataset={"name": "me/corpus", "config": "v2", "split": "validation", "text_column": "body"},
+    )
+    flat = MCConfig(damp_percent=0.02, act_order=False, beta=1.0, allocation_solver="dp", tune_exponents=True,
+                    dataset="me/corpus", dataset_config="v2", dataset_split="validation", text_column="body")  # fmt: skip
+    assert grouped.to_dict() == flat.to_dict()
+    assert (grouped.damp_percent, grouped.beta, grouped.tune_exponents, grouped.dataset_split) == (
+        0.02, 1.0, True, "validation")  # fmt: skip
+    assert MCConfig.from_dict(json.loads(grouped.to_json_string())) == grouped
+    # the groups' defaults are the attributes' defaults; config.json keeps every option flat, as before
+    d = MCConfig().to_dict()
+    for group in (GPTQ_OPTIONS, ALLOCATION_OPTIONS, EXPERIMENTAL_OPTIONS):
+        for name, default in group.items():
+            assert getattr(MCConfig(), name) == default
+            assert name in d or name in ("allocation_granularity", "clip_search")  # omitted at their defaults
+    assert not {"gptq", "allocation_options", "experimental"} & set(d)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"experimental": {"damp_percent": 0.1}}, r"unknown experimental option\(s\): damp_percent.*belongs in gptq="),
+        ({"gptq": {"dampening": 0.1}}, r"unknown gptq option\(s\): dampening; gptq takes damp_percent"),
+        ({"gptq": 0.1}, "gptq must be a dict"),
+        ({"gptq": {"damp_percent": 0.1}, "damp_percent": 0.2}, "given twice"),
+        ({"dataset": {"name": "me/x", "column": "t"}}, "dataset dict keys must be among"),
+        ({"dataset": {"name": "me/x", "split": "a"}, "dataset_split": "b"}, "given twice"),
+        ({"experimental": {"tune_exponents": True}, "allocation": "global"}, "tune_exponents=True needs"),
+    ],
+)
+def test_grouped_options_are_checked(kwargs, match):
+    with pytest.raises(MCConfigError, match=match):
+        MCConfig(**kwargs)
+
+
+def test_nf4_without_bitsandbytes_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
+    with pytest.raises(MCConfigError, match=r"optimum-mc\[nf4\]"):
+        MCConfig(experimental={"nonexpert_method": "bnb_nf4"})
+    MCConfig()  # the default needs no bitsandbytes
