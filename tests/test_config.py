@@ -73,8 +73,10 @@ def test_grouped_options_equal_their_flat_names_and_round_trip():
         experimental={"tune_exponents": True},
         dataset={"name": "me/corpus", "config": "v2", "split": "validation", "text_column": "body"},
     )
-    flat = MCConfig(damp_percent=0.02, act_order=False, beta=1.0, allocation_solver="dp", tune_exponents=True,
-                    dataset="me/corpus", dataset_config="v2", dataset_split="validation", text_column="body")  # fmt: skip
+    flat = MCConfig(
+        damp_percent=0.02, act_order=False, beta=1.0, allocation_solver="dp", tune_exponents=True,
+        dataset="me/corpus", dataset_config="v2", dataset_split="validation", text_column="body",
+    )  # fmt: skip
     assert grouped.to_dict() == flat.to_dict()
     assert (grouped.damp_percent, grouped.beta, grouped.tune_exponents, grouped.dataset_split) == (
         0.02, 1.0, True, "validation")  # fmt: skip
