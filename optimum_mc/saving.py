@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import os
 import re
@@ -284,30 +283,16 @@ def atomic_save_pretrained(model, save, save_directory: str | os.PathLike, *args
         model.push_to_hub(repo_id, **hub_kwargs)
 
 
-def _is_mc_model(model) -> bool:
+def _is_mc_model(model) -> bool:  # still MC-quantized (``dequantize()`` makes it a float model again)
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    return "_mc_source_dir" in model.__dict__ and getattr(qc, "quant_method", None) == "mc"
+    return getattr(qc, "quant_method", None) == "mc"
 
 
-def _patch_save_pretrained() -> None:
-    """Route ``PreTrainedModel.save_pretrained`` of MC models (only) through :func:`atomic_save_pretrained`.
-
-    A class-level wrapper rather than an attribute on the model, so pickling / deep-copying a model is unaffected.
-    """
-    from transformers import PreTrainedModel
-
-    original = PreTrainedModel.save_pretrained
-    if getattr(original, "_mc_atomic", False):
-        return
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if not _is_mc_model(self):
-            return original(self, save_directory, *args, **kwargs)
-        return atomic_save_pretrained(self, original, save_directory, *args, **kwargs)
-
-    save_pretrained._mc_atomic = True
-    PreTrainedModel.save_pretrained = save_pretrained
+def _mc_save_pretrained(self, save_directory, *args, **kwargs):
+    """``save_pretrained`` of an MC model: transformers' own, run by :func:`atomic_save_pretrained`."""
+    if not _is_mc_model(self):
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    return atomic_save_pretrained(self, type(self).save_pretrained, save_directory, *args, **kwargs)
 
 
 def _remote_readme(repo_id: str, token) -> str | None:
@@ -354,22 +339,11 @@ def push_mc_model(
         )
 
 
-def _patch_push_to_hub() -> None:
-    """Route ``PreTrainedModel.push_to_hub`` of MC models (only) through :func:`push_mc_model`."""
-    from transformers import PreTrainedModel
-
-    original = PreTrainedModel.push_to_hub
-    if getattr(original, "_mc_card", False):
-        return
-
-    @functools.wraps(original)
-    def push_to_hub(self, repo_id, *args, **kwargs):
-        if not _is_mc_model(self) or args:
-            return original(self, repo_id, *args, **kwargs)
-        return push_mc_model(self, repo_id, **kwargs)
-
-    push_to_hub._mc_card = True
-    PreTrainedModel.push_to_hub = push_to_hub
+def _mc_push_to_hub(self, repo_id, *args, **kwargs):
+    """``push_to_hub`` of an MC model: :func:`push_mc_model` (positional extras: transformers' own)."""
+    if args or not _is_mc_model(self):
+        return type(self).push_to_hub(self, repo_id, *args, **kwargs)
+    return push_mc_model(self, repo_id, **kwargs)
 
 
 def install_atomic_save(model, source: str | os.PathLike | None = None) -> None:
@@ -379,5 +353,21 @@ def install_atomic_save(model, source: str | os.PathLike | None = None) -> None:
 
     model._mc_source_dir = str(source) if source is not None else None
     remember_base_model(model, source)
-    _patch_save_pretrained()
-    _patch_push_to_hub()
+    # bound on this model only (no class is patched: other models in the process keep transformers' methods)
+    model.save_pretrained = ModelMethod(model, _mc_save_pretrained)
+    model.push_to_hub = ModelMethod(model, _mc_push_to_hub)
+
+
+class ModelMethod:
+    """``fn`` bound to one model, as an instance attribute. Unlike a bound method (pickled as ``getattr(model,
+    fn.__name__)``, which a model being unpickled cannot answer), it pickles and deep-copies with its model and stays
+    bound to the copy."""
+
+    def __init__(self, model, fn: Callable) -> None:
+        self.__self__, self.__func__ = model, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return ModelMethod, (self.__self__, self.__func__)

@@ -386,13 +386,37 @@ def test_pickled_and_dequantized_models_save(ws, mc_model, tmp_path):
     import pickle
 
     again = pickle.loads(pickle.dumps(mc_model))
+    assert again.save_pretrained.__self__ is again  # still the MC save (atomic, verified, with the card)
     again.save_pretrained(tmp_path / "pickled")
+    assert (tmp_path / "pickled" / "README.md").is_file()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "pickled").config.quantization_config.expert_bits
     plain = copy.deepcopy(mc_model).dequantize()
     plain.save_pretrained(tmp_path / "float")  # a float model now: saved by transformers as usual
     assert (
         getattr(AutoModelForCausalLM.from_pretrained(tmp_path / "float").config, "quantization_config", None) is None
     )
+    assert not temporaries(tmp_path)
+
+
+def test_atomic_save_is_bound_to_mc_models_only(ws, mc_model, tmp_path):
+    """No class is patched: a float model in the same process keeps transformers' own save_pretrained / push_to_hub;
+    a deep copy of an MC model saves atomically and verified as the original does."""
+    import copy
+
+    from transformers import PreTrainedModel
+
+    from optimum_mc.saving import _mc_push_to_hub, _mc_save_pretrained
+
+    assert PreTrainedModel.save_pretrained.__module__.startswith("transformers.")
+    assert PreTrainedModel.push_to_hub.__module__.startswith("transformers.")
+    plain = AutoModelForCausalLM.from_pretrained(ws / "src")
+    assert plain.save_pretrained.__func__ is type(plain).save_pretrained
+    assert mc_model.save_pretrained.__func__ is _mc_save_pretrained
+    assert mc_model.push_to_hub.__func__ is _mc_push_to_hub
+    twin = copy.deepcopy(mc_model)
+    assert twin.save_pretrained.__self__ is twin
+    twin.save_pretrained(tmp_path / "twin")
+    assert (tmp_path / "twin" / "README.md").is_file()  # the MC model card: the MC route ran
     assert not temporaries(tmp_path)
 
 
