@@ -294,7 +294,7 @@ class MCQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return True  # zero graph breaks in the packed modules (tests/test_moe_op.py)
+        return True  # zero graph breaks in the packed modules (tests/kernels/test_moe_op.py)
 
     def is_serializable(self) -> bool:
         return True

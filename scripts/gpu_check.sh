@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     echo "== $name: exit $? after $((SECONDS - t0)) s"
 }
 
-step pytest 150 python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_cuda.py tests/test_vllm_apply.py
+step pytest 150 python3 -m pytest -q -s -p no:cacheprovider -rs tests/kernels/test_cuda.py tests/integrations/test_vllm_apply.py
 grep -E "error vs float|passed|failed|^E  |Error" "$OUT/pytest.log" | head -n 30
 step bench_kernels 70 python3 scripts/bench_kernels.py --quick
 grep -A12 "fused MoE layer" "$OUT/bench_kernels.log"

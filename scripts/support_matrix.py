@@ -86,7 +86,7 @@ def write(results: dict, md_path: str, json_path: str) -> None:
         "random model (hidden 64, 2 layers, 8 experts, top-2) is",
         "quantized with `MCConfig(bits=2.5)`, saved, reloaded (logits must be equal), asked to generate, and run with",
         "ODP where it routes top-k >= 2 (at the per-layer thresholds calibrated at quantization: the median ratio of",
-        "a selected weight to the top-1 weight). The same check is `tests/test_families.py`.",
+        "a selected weight to the top-1 weight). The same check is `tests/tools/test_families.py`.",
         "",
         f"**{n_pass} of {n_inst} families that instantiate pass end to end** ({len(results)} listed).",
         "",

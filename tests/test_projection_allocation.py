@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.moe import random_routing
 from safetensors import safe_open
-from test_moe_op import _routing
 from test_quantize_e2e import IDS, logits, quantize
 from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
@@ -188,7 +188,7 @@ def _dense_oracle(x, idx, w, gate_up, down):
 @pytest.mark.parametrize("tokens", [1, cpu.GEMV_MAX_ROWS, 40])
 def test_fused_op_reads_each_projection_at_its_width(tokens):
     gate_up, down = _split_experts()
-    idx, w = _routing(tokens, len(GU_BITS), skew=tokens == 40)
+    idx, w = random_routing(tokens, len(GU_BITS), skew=tokens == 40)
     idx[0, 1] = len(GU_BITS)  # dropped by ODP
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(3))
     bits = GU_BITS + DN_BITS
@@ -215,7 +215,7 @@ def test_mcexperts_with_projection_widths_match_their_per_expert_path():
     assert ex.op_bits == GU_BITS + DN_BITS
     assert [ex.packed[e].down.bits for e in range(6)] == DN_BITS
     for tokens in (1, 5, 40):
-        idx, w = _routing(tokens, 6)
+        idx, w = random_routing(tokens, 6)
         x = torch.randn(tokens, 128)
         with torch.no_grad():
             torch.testing.assert_close(ex(x, idx, w), ex.forward_per_expert(x, idx, w), rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ into place. Training always runs on ``Recipe.threads`` threads, whatever the mac
 the rounding of the matrix products (1 and 2 threads give different bits; 2 and 2 identical), so every run on one
 kind of CPU builds the same model. Other CPUs (another vector unit, another BLAS code path) round differently and
 build a slightly different model: its float perplexity agrees closely, the quantized rows less (README, "The
-demo's embedded default"; ``tests/test_demo.py`` checks what holds on any CPU). Two threads take 1000 steps in
+demo's embedded default"; ``tests/tools/test_demo.py`` checks what holds on any CPU). Two threads take 1000 steps in
 ~2:15 on a quiet 2-core machine (one thread: ~3:20); on a busy machine the second thread mostly waits for its turn
 and training is slower.
 """

@@ -4,8 +4,8 @@
 renormalization, ODP's protected positions from the forward context) and calls :func:`apply_packed_moe`, which does
 the rest: expert parallelism's global-to-local ids, ODP's rule and counts, and ``optimum_mc::moe`` (the C kernels on
 CPU, with the whole-layer decode kernel for a few tokens; the Triton kernels on CUDA). Kept apart so that the same
-code is checked on a GPU machine, where vLLM cannot be installed (``tests/test_vllm_apply.py`` on CPU and CUDA,
-``scripts/gpu_check.sh``).
+code is checked on a GPU machine, where vLLM cannot be installed (``tests/integrations/test_vllm_apply.py`` on CPU
+and CUDA, ``scripts/gpu_check.sh``).
 """
 
 from __future__ import annotations

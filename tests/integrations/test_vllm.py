@@ -72,7 +72,7 @@ def test_supported_vllm_versions_pass(version):
 
 
 def test_setup_cfg_declares_the_vllm_entry_point():
-    cfg = open(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"), encoding="utf-8").read()
+    cfg = open(os.path.join(os.path.dirname(__file__), "..", "..", "setup.cfg"), encoding="utf-8").read()
     assert "vllm.general_plugins =\n    optimum_mc = optimum_mc.integrations.vllm:register" in cfg
 
 
@@ -166,7 +166,7 @@ def test_offline_llm_with_quantization_flag(mc_dir, tmp_path):
 
 # --- families: every architecture the plugin lists was measured to pass (scripts/vllm_support.py) ---
 
-SUPPORT = os.path.join(os.path.dirname(__file__), "..", "docs", "vllm-support.json")
+SUPPORT = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "vllm-support.json")
 # one family per structure the plugin must handle besides Mixtral's: shared expert behind a sigmoid gate and
 # un-normalized top-k (qwen2_moe); sigmoid grouped top-k with a correction bias, routed scaling factor, shared
 # experts and a dense first layer (glm4_moe); the same routing (topk_method "noaux_tc") behind multi-head latent

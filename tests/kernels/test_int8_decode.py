@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.moe import random_experts, random_routing
 from test_kernels_cpu import needs_c
-from test_moe_op import _experts, _routing
 from tiny_models import CORPUS, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -54,8 +54,8 @@ def _plan(gate_up, down, bits) -> DecodePlan:
 
 
 def _check(plan: DecodePlan, group: int, tokens: int, hidden: int = HIDDEN) -> None:
-    gate_up, down = _experts(BITS, hidden=hidden, inter=INTER, group=group)
-    idx, w = _routing(tokens, len(BITS), k=2, seed=tokens)
+    gate_up, down = random_experts(BITS, hidden=hidden, inter=INTER, group=group)
+    idx, w = random_routing(tokens, len(BITS), k=2, seed=tokens)
     idx[0, 1] = len(BITS)  # a slot dropped by ODP costs nothing
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(5))
     got = plan(x, idx, w, int8=True).double()
@@ -72,14 +72,14 @@ def _check(plan: DecodePlan, group: int, tokens: int, hidden: int = HIDDEN) -> N
 @pytest.mark.parametrize("group", [32, 64, 128])  # 64 and 128: the vector kernel; 32: its portable fallback
 @pytest.mark.parametrize("tokens", [1, 3, cpu.GEMV_MAX_ROWS, cpu.MOE_DECODE_MAX_TOKENS_INT8])
 def test_int8_decode_matches_the_rounding_oracle(group, tokens):
-    gate_up, down = _experts(BITS, hidden=HIDDEN, inter=INTER, group=group)
+    gate_up, down = random_experts(BITS, hidden=HIDDEN, inter=INTER, group=group)
     _check(_plan(gate_up, down, BITS), group, tokens)
 
 
 @needs_c
 @pytest.mark.parametrize("hidden", [1024, 1280])  # 16 and 20 groups of 64: the 16-group vector prologue (+ a tail)
 def test_int8_decode_many_groups(hidden):
-    gate_up, down = _experts(BITS, hidden=hidden, inter=INTER, group=64)
+    gate_up, down = random_experts(BITS, hidden=hidden, inter=INTER, group=64)
     _check(_plan(gate_up, down, BITS), 64, 2, hidden)
 
 
@@ -89,7 +89,7 @@ def test_int8_decode_portable_build(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTIMUM_MC_CACHE", str(tmp_path))
     portable = cpu.load(cpu.build(cpu._compiler(), tuple(f for f in cpu.FLAGS if not f.startswith("-march"))))
     assert portable.mc_i8dot_available() == 0
-    gate_up, down = _experts(BITS, hidden=HIDDEN, inter=INTER, group=64)
+    gate_up, down = random_experts(BITS, hidden=HIDDEN, inter=INTER, group=64)
     plan = _plan(gate_up, down, BITS)
     plan.lib = portable
     _check(plan, 64, 2)
@@ -120,7 +120,7 @@ def test_quant_linear_int8_decode_matches_the_rounding_oracle(bits, rows):
 
 @needs_c
 def test_int8_decode_propagates_nan():
-    gate_up, down = _experts([2, 3], hidden=HIDDEN, inter=INTER, group=64)
+    gate_up, down = random_experts([2, 3], hidden=HIDDEN, inter=INTER, group=64)
     x = torch.randn(1, HIDDEN)
     x[0, 5] = float("nan")
     out = _plan(gate_up, down, [2, 3])(x, torch.tensor([[0, 1]]), torch.tensor([[0.6, 0.4]]), int8=True)
@@ -175,9 +175,9 @@ def test_decode_activations_passed_at_load_is_applied(tmp_path):
 
 @needs_c
 def test_integer_dot_decode_does_not_depend_on_the_thread_count():
-    gate_up, down = _experts(BITS, hidden=1280, inter=INTER, group=64)
+    gate_up, down = random_experts(BITS, hidden=1280, inter=INTER, group=64)
     plan = _plan(gate_up, down, BITS)
-    idx, w = _routing(3, len(BITS), k=2, seed=9)
+    idx, w = random_routing(3, len(BITS), k=2, seed=9)
     x = torch.randn(3, 1280, generator=torch.Generator().manual_seed(9))
     lin = QuantLinear.from_linear(torch.nn.Linear(1280, 512, bias=False), 3, 64)
     before, outs = torch.get_num_threads(), []
@@ -234,7 +234,7 @@ def test_auto_decode_of_a_bf16_model_is_the_int8_decode_in_eager_and_compiled_mo
     model = model.to(torch.bfloat16).eval()
     experts = next(m for m in model.modules() if isinstance(m, MCExperts))
     x = torch.randn(1, experts.hidden_dim).to(torch.bfloat16)
-    idx, w = _routing(1, experts.num_experts, k=2, seed=3)
+    idx, w = random_routing(1, experts.num_experts, k=2, seed=3)
     w = w.to(torch.bfloat16)
     with torch.no_grad():
         auto = experts(x, idx, w)
@@ -265,7 +265,7 @@ def test_int8_decode_serves_batches_up_to_its_own_token_limit(monkeypatch):
     assert cpu.GEMV_MAX_ROWS < cpu.MOE_DECODE_MAX_TOKENS_INT8
     assert cpu.moe_decode_tokens(True) == cpu.MOE_DECODE_MAX_TOKENS_INT8
     assert cpu.moe_decode_tokens(False) == cpu.GEMV_MAX_ROWS
-    gate_up, down = _experts(BITS, hidden=HIDDEN, inter=INTER, group=64)
+    gate_up, down = random_experts(BITS, hidden=HIDDEN, inter=INTER, group=64)
     lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
     calls = []
     real_decode, real_prefill = moe_cpu._decode, moe_cpu._prefill
@@ -279,7 +279,7 @@ def test_int8_decode_serves_batches_up_to_its_own_token_limit(monkeypatch):
         (cpu.GEMV_MAX_ROWS + 1, "float", "grouped"),
     ):
         calls.clear()
-        idx, w = _routing(tokens, len(BITS), k=2, seed=tokens)
+        idx, w = random_routing(tokens, len(BITS), k=2, seed=tokens)
         x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
         got = moe_op(x, idx, w, *lists, BITS, "silu", mode)
         assert calls == [path], (tokens, mode, calls)

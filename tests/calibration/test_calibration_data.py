@@ -15,7 +15,7 @@ from optimum_mc.calibration import calibration_batches, describe_source
 from optimum_mc.calibration.data import load_documents, tokenize_documents
 from optimum_mc.errors import CalibrationError
 
-REF_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "models" / "mc-ref-mixtral"  # ../shared
+REF_TOKENIZER = Path(__file__).resolve().parents[3] / "shared" / "models" / "mc-ref-mixtral"  # ../shared
 
 TEXTS = [
     "Calibration text one: the quick brown fox jumps over the lazy dog, again and again. " * 8,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_moe_op import _quantized_blocks
+from helpers.moe import quantized_blocks
 from tiny_models import tiny_model
 
 from optimum_mc.architectures import moe_blocks
@@ -15,7 +15,7 @@ from optimum_mc.pruning import get_odp_stats, reset_odp_stats, set_odp
 from optimum_mc.pruning.rule import apply_drop, count_routing, drop_mask
 
 
-def _routing(tokens: int, experts: int, k: int, seed: int):
+def random_routing(tokens: int, experts: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
     w = torch.rand(tokens, k, generator=g).softmax(-1)
@@ -27,10 +27,10 @@ def _routing(tokens: int, experts: int, k: int, seed: int):
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.8, 1.0])
 def test_c_kernel_rule_and_counts_equal_the_torch_rule(k, threshold):
-    experts = next(moe_blocks(_quantized_blocks(tiny_model("mixtral")))).experts
+    experts = next(moe_blocks(quantized_blocks(tiny_model("mixtral")))).experts
     e = experts.num_experts
     for tokens in (1, 5, cpu.GEMV_MAX_ROWS):
-        idx, w = _routing(tokens, e, k, seed=tokens)
+        idx, w = random_routing(tokens, e, k, seed=tokens)
         x = torch.randn(tokens, experts.hidden_dim, generator=torch.Generator().manual_seed(tokens))
         counts = torch.zeros(e + 3, dtype=torch.int64)
         with torch.no_grad():
@@ -60,7 +60,7 @@ def test_model_with_rule_in_experts_equals_rule_in_hook(protect, monkeypatch):
     calls = []
     real = DecodePlan.__call__
     monkeypatch.setattr(DecodePlan, "__call__", lambda self, *a, **kw: calls.append(len(a)) or real(self, *a, **kw))
-    base = _quantized_blocks(tiny_model("mixtral")).eval()
+    base = quantized_blocks(tiny_model("mixtral")).eval()
     ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
     results = []
     for delegate in (True, False):
@@ -90,8 +90,8 @@ def test_decode_plan_follows_replaced_buffers_and_copies():
 
     from optimum_mc.kernels import moe
 
-    experts = next(moe_blocks(_quantized_blocks(tiny_model("mixtral")))).experts
-    idx, w = _routing(2, experts.num_experts, 2, seed=3)
+    experts = next(moe_blocks(quantized_blocks(tiny_model("mixtral")))).experts
+    idx, w = random_routing(2, experts.num_experts, 2, seed=3)
     idx[:, 0] = 0
     x = torch.randn(2, experts.hidden_dim, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -58,7 +58,7 @@ def test_amx_linear_refuses_shapes_it_does_not_take():
 
 
 def test_moe_bf16_prefill_uses_amx(monkeypatch):
-    from test_moe_op import BITS, _experts, _routing
+    from helpers.moe import BITS, random_experts, random_routing
 
     calls = []
     lib = cpu.library()
@@ -68,8 +68,8 @@ def test_moe_bf16_prefill_uses_amx(monkeypatch):
             fn = getattr(lib, name)
             return (lambda *a: calls.append(name) or fn(*a)) if name == "mc_amx_linear" else fn
 
-    gate_up, down = _experts(BITS)
-    idx, w = _routing(70, len(BITS), skew=True)  # expert 0 gets 70 rows: above the GEMV limit
+    gate_up, down = random_experts(BITS)
+    idx, w = random_routing(70, len(BITS), skew=True)  # expert 0 gets 70 rows: above the GEMV limit
     x = torch.randn(70, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
     want = moe(x, idx, w, gate_up, down, BITS, "silu")
     monkeypatch.setattr(moe_cpu.cpu, "library", lambda: Spy())

@@ -1,5 +1,5 @@
 """On a CUDA GPU (skipped elsewhere): the Triton kernels on the device, calibration on the GPU, inference, ODP,
-determinism and torch.compile. Run where a GPU is present: ``pytest tests/test_cuda.py``."""
+determinism and torch.compile. Run where a GPU is present: ``pytest tests/kernels/test_cuda.py``."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from tiny_models import CORPUS, save_tiny
 
 from optimum_mc.tools import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _command(name: str, module: str) -> list[str]:

@@ -153,10 +153,10 @@ def _spy(monkeypatch, names):
 
 
 def _layer():
-    from test_moe_op import BITS, _experts, _routing
+    from helpers.moe import BITS, random_experts, random_routing
 
-    gate_up, down = _experts(BITS)
-    idx, w = _routing(70, len(BITS), skew=True)  # expert 0 gets 70 rows: above the GEMV limit
+    gate_up, down = random_experts(BITS)
+    idx, w = random_routing(70, len(BITS), skew=True)  # expert 0 gets 70 rows: above the GEMV limit
     x = torch.randn(70, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
     ref = moe_reference(x, idx, w, gate_up, down, BITS, "silu")
     return (x, idx, w, gate_up, down, BITS, "silu"), ref
@@ -175,7 +175,7 @@ _NAMES = {
 @needs_bf16
 @pytest.mark.parametrize(("dot", "kernel"), [("dp", "mc_bf16_linear"), ("fma", "mc_bf16_linear_fma")])
 def test_moe_bf16_prefill_without_amx_uses_the_avx512bf16_kernel(monkeypatch, dot, kernel):
-    from test_moe_op import _tol
+    from helpers.moe import tolerance
 
     args, ref = _layer()
     monkeypatch.setattr(moe_cpu.cpu, "amx_available", lambda: False)  # what OPTIMUM_MC_CPU_AMX=0 gives
@@ -184,7 +184,7 @@ def test_moe_bf16_prefill_without_amx_uses_the_avx512bf16_kernel(monkeypatch, do
     got = moe(*args)
     assert calls and set(calls) == {kernel}
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, torch.bfloat16, True))
+    torch.testing.assert_close(got.float(), ref.float(), **tolerance(ref, torch.bfloat16, True))
 
 
 @needs_fma
@@ -192,7 +192,7 @@ def test_moe_bf16_prefill_without_amx_uses_the_avx512bf16_kernel(monkeypatch, do
 def test_moe_bf16_prefill_without_either_kernel_computes_in_fp32(monkeypatch, fma, kernel):
     """CPUs with neither AMX nor AVX512-BF16: the AVX2 + FMA kernel, else fp32 dequantization and fp32 BLAS; not
     bf16 BLAS (several times slower than fp32 BLAS there). Closer to the reference than the bf16-weight kernels."""
-    from test_moe_op import _tol
+    from helpers.moe import tolerance
 
     args, ref = _layer()
     monkeypatch.setattr(moe_cpu.cpu, "amx_available", lambda: False)
@@ -201,7 +201,7 @@ def test_moe_bf16_prefill_without_either_kernel_computes_in_fp32(monkeypatch, fm
     calls = _spy(monkeypatch, _NAMES)
     got = moe(*args)
     assert calls and set(calls) == {kernel}
-    torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, torch.bfloat16, True))
+    torch.testing.assert_close(got.float(), ref.float(), **tolerance(ref, torch.bfloat16, True))
 
 
 def _run_fma(x, qw, s, z, out_f, bits, group, y, threads=2) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_moe_op import _experts, _routing
+from helpers.moe import random_experts, random_routing
 
 from optimum_mc.integrations.vllm.moe_apply import apply_packed_moe, local_ids
 from optimum_mc.kernels.moe_cpu import DecodePlan
@@ -20,22 +20,22 @@ def _lists(gate_up, down, device):
     return [[m[j].to(device) for m in gate_up] for j in range(3)] + [[m[j].to(device) for m in down] for j in range(3)]
 
 
-def _tol(ref):
+def tolerance(ref):
     return dict(rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens", [1, 9, 40])
 def test_apply_matches_the_reference_with_and_without_odp(device, tokens):
-    gate_up, down = _experts(BITS)
-    idx, w = _routing(tokens, len(BITS), seed=tokens)
+    gate_up, down = random_experts(BITS)
+    idx, w = random_routing(tokens, len(BITS), seed=tokens)
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens))
     lists = _lists(gate_up, down, device)
     plan = DecodePlan(tuple(lists), BITS, "silu") if device == "cpu" else None
     kw = dict(mode="float", plan=plan)
     got = apply_packed_moe(x.to(device), w.to(device), idx.to(device), lists, BITS, len(BITS), **kw)
     ref = moe_reference(x, idx, w, gate_up, down, BITS, "silu")
-    torch.testing.assert_close(got.cpu(), ref, **_tol(ref))
+    torch.testing.assert_close(got.cpu(), ref, **tolerance(ref))
     # ODP: the rule drops second slots whose weight is below 0.6 x the first; the first token is protected
     protect = torch.zeros(tokens, dtype=torch.bool)
     protect[0] = True
@@ -45,7 +45,7 @@ def test_apply_matches_the_reference_with_and_without_odp(device, tokens):
     drop = drop_mask(w, 0.6) & ~protect.unsqueeze(-1)
     ids_ref, w_ref = apply_drop(idx, w, drop, len(BITS), True)
     ref = moe_reference(x, ids_ref, w_ref, gate_up, down, BITS, "silu")
-    torch.testing.assert_close(got.cpu(), ref, **_tol(ref))
+    torch.testing.assert_close(got.cpu(), ref, **tolerance(ref))
     c = counts.cpu()
     assert int(c[len(BITS)]) == int(drop.sum()) and int(c[: len(BITS)].sum()) == idx.numel() - int(drop.sum())
     assert int(c[len(BITS) + 2]) == tokens
@@ -54,9 +54,9 @@ def test_apply_matches_the_reference_with_and_without_odp(device, tokens):
 @pytest.mark.parametrize("device", DEVICES)
 def test_expert_parallel_ranks_sum_to_the_whole_layer(device):
     """Two ranks holding alternate experts (vLLM's expert map: local id, -1 elsewhere) add up to the layer."""
-    gate_up, down = _experts(BITS)
+    gate_up, down = random_experts(BITS)
     tokens, total = 24, len(BITS)
-    idx, w = _routing(tokens, total, seed=5)
+    idx, w = random_routing(tokens, total, seed=5)
     idx[0, 1] = total  # a slot dropped by ODP upstream
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(3))
     out = torch.zeros(tokens, 128)
@@ -72,4 +72,4 @@ def test_expert_parallel_ranks_sum_to_the_whole_layer(device):
         out += apply_packed_moe(x.to(device), w.to(device), idx.to(device), lists, bits, total, mode="float",
                                 expert_map=emap.to(device)).cpu()  # fmt: skip
     ref = moe_reference(x, idx, w, gate_up, down, BITS, "silu")
-    torch.testing.assert_close(out, ref, **_tol(ref))
+    torch.testing.assert_close(out, ref, **tolerance(ref))

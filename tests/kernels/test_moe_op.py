@@ -5,59 +5,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.moe import BITS, quantized_blocks, random_experts, random_routing, tolerance
 from tiny_models import FAMILIES, tiny_model
 
 from optimum_mc.architectures import moe_blocks
 from optimum_mc.errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError
-from optimum_mc.group_quant import rtn_quantize
 from optimum_mc.kernels import ACTIVATIONS, activation_name, cpu, moe, moe_cpu, moe_op
 from optimum_mc.kernels.reference import moe_reference
 from optimum_mc.nn import MCExperts
-from optimum_mc.packing import pack
-
-BITS = [1, 2, 3, 4, 8, 2, 3, 2]  # every bit-width in one layer
-
-
-def _experts(bits, hidden=128, inter=96, group=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gate_up, down = [], []
-    for b in bits:
-        q, s, z = rtn_quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, b, group)
-        gate_up.append((pack(q, b), s, z))
-        q, s, z = rtn_quantize(torch.randn(hidden, inter, generator=g) * 0.1, b, group)
-        down.append((pack(q, b), s, z))
-    return gate_up, down
-
-
-def _routing(tokens, num_experts, k=2, seed=1, skew=False):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(tokens)])
-    if skew:  # one expert gets many rows (BLAS path), the others few (GEMV path), in one call
-        idx[:, 0] = 0
-    weights = torch.rand(tokens, k, generator=g)
-    return idx, weights / weights.sum(-1, keepdim=True)
-
-
-def _tol(ref: torch.Tensor, dtype: torch.dtype, prefill: bool) -> dict:
-    # fp32: accumulation order only. bf16: the result's rounding (2^-8 relative), and on the BLAS path bf16
-    # inputs / intermediates (x and act(gate) * up rounded to bf16, as a bf16 float model does)
-    scale = ref.float().abs().max().item()
-    if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=1e-5 * scale)
-    return dict(rtol=2**-7, atol=(3e-2 if prefill else 2**-8) * scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 4, cpu.GEMV_MAX_ROWS, cpu.GEMV_MAX_ROWS + 1, 70])
 def test_cpu_kernel_matches_reference_mixed_bits_with_odp(tokens, dtype):
-    gate_up, down = _experts(BITS)
-    idx, w = _routing(tokens, len(BITS), skew=tokens == 70)
+    gate_up, down = random_experts(BITS)
+    idx, w = random_routing(tokens, len(BITS), skew=tokens == 70)
     idx[0, 1] = len(BITS)  # a slot dropped by ODP
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
     ref = moe_reference(x, idx, w, gate_up, down, BITS, "silu")
     got = moe(x, idx, w, gate_up, down, BITS, "silu")
     assert got.dtype == dtype and got.shape == x.shape
-    torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, dtype, tokens > cpu.GEMV_MAX_ROWS))
+    torch.testing.assert_close(got.float(), ref.float(), **tolerance(ref, dtype, tokens > cpu.GEMV_MAX_ROWS))
     # the dispatcher (torch.ops, as torch.compile calls it) reaches the same CPU kernel
     lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
     assert torch.equal(torch.ops.optimum_mc.moe(x, idx, w, *lists, BITS, "silu"), got)
@@ -66,12 +34,12 @@ def test_cpu_kernel_matches_reference_mixed_bits_with_odp(tokens, dtype):
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("tokens", [3, 40])
 def test_every_activation(activation, tokens):
-    gate_up, down = _experts([2, 3, 4, 2], group=-1)  # one group per row: 128 and 96 wide
-    idx, w = _routing(tokens, 4)
+    gate_up, down = random_experts([2, 3, 4, 2], group=-1)  # one group per row: 128 and 96 wide
+    idx, w = random_routing(tokens, 4)
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(3))
     ref = moe_reference(x, idx, w, gate_up, down, [2, 3, 4, 2], activation)
     got = moe(x, idx, w, gate_up, down, [2, 3, 4, 2], activation)
-    torch.testing.assert_close(got, ref, **_tol(ref, torch.float32, tokens > cpu.GEMV_MAX_ROWS))
+    torch.testing.assert_close(got, ref, **tolerance(ref, torch.float32, tokens > cpu.GEMV_MAX_ROWS))
 
 
 def test_activation_names_are_probed():
@@ -85,8 +53,8 @@ def test_activation_names_are_probed():
 
 @pytest.mark.parametrize("tokens", [2, 30])
 def test_dropped_slots_contribute_nothing(tokens):
-    gate_up, down = _experts([2, 3, 2, 3])
-    idx, w = _routing(tokens, 4)
+    gate_up, down = random_experts([2, 3, 2, 3])
+    idx, w = random_routing(tokens, 4)
     x = torch.randn(tokens, 128)
     assert torch.equal(moe(x, torch.full_like(idx, 4), w, gate_up, down, [2, 3, 2, 3]), torch.zeros_like(x))
     half = idx.clone()
@@ -99,17 +67,17 @@ def test_decode_uses_the_fused_c_kernel(monkeypatch):
     calls = []
     real = moe_cpu._decode
     monkeypatch.setattr(moe_cpu, "_decode", lambda *a: calls.append(1) or real(*a))
-    gate_up, down = _experts([2, 3])
-    idx, w = _routing(1, 2)
+    gate_up, down = random_experts([2, 3])
+    idx, w = random_routing(1, 2)
     moe(torch.randn(1, 128), idx, w, gate_up, down, [2, 3])
     if cpu.library() is not None:
         assert calls == [1]
 
 
 def test_bad_input_raises_typed_errors():
-    gate_up, down = _experts([2, 3, 2, 3])
+    gate_up, down = random_experts([2, 3, 2, 3])
     x = torch.randn(5, 128)
-    idx, w = _routing(5, 4)
+    idx, w = random_routing(5, 4)
     for bad in (-1, 5):
         wrong = idx.clone()
         wrong[2, 0] = bad
@@ -134,30 +102,21 @@ def test_bad_input_raises_typed_errors():
 
 
 def test_fake_tensors_and_meta():
-    gate_up, down = _experts([2, 3])
+    gate_up, down = random_experts([2, 3])
     meta = lambda ts: [tuple(t.to("meta") for t in m) for m in ts]  # noqa: E731
     out = moe(torch.randn(3, 128, device="meta"), torch.zeros(3, 2, dtype=torch.long, device="meta"),
               torch.rand(3, 2, device="meta"), meta(gate_up), meta(down), [2, 3])  # fmt: skip
     assert out.shape == (3, 128) and out.device.type == "meta"
 
 
-def _quantized_blocks(model, group=32):
-    for blk in moe_blocks(model):
-        e = blk.experts.num_experts
-        bits = [(1, 2, 3, 4)[i % 4] for i in range(e)]
-        new = MCExperts.from_float(blk.experts, bits, group)
-        blk.block.experts = new
-    return model
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_mcexperts_fused_equals_per_expert_path(family):
-    model = _quantized_blocks(tiny_model(family))
+    model = quantized_blocks(tiny_model(family))
     experts = next(moe_blocks(model)).experts
     assert isinstance(experts, MCExperts) and experts.activation == "silu"
     e, k = experts.num_experts, 2
     for tokens in (1, 3, 40):
-        idx, w = _routing(tokens, e, k)
+        idx, w = random_routing(tokens, e, k)
         idx[-1, -1] = e  # ODP
         x = torch.randn(tokens, experts.hidden_dim)
         with torch.no_grad():
@@ -168,7 +127,7 @@ def test_mcexperts_fused_equals_per_expert_path(family):
 def test_model_batch_with_padding_and_odp_matches_per_expert_path(monkeypatch):
     from optimum_mc.pruning import get_odp_stats, set_odp
 
-    model = _quantized_blocks(tiny_model("mixtral")).eval()
+    model = quantized_blocks(tiny_model("mixtral")).eval()
     ids = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
@@ -189,9 +148,9 @@ def test_model_batch_with_padding_and_odp_matches_per_expert_path(monkeypatch):
 
 
 def test_moe_op_compiles_without_graph_breaks():
-    model = _quantized_blocks(tiny_model("mixtral"))
+    model = quantized_blocks(tiny_model("mixtral"))
     experts = next(moe_blocks(model)).experts
-    idx, w = _routing(8, experts.num_experts)
+    idx, w = random_routing(8, experts.num_experts)
     x = torch.randn(8, experts.hidden_dim)
     explained = torch._dynamo.explain(experts)(x, idx, w)
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -205,7 +164,7 @@ def test_moe_op_compiles_without_graph_breaks():
 def _quantized_model():
     from optimum_mc.nn import QuantLinear
 
-    model = _quantized_blocks(tiny_model("mixtral")).eval()
+    model = quantized_blocks(tiny_model("mixtral")).eval()
     for layer in model.model.layers:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(layer.self_attn, name, QuantLinear.from_linear(getattr(layer.self_attn, name), 4, 32))
@@ -234,7 +193,7 @@ def test_bf16_dequantize_is_the_rounded_reference(bits):
     lib = cpu.library()
     if lib is None:
         pytest.skip("no C compiler: the reference serves the CPU")
-    qw, s, z = _experts([bits], hidden=256, inter=128, group=64)[0][0]  # gate_up: 256 x 256
+    qw, s, z = random_experts([bits], hidden=256, inter=128, group=64)[0][0]  # gate_up: 256 x 256
     out = torch.empty(qw.shape[0], 256, dtype=torch.bfloat16)
     assert lib.mc_dequantize_bf16(qw.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), qw.shape[0], 256, bits,
                                   64, 2) == 0  # fmt: skip
