@@ -1,5 +1,6 @@
 """The AMX bf16 prefill kernel (``mc_amx_linear``): y = x @ bf16(W).T with fp32 sums, for every bit-width and
-shapes that are not multiples of its 32-row blocks; and the fused MoE op's bf16 prefill reaches it."""
+shapes that are not multiples of its 32-row blocks; and the fused MoE op's bf16 prefill reaches it (through
+``mc_amx_linear_epi``, the same kernel with the MoE epilogues: tests/test_moe_prefill.py)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_moe_bf16_prefill_uses_amx(monkeypatch):
     class Spy:
         def __getattr__(self, name):
             fn = getattr(lib, name)
-            return (lambda *a: calls.append(name) or fn(*a)) if name == "mc_amx_linear" else fn
+            return (lambda *a: calls.append(name) or fn(*a)) if name == "mc_amx_linear_epi" else fn
 
     gate_up, down = _experts(BITS)
     idx, w = _routing(70, len(BITS), skew=True)  # expert 0 gets 70 rows: above the GEMV limit

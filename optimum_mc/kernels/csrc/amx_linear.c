@@ -8,6 +8,8 @@
  * re-laid once per call into the pair-interleaved B layout (16 k-pairs x 16 rows of x). Same rounding as
  * dequantizing into bf16 and calling bf16 BLAS: (q - zero) * scale in fp32 rounded to bf16 (nearest even),
  * products summed in fp32. Returns -1 where the CPU or the build has no AMX (the caller then uses BLAS).
+ * mc_amx_linear_epi hands each 32 x 32 block of sums, while in L1, to an epilogue (moe_epilogue.c): the MoE
+ * prefill's activation (gate/up) or weighted scatter-add into the tokens' rows (down).
  * ------------------------------------------------------------------------------------------------------------- */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -59,12 +61,16 @@ int mc_amx_available(void) {
 #endif
 }
 
-/* y rows have stride ldy floats. Returns 0, -1 (no AMX, or shapes it does not take), -2 when out of memory. */
-int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
-                  const uint16_t *zeros, int64_t N, int bits, int64_t group_size, float *y, int64_t ldy,
-                  int threads) {
+/* y = x @ W.T with the sums going through the epilogue ep (moe_epilogue.c). GLU: N = 2 * ep->inter, and each work
+ * item takes 16 gate rows and the 16 up rows of the same columns (ep->inter % 16 == 0), so both halves of a column
+ * are in the same tiles. Returns 0, -1 (no AMX, or shapes it does not take), -2 when out of memory. */
+static int amx_linear_epi(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                          const uint16_t *zeros, int64_t N, int bits, int64_t group_size, const mc_epi *ep,
+                          int threads) {
 #ifdef MC_HAVE_AMX
+    const int glu = ep->mode == MC_EPI_GLU;
     if (M < 1 || N < 1 || K % 32 || group_size % 16 || K % group_size || gemv_range(bits, 1) == NULL) return -1;
+    if (glu && (N != 2 * ep->inter || ep->inter % 16)) return -1;
     int64_t Mp = (M + 31) / 32 * 32, KB = K / 32, NB = (N + 31) / 32;
     /* x in the B layout: block (m16, kb) is 16 rows r x 16 columns i of bf16 pairs x[16*m16 + i][32*kb + 2r + {0,1}] */
     uint32_t *xv = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(Mp * K / 2));
@@ -84,7 +90,7 @@ int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweigh
     {
         uint16_t *buf = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(32 * K));
         uint8_t *pad = (uint8_t *)malloc((size_t)(K * bits / 8) + 8);
-        float tmp[4][256];
+        float acc[32 * 32] __attribute__((aligned(64))), res[16 * 32];
         if (buf == NULL || pad == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -94,9 +100,16 @@ int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweigh
 #pragma omp for schedule(dynamic, 1)
         for (int64_t nb = 0; nb < NB; nb++) {
             if (buf == NULL || pad == NULL) continue;
-            int64_t n0 = 32 * nb, nn = N - n0 < 32 ? N - n0 : 32;
-            dequantize_rows_bf16(qweight, scales, zeros, buf, n0, nn, N, K, bits, group_size, pad);
-            if (nn < 32) memset(buf + nn * K, 0, sizeof(uint16_t) * (size_t)((32 - nn) * K));
+            /* rows of W in buf: [n0, n0 + nn) (GLU: gate [n0, n0 + nn) then up [I + n0, ..) at buf row 16) */
+            int64_t n0 = glu ? 16 * nb : 32 * nb, nn = glu ? 16 : (N - n0 < 32 ? N - n0 : 32);
+            if (glu) {
+                dequantize_rows_bf16(qweight, scales, zeros, buf, n0, 16, N, K, bits, group_size, pad);
+                dequantize_rows_bf16(qweight, scales, zeros, buf + 16 * K, ep->inter + n0, 16, N, K, bits,
+                                     group_size, pad);
+            } else {
+                dequantize_rows_bf16(qweight, scales, zeros, buf, n0, nn, N, K, bits, group_size, pad);
+                if (nn < 32) memset(buf + nn * K, 0, sizeof(uint16_t) * (size_t)((32 - nn) * K));
+            }
             for (int64_t m32 = 0; m32 < Mp / 32; m32++) {
                 const uint32_t *b0 = xv + (2 * m32) * KB * 256, *b1 = xv + (2 * m32 + 1) * KB * 256;
                 _tile_zero(0);
@@ -113,20 +126,16 @@ int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweigh
                     _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
                 }
-                _tile_stored(0, tmp[0], 64);
-                _tile_stored(1, tmp[1], 64);
-                _tile_stored(2, tmp[2], 64);
-                _tile_stored(3, tmp[3], 64);
-                for (int t = 0; t < 4; t++) { /* tile t: W rows 16 * (t / 2) + i, x rows 16 * (t % 2) + j */
-                    for (int64_t j = 0; j < 16; j++) {
-                        int64_t m = 32 * m32 + 16 * (t % 2) + j;
-                        if (m >= M) break;
-                        for (int64_t i = 0; i < 16; i++) {
-                            int64_t n = n0 + 16 * (t / 2) + i;
-                            if (n < N) y[m * ldy + n] = tmp[t][i * 16 + j];
-                        }
-                    }
-                }
+                /* tile t: W rows 16 * (t / 2) + i, x rows 16 * (t % 2) + j -> acc[(16 * (t / 2) + i) * 32 + 16 * (t % 2) + j] */
+                _tile_stored(0, acc, 128);
+                _tile_stored(1, acc + 16, 128);
+                _tile_stored(2, acc + 16 * 32, 128);
+                _tile_stored(3, acc + 16 * 32 + 16, 128);
+                int64_t m0 = 32 * m32, mm = M - m0 < 32 ? M - m0 : 32;
+                if (glu)
+                    epi_glu_block(ep, acc, acc + 16 * 32, 32, n0, 16, m0, mm, res);
+                else
+                    epi_rows(ep, acc, 32, n0, nn, m0, mm);
             }
         }
         if (buf != NULL && pad != NULL) _tile_release();
@@ -137,7 +146,23 @@ int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweigh
     return failed ? -2 : 0;
 #else
     (void)x, (void)M, (void)K, (void)qweight, (void)scales, (void)zeros, (void)N, (void)bits, (void)group_size;
-    (void)y, (void)ldy, (void)threads;
+    (void)ep, (void)threads;
     return -1;
 #endif
+}
+
+/* y rows have stride ldy floats. Returns 0, -1 (no AMX, or shapes it does not take), -2 when out of memory. */
+int mc_amx_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                  const uint16_t *zeros, int64_t N, int bits, int64_t group_size, float *y, int64_t ldy,
+                  int threads) {
+    mc_epi ep = {MC_EPI_STORE, 0, 0, 0, 0, ldy, y, NULL, NULL, NULL};
+    return amx_linear_epi(x, M, K, qweight, scales, zeros, N, bits, group_size, &ep, threads);
+}
+
+/* The same with an epilogue (moe_epilogue.c): the MoE prefill's gate/up (GLU) and down (SCATTER) projections. */
+int mc_amx_linear_epi(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qweight, const uint16_t *scales,
+                      const uint16_t *zeros, int64_t N, int bits, int64_t group_size, const mc_epi *ep,
+                      int threads) {
+    if (ep->mode != MC_EPI_STORE && ep->mode != MC_EPI_GLU && ep->mode != MC_EPI_SCATTER) return -1;
+    return amx_linear_epi(x, M, K, qweight, scales, zeros, N, bits, group_size, ep, threads);
 }
