@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         help="only: one bf16 Mixtral layer of 1/4 width, 512 tokens top-2, 2/3-bit experts: the CPU op (and, with "
         "--before, the op's grouped path at that git revision) vs bf16 float experts; JSON",
     )
-    p.add_argument("--before", default=None, help="--moe-prefill: a git revision whose moe_cpu._prefill to time too")
+    p.add_argument("--before", default=None, help="--moe-prefill: also time moe_cpu._prefill and the C kernels at REV")
     p.add_argument("--rounds", type=int, default=11, help="--moe-prefill: alternating rounds")
     p.add_argument("--tokens", type=int, default=512, help="--moe-prefill: prompt tokens")
     args = p.parse_args(argv)
@@ -190,26 +190,44 @@ def moe_decode_crossover(group: int, rounds: int = 21) -> None:
 
 
 def _prefill_at(rev: str):
-    """``moe_cpu._prefill`` as the source at git revision ``rev`` wrote it (the C library is today's: the
-    functions that source calls must still exist), to time a change against its baseline in the same process."""
+    """``moe_cpu._prefill`` and the C kernels as they were at git revision ``rev`` (the source built here with the
+    flags of today's build), to time a change against its baseline in the same process: ``(prefill, lib)``."""
     import subprocess
+    import tarfile
+    import tempfile
     import types
 
     from optimum_mc.kernels import moe_cpu
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(moe_cpu.__file__)))
-    show = ["git", "-C", root, "show", f"{rev}:optimum_mc/kernels/moe_cpu.py"]
-    src = subprocess.run(show, capture_output=True, text=True, check=True).stdout
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(moe_cpu.__file__))))
+    git = ["git", "-C", root]
+    src = subprocess.run([*git, "show", f"{rev}:optimum_mc/kernels/moe_cpu.py"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
     mod = types.ModuleType(f"optimum_mc.kernels._moe_cpu_at_{rev}")
     mod.__package__ = "optimum_mc.kernels"
     exec(compile(src, f"{rev}:moe_cpu.py", "exec"), mod.__dict__)
-    return mod._prefill
+    tmp = tempfile.mkdtemp(prefix="mc_bench_")
+    archive = os.path.join(tmp, "csrc.tar")
+    subprocess.run([*git, "archive", "-o", archive, rev, "optimum_mc/kernels/csrc"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    csrc = os.path.join(tmp, "optimum_mc", "kernels", "csrc")
+    flags = cpu.fallback_flags()[0]
+    out = os.path.join(tmp, "mc_kernels.so")
+    subprocess.run([cpu._compiler(), *flags, f"-I{csrc}", os.path.join(csrc, "mc_kernels.c"), "-o", out, "-lm"],
+                   check=True)  # fmt: skip
+    old, now = cpu._open(out), cpu.library()
+    for name, fn in vars(now).items():  # today's signatures for the functions that revision had
+        if name.startswith("mc_") and hasattr(old, name):
+            getattr(old, name).argtypes, getattr(old, name).restype = fn.argtypes, fn.restype
+    return mod._prefill, old
 
 
 def moe_prefill(group: int, tokens: int, rounds: int, before: str | None) -> None:
     """One MoE layer's prefill with bf16 hidden states, Mixtral of 1/4 width (hidden 1024, intermediate 3584,
     8 experts top-2, experts at 2 and 3 bits alternating): ``moe_cpu._prefill`` (and the one at git revision
-    ``before``) vs bf16 float experts (:func:`dense_moe`, per-expert ``F.linear`` as transformers' eager experts).
+    ``before``, with the C kernels of that revision) vs bf16 float experts (:func:`dense_moe`, per-expert
+    ``F.linear`` as transformers' eager experts).
     Rounds alternate the paths; prints JSON with each path's min and median ms and the ratios of the minima."""
     import json
 
@@ -227,8 +245,8 @@ def moe_prefill(group: int, tokens: int, rounds: int, before: str | None) -> Non
     w = w / w.sum(-1, keepdim=True)
     paths = {"mc": lambda: moe_cpu._prefill(lib, x, idx, w, gu, dn, bits, "silu")}
     if before:
-        old = _prefill_at(before)
-        paths["mc_before"] = lambda: old(lib, x, idx, w, gu, dn, bits, "silu")
+        old, old_lib = _prefill_at(before)
+        paths["mc_before"] = lambda: old(old_lib, x, idx, w, gu, dn, bits, "silu")
     paths["bf16_float"] = lambda: dense_moe(x, idx, w, w1, w2)
     times = {k: [] for k in paths}
     for f in paths.values():

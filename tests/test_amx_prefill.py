@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not cpu.amx_available(), reason="no AMX on this 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize(
-    ("rows", "out_f", "in_f", "group"), [(70, 200, 256, 32), (13, 32, 96, 32), (33, 65, 384, 128)]
+    ("rows", "out_f", "in_f", "group"),
+    [(70, 200, 256, 32), (13, 32, 96, 32), (33, 65, 384, 128), (300, 200, 2048, 128)],  # the last: x past 1 MiB
 )
 def test_amx_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group):
     qw, s, z = random_packed(out_f, in_f, bits, group, seed=bits)
@@ -36,13 +37,14 @@ def test_amx_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-def test_amx_linear_threads_give_the_same_result():
-    qw, s, z = random_packed(1000, 512, 3, 128, seed=5)  # 40 x 1000 x 512 rows x outputs x inputs: the threaded region
-    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(6)).bfloat16()
+@pytest.mark.parametrize("rows", [40, 600])  # 600: x past 1 MiB, several weight blocks per work item
+def test_amx_linear_threads_give_the_same_result(rows):
+    qw, s, z = random_packed(1000, 1024, 3, 128, seed=5)  # rows x 1000 x 1024: the threaded region
+    x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(6)).bfloat16()
     lib, ys = cpu.library(), []
     for threads in (1, 2):
-        y = torch.empty(40, 1000)
-        assert lib.mc_amx_linear(x.data_ptr(), 40, 512, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 1000, 3, 128,
+        y = torch.empty(rows, 1000)
+        assert lib.mc_amx_linear(x.data_ptr(), rows, 1024, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 1000, 3, 128,
                                  y.data_ptr(), 1000, threads) == 0  # fmt: skip
         ys.append(y)
     assert torch.equal(ys[0], ys[1])

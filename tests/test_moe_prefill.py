@@ -112,10 +112,10 @@ def _amx(x, qw, s, z, n, bits, group, epi=None, threads=2, y=None):
 
 @needs_amx
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("rows", [7, 70])
+@pytest.mark.parametrize(("rows", "hidden"), [(7, 128), (70, 128), (300, 2048)])  # 300 x 2048: x past 1 MiB
 @pytest.mark.parametrize("threads", [1, 2])
-def test_amx_fused_epilogues_equal_the_plain_sums_through_the_epilogue(bits, rows, threads):
-    inter, hidden, group, tokens = 96, 128, 32, 40
+def test_amx_fused_epilogues_equal_the_plain_sums_through_the_epilogue(bits, rows, hidden, threads):
+    inter, group, tokens = 96, 32, 40
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(rows, hidden, generator=g).bfloat16()
     qw, s, z = random_packed(2 * inter, hidden, bits, group, seed=bits)

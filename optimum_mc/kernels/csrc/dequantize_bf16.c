@@ -70,19 +70,21 @@ static inline __attribute__((always_inline)) __m512 codes16(const uint8_t *src, 
     return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)));
 }
 
+/* One row of codes as bf16 into dst, in blocks of 32 weights kstride apart: weight k at dst[(k / 32) * kstride + k % 32]
+ * (kstride 32: the row as it is; the AMX kernel's tile layout: 1024, i.e. 32 rows of 32 weights per block). */
 static inline __attribute__((always_inline)) void dequantize_row_bf16(const uint8_t *row, const uint16_t *s16,
                                                                       const uint16_t *z16, uint16_t *dst,
                                                                       int64_t in_f, int64_t group_size,
-                                                                      const int BITS) {
+                                                                      int64_t kstride, const int BITS) {
     int64_t groups = in_f / group_size, chunks = group_size / 16;
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *src = row + g * group_size * BITS / 8;
         _mm_prefetch((const char *)src + GEMV_PREFETCH, _MM_HINT_T0);
         __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
-        uint16_t *d = dst + g * group_size;
         for (int64_t c = 0; c < chunks; c++) {
+            int64_t k = g * group_size + 16 * c;
             __m512 w = _mm512_mul_ps(_mm512_sub_ps(codes16(src, c, BITS), vz), vs);
-            _mm256_storeu_si256((__m256i *)(d + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
+            _mm256_storeu_si256((__m256i *)(dst + k / 32 * kstride + k % 32), (__m256i)_mm512_cvtneps_pbh(w));
         }
     }
 }
