@@ -61,6 +61,35 @@ static void dequantize_rows_bf16(const uint8_t *qweight, const uint16_t *scales,
 }
 #endif
 
+#ifdef MC_HAVE_AMX
+/* dst[r * 16 + i] = src[i * ld + r] for i < valid (0 for the rows past them), r < 16: a 16 x 16 transpose of 32-bit
+ * words (bf16 pairs) in registers (32-bit, then 64-bit unpacks within 128-bit lanes, then two lane shuffles). */
+static inline void transpose16_u32(const uint32_t *src, int64_t ld, int64_t valid, uint32_t *dst) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = i < valid ? _mm512_loadu_si512((const void *)(src + i * ld)) : _mm512_setzero_si512();
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* r[i + j]: word j of each lane, rows i .. i + 3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) { /* column 4 L + j = lane L of r[j], r[4 + j], r[8 + j], r[12 + j] */
+        __m512i v0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), v1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);
+        __m512i v2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+        __m512i v3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+        _mm512_storeu_si512((void *)(dst + (0 + j) * 16), _mm512_shuffle_i32x4(v0, v2, 0x88));
+        _mm512_storeu_si512((void *)(dst + (8 + j) * 16), _mm512_shuffle_i32x4(v0, v2, 0xDD));
+        _mm512_storeu_si512((void *)(dst + (4 + j) * 16), _mm512_shuffle_i32x4(v1, v3, 0x88));
+        _mm512_storeu_si512((void *)(dst + (12 + j) * 16), _mm512_shuffle_i32x4(v1, v3, 0xDD));
+    }
+}
+#endif
+
 /* 1 if the AMX prefill kernel can run here (built with AMX, and the kernel grants this process the tile state). */
 int mc_amx_available(void) {
 #ifdef MC_HAVE_AMX
@@ -85,15 +114,12 @@ static int amx_linear_epi(const uint16_t *x, int64_t M, int64_t K, const uint8_t
     uint32_t *xv = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(Mp * K / 2));
     if (xv == NULL) return -2;
     const uint32_t *x32 = (const uint32_t *)x;
-    for (int64_t m16 = 0; m16 < Mp / 16; m16++)
-        for (int64_t kb = 0; kb < KB; kb++) {
-            uint32_t *blk = xv + (m16 * KB + kb) * 256;
-            for (int64_t r = 0; r < 16; r++)
-                for (int64_t i = 0; i < 16; i++) {
-                    int64_t m = 16 * m16 + i;
-                    blk[r * 16 + i] = m < M ? x32[m * (K / 2) + 16 * kb + r] : 0u;
-                }
-        }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && Mp * K >= (1 << 18))
+    for (int64_t m16 = 0; m16 < Mp / 16; m16++) {
+        int64_t valid = M - 16 * m16 < 16 ? M - 16 * m16 : 16;
+        for (int64_t kb = 0; kb < KB; kb++)
+            transpose16_u32(x32 + 16 * m16 * (K / 2) + 16 * kb, K / 2, valid, xv + (m16 * KB + kb) * 256);
+    }
     int failed = 0;
     /* With more rows of x than fit in L2 next to a weight block (the down projection of 512 tokens: 3.5 MiB),
      * each work item takes SB sub-blocks of 32 weight rows (up to 1 MiB of them), so every 32 rows of x, read from
