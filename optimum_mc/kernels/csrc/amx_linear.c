@@ -7,10 +7,10 @@
  * The tiles compute y.T = W @ x.T: W's dequantized rows are the A operand (16 rows x 32 k; dequantized into a tile
  * layout where each A tile is 1 KiB in one piece), x is re-laid once per call into the pair-interleaved B layout
  * (16 k-pairs x 16 rows of x). When x is larger than AMX_L2_BYTES (the down projection of an expert with 512
- * rows: 3.5 MiB), a work item takes several 32-row blocks of W, so each 32 rows of x read from L3 serve all of them
- * (measured on that shape, one thread: 5.1 ms instead of 10.2 / 5.9 with one block per item, oneDNN bf16 4.5). Same rounding as
- * dequantizing into bf16 and calling bf16 BLAS: (q - zero) * scale in fp32 rounded to bf16 (nearest even),
- * products summed in fp32. Returns -1 where the CPU or the build has no AMX (the caller then uses BLAS).
+ * rows: 3.5 MiB), a work item takes several 32-row blocks of W, so each 32 rows of x read from L3 serve all of
+ * them (measured on that shape, one thread: 5.1 ms instead of 10.2 / 5.9 with one block per item, oneDNN bf16
+ * 4.5). Same rounding as dequantizing into bf16 and calling bf16 BLAS: (q - zero) * scale in fp32 rounded to bf16
+ * (nearest even), products summed in fp32. Returns -1 where the CPU or the build has no AMX (the caller then uses BLAS).
  * mc_amx_linear_epi hands each 32 x 32 block of sums, while in L1, to an epilogue (moe_epilogue.c): the MoE
  * prefill's activation (gate/up) or weighted scatter-add into the tokens' rows (down).
  * ------------------------------------------------------------------------------------------------------------- */
@@ -40,16 +40,30 @@ static inline void amx_configure(void) { _tile_loadconfig(&amx_cfg); }
 
 /* Rows first .. first + count of W as bf16 into dst in the tile layout: block kb (32 inputs) of row i at
  * dst + kb * 1024 + i * 32, so each 16 x 32 A tile is 1 KiB in one piece (rows K * 2 bytes apart would share a few
- * L1 sets). */
+ * L1 sets). Groups of whole 32-input blocks go through dequantize_cols (with AVX512-VBMI a table lookup, 3x fewer
+ * instructions: at 128 rows of x the dequantization is most of an expert's time), others dequantize_row_bf16;
+ * both compute bf16((q - zero) * scale) with the same fp32 operations. consts: codes_init(bits, 32) or NULL. */
 static void dequantize_rows_bf16(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
                                  uint16_t *dst, int64_t first, int64_t count, int64_t rows, int64_t in_f, int bits,
-                                 int64_t group_size, uint8_t *pad) {
+                                 int64_t group_size, const void *consts, uint8_t *pad) {
     int64_t row_bytes = in_f * bits / 8, groups = in_f / group_size;
     for (int64_t i = 0; i < count; i++) {
         int64_t o = first + i;
         const uint8_t *row = row_ptr(qweight, o, rows, row_bytes, pad);
         const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
         uint16_t *d = dst + i * 32;
+        if (group_size % 32 == 0) {
+#define MC_DQ_TILES(B) dequantize_cols(row, s, z, d, 0, in_f, group_size, consts, 1024, B, 0)
+            switch (bits) {
+                case 1: MC_DQ_TILES(1); break;
+                case 2: MC_DQ_TILES(2); break;
+                case 3: MC_DQ_TILES(3); break;
+                case 4: MC_DQ_TILES(4); break;
+                default: MC_DQ_TILES(8); break;
+            }
+#undef MC_DQ_TILES
+            continue;
+        }
         switch (bits) {
             case 1: dequantize_row_bf16(row, s, z, d, in_f, group_size, 1024, 1); break;
             case 2: dequantize_row_bf16(row, s, z, d, in_f, group_size, 1024, 2); break;
@@ -120,6 +134,11 @@ static int amx_linear_epi(const uint16_t *x, int64_t M, int64_t K, const uint8_t
         for (int64_t kb = 0; kb < KB; kb++)
             transpose16_u32(x32 + 16 * m16 * (K / 2) + 16 * kb, K / 2, valid, xv + (m16 * KB + kb) * 256);
     }
+    const void *consts = NULL;
+#ifdef __AVX512VBMI__
+    codes_consts cc = codes_init(bits <= 4 ? bits : 4, 32);
+    consts = &cc;
+#endif
     int failed = 0;
     /* With more rows of x than fit in L2 next to a weight block (the down projection of 512 tokens: 3.5 MiB),
      * each work item takes SB sub-blocks of 32 weight rows (up to 1 MiB of them), so every 32 rows of x, read from
@@ -148,11 +167,11 @@ static int amx_linear_epi(const uint16_t *x, int64_t M, int64_t K, const uint8_t
                 uint16_t *bj = buf + j * 32 * K;
                 int64_t nb = s0 + j, n0 = glu ? 16 * nb : 32 * nb, nn = N - n0 < 32 ? N - n0 : 32;
                 if (glu) {
-                    dequantize_rows_bf16(qweight, scales, zeros, bj, n0, 16, N, K, bits, group_size, pad);
+                    dequantize_rows_bf16(qweight, scales, zeros, bj, n0, 16, N, K, bits, group_size, consts, pad);
                     dequantize_rows_bf16(qweight, scales, zeros, bj + 16 * 32, ep->inter + n0, 16, N, K, bits,
-                                         group_size, pad);
+                                         group_size, consts, pad);
                 } else {
-                    dequantize_rows_bf16(qweight, scales, zeros, bj, n0, nn, N, K, bits, group_size, pad);
+                    dequantize_rows_bf16(qweight, scales, zeros, bj, n0, nn, N, K, bits, group_size, consts, pad);
                     for (int64_t kb = 0; nn < 32 && kb < KB; kb++)
                         memset(bj + kb * 1024 + nn * 32, 0, sizeof(uint16_t) * (size_t)((32 - nn) * 32));
                 }
@@ -177,7 +196,8 @@ static int amx_linear_epi(const uint16_t *x, int64_t M, int64_t K, const uint8_t
                         _tile_dpbf16ps(2, 5, 6);
                         _tile_dpbf16ps(3, 5, 7);
                     }
-                    /* tile t: W rows 16 * (t / 2) + i, x rows 16 * (t % 2) + j -> acc[(16 * (t / 2) + i) * 32 + 16 * (t % 2) + j] */
+                    /* tile t: W rows 16 * (t / 2) + i, x rows 16 * (t % 2) + j
+                     * -> acc[(16 * (t / 2) + i) * 32 + 16 * (t % 2) + j] */
                     _tile_stored(0, acc, 128);
                     _tile_stored(1, acc + 16, 128);
                     _tile_stored(2, acc + 16 * 32, 128);
