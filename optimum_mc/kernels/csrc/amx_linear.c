@@ -10,7 +10,8 @@
  * rows: 3.5 MiB), a work item takes several 32-row blocks of W, so each 32 rows of x read from L3 serve all of
  * them (measured on that shape, one thread: 5.1 ms instead of 10.2 / 5.9 with one block per item, oneDNN bf16
  * 4.5). Same rounding as dequantizing into bf16 and calling bf16 BLAS: (q - zero) * scale in fp32 rounded to bf16
- * (nearest even), products summed in fp32. Returns -1 where the CPU or the build has no AMX (the caller then uses BLAS).
+ * (nearest even), products summed in fp32. Returns -1 where the CPU or the build has no AMX (the caller then uses
+ * BLAS).
  * mc_amx_linear_epi hands each 32 x 32 block of sums, while in L1, to an epilogue (moe_epilogue.c): the MoE
  * prefill's activation (gate/up) or weighted scatter-add into the tokens' rows (down).
  * ------------------------------------------------------------------------------------------------------------- */

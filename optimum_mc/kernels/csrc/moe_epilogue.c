@@ -1,6 +1,5 @@
 /* Part of the CPU kernels' one translation unit (mc_kernels.c includes it; not compiled on its own):
- * what the MoE prefill does with a projection's fp32 sums (after moe_decode.c: uses gated(); after
- * dequantize_bf16.c: uses floats_to_bf16()). */
+ * what the MoE prefill does with a projection's fp32 sums (after dequantize_bf16.c: uses floats_to_bf16()). */
 
 /* ---------------------------------------------------------------------------------------------------------------
  * An epilogue (mc_epi) says where the sums of a prefill kernel go, so the MoE prefill needs no torch pass between
@@ -32,6 +31,21 @@ typedef struct {
     const float *weight;
     const int64_t *dst; /* SCATTER: routing weight and token row of each row of x */
 } mc_epi;
+
+/* glu(g, u) for one value: the formulas of glu512 below with the C library's expf / erfcf (builds without
+ * AVX-512); NaN propagates as in torch (relu and the clamps keep it). */
+static inline float glu1(float g, float u, int act) {
+    switch (act) {
+        case 0: return g / (1.0f + expf(-g)) * u;
+        case 1: return 0.5f * g * erfcf(g * -0.70710678118654752f) * u;
+        case 2: return g / (1.0f + expf(-1.5957691216057307f * (g + 0.044715f * g * (g * g)))) * u;
+        case 3: return (g > 0.0f || g != g ? g : 0.0f) * u;
+        default:
+            g = g > 7.0f ? 7.0f : g;
+            u = u > 7.0f ? 7.0f : (u < -7.0f ? -7.0f : u);
+            return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * 1.702f)))));
+    }
+}
 
 #ifdef __AVX512F__
 /* e^x to ~1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n). NaN stays NaN (min / max
@@ -95,7 +109,7 @@ static void glu_strip(const float *g, const float *u, const float *bg, const flo
     }
 #else
     for (int64_t i = 0; i < n; i++)
-        res[i] = bg != NULL ? gated(g[i] + bg[i * bs], u[i] + bu[i * bs], act) : gated(g[i], u[i], act);
+        res[i] = bg != NULL ? glu1(g[i] + bg[i * bs], u[i] + bu[i * bs], act) : glu1(g[i], u[i], act);
 #endif
 }
 
@@ -126,8 +140,8 @@ static void epi_rows(const mc_epi *ep, const float *acc, int64_t rs, int64_t n0,
 
 /* GLU of a block: gate[r * rs + m] / up[r * rs + m] are gate / up column j0 + r of row m0 + m (r < nj <= 16,
  * m < mm <= 32); res: a 16 x 32 scratch. */
-static void epi_glu_block(const mc_epi *ep, const float *gate, const float *up, int64_t rs, int64_t j0, int64_t nj,
-                          int64_t m0, int64_t mm, float *res) {
+static inline void epi_glu_block(const mc_epi *ep, const float *gate, const float *up, int64_t rs, int64_t j0,
+                                 int64_t nj, int64_t m0, int64_t mm, float *res) {
     const float *b = ep->bias;
     for (int64_t r = 0; r < nj; r++)
         glu_strip(gate + r * rs, up + r * rs, b ? b + j0 + r : NULL, b ? b + ep->inter + j0 + r : NULL, 0, mm,
