@@ -3,6 +3,7 @@
     python scripts/bench_kernels.py                # expert shapes of the reference model and of Mixtral-8x7B
     python scripts/bench_kernels.py --quick        # small shapes only, shorter timing
     python scripts/bench_kernels.py --threads 1    # pin torch and the C kernels to one thread
+    python scripts/bench_kernels.py --moe-prefill --before <rev>  # one MoE layer's prefill, JSON
 
 Shapes are (out_features, in_features) of one weight. Every time is the median of repeated calls after a warm-up;
 a ratio is dense time / packed time measured in the same run (> 1: the packed kernel is faster). The packed kernel
@@ -72,13 +73,24 @@ def main(argv=None) -> None:
         action="store_true",
         help="only: bf16 MoE layer, the one-call int8 decode kernel vs the grouped path, per token count",
     )
+    p.add_argument(
+        "--moe-prefill",
+        action="store_true",
+        help="only: one bf16 Mixtral layer of 1/4 width, 512 tokens top-2, 2/3-bit experts: the CPU op (and, with "
+        "--before, the op's grouped path at that git revision) vs bf16 float experts; JSON",
+    )
+    p.add_argument("--before", default=None, help="--moe-prefill: also time moe_cpu._prefill and the C kernels at REV")
+    p.add_argument("--rounds", type=int, default=11, help="--moe-prefill: alternating rounds")
+    p.add_argument("--tokens", type=int, default=512, help="--moe-prefill: prompt tokens")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.moe_prefill:
+        return moe_prefill(args.group_size, args.tokens, args.rounds, args.before)
     if args.crossover:
         return crossover(args.group_size)
     if args.moe_decode_crossover:
         return moe_decode_crossover(args.group_size)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shapes = SMALL + ([] if args.quick else LARGE)
     min_time = 0.1 if args.quick else 0.4
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
@@ -175,6 +187,85 @@ def moe_decode_crossover(group: int, rounds: int = 21) -> None:
                 times[k].append(time.perf_counter() - t)
         td, tg = (min(times[k]) for k in paths)
         print(f"| {tokens} | {td * 1e3:.2f} | {tg * 1e3:.2f} | {tg / td:.2f} |", flush=True)
+
+
+def _prefill_at(rev: str):
+    """``moe_cpu._prefill`` and the C kernels as they were at git revision ``rev`` (the source built here with the
+    flags of today's build), to time a change against its baseline in the same process: ``(prefill, lib)``."""
+    import subprocess
+    import tarfile
+    import tempfile
+    import types
+
+    from optimum_mc.kernels import moe_cpu
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(moe_cpu.__file__))))
+    git = ["git", "-C", root]
+    src = subprocess.run([*git, "show", f"{rev}:optimum_mc/kernels/moe_cpu.py"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    mod = types.ModuleType(f"optimum_mc.kernels._moe_cpu_at_{rev}")
+    mod.__package__ = "optimum_mc.kernels"
+    exec(compile(src, f"{rev}:moe_cpu.py", "exec"), mod.__dict__)
+    tmp = tempfile.mkdtemp(prefix="mc_bench_")
+    archive = os.path.join(tmp, "csrc.tar")
+    subprocess.run([*git, "archive", "-o", archive, rev, "optimum_mc/kernels/csrc"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    csrc = os.path.join(tmp, "optimum_mc", "kernels", "csrc")
+    flags = cpu.fallback_flags()[0]
+    out = os.path.join(tmp, "mc_kernels.so")
+    subprocess.run([cpu._compiler(), *flags, f"-I{csrc}", os.path.join(csrc, "mc_kernels.c"), "-o", out, "-lm"],
+                   check=True)  # fmt: skip
+    old, now = cpu._open(out), cpu.library()
+    for name, fn in vars(now).items():  # today's signatures for the functions that revision had
+        if name.startswith("mc_") and hasattr(old, name):
+            getattr(old, name).argtypes, getattr(old, name).restype = fn.argtypes, fn.restype
+    return mod._prefill, old
+
+
+def moe_prefill(group: int, tokens: int, rounds: int, before: str | None) -> None:
+    """One MoE layer's prefill with bf16 hidden states, Mixtral of 1/4 width (hidden 1024, intermediate 3584,
+    8 experts top-2, experts at 2 and 3 bits alternating): ``moe_cpu._prefill`` (and the one at git revision
+    ``before``, with the C kernels of that revision) vs bf16 float experts (:func:`dense_moe`, per-expert
+    ``F.linear`` as transformers' eager experts).
+    Rounds alternate the paths; prints JSON with each path's min and median ms and the ratios of the minima."""
+    import json
+
+    from optimum_mc.kernels import moe_cpu
+
+    lib, gen = cpu.library(), torch.Generator().manual_seed(0)
+    hidden, inter, experts, bits = 1024, 3584, 8, [2, 3] * 4
+    gate_up = [random_words(2 * inter, hidden, b, group, gen) for b in bits]
+    down = [random_words(hidden, inter, b, group, gen) for b in bits]
+    gu, dn = tuple([m[j] for m in gate_up] for j in range(3)), tuple([m[j] for m in down] for j in range(3))
+    w1 = torch.randn(experts, 2 * inter, hidden, generator=gen).mul_(0.02).bfloat16()
+    w2 = torch.randn(experts, hidden, inter, generator=gen).mul_(0.02).bfloat16()
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    w, idx = torch.topk(torch.softmax(torch.randn(tokens, experts, generator=gen), -1), 2)
+    w = w / w.sum(-1, keepdim=True)
+    paths = {"mc": lambda: moe_cpu._prefill(lib, x, idx, w, gu, dn, bits, "silu")}
+    if before:
+        old, old_lib = _prefill_at(before)
+        paths["mc_before"] = lambda: old(old_lib, x, idx, w, gu, dn, bits, "silu")
+    paths["bf16_float"] = lambda: dense_moe(x, idx, w, w1, w2)
+    times = {k: [] for k in paths}
+    for f in paths.values():
+        f()
+    for _ in range(rounds):
+        for k, f in paths.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    ms = {k: {"min": min(v) * 1e3, "median": statistics.median(v) * 1e3} for k, v in times.items()}
+    ratios = {f"{k}/bf16_float": ms[k]["min"] / ms["bf16_float"]["min"] for k in paths if k != "bf16_float"}
+    if before:
+        ratios["mc/mc_before"] = ms["mc"]["min"] / ms["mc_before"]["min"]
+    report = {
+        "shape": {"hidden": hidden, "inter": inter, "experts": experts, "top_k": 2, "tokens": tokens, "bits": bits},
+        "threads": torch.get_num_threads(), "before": before, "rounds": rounds, "ms": ms, "ratios_of_min": ratios,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }  # fmt: skip
+    print(json.dumps(report, indent=1))
 
 
 def dense_moe(x, idx, wts, w1, w2) -> torch.Tensor:

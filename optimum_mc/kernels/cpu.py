@@ -236,6 +236,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mc_fma_available.restype = _INT
     lib.mc_fma_linear.argtypes = lib.mc_amx_linear.argtypes
     lib.mc_fma_linear.restype = _INT
+    lib.mc_amx_linear_epi.argtypes = [_P, _I64, _I64, _P, _P, _P, _I64, _INT, _I64, _P, _INT]
+    lib.mc_amx_linear_epi.restype = _INT
+    lib.mc_moe_epilogue.argtypes = [_P, _P, _I64, _I64, _I64, _INT]
+    lib.mc_moe_epilogue.restype = _INT
     return lib
 
 

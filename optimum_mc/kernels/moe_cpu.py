@@ -1,9 +1,9 @@
 """CPU implementation of ``optimum_mc::moe`` on the C kernels (``csrc/``).
 
 A few tokens (decode: at most ``cpu.moe_decode_tokens(int8)``, 12, or 32 with int8 activations) run the whole layer
-in one C call (``mc_moe_decode``, cached per module as a :class:`DecodePlan`). With more tokens, token-expert pairs
-are sorted by expert (dropped slots sort last and are never computed). Each projection then
-runs as one grouped call for every expert at once:
+in one C call (``mc_moe_decode``, cached per module as a :class:`DecodePlan`). With more tokens (prefill,
+:mod:`.moe_prefill`), token-expert pairs are sorted by expert (dropped slots sort last and are never computed) and
+each projection runs over every expert:
 
 - experts with at most ``cpu.gemv_rows(...)`` routed rows (decode; 12, or 5 for bf16 on AMX): ``mc_moe_gemv``,
   threaded over (expert, 64-row output block) work items, reading the packed bits directly, every bit-width in
@@ -15,9 +15,11 @@ runs as one grouped call for every expert at once:
 - experts with more rows, fp32 hidden states (or none of those kernels built): the weight is dequantized in C in
   16 MiB fp32 blocks and multiplied with fp32 BLAS.
 
-Between the projections ``glu(gate, up)`` (:data:`~.activations.GATED`) is one vectorized torch op over all pairs,
-and the routing-weighted sum is one ``index_add_``. Everything is computed in fp32 except the bf16-rounded weights
-of the bf16 prefill kernels (their products are exact in fp32 and summed in fp32).
+Each projection's sums go through a C epilogue (:mod:`.moe_prefill`; inside the AMX kernel): ``glu(gate, up)``
+(:data:`~.activations.GATED`) after gate/up, the routing-weighted scatter-add into the tokens' rows after down.
+Everything is computed in fp32 except the bf16-rounded weights of the bf16 prefill kernels (their products are
+exact in fp32 and summed in fp32) and, for bf16 hidden states, the activated hidden (rounded to bf16 as a bf16
+float model's is).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ import torch
 
 from ..bitwidths import from_op_bits
 from . import cpu
-from .activations import GATED
 from .moe import check_index_values, register_eager
+from .moe_prefill import ACT_CODES
+from .moe_prefill import prefill as _prefill
+from .moe_prefill import ptrs as _ptrs
 from .reference import moe_reference
 
-# mc_moe_decode's activation argument
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "clamped_swiglu": 4}
 _INT32, _FP16 = torch.int32, torch.float16
 
 
@@ -52,41 +54,6 @@ def _fits(qws, ss, zs, bits: list[int], out_f: int, in_f: int) -> bool:
         ):  # fmt: skip
             return False
     return True
-
-
-def _ptrs(ts) -> ctypes.Array:
-    return (ctypes.c_int64 * len(ts))(*(t.data_ptr() for t in ts))
-
-
-def _grouped_linear(lib, x: torch.Tensor, qws, ss, zs, bits: list[int], starts: list[int], counts: list[int],
-                    out_f: int) -> torch.Tensor:  # fmt: skip
-    """Rows ``starts[e] : starts[e] + counts[e]`` of ``x`` (fp32, or bf16 for the BLAS path) times expert ``e``'s
-    weight, for every expert; returns fp32 ``(rows, out_f)``."""
-    rows, in_f = x.shape
-    y = torch.empty(rows, out_f, dtype=torch.float32)
-    group = in_f // ss[0].shape[1]
-    by_width = {b: cpu.gemv_rows(lib, x.dtype, in_f, group, b) for b in set(bits)}
-    limits = [by_width[b] for b in bits]
-    small = [c if c <= lim else 0 for c, lim in zip(counts, limits)]
-    if any(small):
-        xf = x if x.dtype == torch.float32 else x.float()
-        # tables referenced by name until the call returns (a temporary's memory could be reused before it)
-        tables = (_ptrs(qws), _ptrs(ss), _ptrs(zs), (ctypes.c_int32 * len(bits))(*bits),
-                  (ctypes.c_int64 * len(bits))(*starts), (ctypes.c_int64 * len(bits))(*small))  # fmt: skip
-        rc = lib.mc_moe_gemv(
-            xf.data_ptr(), *tables, len(bits), y.data_ptr(), out_f, in_f,
-            in_f // ss[0].shape[1], torch.get_num_threads(), 0,
-        )  # fmt: skip
-        if rc == -2:
-            raise MemoryError("optimum-mc CPU MoE GEMV could not allocate its buffers")
-        if rc:
-            raise RuntimeError(f"optimum-mc CPU MoE GEMV rejected bits={bits} (internal error)")
-    for e, c in enumerate(counts):
-        if c > limits[e]:
-            a, b = starts[e], starts[e] + c
-            xe = x[a:b] if x.dtype in (torch.float32, torch.bfloat16) else x[a:b].float()
-            cpu.dense_rows(lib, xe, qws[e], ss[e], zs[e], bits[e], y[a:b])
-    return y
 
 
 class DecodePlan:
@@ -163,39 +130,6 @@ def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activat
     """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
     plan = DecodePlan((*gu, *dn), bits, activation, checked=True)
     return plan(x, top_k_index, top_k_weights, int8=int8, gate_up_bias=biases[0], down_bias=biases[1])
-
-
-def _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str,
-             biases=(None, None)) -> torch.Tensor:  # fmt: skip
-    """Many tokens: pairs sorted by expert, grouped GEMV for experts with few rows, dequantize + BLAS for the rest."""
-    num_experts, (tokens, k) = len(gu[0]), top_k_index.shape
-    gu_bits, dn_bits = from_op_bits(bits, num_experts)
-    check_index_values(top_k_index, num_experts)
-    flat = top_k_index.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
-    pairs = torch.argsort(flat, stable=True)[: sum(counts)]  # dropped slots (index E) sort last
-    token = pairs // k
-    starts = [0] * num_experts
-    for e in range(1, num_experts):
-        starts[e] = starts[e - 1] + counts[e - 1]
-    keep_bf16 = x.dtype == torch.bfloat16
-    xg = x.index_select(0, token)
-    xg = xg.contiguous() if keep_bf16 else xg.float().contiguous()
-    inter = gu[0][0].shape[0] // 2
-    h = _grouped_linear(lib, xg, *gu, gu_bits, starts, counts, 2 * inter)
-    row_expert = flat.index_select(0, pairs)  # the pairs are sorted by expert
-    if biases[0] is not None:
-        h += biases[0].float().index_select(0, row_expert)
-    h = GATED[activation](h[:, :inter], h[:, inter:])
-    if keep_bf16:
-        h = h.to(torch.bfloat16)
-    y = _grouped_linear(lib, h.contiguous(), *dn, dn_bits, starts, counts, x.shape[1])
-    if biases[1] is not None:
-        y += biases[1].float().index_select(0, row_expert)
-    y *= top_k_weights.reshape(-1).index_select(0, pairs).float().unsqueeze(1)
-    out = torch.zeros(tokens, x.shape[1], dtype=torch.float32)
-    out.index_add_(0, token, y)
-    return out.to(x.dtype)
 
 
 def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,

@@ -1,5 +1,6 @@
 """The AMX bf16 prefill kernel (``mc_amx_linear``): y = x @ bf16(W).T with fp32 sums, for every bit-width and
-shapes that are not multiples of its 32-row blocks; and the fused MoE op's bf16 prefill reaches it."""
+shapes that are not multiples of its 32-row blocks; and the fused MoE op's bf16 prefill reaches it (through
+``mc_amx_linear_epi``, the same kernel with the MoE epilogues: tests/test_moe_prefill.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.skipif(not cpu.amx_available(), reason="no AMX on this 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize(
-    ("rows", "out_f", "in_f", "group"), [(70, 200, 256, 32), (13, 32, 96, 32), (33, 65, 384, 128)]
+    ("rows", "out_f", "in_f", "group"),
+    [(70, 200, 256, 32), (13, 32, 96, 32), (33, 65, 384, 128), (300, 200, 2048, 128)],  # the last: x past 1 MiB
 )
 def test_amx_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group):
     qw, s, z = random_packed(out_f, in_f, bits, group, seed=bits)
@@ -35,13 +37,14 @@ def test_amx_linear_equals_bf16_weights_fp32_sums(bits, rows, out_f, in_f, group
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-def test_amx_linear_threads_give_the_same_result():
-    qw, s, z = random_packed(1000, 512, 3, 128, seed=5)  # 40 x 1000 x 512 rows x outputs x inputs: the threaded region
-    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(6)).bfloat16()
+@pytest.mark.parametrize("rows", [40, 600])  # 600: x past 1 MiB, several weight blocks per work item
+def test_amx_linear_threads_give_the_same_result(rows):
+    qw, s, z = random_packed(1000, 1024, 3, 128, seed=5)  # rows x 1000 x 1024: the threaded region
+    x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(6)).bfloat16()
     lib, ys = cpu.library(), []
     for threads in (1, 2):
-        y = torch.empty(40, 1000)
-        assert lib.mc_amx_linear(x.data_ptr(), 40, 512, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 1000, 3, 128,
+        y = torch.empty(rows, 1000)
+        assert lib.mc_amx_linear(x.data_ptr(), rows, 1024, qw.data_ptr(), s.data_ptr(), z.data_ptr(), 1000, 3, 128,
                                  y.data_ptr(), 1000, threads) == 0  # fmt: skip
         ys.append(y)
     assert torch.equal(ys[0], ys[1])
@@ -66,7 +69,7 @@ def test_moe_bf16_prefill_uses_amx(monkeypatch):
     class Spy:
         def __getattr__(self, name):
             fn = getattr(lib, name)
-            return (lambda *a: calls.append(name) or fn(*a)) if name == "mc_amx_linear" else fn
+            return (lambda *a: calls.append(name) or fn(*a)) if name == "mc_amx_linear_epi" else fn
 
     gate_up, down = random_experts(BITS)
     idx, w = random_routing(70, len(BITS), skew=True)  # expert 0 gets 70 rows: above the GEMV limit

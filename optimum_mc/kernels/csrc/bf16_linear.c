@@ -34,93 +34,6 @@
 #ifdef MC_HAVE_BF16_DQ
 #define MC_HAVE_BF16_LINEAR 1
 
-#ifdef __AVX512VBMI__
-typedef struct {
-    __m512i perm, ctl, q;
-} codes_consts;
-
-/* LANES (32 word or 16 dword lanes) codes, lane i getting code i in its low bits: qword j holds lanes
- * LANES / 8 * j .. + LANES / 8 - 1, whose codes start at stream bit sb = LANES / 8 * j * BITS; the byte permute moves
- * the 8 bytes from byte sb / 8 into qword j, the multishift takes 8 bits at bit sb % 8 + t * BITS into the low byte
- * of lane t of the qword. Bits above the code are left: the table repeats with period 2^BITS over its entries, and
- * vpermw / vpermps read only the low 5 / 4 bits of an index. */
-static codes_consts codes_init(int bits, int lanes) {
-    int8_t perm[64], ctl[64];
-    float q[16];
-    int per = lanes / 8, width = 8 / per; /* lanes per qword, bytes per lane */
-    for (int j = 0; j < 8; j++) {
-        int sb = per * j * bits;
-        for (int t = 0; t < 8; t++) {
-            perm[8 * j + t] = (int8_t)(sb / 8 + t < 64 ? sb / 8 + t : 63);
-            ctl[8 * j + t] = (int8_t)(t % width ? 0 : sb % 8 + (t / width) * bits);
-        }
-    }
-    for (int i = 0; i < 16; i++) q[i] = (float)(i & ((1 << bits) - 1));
-    codes_consts c = {_mm512_loadu_si512(perm), _mm512_loadu_si512(ctl), _mm512_castps_si512(_mm512_loadu_ps(q))};
-    return c;
-}
-#endif
-
-/* w rounded to bf16 (nearest even, like the cast) and widened back to fp32 (exact). */
-static inline __attribute__((always_inline)) __m512 round_bf16_ps(__m512 w) {
-    __m256i h = (__m256i)_mm512_cvtneps_pbh(w);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* Columns k0 .. k0 + kc of one packed row (BITS-bit codes, group_size % 32 == 0, k0 % 32 == 0) rounded to bf16,
- * into dst as bf16 (F32 = 0) or as fp32 (F32 = 1). */
-static inline __attribute__((always_inline)) void dequantize_cols(const uint8_t *row, const uint16_t *s16,
-                                                                  const uint16_t *z16, void *dst, int64_t k0,
-                                                                  int64_t kc, int64_t group_size,
-                                                                  const void *consts, const int BITS, const int F32) {
-    _mm_prefetch((const char *)(row + (k0 + kc) * BITS / 8), _MM_HINT_T0); /* this row's next block */
-    _mm_prefetch((const char *)(row + (k0 + kc) * BITS / 8 + 64), _MM_HINT_T0);
-#ifdef __AVX512VBMI__
-    if (BITS <= 4) {
-        const codes_consts *cc = (const codes_consts *)consts;
-        __m512i table = _mm512_setzero_si512();
-        int64_t g_now = -1;
-        for (int64_t k = k0; k < k0 + kc; k += 32) {
-            int64_t g = k / group_size;
-            if (g != g_now) { /* the 2^BITS weights of this group rounded to bf16, repeated over the lanes */
-                __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
-                __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(cc->q), vz), vs);
-                table = F32 ? _mm512_castps_si512(round_bf16_ps(w))
-                            : _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(w));
-                g_now = g;
-            }
-            const uint8_t *src = row + k * BITS / 8;
-            if (F32) {
-                float *d = (float *)dst + (k - k0);
-                for (int h = 0; h < 2; h++) {
-                    __m512i v = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (2 * BITS)) - 1), src + 2 * BITS * h);
-                    v = _mm512_multishift_epi64_epi8(cc->ctl, _mm512_permutexvar_epi8(cc->perm, v));
-                    _mm512_storeu_ps(d + 16 * h, _mm512_permutexvar_ps(v, _mm512_castsi512_ps(table)));
-                }
-            } else {
-                __m512i v = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (4 * BITS)) - 1), src);
-                v = _mm512_multishift_epi64_epi8(cc->ctl, _mm512_permutexvar_epi8(cc->perm, v));
-                _mm512_storeu_si512((void *)((uint16_t *)dst + (k - k0)), _mm512_permutexvar_epi16(v, table));
-            }
-        }
-        return;
-    }
-#endif
-    (void)consts;
-    for (int64_t k = k0; k < k0 + kc; k += 32) {
-        int64_t g = k / group_size;
-        __m512 vs = _mm512_set1_ps(half_to_float(s16[g])), vz = _mm512_set1_ps(half_to_float(z16[g]));
-        const uint8_t *src = row + k * BITS / 8; /* codes16(src, c): codes 16c .. 16c + 15 from src */
-        for (int64_t c = 0; c < 2; c++) {
-            __m512 w = _mm512_mul_ps(_mm512_sub_ps(codes16(src, c, BITS), vz), vs);
-            if (F32)
-                _mm512_storeu_ps((float *)dst + (k - k0) + 16 * c, round_bf16_ps(w));
-            else
-                _mm256_storeu_si256((__m256i *)((uint16_t *)dst + (k - k0) + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
-        }
-    }
-}
-
 static void dequantize_block(const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros, void *dst,
                              int64_t first, int64_t count, int64_t rows, int64_t in_f, int bits, int64_t group_size,
                              int64_t k0, int64_t kc, const void *consts, uint8_t *pad, int f32) {
@@ -131,8 +44,8 @@ static void dequantize_block(const uint8_t *qweight, const uint16_t *scales, con
         const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
         void *d = f32 ? (void *)((float *)dst + i * kc) : (void *)((uint16_t *)dst + i * kc);
 #define MC_DQ_COLS(B)                                                                                               \
-    (f32 ? dequantize_cols(row, s, z, d, k0, kc, group_size, consts, B, 1)                                         \
-         : dequantize_cols(row, s, z, d, k0, kc, group_size, consts, B, 0))
+    (f32 ? dequantize_cols(row, s, z, d, k0, kc, group_size, consts, 32, B, 1)                                     \
+         : dequantize_cols(row, s, z, d, k0, kc, group_size, consts, 32, B, 0))
         switch (bits) {
             case 1: MC_DQ_COLS(1); break;
             case 2: MC_DQ_COLS(2); break;

@@ -27,6 +27,7 @@
  *   gemv_int.c         integer-dot GEMVs (int8 activations, fp32 by limbs) on AVX512-VNNI/VBMI, portable fallback
  *   moe_gemv.c         mc_moe_gemv: grouped GEMV over the experts of a layer
  *   moe_decode.c       mc_moe_decode: a whole MoE layer for a few tokens in one call (routing, ODP, activation)
+ *   moe_epilogue.c     mc_moe_epilogue: the MoE prefill's activation / weighted scatter-add of a projection's sums
  *   amx_linear.c       mc_amx_linear: bf16 prefill on the AMX tile unit
  *   bf16_linear.c      mc_bf16_linear / mc_bf16_linear_fma: bf16 prefill with AVX512-BF16 (no AMX)
  *   fma_linear.c       mc_fma_linear: prefill with AVX2 + FMA on exactly dequantized fp32 weights
@@ -38,6 +39,7 @@
 #include "gemv_int.c"
 #include "moe_gemv.c"
 #include "moe_decode.c"
+#include "moe_epilogue.c"
 #include "amx_linear.c"
 #include "bf16_linear.c"
 #include "fma_linear.c"
