@@ -1,6 +1,6 @@
 """The AMX bf16 prefill kernel (``mc_amx_linear``): y = x @ bf16(W).T with fp32 sums, for every bit-width and
 shapes that are not multiples of its 32-row blocks; and the fused MoE op's bf16 prefill reaches it (through
-``mc_amx_linear_epi``, the same kernel with the MoE epilogues: tests/test_moe_prefill.py)."""
+``mc_amx_linear_epi``, the same kernel with the MoE epilogues: tests/kernels/test_moe_prefill.py)."""
 
 from __future__ import annotations
 

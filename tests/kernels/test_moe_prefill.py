@@ -151,13 +151,13 @@ def test_amx_glu_refuses_an_inter_not_of_whole_tiles():
 
 @pytest.mark.parametrize("act", sorted(GATED))
 def test_bf16_prefill_every_activation_with_biases_matches_reference(act):
-    from test_moe_op import BITS, _experts, _routing, _tol
+    from helpers.moe import BITS, random_experts, random_routing, tolerance
 
-    gate_up, down = _experts(BITS)
-    idx, w = _routing(70, len(BITS), skew=True)  # expert 0 on the prefill kernel, the others on the GEMV
+    gate_up, down = random_experts(BITS)
+    idx, w = random_routing(70, len(BITS), skew=True)  # expert 0 on the prefill kernel, the others on the GEMV
     g = torch.Generator().manual_seed(5)
     x = torch.randn(70, 128, generator=g).bfloat16()
     biases = torch.randn(len(BITS), 2 * 96, generator=g) * 0.1, torch.randn(len(BITS), 128, generator=g) * 0.1
     ref = moe_reference(x, idx, w, gate_up, down, BITS, act, *biases)
     got = moe(x, idx, w, gate_up, down, BITS, act, gate_up_bias=biases[0], down_bias=biases[1])
-    torch.testing.assert_close(got.float(), ref.float(), **_tol(ref, torch.bfloat16, True))
+    torch.testing.assert_close(got.float(), ref.float(), **tolerance(ref, torch.bfloat16, True))
