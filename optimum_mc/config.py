@@ -110,7 +110,9 @@ class MCConfig(QuantizationConfigMixin):
             bytes per expert weight, comparable with llama.cpp's bits per weight): ``32 / group_size`` bits more
             (0.25 at group_size 128), so ``bits=2.25, bits_budget="stored"`` allocates like ``bits=2.0``. With
             ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model.
-        candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit.
+        candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit. ``None``
+            (default): ``[2, 3]`` when the budget reaches 2 code bits per expert weight, else ``[1, 2, 3]`` (a 1-bit
+            candidate measured worse at 2.0-2.25 code bits and no better at 2.5: docs/low-bit-study.md).
         attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
         group_size: quantization group size along the input dimension (-1: one group per row).
         zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
@@ -179,7 +181,7 @@ class MCConfig(QuantizationConfigMixin):
         self,
         bits: float = 2.5,
         bits_budget: str = "codes",
-        candidate_bits: list[int] | tuple[int, ...] = (1, 2, 3),
+        candidate_bits: list[int] | tuple[int, ...] | None = None,
         attn_bits: int | None = 4,
         group_size: int = 128,
         zero_point: str = "float",
@@ -260,6 +262,8 @@ class MCConfig(QuantizationConfigMixin):
     # ------------------------------------------------------------------ validation
     def post_init(self) -> None:
         """Validate every option; raise :class:`MCConfigError` naming the problem and the fix."""
+        if self.candidate_bits is None:
+            self.candidate_bits = self._default_candidates()
         cb = self.candidate_bits
         if not cb or any(isinstance(b, bool) or not isinstance(b, int) or b not in EXPERT_BITS for b in cb):
             raise _err(f"candidate_bits must be a non-empty list drawn from {EXPERT_BITS}, got {cb!r}.")
@@ -328,6 +332,20 @@ class MCConfig(QuantizationConfigMixin):
         self._check_types()
         self._check_scale()
         self._check_odp()
+
+    def _default_candidates(self) -> list[int]:
+        """``candidate_bits=None``: [2, 3] when the budget reaches 2 code bits per expert weight, else [1, 2, 3].
+
+        Measured (docs/low-bit-study.md, "Default candidates"): on both reference models a 1-bit candidate is worse
+        than none at 2.0 and 2.25 code bits and no better at 2.5; it stays a candidate only where the budget needs it.
+        """
+        bits = self.bits
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
+            return [1, 2, 3]  # refused with its own message by post_init
+        if self.bits_budget == "stored":  # the metadata's share at its largest (group_size=-1: at most 1 bit)
+            g = self.group_size
+            bits -= 32 / g if _is_int(g) and g > 0 else 1
+        return [2, 3] if bits >= 2 else [1, 2, 3]
 
     def _check_dataset(self) -> None:
         ds = self.dataset

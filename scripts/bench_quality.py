@@ -55,6 +55,7 @@ VARIANT_OPTIONS = {
     "mcproj": {"allocation_granularity": "projection"},
     "globalproj": {"allocation": "global", "allocation_granularity": "projection"},
     "mc23": {"candidate_bits": [2, 3]},
+    "mc123": {"candidate_bits": [1, 2, 3]},  # the paper's candidates (the default before the low-bit study)
     # the suffix counts stored bits per expert weight (codes + fp16 scales and zeros), as llama.cpp's bpw does
     "mcstored": {"bits_budget": "stored"},
     "mcstored23": {"bits_budget": "stored", "candidate_bits": [2, 3]},

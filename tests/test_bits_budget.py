@@ -66,13 +66,14 @@ def test_bad_values_raise_naming_the_allowed_ones(bad):
 
 
 def test_stored_range_includes_the_metadata():
-    optimum_mc.MCConfig(bits=1.25, bits_budget="stored")  # 1-bit codes + 0.25 at group 128
-    optimum_mc.MCConfig(bits=3.25, bits_budget="stored")
+    cb = [1, 2, 3]
+    optimum_mc.MCConfig(bits=1.25, bits_budget="stored", candidate_bits=cb)  # 1-bit codes + 0.25 at group 128
+    optimum_mc.MCConfig(bits=3.25, bits_budget="stored", candidate_bits=cb)
     for bits in (1.2, 3.3):
         with pytest.raises(MCConfigError, match=r"stored bits .* \[1.25, 3.25\]"):
-            optimum_mc.MCConfig(bits=bits, bits_budget="stored")
+            optimum_mc.MCConfig(bits=bits, bits_budget="stored", candidate_bits=cb)
     with pytest.raises(MCConfigError, match=r"\[1.5, 3.5\]"):
-        optimum_mc.MCConfig(bits=1.25, bits_budget="stored", group_size=64)
+        optimum_mc.MCConfig(bits=1.25, bits_budget="stored", group_size=64, candidate_bits=cb)
 
 
 def test_metadata_bits():

@@ -10,7 +10,7 @@ from optimum_mc.errors import MCConfigError
 
 def test_defaults_and_json_round_trip():
     cfg = MCConfig(bits=2.5, odp=True, odp_threshold=[0.4, 0.5], dataset=["a b c"])
-    assert cfg.quant_method == "mc" and cfg.candidate_bits == [1, 2, 3] and cfg.attn_bits == 4
+    assert cfg.quant_method == "mc" and cfg.candidate_bits == [2, 3] and cfg.attn_bits == 4
     again = MCConfig.from_dict(json.loads(cfg.to_json_string()))
     assert again == cfg and again.to_dict() == cfg.to_dict()
 
@@ -115,3 +115,22 @@ def test_nf4_without_bitsandbytes_names_the_extra(monkeypatch):
     with pytest.raises(MCConfigError, match=r"optimum-mc\[nf4\]"):
         MCConfig(experimental={"nonexpert_method": "bnb_nf4"})
     MCConfig()  # the default needs no bitsandbytes
+
+
+@pytest.mark.parametrize(
+    "kwargs,want",
+    [
+        ({}, [2, 3]),
+        ({"bits": 2.0}, [2, 3]),
+        ({"bits": 1.9}, [1, 2, 3]),
+        ({"bits": 1.5}, [1, 2, 3]),
+        ({"bits": 2.25, "bits_budget": "stored"}, [2, 3]),  # 2.0 code bits at group 128
+        ({"bits": 2.2, "bits_budget": "stored"}, [1, 2, 3]),
+        ({"bits": 2.2, "bits_budget": "stored", "group_size": 32}, [1, 2, 3]),  # 1.2 code bits
+    ],
+)
+def test_default_candidates_leave_1_bit_out_when_the_budget_reaches_2_code_bits(kwargs, want):
+    cfg = MCConfig(**kwargs)
+    assert cfg.candidate_bits == want
+    assert MCConfig.from_dict(cfg.to_dict()).candidate_bits == want  # config.json records the resolved list
+    assert MCConfig(candidate_bits=[1, 2, 3], **kwargs).candidate_bits == [1, 2, 3]  # an explicit list is kept
