@@ -25,6 +25,8 @@ EXPERT_HESSIANS = ("routed", "router-weighted")
 LOSS_NORMALIZERS = ("block", "residual")
 NONEXPERT_METHODS = ("gptq", "bnb_nf4")
 EXPERT_BITS = (1, 2, 3, 4)
+# candidate_bits=None: the first of these the model's budget can be met with (pipeline.check_budget)
+DEFAULT_CANDIDATES = ((2, 3), (1, 2, 3))
 # What ``bits`` counts: "codes" (the packed integer codes only, MC's and the paper's meaning) or "stored" (codes plus
 # the fp16 scales and zeros of every group: the bytes on disk per expert weight, as llama.cpp's bits per weight).
 BITS_BUDGETS = ("codes", "stored")
@@ -111,8 +113,10 @@ class MCConfig(QuantizationConfigMixin):
             (0.25 at group_size 128), so ``bits=2.25, bits_budget="stored"`` allocates like ``bits=2.0``. With
             ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model.
         candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit. ``None``
-            (default): ``[2, 3]`` when the budget reaches 2 code bits per expert weight, else ``[1, 2, 3]`` (a 1-bit
-            candidate measured worse at 2.0-2.25 code bits and no better at 2.5: docs/low-bit-study.md).
+            (default): ``[2, 3]`` where the model's budget can be met with them (every MoE layer, with
+            ``allocation_constraints``), else ``[1, 2, 3]``; resolved when quantization starts and recorded in
+            config.json (a 1-bit candidate measured worse at 2.0-2.25 code bits and no better at 2.5:
+            docs/low-bit-study.md).
         attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
         group_size: quantization group size along the input dimension (-1: one group per row).
         zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
@@ -262,14 +266,14 @@ class MCConfig(QuantizationConfigMixin):
     # ------------------------------------------------------------------ validation
     def post_init(self) -> None:
         """Validate every option; raise :class:`MCConfigError` naming the problem and the fix."""
-        if self.candidate_bits is None:
-            self.candidate_bits = self._default_candidates()
         cb = self.candidate_bits
-        if not cb or any(isinstance(b, bool) or not isinstance(b, int) or b not in EXPERT_BITS for b in cb):
-            raise _err(f"candidate_bits must be a non-empty list drawn from {EXPERT_BITS}, got {cb!r}.")
-        if len(set(cb)) != len(cb):
-            raise _err(f"candidate_bits has duplicates: {cb!r}.")
-        self.candidate_bits = sorted(cb)
+        if cb is not None:  # None: resolved per model (default_candidates); the widest choice bounds ``bits`` here
+            if not cb or any(isinstance(b, bool) or not isinstance(b, int) or b not in EXPERT_BITS for b in cb):
+                raise _err(f"candidate_bits must be a non-empty list drawn from {EXPERT_BITS}, got {cb!r}.")
+            if len(set(cb)) != len(cb):
+                raise _err(f"candidate_bits has duplicates: {cb!r}.")
+            self.candidate_bits = sorted(cb)
+        cb = self.candidate_bits or list(DEFAULT_CANDIDATES[-1])
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
             raise _err(f"bits must be a number, got {self.bits!r}.")
         if self.bits_budget not in BITS_BUDGETS:
@@ -332,20 +336,6 @@ class MCConfig(QuantizationConfigMixin):
         self._check_types()
         self._check_scale()
         self._check_odp()
-
-    def _default_candidates(self) -> list[int]:
-        """``candidate_bits=None``: [2, 3] when the budget reaches 2 code bits per expert weight, else [1, 2, 3].
-
-        Measured (docs/low-bit-study.md, "Default candidates"): on both reference models a 1-bit candidate is worse
-        than none at 2.0 and 2.25 code bits and no better at 2.5; it stays a candidate only where the budget needs it.
-        """
-        bits = self.bits
-        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
-            return [1, 2, 3]  # refused with its own message by post_init
-        if self.bits_budget == "stored":  # the metadata's share at its largest (group_size=-1: at most 1 bit)
-            g = self.group_size
-            bits -= 32 / g if _is_int(g) and g > 0 else 1
-        return [2, 3] if bits >= 2 else [1, 2, 3]
 
     def _check_dataset(self) -> None:
         ds = self.dataset
@@ -465,7 +455,7 @@ class MCConfig(QuantizationConfigMixin):
 
     @property
     def is_uniform(self) -> bool:
-        return len(self.candidate_bits) == 1
+        return self.candidate_bits is not None and len(self.candidate_bits) == 1
 
     @property
     def is_quantized(self) -> bool:

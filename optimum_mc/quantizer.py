@@ -223,7 +223,7 @@ class MCQuantizer(HfQuantizer):
             return model
         from .pipeline import check_budget, expert_code_bits
 
-        blocks = moe_blocks(model, arch)
+        blocks = list(moe_blocks(model, arch))  # read twice below
         check_budget(
             cfg, [int(b.experts.num_experts) for b in blocks], [expert_code_bits(cfg, b.experts) for b in blocks]
         )

@@ -139,3 +139,18 @@ def test_global_allocation_counts_stored_bits(mixtral_dir, tmp_path):
     model = _quantize_save(mixtral_dir, out, bits=3.5, bits_budget="stored", group_size=32, allocation="global")
     assert sum(map(sum, model.config.quantization_config.expert_bits)) == 20  # 2.5 code bits over 2 x 4 experts
     assert bytes_per_expert_weight(out) == pytest.approx(3.5, abs=1e-12)
+
+
+def test_infeasible_budget_refused_before_any_weight_loads(tmp_path, monkeypatch):
+    """The quantizer checks every MoE layer's budget on the empty model (the check once saw no layer at all)."""
+    import optimum_mc.pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("quantization started")
+
+    monkeypatch.setattr(optimum_mc.pipeline, "quantize_model", never)
+    path = save_tiny("mixtral", tmp_path / "m", intermediate_size=96)
+    with pytest.raises(MCConfigError, match="leaves .* bits for codes after"):
+        AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=mc_config(bits=1.3, bits_budget="stored", group_size=-1)
+        )

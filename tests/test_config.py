@@ -10,7 +10,7 @@ from optimum_mc.errors import MCConfigError
 
 def test_defaults_and_json_round_trip():
     cfg = MCConfig(bits=2.5, odp=True, odp_threshold=[0.4, 0.5], dataset=["a b c"])
-    assert cfg.quant_method == "mc" and cfg.candidate_bits == [2, 3] and cfg.attn_bits == 4
+    assert cfg.quant_method == "mc" and cfg.candidate_bits is None and cfg.attn_bits == 4
     again = MCConfig.from_dict(json.loads(cfg.to_json_string()))
     assert again == cfg and again.to_dict() == cfg.to_dict()
 
@@ -118,19 +118,26 @@ def test_nf4_without_bitsandbytes_names_the_extra(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kwargs,want",
+    "kwargs,experts,want",
     [
-        ({}, [2, 3]),
-        ({"bits": 2.0}, [2, 3]),
-        ({"bits": 1.9}, [1, 2, 3]),
-        ({"bits": 1.5}, [1, 2, 3]),
-        ({"bits": 2.25, "bits_budget": "stored"}, [2, 3]),  # 2.0 code bits at group 128
-        ({"bits": 2.2, "bits_budget": "stored"}, [1, 2, 3]),
-        ({"bits": 2.2, "bits_budget": "stored", "group_size": 32}, [1, 2, 3]),  # 1.2 code bits
+        ({}, [8, 8], [2, 3]),
+        ({"bits": 2.125}, [8, 8], [2, 3]),  # 17 bits: one expert at 3 (the constraints), the rest at 2
+        ({"bits": 2.0}, [8, 8], [1, 2, 3]),  # [2, 3] cannot meet the constraints at exactly 2
+        ({"bits": 2.0, "allocation_constraints": False}, [8, 8], [2, 3]),
+        ({"bits": 2.125}, [8, 4], [1, 2, 3]),  # a 4-expert layer has 8 bits: [2, 3] needs 9
+        ({"bits": 1.75}, [8], [1, 2, 3]),
+        ({"bits": 2.375, "bits_budget": "stored"}, [8], [2, 3]),  # 2.125 code bits at group 128
+        ({"bits": 2.25, "bits_budget": "stored"}, [8], [1, 2, 3]),  # 2.0 code bits
     ],
 )
-def test_default_candidates_leave_1_bit_out_when_the_budget_reaches_2_code_bits(kwargs, want):
+def test_default_candidates_leave_1_bit_out_where_the_budget_allows(kwargs, experts, want):
+    from optimum_mc.pipeline import check_budget
+
     cfg = MCConfig(**kwargs)
+    assert cfg.candidate_bits is None and cfg.to_dict()["candidate_bits"] is None
+    check_budget(cfg, experts, [cfg.code_bits(128, 128)] * len(experts))
     assert cfg.candidate_bits == want
     assert MCConfig.from_dict(cfg.to_dict()).candidate_bits == want  # config.json records the resolved list
-    assert MCConfig(candidate_bits=[1, 2, 3], **kwargs).candidate_bits == [1, 2, 3]  # an explicit list is kept
+    given = MCConfig(candidate_bits=[1, 2, 3], **kwargs)
+    check_budget(given, experts, [given.code_bits(128, 128)] * len(experts))
+    assert given.candidate_bits == [1, 2, 3]  # an explicit list is kept
