@@ -25,8 +25,10 @@ EXPERT_HESSIANS = ("routed", "router-weighted")
 LOSS_NORMALIZERS = ("block", "residual")
 NONEXPERT_METHODS = ("gptq", "bnb_nf4")
 EXPERT_BITS = (1, 2, 3, 4)
-# candidate_bits=None: the first of these the model's budget can be met with (pipeline.check_budget)
-DEFAULT_CANDIDATES = ((2, 3), (1, 2, 3))
+# candidate_bits=None (pipeline.check_budget): [1, 2, 3] from this many code bits per expert weight up, below it
+# [2, 3] where every MoE layer's budget can be met with them. Measured on both reference models
+# (docs/low-bit-study.md): a 1-bit candidate is worse at 2.0-2.25 code bits and no better at 2.5.
+KEEP_1_BIT_FROM = 2.5
 # What ``bits`` counts: "codes" (the packed integer codes only, MC's and the paper's meaning) or "stored" (codes plus
 # the fp16 scales and zeros of every group: the bytes on disk per expert weight, as llama.cpp's bits per weight).
 BITS_BUDGETS = ("codes", "stored")
@@ -113,10 +115,10 @@ class MCConfig(QuantizationConfigMixin):
             (0.25 at group_size 128), so ``bits=2.25, bits_budget="stored"`` allocates like ``bits=2.0``. With
             ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model.
         candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit. ``None``
-            (default): ``[2, 3]`` where the model's budget can be met with them (every MoE layer, with
-            ``allocation_constraints``), else ``[1, 2, 3]``; resolved when quantization starts and recorded in
-            config.json (a 1-bit candidate measured worse at 2.0-2.25 code bits and no better at 2.5:
-            docs/low-bit-study.md).
+            (default): ``[1, 2, 3]`` (the paper's) at 2.5 code bits per expert weight and above; below, ``[2, 3]``
+            where every MoE layer's budget can be met with them (with ``allocation_constraints``), else
+            ``[1, 2, 3]``. Resolved when quantization starts and recorded in config.json (a 1-bit candidate
+            measured worse at 2.0-2.25 code bits and no better at 2.5: docs/low-bit-study.md).
         attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
         group_size: quantization group size along the input dimension (-1: one group per row).
         zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
@@ -273,7 +275,7 @@ class MCConfig(QuantizationConfigMixin):
             if len(set(cb)) != len(cb):
                 raise _err(f"candidate_bits has duplicates: {cb!r}.")
             self.candidate_bits = sorted(cb)
-        cb = self.candidate_bits or list(DEFAULT_CANDIDATES[-1])
+        cb = self.candidate_bits or [1, 2, 3]
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits):
             raise _err(f"bits must be a number, got {self.bits!r}.")
         if self.bits_budget not in BITS_BUDGETS:

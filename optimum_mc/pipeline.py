@@ -41,7 +41,7 @@ from .calibration.sequential import LayerBatch, capture_layer_inputs, move_to, r
 from .calibration.stage import Stage, fingerprint
 from .calibration.tuning import tune_layer
 from .checkpoint import save_converter
-from .config import _RESULT_FIELDS, DEFAULT_CANDIDATES, MCConfig
+from .config import _RESULT_FIELDS, KEEP_1_BIT_FROM, MCConfig
 from .errors import CalibrationError, MCConfigError, UnsupportedArchitectureError
 from .expert_layout import canonical_experts, expert_act, experts_layout
 from .gptq import gptq_quantize
@@ -166,9 +166,11 @@ def global_code_bits(num_experts: list[int], code_bits: list[float]) -> float:
 def check_budget(config: MCConfig, num_experts: list[int], code_bits: list[float]) -> None:
     """:func:`~optimum_mc.allocation.check_feasible` for every MoE layer's code-bit target; with
     ``bits_budget="stored"`` the error says how the stored-bits target was converted. ``candidate_bits=None`` is
-    resolved here: the first of :data:`~optimum_mc.config.DEFAULT_CANDIDATES` every layer's budget can be met with."""
+    resolved here (:data:`~optimum_mc.config.KEEP_1_BIT_FROM`)."""
     if config.candidate_bits is None:
-        for cands in DEFAULT_CANDIDATES:
+        # 1 bit left out only below KEEP_1_BIT_FROM code bits (where it was measured to lose) and where [2, 3] fit
+        low = [] if code_bits and min(code_bits) >= KEEP_1_BIT_FROM else [(2, 3)]
+        for cands in [*low, (1, 2, 3)]:
             config.candidate_bits = list(cands)
             try:
                 _check_layers(config, num_experts, code_bits)

@@ -120,7 +120,8 @@ def test_nf4_without_bitsandbytes_names_the_extra(monkeypatch):
 @pytest.mark.parametrize(
     "kwargs,experts,want",
     [
-        ({}, [8, 8], [2, 3]),
+        ({}, [8, 8], [1, 2, 3]),  # 2.5 code bits: the paper's candidates
+        ({"bits": 2.375}, [8, 8], [2, 3]),
         ({"bits": 2.125}, [8, 8], [2, 3]),  # 17 bits: one expert at 3 (the constraints), the rest at 2
         ({"bits": 2.0}, [8, 8], [1, 2, 3]),  # [2, 3] cannot meet the constraints at exactly 2
         ({"bits": 2.0, "allocation_constraints": False}, [8, 8], [2, 3]),
@@ -128,9 +129,10 @@ def test_nf4_without_bitsandbytes_names_the_extra(monkeypatch):
         ({"bits": 1.75}, [8], [1, 2, 3]),
         ({"bits": 2.375, "bits_budget": "stored"}, [8], [2, 3]),  # 2.125 code bits at group 128
         ({"bits": 2.25, "bits_budget": "stored"}, [8], [1, 2, 3]),  # 2.0 code bits
+        ({"bits": 2.75, "bits_budget": "stored"}, [8], [1, 2, 3]),  # 2.5 code bits
     ],
 )
-def test_default_candidates_leave_1_bit_out_where_the_budget_allows(kwargs, experts, want):
+def test_default_candidates_leave_1_bit_out_below_2_5_code_bits_where_the_budget_allows(kwargs, experts, want):
     from optimum_mc.pipeline import check_budget
 
     cfg = MCConfig(**kwargs)
