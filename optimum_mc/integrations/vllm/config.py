@@ -123,7 +123,20 @@ class MCVllmConfig(QuantizationConfig):
             return self.linear_bits[name]
         for source, target in getattr(self, "renamings", ()):
             name = re.sub(source, target, name)
-        return self.linear_bits.get(name)
+        if name in self.linear_bits:
+            return self.linear_bits[name]
+        # a prefix vLLM gives under another name than the module's (Granite-MoE-Hybrid's mamba mixer, built as
+        # ``<layer>.mamba`` with prefix ``<layer>.mixer``): a ``<layer>.<child>.<leaf>`` whose child the checkpoint
+        # has nowhere in that layer is the layer's one ``<layer>.<other child>.<leaf>``, where there is exactly one
+        m = re.fullmatch(r"(.*layers\.\d+)\.([^.]+)\.([^.]+)", name)
+        if m is None:
+            return None
+        head, child, leaf = m.groups()
+        in_layer = [k[len(head) + 1 :].split(".") for k in self.linear_bits if k.startswith(head + ".")]
+        if any(parts[0] == child for parts in in_layer):
+            return None
+        others = [parts for parts in in_layer if len(parts) == 2 and parts[1] == leaf]
+        return self.linear_bits[f"{head}.{others[0][0]}.{leaf}"] if len(others) == 1 else None
 
     def linear_bits_for(self, prefix: str) -> int | None:
         """Bits of the packed linear ``prefix`` (a fused vLLM linear: its parts'), None when unquantized."""
