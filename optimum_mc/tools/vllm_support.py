@@ -39,7 +39,6 @@ ENGINE_NOTES = {
     "axk1": "vLLM's AXK1 builds post_mlp_layernorm on every decoder layer and requires it in the checkpoint; "
     "transformers' A.X-K1 has it only in MoE layers, so a transformers-saved checkpoint with a dense first layer "
     "(A.X-K1's first_k_dense_replace 1) lacks it for that layer",
-    "kimi_linear": "vLLM's Kimi-Linear imports NVIDIA's cutlass (CUDA-only), absent from the CPU build",
     "qwen3_5_moe_text": "vLLM's Qwen3.5 model imports Qwen3-VL, whose transformers image processor needs torchvision "
     "(removed from this venv: the registry's torchvision is a CUDA build that breaks next to torch+cpu)",
 }
