@@ -49,6 +49,10 @@ def run_one(model_type: str, timeout: int) -> dict:
     return res
 
 
+def notes(r: dict) -> str:
+    return "; ".join(x for x in (r.get("error", ""), r.get("note", "")) if x)
+
+
 def write(results: dict, path_md: str, path_json: str) -> None:
     import transformers
     import vllm
@@ -98,7 +102,7 @@ def write(results: dict, path_md: str, path_json: str) -> None:
 
         dtype = r.get("dtype", "") + (" (CPU_MLA)" if r.get("engine") else "")
         lines.append(f"| {mt} | {r['architecture']} | {r['status']} | {dtype} | {cell(f)} | "
-                     f"{cell(m)} | {r.get('error', '').replace('|', '/')} |")  # fmt: skip
+                     f"{cell(m)} | {notes(r).replace('|', '/')} |")  # fmt: skip
     with open(path_md, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
 

@@ -78,6 +78,9 @@ VLLM_SIZES = dict(
     # head dim size, 32")
     linear_key_head_dim=128,
     linear_value_head_dim=128,
+    # sparse-attention indexers (DeepSeek-V3.2, GLM-5, Hy-V4) rotate the first or last qk_rope_head_dim of their
+    # index_head_dim-wide heads: the head must hold that part (deepseek-ai/DeepSeek-V3.2: 128 wide, 64 rotated)
+    index_head_dim=128,
 )
 # config.json fields real checkpoints of a family carry that transformers' config class does not default to (or
 # defaults otherwise), and that vLLM reads to build the model: without them vLLM builds another model than the one
@@ -96,6 +99,15 @@ VLLM_CONFIG_EXTRAS = {
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
     ),
+    # arcee-ai/Trinity-Mini config.json: the routing transformers' AfmoeTokenChoiceRouter hard-codes (sigmoid scores,
+    # renormalized top-k, no expert groups), which vLLM reads from these fields
+    "afmoe": dict(score_func="sigmoid", route_norm=True, n_group=1, topk_group=1),
+    # tencent Hy3 config.json: vLLM reads the expert width as expert_hidden_dim (transformers: moe_intermediate_size),
+    # and q/k norms and renormalized top-k, which transformers' HYV3 always applies, from qk_norm / route_norm
+    "hy_v3": dict(expert_hidden_dim=VLLM_SIZES["moe_intermediate_size"], qk_norm=True, route_norm=True),
+    # MiniMaxAI/MiniMax-M2 config.json: sigmoid routing with a correction bias (transformers' MiniMaxM2 router always
+    # does both); rotary_dim is the rotated part of a head (the whole head at transformers' partial_rotary_factor 1)
+    "minimax_m2": dict(scoring_func="sigmoid", use_routing_bias=True, rotary_dim=VLLM_SIZES["head_dim"]),
 }
 # families whose defaults cannot be derived from the generic rules above
 _EXCEPTIONS = {
@@ -231,7 +243,18 @@ def vllm_sizes(model_type: str) -> dict:
     sizes = {k: v for k, v in VLLM_SIZES.items() if k == "head_dim" or hasattr(base, k)}
     if "kv_lora_rank" in sizes and "qk_rope_head_dim" in sizes:  # MLA: transformers' rotary head is the rope part
         sizes["head_dim"] = sizes["qk_rope_head_dim"]
-    return {**sizes, **VLLM_CONFIG_EXTRAS.get(model_type, {})}
+    # the family's own tie_word_embeddings (what its published checkpoints set): some vLLM models tie the head to the
+    # embedding whatever the config says (Cohere2-MoE, LFM2-MoE), so an untied tiny model would be another model there
+    if "tie_word_embeddings" in base.to_dict():
+        sizes["tie_word_embeddings"] = bool(base.tie_word_embeddings)
+    out = {**sizes, **VLLM_CONFIG_EXTRAS.get(model_type, {})}
+    if "first_k_dense_replace" not in out and not hasattr(base, "first_k_dense_replace"):
+        # a config class that lists per-layer MLP kinds (mlp_layer_types) where the published config.json still
+        # carries DeepSeek's first_k_dense_replace, which vLLM reads: the tiny model's count of leading dense layers
+        kinds = getattr(tiny_config(model_type, **out), "mlp_layer_types", None)
+        if isinstance(kinds, list) and kinds and "dense" in kinds:
+            out["first_k_dense_replace"] = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+    return out
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):

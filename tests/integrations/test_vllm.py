@@ -364,6 +364,32 @@ def test_tensor_parallel_that_splits_a_group_is_refused_naming_working_sizes():
 
 
 @needs_vllm
+def test_linear_widths_are_found_under_the_names_vllm_gives():
+    """linear_bits is keyed by transformers' module names; vLLM names a layer as the family's checkpoint does
+    (transformers' renamings undone: Hy3's shared_mlp) or under a prefix other than its module's (Granite-MoE-Hybrid
+    builds ``mamba`` with prefix ``mixer``). A float linear stays float, not the width of a same-leaf neighbour."""
+    from types import SimpleNamespace
+
+    from optimum_mc.integrations.vllm.config import MCVllmConfig
+
+    bits = {
+        "model.layers.1.mlp.shared_experts.down_proj": 3,
+        "model.layers.1.mlp.shared_experts.gate_proj": 4,
+        "model.layers.1.mlp.shared_experts.up_proj": 4,
+        "model.layers.0.mamba.in_proj": 4,
+        "model.layers.0.mamba.out_proj": 2,
+    }
+    cfg = MCVllmConfig({"quant_method": "mc", "group_size": 32, "moe_layers": [], "expert_bits": [], "linear_bits": bits})
+    cfg.maybe_update_config("m", SimpleNamespace(architectures=["HYV3ForCausalLM"], model_type="hy_v3"))
+    assert cfg.linear_bits_for("model.layers.1.mlp.shared_mlp.down_proj") == 3
+    assert cfg.linear_bits_for("model.layers.1.mlp.shared_mlp.gate_up_proj") == 4
+    assert cfg.linear_bits_for("model.layers.0.mixer.in_proj") == 4
+    assert cfg.linear_bits_for("model.layers.0.mixer.out_proj") == 2
+    assert cfg.linear_bits_for("model.layers.1.mlp.gate") is None  # the router: float
+    assert cfg.linear_bits_for("model.layers.0.mixer.conv1d") is None
+
+
+@needs_vllm
 def test_tensor_parallel_that_splits_an_experts_group_is_refused():
     from types import SimpleNamespace
 

@@ -157,3 +157,24 @@ def test_linears_a_converter_splits_stay_float(caplog):
     assert "linear_attn.out_proj" in got
     assert all(f"keeping {prefix}{n} in float" in caplog.text for n in names)
     assert set(linear_targets(layer, None, arch, cfg, prefix)) >= names  # without the converter rule: packed
+
+
+def test_vllm_sizes_follow_what_published_configs_carry():
+    """The tiny vLLM models are the families' models: the family's own tie_word_embeddings (vLLM's Cohere2-MoE and
+    LFM2-MoE tie the head whatever the config says), DeepSeek's first_k_dense_replace where the config class lists
+    mlp_layer_types instead (vLLM reads the former), and sparse-attention indexer heads wide enough for their rotated
+    part."""
+    from optimum_mc.tools.families import vllm_sizes
+
+    types = set(moe_model_types())
+    for mt, tied in (("cohere2_moe", True), ("lfm2_moe", True), ("mixtral", False)):
+        if mt in types:
+            assert vllm_sizes(mt)["tie_word_embeddings"] is tied, mt
+    if "glm4_moe_lite" in types:
+        sizes = vllm_sizes("glm4_moe_lite")
+        assert sizes["first_k_dense_replace"] == 1
+        assert tiny_config("glm4_moe_lite", **sizes).mlp_layer_types == ["dense", "sparse"]
+    for mt in sorted(types & {"deepseek_v32", "glm_moe_dsa", "hy_v4"}):
+        sizes = vllm_sizes(mt)
+        if "index_head_dim" in sizes and "qk_rope_head_dim" in sizes:
+            assert sizes["index_head_dim"] > sizes["qk_rope_head_dim"], mt

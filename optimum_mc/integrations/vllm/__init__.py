@@ -13,15 +13,21 @@ SUPPORTED_VLLM = (">=0.32", "<0.33")
 # Architectures measured to serve as transformers runs them (scripts/vllm_support.py → docs/vllm-support.md; a test
 # checks this list equals the passing rows there). Others are refused at load (OPTIMUM_MC_VLLM_UNVERIFIED=1 tries).
 SUPPORTED_ARCHITECTURES = (
+    "AfmoeForCausalLM",
+    "Cohere2MoeForCausalLM",
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
     "ExaoneMoeForCausalLM",
     "FlexOlmoForCausalLM",
     "Glm4MoeForCausalLM",
+    "Glm4MoeLiteForCausalLM",
     "GraniteMoeForCausalLM",
+    "GraniteMoeHybridForCausalLM",
     "GraniteMoeSWAForCausalLM",
     "GraniteMoeSharedForCausalLM",
+    "HYV3ForCausalLM",
     "HunYuanMoEV1ForCausalLM",
+    "Lfm2MoeForCausalLM",
     "MellumForCausalLM",
     "MixtralForCausalLM",
     "OlmoeForCausalLM",

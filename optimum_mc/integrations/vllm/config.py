@@ -98,6 +98,7 @@ class MCVllmConfig(QuantizationConfig):
                 "(scripts/vllm_support.py checks a family)."
             )
         self.odp = resolve_odp(self.raw, self.moe_layers, hf_config)
+        self.renamings = checkpoint_renamings(getattr(hf_config, "model_type", None))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         # linear_bits is keyed by transformers' module names; follow the model's renames (not its stacking)
@@ -114,16 +115,40 @@ class MCVllmConfig(QuantizationConfig):
         return None  # embeddings, lm_head, attention (KV cache): unquantized
 
     # --- lookups ---
+    def _bits(self, name: str) -> int | None:
+        """``linear_bits`` of a linear vLLM names as the checkpoint does: linear_bits is keyed by transformers' module
+        names, which differ where transformers renames the family's checkpoint tensors on load (Hy3's
+        ``mlp.shared_mlp.`` is transformers' ``mlp.shared_experts.``)."""
+        if name in self.linear_bits:
+            return self.linear_bits[name]
+        for source, target in getattr(self, "renamings", ()):
+            name = re.sub(source, target, name)
+        if name in self.linear_bits:
+            return self.linear_bits[name]
+        # a prefix vLLM gives under another name than the module's (Granite-MoE-Hybrid's mamba mixer, built as
+        # ``<layer>.mamba`` with prefix ``<layer>.mixer``): a ``<layer>.<child>.<leaf>`` whose child the checkpoint
+        # has nowhere in that layer is the layer's one ``<layer>.<other child>.<leaf>``, where there is exactly one
+        m = re.fullmatch(r"(.*layers\.\d+)\.([^.]+)\.([^.]+)", name)
+        if m is None:
+            return None
+        head, child, leaf = m.groups()
+        in_layer = [k[len(head) + 1 :].split(".") for k in self.linear_bits if k.startswith(head + ".")]
+        if any(parts[0] == child for parts in in_layer):
+            return None
+        others = [parts for parts in in_layer if len(parts) == 2 and parts[1] == leaf]
+        return self.linear_bits[f"{head}.{others[0][0]}.{leaf}"] if len(others) == 1 else None
+
     def linear_bits_for(self, prefix: str) -> int | None:
         """Bits of the packed linear ``prefix`` (a fused vLLM linear: its parts'), None when unquantized."""
-        if prefix in self.linear_bits:
-            return self.linear_bits[prefix]
+        bits = self._bits(prefix)
+        if bits is not None:
+            return bits
         parent, _, leaf = prefix.rpartition(".")
         parts = self.packed_modules_mapping.get(leaf) or _DEFAULT_PACKED.get(leaf)
         if not parts:
             return None
         names = [f"{parent}.{p}" if parent else p for p in parts]
-        found = {n: self.linear_bits.get(n) for n in names}
+        found = {n: self._bits(n) for n in names}
         widths = set(found.values())
         if widths == {None}:
             return None
@@ -153,3 +178,20 @@ class MCVllmConfig(QuantizationConfig):
     def expert_bits_for(self, prefix: str) -> list[int | list[int]]:
         """The per-expert widths of the MoE layer at ``prefix`` (``model.layers.<i>.<...>.experts``)."""
         return self.expert_bits[self.moe_layers.index(self.layer_index(prefix))]
+
+
+def checkpoint_renamings(model_type: str | None) -> list[tuple[str, str]]:
+    """(pattern, replacement) of the plain tensor renamings transformers applies to ``model_type``'s checkpoints on
+    load (checkpoint name -> module name; its weight fusions are not renamings and are left out)."""
+    if not model_type:
+        return []
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without checkpoint conversions: names are module names
+        return []
+    out = []
+    for op in get_checkpoint_conversion_mapping(model_type) or []:
+        if type(op) is WeightRenaming and len(op.source_patterns) == 1 and len(op.target_patterns) == 1:
+            out.append((op.source_patterns[0], op.target_patterns[0]))
+    return out
