@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
-from .expert_layout import experts_layout
+from .expert_layout import experts_layout, gate_up_weight
 from .input_scaled import adapt_input_scaled_blocks
 
 EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."
@@ -101,8 +101,9 @@ def is_experts(module: nn.Module) -> bool:
     """A fused experts module: transformers' float one (3-D ``gate_up_proj``) or an MC-packed one."""
     if hasattr(module, "packed") and hasattr(module, "num_experts") and hasattr(module, "bits"):
         return True
-    gu = getattr(module, "gate_up_proj", None)
-    return isinstance(gu, torch.Tensor) and gu.dim() == 3
+    # gate_up_proj, or up_proj of non-gated experts (Nemotron-H's), next to a 3-D down_proj
+    dn = getattr(module, "down_proj", None)
+    return gate_up_weight(module) is not None and isinstance(dn, torch.Tensor) and dn.dim() == 3
 
 
 def _find_experts(layer: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -263,8 +264,8 @@ def discover(model: nn.Module) -> MoEArchitecture:
     if arch is None:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} (model_type {model_type!r}) has no MoE layers: no decoder layer holds an experts "
-            f"module with 3-D gate_up_proj / down_proj (check: MoE block). MC quantizes Mixture-of-Experts models "
-            f"({EXAMPLES})."
+            f"module with 3-D gate_up_proj (or up_proj) / down_proj (check: MoE block). MC quantizes "
+            f"Mixture-of-Experts models ({EXAMPLES})."
         )
     if len(counts) > 1:
         raise UnsupportedArchitectureError(

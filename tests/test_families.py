@@ -37,7 +37,6 @@ XFAIL: dict[str, str] = {
     "inkling2_loop_text": "CheckpointError: decoder layer 0 could not be read completely from the checkpoint: missing ['model.layers.0.mlp_input.query'] (stored outside the layer as attn_res.mlp_queries.N)",  # noqa: E501
     "inkling2_text": "CheckpointError: decoder layer 0 could not be read completely from the checkpoint: missing ['model.layers.0.mlp_input.query'] (stored outside the layer as attn_res.mlp_queries.N)",  # noqa: E501
     "kolibri1_1": "does not instantiate: StrictDataclassClassValidationError: Class validation error for validator 'validate_arch",  # noqa: E501
-    "nemotron_h": "UnsupportedArchitectureError: NemotronHForCausalLM (model_type 'nemotron_h') has no MoE layers: no decoder lay",  # noqa: E501
     "qwen3_5_moe": "does not instantiate: NotImplementedError: qwen3_5_moe nests sub-configs (vision_config, text_config); tiny si",  # noqa: E501
     "qwen4_exp": "does not instantiate: NotImplementedError: qwen4_exp nests sub-configs (vision_config, text_config); tiny size",  # noqa: E501
     "qwen4_exp_text": "does not instantiate: TypeError: unsupported operand type(s) for //: 'NoneType' and 'NoneType'",  # noqa: E501

@@ -104,7 +104,7 @@ def _own_memory(layer: nn.Module) -> None:
     experts are new tensors): one small view keeps the whole mapping, and every page read from it, resident."""
     with torch.no_grad():
         for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
-            if not t.is_meta and not name.endswith(("gate_up_proj", "down_proj")):
+            if not t.is_meta and not name.endswith(("up_proj", "down_proj")):  # (up_proj: non-gated experts)
                 t.data = t.data.clone()
 
 

@@ -7,6 +7,8 @@ rewrites ``(router_logits, top_k_weights, top_k_index)`` with :mod:`.rule`, so t
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -15,6 +17,8 @@ from torch import nn
 
 from ..architectures import decoder_layers, moe_blocks, require_moe, router_output_positions
 from ..errors import MCConfigError
+from ..expert_layout import gate_up_weight
+from ..kernels.activations import projection_rows
 from .importance import install_attention, uninstall_attention
 from .routing import routing_is_normalized
 from .rule import apply_drop, count_routing, drop_mask, protected_tokens, slot_ratios
@@ -136,26 +140,41 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
     return None
 
 
+@functools.cache
+def _calls_attention_interface(cls: type) -> bool:
+    """Whether ``cls``'s forward dispatches through transformers' attention interface (by its source)."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+
+
 def _attention_modules(layer: nn.Module) -> list[nn.Module]:
     """Every attention module of a decoder layer (the elements of a container holding several), which the ODP
-    attention function must be able to run."""
+    attention function must be able to run: the usual attributes, and any module whose forward calls transformers'
+    attention interface (Nemotron-H's attention sits in a layer's ``mixer``)."""
+    found: list[nn.Module] = []
     for name in ("self_attn", "attention", "self_attention", "attn"):
         m = getattr(layer, name, None)
         if isinstance(m, (nn.ModuleList, nn.Sequential)):
-            return list(m)
-        if isinstance(m, nn.ModuleDict):
-            return list(m.values())
-        if isinstance(m, nn.Module):
-            return [m]
-    return []
+            found = list(m)
+        elif isinstance(m, nn.ModuleDict):
+            found = list(m.values())
+        elif isinstance(m, nn.Module):
+            found = [m]
+        if found:
+            break
+    ids = {id(m) for m in found}
+    return found + [m for m in layer.modules() if id(m) not in ids and _calls_attention_interface(type(m))]
 
 
 def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(experts, "expert_nbytes"):
         e, h, i = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
-        params = torch.full((e,), 3.0 * h * i)
+        params = torch.full((e,), float((projection_rows(experts.act_fn, i) + i) * h))
         return params, torch.tensor([float(experts.expert_nbytes(k)) for k in range(e)])
-    gu, dn = experts.gate_up_proj, experts.down_proj
+    gu, dn = gate_up_weight(experts), experts.down_proj
     per = float(gu[0].numel() + dn[0].numel())
     e = gu.shape[0]
     return torch.full((e,), per), torch.full((e,), per * gu.element_size())

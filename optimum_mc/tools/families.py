@@ -26,6 +26,7 @@ _SIZES = dict(
     intermediate_size_mlp=64,
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32,
     expert_intermediate_size=32,
     ffn_hidden_size=64,
     max_position_embeddings=256,
@@ -156,7 +157,7 @@ def tiny_config(model_type: str, **overrides):
     kinds = [
         v
         for k, v in sorted(values.items(), key=lambda kv: kv[0] != "layer_types")
-        if (k == "layer_types" or "mlp" in k) and isinstance(v, list) and layers0 and len(v) == layers0
+        if ("layer" in k and "type" in k or "mlp" in k) and isinstance(v, list) and layers0 and len(v) == layers0
     ]
     if kinds and n:
         # keep one layer of every kind of attention (a hybrid's linear and full attention) and of MLP (dense and
