@@ -68,10 +68,15 @@ class ExpertsLayout:
 
 
 def gate_up_weight(module: nn.Module) -> torch.Tensor | None:
-    """The 3-D gate/up weight of a float experts module: ``gate_up_proj``, or ``up_proj`` of non-gated experts."""
-    for attr in ("gate_up_proj", "up_proj"):
-        t = getattr(module, attr, None)
-        if isinstance(t, torch.Tensor) and t.dim() == 3:
+    """The 3-D gate/up weight of a float experts module: ``gate_up_proj``, or ``up_proj`` of non-gated experts
+    (a module with ``num_experts`` and no separate ``gate_proj``: inkling's stacked shared-expert MLP, with a 3-D
+    gate_proj, up_proj and down_proj and no routing, is not one)."""
+    t = getattr(module, "gate_up_proj", None)
+    if isinstance(t, torch.Tensor) and t.dim() == 3:
+        return t
+    t = getattr(module, "up_proj", None)
+    if isinstance(t, torch.Tensor) and t.dim() == 3:
+        if getattr(module, "gate_proj", None) is None and getattr(module, "num_experts", None) is not None:
             return t
     return None
 

@@ -239,7 +239,8 @@ class _Run:
             energy[0] += float(y.float().pow(2).sum())
 
         try:
-            float_out = run_layer(layer, batches, keep, on_output=residual_energy if routing is not None else None)
+            on_output = residual_energy if routing is not None else None
+            float_out = run_layer(layer, batches, keep, on_output=on_output, idx=idx)
         finally:
             lin_capture.remove()
             if routing is not None:
@@ -472,7 +473,7 @@ class _Run:
         if held:
             for b, h in zip(batches, self.stage.take_inputs(devices)):
                 b.hidden = h
-        return run_layer(layer, batches, replace=True)
+        return run_layer(layer, batches, replace=True, idx=idx)
 
     def layer_record(self, idx: int) -> dict:
         """What staging must remember of a finished layer to rebuild it and the run's results."""
@@ -644,7 +645,11 @@ _NOT_IN_FINGERPRINT = (
 
 
 def _to_device(batches: list[LayerBatch], device: torch.device) -> list[LayerBatch]:
-    return [LayerBatch(b.hidden.to(device), move_to(b.kwargs, device)) for b in batches]
+    # (the arguments of single layers move when their layer runs: tables shared by layers are not copied per layer)
+    return [
+        LayerBatch(b.hidden.to(device), move_to(b.kwargs, device), move_to(b.args, device), b.per_layer)
+        for b in batches
+    ]
 
 
 def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=None, place=None) -> dict:
@@ -690,7 +695,7 @@ def _quantize_model(model: nn.Module, config: MCConfig, tokenizer, source, place
         fresh = _to_device(capture_layer_inputs(model, input_ids, batch), device)
         if hidden is None:
             return fresh
-        return [LayerBatch(h.to(device), b.kwargs) for h, b in zip(hidden, fresh)]
+        return [b.with_hidden(h.to(device)) for h, b in zip(hidden, fresh)]
 
     try:
         known = None

@@ -7,15 +7,13 @@ rewrites ``(router_logits, top_k_weights, top_k_index)`` with :mod:`.rule`, so t
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..architectures import decoder_layers, moe_blocks, require_moe, router_output_positions
+from ..architectures import calls_attention_interface, decoder_layers, moe_blocks, require_moe, router_output_positions
 from ..errors import MCConfigError
 from ..expert_layout import gate_up_weight
 from ..kernels.activations import projection_rows
@@ -140,16 +138,6 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
     return None
 
 
-@functools.cache
-def _calls_attention_interface(cls: type) -> bool:
-    """Whether ``cls``'s forward dispatches through transformers' attention interface (by its source)."""
-    try:
-        src = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
-
-
 def _attention_modules(layer: nn.Module) -> list[nn.Module]:
     """Every attention module of a decoder layer (the elements of a container holding several), which the ODP
     attention function must be able to run: the usual attributes, and any module whose forward calls transformers'
@@ -166,7 +154,7 @@ def _attention_modules(layer: nn.Module) -> list[nn.Module]:
         if found:
             break
     ids = {id(m) for m in found}
-    return found + [m for m in layer.modules() if id(m) not in ids and _calls_attention_interface(type(m))]
+    return found + [m for m in layer.modules() if id(m) not in ids and calls_attention_interface(m)]
 
 
 def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
