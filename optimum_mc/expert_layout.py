@@ -92,8 +92,14 @@ def _is_ungated(module: nn.Module) -> bool:
 def _ungated_shape(name: str, module: nn.Module, e: int, dn: torch.Tensor, hidden: int | None):
     up = gate_up_weight(module)
     ue, a, b = (int(s) for s in up.shape)
-    if ue == e and tuple(dn.shape) == (e, b, a) and (not hidden or b == hidden):
-        return e, b, a, False
+    if ue == e and tuple(dn.shape) == (e, b, a):
+        # (E, I, H) / (E, H, I), or transposed (E, H, I) / (E, I, H) (ergo's): the shapes fit both readings, so the
+        # model's hidden size tells, else transformers' declaration (@use_experts_implementation's is_transposed)
+        transposed = a == hidden if hidden else bool(getattr(module, "is_transposed", False))
+        if transposed and (not hidden or a == hidden):
+            return e, a, b, True
+        if not hidden or b == hidden:
+            return e, b, a, False
     raise UnsupportedArchitectureError(
         f"experts module `{name}` ({type(module).__name__}): up_proj {tuple(up.shape)} and down_proj "
         f"{tuple(dn.shape)} with num_experts={e} are not the non-gated (E, I, H) / (E, H, I) layout (check: experts "
@@ -205,7 +211,7 @@ def _probed(name: str, module: nn.Module, why: str) -> Any:
     return act
 
 
-def _ungated_layout(name: str, module: nn.Module, e: int, h: int, i: int) -> ExpertsLayout:
+def _ungated_layout(name: str, module: nn.Module, e: int, h: int, i: int, transposed: bool) -> ExpertsLayout:
     act = getattr(module, "act_fn", None)
     if isinstance(act, Ungated):
         act = act.act
@@ -218,6 +224,7 @@ def _ungated_layout(name: str, module: nn.Module, e: int, h: int, i: int) -> Exp
         e,
         h,
         i,
+        transposed=transposed,
         gate_up_bias=_bias(name, module, "up_proj_bias", (e, i)) or _bias(name, module, "gate_up_proj_bias", (e, i)),
         down_bias=_bias(name, module, "down_proj_bias", (e, h)),
         act_fn=Ungated(act),
@@ -230,7 +237,7 @@ def experts_layout(module: nn.Module, name: str = "experts", hidden: int | None 
     experts; typed error naming the failed check otherwise. ``hidden``: the model's hidden size, when known."""
     e, h, i, transposed = _shape(name, module, hidden)
     if _is_ungated(module):
-        return _ungated_layout(name, module, e, h, i)
+        return _ungated_layout(name, module, e, h, i, transposed)
     interleaved, act = _gate(name, module, i)
     return ExpertsLayout(
         e,

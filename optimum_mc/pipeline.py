@@ -120,8 +120,8 @@ def linear_targets(
         pattern = converted(f"{prefix}{name}.qweight") if converted is not None else None
         if pattern is not None:
             logger.warning(
-                "keeping %s%s in float: transformers' conversion mapping merges or splits its saved tensors "
-                "(pattern %r), which packed buffers cannot follow",
+                "keeping %s%s in float: transformers' conversion mapping merges, splits or renames its saved "
+                "tensors in a way packed buffers cannot follow (%s)",
                 prefix,
                 name,
                 pattern,

@@ -101,3 +101,14 @@ def test_mismatched_up_and_down_shapes_are_named(model):
     bad.down_proj = nn.Parameter(torch.zeros(8, 64, 16))
     with pytest.raises(UnsupportedArchitectureError, match=r"not the non-gated \(E, I, H\) / \(E, H, I\) layout"):
         experts_layout(bad)
+
+
+def test_transposed_non_gated_experts_are_read_and_a_changed_forward_is_refused():
+    """ergo's experts: up_proj (E, H, I) / down_proj (E, I, H), declared is_transposed, plus a per-expert RMSNorm
+    after the down projection that packed experts would drop: the conversion check names it."""
+    ex = tiny_model("ergo").model.layers[1].mlp.experts
+    lay = experts_layout(ex)
+    assert lay.transposed and not lay.gated and (lay.hidden, lay.inter) == (64, 32)
+    assert experts_layout(ex, hidden=64).transposed
+    with pytest.raises(UnsupportedArchitectureError, match=r"does not reproduce its forward after conversion"):
+        canonical_experts(ex)

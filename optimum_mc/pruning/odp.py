@@ -278,7 +278,9 @@ def set_odp(
         if attn_mod is not None:  # a linear-attention (hybrid) layer: ODP without token protection
             attn_mod._mc_odp_state = st
             attn.append(attn_mod)
-    install_attention(model, [m for layer in layer_list for m in _attention_modules(layer)])
+    mods = [m for layer in layer_list for m in _attention_modules(layer)]
+    ids = {id(m) for m in mods}  # and those outside the layers (inkling2's final block-attention residual)
+    install_attention(model, mods + [m for m in model.modules() if id(m) not in ids and calls_attention_interface(m)])
     _eager_experts(model)
     return sorted(active)
 
