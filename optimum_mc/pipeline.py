@@ -80,13 +80,16 @@ def _class_source(cls: type) -> str:
 
 
 def _weight_read_directly(layer: nn.Module) -> set[int]:
-    """Linears whose ``.weight`` their parent's code reads itself (``self.weights_proj.weight.dtype``, a fused
-    kernel taking ``self.out_proj.weight``): a quantized linear has no ``weight``, so they stay in float."""
+    """Linears whose ``.weight`` an ancestor's code reads itself (``self.weights_proj.weight.dtype``, a fused
+    kernel taking ``self.out_proj.weight``, ergo's decoder layer reading ``self.self_attn.o_proj.weight.dtype``):
+    a quantized linear has no ``weight``, so they stay in float."""
     out = set()
     for parent in layer.modules():
         src = _class_source(type(parent))
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear and f"self.{name}.weight" in src:
+        if ".weight" not in src:
+            continue
+        for name, child in parent.named_modules():
+            if name and type(child) is nn.Linear and f"self.{name}.weight" in src:
                 out.add(id(child))
     return out
 
