@@ -14,6 +14,7 @@ is here (and in :mod:`.expert_layout`), so the math in calibration/, allocation 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
-from .expert_layout import experts_layout
+from .expert_layout import experts_layout, gate_up_weight
 from .input_scaled import adapt_input_scaled_blocks
 
 EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."
@@ -87,12 +88,20 @@ def architecture_of(model: nn.Module) -> MoEArchitecture:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a causal LM (``model.model.layers`` in every supported family)."""
+    """The decoder layer list of a causal LM: ``model.model.layers``, or the ``layers`` of the text decoder the
+    model names with ``get_decoder()`` (a multimodal wrapper's ``model.language_model``: its vision / audio
+    towers are no decoder layers, so MC leaves them in float)."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) and callable(getattr(model, "get_decoder", None)):
+        try:
+            layers = getattr(model.get_decoder(), "layers", None)
+        except Exception:  # (a model whose get_decoder has nothing to return)
+            layers = None
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedArchitectureError(
-            f"{type(model).__name__} has no decoder layer list at `model.layers` (check: decoder layers)."
+            f"{type(model).__name__} has no decoder layer list at `model.layers` nor in its `get_decoder()` (check: "
+            f"decoder layers)."
         )
     return layers
 
@@ -101,8 +110,9 @@ def is_experts(module: nn.Module) -> bool:
     """A fused experts module: transformers' float one (3-D ``gate_up_proj``) or an MC-packed one."""
     if hasattr(module, "packed") and hasattr(module, "num_experts") and hasattr(module, "bits"):
         return True
-    gu = getattr(module, "gate_up_proj", None)
-    return isinstance(gu, torch.Tensor) and gu.dim() == 3
+    # gate_up_proj, or up_proj of non-gated experts (Nemotron-H's), next to a 3-D down_proj
+    dn = getattr(module, "down_proj", None)
+    return gate_up_weight(module) is not None and isinstance(dn, torch.Tensor) and dn.dim() == 3
 
 
 def _find_experts(layer: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -177,8 +187,36 @@ def router_classes(router: nn.Module, num_experts: int) -> int:
     return min(rows) if rows and num_experts not in rows else num_experts  # (a router MLP's hidden layers: wider)
 
 
+def router_top_k(router: nn.Module) -> int | None:
+    """How many experts ``router`` selects per token: its ``top_k``, else read from its output on a probe token
+    (the width of the index it returns; runs on the meta device too: only shapes are needed), remembered on the
+    router. None for a router that returns no index (logits only)."""
+    k = getattr(router, "top_k", None)
+    if isinstance(k, int):
+        return k
+    k = router.__dict__.get("_mc_top_k")
+    if k is not None:
+        return k
+    w = next((p for p in router.parameters() if p.dim() == 2), None)
+    if w is None:
+        return None
+    try:
+        with torch.no_grad():
+            # (the class's forward: no hooks, so a calibration capture attached to the router never sees the probe)
+            out = type(router).forward(router, torch.zeros(2, w.shape[1], dtype=w.dtype, device=w.device))
+    except Exception:
+        return None
+    if not isinstance(out, tuple) or len(out) < 3:
+        return None
+    idx = out[router_output_positions(out)[2]]
+    if not isinstance(idx, torch.Tensor) or idx.is_floating_point():
+        return None
+    router.__dict__["_mc_top_k"] = k = int(idx.shape[-1])
+    return k
+
+
 def _check_router(name: str, router: nn.Module) -> None:
-    if type(router) is nn.Linear or getattr(router, "top_k", None) is None:
+    if type(router) is nn.Linear or router_top_k(router) is None:
         raise UnsupportedArchitectureError(
             f"router `{name}` ({type(router).__name__}) returns only logits (no `top_k`); expected a router module "
             f"returning (router_logits, top_k_weights, top_k_index) (check: router)."
@@ -197,11 +235,26 @@ def _score_fn(router: nn.Module) -> str:
     return "sigmoid" if "sigmoid" in src and "softmax" not in src else "softmax"
 
 
+def calls_attention_interface(module: nn.Module) -> bool:
+    """Whether ``module``'s forward dispatches through transformers' attention interface (read from its source)."""
+    return _calls_attention_interface(type(module))
+
+
+@functools.cache
+def _calls_attention_interface(cls: type) -> bool:
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+
+
 def _shared(block: nn.Module, router: nn.Module, experts: nn.Module) -> tuple[str, ...]:
-    """The block's other children that are MLPs (hold two or more linear layers): its shared experts."""
+    """The block's other children that are MLPs (hold two or more linear layers, and are no attention: a decoder
+    layer that is its own MoE block holds its attention too): its shared experts."""
     out = []
     for name, child in block.named_children():
-        if child is router or child is experts or isinstance(child, nn.Linear):
+        if child is router or child is experts or isinstance(child, nn.Linear) or calls_attention_interface(child):
             continue
         if sum(isinstance(m, nn.Linear) for m in child.modules()) >= 2:
             out.append(name)
@@ -232,14 +285,10 @@ def discover(model: nn.Module) -> MoEArchitecture:
         prefix = f"layers.{i}."
         e = _check_experts(prefix + path, experts, hidden)
         counts.add(e)
-        if not block_attr:
-            raise UnsupportedArchitectureError(
-                f"experts module `{prefix + path}` sits directly in the decoder layer; expected an MoE block holding "
-                f"a router and the experts (check: MoE block)."
-            )
-        block = layer.get_submodule(block_attr)
+        # experts directly in the decoder layer (gemma4's, next to its dense MLP): the layer is the MoE block
+        block = layer.get_submodule(block_attr) if block_attr else layer
         router_attr, router = _router(
-            prefix + block_attr,
+            prefix + block_attr if block_attr else f"layers.{i}",
             block,
             experts,
             e,
@@ -263,8 +312,8 @@ def discover(model: nn.Module) -> MoEArchitecture:
     if arch is None:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} (model_type {model_type!r}) has no MoE layers: no decoder layer holds an experts "
-            f"module with 3-D gate_up_proj / down_proj (check: MoE block). MC quantizes Mixture-of-Experts models "
-            f"({EXAMPLES})."
+            f"module with 3-D gate_up_proj (or up_proj) / down_proj (check: MoE block). MC quantizes "
+            f"Mixture-of-Experts models ({EXAMPLES})."
         )
     if len(counts) > 1:
         raise UnsupportedArchitectureError(
@@ -289,7 +338,7 @@ class MoEBlock:
 
     @property
     def top_k(self) -> int:
-        return int(self.router.top_k)
+        return int(router_top_k(self.router))
 
     @property
     def router_classes(self) -> int:
@@ -316,7 +365,7 @@ def _get(module: nn.Module, path: str):
 
 def moe_block(layer: nn.Module, layer_idx: int, arch: MoEArchitecture) -> MoEBlock | None:
     """The MoE parts of one decoder layer, or ``None`` for a dense layer."""
-    block = _get(layer, arch.block_attr)
+    block = _get(layer, arch.block_attr) if arch.block_attr else layer  # ("": the layer is the block)
     experts = getattr(block, arch.experts_attr, None) if block is not None else None
     if experts is None or not is_experts(experts):
         return None

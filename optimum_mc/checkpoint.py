@@ -203,7 +203,48 @@ def save_converter(model):
         transforms = get_model_conversion_mapping(model, add_legacy=False)
     reverse = [t.reverse_transform() for t in (transforms or [])[::-1]]
     converters = [t for t in reverse if isinstance(t, WeightConverter)]
-    return lambda key: apply_converters(key, converters)[1] if converters else None
+    round_trip = _renaming_round_trip(model)
+
+    def pattern(key: str) -> str | None:
+        found = apply_converters(key, converters)[1] if converters else None
+        return found if found is not None else round_trip(key)
+
+    return pattern
+
+
+def _renaming_round_trip(model):
+    """``key -> str | None``: a description when transformers' renamings, reverted at save and applied at load,
+    do not give ``key`` back (a renaming of the ``.weight`` suffix: inkling2's ``sconv.weight_proj.weight``
+    saved as ``weight_proj`` turns a packed ``weight_proj.qweight`` into ``weight_proj.weight.qweight`` at
+    load), else None. Checked against the model's whole mapping (layers streamed later use it too)."""
+    import copy
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, apply_renamings, rename_source_key
+    except ImportError:  # pragma: no cover - another transformers layout
+        return lambda key: None
+    try:
+        transforms = list(get_model_conversion_mapping(model, add_legacy=False) or [])
+    except Exception:  # pragma: no cover - a model without a mapping
+        return lambda key: None
+    if not transforms:
+        return lambda key: None
+    reverse = [t.reverse_transform() for t in copy.deepcopy(transforms)[::-1]]
+    rev_renamings = [t for t in reverse if not isinstance(t, WeightConverter)]
+    forward = copy.deepcopy(transforms)  # (renaming marks a transform used: never the model's own)
+    renamings = [t for t in forward if not isinstance(t, WeightConverter)]
+    converters = [t for t in forward if isinstance(t, WeightConverter)]
+
+    def check(key: str) -> str | None:
+        try:
+            saved = apply_renamings(key, rev_renamings)
+            back = rename_source_key(saved, renamings, converters)[0]
+        except Exception:
+            return None
+        return None if back == key else f"renamed {saved!r} when saved, read back as {back!r}"
+
+    return check
 
 
 def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]], rename=None) -> None:

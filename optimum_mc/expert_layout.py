@@ -7,6 +7,9 @@ module itself:
 
 - **transposed** storage (``gate_up_proj (E, H, 2I)``, ``down_proj (E, I, H)``, ``y = x @ W``: gpt-oss, Aria) from
   the shapes alone. The two readings never both fit: the down matrix would need ``H == H / 2``.
+- **non-gated** experts (``up_proj (E, I, H)``, ``down_proj (E, H, I)``, ``down(act(up(x)))``: Nemotron-H's
+  ReLU² experts) from the parameters present: MC's gate/up projection then holds the ``I`` up rows alone and the
+  gate is :class:`~optimum_mc.kernels.activations.Ungated` (``act(h)`` of the whole projection output).
 - **biases** (``gate_up_proj_bias (E, 2I)``, ``down_proj_bias (E, H)``: gpt-oss) from the parameters present.
 - the **gate** between the projections and whether gate / up columns are **interleaved** (``[..., ::2]`` /
   ``[..., 1::2]``: gpt-oss) rather than two halves: by probing the module's ``_apply_gate`` (transformers' hook
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
-from .kernels.activations import BiasedGLU, ClampedSwiGLU, gated
+from .kernels.activations import BiasedGLU, ClampedSwiGLU, Ungated, gated, intermediate
 
 
 @dataclass(frozen=True)
@@ -46,16 +49,62 @@ class ExpertsLayout:
     interleaved: bool = False
     gate_up_bias: bool = False
     down_bias: bool = False
-    act_fn: Any = None  # element-wise act (act(gate) * up) or a gated object (glu(gate, up))
+    act_fn: Any = None  # element-wise act (act(gate) * up), a gated object (glu(gate, up)) or Ungated (act(up))
+    gated: bool = True  # False: up_proj (E, I, H) alone, no gate rows
 
     @property
     def bias(self) -> bool:
         return self.gate_up_bias or self.down_bias
 
     @property
+    def rows(self) -> int:
+        """Rows of one expert's gate/up projection in MC's layout: ``2I``, or ``I`` for non-gated experts."""
+        return 2 * self.inter if self.gated else self.inter
+
+    @property
     def canonical(self) -> bool:
         """Stored as MC's layout already (biases and the gate are carried, not converted)."""
-        return not (self.transposed or self.interleaved)
+        return not (self.transposed or self.interleaved or not self.gated)
+
+
+def gate_up_weight(module: nn.Module) -> torch.Tensor | None:
+    """The 3-D gate/up weight of a float experts module: ``gate_up_proj``, or ``up_proj`` of non-gated experts
+    (a module with ``num_experts`` and no separate ``gate_proj``: inkling's stacked shared-expert MLP, with a 3-D
+    gate_proj, up_proj and down_proj and no routing, is not one)."""
+    t = getattr(module, "gate_up_proj", None)
+    if isinstance(t, torch.Tensor) and t.dim() == 3:
+        return t
+    t = getattr(module, "up_proj", None)
+    if isinstance(t, torch.Tensor) and t.dim() == 3:
+        if getattr(module, "gate_proj", None) is None and getattr(module, "num_experts", None) is not None:
+            return t
+    return None
+
+
+def _is_ungated(module: nn.Module) -> bool:
+    """Non-gated experts: transformers' (``up_proj`` without ``gate_up_proj``) or MC's float
+    :class:`CanonicalExperts` of them (a ``gate_up_proj`` of up rows alone, an :class:`Ungated` gate)."""
+    if isinstance(getattr(module, "act_fn", None), Ungated):
+        return True
+    return not isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) and gate_up_weight(module) is not None
+
+
+def _ungated_shape(name: str, module: nn.Module, e: int, dn: torch.Tensor, hidden: int | None):
+    up = gate_up_weight(module)
+    ue, a, b = (int(s) for s in up.shape)
+    if ue == e and tuple(dn.shape) == (e, b, a):
+        # (E, I, H) / (E, H, I), or transposed (E, H, I) / (E, I, H) (ergo's): the shapes fit both readings, so the
+        # model's hidden size tells, else transformers' declaration (@use_experts_implementation's is_transposed)
+        transposed = a == hidden if hidden else bool(getattr(module, "is_transposed", False))
+        if transposed and (not hidden or a == hidden):
+            return e, a, b, True
+        if not hidden or b == hidden:
+            return e, b, a, False
+    raise UnsupportedArchitectureError(
+        f"experts module `{name}` ({type(module).__name__}): up_proj {tuple(up.shape)} and down_proj "
+        f"{tuple(dn.shape)} with num_experts={e} are not the non-gated (E, I, H) / (E, H, I) layout (check: experts "
+        f"layout)."
+    )
 
 
 def _shape(name: str, module: nn.Module, hidden: int | None) -> tuple[int, int, int, bool]:
@@ -68,6 +117,8 @@ def _shape(name: str, module: nn.Module, hidden: int | None) -> tuple[int, int, 
         raise UnsupportedArchitectureError(
             f"experts module `{name}` ({cls}) has no 3-D down_proj; expected (E, H, I) (check: experts layout)."
         )
+    if _is_ungated(module):  # up_proj alone
+        return _ungated_shape(name, module, int(e), dn, hidden)
     ge, a, b = (int(s) for s in gu.shape)
     if ge == int(e) and a % 2 == 0 and tuple(dn.shape) == (ge, b, a // 2) and (not hidden or b == hidden):
         return ge, b, a // 2, False
@@ -160,10 +211,33 @@ def _probed(name: str, module: nn.Module, why: str) -> Any:
     return act
 
 
+def _ungated_layout(name: str, module: nn.Module, e: int, h: int, i: int, transposed: bool) -> ExpertsLayout:
+    act = getattr(module, "act_fn", None)
+    if isinstance(act, Ungated):
+        act = act.act
+    if not callable(act):
+        raise UnsupportedArchitectureError(
+            f"experts module `{name}` ({type(module).__name__}) holds non-gated experts (up_proj, down_proj) "
+            f"without an element-wise `act_fn` (check: experts activation)."
+        )
+    return ExpertsLayout(
+        e,
+        h,
+        i,
+        transposed=transposed,
+        gate_up_bias=_bias(name, module, "up_proj_bias", (e, i)) or _bias(name, module, "gate_up_proj_bias", (e, i)),
+        down_bias=_bias(name, module, "down_proj_bias", (e, h)),
+        act_fn=Ungated(act),
+        gated=False,
+    )
+
+
 def experts_layout(module: nn.Module, name: str = "experts", hidden: int | None = None) -> ExpertsLayout:
     """How ``module`` (a transformers fused experts module, weights possibly on the meta device) stores its
     experts; typed error naming the failed check otherwise. ``hidden``: the model's hidden size, when known."""
     e, h, i, transposed = _shape(name, module, hidden)
+    if _is_ungated(module):
+        return _ungated_layout(name, module, e, h, i, transposed)
     interleaved, act = _gate(name, module, i)
     return ExpertsLayout(
         e,
@@ -181,10 +255,13 @@ def canonical_tensors(module: nn.Module, layout: ExpertsLayout) -> dict[str, tor
     """The module's weights in MC's layout: ``gate_up_proj (E, 2I, H)`` (gate rows, then up rows), ``down_proj
     (E, H, I)``, ``gate_up_proj_bias (E, 2I)`` in the same row order and ``down_proj_bias (E, H)`` (None where the
     module has none). Exact copies (transposes and column permutations only)."""
-    gu, dn = module.gate_up_proj.detach(), module.down_proj.detach()
+    gu, dn = gate_up_weight(module).detach(), module.down_proj.detach()
     if layout.transposed:
         gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
-    gb = module.gate_up_proj_bias.detach() if layout.gate_up_bias else None
+    gb = None
+    if layout.gate_up_bias:
+        gb = getattr(module, "gate_up_proj_bias", None)
+        gb = (gb if isinstance(gb, torch.Tensor) else module.up_proj_bias).detach()
     if layout.interleaved:
         gu = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
         gb = torch.cat([gb[:, 0::2], gb[:, 1::2]], dim=1) if gb is not None else None
@@ -216,7 +293,7 @@ class CanonicalExperts(nn.Module):
         h = x @ self.gate_up_proj[e].t()
         if self.gate_up_proj_bias is not None:
             h = h + self.gate_up_proj_bias[e]
-        y = gated(self.act_fn, *h.chunk(2, dim=-1)) @ self.down_proj[e].t()
+        y = intermediate(self.act_fn, h) @ self.down_proj[e].t()
         return y + self.down_proj_bias[e] if self.down_proj_bias is not None else y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -268,6 +345,7 @@ def _probed_gate(act: Any) -> bool:
 def layout_summary(layout: ExpertsLayout) -> str:
     parts = ["transposed" if layout.transposed else "(E, 2I, H)"]
     parts += ["interleaved gate/up"] if layout.interleaved else []
+    parts += ["non-gated"] if not layout.gated else []
     parts += ["biases"] if layout.bias else []
     return ", ".join(parts) + f", gate {layout.act_fn!r}"
 

@@ -80,13 +80,16 @@ def _class_source(cls: type) -> str:
 
 
 def _weight_read_directly(layer: nn.Module) -> set[int]:
-    """Linears whose ``.weight`` their parent's code reads itself (``self.weights_proj.weight.dtype``, a fused
-    kernel taking ``self.out_proj.weight``): a quantized linear has no ``weight``, so they stay in float."""
+    """Linears whose ``.weight`` an ancestor's code reads itself (``self.weights_proj.weight.dtype``, a fused
+    kernel taking ``self.out_proj.weight``, ergo's decoder layer reading ``self.self_attn.o_proj.weight.dtype``):
+    a quantized linear has no ``weight``, so they stay in float."""
     out = set()
     for parent in layer.modules():
         src = _class_source(type(parent))
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear and f"self.{name}.weight" in src:
+        if ".weight" not in src:
+            continue
+        for name, child in parent.named_modules():
+            if name and type(child) is nn.Linear and f"self.{name}.weight" in src:
                 out.add(id(child))
     return out
 
@@ -120,8 +123,8 @@ def linear_targets(
         pattern = converted(f"{prefix}{name}.qweight") if converted is not None else None
         if pattern is not None:
             logger.warning(
-                "keeping %s%s in float: transformers' conversion mapping merges or splits its saved tensors "
-                "(pattern %r), which packed buffers cannot follow",
+                "keeping %s%s in float: transformers' conversion mapping merges, splits or renames its saved "
+                "tensors in a way packed buffers cannot follow (%s)",
                 prefix,
                 name,
                 pattern,
@@ -254,7 +257,8 @@ class _Run:
             energy[0] += float(y.float().pow(2).sum())
 
         try:
-            float_out = run_layer(layer, batches, keep, on_output=residual_energy if routing is not None else None)
+            on_output = residual_energy if routing is not None else None
+            float_out = run_layer(layer, batches, keep, on_output=on_output, idx=idx)
         finally:
             lin_capture.remove()
             if routing is not None:
@@ -487,7 +491,7 @@ class _Run:
         if held:
             for b, h in zip(batches, self.stage.take_inputs(devices)):
                 b.hidden = h
-        return run_layer(layer, batches, replace=True)
+        return run_layer(layer, batches, replace=True, idx=idx)
 
     def layer_record(self, idx: int) -> dict:
         """What staging must remember of a finished layer to rebuild it and the run's results."""
@@ -659,7 +663,11 @@ _NOT_IN_FINGERPRINT = (
 
 
 def _to_device(batches: list[LayerBatch], device: torch.device) -> list[LayerBatch]:
-    return [LayerBatch(b.hidden.to(device), move_to(b.kwargs, device)) for b in batches]
+    # (the arguments of single layers move when their layer runs: tables shared by layers are not copied per layer)
+    return [
+        LayerBatch(b.hidden.to(device), move_to(b.kwargs, device), move_to(b.args, device), b.per_layer)
+        for b in batches
+    ]
 
 
 def quantize_model(model: nn.Module, config: MCConfig, tokenizer=None, source=None, place=None) -> dict:
@@ -705,7 +713,7 @@ def _quantize_model(model: nn.Module, config: MCConfig, tokenizer, source, place
         fresh = _to_device(capture_layer_inputs(model, input_ids, batch), device)
         if hidden is None:
             return fresh
-        return [LayerBatch(h.to(device), b.kwargs) for h, b in zip(hidden, fresh)]
+        return [b.with_hidden(h.to(device)) for h, b in zip(hidden, fresh)]
 
     try:
         known = None

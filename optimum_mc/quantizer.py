@@ -16,7 +16,7 @@ from .bitwidths import split
 from .checkpoint import check_all_tensors, check_checkpoint, key_renamer, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
-from .expert_layout import CanonicalExperts, experts_layout
+from .expert_layout import CanonicalExperts, experts_layout, gate_up_weight
 from .skeleton import install_packed_skeleton
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,10 @@ def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> 
     out = {}
     for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
         layout = experts_layout(blocks[idx].experts)  # MC's layout or its transpose
-        i2, h = 2 * layout.inter, layout.hidden
-        dtype = str(blocks[idx].experts.gate_up_proj.dtype).removeprefix("torch.")
+        rows, h = layout.rows, layout.hidden  # (2I gate/up rows, or I up rows of non-gated experts)
+        dtype = str(gate_up_weight(blocks[idx].experts).dtype).removeprefix("torch.")
         for e, b in enumerate(bits):
-            for part, (o, n), pb in zip(("gate_up", "down"), ((i2, h), (h, i2 // 2)), split(b)):
+            for part, (o, n), pb in zip(("gate_up", "down"), ((rows, h), (h, layout.inter)), split(b)):
                 specs = packed_shapes(o, n, pb, cfg.group_size)
                 if (layout.gate_up_bias, layout.down_bias)[part == "down"]:
                     specs["bias"] = (dtype, (o,))
@@ -136,7 +136,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             cls = _float_experts_class(blk.block)
             with torch.device("meta"):
                 new = cls(model.config.get_text_config())
-            if not experts_layout(new).canonical or any(ex.has_bias):  # transposed / interleaved / biased class
+            layout = experts_layout(new)
+            if not layout.gated and not any(ex.has_bias):  # non-gated experts (Nemotron-H): up_proj = the I rows
+                new.up_proj = nn.Parameter(gate_up.to(dt), requires_grad=False)
+                new.down_proj = nn.Parameter(down.to(dt), requires_grad=False)
+            elif not layout.canonical or any(ex.has_bias):  # transposed / interleaved / biased class
                 gb, db = ex.biases()
                 tensors = dict(gate_up_proj=gate_up, down_proj=down, gate_up_proj_bias=gb, down_proj_bias=db)
                 new = CanonicalExperts({k: v.to(dt) if v is not None else None for k, v in tensors.items()}, ex.act_fn)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..architectures import MoEArchitecture, router_output_positions, router_probabilities
+from ..expert_layout import gate_up_weight
 from ..gptq import HessianAccumulator
 
 
@@ -91,7 +92,7 @@ class RoutingCapture(_Hooks):
         self.keep_all = keep_all  # also keep every token's router probabilities (router-weighted GPTQ)
         self.all_probs: list[torch.Tensor] = []
         self.num_experts = int(experts.num_experts)
-        self.hidden_dim = int(getattr(experts, "hidden_dim", None) or experts.gate_up_proj.shape[-1])
+        self.hidden_dim = int(getattr(experts, "hidden_dim", None) or gate_up_weight(experts).shape[-1])
         e = self.num_experts
         self.tokens = 0
         self.counts = torch.zeros(e, dtype=torch.float64)

@@ -79,24 +79,24 @@ def quantize_experts(
             gptq.append(e)
     if not gptq:
         return out
-    w0 = weights(gptq[0])[0]
-    (two_i, hidden), dev = w0.shape, w0.device
-    del w0  # only its shape and device were needed
-    step = chunk_size(hidden, two_i // 2, dev.type)
+    w0, d0 = weights(gptq[0])
+    (rows, hidden), inter, dev = w0.shape, d0.shape[1], w0.device  # rows: 2I, or I of non-gated experts
+    del w0, d0  # only their shapes and device were needed
+    step = chunk_size(hidden, inter, dev.type)
     kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
     kw["zero_point"], kw["clip_search"] = opts.zero_point, opts.clip_search
     for start in range(0, len(gptq), step):
         chunk = gptq[start : start + step]
         widths = [split(bits[e]) for e in chunk]  # (gate_up, down) per expert
-        w = torch.empty(len(chunk), two_i, hidden, device=dev)
+        w = torch.empty(len(chunk), rows, hidden, device=dev)
         h = torch.empty(len(chunk), hidden, hidden, device=dev)
         for k, e in enumerate(chunk):
             w[k] = weights(e)[0]
             input_hessian(*tokens(e), out=h[k])
         gu_q = gptq_quantize_batched(w, h, [g for g, _ in widths], opts.group_size, consume=True, **kw)
         del w, h
-        w = torch.empty(len(chunk), hidden, two_i // 2, device=dev)
-        h = torch.empty(len(chunk), two_i // 2, two_i // 2, device=dev)
+        w = torch.empty(len(chunk), hidden, inter, device=dev)
+        h = torch.empty(len(chunk), inter, inter, device=dev)
         for k, e in enumerate(chunk):
             gu, dn = weights(e)
             x, tw = tokens(e)

@@ -29,7 +29,7 @@ import torch
 
 from ..gptq import calibration_free_quantize, gptq_quantize_multi
 from ..group_quant import dequantize_matrix, rtn_quantize
-from ..kernels.activations import gated
+from ..kernels.activations import intermediate
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8, scales fp16, zeros fp16
 
@@ -66,8 +66,7 @@ FORWARD_CHUNK = 1024  # tokens per step: bounds the (tokens x 2I) intermediate o
 def expert_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, act_fn: Callable) -> torch.Tensor:
     """The expert MLP of transformers' fused layout: ``down(act(gate(x)) * up(x))`` in fp32, in token chunks."""
     if x.shape[0] <= FORWARD_CHUNK:
-        gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-        return gated(act_fn, gate, up) @ w_down.t()
+        return intermediate(act_fn, x @ w_gate_up.t()) @ w_down.t()
     return torch.cat(
         [
             expert_forward(x[i : i + FORWARD_CHUNK], w_gate_up, w_down, act_fn)
@@ -252,8 +251,7 @@ def hessian_trace_loss(
     (a rarely routed expert has a small trace). ``Q_b`` is round-to-nearest."""
     w_gate_up, w_down = w_gate_up.float(), w_down.float()
     n = max(total_tokens, 1)
-    gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    mid = gated(act_fn, gate, up)
+    mid = intermediate(act_fn, x @ w_gate_up.t())
     traces = [2.0 / n * float(x.pow(2).sum()) / x.shape[-1], 2.0 / n * float(mid.pow(2).sum()) / mid.shape[-1]]
     out = []
     for b in bits:

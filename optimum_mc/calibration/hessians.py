@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels.activations import gated
+from ..kernels.activations import intermediate
 
 TOKEN_CHUNK = 1024  # tokens per update: bounds the (tokens x 2*intermediate) activations held at once
 
@@ -61,7 +61,6 @@ def mid_hessian(
     """The down projection's input Hessian: of ``act(gate(x)) * up(x)`` (optionally weighted), in token chunks."""
 
     def mid(part: torch.Tensor) -> torch.Tensor:
-        gate, up = (part @ w_gate_up.t()).chunk(2, dim=-1)
-        return gated(act_fn, gate, up)
+        return intermediate(act_fn, part @ w_gate_up.t())
 
     return _hessian(x, mid, token_weights, out)

@@ -21,7 +21,7 @@ import copy
 import ctypes
 import gc
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ def _own_memory(layer: nn.Module) -> None:
     experts are new tensors): one small view keeps the whole mapping, and every page read from it, resident."""
     with torch.no_grad():
         for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
-            if not t.is_meta and not name.endswith(("gate_up_proj", "down_proj")):
+            if not t.is_meta and not name.endswith(("up_proj", "down_proj")):  # (up_proj: non-gated experts)
                 t.data = t.data.clone()
 
 
@@ -201,6 +201,62 @@ def _fuse(param: torch.Tensor, items: list[tuple[str, int, str]], patterns: list
     return fused
 
 
+def _other_layer_lists(model: nn.Module, layers: nn.ModuleList) -> list[str]:
+    """``"<parent>.layers."`` of every other layer list of ``model`` (a multimodal wrapper's vision and audio
+    towers: ``audio_tower.layers.``, ``encoder.layers.``), whose checkpoint keys the ``layers.<i>.`` pattern of
+    decoder layer ``i`` must not take."""
+    own = [n for n, m in model.named_modules() if m is layers]
+    own_tail = ".".join(own[0].split(".")[-2:]) if own else "layers"
+    out = []
+    for name, m in model.named_modules():
+        if m is layers or not isinstance(m, nn.ModuleList) or not name.endswith("layers"):
+            continue
+        tail = ".".join(name.split(".")[-2:])
+        if tail != own_tail and "." in tail:
+            out.append(tail + ".")
+    return sorted(set(out))
+
+
+def _merged_transforms(before: list, now: list | None) -> list:
+    """``before`` and the transforms of ``now`` it lacks (equal ones, from another copy of the mapping, once:
+    a renaming reverted twice would rename twice)."""
+
+    def key(t) -> tuple:
+        return type(t).__name__, tuple(getattr(t, "source_patterns", ())), tuple(getattr(t, "target_patterns", ()))
+
+    seen = {key(t) for t in before}
+    out = list(before)
+    for t in now or []:
+        if key(t) not in seen:
+            seen.add(key(t))
+            out.append(t)
+    return out
+
+
+_LAYER_KEY = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+def _key_renamer(weight_mapping) -> Callable[[str], str]:
+    """The model's name for a checkpoint key, by transformers' conversion mapping: a layer's tensor the checkpoint
+    stores outside ``layers.<i>.`` (inkling2's ``attn_res.mlp_queries.<i>`` is ``layers.<i>.mlp_input.query``)
+    belongs to layer ``i``. Run on copies of the transforms (renaming marks a transform used)."""
+    try:
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older 5.x: keys are taken as stored
+        return lambda key: key
+    mapping = copy.deepcopy(list(weight_mapping or []))
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+
+    def rename(key: str) -> str:
+        try:
+            return rename_source_key(key, renamings, converters)[0]
+        except Exception:  # a transform that needs more than the key: keep it as stored
+            return key
+
+    return rename
+
+
 def _layer_key_pattern(index: int) -> re.Pattern:
     return re.compile(rf"(^|\.)layers\.{index}\.")
 
@@ -282,6 +338,7 @@ class CheckpointLayers:
         except (AttributeError, TypeError):  # older 5.x: no per-module dtype plan
             self.dtype_plan = {}
         layers = decoder_layers(model)
+        self._other_lists = _other_layer_lists(model, layers)
         self._meta = list(layers)  # float layers on the meta device: structure only, not registered anywhere
         for i in range(len(layers)):
             layers[i] = PendingLayer(i, self._meta[i])
@@ -293,11 +350,15 @@ class CheckpointLayers:
 
         out: dict[int, list[tuple[str, str]]] = {i: [] for i in range(len(self._meta))}
         pats = [(i, _layer_key_pattern(i)) for i in out]
+        renamed = _key_renamer(self.weight_mapping)
         for path in self.files:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
+                    if any(other in key for other in self._other_lists):  # a vision / audio tower's layer
+                        continue
+                    name = key if _LAYER_KEY.search(key) else renamed(key)
                     for i, pat in pats:
-                        if pat.search(key):
+                        if pat.search(name):
                             out[i].append((path, key))
                             break
         for i, keys in out.items():
@@ -365,8 +426,12 @@ class CheckpointLayers:
                     handles[path] = stack.enter_context(open_unmapped(path))
                 state[key] = handles[path].get_slice(key)
             state = fuse_experts_in_place(self.model, state, self.weight_mapping, device)
+            before = list(getattr(self.model, "_weight_conversions", None) or [])
             with _quiet_transformers_bars():
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+            # transformers keeps the transforms one load used, to revert them when saving: this call's alone would
+            # forget the ones the model's own load used (inkling2's embedding renames: saved unreverted, unreadable)
+            self.model._weight_conversions = _merged_transforms(before, self.model._weight_conversions)
         layer = layers[index]
         _own_memory(layer)
         init_computed_buffers(self.model, layer, device)

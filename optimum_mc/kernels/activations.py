@@ -55,11 +55,51 @@ class ClampedSwiGLU:
         return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"
 
 
+class Ungated:
+    """A non-gated expert activation (Nemotron-H's experts: ``down(act(up(x)))``, ReLU², no gate rows): the
+    experts' "gate/up" projection holds only the ``I`` up rows and the intermediate is ``act(h)`` of all of it.
+    Not callable and without ``glu``, so code that splits the projection into halves cannot take it by mistake:
+    :func:`intermediate` is the one way to evaluate it. The fused op has no non-gated mode
+    (:func:`activation_name` is None): packed experts with it run the per-expert loop of the pure-torch path."""
+
+    gated = False
+
+    def __init__(self, act) -> None:
+        self.act = act
+
+    def mid(self, h: torch.Tensor) -> torch.Tensor:
+        return self.act(h)
+
+    def __repr__(self) -> str:
+        return f"Ungated({self.act!r})"
+
+
+def is_gated(act_fn) -> bool:
+    """Whether ``act_fn`` takes gate and up halves (every activation but :class:`Ungated`'s)."""
+    return getattr(act_fn, "gated", True) is not False
+
+
+def projection_rows(act_fn, inter: int) -> int:
+    """Rows of an expert's gate/up projection: ``2I`` (gate, then up) for a gated activation, ``I`` otherwise."""
+    return 2 * inter if is_gated(act_fn) else inter
+
+
+def intermediate(act_fn, h: torch.Tensor) -> torch.Tensor:
+    """The expert intermediate from its gate/up projection output ``h``: ``glu`` of the two halves (gate, up), or
+    ``act(h)`` for a non-gated activation (:class:`Ungated`)."""
+    mid = getattr(act_fn, "mid", None)
+    return mid(h) if mid is not None else gated(act_fn, *h.chunk(2, dim=-1))
+
+
 class BiasedGLU:
     """``act_fn`` of one expert whose gate/up projection has a bias: ``glu(gate + b_gate, up + b_up)``."""
 
     def __init__(self, act_fn, bias: torch.Tensor) -> None:
         self.act_fn, self.bias = act_fn, bias.detach()
+        self.gated = is_gated(act_fn)
+
+    def mid(self, h: torch.Tensor) -> torch.Tensor:
+        return intermediate(self.act_fn, h + self.bias.to(device=h.device, dtype=h.dtype))
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(device=gate.device, dtype=gate.dtype)
@@ -81,6 +121,8 @@ def activation_name(act_fn) -> str | None:
     :class:`ClampedSwiGLU` with other parameters than the op's is not ``"clamped_swiglu"``). Element-wise
     activations are probed on ``act(gate)`` alone, gated objects (with ``glu``) on a grid of ``(gate, up)``.
     """
+    if not is_gated(act_fn):  # (the op computes gated intermediates only)
+        return None
     probe = torch.linspace(-9.0, 9.0, 97, dtype=torch.float32, device="cpu")
     glu = getattr(act_fn, "glu", None)
     try:

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..bitwidths import ExpertBits, join, op_bits, split
 from ..errors import CheckpointError, UnsupportedArchitectureError
-from ..expert_layout import canonical_experts, experts_layout
+from ..expert_layout import canonical_experts, experts_layout, gate_up_weight
 from ..kernels import activation_name, check_routing, cpu, moe_op
-from ..kernels.activations import gated
+from ..kernels.activations import intermediate, projection_rows
 from ..kernels.eager import plain_eager
 from ..kernels.moe_cpu import DecodePlan
 from .linear import QuantLinear
@@ -31,18 +31,19 @@ class PackedExpert(nn.Module):
     """One expert: fused gate/up and down projections as :class:`QuantLinear` (with the expert's biases, if any)."""
 
     def __init__(self, hidden: int, inter: int, bits: ExpertBits, group_size: int, dtype: torch.dtype, device,
-                 bias: tuple[bool, bool] = (False, False)) -> None:  # fmt: skip
+                 bias: tuple[bool, bool] = (False, False), rows: int | None = None) -> None:  # fmt: skip
         super().__init__()
         gu_bits, dn_bits = split(bits)
-        self.gate_up = QuantLinear(hidden, 2 * inter, gu_bits, group_size, bias[0], dtype=dtype, device=device)
+        rows = 2 * inter if rows is None else rows  # (I for non-gated experts: up rows alone)
+        self.gate_up = QuantLinear(hidden, rows, gu_bits, group_size, bias[0], dtype=dtype, device=device)
         self.down = QuantLinear(inter, hidden, dn_bits, group_size, bias[1], dtype=dtype, device=device)
 
 
 def float_experts_shape(module: nn.Module) -> tuple[int, int, int]:
     """``(num_experts, hidden, intermediate)`` of a transformers fused experts module (MC's layout or its
     transpose, :mod:`~optimum_mc.expert_layout`); typed error otherwise."""
-    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor) or gu.dim() != 3:
+    gu, dn = gate_up_weight(module), getattr(module, "down_proj", None)
+    if gu is None or not isinstance(dn, torch.Tensor):
         raise UnsupportedArchitectureError(f"{type(module).__name__} is not a fused (gate_up_proj, down_proj) module.")
     layout = experts_layout(module, type(module).__name__)
     return layout.num_experts, layout.hidden, layout.inter
@@ -52,6 +53,7 @@ def packed_like(module: nn.Module, bits: list[ExpertBits], group_size: int, devi
     """An empty :class:`MCExperts` for the float experts ``module`` (any layout :func:`experts_layout` reads): its
     sizes, gate, biases and dtype, on ``device`` (default: the module's)."""
     layout = experts_layout(module, type(module).__name__)
+    weight = gate_up_weight(module)
     return MCExperts(
         layout.num_experts,
         layout.hidden,
@@ -59,8 +61,8 @@ def packed_like(module: nn.Module, bits: list[ExpertBits], group_size: int, devi
         bits,
         group_size,
         layout.act_fn,
-        dtype=module.gate_up_proj.dtype,
-        device=module.gate_up_proj.device if device is None else device,
+        dtype=weight.dtype,
+        device=weight.device if device is None else device,
         bias=(layout.gate_up_bias, layout.down_bias),
     )
 
@@ -88,8 +90,9 @@ class MCExperts(nn.Module):
         self.bits = [join(*split(b)) for b in bits]
         self.group_size, self.act_fn, self.dtype = group_size, act_fn, dtype
         self.op_bits = op_bits(self.bits)  # the fused op's bits argument (E or 2E ints)
+        rows = projection_rows(act_fn, intermediate_dim)  # 2I, or I for non-gated experts
         self.packed = nn.ModuleList(
-            PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device, bias) for b in bits
+            PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device, bias, rows) for b in bits
         )
         # (gate_up, down) biases, stored in the model dtype next to each expert's packed matrices (packed.<e>.*.bias)
         # and handed to the fused op stacked in fp32 ((E, 2I) / (E, H), built once: _op_biases)
@@ -169,8 +172,7 @@ class MCExperts(nn.Module):
         return self.packed[e].gate_up.nbytes() + self.packed[e].down.nbytes()
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.packed[e].gate_up(x).chunk(2, dim=-1)
-        return self.packed[e].down(gated(self.act_fn, gate, up))
+        return self.packed[e].down(intermediate(self.act_fn, self.packed[e].gate_up(x)))
 
     def packed_weights(self) -> tuple[list[torch.Tensor], ...]:
         """Six lists over experts: gate_up ``qweight``, ``scales``, ``zeros``, then the same of down.

@@ -112,7 +112,8 @@ def install_attention(model: nn.Module, attention_modules: list[nn.Module]) -> N
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    current = model.config._attn_implementation
+    target = _attention_owner(model)
+    current = target.config._attn_implementation
     if current and current.startswith(ATTN_PREFIX):
         return
     original = current or "sdpa"
@@ -121,8 +122,8 @@ def install_attention(model: nn.Module, attention_modules: list[nn.Module]) -> N
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     for m in attention_modules:
         m._mc_odp_inner = ALL_ATTENTION_FUNCTIONS.get_interface(original, _eager_for(m))
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:  # the model cannot switch (transformers warned why)
+    target.set_attn_implementation(name)
+    if target.config._attn_implementation != name:  # the model cannot switch (transformers warned why)
         logger.warning(
             "optimum-mc: %s cannot switch its attention implementation, so ODP runs without token protection",
             type(model).__name__,
@@ -131,11 +132,28 @@ def install_attention(model: nn.Module, attention_modules: list[nn.Module]) -> N
     model._mc_odp_original_attn = original
 
 
+def _attention_owner(model: nn.Module) -> nn.Module:
+    """The model whose attention implementation ODP switches: ``model``, or the text decoder of a multimodal
+    wrapper (``get_decoder()`` with a config of its own): its towers need not take ODP's implementation (gemma4's
+    audio model refuses any but eager) and ODP reads no importance from them."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        dec = get() if callable(get) else None
+    except Exception:
+        dec = None
+    own = getattr(dec, "config", None)
+    if isinstance(dec, nn.Module) and own is not None and own is not getattr(model, "config", None):
+        if callable(getattr(dec, "set_attn_implementation", None)):
+            return dec
+    return model
+
+
 def uninstall_attention(model: nn.Module) -> None:
     """Give the model back the attention implementation it had before ODP (unless the user changed it since)."""
     original = getattr(model, "_mc_odp_original_attn", None)
     if original is None:
         return
-    if model.config._attn_implementation == attention_name(original):
-        model.set_attn_implementation(original)
+    target = _attention_owner(model)
+    if target.config._attn_implementation == attention_name(original):
+        target.set_attn_implementation(original)
     del model._mc_odp_original_attn

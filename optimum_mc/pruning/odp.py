@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import decoder_layers, moe_blocks, require_moe, router_output_positions
+from ..architectures import calls_attention_interface, decoder_layers, moe_blocks, require_moe, router_output_positions
 from ..errors import MCConfigError
+from ..expert_layout import gate_up_weight
+from ..kernels.activations import projection_rows
 from .importance import install_attention, uninstall_attention
 from .routing import routing_is_normalized
 from .rule import apply_drop, count_routing, drop_mask, protected_tokens, slot_ratios
@@ -138,24 +140,29 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
 
 def _attention_modules(layer: nn.Module) -> list[nn.Module]:
     """Every attention module of a decoder layer (the elements of a container holding several), which the ODP
-    attention function must be able to run."""
+    attention function must be able to run: the usual attributes, and any module whose forward calls transformers'
+    attention interface (Nemotron-H's attention sits in a layer's ``mixer``)."""
+    found: list[nn.Module] = []
     for name in ("self_attn", "attention", "self_attention", "attn"):
         m = getattr(layer, name, None)
         if isinstance(m, (nn.ModuleList, nn.Sequential)):
-            return list(m)
-        if isinstance(m, nn.ModuleDict):
-            return list(m.values())
-        if isinstance(m, nn.Module):
-            return [m]
-    return []
+            found = list(m)
+        elif isinstance(m, nn.ModuleDict):
+            found = list(m.values())
+        elif isinstance(m, nn.Module):
+            found = [m]
+        if found:
+            break
+    ids = {id(m) for m in found}
+    return found + [m for m in layer.modules() if id(m) not in ids and calls_attention_interface(m)]
 
 
 def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(experts, "expert_nbytes"):
         e, h, i = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
-        params = torch.full((e,), 3.0 * h * i)
+        params = torch.full((e,), float((projection_rows(experts.act_fn, i) + i) * h))
         return params, torch.tensor([float(experts.expert_nbytes(k)) for k in range(e)])
-    gu, dn = experts.gate_up_proj, experts.down_proj
+    gu, dn = gate_up_weight(experts), experts.down_proj
     per = float(gu[0].numel() + dn[0].numel())
     e = gu.shape[0]
     return torch.full((e,), per), torch.full((e,), per * gu.element_size())
@@ -271,7 +278,9 @@ def set_odp(
         if attn_mod is not None:  # a linear-attention (hybrid) layer: ODP without token protection
             attn_mod._mc_odp_state = st
             attn.append(attn_mod)
-    install_attention(model, [m for layer in layer_list for m in _attention_modules(layer)])
+    mods = [m for layer in layer_list for m in _attention_modules(layer)]
+    ids = {id(m) for m in mods}  # and those outside the layers (inkling2's final block-attention residual)
+    install_attention(model, mods + [m for m in model.modules() if id(m) not in ids and calls_attention_interface(m)])
     _eager_experts(model)
     return sorted(active)
 

@@ -16,7 +16,9 @@ import os
 
 _SIZES = dict(
     vocab_size=320,
-    unpadded_vocab_size=320,  # (inkling2: the head's size before padding to vocab_size)
+    unpadded_vocab_size=320,
+    vocab_size_per_layer_input=320,  # (gemma4: per-layer input embeddings)
+    hidden_size_per_layer_input=16,  # (inkling2: the head's size before padding to vocab_size)
     hidden_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -26,6 +28,9 @@ _SIZES = dict(
     intermediate_size_mlp=64,
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32,
+    shared_intermediate_size=32,  # (ergo)
+    first_dense_intermediate_size=64,
     expert_intermediate_size=32,
     ffn_hidden_size=64,
     max_position_embeddings=256,
@@ -35,10 +40,12 @@ _SIZES = dict(
     moe_num_experts=8,
     num_experts_per_tok=2,
     moe_topk=2,
+    top_k_experts=2,
     moe_k=2,
     n_shared_experts=1,
     num_shared_experts=1,
     zero_expert_num=2,
+    enable_moe_block=True,  # (a config that switches its MoE block on and off: on)
     q_lora_rank=32,
     kv_lora_rank=32,
     qk_rope_head_dim=16,
@@ -58,6 +65,14 @@ _SIZES = dict(
     index_num_heads=2,
     index_n_heads=2,
     index_head_dim=16,
+    # sparse-attention indexers a default config leaves unset (qwen4_exp: its default layers need them)
+    indexer_n_heads=2,
+    indexer_kv_heads=1,
+    indexer_head_dim=16,
+    indexer_budget=16,
+    indexer_compress_ratio=4,
+    hc_lowrank=16,
+    ple_embed_dim=64,
 )
 # sizes vLLM's CPU build takes on top of _SIZES (its attention kernels take head sizes 32, 64, 80, ...; group 32)
 VLLM_SIZES = dict(
@@ -146,6 +161,41 @@ def moe_model_types() -> list[str]:
     ]
 
 
+def _has(config, key: str) -> bool:
+    """``hasattr`` that counts a heterogeneous config's per-layer attribute (which refuses a global read) as
+    present."""
+    try:
+        return hasattr(config, key)
+    except Exception:
+        return key in config.to_dict()
+
+
+def _get(config, key: str):
+    try:
+        return getattr(config, key, None)
+    except Exception:  # a per-layer attribute of a heterogeneous config: its global value
+        return config.to_dict().get(key)
+
+
+def _tiny_per_layer(values: dict, per_layer: dict, keep: list[int], kw: dict) -> dict:
+    """A heterogeneous config's per-layer overrides (``{"05": {"head_dim": 512}}``) for the kept layers, indexed
+    anew, each size scaled as the tiny global one is (512 over a global 256 -> twice the tiny head_dim)."""
+    out = {}
+    for key, over in per_layer.items():
+        i = int(key)
+        if i not in keep or not isinstance(over, dict):
+            continue
+        tiny = {}
+        for k, v in over.items():
+            g, t = values.get(k), kw.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and isinstance(g, int) and g and isinstance(t, int):
+                tiny[k] = max(1, round(t * v / g))
+            elif k not in kw:
+                tiny[k] = v
+        out[str(keep.index(i)).zfill(len(key))] = tiny
+    return out
+
+
 def tiny_config(model_type: str, **overrides):
     """A tiny config of ``model_type``: hidden 64, 2 layers (the first dense where the family has dense layers),
     8 experts, top-2, vocabulary 320. Per-layer lists are cut to the layer count; token ids kept in the vocabulary.
@@ -154,12 +204,9 @@ def tiny_config(model_type: str, **overrides):
 
     base = AutoConfig.for_model(model_type)
     if getattr(base, "sub_configs", None):
-        raise NotImplementedError(
-            f"{model_type} nests sub-configs ({', '.join(base.sub_configs)}); tiny sizes are only derived for flat "
-            f"text configs (a multimodal wrapper's text model type is checked on its own)"
-        )
-    layers0 = getattr(base, "num_hidden_layers", None)
-    kw = {k: v for k, v in _SIZES.items() if hasattr(base, k)}
+        return _tiny_nested(model_type, base, overrides)
+    layers0 = _get(base, "num_hidden_layers")
+    kw = {k: v for k, v in _SIZES.items() if _has(base, k)}
     n = kw.get("num_hidden_layers", layers0)
     if "kv_lora_rank" in kw:  # multi-head latent attention: one key/value head per query head
         kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
@@ -168,7 +215,7 @@ def tiny_config(model_type: str, **overrides):
     kinds = [
         v
         for k, v in sorted(values.items(), key=lambda kv: kv[0] != "layer_types")
-        if (k == "layer_types" or "mlp" in k) and isinstance(v, list) and layers0 and len(v) == layers0
+        if ("layer" in k and "type" in k or "mlp" in k) and isinstance(v, list) and layers0 and len(v) == layers0
     ]
     if kinds and n:
         # keep one layer of every kind of attention (a hybrid's linear and full attention) and of MLP (dense and
@@ -189,8 +236,10 @@ def tiny_config(model_type: str, **overrides):
             kw[k] = 2
         elif k.endswith("_layer_offset") and isinstance(v, int):
             kw[k] = 1
+    if isinstance(values.get("per_layer_config"), dict) and values["per_layer_config"]:
+        kw["per_layer_config"] = _tiny_per_layer(values, values["per_layer_config"], keep, kw)
     for k in _TOKEN_IDS:
-        if hasattr(base, k):
+        if _has(base, k):
             kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
     kw.update(_EXCEPTIONS.get(model_type, {}))
     alias = getattr(base, "attribute_map", None) or {}  # e.g. num_local_experts -> num_experts: one value wins
@@ -198,6 +247,60 @@ def tiny_config(model_type: str, **overrides):
         kw = {j: v for j, v in kw.items() if alias.get(j, j) != alias.get(k, k)}
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
+
+
+# sizes of a multimodal wrapper's non-text towers (vision, audio): small, and projecting into the text model's width
+_TOWER_SIZES = dict(
+    hidden_size=64,
+    num_hidden_layers=1,
+    depth=1,
+    num_heads=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    intermediate_size=64,
+    vision_output_dim=64,
+    projector_input_dim=64,
+    projector_output_dim=64,
+    num_position_embeddings=64,
+)
+
+
+def _tiny_nested(model_type: str, base, overrides: dict):
+    """A tiny config of a family whose config nests sub-configs: a multimodal wrapper (its ``text_config`` is the
+    tiny config of the text model type, its other towers get :data:`_TOWER_SIZES` and project into the text
+    width; only the text model's MoE is quantized) or a config split into parts (dbrx's ``attn_config`` /
+    ``ffn_config``: the size rules applied to each part and to the top level through its attribute aliases)."""
+    from transformers import AutoConfig
+
+    subs = dict(base.sub_configs)
+    kw: dict = {}
+    if "text_config" in subs:
+        text = getattr(base, "text_config", None)
+        text_type = getattr(text, "model_type", None) or getattr(subs["text_config"], "model_type", None)
+        text = tiny_config(text_type, **overrides).to_dict()
+        kw["text_config"] = text
+        for name, cls in subs.items():
+            if name == "text_config":
+                continue
+            tower = getattr(base, name, None)
+            try:  # a tower the default config leaves out (gemma4's vision and audio) is built too: it must stay float
+                values = (tower if tower is not None else cls()).to_dict()
+            except Exception:
+                continue
+            sizes = {k: v for k, v in _TOWER_SIZES.items() if k in values}
+            for k in ("out_hidden_size", "output_size", "text_hidden_size"):
+                if isinstance(values.get(k), int):
+                    sizes[k] = text["hidden_size"]
+            kw[name] = {**values, **sizes}
+        for k in _TOKEN_IDS:  # the wrapper's own token ids (text ones are in text_config)
+            if isinstance(getattr(base, k, None), int):
+                kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
+        return AutoConfig.for_model(model_type, **kw)
+    raise NotImplementedError(
+        f"{model_type} nests sub-configs ({', '.join(subs)}) without a text_config; tiny sizes are derived for flat "
+        f"text configs and multimodal wrappers"
+    )
 
 
 CORPUS = [
