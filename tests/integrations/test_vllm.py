@@ -379,7 +379,9 @@ def test_linear_widths_are_found_under_the_names_vllm_gives():
         "model.layers.0.mamba.in_proj": 4,
         "model.layers.0.mamba.out_proj": 2,
     }
-    cfg = MCVllmConfig({"quant_method": "mc", "group_size": 32, "moe_layers": [], "expert_bits": [], "linear_bits": bits})
+    cfg = MCVllmConfig(
+        {"quant_method": "mc", "group_size": 32, "moe_layers": [], "expert_bits": [], "linear_bits": bits}
+    )
     cfg.maybe_update_config("m", SimpleNamespace(architectures=["HYV3ForCausalLM"], model_type="hy_v3"))
     assert cfg.linear_bits_for("model.layers.1.mlp.shared_mlp.down_proj") == 3
     assert cfg.linear_bits_for("model.layers.1.mlp.shared_mlp.gate_up_proj") == 4
