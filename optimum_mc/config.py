@@ -27,6 +27,9 @@ EXPERT_BITS = (1, 2, 3, 4)
 # What ``bits`` counts: "codes" (the packed integer codes only, MC's and the paper's meaning) or "stored" (codes plus
 # the fp16 scales and zeros of every group: the bytes on disk per expert weight, as llama.cpp's bits per weight).
 BITS_BUDGETS = ("codes", "stored")
+# How each group's scale and zero are stored (group_quant.py): "fp16" (an fp16 scale and zero, 32 bits per group) or
+# "q8" (integer zeros at the code width, 8-bit scale codes on a power-of-two exponent per 16 rows: 8.5 + b bits).
+METADATA_FORMS = ("fp16", "q8")
 
 # Results of quantization written into config.json; users do not set them.
 _RESULT_FIELDS = (
@@ -57,6 +60,7 @@ _OMITTED_AT_DEFAULT = {
     "clip_search": False,
     "decode_activations": "auto",
     "bits_budget": "codes",
+    "metadata": "fp16",
 }
 
 # Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
@@ -81,7 +85,9 @@ class MCConfig(QuantizationConfigMixin):
             MC's meaning) or ``"stored"`` (codes plus the fp16 scale and zero of every group, i.e. the checkpoint's
             bytes per expert weight, comparable with llama.cpp's bits per weight): ``32 / group_size`` bits more
             (0.25 at group_size 128), so ``bits=2.25, bits_budget="stored"`` allocates like ``bits=2.0``. With
-            ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model.
+            ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model. With
+            ``metadata="q8"`` the metadata costs ``(8.5 + b) / group_size`` bits per b-bit weight (0.082 at 2 bits
+            and group_size 128), so a stored budget buys ``(bits - 8.5 / g) / (1 + 1 / g)`` code bits.
         candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit.
         attn_bits: bits for attention, shared experts and dense MLPs (2/3/4/8); ``None`` keeps them in float.
         group_size: quantization group size along the input dimension (-1: one group per row).
@@ -120,6 +126,13 @@ class MCConfig(QuantizationConfigMixin):
         min_expert_tokens: experts routed fewer calibration tokens use calibration-free quantization.
         zero_point: ``"float"`` (fp16 ``-min / scale``) or ``"int"`` (GPTQ grid through 0, integer zero codes;
             1-bit keeps its binary form); both are stored in the same fp16 zero tensor.
+        metadata: how each group's scale and zero are stored: ``"fp16"`` (default: an fp16 scale and an fp16 zero,
+            32 bits per group) or ``"q8"`` (integer zeros stored at the code width, scales as 8-bit codes times a
+            power of two shared by 16 rows of the group column: ``8.5 + b`` bits per group; 1-bit groups take the
+            symmetric form ``+/- mean |w|``). Codes are chosen on the stored grid; needs ``zero_point="int"`` and a
+            ``group_size`` other than -1. Applies to every GPTQ-packed matrix (experts and ``attn_bits`` linears).
+            Only the checkpoint shrinks: loading expands the metadata to the fp16 scales / zeros every kernel reads
+            (in memory the old size, decode speed unchanged).
         clip_search: GPTQ grids (2 bits and up) shrink each group's [min, max] range where that lowers the
             Hessian-diagonal-weighted rounding error (``gptq.searched_qparams``) instead of spanning it.
         expert_hessian: ``"routed"`` (an expert's GPTQ Hessian from the tokens routed to it) or
@@ -185,6 +198,7 @@ class MCConfig(QuantizationConfigMixin):
         block_size: int = 128,
         min_expert_tokens: int = 16,
         zero_point: str = "float",
+        metadata: str = "fp16",
         clip_search: bool = False,
         expert_hessian: str = "routed",
         dataset: str | list[str] | dict | None = None,
@@ -230,6 +244,7 @@ class MCConfig(QuantizationConfigMixin):
         self.block_size = block_size
         self.min_expert_tokens = min_expert_tokens
         self.zero_point = zero_point
+        self.metadata = metadata
         self.clip_search = clip_search
         self.expert_hessian = expert_hessian
         self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
@@ -271,9 +286,13 @@ class MCConfig(QuantizationConfigMixin):
         if self.bits_budget not in BITS_BUDGETS:
             raise _err(f"bits_budget must be one of {BITS_BUDGETS}, got {self.bits_budget!r}.")
         lo, hi = min(cb), max(cb)
+        if self.metadata not in METADATA_FORMS:
+            raise _err(f"metadata must be one of {METADATA_FORMS}, got {self.metadata!r}.")
         if self.bits_budget == "stored" and _is_int(self.group_size) and self.group_size > 0:
-            meta = 32 / self.group_size  # fp16 scale + zero per group, whatever the matrix
-            lo, hi = lo + meta, hi + meta
+            from .bitwidths import group_metadata_bits
+
+            lo = lo + group_metadata_bits(lo, self.metadata) / self.group_size  # per group, whatever the matrix
+            hi = hi + group_metadata_bits(hi, self.metadata) / self.group_size
         elif self.bits_budget == "stored":  # group_size=-1: 32 bits per row, resolved per model (at most 1 bit)
             lo, hi = lo, hi + 1
         if not lo <= self.bits <= hi:
@@ -301,6 +320,7 @@ class MCConfig(QuantizationConfigMixin):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise _err(f"{name} must be a finite number >= 0, got {v!r}.")
         self._check_pmq()
+        self._check_metadata()
         if self.nonexpert_method not in NONEXPERT_METHODS:
             raise _err(f"nonexpert_method must be one of {NONEXPERT_METHODS}, got {self.nonexpert_method!r}.")
         if not (isinstance(self.damp_percent, (int, float)) and 0 < self.damp_percent < 1):
@@ -411,6 +431,25 @@ class MCConfig(QuantizationConfigMixin):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise _err(f"allocation_time_limit must be a positive number of seconds, got {t!r}.")
 
+    def _check_metadata(self) -> None:
+        """``metadata="q8"`` stores integer zeros and per-group scales: the combinations the format describes."""
+        if self.metadata != "q8":
+            return
+        works = (
+            "metadata='fp16' (any zero_point, any group_size), or metadata='q8' with zero_point='int' and a "
+            "group_size that is a multiple of 32"
+        )
+        if self.zero_point != "int":
+            raise _err(
+                f"metadata='q8' stores integer zero points; zero_point={self.zero_point!r} cannot be stored that way. "
+                f"Combinations that work: {works}."
+            )
+        if self.group_size == -1:
+            raise _err(
+                f"metadata='q8' shares scale exponents between rows of a group column; group_size=-1 (one fp16 pair "
+                f"per row, already <= 32 / in_features bits per weight) is not served. Combinations that work: {works}."
+            )
+
     def _check_odp(self) -> None:
         thr = self.odp_threshold
         vals = thr if isinstance(thr, list) else ([] if thr is None else [thr])
@@ -436,9 +475,9 @@ class MCConfig(QuantizationConfigMixin):
         the allocation program is unchanged and only its budget moves)."""
         if self.bits_budget == "codes":
             return float(self.bits)
-        from .bitwidths import metadata_bits
+        from .bitwidths import code_bits_for_stored
 
-        return float(self.bits) - metadata_bits(hidden, intermediate, self.group_size)
+        return code_bits_for_stored(float(self.bits), hidden, intermediate, self.group_size, self.metadata)
 
     @property
     def is_uniform(self) -> bool:
@@ -502,7 +541,7 @@ class MCConfig(QuantizationConfigMixin):
             d["tokenizer"] = self.tokenizer
         if isinstance(self.dataset, list):
             d["dataset"] = texts_record(self.dataset)
-        d["format_version"] = format_for(self.expert_bits)
+        d["format_version"] = format_for(self.expert_bits, self.metadata)
         d["optimum_mc_version"] = __version__
         return d
 
