@@ -273,3 +273,12 @@ def test_fp16_checkpoints_keep_their_format(q8_model, tmp_path):
     assert lin.metadata == "fp16" and "scales" in dict(lin.state_dict())
     a, b = model.state_dict(), back.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reader_of_formats_1_2_refuses_q8_and_says_upgrade(q8_model, monkeypatch):
+    from optimum_mc.errors import CheckpointVersionError
+
+    _, _, out = q8_model
+    monkeypatch.setattr("optimum_mc.config.FORMAT_VERSION", 2)
+    with pytest.raises(CheckpointVersionError, match="upgrade"):
+        AutoModelForCausalLM.from_pretrained(out)
