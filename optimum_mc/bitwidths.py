@@ -81,7 +81,9 @@ def stored_bits(bits: ExpertBits, hidden: int, intermediate: int, group_size: in
     if metadata == "fp16":
         return mean_bits(bits) + metadata_bits(hidden, intermediate, group_size)
     gu, dn = split(bits)
-    per = [group_metadata_bits(b, metadata) / group_of(n, group_size) + b for b, n in ((gu, hidden), (dn, intermediate))]
+    per = [
+        group_metadata_bits(b, metadata) / group_of(n, group_size) + b for b, n in ((gu, hidden), (dn, intermediate))
+    ]
     return (PROJECTION_UNITS[0] * per[0] + PROJECTION_UNITS[1] * per[1]) / sum(PROJECTION_UNITS)
 
 
@@ -95,6 +97,8 @@ def code_bits_for_stored(
         return stored - metadata_bits(hidden, intermediate, group_size)
     slope = _q8_slope(hidden, intermediate, group_size)
     return (stored - Q8_FIXED_BITS_PER_GROUP * slope) / (1 + slope)
+
+
 def op_bits(bits: Sequence[ExpertBits]) -> list[int]:
     """The ``bits`` argument of ``optimum_mc::moe``: ``E`` ints when every expert has one width for both
     projections, else ``2E`` (the gate/up widths, then the down widths)."""

@@ -446,8 +446,9 @@ class MCConfig(QuantizationConfigMixin):
             )
         if self.group_size == -1:
             raise _err(
-                f"metadata='q8' shares scale exponents between rows of a group column; group_size=-1 (one fp16 pair "
-                f"per row, already <= 32 / in_features bits per weight) is not served. Combinations that work: {works}."
+                f"metadata='q8' shares scale exponents between rows of a group column; group_size=-1 (one fp16 "
+                f"pair per row, already <= 32 / in_features bits per weight) is not served. Combinations that work: "
+                f"{works}."
             )
 
     def _check_odp(self) -> None:

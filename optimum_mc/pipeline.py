@@ -175,7 +175,8 @@ def check_budget(config: MCConfig, num_experts: list[int], code_bits: list[float
                 raise
             raise MCConfigError(
                 f"bits={config.bits} stored bits per expert weight (bits_budget='stored') leaves {t:.4g} bits for "
-                f"codes after {config.bits - t:.4g} bits of {config.metadata} scales and zeros (group_size={config.group_size}): "
+                f"codes after {config.bits - t:.4g} bits of {config.metadata} scales and zeros "
+                f"(group_size={config.group_size}): "
                 f"{exc}"
             ) from exc
 

@@ -14,7 +14,8 @@ FORMAT_VERSION = 3
 
 
 def format_for(expert_bits, metadata: str = "fp16") -> int:
-    """The checkpoint format a model needs: 3 with compact (``"q8"``) metadata, 2 with per-projection widths, else 1."""
+    """The checkpoint format a model needs: 3 with compact (``"q8"``) metadata, 2 with per-projection widths,
+    else 1."""
     if metadata == "q8":
         return 3
     rows = expert_bits or []

@@ -175,7 +175,12 @@ def test_combinations_no_format_serves_are_refused(kw, match):
 
 
 def test_overhead_formula_per_width():
-    assert [group_metadata_bits(b, "q8") / 128 for b in (1, 2, 3, 4)] == [9.5 / 128, 10.5 / 128, 11.5 / 128, 12.5 / 128]
+    assert [group_metadata_bits(b, "q8") / 128 for b in (1, 2, 3, 4)] == [
+        9.5 / 128,
+        10.5 / 128,
+        11.5 / 128,
+        12.5 / 128,
+    ]
     assert group_metadata_bits(2, "q8") / 128 <= 0.1  # the target at 2 bits, g = 128
     assert group_metadata_bits(3, "fp16") == 32
     assert stored_bits(2, 4096, 14336, 128, "q8") == pytest.approx(2 + 10.5 / 128)

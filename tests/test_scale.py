@@ -115,7 +115,12 @@ def test_explicit_disk_map(float_dir, streamed, tmp_path):
 
 @pytest.mark.parametrize(
     "allocation,granularity,metadata",
-    [("layer", "expert", "fp16"), ("global", "expert", "fp16"), ("layer", "projection", "fp16"), ("layer", "expert", "q8")],
+    [
+        ("layer", "expert", "fp16"),
+        ("global", "expert", "fp16"),
+        ("layer", "projection", "fp16"),
+        ("layer", "expert", "q8"),
+    ],
 )
 def test_resume_after_interruption_gives_the_same_bytes(
     float_dir, tmp_path, monkeypatch, allocation, granularity, metadata

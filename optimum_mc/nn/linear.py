@@ -208,7 +208,9 @@ class QuantLinear(nn.Module):
                     f"checkpoint has {got.dtype} {tuple(got.shape)}; the checkpoint does not match its config."
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if self.metadata == "q8" and all(prefix + n in state_dict for n in ("scale_codes", "scale_exps", "zero_codes")):
+        if self.metadata == "q8" and all(
+            prefix + n in state_dict for n in ("scale_codes", "scale_exps", "zero_codes")
+        ):
             self.expand_metadata()
 
     def extra_repr(self) -> str:

@@ -60,9 +60,9 @@ class MCVllmConfig(QuantizationConfig):
             raise MCConfigError(f"group_size {self.group_size} is not -1 or a positive multiple of 32.")
         if config.get("metadata", "fp16") != "fp16":
             raise MCConfigError(
-                f"this checkpoint stores compact scales / zeros (metadata={config.get('metadata')!r}, format 3), which "
-                "the vLLM plugin does not read yet; serve it with transformers (optimum_mc expands them at load), or "
-                "quantize with metadata='fp16' for vLLM."
+                f"this checkpoint stores compact scales / zeros (metadata={config.get('metadata')!r}, format 3), "
+                "which the vLLM plugin does not read yet; serve it with transformers (optimum_mc expands them at "
+                "load), or quantize with metadata='fp16' for vLLM."
             )
         if config.get("nonexpert_method", "gptq") == "bnb_nf4":
             raise MCConfigError(
