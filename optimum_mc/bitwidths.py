@@ -46,6 +46,13 @@ def mean_bits(bits: ExpertBits) -> float:
 
 # fp16 scale + fp16 zero stored per group of ``group_size`` weights (docs/format.md)
 METADATA_BITS_PER_GROUP = 32
+# metadata="q8": an 8-bit scale code, the zero at the code width, and 1/16 of an int8 exponent per group
+Q8_FIXED_BITS_PER_GROUP = 8.5
+
+
+def group_metadata_bits(bits: int, metadata: str = "fp16") -> float:
+    """Stored metadata bits of one group of ``bits``-bit codes: 32 (fp16 scale + zero) or ``8.5 + bits`` (q8)."""
+    return METADATA_BITS_PER_GROUP if metadata == "fp16" else Q8_FIXED_BITS_PER_GROUP + bits
 
 
 def group_of(in_features: int, group_size: int) -> int:
@@ -62,9 +69,34 @@ def metadata_bits(hidden: int, intermediate: int, group_size: int) -> float:
     return (PROJECTION_UNITS[0] * gu + PROJECTION_UNITS[1] * dn) / sum(PROJECTION_UNITS)
 
 
-def stored_bits(bits: ExpertBits, hidden: int, intermediate: int, group_size: int) -> float:
-    """Stored bits per weight of one expert: packed codes plus fp16 scales and zeros (biases not counted)."""
-    return mean_bits(bits) + metadata_bits(hidden, intermediate, group_size)
+def _q8_slope(hidden: int, intermediate: int, group_size: int) -> float:
+    """Groups per expert weight (gate/up counts twice): the ``1 / g`` of both projections, averaged."""
+    gu, dn = 1 / group_of(hidden, group_size), 1 / group_of(intermediate, group_size)
+    return (PROJECTION_UNITS[0] * gu + PROJECTION_UNITS[1] * dn) / sum(PROJECTION_UNITS)
+
+
+def stored_bits(bits: ExpertBits, hidden: int, intermediate: int, group_size: int, metadata: str = "fp16") -> float:
+    """Stored bits per weight of one expert: packed codes plus scales and zeros (biases not counted); ``metadata``
+    ``"q8"``: ``(8.5 + b) / g`` bits of metadata per b-bit weight (padding of the packed zeros not counted)."""
+    if metadata == "fp16":
+        return mean_bits(bits) + metadata_bits(hidden, intermediate, group_size)
+    gu, dn = split(bits)
+    per = [
+        group_metadata_bits(b, metadata) / group_of(n, group_size) + b for b, n in ((gu, hidden), (dn, intermediate))
+    ]
+    return (PROJECTION_UNITS[0] * per[0] + PROJECTION_UNITS[1] * per[1]) / sum(PROJECTION_UNITS)
+
+
+def code_bits_for_stored(
+    stored: float, hidden: int, intermediate: int, group_size: int, metadata: str = "fp16"
+) -> float:
+    """The average code bits per expert weight whose stored bits (:func:`stored_bits`) are ``stored``: the stored
+    budget less the metadata. For ``"q8"`` the metadata grows with the width, ``b (1 + s) + 8.5 s`` stored bits per
+    b-bit weight with ``s`` groups per weight (``1 / g``): linear in ``b``, so the code-bit budget is exact."""
+    if metadata == "fp16":
+        return stored - metadata_bits(hidden, intermediate, group_size)
+    slope = _q8_slope(hidden, intermediate, group_size)
+    return (stored - Q8_FIXED_BITS_PER_GROUP * slope) / (1 + slope)
 
 
 def op_bits(bits: Sequence[ExpertBits]) -> list[int]:

@@ -19,8 +19,10 @@ from .packing import WORD_BITS
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8"}
-_ELEM = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "F64": 8}
+_DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "U8": "uint8", "I8": "int8"}
+_ELEM = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I8": 1, "I64": 8, "F64": 8}
+# the tensors of a packed matrix besides its codes (``qweight``): fp16 metadata, or the compact q8 form
+_METADATA_SUFFIXES = (".scales", ".zeros", ".scale_codes", ".scale_exps", ".zero_codes")
 
 
 # safetensors metadata keys of MC shards (string values, as safetensors requires)
@@ -28,12 +30,13 @@ FORMAT_KEY = "mc_format_version"
 VERSION_KEY = "optimum_mc_version"
 
 
-def shard_metadata(expert_bits=None) -> dict[str, str]:
+def shard_metadata(expert_bits=None, metadata: str = "fp16") -> dict[str, str]:
     """The ``__metadata__`` entries every saved MC shard carries (besides transformers' ``format: pt``): the
-    format the model's ``expert_bits`` need (``version.format_for``) and the writing optimum-mc's version."""
+    format the model's ``expert_bits`` and ``metadata`` need (``version.format_for``) and the writing optimum-mc's
+    version."""
     from .version import __version__, format_for
 
-    return {FORMAT_KEY: str(format_for(expert_bits)), VERSION_KEY: __version__}
+    return {FORMAT_KEY: str(format_for(expert_bits, metadata)), VERSION_KEY: __version__}
 
 
 def sort_shard_metadata(path: str | os.PathLike) -> None:
@@ -127,15 +130,18 @@ def read_safetensors_header(path: str) -> dict:
     return header
 
 
-def packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple]:
-    """Expected (dtype, shape) of the three packed buffers of one matrix."""
+def packed_shapes(
+    out_features: int, in_features: int, bits: int, group_size: int, metadata: str = "fp16"
+) -> dict[str, tuple]:
+    """Expected (dtype, shape) of the stored packed buffers of one matrix (codes, then fp16 or q8 metadata)."""
     g = in_features if group_size == -1 else group_size
     groups = in_features // g
-    return {
-        "qweight": ("int32", (out_features, in_features * bits // WORD_BITS)),
-        "scales": ("float16", (out_features, groups)),
-        "zeros": ("float16", (out_features, groups)),
-    }
+    out = {"qweight": ("int32", (out_features, in_features * bits // WORD_BITS))}
+    if metadata == "q8":
+        from .group_quant import q8_shapes
+
+        return {**out, **q8_shapes(out_features, groups, bits)}
+    return {**out, "scales": ("float16", (out_features, groups)), "zeros": ("float16", (out_features, groups))}
 
 
 def nf4_shapes(out_features: int, in_features: int, blocksize: int = 64) -> dict[str, tuple]:
@@ -361,7 +367,7 @@ def size_groups(path: str | Path, cfg) -> dict[str, tuple[int, int]]:
             for d in info["shape"]:
                 n *= d
             nbytes = n * _ELEM.get(info["dtype"], 4)
-            packed = key.endswith((".qweight", ".scales", ".zeros", ".weight_nf4", ".absmax", ".quant_map"))
+            packed = key.endswith((".qweight", *_METADATA_SUFFIXES, ".weight_nf4", ".absmax", ".quant_map"))
             g = names[0] if ".packed." in key else names[1] if packed else names[2]
             groups[g][0] += nbytes
             if key.endswith(".qweight"):
@@ -376,12 +382,12 @@ def size_groups(path: str | Path, cfg) -> dict[str, tuple[int, int]]:
 
 def expert_stored_bits(path: str | Path, cfg) -> tuple[float, float] | None:
     """``(stored, code)`` bits per routed-expert weight of an MC folder, from its safetensors headers: stored counts
-    every byte of the experts' ``qweight``, ``scales`` and ``zeros`` (biases not counted), code the ``qweight``
-    bytes alone (None: no packed experts)."""
+    every byte of the experts' ``qweight`` and scales / zeros as stored (fp16 or the compact q8 tensors; biases not
+    counted), code the ``qweight`` bytes alone (None: no packed experts)."""
     stored = codes = weights = 0
     for f in sorted(Path(path).glob("*.safetensors")):
         for key, info in read_safetensors_header(str(f)).items():
-            if ".packed." not in key or not key.endswith((".qweight", ".scales", ".zeros")):
+            if ".packed." not in key or not key.endswith((".qweight", *_METADATA_SUFFIXES)):
                 continue
             n = 1
             for d in info["shape"]:

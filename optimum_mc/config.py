@@ -32,6 +32,9 @@ KEEP_1_BIT_FROM = 2.5
 # What ``bits`` counts: "codes" (the packed integer codes only, MC's and the paper's meaning) or "stored" (codes plus
 # the fp16 scales and zeros of every group: the bytes on disk per expert weight, as llama.cpp's bits per weight).
 BITS_BUDGETS = ("codes", "stored")
+# How each group's scale and zero are stored (group_quant.py): "fp16" (an fp16 scale and zero, 32 bits per group) or
+# "q8" (integer zeros at the code width, 8-bit scale codes on a power-of-two exponent per 16 rows: 8.5 + b bits).
+METADATA_FORMS = ("fp16", "q8")
 
 # Options grouped out of the top level, each group one keyword of MCConfig taking a dict of these names (the names
 # config.json records): GPTQ's own knobs; the allocation program's objective and solver; and the research options
@@ -55,6 +58,7 @@ EXPERIMENTAL_OPTIONS = {
     "nonexpert_method": "gptq",
     "clip_search": False,
     "expert_hessian": "routed",
+    "metadata": "fp16",
 }
 _GROUPS = {"gptq": GPTQ_OPTIONS, "allocation_options": ALLOCATION_OPTIONS, "experimental": EXPERIMENTAL_OPTIONS}
 # a datasets source's own options: keys of a ``dataset`` dict, flat options in config.json
@@ -89,6 +93,7 @@ _OMITTED_AT_DEFAULT = {
     "clip_search": False,
     "decode_activations": "auto",
     "bits_budget": "codes",
+    "metadata": "fp16",
 }
 
 # Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
@@ -113,7 +118,9 @@ class MCConfig(QuantizationConfigMixin):
             MC's meaning) or ``"stored"`` (codes plus the fp16 scale and zero of every group, i.e. the checkpoint's
             bytes per expert weight, comparable with llama.cpp's bits per weight): ``32 / group_size`` bits more
             (0.25 at group_size 128), so ``bits=2.25, bits_budget="stored"`` allocates like ``bits=2.0``. With
-            ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model.
+            ``group_size=-1`` the overhead depends on the expert's shape and is resolved per model. With
+            ``metadata="q8"`` the metadata costs ``(8.5 + b) / group_size`` bits per b-bit weight (0.082 at 2 bits
+            and group_size 128), so a stored budget buys ``(bits - 8.5 / g) / (1 + 1 / g)`` code bits.
         candidate_bits: bit-widths an expert may get (from {1, 2, 3, 4}); ``[2]`` means uniform 2-bit. ``None``
             (default): ``[1, 2, 3]`` (the paper's) at 2.5 code bits per expert weight and above; below, ``[2, 3]``
             where every MoE layer's budget can be met with them (with ``allocation_constraints``), else
@@ -147,7 +154,12 @@ class MCConfig(QuantizationConfigMixin):
             layer/global allocation and ``loss_method="rtn"`` only), ``nonexpert_method`` (``"gptq"``;
             ``"bnb_nf4"``: bitsandbytes NF4 for attention / dense layers, needs ``pip install
             optimum-mc[nf4]``), ``clip_search`` (False: shrink GPTQ group ranges by a Hessian-weighted search),
-            ``expert_hessian`` (``"routed"``; ``"router-weighted"``: every token weighted by router probability).
+            ``expert_hessian`` (``"routed"``; ``"router-weighted"``: every token weighted by router probability),
+            ``metadata`` (``"fp16"``: an fp16 scale and zero per group, 32 bits; ``"q8"``: integer zeros at the
+            code width and 8-bit scale codes times a power of two shared by 16 rows of the group column,
+            ``8.5 + b`` bits per group, codes chosen on the stored grid; needs ``zero_point="int"`` and
+            ``group_size`` other than -1; only the checkpoint shrinks, loading expands it to the fp16 grid the
+            kernels read; measured no better at the same stored bits: docs/low-bit-study.md).
     Calibration:
         dataset: ``None``/``"builtin"`` (offline text shipped with the package), a list of strings, a path to a
             text file or folder of .txt files, a ``datasets`` name (``"name"`` or ``"name:config"``), or one of the
@@ -238,6 +250,7 @@ class MCConfig(QuantizationConfigMixin):
         self.block_size = o["block_size"]
         self.min_expert_tokens = o["min_expert_tokens"]
         self.zero_point = zero_point
+        self.metadata = o["metadata"]
         self.clip_search = o["clip_search"]
         self.expert_hessian = o["expert_hessian"]
         self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
@@ -281,9 +294,13 @@ class MCConfig(QuantizationConfigMixin):
         if self.bits_budget not in BITS_BUDGETS:
             raise _err(f"bits_budget must be one of {BITS_BUDGETS}, got {self.bits_budget!r}.")
         lo, hi = min(cb), max(cb)
+        if self.metadata not in METADATA_FORMS:
+            raise _err(f"metadata must be one of {METADATA_FORMS}, got {self.metadata!r}.")
         if self.bits_budget == "stored" and _is_int(self.group_size) and self.group_size > 0:
-            meta = 32 / self.group_size  # fp16 scale + zero per group, whatever the matrix
-            lo, hi = lo + meta, hi + meta
+            from .bitwidths import group_metadata_bits
+
+            lo = lo + group_metadata_bits(lo, self.metadata) / self.group_size  # per group, whatever the matrix
+            hi = hi + group_metadata_bits(hi, self.metadata) / self.group_size
         elif self.bits_budget == "stored":  # group_size=-1: 32 bits per row, resolved per model (at most 1 bit)
             lo, hi = lo, hi + 1
         if not lo <= self.bits <= hi:
@@ -311,6 +328,7 @@ class MCConfig(QuantizationConfigMixin):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise _err(f"{name} must be a finite number >= 0, got {v!r}.")
         self._check_pmq()
+        self._check_metadata()
         if self.nonexpert_method not in NONEXPERT_METHODS:
             raise _err(f"nonexpert_method must be one of {NONEXPERT_METHODS}, got {self.nonexpert_method!r}.")
         if self.nonexpert_method == "bnb_nf4" and importlib.util.find_spec("bitsandbytes") is None:
@@ -426,6 +444,26 @@ class MCConfig(QuantizationConfigMixin):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise _err(f"allocation_time_limit must be a positive number of seconds, got {t!r}.")
 
+    def _check_metadata(self) -> None:
+        """``metadata="q8"`` stores integer zeros and per-group scales: the combinations the format describes."""
+        if self.metadata != "q8":
+            return
+        works = (
+            "metadata='fp16' (any zero_point, any group_size), or metadata='q8' with zero_point='int' and a "
+            "group_size that is a multiple of 32"
+        )
+        if self.zero_point != "int":
+            raise _err(
+                f"metadata='q8' stores integer zero points; zero_point={self.zero_point!r} cannot be stored that way. "
+                f"Combinations that work: {works}."
+            )
+        if self.group_size == -1:
+            raise _err(
+                f"metadata='q8' shares scale exponents between rows of a group column; group_size=-1 (one fp16 "
+                f"pair per row, already <= 32 / in_features bits per weight) is not served. Combinations that work: "
+                f"{works}."
+            )
+
     def _check_odp(self) -> None:
         thr = self.odp_threshold
         vals = thr if isinstance(thr, list) else ([] if thr is None else [thr])
@@ -451,9 +489,9 @@ class MCConfig(QuantizationConfigMixin):
         the allocation program is unchanged and only its budget moves)."""
         if self.bits_budget == "codes":
             return float(self.bits)
-        from .bitwidths import metadata_bits
+        from .bitwidths import code_bits_for_stored
 
-        return float(self.bits) - metadata_bits(hidden, intermediate, self.group_size)
+        return code_bits_for_stored(float(self.bits), hidden, intermediate, self.group_size, self.metadata)
 
     @property
     def is_uniform(self) -> bool:
@@ -517,7 +555,7 @@ class MCConfig(QuantizationConfigMixin):
             d["tokenizer"] = self.tokenizer
         if isinstance(self.dataset, list):
             d["dataset"] = texts_record(self.dataset)
-        d["format_version"] = format_for(self.expert_bits)
+        d["format_version"] = format_for(self.expert_bits, self.metadata)
         d["optimum_mc_version"] = __version__
         return d
 

@@ -29,8 +29,12 @@ from .group_quant import (
     check_group_size,
     check_zero_point,
     dequantize_codes,
+    expand_rows,
     group_qparams,
+    q8_exponents,
+    q8_qparams,
     quantize_codes,
+    snap_scales,
 )
 from .packing import check_bits
 
@@ -48,7 +52,12 @@ def searched_qparams(
     non-negative, b >= 2) the clip ratio ``1 - 0.5 * i / grid`` (``i = 0..grid``) minimizing the
     ``col_weight``-weighted round-to-nearest error per group (the module docstring's grid search; all-ones weights:
     plain weight MSE). Only a strictly lower error moves a group off min/max."""
-    s, z = group_qparams(w, bits, zero_point)
+    exps = q8_exponents(w, bits) if zero_point == "q8" else None  # one exponent per block for every candidate
+
+    def qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return group_qparams(x, bits, zero_point) if exps is None else q8_qparams(x, bits, exps)
+
+    s, z = qparams(w)
     if col_weight is None or bits == 1:
         return s, z
     w = w.float()
@@ -62,7 +71,7 @@ def searched_qparams(
     mid = (lo + hi) / 2
     for i in range(1, grid + 1):
         ratio = 1.0 - 0.5 * i / grid
-        cs, cz = group_qparams(torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1), bits, zero_point)
+        cs, cz = qparams(torch.cat([mid + (lo - mid) * ratio, mid + (hi - mid) * ratio], -1))
         ok = torch.isfinite(cs) & torch.isfinite(cz) & (cs >= _FP16_TINY)
         err = torch.where(ok, error(torch.where(ok, cs, s), torch.where(ok, cz, z)), best)
         better = err < best
@@ -246,6 +255,8 @@ def calibration_free_quantize(
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
         best_err = torch.where(better, err, best_err)
 
+    if zero_point == "q8" and bits == 1:  # the symmetric binary form's scale is already the least-squares one
+        refine_steps = 0
     for _ in range(refine_steps):
         consider(*_affine_refit(wg, best_s, best_z, bits, zero_point))
     codes = quantize_codes(wg, best_s, best_z, bits).reshape(out_f, in_f)
@@ -269,9 +280,13 @@ def _affine_refit(
     a = cov / var.clamp_min(1e-30)
     c = wm[..., 0] - a * qm[..., 0]
     usable = (var > 0) & (a > _FP16_TINY)
-    scale = torch.where(usable, a, s).half().float()
+    if zero_point == "q8":  # the scale on the group's q8 grid (its block's exponent), the zero recomputed on it
+        unit = torch.exp2(expand_rows(q8_exponents(wg, bits), wg.shape[-3]).float())
+        scale = snap_scales(torch.where(usable, a, s), unit)
+    else:
+        scale = torch.where(usable, a, s).half().float()
     zero = -c / scale.clamp_min(_FP16_TINY)
-    if zero_point == "int" and bits > 1:
+    if zero_point in ("int", "q8") and bits > 1:
         zero = torch.round(zero).clamp(0, (1 << bits) - 1)
     zero = torch.where(usable, zero, z).half().float()
     return scale, zero

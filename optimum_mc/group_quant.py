@@ -14,6 +14,19 @@ the binary form in both modes (a two-level grid through 0 would waste one of its
 
 Scale and zero are rounded to fp16 *before* codes are chosen, so codes are optimal for the stored grid and the
 dequantized value is bit-identical everywhere the formula is evaluated in fp32.
+
+Compact metadata (``MCConfig(metadata="q8")``; here the grid ``zero_point="q8"``). Zeros are the integer codes of
+the ``"int"`` grid, stored at the code width ``b``. Scales are 8-bit codes ``q in [1, 255]`` times a power of two
+``2^k`` shared by a block of ``Q8_ROWS`` (16) consecutive rows of one group column: ``scale = q * 2^k``, exact in
+fp16 and fp32 (``k >= -24``: every such value is an fp16 number), so the stored value is the same wherever it is
+evaluated. ``k`` is the smallest exponent (>= -24) with ``255 * 2^k >=`` the largest min-max scale of the block's
+non-constant groups; each group's scale is rounded to the nearest code and its zero is then recomputed on the
+quantized scale, so codes are chosen on exactly the stored grid. 1-bit groups use the symmetric binary form:
+``+/- mean |w|`` (``scale = 2 mean |w|``, ``zero = 1/2``; the zero's one stored bit is written 0). GPTQ knows a
+block's exponent when it reaches the group (it fixes a whole group column at once), and a checkpoint's exponents
+are recomputed from the fp16 scales at save time (:func:`compact_metadata`: the smallest valid ``k`` always encodes
+them exactly). Stored bits per group: ``8 + b + 8 / 16`` (scale code, zero, the int8 exponent's share), i.e.
+``(8.5 + b) / g`` bits per weight: 0.082 at 2 bits and ``g = 128`` (fp16 scale + zero: 0.25).
 """
 
 from __future__ import annotations
@@ -45,13 +58,24 @@ def check_finite(w: torch.Tensor, name: str = "weight") -> None:
 
 
 ZERO_POINTS = ("float", "int")
+# the grids group_qparams computes: the two zero-point forms with fp16 metadata, and "q8" (int zeros, 8-bit scales
+# on a power-of-two exponent per block of Q8_ROWS rows; MCConfig(metadata="q8"))
+GRIDS = (*ZERO_POINTS, "q8")
+Q8_ROWS = 16  # rows of one group column sharing a scale exponent
+Q8_SCALE_CODES = 255  # scale codes 1..255 (uint8)
+_MIN_EXP = -24  # 2^-24: the smallest fp16 step; q * 2^k is an fp16 number for every k >= -24, q <= 255
 
 
 def check_zero_point(zero_point: str) -> str:
-    """Validate a zero-point form (``"float"`` or ``"int"``)."""
-    if zero_point not in ZERO_POINTS:
-        raise MCConfigError(f"zero_point must be one of {ZERO_POINTS}, got {zero_point!r}.")
+    """Validate a grid (``"float"``, ``"int"`` or ``"q8"``)."""
+    if zero_point not in GRIDS:
+        raise MCConfigError(f"zero_point must be one of {GRIDS}, got {zero_point!r}.")
     return zero_point
+
+
+def grid_of(zero_point: str, metadata: str = "fp16") -> str:
+    """The grid of an MCConfig's ``zero_point`` / ``metadata`` pair (``"q8"`` for compact metadata)."""
+    return "q8" if metadata == "q8" else zero_point
 
 
 def group_qparams(w: torch.Tensor, bits: int, zero_point: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +87,8 @@ def group_qparams(w: torch.Tensor, bits: int, zero_point: str = "float") -> tupl
     check_bits(bits)
     check_zero_point(zero_point)
     w = w.float()
+    if zero_point == "q8":
+        return q8_qparams(w, bits)
     if bits == 1:
         return _binary_qparams(w)
     maxq = (1 << bits) - 1
@@ -94,6 +120,116 @@ def _binary_qparams(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = scale.clamp_min(_FP16_TINY)
     zero = (0.5 - center / scale).half().float()
     return scale, zero
+
+
+# ------------------------------------------------------------------------------------------ compact ("q8") grid
+
+
+def _q8_raw(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unquantized scale, the range's low end (<= 0) and the constant-group mask of the q8 grid's groups."""
+    if bits == 1:
+        lo = torch.zeros_like(w[..., 0])
+        scale = 2 * w.abs().mean(-1)
+        return scale, lo, scale <= 0
+    lo, hi = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
+    return (hi - lo) / ((1 << bits) - 1), lo, hi - lo <= 0
+
+
+def q8_exponents(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scale exponents ``k`` (int32, ``(..., ceil(rows / Q8_ROWS), G)``) for the groups of ``w (..., rows, G, g)``:
+    per block of ``Q8_ROWS`` rows and group column, the smallest ``k >= -24`` with ``255 * 2^k`` at least every
+    min-max scale of the block's non-constant groups."""
+    if w.dim() < 3:
+        raise ShapeError(f"the q8 grid needs weights (..., rows, groups, g), got shape {tuple(w.shape)}.")
+    scale, _, flat = _q8_raw(w.float(), bits)
+    return exponents_for(torch.where(flat, torch.zeros_like(scale), scale))
+
+
+def exponents_for(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest ``k >= -24`` per block of ``Q8_ROWS`` rows of ``scale (..., rows, G)`` with ``255 * 2^k >=`` the
+    block's largest value (computed exactly, in float64)."""
+    rows = scale.shape[-2]
+    pad = -rows % Q8_ROWS
+    m = torch.nn.functional.pad(scale.double(), (0, 0, 0, pad)) if pad else scale.double()
+    m = m.reshape(*m.shape[:-2], -1, Q8_ROWS, m.shape[-1]).amax(-2)
+    limit = float(Q8_SCALE_CODES)
+    k = torch.ceil(torch.log2((m / limit).clamp_min(2.0**_MIN_EXP))).clamp_min(_MIN_EXP)
+    k = torch.where(m > limit * torch.exp2(k), k + 1, k)  # log2 rounding, both ways
+    k = torch.where((k > _MIN_EXP) & (m <= limit * torch.exp2(k - 1)), k - 1, k)
+    return k.to(torch.int32)
+
+
+def expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-block values ``(..., blocks, G)`` repeated to every row: ``(..., rows, G)``."""
+    return t.repeat_interleave(Q8_ROWS, dim=-2)[..., :rows, :]
+
+
+def snap_scales(scale: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Nearest q8 scale ``q * unit`` (``q in [1, 255]``, ``unit = 2^k``), fp32 holding exact fp16 values."""
+    return torch.round(scale / unit).clamp(1, Q8_SCALE_CODES) * unit
+
+
+def q8_qparams(w: torch.Tensor, bits: int, exponents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of the q8 grid for the groups of ``w (..., rows, G, g)`` (module docstring); ``exponents``
+    (:func:`q8_exponents` of the weights the block's exponents come from) default to those of ``w``."""
+    w = w.float()
+    if exponents is None:
+        exponents = q8_exponents(w, bits)
+    unit = torch.exp2(expand_rows(exponents, w.shape[-3]).float())
+    raw, lo, _ = _q8_raw(w, bits)
+    scale = snap_scales(raw, unit)
+    if bits == 1:
+        return scale, torch.full_like(scale, 0.5)
+    return scale, torch.round(-lo / scale).clamp(0, (1 << bits) - 1)
+
+
+def compact_metadata(
+    scales: torch.Tensor, zeros: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stored form of q8-grid fp16 ``scales`` / ``zeros`` ``(rows, G)``: uint8 scale codes ``(rows, G)``, int8
+    exponents ``(ceil(rows / 16), G)`` and the zeros packed at ``bits`` bits (row-major, padded to 32 codes) as int32
+    words. Exact: :func:`expand_metadata` gives back the same fp16 tensors; anything off the q8 grid is refused."""
+    from .packing import pack
+
+    check_bits(bits)
+    s, z = scales.float(), zeros.float()
+    k = exponents_for(s)
+    unit = torch.exp2(expand_rows(k, s.shape[0]).float())
+    q = s / unit
+    zc = z - 0.5 if bits == 1 else z
+    ok = (q == torch.round(q)) & (q >= 1) & (q <= Q8_SCALE_CODES) & (zc == torch.round(zc)) & (zc >= 0)
+    ok &= zc <= (0 if bits == 1 else (1 << bits) - 1)
+    if not bool(ok.all()):
+        raise ShapeError(
+            "scales / zeros are not on the q8 grid (scale = q * 2^k with q in 1..255 per 16-row block, integer "
+            "zeros); quantize with metadata='q8' or save with metadata='fp16'."
+        )
+    flat = zc.to(torch.uint8).reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 32))
+    return q.to(torch.uint8), k.to(torch.int8), pack(flat, bits)
+
+
+def expand_metadata(
+    scale_codes: torch.Tensor, scale_exps: torch.Tensor, zero_codes: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 ``scales`` / ``zeros`` ``(rows, G)`` of the stored q8 form (:func:`compact_metadata`): ``scale = q *
+    2^k`` (exact), ``zero`` the stored integer code (1 bit: ``1/2 + code``)."""
+    from .packing import unpack
+
+    rows, groups = scale_codes.shape
+    unit = torch.exp2(expand_rows(scale_exps.to(torch.float32), rows))
+    scales = (scale_codes.to(torch.float32) * unit).half()
+    z = unpack(zero_codes, bits)[: rows * groups].reshape(rows, groups).float()
+    return scales, (z + 0.5 if bits == 1 else z).half()
+
+
+def q8_shapes(rows: int, groups: int, bits: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of the stored q8 metadata of a ``rows x groups`` grid."""
+    return {
+        "scale_codes": ("uint8", (rows, groups)),
+        "scale_exps": ("int8", (-(-rows // Q8_ROWS), groups)),
+        "zero_codes": ("int32", (-(-rows * groups // 32) * bits,)),
+    }
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -118,7 +118,8 @@ def _sizes(folder: Path, cfg) -> tuple[int, int]:
 
 
 def _stored_line(folder: Path, cfg) -> str:
-    """Stored bits per expert weight (codes + fp16 scales and zeros) from the folder's safetensors, and the target."""
+    """Stored bits per expert weight (codes + scales and zeros as stored) from the folder's safetensors, and the
+    target."""
     from .checkpoint import expert_stored_bits
 
     per_weight = expert_stored_bits(folder, cfg)
@@ -127,6 +128,12 @@ def _stored_line(folder: Path, cfg) -> str:
         return f"- ({target})"
     stored, code = per_weight
     return f"{stored:.3f} (codes {code:.3f} + scales / zeros {stored - code:.3f}; {target})"
+
+
+def _metadata_line(cfg) -> str:
+    if getattr(cfg, "metadata", "fp16") == "q8":
+        return "q8: 8-bit scale codes x 2^k per 16 rows, integer zeros at the code width ((8.5 + b) / group bits)"
+    return f"fp16 scale and zero per group (zero point {cfg.zero_point})"
 
 
 def _options(cfg, stored_line: str = "-") -> list[str]:
@@ -150,6 +157,7 @@ def _options(cfg, stored_line: str = "-") -> list[str]:
         ("stored bits per expert weight", stored_line),
         ("attention / shared experts / dense", attn),
         ("group size", str(cfg.group_size)),
+        ("scales / zeros", _metadata_line(cfg)),
         ("allocation", f"{cfg.allocation} (PMQ: activation frequency, routing weight, quantization loss)"),
         ("calibration", f"{source}; {cfg.num_samples} x {cfg.seq_len} tokens, seed {cfg.seed}"),
         ("online dynamic pruning", odp),
@@ -167,7 +175,7 @@ def _version() -> str:
 def _format(cfg) -> int:
     from .version import format_for
 
-    return format_for(cfg.expert_bits)
+    return format_for(cfg.expert_bits, getattr(cfg, "metadata", "fp16"))
 
 
 def build_card(

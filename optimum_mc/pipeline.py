@@ -45,7 +45,7 @@ from .config import _RESULT_FIELDS, KEEP_1_BIT_FROM, MCConfig
 from .errors import CalibrationError, MCConfigError, UnsupportedArchitectureError
 from .expert_layout import canonical_experts, expert_act, experts_layout
 from .gptq import gptq_quantize
-from .group_quant import check_finite
+from .group_quant import check_finite, grid_of
 from .nn import MCExperts, QuantLinear
 from .nn.experts import packed_like
 from .nn.nf4_linear import NF4Linear
@@ -147,7 +147,7 @@ def _gptq_opts(config: MCConfig) -> GPTQOptions:
         block_size=config.block_size,
         act_order=config.act_order,
         min_tokens=config.min_expert_tokens,
-        zero_point=config.zero_point,
+        zero_point=grid_of(config.zero_point, config.metadata),
         clip_search=config.clip_search,
     )
 
@@ -193,7 +193,8 @@ def _check_layers(config: MCConfig, num_experts: list[int], code_bits: list[floa
                 raise
             raise MCConfigError(
                 f"bits={config.bits} stored bits per expert weight (bits_budget='stored') leaves {t:.4g} bits for "
-                f"codes after {config.bits - t:.4g} bits of fp16 scales and zeros (group_size={config.group_size}): "
+                f"codes after {config.bits - t:.4g} bits of {config.metadata} scales and zeros "
+                f"(group_size={config.group_size}): "
                 f"{exc}"
             ) from exc
 
@@ -385,16 +386,18 @@ class _Run:
                 damp_percent=self.config.damp_percent,
                 block_size=self.config.block_size,
                 act_order=self.config.act_order,
-                zero_point=self.config.zero_point,
+                zero_point=grid_of(self.config.zero_point, self.config.metadata),
                 clip_search=self.config.clip_search,
             )
             bias = m.bias.detach() if m.bias is not None else None
-            new = QuantLinear.from_codes(codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype)
+            new = QuantLinear.from_codes(
+                codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype, metadata=self.config.metadata
+            )
             set_submodule(layer, name, new.to(m.weight.device))
 
     def packed_experts(self, idx: int, bits: list[int]) -> MCExperts:
         """An empty packed experts module for MoE layer ``idx`` at ``bits`` (filled expert by expert)."""
-        return packed_like(self.blocks[idx].experts, bits, self.config.group_size)
+        return packed_like(self.blocks[idx].experts, bits, self.config.group_size, metadata=self.config.metadata)
 
     def replace_experts(self, idx: int, new: MCExperts) -> None:
         block = self.blocks[idx]
@@ -530,8 +533,9 @@ class _Run:
             record.get("linear_bits", {}),
             self.config.group_size,
             self.config.nonexpert_method,
+            metadata=self.config.metadata,
         )
-        layer.load_state_dict(tensors, strict=True, assign=True)
+        layer.load_state_dict(tensors, strict=True, assign=True)  # q8 linears expand their metadata as they load
         init_computed_buffers(self.model, layer, "cpu")  # not in a state dict: computed, as transformers does
         self.source.finish(idx, layer)
         self.adopt_record(idx, record)

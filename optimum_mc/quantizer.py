@@ -33,7 +33,7 @@ def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> 
         dtype = str(gate_up_weight(blocks[idx].experts).dtype).removeprefix("torch.")
         for e, b in enumerate(bits):
             for part, (o, n), pb in zip(("gate_up", "down"), ((rows, h), (h, layout.inter)), split(b)):
-                specs = packed_shapes(o, n, pb, cfg.group_size)
+                specs = packed_shapes(o, n, pb, cfg.group_size, cfg.metadata)
                 if (layout.gate_up_bias, layout.down_bias)[part == "down"]:
                     specs["bias"] = (dtype, (o,))
                 for buf, spec in specs.items():
@@ -44,7 +44,7 @@ def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> 
         if cfg.nonexpert_method == "bnb_nf4":
             specs = nf4_shapes(m.out_features, m.in_features)
         else:
-            specs = packed_shapes(m.out_features, m.in_features, b, cfg.group_size)
+            specs = packed_shapes(m.out_features, m.in_features, b, cfg.group_size, cfg.metadata)
         for buf, spec in specs.items():
             out[(idx, full[len(names[idx]) + 1 :] + "." + buf)] = spec
     return out
@@ -82,6 +82,19 @@ def check_results_match_model(model: nn.Module, cfg: MCConfig, arch: MoEArchitec
             )
 
 
+def expand_packed_metadata(model: nn.Module) -> int:
+    """Compute the in-memory fp16 scales / zeros of every packed linear stored with compact (q8) metadata from its
+    loaded compact tensors (:meth:`QuantLinear.expand_metadata`); returns how many were expanded."""
+    from .nn import QuantLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.metadata == "q8":
+            m.expand_metadata()
+            n += 1
+    return n
+
+
 def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> None:
     """Replace float experts / linears by empty packed modules shaped from ``cfg`` (on the meta device)."""
     names = layer_module_names(model)
@@ -89,7 +102,9 @@ def build_quantized_skeleton(model: nn.Module, cfg: MCConfig, arch: MoEArchitect
     for idx, layer in enumerate(decoder_layers(model)):
         prefix = names[idx] + "."
         lin = {n[len(prefix) :]: b for n, b in (cfg.linear_bits or {}).items() if n.startswith(prefix)}
-        install_packed_skeleton(layer, idx, arch, bits.get(idx), lin, cfg.group_size, cfg.nonexpert_method)
+        install_packed_skeleton(
+            layer, idx, arch, bits.get(idx), lin, cfg.group_size, cfg.nonexpert_method, metadata=cfg.metadata
+        )
 
 
 def _takes_routing(cls: type) -> bool:
@@ -250,6 +265,8 @@ class MCQuantizer(HfQuantizer):
         from .saving import install_atomic_save
         from .verify import check_finite_loaded, check_finite_weights
 
+        if self.pre_quantized:
+            expand_packed_metadata(model)  # compact (q8) checkpoints: the fp16 grid the kernels read
         (check_finite_loaded if self.pre_quantized else check_finite_weights)(model)  # issue 11
         if not self.pre_quantized:
             from .pipeline import quantize_model
@@ -291,7 +308,7 @@ class MCQuantizer(HfQuantizer):
         from .checkpoint import shard_metadata
 
         qc = getattr(model.config, "quantization_config", None)
-        return None, shard_metadata(getattr(qc, "expert_bits", None))
+        return None, shard_metadata(getattr(qc, "expert_bits", None), getattr(qc, "metadata", "fp16"))
 
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)

@@ -59,6 +59,10 @@ VARIANT_OPTIONS = {
     # the suffix counts stored bits per expert weight (codes + fp16 scales and zeros), as llama.cpp's bpw does
     "mcstored": {"bits_budget": "stored"},
     "mcstored23": {"bits_budget": "stored", "candidate_bits": [2, 3]},
+    # stored budget with integer zeros (fp16 metadata), and with compact metadata (issue 23 item 2: 8-bit scale
+    # codes x 2^k per 16 rows, integer zeros at the code width: (8.5 + b) / 128 bits per weight instead of 0.25)
+    "mcstoredint": {"bits_budget": "stored", "zero_point": "int"},
+    "mcstoredq8": {"bits_budget": "stored", "zero_point": "int", "metadata": "q8"},
     "mcclip": {"clip_search": True},  # GPTQ grids by the Hessian-weighted clip search
     "mcnoclip": {"clip_search": False},
     "mcproj23": {"allocation_granularity": "projection", "candidate_bits": [2, 3]},
@@ -98,7 +102,7 @@ def variant_config(name: str, seed: int, num_samples: int, seq_len: int):
 
 
 def effective_expert_bits(model) -> float | None:
-    """Stored bits per routed-expert weight: packed codes + fp16 scales + fp16 zeros (None for float experts)."""
+    """Stored bits per routed-expert weight: packed codes + scales + zeros as stored (None for float experts)."""
     from optimum_mc.architectures import moe_blocks
     from optimum_mc.nn import MCExperts
 

@@ -17,7 +17,7 @@ import torch
 
 from ..allocation import ExpertFactors, allocate_bits
 from ..expert_layout import expert_act
-from ..group_quant import dequantize_matrix, rtn_quantize
+from ..group_quant import dequantize_matrix, grid_of, rtn_quantize
 from .factors import expert_forward
 
 # (alpha, beta, gamma); the paper's phi * w^1.5 * eps first
@@ -135,7 +135,7 @@ def tune_layer(
         config.group_size,
         heldout,
         routing.hidden_dim,
-        config.zero_point,
+        grid_of(config.zero_point, config.metadata),
     )
     best, _, _ = tune_exponents(
         factors,

@@ -31,12 +31,14 @@ class PackedExpert(nn.Module):
     """One expert: fused gate/up and down projections as :class:`QuantLinear` (with the expert's biases, if any)."""
 
     def __init__(self, hidden: int, inter: int, bits: ExpertBits, group_size: int, dtype: torch.dtype, device,
-                 bias: tuple[bool, bool] = (False, False), rows: int | None = None) -> None:  # fmt: skip
+                 bias: tuple[bool, bool] = (False, False), rows: int | None = None,
+                 metadata: str = "fp16") -> None:  # fmt: skip
         super().__init__()
         gu_bits, dn_bits = split(bits)
         rows = 2 * inter if rows is None else rows  # (I for non-gated experts: up rows alone)
-        self.gate_up = QuantLinear(hidden, rows, gu_bits, group_size, bias[0], dtype=dtype, device=device)
-        self.down = QuantLinear(inter, hidden, dn_bits, group_size, bias[1], dtype=dtype, device=device)
+        kw = dict(dtype=dtype, device=device, metadata=metadata)
+        self.gate_up = QuantLinear(hidden, rows, gu_bits, group_size, bias[0], **kw)
+        self.down = QuantLinear(inter, hidden, dn_bits, group_size, bias[1], **kw)
 
 
 def float_experts_shape(module: nn.Module) -> tuple[int, int, int]:
@@ -49,9 +51,11 @@ def float_experts_shape(module: nn.Module) -> tuple[int, int, int]:
     return layout.num_experts, layout.hidden, layout.inter
 
 
-def packed_like(module: nn.Module, bits: list[ExpertBits], group_size: int, device=None) -> MCExperts:
+def packed_like(
+    module: nn.Module, bits: list[ExpertBits], group_size: int, device=None, metadata: str = "fp16"
+) -> MCExperts:
     """An empty :class:`MCExperts` for the float experts ``module`` (any layout :func:`experts_layout` reads): its
-    sizes, gate, biases and dtype, on ``device`` (default: the module's)."""
+    sizes, gate, biases and dtype, on ``device`` (default: the module's); ``metadata`` as :class:`QuantLinear`."""
     layout = experts_layout(module, type(module).__name__)
     weight = gate_up_weight(module)
     return MCExperts(
@@ -64,6 +68,7 @@ def packed_like(module: nn.Module, bits: list[ExpertBits], group_size: int, devi
         dtype=weight.dtype,
         device=weight.device if device is None else device,
         bias=(layout.gate_up_bias, layout.down_bias),
+        metadata=metadata,
     )
 
 
@@ -82,6 +87,7 @@ class MCExperts(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         bias: tuple[bool, bool] = (False, False),
+        metadata: str = "fp16",
     ) -> None:
         super().__init__()
         if len(bits) != num_experts:
@@ -92,7 +98,8 @@ class MCExperts(nn.Module):
         self.op_bits = op_bits(self.bits)  # the fused op's bits argument (E or 2E ints)
         rows = projection_rows(act_fn, intermediate_dim)  # 2I, or I for non-gated experts
         self.packed = nn.ModuleList(
-            PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device, bias, rows) for b in bits
+            PackedExpert(hidden_dim, intermediate_dim, b, group_size, dtype, device, bias, rows, metadata)
+            for b in bits
         )
         # (gate_up, down) biases, stored in the model dtype next to each expert's packed matrices (packed.<e>.*.bias)
         # and handed to the fused op stacked in fp32 ((E, 2I) / (E, H), built once: _op_biases)
@@ -168,7 +175,7 @@ class MCExperts(nn.Module):
         return gb, db
 
     def expert_nbytes(self, e: int) -> int:
-        """Packed bytes of expert ``e`` (both matrices, with scales and zeros)."""
+        """Stored bytes of expert ``e`` (both matrices, with scales and zeros as saved; :meth:`QuantLinear.nbytes`)."""
         return self.packed[e].gate_up.nbytes() + self.packed[e].down.nbytes()
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:

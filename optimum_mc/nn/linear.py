@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, DeviceMismatchError, ShapeError
-from ..group_quant import check_group_size, rtn_quantize
+from ..group_quant import check_group_size, compact_metadata, expand_metadata, q8_shapes, rtn_quantize
 from ..kernels import cpu, dequantize
 from ..kernels.eager import plain_eager
 from ..packing import check_bits, pack, packed_words
@@ -29,7 +29,11 @@ class QuantLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` stored as b-bit codes and per-group fp16 scale / zero (docs/format.md).
 
     Buffers: ``qweight`` int32 ``(out, in * bits / 32)``, ``scales`` and ``zeros`` fp16 ``(out, in / group)``,
-    optional ``bias`` in ``dtype``.
+    optional ``bias`` in ``dtype``. ``metadata="q8"`` (MCConfig's compact metadata, :mod:`optimum_mc.group_quant`):
+    the state dict (the checkpoint) holds ``scale_codes`` uint8 ``(out, groups)``, ``scale_exps`` int8
+    ``(ceil(out / 16), groups)`` and ``zero_codes`` (the zeros packed at ``bits`` bits) instead of ``scales`` /
+    ``zeros``, which stay in memory as non-persistent buffers expanded from them (:meth:`expand_metadata`, exact)
+    so every kernel reads what it reads with fp16 metadata.
     """
 
     def __init__(
@@ -41,16 +45,25 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        metadata: str = "fp16",
     ) -> None:
         super().__init__()
+        if metadata not in ("fp16", "q8"):
+            raise CheckpointError(f"metadata must be 'fp16' or 'q8', got {metadata!r}.")
+        self.metadata = metadata
         self.bits = check_bits(bits)
         self.group_size = check_group_size(in_features, group_size)
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         groups = in_features // self.group_size
         words = packed_words(in_features, bits)
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
+        q8 = metadata == "q8"  # the stored form is compact; the fp16 grid is computed from it (not saved)
+        grid = dict(dtype=torch.float16, device=device)
+        self.register_buffer("scales", torch.zeros(out_features, groups, **grid), persistent=not q8)
+        self.register_buffer("zeros", torch.zeros(out_features, groups, **grid), persistent=not q8)
+        if q8:
+            for name, (dt, shape) in q8_shapes(out_features, groups, bits).items():
+                self.register_buffer(name, torch.zeros(shape, dtype=getattr(torch, dt), device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._qshape, self._gshape = self.qweight.shape, self.scales.shape
         # groups of whole 32-code blocks: what the C kernels take (others go through the dispatcher's reference)
@@ -68,11 +81,13 @@ class QuantLinear(nn.Module):
         bits: int,
         bias: torch.Tensor | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        metadata: str = "fp16",
     ) -> QuantLinear:
-        """Build from uint8 codes ``(out, in)`` and fp16 scales / zeros ``(out, groups)``."""
+        """Build from uint8 codes ``(out, in)`` and fp16 scales / zeros ``(out, groups)`` (on the q8 grid for
+        ``metadata="q8"``)."""
         out_f, in_f = codes.shape
         group = in_f // scales.shape[1]
-        new = cls(in_f, out_f, bits, group, bias is not None, dtype, codes.device)
+        new = cls(in_f, out_f, bits, group, bias is not None, dtype, codes.device, metadata)
         new.set_codes(codes, scales, zeros)
         if bias is not None:
             new.bias.copy_(bias.detach().to(dtype))
@@ -95,6 +110,30 @@ class QuantLinear(nn.Module):
         self.qweight.copy_(pack(codes, self.bits))
         self.scales.copy_(scales.to(torch.float16))
         self.zeros.copy_(zeros.to(torch.float16))
+        if self.metadata == "q8":
+            try:
+                compact = compact_metadata(self.scales, self.zeros, self.bits)
+            except ShapeError as exc:
+                raise CheckpointError(f"{exc}") from exc
+            for name, t in zip(("scale_codes", "scale_exps", "zero_codes"), compact):
+                self._buffers[name].copy_(t)
+
+    @torch.no_grad()
+    def expand_metadata(self) -> None:
+        """``metadata="q8"``: (re)compute the fp16 ``scales`` / ``zeros`` the kernels read from the stored compact
+        tensors (exact; after loading a checkpoint). A no-op for fp16 metadata."""
+        if self.metadata != "q8":
+            return
+        b = self._buffers
+        if b["scale_codes"].is_meta:
+            return
+        s, z = expand_metadata(b["scale_codes"], b["scale_exps"], b["zero_codes"], self.bits)
+        for name, t in (("scales", s), ("zeros", z)):
+            old = b[name]
+            if old is not None and not old.is_meta and old.shape == t.shape and old.dtype == t.dtype:
+                old.copy_(t)
+            else:
+                b[name] = t
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``(out, in)`` weight this module computes with."""
@@ -150,8 +189,11 @@ class QuantLinear(nn.Module):
         return self
 
     def nbytes(self) -> int:
-        """Packed storage of the weight (codes + scales + zeros)."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+        """Stored size of the weight: codes plus scales and zeros as saved (fp16, or the compact q8 tensors)."""
+        names = ("qweight", "scales", "zeros")
+        if self.metadata == "q8":
+            names = ("qweight", "scale_codes", "scale_exps", "zero_codes")
+        return sum(self._buffers[n].numel() * self._buffers[n].element_size() for n in names)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         for name, buf in self._buffers.items():
@@ -166,9 +208,14 @@ class QuantLinear(nn.Module):
                     f"checkpoint has {got.dtype} {tuple(got.shape)}; the checkpoint does not match its config."
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if self.metadata == "q8" and all(
+            prefix + n in state_dict for n in ("scale_codes", "scale_exps", "zero_codes")
+        ):
+            self.expand_metadata()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
+            + (", metadata=q8" if self.metadata == "q8" else "")
         )

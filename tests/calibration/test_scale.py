@@ -114,12 +114,22 @@ def test_explicit_disk_map(float_dir, streamed, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "allocation,granularity", [("layer", "expert"), ("global", "expert"), ("layer", "projection")]
+    "allocation,granularity,metadata",
+    [
+        ("layer", "expert", "fp16"),
+        ("global", "expert", "fp16"),
+        ("layer", "projection", "fp16"),
+        ("layer", "expert", "q8"),
+    ],
 )
-def test_resume_after_interruption_gives_the_same_bytes(float_dir, tmp_path, monkeypatch, allocation, granularity):
+def test_resume_after_interruption_gives_the_same_bytes(
+    float_dir, tmp_path, monkeypatch, allocation, granularity, metadata
+):
     """Staged layers keep their widths ([gate_up, down] ones too) and factors: the resumed run writes the bytes of
-    a clean run."""
+    a clean run (compact q8 metadata: staged layers expand it as they load)."""
     cfg = dict(allocation=allocation, allocation_granularity=granularity)
+    if metadata == "q8":
+        cfg.update(metadata="q8", zero_point="int")
     clean = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(**cfg))
     expected = saved_digest(clean, tmp_path / "clean")
 
