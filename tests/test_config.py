@@ -65,7 +65,7 @@ def test_top_level_has_at_most_25_options():
 
 
 def test_grouped_options_equal_their_flat_names_and_round_trip():
-    from optimum_mc.config import ALLOCATION_OPTIONS, EXPERIMENTAL_OPTIONS, GPTQ_OPTIONS
+    from optimum_mc.config import _OMITTED_AT_DEFAULT, ALLOCATION_OPTIONS, EXPERIMENTAL_OPTIONS, GPTQ_OPTIONS
 
     grouped = MCConfig(
         gptq={"damp_percent": 0.02, "act_order": False},
@@ -86,7 +86,7 @@ def test_grouped_options_equal_their_flat_names_and_round_trip():
     for group in (GPTQ_OPTIONS, ALLOCATION_OPTIONS, EXPERIMENTAL_OPTIONS):
         for name, default in group.items():
             assert getattr(MCConfig(), name) == default
-            assert name in d or name in ("allocation_granularity", "clip_search")  # omitted at their defaults
+            assert name in d or name in _OMITTED_AT_DEFAULT  # options left out of config.json at their defaults
     assert not {"gptq", "allocation_options", "experimental"} & set(d)
 
 
