@@ -282,7 +282,7 @@ class MCConfig(QuantizationConfigMixin):
     def post_init(self) -> None:
         """Validate every option; raise :class:`MCConfigError` naming the problem and the fix."""
         cb = self.candidate_bits
-        if cb is not None:  # None: resolved per model (default_candidates); the widest choice bounds ``bits`` here
+        if cb is not None:  # None: resolved per model (pipeline.check_budget); the widest default bounds ``bits`` here
             if not cb or any(isinstance(b, bool) or not isinstance(b, int) or b not in EXPERT_BITS for b in cb):
                 raise _err(f"candidate_bits must be a non-empty list drawn from {EXPERT_BITS}, got {cb!r}.")
             if len(set(cb)) != len(cb):
