@@ -13,13 +13,13 @@ from optimum_mc.packing import pack
 BITS = [1, 2, 3, 4, 8, 2, 3, 2]  # every bit-width in one layer
 
 
-def random_experts(bits, hidden=128, inter=96, group=32, seed=0):
+def random_experts(bits, hidden=128, inter=96, group=32, seed=0, scale=0.1):
     g = torch.Generator().manual_seed(seed)
     gate_up, down = [], []
     for b in bits:
-        q, s, z = rtn_quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, b, group)
+        q, s, z = rtn_quantize(torch.randn(2 * inter, hidden, generator=g) * scale, b, group)
         gate_up.append((pack(q, b), s, z))
-        q, s, z = rtn_quantize(torch.randn(hidden, inter, generator=g) * 0.1, b, group)
+        q, s, z = rtn_quantize(torch.randn(hidden, inter, generator=g) * scale, b, group)
         down.append((pack(q, b), s, z))
     return gate_up, down
 

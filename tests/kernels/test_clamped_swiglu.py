@@ -11,26 +11,18 @@ import sys
 
 import pytest
 import torch
+from helpers.moe import random_experts
 
-from optimum_mc.group_quant import rtn_quantize
 from optimum_mc.kernels import GATED, activation_name, cpu, moe
 from optimum_mc.kernels.activations import BiasedGLU, ClampedSwiGLU, clamped_swiglu, gated
 from optimum_mc.kernels.reference import dequantize_reference, moe_reference
-from optimum_mc.packing import pack
 
 BITS = [2, 3, 4, 8]
 H, INTER = 64, 32
 
 
 def _experts(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gate_up, down = [], []
-    for b in BITS:
-        q, s, z = rtn_quantize(torch.randn(2 * INTER, H, generator=g) * 0.3, b, 32)
-        gate_up.append((pack(q, b), s, z))
-        q, s, z = rtn_quantize(torch.randn(H, INTER, generator=g) * 0.3, b, 32)
-        down.append((pack(q, b), s, z))
-    return gate_up, down
+    return random_experts(BITS, H, INTER, group=32, seed=seed, scale=0.3)  # 0.3: both clamps are hit
 
 
 def _inputs(tokens, seed=1):
