@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from helpers.dequantized import dequantized_reference
+from helpers.reload import reload_identical
 from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 from optimum_mc.architectures import discover, moe_blocks
@@ -50,13 +51,7 @@ def _quantize(family, tmp_path):
 
     src, dst = save_tiny(family, str(tmp_path / "float")), str(tmp_path / "mc")
     q = AutoModelForCausalLM.from_pretrained(src, quantization_config=quick_config())
-    q.save_pretrained(dst)
-    again = AutoModelForCausalLM.from_pretrained(dst)
-    a, b = q.state_dict(), again.state_dict()
-    assert set(a) == set(b) and any(".experts.packed." in k for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    return again, src
+    return reload_identical(q, dst), src
 
 
 def _close(got, want):
