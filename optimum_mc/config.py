@@ -25,7 +25,7 @@ EXPERT_HESSIANS = ("routed", "router-weighted")
 LOSS_NORMALIZERS = ("block", "residual")
 NONEXPERT_METHODS = ("gptq", "bnb_nf4")
 EXPERT_BITS = (1, 2, 3, 4)
-# candidate_bits=None (pipeline.check_budget): [1, 2, 3] from this many code bits per expert weight up, below it
+# candidate_bits=None (budget.check_budget): [1, 2, 3] from this many code bits per expert weight up, below it
 # [2, 3] where every MoE layer's budget can be met with them. Measured on both reference models
 # (docs/low-bit-study.md): a 1-bit candidate is worse at 2.0-2.25 code bits and no better at 2.5.
 KEEP_1_BIT_FROM = 2.5
@@ -282,7 +282,7 @@ class MCConfig(QuantizationConfigMixin):
     def post_init(self) -> None:
         """Validate every option; raise :class:`MCConfigError` naming the problem and the fix."""
         cb = self.candidate_bits
-        if cb is not None:  # None: resolved per model (pipeline.check_budget); the widest default bounds ``bits`` here
+        if cb is not None:  # None: resolved per model (budget.check_budget); the widest default bounds ``bits`` here
             if not cb or any(isinstance(b, bool) or not isinstance(b, int) or b not in EXPERT_BITS for b in cb):
                 raise _err(f"candidate_bits must be a non-empty list drawn from {EXPERT_BITS}, got {cb!r}.")
             if len(set(cb)) != len(cb):

@@ -240,7 +240,7 @@ class MCQuantizer(HfQuantizer):
             if checkpoint_files:  # every tensor, not only packed ones
                 check_all_tensors(model, checkpoint_files, self)
             return model
-        from .pipeline import check_budget, expert_code_bits
+        from .budget import check_budget, expert_code_bits
 
         blocks = list(moe_blocks(model, arch))  # read twice below
         check_budget(

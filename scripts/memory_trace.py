@@ -98,28 +98,26 @@ class Tracer:
 def trace_pipeline() -> Tracer:
     """Wrap the pipeline's steps so that each sample of the resident set is charged to the step running."""
     import optimum_mc.pipeline as pipeline
+    import optimum_mc.pmq as pmq
     import optimum_mc.pruning as pruning
-    from optimum_mc.calibration import layer_source, stage
+    import optimum_mc.results as results
+    import optimum_mc.resume as resume
+    from optimum_mc.calibration import layer_source, linear_gptq, stage
 
     t = Tracer()
-    for attr in (
-        "fetch",
-        "measure",
-        "expert_candidates",
-        "quantize_batch",
-        "quantize_linears",
-        "replace_experts",
-        "quantize_layer",
-        "rebuild_layer",
-        "store",
-    ):
-        t.wrap(pipeline._Run, attr)
+    for attr in ("fetch", "calibrate", "quantize_layer"):
+        t.wrap(pipeline.SequentialPipeline, attr)
+    for attr in ("expert_candidates", "quantize_batch", "replace_experts"):
+        t.wrap(pmq.PMQ, attr)
+    t.wrap(linear_gptq.LinearGPTQ, "compress", "quantize_linears")
+    t.wrap(resume.Resume, "rebuild", "rebuild_layer")
+    t.wrap(results.MCResults, "store")
     from optimum_mc.calibration import capture, expert_gptq
     from optimum_mc.nn import linear
 
     t.wrap(pipeline, "capture_layer_inputs")
     t.wrap(pipeline, "run_layer")
-    t.wrap(pipeline, "expert_losses")
+    t.wrap(pmq, "expert_losses")
     t.wrap(expert_gptq, "gptq_quantize_batched")
     t.wrap(expert_gptq, "input_hessian")
     t.wrap(expert_gptq, "mid_hessian")

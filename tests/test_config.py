@@ -133,7 +133,7 @@ def test_nf4_without_bitsandbytes_names_the_extra(monkeypatch):
     ],
 )
 def test_default_candidates_leave_1_bit_out_below_2_5_code_bits_where_the_budget_allows(kwargs, experts, want):
-    from optimum_mc.pipeline import check_budget
+    from optimum_mc.budget import check_budget
 
     cfg = MCConfig(**kwargs)
     assert cfg.candidate_bits is None and cfg.to_dict()["candidate_bits"] is None

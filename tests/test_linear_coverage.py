@@ -22,7 +22,7 @@ def test_linear_calibration_never_reaches_stays_float(caplog):
     attn = model.model.layers[0].self_attn
     attn.unused_proj = nn.Linear(64, 64, bias=False)  # registered, never called by the attention's forward
     cfg = optimum_mc.MCConfig(**QUICK)
-    with caplog.at_level("WARNING", logger="optimum_mc.pipeline"):
+    with caplog.at_level("WARNING", logger="optimum_mc.calibration.linear_gptq"):
         quantize_model(model, cfg, tokenizer=tiny_tokenizer())
     assert type(attn.unused_proj) is nn.Linear
     assert "model.layers.0.self_attn.unused_proj" not in cfg.linear_bits

@@ -101,13 +101,17 @@ class RoutingCapture(_Hooks):
         self.inputs: list[torch.Tensor] = []  # the experts module's input of every batch, (T, H), model dtype
         self.experts = [ExpertTokens(self.inputs) for _ in range(e)]
         self.output_energy = 0.0  # sum over tokens of ||experts output||^2 (the routed part of the block output)
-        self.residual_energy = 0.0  # the same for the decoder layer's output (set by the pipeline after the forward)
+        self.residual_energy = 0.0  # the same for the decoder layer's output (run_layer's on_output: layer_output)
         self.seen = 0  # tokens the experts module has received so far
         self._handles = [
             router.register_forward_hook(self._router_hook),
             experts.register_forward_pre_hook(self._experts_hook),
             experts.register_forward_hook(self._experts_out_hook),
         ]
+
+    def layer_output(self, y: torch.Tensor) -> None:
+        """Accumulate the decoder layer's output energy (``loss_normalizer="residual"``); given to ``run_layer``."""
+        self.residual_energy += float(y.float().pow(2).sum())
 
     def _router_hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
         logits, weights, index = (output[i] for i in router_output_positions(output))

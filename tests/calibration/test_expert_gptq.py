@@ -40,10 +40,10 @@ def test_pipeline_counts_match_the_gathered_tokens(monkeypatch, expert_hessian):
     from tiny_models import CORPUS, tiny_model, tiny_tokenizer
 
     import optimum_mc
-    from optimum_mc import pipeline
+    from optimum_mc import pipeline, pmq
 
     checked = []
-    original = pipeline.quantize_experts
+    original = pmq.quantize_experts
 
     def spy(weights, tokens, act_fn, bits, opts, emit=None, count=None, **kw):
         for e in bits:
@@ -51,7 +51,7 @@ def test_pipeline_counts_match_the_gathered_tokens(monkeypatch, expert_hessian):
             checked.append(e)
         return original(weights, tokens, act_fn, bits, opts, emit=emit, count=count, **kw)
 
-    monkeypatch.setattr(pipeline, "quantize_experts", spy)
+    monkeypatch.setattr(pmq, "quantize_experts", spy)
     cfg = optimum_mc.MCConfig(bits=2.5, group_size=32, num_samples=4, seq_len=16, dataset=CORPUS,
                               show_progress=False, expert_hessian=expert_hessian,
                               tokenizer=tiny_tokenizer())  # fmt: skip

@@ -14,7 +14,8 @@ import optimum_mc
 from optimum_mc.architectures import decoder_layers
 from optimum_mc.calibration.layer_source import CheckpointLayers, PendingLayer
 from optimum_mc.errors import CheckpointError, MCConfigError
-from optimum_mc.pipeline import _Run, quantize_model
+from optimum_mc.pipeline import SequentialPipeline, quantize_model
+from optimum_mc.pmq import PMQ
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 31, 8]])
 
@@ -62,7 +63,7 @@ def test_streamed_equals_resident(float_dir, streamed, tmp_path):
 def test_layers_are_never_loaded_by_transformers(float_dir, monkeypatch):
     """During quantization only one float layer is materialized at a time; the others wait as placeholders."""
     seen = []
-    original = _Run.quantize_layer
+    original = SequentialPipeline.quantize_layer
 
     def spy(self, idx, layer, batches, known, *rest):
         slots = decoder_layers(self.model)
@@ -70,7 +71,7 @@ def test_layers_are_never_loaded_by_transformers(float_dir, monkeypatch):
         seen.append((idx, float_layers, all(p.device.type != "meta" for p in layer.parameters())))
         return original(self, idx, layer, batches, known, *rest)
 
-    monkeypatch.setattr(_Run, "quantize_layer", spy)
+    monkeypatch.setattr(SequentialPipeline, "quantize_layer", spy)
     AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config())
     assert [s[0] for s in seen] == [0, 1, 2]
     assert all(others == [] and materialized for _, others, materialized in seen)
@@ -134,7 +135,7 @@ def test_resume_after_interruption_gives_the_same_bytes(
     expected = saved_digest(clean, tmp_path / "clean")
 
     resume = tmp_path / "resume"
-    original = _Run.quantize_layer
+    original = SequentialPipeline.quantize_layer
     calls = []
 
     def interrupted(self, idx, layer, batches, known, *rest):
@@ -143,19 +144,19 @@ def test_resume_after_interruption_gives_the_same_bytes(
             raise KeyboardInterrupt
         return original(self, idx, layer, batches, known, *rest)
 
-    monkeypatch.setattr(_Run, "quantize_layer", interrupted)
+    monkeypatch.setattr(SequentialPipeline, "quantize_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(**cfg, resume_dir=str(resume)))
     assert (resume / "progress.json").exists()
     calls.clear()
-    monkeypatch.setattr(_Run, "quantize_layer", original)
+    monkeypatch.setattr(SequentialPipeline, "quantize_layer", original)
     counted = []
 
     def counting(self, idx, layer, batches, known, *rest):
         counted.append(idx)
         return original(self, idx, layer, batches, known, *rest)
 
-    monkeypatch.setattr(_Run, "quantize_layer", counting)
+    monkeypatch.setattr(SequentialPipeline, "quantize_layer", counting)
     resumed = AutoModelForCausalLM.from_pretrained(
         float_dir, quantization_config=mc_config(**cfg, resume_dir=str(resume))
     )
@@ -300,7 +301,7 @@ def test_interrupted_first_layer_restarts_cleanly(float_dir, streamed, tmp_path,
         assert (resume / "held-inputs.safetensors").exists()  # the layer's inputs wait on disk meanwhile
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_Run, "quantize_batch", stop)
+    monkeypatch.setattr(PMQ, "quantize_batch", stop)
     with pytest.raises(KeyboardInterrupt):
         AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
     assert not (resume / "progress.json").exists() and any(resume.iterdir())
@@ -338,13 +339,13 @@ def test_resume_after_the_last_layer_redoes_nothing(float_dir, streamed, tmp_pat
         AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
     monkeypatch.undo()
     counted = []
-    original = _Run.quantize_layer
+    original = SequentialPipeline.quantize_layer
 
     def counting(self, idx, *rest):
         counted.append(idx)
         return original(self, idx, *rest)
 
-    monkeypatch.setattr(_Run, "quantize_layer", counting)
+    monkeypatch.setattr(SequentialPipeline, "quantize_layer", counting)
     resumed = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=mc_config(resume_dir=str(resume)))
     assert counted == []
     assert saved_digest(resumed, tmp_path / "resumed") == expected

@@ -134,15 +134,15 @@ def test_linears_a_converter_splits_stay_float(caplog):
     packed buffers cannot be merged like that, so those linears stay float, logged; the others are quantized."""
     from optimum_mc import MCConfig
     from optimum_mc.architectures import layer_module_names
+    from optimum_mc.calibration.linear_gptq import linear_targets
     from optimum_mc.checkpoint import save_converter
-    from optimum_mc.pipeline import linear_targets
 
     model = tiny_model("lara_mini")
     arch = discover(model)
     prefix = layer_module_names(model)[0] + "."
     layer = model.model.layers[0]
     cfg = MCConfig(bits=2.5, group_size=32)
-    with caplog.at_level("WARNING", logger="optimum_mc.pipeline"):
+    with caplog.at_level("WARNING", logger="optimum_mc.calibration.linear_gptq"):
         got = linear_targets(layer, None, arch, cfg, prefix, save_converter(model))
     names = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and ".in_proj_" in "." + n}
     assert names and not names & set(got)
