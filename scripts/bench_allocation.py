@@ -20,12 +20,12 @@ import torch
 
 from optimum_mc.allocation import (
     ExpertFactors,
-    _cpsat,
     layer_budget,
     max_total_bits,
     objective_costs,
     solve_dp,
 )
+from optimum_mc.allocation.solve import _cpsat
 
 CB = [1, 2, 3]
 

@@ -16,7 +16,6 @@ from optimum_mc import MCConfig
 from optimum_mc.allocation import (
     ExpertFactors,
     SolveReport,
-    _cpsat,
     allocate_bits,
     layer_budget,
     max_total_bits,
@@ -24,6 +23,7 @@ from optimum_mc.allocation import (
     required_bits,
     solve_dp,
 )
+from optimum_mc.allocation.solve import _cpsat
 from optimum_mc.calibration.factors import (
     GPTQOptions,
     expert_forward,
