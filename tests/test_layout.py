@@ -64,3 +64,50 @@ def test_docs_tests_and_scripts_name_no_absolute_path_of_one_machine():
     bad = [f"{p.relative_to(root)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
            if pattern.search(line) and p.name != "test_layout.py"]  # fmt: skip
     assert not bad, bad
+
+
+def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """The optimum_mc modules ``path`` imports when it is itself imported (module level, not inside functions: a
+    deferred import inside a function is how a lower layer reaches an upper one at call time)."""
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    package = list(rel.parts[:-1])
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for n in names:
+            while n and n not in modules:  # a name imported from a module: the module itself
+                n = n.rpartition(".")[0]
+            if n:
+                found.add(n)
+    return found
+
+
+def test_no_import_cycles_anywhere_in_the_package():
+    """Issue 25: the module-level import graph of optimum_mc is acyclic (a package's ``__init__`` importing its own
+    submodules aside), so every module can be read after the ones it imports."""
+    paths = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {m: _top_level_imports(p, set(paths)) - {m} for m, p in paths.items()}
+    for m in graph:  # __init__ re-exporting its own submodules is not a cycle of layers
+        graph[m] = {d for d in graph[m] if not d.startswith(m + ".") and not m.startswith(d + ".")}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d) :] + [d] if d in stack else [m, d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles[:5]
