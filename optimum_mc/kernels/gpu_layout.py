@@ -90,8 +90,8 @@ def build_projection(packed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     device = packed[0][0].device
     for e, (qw, s, z) in enumerate(packed):
         if bits[e] not in LAYOUT_BITS:
-            raise UnsupportedBitsError(f"expert {e} is packed at {bits[e]} bits; the GPU layout takes "
-                                       f"{LAYOUT_BITS} (the reference path, OPTIMUM_MC_CUDA_MOE=reference, takes any).")  # fmt: skip
+            raise UnsupportedBitsError(f"expert {e} is packed at {bits[e]} bits; the GPU layout takes {LAYOUT_BITS} "
+                                       "(the reference path, OPTIMUM_MC_CUDA_MOE=reference, takes any).")  # fmt: skip
         if not (qw.device == s.device == z.device == device):
             raise DeviceMismatchError(f"expert {e}'s packed buffers are not all on {device}; move the module "
                                       "to one device (or use the reference path on CPU).")  # fmt: skip
@@ -120,8 +120,10 @@ def build_projection(packed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ProjectionLayout(n, k, groups, widths, group_of.to(device), local.to(device))
 
 
-def build_layout(gate_up: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                 down: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bits: list[int]) -> MoELayout:  # fmt: skip
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def build_layout(gate_up: list[Packed], down: list[Packed], bits: list[int]) -> MoELayout:
     """The GPU layout of a layer's experts; ``bits``: ``E`` widths or ``2E`` (gate/up then down)."""
     from ..bitwidths import from_op_bits
 
@@ -171,8 +173,8 @@ def layout_for(lists: tuple[list[torch.Tensor], ...], bits: list[int]) -> MoELay
     if entry is not None and entry.valid(tensors, tuple(bits)):
         return entry.layout
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        raise GraphCaptureError("the GPU layout of these experts is built on their first call, which cannot happen inside "
-                      "CUDA-graph capture: run the model once before capturing.")  # fmt: skip
+        raise GraphCaptureError("the GPU layout of these experts is built on their first call, which cannot happen "
+                                "inside CUDA-graph capture: run the model once before capturing.")  # fmt: skip
     gate_up = list(zip(lists[0], lists[1], lists[2]))
     down = list(zip(lists[3], lists[4], lists[5]))
     layout = build_layout(gate_up, down, list(bits))

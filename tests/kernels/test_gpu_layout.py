@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers.moe import random_experts
+
 from optimum_mc.errors import UnsupportedBitsError
 from optimum_mc.kernels.gpu_layout import build_layout, codes_of, dequantize_layout, layout_for
 from optimum_mc.kernels.reference import dequantize_reference
