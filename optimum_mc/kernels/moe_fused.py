@@ -196,10 +196,12 @@ def _strides(group):
 
 def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, layout: MoELayout,
               activation: str, decode: bool | None = None, tiles: tuple[int, int, int, int] | None = None,
-              alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:  # fmt: skip
+              alpha: float = 1.702, limit: float = 7.0, compiled: list | None = None) -> torch.Tensor:  # fmt: skip
     """``optimum_mc::moe`` over a GPU layout: ``2 x`` (width groups) launches plus the alignment and one sum.
     ``decode`` forces the per-pair kernels (default: at most ``DECODE_MAX_PAIRS`` pairs); ``tiles`` the tiled
-    kernels' ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)``."""
+    kernels' ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)``. ``compiled``, where given, receives ``(kernel name, bits,
+    tiles, what the launch returned)`` per launch (Triton's compiled kernel on a GPU: ``n_regs``, ``n_spills``)."""
+    seen = compiled if compiled is not None else []
     from .moe_triton import sorted_layout
 
     act = FUSED_ACTIVATIONS[activation]
@@ -212,19 +214,22 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     if decode is None:
         decode = tiles is None and pairs <= DECODE_MAX_PAIRS
     if decode:
-        block_n, block_k, warps = DECODE_TILES
+        block_n, block_k, warps = tiles = DECODE_TILES
         idx = top_k_index.reshape(-1).to(torch.int32).contiguous()
         a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
+        grid_gu, grid_dn = (pairs, triton.cdiv(inter, block_n)), (pairs, triton.cdiv(hidden, block_n))
         for gi, grp in enumerate(gu.widths):
-            _gate_up_decode[(pairs, triton.cdiv(inter, block_n))](
+            k = _gate_up_decode[grid_gu](
                 x, idx, *_group_args(grp, gu), a, inter, hidden, gu.group_size, top_k, *_strides(grp), alpha, limit,
                 gi, ACT=act, BITS=grp.bits, GROUP_TILE=gu.group_size % block_k == 0, BLOCK_N=block_n,
                 BLOCK_K=block_k, num_warps=warps)  # fmt: skip
+            seen.append(("gate_up_decode", grp.bits, tiles, k))
         for gi, grp in enumerate(dn.widths):
-            _down_decode[(pairs, triton.cdiv(hidden, block_n))](
+            k = _down_decode[grid_dn](
                 a, idx, *_group_args(grp, dn), route, y, hidden, inter, dn.group_size, *_strides(grp), gi,
                 BITS=grp.bits, GROUP_TILE=dn.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=warps)  # fmt: skip
+            seen.append(("down_decode", grp.bits, tiles, k))
     else:
         if tiles is None:
             tiles = SMALL_TILES if pairs <= SMALL_TILES[0] * experts else PREFILL_TILES
@@ -232,17 +237,21 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         rows, block_expert = sorted_layout(top_k_index, experts, block_m)
         half = half_mode(x.dtype)
         a = torch.empty(rows.numel(), inter, dtype=x.dtype if half else torch.float32, device=x.device)
+        blocks = block_expert.numel()
+        grid_gu, grid_dn = (blocks, triton.cdiv(inter, block_n)), (blocks, triton.cdiv(hidden, block_n))
         for gi, grp in enumerate(gu.widths):
-            _gate_up_tiled[(block_expert.numel(), triton.cdiv(inter, block_n))](
+            k = _gate_up_tiled[grid_gu](
                 x, rows, block_expert, *_group_args(grp, gu), a, inter, hidden, gu.group_size, top_k, pairs,
                 *_strides(grp), alpha, limit, gi, ACT=act, BITS=grp.bits, HALF=half,
                 GROUP_TILE=gu.group_size % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=warps)  # fmt: skip
+            seen.append(("gate_up_tiled", grp.bits, tiles, k))
         for gi, grp in enumerate(dn.widths):
-            _down_tiled[(block_expert.numel(), triton.cdiv(hidden, block_n))](
+            k = _down_tiled[grid_dn](
                 a, rows, block_expert, *_group_args(grp, dn), route, y, hidden, inter, dn.group_size, pairs,
                 *_strides(grp), gi, BITS=grp.bits, HALF=half, GROUP_TILE=dn.group_size % block_k == 0,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)  # fmt: skip
+            seen.append(("down_tiled", grp.bits, tiles, k))
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
 
 
