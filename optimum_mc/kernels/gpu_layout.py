@@ -19,6 +19,7 @@ it reproduces :func:`~optimum_mc.kernels.reference.dequantize_reference` bit for
 :func:`layout_for` is what the CUDA op calls: the layout of a set of buffers, built once and cached while those
 buffers live (weak references; an in-place change of a buffer, seen through its version counter, rebuilds it). The
 layout is held next to the canonical buffers, i.e. the experts take twice their packed size in GPU memory.
+(Follow-up: MCExperts holding the layout in place of the canonical buffers on CUDA.)
 """
 
 from __future__ import annotations
@@ -155,9 +156,16 @@ class _Entry:
         self.bits, self.layout = bits, layout
 
     def valid(self, tensors: list[torch.Tensor], bits: tuple[int, ...]) -> bool:
-        return bits == self.bits and all(
-            r() is t and t._version == v for r, t, v in zip(self.refs, tensors, self.versions)
-        )
+        """The buffers the layout was built from are alive (so their memory is theirs), ``tensors`` are them or
+        aliases of them (same address and shape: ``torch.compile`` may pass a detached alias), and none has been
+        changed in place since (version counters, shared by aliases)."""
+        if bits != self.bits:
+            return False
+        for r, t, v in zip(self.refs, tensors, self.versions):
+            orig = r()
+            if orig is None or orig.data_ptr() != t.data_ptr() or orig.shape != t.shape or orig._version != v:
+                return False
+        return True
 
 
 _CACHE: dict[tuple[int, ...], _Entry] = {}

@@ -45,8 +45,11 @@ def test_layout_cache_follows_the_buffers():
     lists = tuple([m[j] for m in ms] for ms in (gate_up, down) for j in range(3))
     first = layout_for(lists, [2, 3])
     assert layout_for(lists, [2, 3]) is first  # built once
+    aliases = tuple([t.detach() for t in ts] for ts in lists)  # what torch.compile may pass: the same memory
+    assert layout_for(aliases, [2, 3]) is first
     lists[0][1].add_(1)  # an in-place change of a buffer: rebuilt from the new codes
     again = layout_for(lists, [2, 3])
+    assert layout_for(aliases, [2, 3]) is again
     assert again is not first
     assert torch.equal(dequantize_layout(again.gate_up, 1), dequantize_reference(*gate_up[1], 3, torch.float32))
 
