@@ -3,7 +3,8 @@ and 3 bits = 2.5 average code bits) under CUDA graphs against a stacked bf16 gro
 loop, GB/s per width on the two expert shapes, registers / spills per kernel configuration, launches per layer.
 
 Writes ``docs/results/gpu-layer-<device>.json`` (``--out`` to change): ``commit``, ``device``, ``layer`` (rows
-``{"tokens", "mc_us", "bf16_grouped_mm_us", "dense_eager_us", ...}``), ``bandwidth``, ``kernels``, ``launches``.
+``{"tokens", "mc_us", "bf16_grouped_mm_us", "dense_eager_us", ...}``), ``bandwidth``, ``kernels``, ``launches``;
+rewritten after every step (``complete`` false until the end), so a run cut short keeps what it measured.
 
     python scripts/bench_gpu_layer.py                 # on a CUDA GPU (~2-3 minutes, compiles included)
     python scripts/bench_gpu_layer.py --dry-run --out x.json   # CPU, Triton interpreter, tiny shapes (~1 min)
@@ -11,7 +12,8 @@ Writes ``docs/results/gpu-layer-<device>.json`` (``--out`` to change): ``commit`
 ``commit``: ``$MC_COMMIT`` where set (a work tree copied without ``.git``), else ``git rev-parse HEAD``.
 
 Times: median of ``--reps`` replays of a CUDA graph holding one layer call (``mc_us``: the op as the model calls
-it, fused kernels; ``mc_tiled_us``: the previous run-time-width kernels, ``OPTIMUM_MC_CUDA_MOE=tiled``;
+it, fused kernels; ``mc_tiled_us``: the previous CUDA default, ``OPTIMUM_MC_CUDA_MOE=tiled``: run-time-width
+GEMV / tiled kernels, and for bf16 from 32 pairs dequantize + grouped matmul;
 ``mc_dequant_grouped_us`` from 256 tokens: dequantize to bf16 + grouped matmul). ``dense_eager_us`` is the
 per-expert ``F.linear`` loop of transformers' eager experts, which syncs (``torch.where``) and so is timed
 eagerly; ``modes`` says how each number was taken. The dry run checks the script end to end: its numbers are
@@ -35,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    ap.add_argument("--sweep", action="store_true", help="only: time tile candidates of the fused kernels, write "
+                    "gpu-sweep-<device>.json")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--inter", type=int, default=None)
@@ -84,6 +88,8 @@ def main(argv=None) -> dict:
         "layout_build_s": round(time.perf_counter() - t0, 3),
         "torch": torch.__version__,
     }
+    if a.sweep:
+        return write(a, {**result, "sweep": sweep(a, layout, dev)}, "gpu-sweep", device_name)
     gen = torch.Generator().manual_seed(1)
     rows, launches = [], {}
     for tokens in a.tokens:
@@ -114,15 +120,52 @@ def main(argv=None) -> dict:
         rows.append(row)
         launches[str(tokens)] = count_launches(mc, dev)
         print(json.dumps(row), flush=True)
+        write(a, {**result, "layer": rows, "launches": launches, "complete": False}, "gpu-layer", device_name)
     result["layer"] = rows
     result["launches"] = launches
-    result["bandwidth"] = bandwidth(a, dev)
     result["kernels"] = kernel_configs(a, layout, dev)
-    out = a.out or ROOT / "docs" / "results" / f"gpu-layer-{slug(device_name)}.json"
+    write(a, {**result, "complete": False}, "gpu-layer", device_name)
+    result["bandwidth"] = bandwidth(a, dev)
+    return write(a, {**result, "complete": True}, "gpu-layer", device_name)
+
+
+def write(a, result: dict, stem: str, device_name: str) -> dict:
+    out = a.out or ROOT / "docs" / "results" / f"{stem}-{slug(device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return result
+
+
+DECODE_CANDIDATES = [(16, 128, 4), (32, 128, 4), (32, 256, 4), (64, 64, 4), (64, 128, 8), (16, 256, 2)]
+TILED_CANDIDATES = [(16, 64, 64, 4), (16, 128, 64, 4), (32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 64, 8),
+                    (128, 128, 32, 8), (64, 64, 128, 4), (128, 64, 64, 4)]  # fmt: skip
+
+
+def sweep(a, layout, dev: str) -> list[dict]:
+    """Median µs (CUDA graph) of the fused kernels per tile candidate and token count, with the relative
+    difference to the defaults' output; a candidate the compiler refuses is recorded with its error."""
+    import torch
+
+    from optimum_mc.kernels.moe_fused import fused_moe
+
+    gen, rows = torch.Generator().manual_seed(2), []
+    for tokens in a.tokens:
+        idx = torch.stack([torch.randperm(a.experts, generator=gen)[:2] for _ in range(tokens)]).to(dev)
+        wts = torch.rand(tokens, 2, generator=gen).to(dev)
+        x = torch.randn(tokens, a.hidden, generator=gen).to(dev, torch.bfloat16)
+        ref = fused_moe(x, idx, wts, layout, "silu")
+        cands = (DECODE_CANDIDATES if tokens * 2 <= 16 else []) + (TILED_CANDIDATES if tokens > 1 else [])
+        for tiles in cands[:2] if dev == "cpu" else cands:
+            fn = lambda: fused_moe(x, idx, wts, layout, "silu", tiles=tiles)  # noqa: E731, B023
+            try:
+                diff = rel(fn(), ref)
+                us, mode = timed(fn, a.reps, dev)
+                rows.append({"tokens": tokens, "tiles": list(tiles), "us": us, "mode": mode, "rel_diff": diff})
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: recorded
+                rows.append({"tokens": tokens, "tiles": list(tiles), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def packed_experts(a, bits, dev):

@@ -2,10 +2,11 @@
 # Everything that needs a CUDA GPU, in one run of at most ~7 minutes (a lent GPU machine's time is short): the CUDA
 # tests (with the vLLM MoE method's forward, which imports no vLLM: vLLM cannot be installed there; the fused MoE
 # kernels are the CUDA default) and the layer benchmark (scripts/bench_gpu_layer.py: the Mixtral-shaped layer under
-# CUDA graphs vs bf16 grouped-mm and dense, GB/s per width, registers / spills, launches per layer), whose JSON is
-# copied to $OUT. FULL=1 adds the older kernel benchmark, Triton tile sweeps and the scale benchmark (~7 more
-# minutes). Logs go to $OUT (default ./gpu-out). Python packages missing on the machine can be given as wheels in
-# ./.whl. MC_COMMIT names the commit measured where the work tree has no .git.
+# CUDA graphs vs bf16 grouped-mm and dense, GB/s per width, registers / spills, launches per layer; then a tile
+# sweep of the fused kernels), whose JSON files are copied to $OUT. FULL=1 adds the older kernel benchmark, Triton
+# tile sweeps and the scale benchmark (~7 more minutes). Logs go to $OUT (default ./gpu-out). Python packages missing
+# on the machine can be given as wheels in ./.whl. MC_COMMIT names the commit measured where the work tree has no
+# .git.
 #
 #     MC_COMMIT=<sha> bash scripts/gpu_check.sh
 set -u
@@ -30,10 +31,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     echo "== $name: exit $? after $((SECONDS - t0)) s"
 }
 
-step layer 240 python3 scripts/bench_gpu_layer.py
+step layer 180 python3 scripts/bench_gpu_layer.py
 grep -E "^\{|wrote" "$OUT/layer.log" | cut -c1-400
-cp docs/results/gpu-layer-*.json "$OUT"/ 2>/dev/null
-step pytest 150 python3 -m pytest -q -s -p no:cacheprovider -rs tests/kernels/test_cuda.py tests/integrations/test_vllm_apply.py
+step sweep 90 python3 scripts/bench_gpu_layer.py --sweep
+grep -E "wrote|error" "$OUT/sweep.log" | cut -c1-200
+cp docs/results/gpu-layer-*.json docs/results/gpu-sweep-*.json "$OUT"/ 2>/dev/null
+step pytest 130 python3 -m pytest -q -s -p no:cacheprovider -rs tests/kernels/test_cuda.py tests/integrations/test_vllm_apply.py
 grep -E "error vs float|passed|failed|^E  |Error" "$OUT/pytest.log" | head -n 30
 [ "${FULL:-0}" = 1 ] || exit 0
 step bench_kernels 70 python3 scripts/bench_kernels.py --quick

@@ -195,12 +195,13 @@ def _strides(group):
 
 
 def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, layout: MoELayout,
-              activation: str, decode: bool | None = None, tiles: tuple[int, int, int, int] | None = None,
+              activation: str, decode: bool | None = None, tiles: tuple[int, ...] | None = None,
               alpha: float = 1.702, limit: float = 7.0, compiled: list | None = None) -> torch.Tensor:  # fmt: skip
     """``optimum_mc::moe`` over a GPU layout: ``2 x`` (width groups) launches plus the alignment and one sum.
     ``decode`` forces the per-pair kernels (default: at most ``DECODE_MAX_PAIRS`` pairs); ``tiles`` the tiled
-    kernels' ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)``. ``compiled``, where given, receives ``(kernel name, bits,
-    tiles, what the launch returned)`` per launch (Triton's compiled kernel on a GPU: ``n_regs``, ``n_spills``)."""
+    kernels' ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` or the per-pair kernels' ``(BLOCK_N, BLOCK_K, warps)``.
+    ``compiled``, where given, receives ``(kernel name, bits, tiles, what the launch returned)`` per launch
+    (Triton's compiled kernel on a GPU: ``n_regs``, ``n_spills``)."""
     seen = compiled if compiled is not None else []
     from .moe_triton import sorted_layout
 
@@ -212,9 +213,9 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     route = top_k_weights.reshape(-1).float().contiguous()
     y = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)
     if decode is None:
-        decode = tiles is None and pairs <= DECODE_MAX_PAIRS
+        decode = len(tiles) == 3 if tiles is not None else pairs <= DECODE_MAX_PAIRS
     if decode:
-        block_n, block_k, warps = tiles = DECODE_TILES
+        block_n, block_k, warps = tiles = tiles if tiles is not None and len(tiles) == 3 else DECODE_TILES
         idx = top_k_index.reshape(-1).to(torch.int32).contiguous()
         a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
         grid_gu, grid_dn = (pairs, triton.cdiv(inter, block_n)), (pairs, triton.cdiv(hidden, block_n))

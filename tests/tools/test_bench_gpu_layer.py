@@ -25,6 +25,7 @@ def test_dry_run_writes_the_layer_json(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["commit"] == "0123abc" and result["device"] == "cpu-interpreter" and result["dry_run"] is True
+    assert result["complete"] is True
     assert [r["tokens"] for r in result["layer"]] == [1, 12]
     for row in result["layer"]:
         for key in ("mc_us", "bf16_grouped_mm_us", "dense_eager_us", "mc_tiled_us"):
@@ -38,3 +39,14 @@ def test_dry_run_writes_the_layer_json(tmp_path):
     assert names == {(n, b) for n in ("gate_up_decode", "down_decode", "gate_up_tiled", "down_tiled") for b in (2, 3)}
     assert all({"n_regs", "n_spills", "tiles"} <= set(k) for k in result["kernels"])
     assert set(result["launches"]) == {"1", "12"}
+
+
+def test_dry_run_sweep_writes_tile_rows(tmp_path):
+    out = tmp_path / "gpu-sweep-test.json"
+    env = {**os.environ, "MC_COMMIT": "0123abc", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu_layer.py"), "--dry-run", "--sweep", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["sweep"]
+    assert {len(r["tiles"]) for r in rows} == {3, 4}  # per-pair and tiled candidates
+    assert all(r["us"] > 0 and r["rel_diff"] <= 2.5e-2 for r in rows), rows
