@@ -88,8 +88,10 @@ def main(argv=None) -> dict:
         "layout_build_s": round(time.perf_counter() - t0, 3),
         "torch": torch.__version__,
     }
-    if a.sweep:
-        return write(a, {**result, "sweep": sweep(a, layout, dev)}, "gpu-sweep", device_name)
+    if a.sweep:  # rewritten after every candidate (complete: false until the end)
+        partial = lambda rows: write(a, {**result, "sweep": rows, "complete": False}, "gpu-sweep", device_name)  # noqa: E731
+        return write(a, {**result, "sweep": sweep(a, layout, dev, partial), "complete": True}, "gpu-sweep",
+                     device_name)  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     rows, launches = [], {}
     for tokens in a.tokens:
@@ -133,20 +135,22 @@ def write(a, result: dict, stem: str, device_name: str) -> dict:
     out = a.out or ROOT / "docs" / "results" / f"{stem}-{slug(device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    if result.get("complete", True):
+        print(f"wrote {out}")
     return result
 
 
 DECODE_CANDIDATES = [(16, 128, 4), (32, 128, 4), (32, 256, 4), (64, 64, 4), (64, 128, 8), (16, 256, 2)]
-TILED_CANDIDATES = [(16, 64, 64, 4), (16, 128, 64, 4), (32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 64, 8),
-                    (128, 128, 32, 8), (64, 64, 128, 4), (128, 64, 64, 4)]  # fmt: skip
+TILED_CANDIDATES = [(16, 64, 64, 4), (16, 128, 64, 4), (32, 64, 64, 4), (32, 64, 128, 4), (64, 64, 64, 8),
+                    (64, 128, 64, 8), (128, 64, 64, 8), (64, 64, 32, 4)]  # fmt: skip
 
 
-def sweep(a, layout, dev: str) -> list[dict]:
+def sweep(a, layout, dev: str, partial=lambda rows: None) -> list[dict]:
     """Median µs (CUDA graph) of the fused kernels per tile candidate and token count, with the relative
     difference to the defaults' output; a candidate the compiler refuses is recorded with its error."""
     import torch
 
+    from optimum_mc.kernels import moe_fused as mf
     from optimum_mc.kernels.moe_fused import fused_moe
 
     gen, rows = torch.Generator().manual_seed(2), []
@@ -156,15 +160,22 @@ def sweep(a, layout, dev: str) -> list[dict]:
         x = torch.randn(tokens, a.hidden, generator=gen).to(dev, torch.bfloat16)
         ref = fused_moe(x, idx, wts, layout, "silu")
         cands = (DECODE_CANDIDATES if tokens * 2 <= 16 else []) + (TILED_CANDIDATES if tokens > 1 else [])
-        for tiles in cands[:2] if dev == "cpu" else cands:
+        cands = [(t, True) for t in cands] + [(None, False)]  # + the defaults with the gather unpacking
+        for tiles, expand in cands[:2] + cands[-1:] if dev == "cpu" else cands:
             fn = lambda: fused_moe(x, idx, wts, layout, "silu", tiles=tiles)  # noqa: E731, B023
+            row = {"tokens": tokens, "tiles": list(tiles) if tiles else "default", "expand": expand}
+            mf.EXPAND = expand
             try:
                 diff = rel(fn(), ref)
                 us, mode = timed(fn, a.reps, dev)
-                rows.append({"tokens": tokens, "tiles": list(tiles), "us": us, "mode": mode, "rel_diff": diff})
+                row.update(us=us, mode=mode, rel_diff=diff)
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: recorded
-                rows.append({"tokens": tokens, "tiles": list(tiles), "error": f"{type(exc).__name__}: {exc}"[:200]})
-            print(json.dumps(rows[-1]), flush=True)
+                row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            finally:
+                mf.EXPAND = True
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            partial(rows)
     return rows
 
 

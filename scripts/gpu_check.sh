@@ -31,12 +31,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     echo "== $name: exit $? after $((SECONDS - t0)) s"
 }
 
-step layer 180 python3 scripts/bench_gpu_layer.py
+step layer 170 python3 scripts/bench_gpu_layer.py
 grep -E "^\{|wrote" "$OUT/layer.log" | cut -c1-400
-step sweep 90 python3 scripts/bench_gpu_layer.py --sweep
+step sweep 120 python3 scripts/bench_gpu_layer.py --sweep
 grep -E "wrote|error" "$OUT/sweep.log" | cut -c1-200
 cp docs/results/gpu-layer-*.json docs/results/gpu-sweep-*.json "$OUT"/ 2>/dev/null
-step pytest 130 python3 -m pytest -q -s -p no:cacheprovider -rs tests/kernels/test_cuda.py tests/integrations/test_vllm_apply.py
+step pytest 120 python3 -m pytest -q -s -p no:cacheprovider -rs tests/kernels/test_cuda.py tests/integrations/test_vllm_apply.py
 grep -E "error vs float|passed|failed|^E  |Error" "$OUT/pytest.log" | head -n 30
 [ "${FULL:-0}" = 1 ] || exit 0
 step bench_kernels 70 python3 scripts/bench_kernels.py --quick

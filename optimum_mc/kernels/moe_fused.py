@@ -28,10 +28,12 @@ from .triton import TRITON_AVAILABLE, half_mode
 # activations the epilogue computes (ids passed as a constexpr); others take the tiled kernels (moe_triton.py)
 FUSED_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "relu": 2, "gelu": 3, "clamped_swiglu": 4}
 DECODE_MAX_PAIRS = 16
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps): untuned starting points (no GPU timing yet: scripts/bench_gpu_layer.py)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps): not timed yet (scripts/bench_gpu_layer.py --sweep); chosen to compile for sm_90
+# without spills (scripts/triton_resources.py: 4 warps at 64 x 64 spill in gate/up)
 SMALL_TILES = (16, 64, 64, 4)  # experts average at most 16 rows
-PREFILL_TILES = (64, 64, 64, 4)
+PREFILL_TILES = (64, 64, 64, 8)
 DECODE_TILES = (32, 128, 4)  # BLOCK_N, BLOCK_K, warps of the per-pair kernels
+EXPAND = True  # how a k-step's codes are read from the words: see _plane
 
 if TRITON_AVAILABLE:
     import triton
@@ -40,20 +42,38 @@ if TRITON_AVAILABLE:
     from .triton import _dot_acc
 
     @triton.jit
+    def _plane(ptr, k0, rn, n_mask, N, K, B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+               EXPAND: tl.constexpr):  # fmt: skip
+        """Codes ``(BLOCK_K, BLOCK_N)`` of rows ``k0..`` of a ``B``-bit plane (``32 / B`` codes per word, word row
+        ``k // (32 / B)``, shift ``(k % (32 / B)) * B``: constants, as ``k0`` is a multiple of 32). ``EXPAND``: load
+        the ``(BLOCK_K * B / 32, BLOCK_N)`` words once and expand each into its codes in registers; else load the
+        word of every code (a gather hitting each word ``32 / B`` times, served by the cache)."""
+        if EXPAND:
+            rw = k0 // (32 // B) + tl.arange(0, BLOCK_K // (32 // B))
+            w = tl.load(ptr + rw[:, None] * N + rn[None, :], mask=(rw * (32 // B) < K)[:, None] & n_mask[None, :],
+                        other=0)  # fmt: skip
+            sh = tl.arange(0, 32 // B) * B
+            q = (w[:, None, :] >> sh[None, :, None]) & ((1 << B) - 1)
+            return tl.reshape(q, (BLOCK_K, BLOCK_N))
+        else:
+            offs = tl.arange(0, BLOCK_K)
+            m = ((k0 + offs) < K)[:, None] & n_mask[None, :]
+            w = tl.load(ptr + (k0 // (32 // B) + offs // (32 // B))[:, None] * N + rn[None, :], mask=m, other=0)
+            return (w >> ((offs % (32 // B)) * B)[:, None]) & ((1 << B) - 1)
+
+    @triton.jit
     def _weights(qw, qhi, sp, zp, k0, rn, n_mask, N, K, group_size, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_TILE: tl.constexpr):  # fmt: skip
+                 BLOCK_N: tl.constexpr, GROUP_TILE: tl.constexpr, EXPAND: tl.constexpr):  # fmt: skip
         """The ``(BLOCK_K, BLOCK_N)`` fp32 weight tile ``W[n, k0:k0+BLOCK_K]ᵀ`` of one expert (pointers already at
-        the expert), 0 past ``K``. ``k0`` is a multiple of 32, so each code's word row and shift are constants."""
+        the expert), 0 past ``K``."""
         offs = tl.arange(0, BLOCK_K)
         kin = (k0 + offs) < K
         m = kin[:, None] & n_mask[None, :]
         if BITS == 3:  # a 2-bit plane (16 codes per word) and a 1-bit plane (32 per word)
-            lo = tl.load(qw + (k0 // 16 + offs // 16)[:, None] * N + rn[None, :], mask=m, other=0)
-            hi = tl.load(qhi + (k0 // 32 + offs // 32)[:, None] * N + rn[None, :], mask=m, other=0)
-            q = ((lo >> ((offs % 16) * 2)[:, None]) & 3) | (((hi >> (offs % 32)[:, None]) & 1) << 2)
+            q = _plane(qw, k0, rn, n_mask, N, K, 2, BLOCK_K, BLOCK_N, EXPAND)
+            q = q | (_plane(qhi, k0, rn, n_mask, N, K, 1, BLOCK_K, BLOCK_N, EXPAND) << 2)
         else:
-            w = tl.load(qw + (k0 // (32 // BITS) + offs // (32 // BITS))[:, None] * N + rn[None, :], mask=m, other=0)
-            q = (w >> ((offs % (32 // BITS)) * BITS)[:, None]) & ((1 << BITS) - 1)
+            q = _plane(qw, k0, rn, n_mask, N, K, BITS, BLOCK_K, BLOCK_N, EXPAND)
         if GROUP_TILE:  # the k-step lies in one quantization group: one scale and zero per column
             g = k0 // group_size
             s = tl.load(sp + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -89,7 +109,7 @@ if TRITON_AVAILABLE:
     def _gate_up_tiled(x_ptr, rows_ptr, block_expert, group_of, local, qw_ptr, qhi_ptr, s_ptr, z_ptr, a_ptr,
                        inter, K, group_size, top_k, sentinel, sq, sh, ss, alpha, limit, GROUP, ACT: tl.constexpr,
                        BITS: tl.constexpr, HALF: tl.constexpr, GROUP_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXPAND: tl.constexpr):  # fmt: skip
         mine, li = _expert(tl.load(block_expert + tl.program_id(0)), group_of, local, GROUP)
         if mine:
             qw, qhi, sp, zp = qw_ptr + li * sq, qhi_ptr + li * sh, s_ptr + li * ss, z_ptr + li * ss
@@ -106,10 +126,11 @@ if TRITON_AVAILABLE:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + token[:, None] * K + rk[None, :], mask=valid[:, None] & (rk < K)[None, :],
                             other=0.0)  # fmt: skip
-                wg = _weights(qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, GROUP_TILE)
+                wg = _weights(qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, BLOCK_N,
+                              GROUP_TILE, EXPAND)
                 acc_g = _dot_acc(acc_g, x, wg, HALF)
                 wu = _weights(qw, qhi, sp, zp, k0, rn + inter, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K,
-                              GROUP_TILE)
+                              BLOCK_N, GROUP_TILE, EXPAND)
                 acc_u = _dot_acc(acc_u, x, wu, HALF)
             a = _glu(acc_g, acc_u, ACT, alpha, limit)
             tl.store(a_ptr + rm[:, None] * inter + rn[None, :], a.to(a_ptr.dtype.element_ty),
@@ -119,7 +140,7 @@ if TRITON_AVAILABLE:
     def _down_tiled(a_ptr, rows_ptr, block_expert, group_of, local, qw_ptr, qhi_ptr, s_ptr, z_ptr, w_ptr, y_ptr,
                     H, K, group_size, sentinel, sq, sh, ss, GROUP, BITS: tl.constexpr, HALF: tl.constexpr,
                     GROUP_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):  # fmt: skip
+                    BLOCK_K: tl.constexpr, EXPAND: tl.constexpr):  # fmt: skip
         mine, li = _expert(tl.load(block_expert + tl.program_id(0)), group_of, local, GROUP)
         if mine:
             qw, qhi, sp, zp = qw_ptr + li * sq, qhi_ptr + li * sh, s_ptr + li * ss, z_ptr + li * ss
@@ -133,7 +154,8 @@ if TRITON_AVAILABLE:
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=valid[:, None] & (rk < K)[None, :], other=0.0)
-                w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, GROUP_TILE)
+                w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N,
+                              GROUP_TILE, EXPAND)
                 acc = _dot_acc(acc, a, w, HALF)
             route = tl.load(w_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
             tl.store(y_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * H + rn[None, :],
@@ -142,7 +164,8 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _gate_up_decode(x_ptr, idx_ptr, group_of, local, qw_ptr, qhi_ptr, s_ptr, z_ptr, a_ptr, inter, K, group_size,
                         top_k, sq, sh, ss, alpha, limit, GROUP, ACT: tl.constexpr, BITS: tl.constexpr,
-                        GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                        GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EXPAND: tl.constexpr):  # fmt: skip
         p = tl.program_id(0)
         mine, li = _expert(tl.load(idx_ptr + p), group_of, local, GROUP)
         if mine:
@@ -155,17 +178,18 @@ if TRITON_AVAILABLE:
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + (p // top_k) * K + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
-                wg = _weights(qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, GROUP_TILE)
+                wg = _weights(qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, BLOCK_N,
+                              GROUP_TILE, EXPAND)
                 acc_g += tl.sum(x * wg, axis=0)
                 wu = _weights(qw, qhi, sp, zp, k0, rn + inter, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K,
-                              GROUP_TILE)
+                              BLOCK_N, GROUP_TILE, EXPAND)
                 acc_u += tl.sum(x * wu, axis=0)
             tl.store(a_ptr + p * inter + rn, _glu(acc_g, acc_u, ACT, alpha, limit), mask=n_ok)
 
     @triton.jit
     def _down_decode(a_ptr, idx_ptr, group_of, local, qw_ptr, qhi_ptr, s_ptr, z_ptr, w_ptr, y_ptr, H, K, group_size,
                      sq, sh, ss, GROUP, BITS: tl.constexpr, GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):  # fmt: skip
+                     BLOCK_K: tl.constexpr, EXPAND: tl.constexpr):  # fmt: skip
         p = tl.program_id(0)
         mine, li = _expert(tl.load(idx_ptr + p), group_of, local, GROUP)
         if mine:
@@ -177,7 +201,8 @@ if TRITON_AVAILABLE:
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + p * K + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
-                w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, GROUP_TILE)
+                w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N,
+                              GROUP_TILE, EXPAND)
                 acc += tl.sum(a * w, axis=0)
             tl.store(y_ptr + p * H + rn, acc * tl.load(w_ptr + p), mask=n_ok)
 
@@ -223,13 +248,13 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
             k = _gate_up_decode[grid_gu](
                 x, idx, *_group_args(grp, gu), a, inter, hidden, gu.group_size, top_k, *_strides(grp), alpha, limit,
                 gi, ACT=act, BITS=grp.bits, GROUP_TILE=gu.group_size % block_k == 0, BLOCK_N=block_n,
-                BLOCK_K=block_k, num_warps=warps)  # fmt: skip
+                BLOCK_K=block_k, num_warps=warps, EXPAND=EXPAND)  # fmt: skip
             seen.append(("gate_up_decode", grp.bits, tiles, k))
         for gi, grp in enumerate(dn.widths):
             k = _down_decode[grid_dn](
                 a, idx, *_group_args(grp, dn), route, y, hidden, inter, dn.group_size, *_strides(grp), gi,
                 BITS=grp.bits, GROUP_TILE=dn.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=warps)  # fmt: skip
+                num_warps=warps, EXPAND=EXPAND)  # fmt: skip
             seen.append(("down_decode", grp.bits, tiles, k))
     else:
         if tiles is None:
@@ -245,13 +270,13 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
                 x, rows, block_expert, *_group_args(grp, gu), a, inter, hidden, gu.group_size, top_k, pairs,
                 *_strides(grp), alpha, limit, gi, ACT=act, BITS=grp.bits, HALF=half,
                 GROUP_TILE=gu.group_size % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=warps)  # fmt: skip
+                num_warps=warps, EXPAND=EXPAND)  # fmt: skip
             seen.append(("gate_up_tiled", grp.bits, tiles, k))
         for gi, grp in enumerate(dn.widths):
             k = _down_tiled[grid_dn](
                 a, rows, block_expert, *_group_args(grp, dn), route, y, hidden, inter, dn.group_size, pairs,
                 *_strides(grp), gi, BITS=grp.bits, HALF=half, GROUP_TILE=dn.group_size % block_k == 0,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)  # fmt: skip
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, EXPAND=EXPAND)  # fmt: skip
             seen.append(("down_tiled", grp.bits, tiles, k))
     return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
 

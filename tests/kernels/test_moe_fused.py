@@ -57,6 +57,14 @@ for bits in (gu_bits, gu_bits + dn_bits):  # one width per expert; per-projectio
                 got = fused_moe(x, idx, w, layout, act, decode=decode, tiles=tiles)
                 assert got.dtype == dtype and torch.isfinite(got).all()
                 assert rel(got, ref) <= TOL[dtype], (bits, tokens, decode, tiles, dtype, act, rel(got, ref))
+    # the gather form of the unpacking (each code's word loaded; EXPAND=False), on the tiled and per-pair kernels
+    mf.EXPAND = False
+    for tokens in (5, 13) if len(bits) == E else ():
+        idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+        w, x = torch.rand(tokens, 2, generator=g), torch.randn(tokens, H, generator=g)
+        ref = moe_reference(x, idx, w, gu, dn, bits, "silu")
+        assert rel(fused_moe(x, idx, w, layout, "silu"), ref) <= TOL[torch.float32]
+    mf.EXPAND = True
     # a token whose slots are all dropped gets exactly 0
     idx = torch.tensor([[E, E], [0, 2]])
     out = fused_moe(torch.randn(2, H, generator=g), idx, torch.rand(2, 2, generator=g), layout, "silu")
