@@ -160,11 +160,17 @@ def sweep(a, layout, dev: str, partial=lambda rows: None) -> list[dict]:
         x = torch.randn(tokens, a.hidden, generator=gen).to(dev, torch.bfloat16)
         ref = fused_moe(x, idx, wts, layout, "silu")
         cands = (DECODE_CANDIDATES if tokens * 2 <= 16 else []) + (TILED_CANDIDATES if tokens > 1 else [])
-        cands = [(t, True) for t in cands] + [(None, False)]  # + the defaults with the gather unpacking
-        for tiles, expand in cands[:2] + cands[-1:] if dev == "cpu" else cands:
+        split = mf.DOWN_SPLIT_K
+        cands = [(t, True, split) for t in cands] + [(None, False, split)]  # + defaults, gather unpacking
+        if tokens * 2 <= 16:  # the per-pair down kernel's split-K
+            cands += [(None, True, s) for s in (1, 2, 8) if s != split]
+        if dev == "cpu":  # the dry run: two tile candidates and the variants of the defaults
+            cands = cands[:2] + [c for c in cands if c[0] is None]
+        for tiles, expand, k_split in cands:
             fn = lambda: fused_moe(x, idx, wts, layout, "silu", tiles=tiles)  # noqa: E731, B023
-            row = {"tokens": tokens, "tiles": list(tiles) if tiles else "default", "expand": expand}
-            mf.EXPAND = expand
+            row = {"tokens": tokens, "tiles": list(tiles) if tiles else "default", "expand": expand,
+                   "down_split_k": k_split}  # fmt: skip
+            mf.EXPAND, mf.DOWN_SPLIT_K = expand, k_split
             try:
                 diff = rel(fn(), ref)
                 us, mode = timed(fn, a.reps, dev)
@@ -172,7 +178,7 @@ def sweep(a, layout, dev: str, partial=lambda rows: None) -> list[dict]:
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: recorded
                 row["error"] = f"{type(exc).__name__}: {exc}"[:200]
             finally:
-                mf.EXPAND = True
+                mf.EXPAND, mf.DOWN_SPLIT_K = True, split
             rows.append(row)
             print(json.dumps(row), flush=True)
             partial(rows)

@@ -12,7 +12,7 @@ launch per width group of the layout; programs whose block belongs to another gr
 - down: the routing weight of each row's pair is applied in the epilogue and the row is stored at its pair's index
   of a ``(T * K, H)`` fp32 buffer; the sum over slots is one torch reduction (deterministic: no atomics).
 - decode (at most ``DECODE_MAX_PAIRS`` pairs): one program per (pair, ``BLOCK_N`` features), fp32 products summed
-  over k (no padded ``BLOCK_M`` rows): same unpacking, same epilogues.
+  over k (no padded ``BLOCK_M`` rows): same unpacking, same epilogues; down split over K (``DOWN_SPLIT_K``).
 
 Dropped slots (index ``E``) are never aligned (tiled) or return at once (decode); their rows of the per-pair buffer
 stay 0. A slot of weight 0 is computed and contributes 0, as in the reference.
@@ -34,6 +34,9 @@ SMALL_TILES = (16, 64, 64, 4)  # experts average at most 16 rows
 PREFILL_TILES = (64, 64, 64, 8)
 DECODE_TILES = (32, 128, 4)  # BLOCK_N, BLOCK_K, warps of the per-pair kernels
 EXPAND = True  # how a k-step's codes are read from the words: see _plane
+# the per-pair down kernel's K (= I) in up to this many slices: H / BLOCK_N programs per pair alone (128 for Mixtral)
+# leave most of a GPU's SMs idle at one token
+DOWN_SPLIT_K = 4
 
 if TRITON_AVAILABLE:
     import triton
@@ -188,9 +191,12 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _down_decode(a_ptr, idx_ptr, group_of, local, qw_ptr, qhi_ptr, s_ptr, z_ptr, w_ptr, y_ptr, H, K, group_size,
-                     sq, sh, ss, GROUP, BITS: tl.constexpr, GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     sq, sh, ss, k_split, GROUP, BITS: tl.constexpr, GROUP_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EXPAND: tl.constexpr):  # fmt: skip
+        """Split-K: program ``(p, n, s)`` sums ``k`` in ``[s * k_split, (s + 1) * k_split)`` (a multiple of
+        ``BLOCK_K``) into slice ``s`` of ``y (splits, pairs, H)``; the slices are summed in torch (deterministic)."""
         p = tl.program_id(0)
+        y_ptr += tl.program_id(2).to(tl.int64) * tl.num_programs(0) * H
         mine, li = _expert(tl.load(idx_ptr + p), group_of, local, GROUP)
         if mine:
             qw, qhi, sp, zp = qw_ptr + li * sq, qhi_ptr + li * sh, s_ptr + li * ss, z_ptr + li * ss
@@ -198,7 +204,8 @@ if TRITON_AVAILABLE:
             n_ok = rn < H
             rn = tl.where(n_ok, rn, 0)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            k_lo = tl.program_id(2) * k_split
+            for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + p * K + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
                 w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N,
@@ -236,14 +243,18 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
     inter, experts, pairs = dn.in_features, gu.group_of.numel() - 1, tokens * top_k
     x = x.contiguous()
     route = top_k_weights.reshape(-1).float().contiguous()
-    y = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)
     if decode is None:
         decode = len(tiles) == 3 if tiles is not None else pairs <= DECODE_MAX_PAIRS
     if decode:
         block_n, block_k, warps = tiles = tiles if tiles is not None and len(tiles) == 3 else DECODE_TILES
         idx = top_k_index.reshape(-1).to(torch.int32).contiguous()
         a = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
-        grid_gu, grid_dn = (pairs, triton.cdiv(inter, block_n)), (pairs, triton.cdiv(hidden, block_n))
+        steps = triton.cdiv(inter, block_k)
+        splits = max(1, min(DOWN_SPLIT_K, steps))
+        k_split = triton.cdiv(steps, splits) * block_k
+        splits = triton.cdiv(inter, k_split)
+        y = torch.zeros(splits, pairs, hidden, dtype=torch.float32, device=x.device)
+        grid_gu, grid_dn = (pairs, triton.cdiv(inter, block_n)), (pairs, triton.cdiv(hidden, block_n), splits)
         for gi, grp in enumerate(gu.widths):
             k = _gate_up_decode[grid_gu](
                 x, idx, *_group_args(grp, gu), a, inter, hidden, gu.group_size, top_k, *_strides(grp), alpha, limit,
@@ -252,10 +263,11 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
             seen.append(("gate_up_decode", grp.bits, tiles, k))
         for gi, grp in enumerate(dn.widths):
             k = _down_decode[grid_dn](
-                a, idx, *_group_args(grp, dn), route, y, hidden, inter, dn.group_size, *_strides(grp), gi,
+                a, idx, *_group_args(grp, dn), route, y, hidden, inter, dn.group_size, *_strides(grp), k_split, gi,
                 BITS=grp.bits, GROUP_TILE=dn.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=warps, EXPAND=EXPAND)  # fmt: skip
             seen.append(("down_decode", grp.bits, tiles, k))
+        y = y.sum(0) if splits > 1 else y[0]
     else:
         if tiles is None:
             tiles = SMALL_TILES if pairs <= SMALL_TILES[0] * experts else PREFILL_TILES
@@ -263,6 +275,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         rows, block_expert = sorted_layout(top_k_index, experts, block_m)
         half = half_mode(x.dtype)
         a = torch.empty(rows.numel(), inter, dtype=x.dtype if half else torch.float32, device=x.device)
+        y = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)
         blocks = block_expert.numel()
         grid_gu, grid_dn = (blocks, triton.cdiv(inter, block_n)), (blocks, triton.cdiv(hidden, block_n))
         for gi, grp in enumerate(gu.widths):

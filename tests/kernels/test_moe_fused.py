@@ -65,6 +65,14 @@ for bits in (gu_bits, gu_bits + dn_bits):  # one width per expert; per-projectio
         ref = moe_reference(x, idx, w, gu, dn, bits, "silu")
         assert rel(fused_moe(x, idx, w, layout, "silu"), ref) <= TOL[torch.float32]
     mf.EXPAND = True
+    # the per-pair down kernel without split-K, and split finer than the K steps (clamped to them)
+    for split in (1, 64) if len(bits) == E else ():
+        mf.DOWN_SPLIT_K = split
+        idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(3)])
+        w, x = torch.rand(3, 2, generator=g), torch.randn(3, H, generator=g)
+        ref = moe_reference(x, idx, w, gu, dn, bits, "silu")
+        assert rel(fused_moe(x, idx, w, layout, "silu", tiles=(32, 32, 4)), ref) <= TOL[torch.float32], split
+    mf.DOWN_SPLIT_K = 4
     # a token whose slots are all dropped gets exactly 0
     idx = torch.tensor([[E, E], [0, 2]])
     out = fused_moe(torch.randn(2, H, generator=g), idx, torch.rand(2, 2, generator=g), layout, "silu")

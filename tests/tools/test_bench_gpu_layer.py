@@ -48,6 +48,7 @@ def test_dry_run_sweep_writes_tile_rows(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["sweep"]
-    assert {len(r["tiles"]) for r in rows if r["expand"]} == {3, 4}  # per-pair and tiled candidates
+    assert {len(r["tiles"]) for r in rows if r["tiles"] != "default"} == {3, 4}  # per-pair and tiled candidates
     assert {r["tokens"] for r in rows if not r["expand"]} == {1, 12}  # the gather unpacking at the defaults
+    assert {r["down_split_k"] for r in rows if r["tokens"] == 1} > {4}  # split-K candidates at decode
     assert all(r["us"] > 0 and r["rel_diff"] <= 2.5e-2 for r in rows), rows
