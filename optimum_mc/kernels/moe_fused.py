@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .activations import SWIGLU_ALPHA, SWIGLU_LIMIT
 from .gpu_layout import MoELayout, ProjectionLayout
 from .triton import TRITON_AVAILABLE, half_mode
 
@@ -228,7 +229,8 @@ def _strides(group):
 
 def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, layout: MoELayout,
               activation: str, decode: bool | None = None, tiles: tuple[int, ...] | None = None,
-              alpha: float = 1.702, limit: float = 7.0, compiled: list | None = None) -> torch.Tensor:  # fmt: skip
+              alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
+              compiled: list | None = None) -> torch.Tensor:  # fmt: skip
     """``optimum_mc::moe`` over a GPU layout: ``2 x`` (width groups) launches plus the alignment and one sum.
     ``decode`` forces the per-pair kernels (default: at most ``DECODE_MAX_PAIRS`` pairs); ``tiles`` the tiled
     kernels' ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` or the per-pair kernels' ``(BLOCK_N, BLOCK_K, warps)``.
