@@ -277,8 +277,8 @@ def grouped_mm_layer(x, idx, wts, w1, w2):
     experts, top_k = w1.shape[0], idx.shape[1]
     flat = idx.reshape(-1)
     perm = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    counts = torch.zeros(experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cumsum(counts, 0).to(torch.int32)  # (bincount would sync: no capture)
     h = _grouped_linear(x[perm // top_k], w1, offsets)
     gate, up = h.chunk(2, dim=-1)
     y = _grouped_linear(F.silu(gate) * up, w2, offsets) * wts.reshape(-1)[perm].unsqueeze(-1).to(x.dtype)
@@ -300,6 +300,7 @@ def dense_eager(x, idx, wts, w1, w2):
 
 def count_launches(fn, dev: str):
     """GPU kernels one layer call launches (torch.profiler); on CPU the ops it runs (no kernels to count)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CUDA] if dev == "cuda" else [ProfilerActivity.CPU]
@@ -307,7 +308,7 @@ def count_launches(fn, dev: str):
         fn()
         sync(dev)
     if dev == "cuda":
-        return {"kernels": sum(1 for e in prof.events() if e.device_type.name == "CUDA")}
+        return {"kernels": sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)}
     return {"cpu_ops": len(prof.events())}
 
 
@@ -342,6 +343,7 @@ def launch_times(fn, dev: str, reps: int) -> tuple[float | None, float | None]:
     if dev != "cuda":
         fn()
         return None, None
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -351,10 +353,10 @@ def launch_times(fn, dev: str, reps: int) -> tuple[float | None, float | None]:
         sync(dev)
     per = {"gate_up": [], "down": []}
     for e in prof.events():
-        if e.device_type.name == "CUDA":
+        if e.device_type == DeviceType.CUDA:
             for key in per:
                 if f"_{key}_decode" in e.name:
-                    per[key].append(e.device_time)
+                    per[key].append(e.device_time_total)
     return tuple(round(statistics.median(v), 2) if v else None for v in (per["gate_up"], per["down"]))
 
 
