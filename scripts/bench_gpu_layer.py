@@ -53,7 +53,7 @@ def parse(argv=None):
     a.group_size = a.group_size or (32 if small else 128)
     a.experts = a.experts or (4 if small else 8)
     a.tokens = a.tokens or ([1, 12] if small else [1, 8, 256, 1024])
-    a.reps = a.reps or (1 if small else 50)
+    a.reps = a.reps or (1 if small else 20 if a.sweep else 50)
     return a
 
 

@@ -137,7 +137,7 @@ if TRITON_AVAILABLE:
                               BLOCK_N, GROUP_TILE, EXPAND)
                 acc_u = _dot_acc(acc_u, x, wu, HALF)
             a = _glu(acc_g, acc_u, ACT, alpha, limit)
-            tl.store(a_ptr + rm[:, None] * inter + rn[None, :], a.to(a_ptr.dtype.element_ty),
+            tl.store(a_ptr + rm.to(tl.int64)[:, None] * inter + rn[None, :], a.to(a_ptr.dtype.element_ty),
                      mask=valid[:, None] & n_ok[None, :])  # fmt: skip
 
     @triton.jit
@@ -157,7 +157,8 @@ if TRITON_AVAILABLE:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=valid[:, None] & (rk < K)[None, :], other=0.0)
+                a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :],
+                            mask=valid[:, None] & (rk < K)[None, :], other=0.0)  # fmt: skip
                 w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N,
                               GROUP_TILE, EXPAND)
                 acc = _dot_acc(acc, a, w, HALF)
