@@ -270,7 +270,6 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
                 BITS=grp.bits, GROUP_TILE=dn.group_size % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=warps, EXPAND=EXPAND)  # fmt: skip
             seen.append(("down_decode", grp.bits, tiles, k))
-        y = y.sum(0) if splits > 1 else y[0]
     else:
         if tiles is None:
             tiles = SMALL_TILES if pairs <= SMALL_TILES[0] * experts else PREFILL_TILES
@@ -278,7 +277,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
         rows, block_expert = sorted_layout(top_k_index, experts, block_m)
         half = half_mode(x.dtype)
         a = torch.empty(rows.numel(), inter, dtype=x.dtype if half else torch.float32, device=x.device)
-        y = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)
+        y = torch.zeros(1, pairs, hidden, dtype=torch.float32, device=x.device)
         blocks = block_expert.numel()
         grid_gu, grid_dn = (blocks, triton.cdiv(inter, block_n)), (blocks, triton.cdiv(hidden, block_n))
         for gi, grp in enumerate(gu.widths):
@@ -294,7 +293,7 @@ def fused_moe(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.T
                 *_strides(grp), gi, BITS=grp.bits, HALF=half, GROUP_TILE=dn.group_size % block_k == 0,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, EXPAND=EXPAND)  # fmt: skip
             seen.append(("down_tiled", grp.bits, tiles, k))
-    return y.view(tokens, top_k, hidden).sum(1).to(x.dtype)
+    return y.view(-1, tokens, top_k, hidden).sum((0, 2)).to(x.dtype)  # split-K slices and slots in one reduction
 
 
 KERNELS = ("fused", "tiled", "reference")
