@@ -69,3 +69,8 @@ class OutputPathError(MCError, ValueError):
 
 class SaveError(MCError, OSError):
     """A save did not complete or its result did not verify; the previous content of the target is intact."""
+
+
+class GraphCaptureError(MCError, RuntimeError):
+    """Work that must run once eagerly (building the GPU layout of packed experts) was first asked for inside
+    CUDA-graph capture."""

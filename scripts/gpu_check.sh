@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run (a lent GPU machine's time is short): the CUDA tests (with the vLLM MoE
-# method's forward, which imports no vLLM: vLLM cannot be installed there), the kernel
-# benchmark, the Triton MoE tile sweep and the scale benchmark with calibration on the GPU. Logs go to $OUT
-# (default ./gpu-out). Python packages missing on the machine can be given as wheels in ./.whl.
+# Everything that needs a CUDA GPU, in one run of at most ~6 minutes (a lent GPU machine's time is short): the CUDA
+# tests (with the vLLM MoE method's forward, which imports no vLLM: vLLM cannot be installed there; the fused MoE
+# kernels are the CUDA default) and the layer benchmark (scripts/bench_gpu_layer.py: the Mixtral-shaped layer under
+# CUDA graphs vs bf16 grouped-mm and dense, GB/s per width, registers / spills, launches per layer; then a tile
+# sweep of the fused kernels), whose JSON files are copied to $OUT. FULL=1 adds the older kernel benchmark, Triton
+# tile sweeps and the scale benchmark (~7 more minutes). Logs go to $OUT (default ./gpu-out). Python packages missing
+# on the machine can be given as wheels in ./.whl. MC_COMMIT names the commit measured where the work tree has no
+# .git.
 #
-#     bash scripts/gpu_check.sh
+#     MC_COMMIT=<sha> bash scripts/gpu_check.sh          # ~6 minutes at most
+#     MC_COMMIT=<sha> STEPS="sweep" bash scripts/gpu_check.sh   # one step again
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -18,17 +23,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
+STEPS=${STEPS:-layer sweep pytest}  # e.g. STEPS=sweep to rerun one step; FULL=1 adds the older ones
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, keep going on failure
     local name=$1 limit=$2
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) [ "${FULL:-0}" = 1 ] || { echo "== $name: skipped"; return; } ;; esac
     echo "== $name"
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - t0)) s"
 }
 
-step pytest 150 python3 -m pytest -q -s -p no:cacheprovider -rs tests/kernels/test_cuda.py tests/integrations/test_vllm_apply.py
-grep -E "error vs float|passed|failed|^E  |Error" "$OUT/pytest.log" | head -n 30
+step layer 150 python3 scripts/bench_gpu_layer.py
+grep -sE "^\{|wrote" "$OUT/layer.log" | cut -c1-400
+step sweep 100 python3 scripts/bench_gpu_layer.py --sweep
+grep -sE "wrote|error" "$OUT/sweep.log" | cut -c1-200
+cp docs/results/gpu-layer-*.json docs/results/gpu-sweep-*.json "$OUT"/ 2>/dev/null
+step pytest 110 python3 -m pytest -q -s -p no:cacheprovider -rs tests/kernels/test_cuda.py tests/integrations/test_vllm_apply.py
+grep -sE "error vs float|passed|failed|^E  |Error" "$OUT/pytest.log" | head -n 30
+[ "${FULL:-0}" = 1 ] || exit 0
 step bench_kernels 70 python3 scripts/bench_kernels.py --quick
 grep -A12 "fused MoE layer" "$OUT/bench_kernels.log"
 step tune 120 python3 scripts/tune_triton_moe.py --dtypes float16 --tokens 1 256 1024

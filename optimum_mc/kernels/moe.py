@@ -11,7 +11,8 @@ widths, at ``bits[e]`` and ``bits[E + e]`` (per-projection allocation, :mod:`opt
 bit-widths. Intermediates are fp32.
 
 The default implementation (every device) is the pure-torch reference; ``kernels/moe_cpu.py`` and
-``kernels/moe_triton.py`` register the fast ones for "cpu" and "cuda". The packed buffers are validated once, when
+``kernels/moe_fused.py`` register the fast ones for "cpu" and "cuda" (the latter falls back to
+``kernels/moe_triton.py``). The packed buffers are validated once, when
 the module holding them is built or loaded (:func:`check_experts`); :func:`check_routing` is the cheap per-call check
 of the routing tensors (shapes, dtypes, devices).
 """

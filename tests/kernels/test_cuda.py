@@ -81,8 +81,10 @@ def test_ops_match_the_reference_on_cuda(bits):
                 assert yh.dtype == dtype and rel(yh, qmatmul_reference(x.to(dtype).float(), p, s, z, bits)) <= tol
 
 
+@pytest.mark.parametrize("kernel", ["fused", "tiled"])  # OPTIMUM_MC_CUDA_MOE: the fused kernels, the previous ones
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-def test_fused_moe_matches_the_reference_on_cuda(tokens):
+def test_fused_moe_matches_the_reference_on_cuda(tokens, kernel, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_MC_CUDA_MOE", kernel)
     bits = [1, 2, 3, 4, 8, 3, 2, 2]
     g = torch.Generator().manual_seed(tokens)
     hidden, inter = 256, 384
@@ -105,6 +107,45 @@ def test_fused_moe_matches_the_reference_on_cuda(tokens):
             assert (out.cpu() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
         else:
             assert rel(out, ref) <= HALF_TOL[dtype], (dtype, rel(out, ref))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_fused_moe_replays_in_a_cuda_graph(tokens):
+    """The op captured in a CUDA graph (after one eager call, which builds the GPU layout) replays to the eager
+    result for new inputs copied into the captured buffers, routing included (no host sync in the op)."""
+    from optimum_mc.errors import GraphCaptureError
+
+    bits = [2, 3, 1, 4]
+    g = torch.Generator().manual_seed(5)
+    hidden, inter = 256, 384
+    gate_up, down = [], []
+    for b in bits:
+        q, s, z = rtn_quantize(torch.randn(2 * inter, hidden, generator=g) * 0.1, b, 128)
+        gate_up.append(tuple(t.cuda() for t in (pack(q, b), s, z)))
+        q, s, z = rtn_quantize(torch.randn(hidden, inter, generator=g) * 0.1, b, 128)
+        down.append(tuple(t.cuda() for t in (pack(q, b), s, z)))
+
+    def inputs():
+        idx = torch.stack([torch.randperm(len(bits), generator=g)[:2] for _ in range(tokens)])
+        idx[0, 1] = len(bits)  # dropped
+        x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+        return idx.cuda(), torch.rand(tokens, 2, generator=g).cuda(), x.cuda()
+
+    idx, w, x = inputs()
+    fresh = [tuple(t.clone() for t in m) for m in gate_up]  # buffers whose layout was never built
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(GraphCaptureError, match="once before capturing"):
+        with torch.cuda.graph(graph):
+            moe(x, idx, w, fresh, down, bits)
+    moe(x, idx, w, gate_up, down, bits)  # warm-up: builds the layout, compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe(x, idx, w, gate_up, down, bits)
+    idx2, w2, x2 = inputs()
+    idx.copy_(idx2), w.copy_(w2), x.copy_(x2)
+    graph.replay()
+    assert torch.equal(out, moe(x, idx, w, gate_up, down, bits))
 
 
 def test_quantized_model_on_cuda_matches_cpu(cpu_quantized):
