@@ -98,6 +98,25 @@ def quantize_plain(w_gu, w_dn, x, act_fn, bits: int, opts):
     return quantize_expert(w_gu, w_dn, x, act_fn, [bits], opts)[bits].dequantized(opts.group_size)
 
 
+def library_allocation(path: str, bits: float, candidates: list[int], args) -> tuple[list, dict]:
+    """The MC pipeline's allocation (and its own packed model's per-window NLL) at ``bits`` code bits."""
+    from transformers import AutoModelForCausalLM
+
+    import optimum_mc
+
+    cfg = optimum_mc.MCConfig(
+        bits=bits,
+        candidate_bits=candidates,
+        attn_bits=None,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        show_progress=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg).eval()
+    return model.config.quantization_config.expert_bits, model
+
+
 # ---------------------------------------------------------------------------------------------- summary
 def summarize(rows: list[dict]) -> list[dict]:
     """Relative perplexity change vs the model's float row (mean over domains of per-domain ppl) + paired CI."""

@@ -14,6 +14,10 @@ variant), plain or after the seeded randomized Hadamard rotation of the input di
   group, same loop (2.25 stored bits).
 - ``e8p-2``: the E8P vector codebook (16-bit code per 8 consecutive input columns), one fp16 scale per group of
   128 (2.125 stored bits), block-LDLQ; ``e8p-2-g64``: a scale per 64 columns (2.25 stored bits).
+- ``d4-2`` / ``d4-2.25`` / ``d4-2.5``: 4-dim codebooks of 256 / 512 / 1024 points of a D4 coset (8-10-bit code per
+  4 columns), one fp16 scale per group of 128 (2.125 / 2.375 / 2.625 stored bits), block-LDLQ.
+- ``mc23-2.25``: the library's MC allocation at 2.25 code bits, candidates {2, 3} (2.50 stored bits; its own packed
+  model, same calibration settings): the scalar comparator above 2 bits.
 Perplexity: bench_quality's 256-token windows (first --max-windows per domain), per-window NLL, paired intervals.
 """
 
@@ -27,7 +31,17 @@ from pathlib import Path
 
 import grid_quant as gq
 import torch
-from lowbit_common import HERE, MODELS, bq, quantize_plain, quantize_rotated, random_hadamard, routed_inputs, summarize
+from lowbit_common import (
+    HERE,
+    MODELS,
+    bq,
+    library_allocation,
+    quantize_plain,
+    quantize_rotated,
+    random_hadamard,
+    routed_inputs,
+    summarize,
+)
 
 GROUP = 128
 VARIANTS = {  # name -> (grid factory or None for the library's GPTQ, group size)
@@ -36,11 +50,18 @@ VARIANTS = {  # name -> (grid factory or None for the library's GPTQ, group size
     "lloydmax-2": (lambda: gq.ScalarGrid(gq.LLOYD_MAX_2BIT, "lloyd-max"), GROUP),
     "e8p-2": (lambda: gq.E8PGrid(), GROUP),
     "e8p-2-g64": (lambda: gq.E8PGrid(), 64),
+    "d4-2": (lambda: gq.D4Grid(8), GROUP),
+    "d4-2.25": (lambda: gq.D4Grid(9), GROUP),
+    "d4-2.5": (lambda: gq.D4Grid(10), GROUP),
 }
+LIBRARY_MC = {"mc23-2.25": (2.25, [2, 3])}  # the library's MC allocation, its own packed model (2.50 stored bits)
 
 
 def stored_bits(variant: str) -> tuple[float, float]:
-    """(code bits, stored bits) per expert weight: codes + fp16 metadata; E8P's codebook is fixed (no bytes)."""
+    """(code bits, stored bits) per expert weight: codes + fp16 metadata; the codebooks are fixed (no bytes).
+    For the library's MC allocation, its nominal budget (the allocation meets it exactly on both models)."""
+    if variant in LIBRARY_MC:
+        return LIBRARY_MC[variant][0], LIBRARY_MC[variant][0] + 32 / GROUP
     factory, group = VARIANTS[variant]
     if factory is None:
         return 2.0, 2.0 + 32 / group
@@ -150,9 +171,21 @@ def run_model(name: str, args) -> tuple[list[dict], dict]:
             flush=True,
         )
 
-    evaluate("float", False, None)
+    if args.append:
+        rows += json.loads(Path(args.json).read_text())["rows"]
+    else:
+        evaluate("float", False, None)
     for spec in args.variants.split(","):
         variant, _, rot = spec.partition(":")
+        if variant in LIBRARY_MC:
+            t = time.perf_counter()
+            bits, cands = LIBRARY_MC[variant]
+            _, lib_model = library_allocation(path, bits, cands, args)
+            model, lib_model = lib_model, model  # evaluate() reads `model`
+            evaluate(variant, False, round(time.perf_counter() - t, 1))
+            model, lib_model = lib_model, None
+            _write(args, rows, {d: w.shape[0] for d, w in windows.items()})
+            continue
         for rotate in {"plain": (False,), "rot": (True,), "": (False, True)}[rot]:
             t = time.perf_counter()
             fake_quantize(model, float_experts, inputs, hessians, variant, rotate, args.seed)
@@ -172,11 +205,15 @@ def pairs(rows: list[dict]) -> list[dict]:
             todo.append((f"{variant} vs uniform-2 ({tag})", r, by[("uniform-2", rotate)]))
         if rotate and (variant, False) in by:
             todo.append((f"{variant} rotated vs plain", r, by[(variant, False)]))
-    for a, b in (("lloydmax-2", "uniform-2-ls"), ("e8p-2", "lloydmax-2"), ("e8p-2-g64", "e8p-2")):
+    explicit = [("lloydmax-2", "uniform-2-ls"), ("e8p-2", "lloydmax-2"), ("e8p-2-g64", "e8p-2"), ("e8p-2", "d4-2")]
+    explicit += [("d4-2.25", "mc23-2.25"), ("d4-2.5", "mc23-2.25"), ("e8p-2", "uniform-2-ls")]
+    for a, b in explicit:
         for rotate in (False, True):
-            if (a, rotate) in by and (b, rotate) in by:
-                tag = "rotated" if rotate else "plain"
-                todo.append((f"{a} vs {b} ({tag})", by[(a, rotate)], by[(b, rotate)]))
+            rb = rotate if (b, rotate) in by else False  # the library MC row exists unrotated only
+            if (a, rotate) in by and (b, rb) in by:
+                tags = ["rotated" if x else "plain" for x in (rotate, rb)]
+                tag = tags[0] if rotate == rb else f"{tags[0]} vs {tags[1]}"
+                todo.append((f"{a} vs {b} ({tag})", by[(a, rotate)], by[(b, rb)]))
     out = []
     for what, r, base in todo:
         m, se, n = bq.paired(r, base)["all"]
@@ -244,6 +281,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="default docs/results/low-bit-grids-<model without mc-ref->.json")
+    p.add_argument("--append", action="store_true", help="add rows to the saved --json (float row not re-run)")
     p.add_argument("--report", action="store_true", help="only recompute the tables from the saved --json")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else __import__("sys").argv[1:])

@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 import bench_quality as bq  # noqa: E402  (windows, per-window NLL and paired statistics)
 from lowbit_common import (  # noqa: E402
     MODELS,
+    library_allocation,
     quantize_plain,
     quantize_rotated,
     random_hadamard,
@@ -69,25 +70,6 @@ def fake_quantize(model, float_experts, inputs, allocation, rotate: bool, opts, 
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def library_allocation(path: str, bits: float, candidates: list[int], args) -> tuple[list, dict]:
-    """The MC pipeline's allocation (and its own packed model's per-window NLL) at ``bits`` code bits."""
-    from transformers import AutoModelForCausalLM
-
-    import optimum_mc
-
-    cfg = optimum_mc.MCConfig(
-        bits=bits,
-        candidate_bits=candidates,
-        attn_bits=None,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        show_progress=False,
-    )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg).eval()
-    return model.config.quantization_config.expert_bits, model
-
-
 def run_model(name: str, args, windows_cache: dict) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -46,7 +46,24 @@ def test_gaussian_scale_is_a_local_minimum_of_the_error():
     assert at < 0.1  # below the 4-level Lloyd-Max quantizer's 0.1175 per weight
 
 
-GRIDS = [gq.E8PGrid(), gq.ScalarGrid(gq.LLOYD_MAX_2BIT, "lloyd-max"), gq.ScalarGrid(gq.UNIFORM_2BIT, "uniform")]
+def test_d4_codebooks_are_symmetric_distinct_coset_points():
+    for bits in (8, 9, 10):
+        cb = gq.d4_codebook(bits)
+        assert cb.shape == (2**bits, 4) and torch.unique(cb, dim=0).shape[0] == 2**bits
+        assert torch.all((cb - 0.5).remainder(1) == 0) and torch.all(cb.sum(-1).remainder(2) == 0)
+        assert torch.equal(torch.unique(cb, dim=0), torch.unique(-cb, dim=0))
+        assert torch.equal(gq.codebook_nearest(cb * 1.0, cb), cb)
+    # nested: a larger codebook contains the smaller one's points (whole shells first)
+    small = {tuple(r) for r in gq.d4_codebook(8).tolist()}
+    assert small <= {tuple(r) for r in gq.d4_codebook(9).tolist()}
+
+
+GRIDS = [
+    gq.E8PGrid(),
+    gq.D4Grid(8),
+    gq.ScalarGrid(gq.LLOYD_MAX_2BIT, "lloyd-max"),
+    gq.ScalarGrid(gq.UNIFORM_2BIT, "uniform"),
+]
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.name)
