@@ -7,7 +7,8 @@ Every routed expert of the model is quantized at 2 code bits (attention, routers
 float model's routed calibration tokens (scripts/lowbit_common.py: one capture, the same Hessians for every
 variant), plain or after the seeded randomized Hadamard rotation of the input dimension (as study_incoherence):
 - ``uniform-2``: the library's GPTQ (act-order, group 128, fp16 scale + zero from min/max): the baseline, what
-  MC ships (2.25 stored bits).
+  MC ships (2.25 stored bits); ``uniform-2-noact``: the same without act-order (natural column order, each
+  group's min/max taken when GPTQ reaches it).
 - ``uniform-2-ls``: the same 4 uniform levels, but fitted per group by least squares (scripts/grid_quant.py) and
   quantized by our own GPTQ loop (natural column order): separates the grid from the fitting and the loop.
 - ``lloydmax-2``: 4 non-uniform levels (the gaussian Lloyd-Max quantizer) with the same fp16 scale + offset per
@@ -46,6 +47,7 @@ from lowbit_common import (
 GROUP = 128
 VARIANTS = {  # name -> (grid factory or None for the library's GPTQ, group size)
     "uniform-2": (None, GROUP),
+    "uniform-2-noact": (None, GROUP),
     "uniform-2-ls": (lambda: gq.ScalarGrid(gq.UNIFORM_2BIT, "uniform"), GROUP),
     "lloydmax-2": (lambda: gq.ScalarGrid(gq.LLOYD_MAX_2BIT, "lloyd-max"), GROUP),
     "e8p-2": (lambda: gq.E8PGrid(), GROUP),
@@ -54,6 +56,7 @@ VARIANTS = {  # name -> (grid factory or None for the library's GPTQ, group size
     "d4-2.25": (lambda: gq.D4Grid(9), GROUP),
     "d4-2.5": (lambda: gq.D4Grid(10), GROUP),
 }
+LIBRARY_GPTQ = {"uniform-2": {}, "uniform-2-noact": {"act_order": False}}  # library GPTQ option overrides
 LIBRARY_MC = {"mc23-2.25": (2.25, [2, 3])}  # the library's MC allocation, its own packed model (2.50 stored bits)
 
 
@@ -84,7 +87,7 @@ def fake_quantize(model, float_experts, inputs, hessians, variant: str, rotate: 
     from optimum_mc.expert_layout import expert_act
 
     factory, group = VARIANTS[variant]
-    opts = GPTQOptions(group_size=group)
+    opts = GPTQOptions(group_size=group, **LIBRARY_GPTQ.get(variant, {}))
     for li, blk in enumerate(moe_blocks(model)):
         ex = blk.experts
         gu_all, dn_all = float_experts[li]
@@ -201,11 +204,12 @@ def pairs(rows: list[dict]) -> list[dict]:
     todo = []
     for (variant, rotate), r in by.items():
         tag = "rotated" if rotate else "plain"
-        if variant not in ("float", "uniform-2") and ("uniform-2", rotate) in by:
+        if variant not in ("float", "uniform-2", "uniform-2-noact") and ("uniform-2", rotate) in by:
             todo.append((f"{variant} vs uniform-2 ({tag})", r, by[("uniform-2", rotate)]))
         if rotate and (variant, False) in by:
             todo.append((f"{variant} rotated vs plain", r, by[(variant, False)]))
     explicit = [("lloydmax-2", "uniform-2-ls"), ("e8p-2", "lloydmax-2"), ("e8p-2-g64", "e8p-2"), ("e8p-2", "d4-2")]
+    explicit += [("uniform-2-ls", "uniform-2-noact"), ("uniform-2-noact", "uniform-2")]
     explicit += [("d4-2.25", "mc23-2.25"), ("d4-2.5", "mc23-2.25"), ("e8p-2", "uniform-2-ls")]
     for a, b in explicit:
         for rotate in (False, True):
@@ -251,13 +255,13 @@ def markdown(summary: list[dict], paired: list[dict]) -> str:
 def _write(args, rows, windows) -> None:
     out = {
         "settings": {
-            "command": "python scripts/study_grids.py " + " ".join(args.argv),
+            "commands": args.prior_commands + ["python scripts/study_grids.py " + " ".join(args.argv)],
             "windows": windows,
             "window_tokens": 256,
             "calibration": f"builtin text, {args.num_samples} x {args.seq_len} tokens, seed {args.seed}",
             "e8p_gaussian_scale": gq.E8P_GAUSSIAN_SCALE,
             "threads": args.threads,
-            "seconds": round(time.perf_counter() - args.t0, 1),
+            "seconds": args.prior_seconds + round(time.perf_counter() - args.t0, 1),
         },
         "summary": summarize(rows),
         "paired": pairs(rows),
@@ -296,6 +300,10 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.t0 = time.perf_counter()
+    args.prior_commands, args.prior_seconds = [], 0.0
+    if args.append:
+        prior = json.loads(Path(args.json).read_text())["settings"]
+        args.prior_commands, args.prior_seconds = prior.get("commands", []), prior.get("seconds", 0.0)
     rows = run_model(args.model, args)
     print(markdown(summarize(rows), pairs(rows)))
     return 0
