@@ -272,3 +272,27 @@ def block_ldlq(
                 upd = torch.linalg.solve_triangular(u[b, b], u[b, j + d :], upper=True)
                 w[:, j + d :] -= (wb - qb) @ upd
     return q
+
+
+def act_order_ldlq(
+    weight: torch.Tensor, hessian: torch.Tensor, grid, group_size: int, damp_percent: float = 0.01
+) -> torch.Tensor:
+    """As :func:`block_ldlq` for a scalar grid (``dim`` 1), with the library's act-order: columns by decreasing
+    Hessian diagonal, every group fitted once from the original weights ("static groups"; groups stay contiguous
+    in the original order, as the packed format has no group index)."""
+    if grid.dim != 1:
+        raise ValueError("act-order is implemented for scalar grids only")
+    out_f, in_f = weight.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} / group {group_size} do not divide")
+    w0 = weight.detach().float()
+    params = [grid.fit(w0[:, g0 : g0 + group_size]) for g0 in range(0, in_f, group_size)]
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    u = inverse_cholesky(hessian[perm][:, perm], damp_percent)
+    w = w0[:, perm].clone()
+    q = torch.empty_like(w)
+    for k in range(in_f):
+        q[:, k : k + 1] = grid.quantize(w[:, k : k + 1], params[int(perm[k]) // group_size])
+        if k + 1 < in_f:
+            w[:, k + 1 :] -= (w[:, k : k + 1] - q[:, k : k + 1]) / u[k, k] * u[k, k + 1 :]
+    return q[:, torch.argsort(perm)]

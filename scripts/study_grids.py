@@ -10,7 +10,8 @@ variant), plain or after the seeded randomized Hadamard rotation of the input di
   MC ships (2.25 stored bits); ``uniform-2-noact``: the same without act-order (natural column order, each
   group's min/max taken when GPTQ reaches it).
 - ``uniform-2-ls``: the same 4 uniform levels, but fitted per group by least squares (scripts/grid_quant.py) and
-  quantized by our own GPTQ loop (natural column order): separates the grid from the fitting and the loop.
+  quantized by our own GPTQ loop (natural column order): separates the grid from the fitting and the loop;
+  ``uniform-2-ls-act``: the same fit with the library's act-order and static groups (fitted on the original weights).
 - ``lloydmax-2``: 4 non-uniform levels (the gaussian Lloyd-Max quantizer) with the same fp16 scale + offset per
   group, same loop (2.25 stored bits).
 - ``e8p-2``: the E8P vector codebook (16-bit code per 8 consecutive input columns), one fp16 scale per group of
@@ -49,6 +50,7 @@ VARIANTS = {  # name -> (grid factory or None for the library's GPTQ, group size
     "uniform-2": (None, GROUP),
     "uniform-2-noact": (None, GROUP),
     "uniform-2-ls": (lambda: gq.ScalarGrid(gq.UNIFORM_2BIT, "uniform"), GROUP),
+    "uniform-2-ls-act": (lambda: gq.ScalarGrid(gq.UNIFORM_2BIT, "uniform"), GROUP),
     "lloydmax-2": (lambda: gq.ScalarGrid(gq.LLOYD_MAX_2BIT, "lloyd-max"), GROUP),
     "e8p-2": (lambda: gq.E8PGrid(), GROUP),
     "e8p-2-g64": (lambda: gq.E8PGrid(), 64),
@@ -72,12 +74,13 @@ def stored_bits(variant: str) -> tuple[float, float]:
     return grid.code_bits, grid.code_bits + grid.metadata_bits(group)
 
 
-def quantize_grid(w, h, grid, group, r):
-    """Fake-quant ``w`` on ``grid`` by block-LDLQ, optionally in the rotated basis ``r`` (``None``: plain)."""
+def quantize_grid(w, h, grid, group, r, act_order: bool = False):
+    """Fake-quant ``w`` on ``grid`` by block-LDLQ (or act-order GPTQ), optionally in the rotated basis ``r``."""
+    quant = gq.act_order_ldlq if act_order else gq.block_ldlq
     if r is None:
-        return gq.block_ldlq(w, h, grid, group)
+        return quant(w, h, grid, group)
     r = r.float()
-    return gq.block_ldlq(w @ r, r.t() @ h @ r, grid, group) @ r.t()
+    return quant(w @ r, r.t() @ h @ r, grid, group) @ r.t()
 
 
 @torch.no_grad()
@@ -100,8 +103,9 @@ def fake_quantize(model, float_experts, inputs, hessians, variant: str, rotate: 
                 gu, dn = quantize_rotated(*args, r_h, r_i) if rotate else quantize_plain(*args)
             else:
                 h_gu, h_dn = hessians[li][e]
-                gu = quantize_grid(gu_all[e].float(), h_gu, factory(), group, r_h)
-                dn = quantize_grid(dn_all[e].float(), h_dn, factory(), group, r_i)
+                act = variant.endswith("-act")
+                gu = quantize_grid(gu_all[e].float(), h_gu, factory(), group, r_h, act)
+                dn = quantize_grid(dn_all[e].float(), h_dn, factory(), group, r_i, act)
             ex.gate_up_proj[e].copy_(gu)
             ex.down_proj[e].copy_(dn)
 
@@ -210,6 +214,7 @@ def pairs(rows: list[dict]) -> list[dict]:
             todo.append((f"{variant} rotated vs plain", r, by[(variant, False)]))
     explicit = [("lloydmax-2", "uniform-2-ls"), ("e8p-2", "lloydmax-2"), ("e8p-2-g64", "e8p-2"), ("e8p-2", "d4-2")]
     explicit += [("uniform-2-ls", "uniform-2-noact"), ("uniform-2-noact", "uniform-2")]
+    explicit += [("uniform-2-ls-act", "uniform-2-ls"), ("e8p-2", "uniform-2-ls-act"), ("d4-2", "uniform-2-ls-act")]
     explicit += [("d4-2.25", "mc23-2.25"), ("d4-2.5", "mc23-2.25"), ("e8p-2", "uniform-2-ls")]
     for a, b in explicit:
         for rotate in (False, True):

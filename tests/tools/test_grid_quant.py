@@ -116,3 +116,33 @@ def test_block_ldlq_matches_the_inverse_hessian_reference(grid):
     assert torch.allclose(q.double(), ref, atol=1e-4), (q.double() - ref).abs().max()
     # and the feedback matters: the result differs from nearest rounding on this correlated Hessian
     assert not torch.equal(q, gq.block_ldlq(w, torch.eye(64), grid, 32))
+
+
+@pytest.mark.parametrize("grid", GRIDS[2:], ids=lambda g: g.name)
+def test_act_order_ldlq_identity_hessian_is_nearest_rounding_and_feedback_matches_the_reference_order(grid):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(gq.act_order_ldlq(w, torch.eye(64), grid, 32), gq.block_ldlq(w, torch.eye(64), grid, 32))
+    # with a correlated Hessian: the OBS reference run on the act-order-permuted problem, each column on the grid
+    # of its original group fitted from the original weights (static groups)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 64, generator=g) * torch.linspace(2.0, 1.0, 64) + 0.2 * torch.randn(300, 1, generator=g)
+    h = 2 * x.t() @ x / x.shape[0]
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    static = [grid.fit(w[:, g0 : g0 + 32]) for g0 in (0, 32)]
+
+    class Static:
+        dim = 1
+
+        def __init__(self):
+            self.calls = 0
+
+        def fit(self, _w):
+            return None
+
+        def quantize(self, col, _params):
+            c = int(perm[self.calls])
+            self.calls += 1
+            return grid.quantize(col, static[c // 32])
+
+    ref = _obs_reference(w[:, perm], h[perm][:, perm], Static(), 64)[:, torch.argsort(perm)]
+    assert torch.allclose(gq.act_order_ldlq(w, h, grid, 32).double(), ref, atol=1e-4)
