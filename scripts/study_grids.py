@@ -19,7 +19,8 @@ variant), plain or after the seeded randomized Hadamard rotation of the input di
 - ``d4-2`` / ``d4-2.25`` / ``d4-2.5``: 4-dim codebooks of 256 / 512 / 1024 points of a D4 coset (8-10-bit code per
   4 columns), one fp16 scale per group of 128 (2.125 / 2.375 / 2.625 stored bits), block-LDLQ.
 - ``mc23-2.25``: the library's MC allocation at 2.25 code bits, candidates {2, 3} (2.50 stored bits; its own packed
-  model, same calibration settings): the scalar comparator above 2 bits.
+  model, same calibration settings): the scalar comparator above 2 bits; ``mc23-2.25-ls``: the same allocation with
+  every expert on least-squares-fitted uniform levels at its width (our loop, as ``uniform-2-ls``).
 Perplexity: bench_quality's 256-token windows (first --max-windows per domain), per-window NLL, paired intervals.
 """
 
@@ -60,13 +61,17 @@ VARIANTS = {  # name -> (grid factory or None for the library's GPTQ, group size
 }
 LIBRARY_GPTQ = {"uniform-2": {}, "uniform-2-noact": {"act_order": False}}  # library GPTQ option overrides
 LIBRARY_MC = {"mc23-2.25": (2.25, [2, 3])}  # the library's MC allocation, its own packed model (2.50 stored bits)
+# the same allocation, every expert on least-squares-fitted uniform levels at its width (our loop, natural order)
+MC_LS = {"mc23-2.25-ls": "mc23-2.25"}
+UNIFORM_LEVELS = {2: gq.UNIFORM_2BIT, 3: tuple(k + 0.5 for k in range(-4, 4))}
 
 
 def stored_bits(variant: str) -> tuple[float, float]:
     """(code bits, stored bits) per expert weight: codes + fp16 metadata; the codebooks are fixed (no bytes).
     For the library's MC allocation, its nominal budget (the allocation meets it exactly on both models)."""
-    if variant in LIBRARY_MC:
-        return LIBRARY_MC[variant][0], LIBRARY_MC[variant][0] + 32 / GROUP
+    if variant in LIBRARY_MC or variant in MC_LS:
+        bits = LIBRARY_MC[MC_LS.get(variant, variant)][0]
+        return bits, bits + 32 / GROUP
     factory, group = VARIANTS[variant]
     if factory is None:
         return 2.0, 2.0 + 32 / group
@@ -84,12 +89,15 @@ def quantize_grid(w, h, grid, group, r, act_order: bool = False):
 
 
 @torch.no_grad()
-def fake_quantize(model, float_experts, inputs, hessians, variant: str, rotate: bool, seed: int) -> None:
+def fake_quantize(model, float_experts, inputs, hessians, variant: str, rotate: bool, seed: int, alloc=None) -> None:
+    """Every expert of ``model`` set to its fake-quantized weights; ``alloc`` (per layer, per expert code bits) for the
+    MC_LS variants (least-squares uniform levels at each expert's width)."""
     from optimum_mc.architectures import moe_blocks
+    from optimum_mc.bitwidths import split
     from optimum_mc.calibration.factors import GPTQOptions
     from optimum_mc.expert_layout import expert_act
 
-    factory, group = VARIANTS[variant]
+    factory, group = VARIANTS[variant] if variant not in MC_LS else (None, GROUP)
     opts = GPTQOptions(group_size=group, **LIBRARY_GPTQ.get(variant, {}))
     for li, blk in enumerate(moe_blocks(model)):
         ex = blk.experts
@@ -98,7 +106,14 @@ def fake_quantize(model, float_experts, inputs, hessians, variant: str, rotate: 
         r_h, r_i = (random_hadamard(h, seed), random_hadamard(i, seed)) if rotate else (None, None)
         for e in range(ex.num_experts):
             x = inputs[li].get(e, torch.zeros(0, h))
-            if factory is None:
+            if variant in MC_LS:
+                b_gu, b_dn = split(alloc[li][e])
+                h_gu, h_dn = hessians[li][e]
+                grid_gu = gq.ScalarGrid(UNIFORM_LEVELS[b_gu], f"uniform-{b_gu}")
+                grid_dn = gq.ScalarGrid(UNIFORM_LEVELS[b_dn], f"uniform-{b_dn}")
+                gu = quantize_grid(gu_all[e].float(), h_gu, grid_gu, group, r_h)
+                dn = quantize_grid(dn_all[e].float(), h_dn, grid_dn, group, r_i)
+            elif factory is None:
                 args = (gu_all[e], dn_all[e], x, expert_act(ex, e), 2, opts)
                 gu, dn = quantize_rotated(*args, r_h, r_i) if rotate else quantize_plain(*args)
             else:
@@ -193,9 +208,14 @@ def run_model(name: str, args) -> tuple[list[dict], dict]:
             model, lib_model = lib_model, None
             _write(args, rows, {d: w.shape[0] for d, w in windows.items()})
             continue
+        alloc = None
+        if variant in MC_LS:
+            bits, cands = LIBRARY_MC[MC_LS[variant]]
+            alloc, lib_model = library_allocation(path, bits, cands, args)
+            del lib_model
         for rotate in {"plain": (False,), "rot": (True,), "": (False, True)}[rot]:
             t = time.perf_counter()
-            fake_quantize(model, float_experts, inputs, hessians, variant, rotate, args.seed)
+            fake_quantize(model, float_experts, inputs, hessians, variant, rotate, args.seed, alloc)
             evaluate(variant, rotate, round(time.perf_counter() - t, 1))
             _write(args, rows, {d: w.shape[0] for d, w in windows.items()})
     return rows
@@ -215,6 +235,7 @@ def pairs(rows: list[dict]) -> list[dict]:
     explicit = [("lloydmax-2", "uniform-2-ls"), ("e8p-2", "lloydmax-2"), ("e8p-2-g64", "e8p-2"), ("e8p-2", "d4-2")]
     explicit += [("uniform-2-ls", "uniform-2-noact"), ("uniform-2-noact", "uniform-2")]
     explicit += [("uniform-2-ls-act", "uniform-2-ls"), ("e8p-2", "uniform-2-ls-act"), ("d4-2", "uniform-2-ls-act")]
+    explicit += [("mc23-2.25-ls", "mc23-2.25"), ("d4-2.25", "mc23-2.25-ls"), ("d4-2.5", "mc23-2.25-ls")]
     explicit += [("d4-2.25", "mc23-2.25"), ("d4-2.5", "mc23-2.25"), ("e8p-2", "uniform-2-ls")]
     for a, b in explicit:
         for rotate in (False, True):
