@@ -36,7 +36,13 @@ METADATA_FORMS = ("fp16", "q8")
 # config.json records): GPTQ's own knobs; the allocation program's objective and solver; and the research options
 # docs/results.md measured and found not better than the defaults. config.json keeps every option flat (the record of
 # what was done), and the constructor also takes the flat names: that is how checkpoints load.
-GPTQ_OPTIONS = {"damp_percent": 0.01, "act_order": True, "block_size": 128, "min_expert_tokens": 16}
+GPTQ_OPTIONS = {
+    "damp_percent": 0.01,
+    "act_order": True,
+    "block_size": 128,
+    "min_expert_tokens": 16,
+    "group_fit": "minmax",
+}
 ALLOCATION_OPTIONS = {
     "alpha": 1.0,
     "beta": 1.5,
@@ -90,6 +96,7 @@ _OMITTED_AT_DEFAULT = {
     "decode_activations": "auto",
     "bits_budget": "codes",
     "metadata": "fp16",
+    "group_fit": "minmax",
 }
 
 # Written into every to_dict() (config.json): which format and which optimum-mc wrote it.
@@ -134,7 +141,9 @@ class MCConfig(QuantizationConfigMixin):
         gptq: ``damp_percent`` (0.01: Hessian damping as a fraction of its mean diagonal), ``act_order`` (True:
             columns by decreasing Hessian diagonal, groups keep their original columns), ``block_size`` (128:
             columns per lazy-batch update), ``min_expert_tokens`` (16: experts routed fewer calibration tokens use
-            calibration-free quantization).
+            calibration-free quantization), ``group_fit`` (``"minmax"``: each group's grid spans its [min, max];
+            ``"lsq"``: scale and zero fitted by least squares when GPTQ reaches the group, best with
+            ``act_order=False``; docs/low-bit-study.md).
         allocation_options: ``alpha``, ``beta``, ``gamma`` (1, 1.5, 1: exponents of the objective
             phi^alpha * w^beta * eps^gamma, activation frequency, routing-weight mass, quantization loss as an
             un-squared norm: the paper's phi * w^1.5 * eps); ``allocation_solver`` (``"cp-sat"``: OR-Tools,
@@ -248,6 +257,7 @@ class MCConfig(QuantizationConfigMixin):
         self.zero_point = zero_point
         self.metadata = o["metadata"]
         self.clip_search = o["clip_search"]
+        self.group_fit = o["group_fit"]
         self.expert_hessian = o["expert_hessian"]
         self.dataset = list(dataset) if isinstance(dataset, (list, tuple)) else dataset
         self.dataset_config = ds["dataset_config"]

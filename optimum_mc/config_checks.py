@@ -26,6 +26,7 @@ from .config import (
     _is_text_record,
     _short,
 )
+from .group_quant import GROUP_FITS
 from .packing import SUPPORTED_BITS
 
 
@@ -77,6 +78,7 @@ def validate(cfg: MCConfig) -> None:
             raise _err(f"{name} must be a finite number >= 0, got {v!r}.")
     _check_pmq(cfg)
     _check_metadata(cfg)
+    _check_group_fit(cfg)
     if cfg.nonexpert_method not in NONEXPERT_METHODS:
         raise _err(f"nonexpert_method must be one of {NONEXPERT_METHODS}, got {cfg.nonexpert_method!r}.")
     if cfg.nonexpert_method == "bnb_nf4" and importlib.util.find_spec("bitsandbytes") is None:
@@ -168,6 +170,7 @@ def _check_pmq(cfg: MCConfig) -> None:
         ("allocation_granularity", ALLOCATION_GRANULARITIES),
         ("zero_point", ZERO_POINTS),
         ("expert_hessian", EXPERT_HESSIANS),
+        ("group_fit", GROUP_FITS),
     ):
         if getattr(cfg, name) not in allowed:
             raise _err(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}.")
@@ -193,6 +196,18 @@ def _check_pmq(cfg: MCConfig) -> None:
     t = cfg.allocation_time_limit
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
         raise _err(f"allocation_time_limit must be a positive number of seconds, got {t!r}.")
+
+
+def _check_group_fit(cfg: MCConfig) -> None:
+    """``group_fit="lsq"`` fits the fp16 grid by least squares: not combined with the clip search (another way of
+    choosing the same grid) nor the q8 grid (whose scales are rounded on shared exponents)."""
+    if cfg.group_fit != "lsq":
+        return
+    if cfg.clip_search:
+        raise _err("group_fit='lsq' and clip_search=True both choose the groups' grids; use one of them.")
+    if cfg.metadata != "fp16":
+        raise _err(f"group_fit='lsq' fits fp16 scales and zeros; metadata={cfg.metadata!r} cannot take them. Use "
+                   "metadata='fp16' with it.")  # fmt: skip
 
 
 def _check_metadata(cfg: MCConfig) -> None:

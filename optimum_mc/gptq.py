@@ -17,6 +17,12 @@ range is also shrunk about its midpoint by ratios down to 0.5 (``CLIP_GRID`` ste
 error ``sum_j H_jj (w_j - Q(w_j))^2`` is kept: round-to-nearest error weighted by the Hessian diagonal (the mean
 squared input of column ``j``), a per-column proxy for the output error that GPTQ then minimizes
 (the same weighting as llama.cpp's importance-matrix quantization). At 1 bit the binary form is kept.
+
+Group fit (``group_fit="lsq"``). Instead of spanning [min, max], each group's scale and zero are fitted by least
+squares to the weights as GPTQ has updated them when the group is reached
+(:func:`~optimum_mc.group_quant.lsq_qparams`): the same stored grid, 0.44x the min/max error on gaussian groups at
+2 bits. The fit pays when groups are fitted as they are reached, i.e. without ``act_order`` (with act-order the
+groups are static, fitted on the original weights); docs/low-bit-study.md measures both.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import torch
 
 from .errors import CalibrationError, MCConfigError, ShapeError
 from .group_quant import (
+    GROUP_FITS,
     check_finite,
     check_group_size,
     check_zero_point,
     dequantize_codes,
     expand_rows,
     group_qparams,
+    lsq_qparams,
     q8_exponents,
     q8_qparams,
     quantize_codes,
@@ -46,12 +54,20 @@ CLIP_GRID = 20  # shrink ratios 1 - 0.5 * i / CLIP_GRID, i = 1..CLIP_GRID, tried
 
 
 def searched_qparams(
-    w: torch.Tensor, bits: int, zero_point: str, col_weight: torch.Tensor | None, grid: int = CLIP_GRID
+    w: torch.Tensor,
+    bits: int,
+    zero_point: str,
+    col_weight: torch.Tensor | None,
+    grid: int = CLIP_GRID,
+    group_fit: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale / zero of the groups of ``w (..., G, g)``: :func:`group_qparams`, or (``col_weight`` given, ``(G, g)``
     non-negative, b >= 2) the clip ratio ``1 - 0.5 * i / grid`` (``i = 0..grid``) minimizing the
     ``col_weight``-weighted round-to-nearest error per group (the module docstring's grid search; all-ones weights:
-    plain weight MSE). Only a strictly lower error moves a group off min/max."""
+    plain weight MSE). Only a strictly lower error moves a group off min/max. ``group_fit="lsq"``: the groups'
+    least-squares grids (:func:`~optimum_mc.group_quant.lsq_qparams`) instead of min/max (no search)."""
+    if group_fit == "lsq":
+        return lsq_qparams(w, bits, zero_point)
     exps = q8_exponents(w, bits) if zero_point == "q8" else None  # one exponent per block for every candidate
 
     def qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,14 +179,16 @@ def gptq_quantize(
     act_order: bool = False,
     zero_point: str = "float",
     clip_search: bool = False,
+    group_fit: str = "minmax",
 ) -> QuantResult:
     """Quantize ``weight (out, in)`` with GPTQ given ``hessian (in, in)``.
 
     Returns uint8 codes ``(out, in)`` and fp16 per-group scales / zeros ``(out, in // group_size)``, on the
-    weight's device. ``group_size=-1`` means one group per row. ``clip_search``: the module docstring's grid search.
+    weight's device. ``group_size=-1`` means one group per row. ``clip_search``: the module docstring's grid search;
+    ``group_fit``: how a group's grid is chosen (module docstring).
     """
     return gptq_quantize_multi(
-        weight, hessian, [bits], group_size, damp_percent, block_size, act_order, zero_point, clip_search
+        weight, hessian, [bits], group_size, damp_percent, block_size, act_order, zero_point, clip_search, group_fit
     )[0]
 
 
@@ -184,6 +202,7 @@ def gptq_quantize_multi(
     act_order: bool = False,
     zero_point: str = "float",
     clip_search: bool = False,
+    group_fit: str = "minmax",
 ) -> list[QuantResult]:
     """GPTQ of one matrix at several bit-widths in one column loop; each result equals a separate run. It is
     :func:`gptq_quantize_batched` over one copy of the matrix per width, sharing one Hessian (one Cholesky)."""
@@ -197,7 +216,7 @@ def gptq_quantize_multi(
     w = weight.detach().to(weight.device, torch.float32).unsqueeze(0).repeat(len(bits), 1, 1)
     h = hessian.detach().to(weight.device, torch.float32).clone().unsqueeze(0)
     return gptq_quantize_batched(
-        w, h, list(bits), group_size, damp_percent, block_size, act_order, zero_point, True, clip_search
+        w, h, list(bits), group_size, damp_percent, block_size, act_order, zero_point, True, clip_search, group_fit
     )
 
 
@@ -303,6 +322,7 @@ def gptq_quantize_batched(
     zero_point: str = "float",
     consume: bool = False,
     clip_search: bool = False,
+    group_fit: str = "minmax",
 ) -> list[QuantResult]:
     """GPTQ of ``E`` same-shape matrices (e.g. one projection of every expert) at one width each, in one column loop.
 
@@ -328,6 +348,8 @@ def gptq_quantize_batched(
         check_bits(b)
     _check_options(damp_percent, block_size)
     check_zero_point(zero_point)
+    if group_fit not in GROUP_FITS:
+        raise MCConfigError(f"group_fit must be one of {GROUP_FITS}, got {group_fit!r}.")
     check_finite(weights)
     if not torch.isfinite(hessians).all():
         raise CalibrationError("a Hessian contains NaN/Inf; the calibration activations are not finite.")
@@ -346,7 +368,9 @@ def gptq_quantize_batched(
     if act_order:
         for e, b in enumerate(bits):
             cw = None if col_w is None else col_w[e]
-            scales[e], zeros[e] = searched_qparams(w0[e].reshape(out_f, groups, g), b, zero_point, cw)
+            scales[e], zeros[e] = searched_qparams(
+                w0[e].reshape(out_f, groups, g), b, zero_point, cw, group_fit=group_fit
+            )
         perms = torch.stack([torch.argsort(torch.diag(h[e]), descending=True, stable=True) for e in range(nh)])
         perms = perms.expand(num, -1)
         for e in range(num):  # in place, one matrix at a time (bounded extra memory)
@@ -356,7 +380,7 @@ def gptq_quantize_batched(
     for e in range(nh):  # in place, one matrix at a time
         _inverse_cholesky_(h[e], damp_percent)
     hinv = h.expand(num, -1, -1)
-    codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point, col_w)
+    codes = _batched_columns(w0, hinv, bits, scales, zeros, maxq, g, block_size, perms, zero_point, col_w, group_fit)
     if perms is not None:
         codes = torch.stack([codes[e][:, torch.argsort(perms[e])] for e in range(num)])
     return [(codes[e], scales[e].half(), zeros[e].half()) for e in range(num)]
@@ -394,6 +418,7 @@ def _batched_columns(
     perms: torch.Tensor | None,
     zero_point: str,
     col_w: torch.Tensor | None = None,
+    group_fit: str = "minmax",
 ) -> torch.Tensor:
     """The GPTQ column loop over ``(E, out, in)`` weights (processing order); fills scales / zeros for dynamic
     groups; returns codes in processing order."""
@@ -414,7 +439,7 @@ def _batched_columns(
                     for e in range(num):
                         cur = _current_group(w[e : e + 1], wb[e : e + 1], err[e : e + 1], hinv[e], b0, b1, col, g)
                         cw = None if col_w is None else col_w[e, grp : grp + 1]
-                        se, ze = searched_qparams(cur[0].unsqueeze(1), bits[e], zero_point, cw)
+                        se, ze = searched_qparams(cur[0].unsqueeze(1), bits[e], zero_point, cw, group_fit=group_fit)
                         scales[e, :, grp], zeros[e, :, grp] = se[:, 0], ze[:, 0]
                 s, z = scales[:, :, grp], zeros[:, :, grp]
             else:

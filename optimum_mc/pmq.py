@@ -56,6 +56,7 @@ def gptq_options(config: MCConfig) -> GPTQOptions:
         min_tokens=config.min_expert_tokens,
         zero_point=grid_of(config.zero_point, config.metadata),
         clip_search=config.clip_search,
+        group_fit=config.group_fit,
     )
 
 

@@ -45,6 +45,7 @@ class GPTQOptions:
     min_tokens: int = 16
     zero_point: str = "float"
     clip_search: bool = False
+    group_fit: str = "minmax"
 
 
 @dataclass
@@ -108,6 +109,7 @@ def quantize_expert(
 
     kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
     kw["zero_point"], kw["clip_search"] = opts.zero_point, opts.clip_search
+    kw["group_fit"] = opts.group_fit
     gu = gptq_quantize_multi(w_gate_up, input_hessian(x, token_weights), bits, opts.group_size, **kw)
     dn = gptq_quantize_multi(w_down, mid_hessian(w_gate_up, x, act_fn, token_weights), bits, opts.group_size, **kw)
     return {b: ExpertQuant(b, gu[k], dn[k], "gptq") for k, b in enumerate(bits)}

@@ -135,6 +135,7 @@ class LinearGPTQ:
                 act_order=cfg.act_order,
                 zero_point=grid_of(cfg.zero_point, cfg.metadata),
                 clip_search=cfg.clip_search,
+                group_fit=cfg.group_fit,
             )
             bias = m.bias.detach() if m.bias is not None else None
             new = QuantLinear.from_codes(

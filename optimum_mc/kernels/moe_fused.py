@@ -130,11 +130,27 @@ if TRITON_AVAILABLE:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + token[:, None] * K + rk[None, :], mask=valid[:, None] & (rk < K)[None, :],
                             other=0.0)  # fmt: skip
-                wg = _weights(qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, BLOCK_N,
-                              GROUP_TILE, EXPAND)
+                wg = _weights(
+                    qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, BLOCK_N, GROUP_TILE, EXPAND
+                )
                 acc_g = _dot_acc(acc_g, x, wg, HALF)
-                wu = _weights(qw, qhi, sp, zp, k0, rn + inter, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K,
-                              BLOCK_N, GROUP_TILE, EXPAND)
+                wu = _weights(
+                    qw,
+                    qhi,
+                    sp,
+                    zp,
+                    k0,
+                    rn + inter,
+                    n_ok,
+                    2 * inter,
+                    K,
+                    group_size,
+                    BITS,
+                    BLOCK_K,
+                    BLOCK_N,
+                    GROUP_TILE,
+                    EXPAND,
+                )
                 acc_u = _dot_acc(acc_u, x, wu, HALF)
             a = _glu(acc_g, acc_u, ACT, alpha, limit)
             tl.store(a_ptr + rm.to(tl.int64)[:, None] * inter + rn[None, :], a.to(a_ptr.dtype.element_ty),
@@ -159,8 +175,9 @@ if TRITON_AVAILABLE:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :],
                             mask=valid[:, None] & (rk < K)[None, :], other=0.0)  # fmt: skip
-                w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N,
-                              GROUP_TILE, EXPAND)
+                w = _weights(
+                    qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N, GROUP_TILE, EXPAND
+                )
                 acc = _dot_acc(acc, a, w, HALF)
             route = tl.load(w_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
             tl.store(y_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * H + rn[None, :],
@@ -183,11 +200,27 @@ if TRITON_AVAILABLE:
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + (p // top_k) * K + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
-                wg = _weights(qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, BLOCK_N,
-                              GROUP_TILE, EXPAND)
+                wg = _weights(
+                    qw, qhi, sp, zp, k0, rn, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K, BLOCK_N, GROUP_TILE, EXPAND
+                )
                 acc_g += tl.sum(x * wg, axis=0)
-                wu = _weights(qw, qhi, sp, zp, k0, rn + inter, n_ok, 2 * inter, K, group_size, BITS, BLOCK_K,
-                              BLOCK_N, GROUP_TILE, EXPAND)
+                wu = _weights(
+                    qw,
+                    qhi,
+                    sp,
+                    zp,
+                    k0,
+                    rn + inter,
+                    n_ok,
+                    2 * inter,
+                    K,
+                    group_size,
+                    BITS,
+                    BLOCK_K,
+                    BLOCK_N,
+                    GROUP_TILE,
+                    EXPAND,
+                )
                 acc_u += tl.sum(x * wu, axis=0)
             tl.store(a_ptr + p * inter + rn, _glu(acc_g, acc_u, ACT, alpha, limit), mask=n_ok)
 
@@ -210,8 +243,9 @@ if TRITON_AVAILABLE:
             for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + p * K + rk, mask=rk < K, other=0.0).to(tl.float32)[:, None]
-                w = _weights(qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N,
-                              GROUP_TILE, EXPAND)
+                w = _weights(
+                    qw, qhi, sp, zp, k0, rn, n_ok, H, K, group_size, BITS, BLOCK_K, BLOCK_N, GROUP_TILE, EXPAND
+                )
                 acc += tl.sum(a * w, axis=0)
             tl.store(y_ptr + p * H + rn, acc * tl.load(w_ptr + p), mask=n_ok)
 
