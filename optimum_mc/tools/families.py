@@ -40,6 +40,8 @@ _SIZES = dict(
     moe_num_experts=8,
     num_experts_per_tok=2,
     moe_topk=2,
+    moe_top_k=2,  # (dbrx's ffn_config)
+    kv_n_heads=2,  # (dbrx's attn_config)
     top_k_experts=2,
     moe_k=2,
     n_shared_experts=1,
@@ -131,6 +133,10 @@ _EXCEPTIONS = {
     # its default is all Mamba layers, which transformers' mask creation cannot run with a cache (real checkpoints
     # interleave attention layers): one of each kind
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    # its attention reads attn_config.rope_theta, which the config class does not define, and clamps q/k/v to
+    # clip_qkv, which it cannot do at the class's default None: published config.json files carry both
+    # (transformers-community/dbrx-instruct: 500000 and 8); merged into the tiny attn_config
+    "dbrx": dict(attn_config=dict(rope_theta=500000, clip_qkv=8)),
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -297,10 +303,21 @@ def _tiny_nested(model_type: str, base, overrides: dict):
             if isinstance(getattr(base, k, None), int):
                 kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
         return AutoConfig.for_model(model_type, **kw)
-    raise NotImplementedError(
-        f"{model_type} nests sub-configs ({', '.join(subs)}) without a text_config; tiny sizes are derived for flat "
-        f"text configs and multimodal wrappers"
-    )
+    # a config split into parts: the size rules on each part (its own fields) and on the top level (its fields and
+    # the generic names its attribute_map aliases: dbrx's d_model is hidden_size)
+    for name, cls in subs.items():
+        part = getattr(base, name, None)
+        values = (part if part is not None else cls()).to_dict()
+        kw[name] = {**values, **{k: v for k, v in _SIZES.items() if k in values}}
+    alias = getattr(base, "attribute_map", None) or {}  # (by the class's own names: its __post_init__ reads them)
+    kw.update({alias.get(k, k): v for k, v in _SIZES.items() if k not in kw and _has(base, k)})
+    for k in _TOKEN_IDS:
+        if _has(base, k):
+            kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
+    for k, v in _EXCEPTIONS.get(model_type, {}).items():  # (a part's fields merged into it)
+        kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
 
 
 CORPUS = [
