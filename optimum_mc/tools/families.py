@@ -198,8 +198,18 @@ def _tiny_per_layer(values: dict, per_layer: dict, keep: list[int], kw: dict) ->
                 tiny[k] = max(1, round(t * v / g))
             elif k not in kw:
                 tiny[k] = v
+        # head_dim = qk_nope_head_dim + qk_rope_head_dim where the full-size layer has it (dots3_note's sliding
+        # layers: its config validates it); the tiny parts, scaled separately, are summed again
+        full = {p: over.get(p, values.get(p)) for p in _HEAD_PARTS}
+        if all(isinstance(full[p], int) for p in _HEAD_PARTS) and full["head_dim"] == sum(full[p] for p in _HEAD_PARTS[1:]):
+            parts = [tiny.get(p, kw.get(p)) for p in _HEAD_PARTS[1:]]
+            if all(isinstance(x, int) for x in parts):
+                tiny["head_dim"] = sum(parts)
         out[str(keep.index(i)).zfill(len(key))] = tiny
     return out
+
+
+_HEAD_PARTS = ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
 
 
 def tiny_config(model_type: str, **overrides):
@@ -236,6 +246,10 @@ def tiny_config(model_type: str, **overrides):
     for k, v in values.items():
         if isinstance(v, list) and layers0 and len(v) == layers0 and n != layers0 and k not in kw:
             kw[k] = [v[i] for i in keep]
+            if k.endswith("_layers") and all(isinstance(x, int) and 0 <= x < layers0 for x in v):
+                # per layer, the index of another layer (kolibri1_1's kv_source_layers: whose K/V it reads): the kept
+                # layer's new index, or its own where that layer is dropped (it then produces its own)
+                kw[k] = [keep.index(v[i]) if v[i] in keep else j for j, i in enumerate(keep)]
         elif k.endswith("_layers") and isinstance(v, list) and all(isinstance(x, int) for x in v) and k not in kw:
             kw[k] = [keep.index(x) for x in v if x in keep]  # layer indices follow the kept layers
         elif k.endswith("_layer_period") and isinstance(v, int):
@@ -272,6 +286,33 @@ _TOWER_SIZES = dict(
 )
 
 
+def _tiny_tower(values: dict, text_hidden: int, full_text_hidden: int | None) -> dict:
+    """:data:`_TOWER_SIZES` for a tower's config ``values``, projecting into the tiny text width; its other widths
+    that equal its own hidden size or the full-size text hidden size follow them (dots3_note's adapter_in_dim /
+    adapter_out_dim: its configs validate both); per-layer lists and overrides cut to the first layers kept."""
+    sizes = {k: v for k, v in _TOWER_SIZES.items() if k in values}
+    for k in ("out_hidden_size", "output_size", "text_hidden_size"):
+        if isinstance(values.get(k), int):
+            sizes[k] = text_hidden
+    hidden = values.get("hidden_size")
+    for k, v in values.items():
+        if k in sizes or not isinstance(v, int) or isinstance(v, bool) or not ("dim" in k or "size" in k):
+            continue
+        if v == hidden and "hidden_size" in sizes:
+            sizes[k] = sizes["hidden_size"]
+        elif full_text_hidden and v == full_text_hidden:
+            sizes[k] = text_hidden
+    layers0 = next((values[k] for k in ("num_hidden_layers", "depth") if isinstance(values.get(k), int)), None)
+    n = next((sizes[k] for k in ("num_hidden_layers", "depth") if k in sizes), layers0)
+    if layers0 and n != layers0:
+        for k, v in values.items():
+            if isinstance(v, list) and len(v) == layers0:
+                sizes[k] = v[:n]
+        if isinstance(values.get("per_layer_config"), dict):
+            sizes["per_layer_config"] = {i: o for i, o in values["per_layer_config"].items() if int(i) < n}
+    return sizes
+
+
 def _tiny_nested(model_type: str, base, overrides: dict):
     """A tiny config of a family whose config nests sub-configs: a multimodal wrapper (its ``text_config`` is the
     tiny config of the text model type, its other towers get :data:`_TOWER_SIZES` and project into the text
@@ -294,11 +335,7 @@ def _tiny_nested(model_type: str, base, overrides: dict):
                 values = (tower if tower is not None else cls()).to_dict()
             except Exception:
                 continue
-            sizes = {k: v for k, v in _TOWER_SIZES.items() if k in values}
-            for k in ("out_hidden_size", "output_size", "text_hidden_size"):
-                if isinstance(values.get(k), int):
-                    sizes[k] = text["hidden_size"]
-            kw[name] = {**values, **sizes}
+            kw[name] = {**values, **_tiny_tower(values, text["hidden_size"], _get(base.get_text_config(), "hidden_size"))}
         for k in _TOKEN_IDS:  # the wrapper's own token ids (text ones are in text_config)
             if isinstance(getattr(base, k, None), int):
                 kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
