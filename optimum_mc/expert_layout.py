@@ -330,10 +330,31 @@ def _check_same(name: str, original: nn.Module, new: CanonicalExperts, layout: E
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     err = float((got - want).abs().max())
     if not err <= tol * (float(want.abs().max()) + 1e-6):
+        extra = _unread_parameters(original)
+        why = (
+            f"; it holds parameters no expert layout reads ({extra}): its forward computes more than the two "
+            f"projections (ergo's per-expert RMSNorm of each expert's output, after the down projection), which "
+            f"neither fold into the quantized matrices nor run in float in front of them"
+            if extra
+            else ""
+        )
         raise UnsupportedArchitectureError(
             f"experts module `{name}` ({type(original).__name__}) read as {layout_summary(layout)} does not "
-            f"reproduce its forward after conversion (max |diff| {err:.3g}) (check: experts layout)."
+            f"reproduce its forward after conversion (max |diff| {err:.3g}){why} (check: experts layout)."
         )
+
+
+_READ = {"gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"}
+
+
+def _unread_parameters(module: nn.Module) -> str:
+    """``name (shape) (Class)`` of every parameter of ``module`` an experts layout does not read."""
+    out = []
+    for n, p in module.named_parameters():
+        if n not in _READ:
+            owner = module.get_submodule(n.rpartition(".")[0]) if "." in n else module
+            out.append(f"{n} {tuple(p.shape)} ({type(owner).__name__})")
+    return ", ".join(out)
 
 
 def _probed_gate(act: Any) -> bool:

@@ -200,8 +200,8 @@ def _tiny_per_layer(values: dict, per_layer: dict, keep: list[int], kw: dict) ->
                 tiny[k] = v
         # head_dim = qk_nope_head_dim + qk_rope_head_dim where the full-size layer has it (dots3_note's sliding
         # layers: its config validates it); the tiny parts, scaled separately, are summed again
-        full = {p: over.get(p, values.get(p)) for p in _HEAD_PARTS}
-        if all(isinstance(full[p], int) for p in _HEAD_PARTS) and full["head_dim"] == sum(full[p] for p in _HEAD_PARTS[1:]):
+        full = [over.get(p, values.get(p)) for p in _HEAD_PARTS]
+        if all(isinstance(x, int) for x in full) and full[0] == sum(full[1:]):
             parts = [tiny.get(p, kw.get(p)) for p in _HEAD_PARTS[1:]]
             if all(isinstance(x, int) for x in parts):
                 tiny["head_dim"] = sum(parts)
@@ -335,7 +335,8 @@ def _tiny_nested(model_type: str, base, overrides: dict):
                 values = (tower if tower is not None else cls()).to_dict()
             except Exception:
                 continue
-            kw[name] = {**values, **_tiny_tower(values, text["hidden_size"], _get(base.get_text_config(), "hidden_size"))}
+            full_text_hidden = _get(base.get_text_config(), "hidden_size")
+            kw[name] = {**values, **_tiny_tower(values, text["hidden_size"], full_text_hidden)}
         for k in _TOKEN_IDS:  # the wrapper's own token ids (text ones are in text_config)
             if isinstance(getattr(base, k, None), int):
                 kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
