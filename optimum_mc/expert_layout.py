@@ -330,17 +330,18 @@ def _check_same(name: str, original: nn.Module, new: CanonicalExperts, layout: E
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     err = float((got - want).abs().max())
     if not err <= tol * (float(want.abs().max()) + 1e-6):
-        extra = _unread_parameters(original)
-        why = (
-            f"; it holds parameters no expert layout reads ({extra}): its forward computes more than the two "
-            f"projections (ergo's per-expert RMSNorm of each expert's output, after the down projection), which "
-            f"neither fold into the quantized matrices nor run in float in front of them"
-            if extra
-            else ""
-        )
+        cls, extra = type(original).__name__, _unread_parameters(original)
+        if extra:  # (the parameters first: the support table keeps a row's first 300 characters)
+            raise UnsupportedArchitectureError(
+                f"experts module `{name}` ({cls}) computes more than its two projections: it holds parameters no "
+                f"expert layout reads ({extra}), and read as {layout_summary(layout)} it does not reproduce its "
+                f"forward after conversion (max |diff| {err:.3g}). A per-expert computation beyond the projections "
+                f"(ergo's RMSNorm of each expert's output, after the down projection) neither folds into the "
+                f"quantized matrices nor runs in float in front of them (check: experts layout)."
+            )
         raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({type(original).__name__}) read as {layout_summary(layout)} does not "
-            f"reproduce its forward after conversion (max |diff| {err:.3g}){why} (check: experts layout)."
+            f"experts module `{name}` ({cls}) read as {layout_summary(layout)} does not reproduce its forward after "
+            f"conversion (max |diff| {err:.3g}) (check: experts layout)."
         )
 
 
