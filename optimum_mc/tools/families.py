@@ -183,6 +183,15 @@ def _get(config, key: str):
         return config.to_dict().get(key)
 
 
+def _layer_references(v: list) -> bool:
+    """A per-layer list of layer indices: each entry an earlier (or its own) layer that refers to itself, more than
+    two distinct ones (not a list of 0 / 1 flags, as llama4's no_rope_layers), some layer referring to another one
+    (not a list of all layers' indices, as llama4's moe_layers at its default)."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= i for i, x in enumerate(v)):
+        return False
+    return len(set(v)) > 2 and all(v[x] == x for x in v) and any(x != i for i, x in enumerate(v))
+
+
 def _tiny_per_layer(values: dict, per_layer: dict, keep: list[int], kw: dict) -> dict:
     """A heterogeneous config's per-layer overrides (``{"05": {"head_dim": 512}}``) for the kept layers, indexed
     anew, each size scaled as the tiny global one is (512 over a global 256 -> twice the tiny head_dim)."""
@@ -246,7 +255,7 @@ def tiny_config(model_type: str, **overrides):
     for k, v in values.items():
         if isinstance(v, list) and layers0 and len(v) == layers0 and n != layers0 and k not in kw:
             kw[k] = [v[i] for i in keep]
-            if k.endswith("_layers") and all(isinstance(x, int) and 0 <= x < layers0 for x in v):
+            if _layer_references(v):
                 # per layer, the index of another layer (kolibri1_1's kv_source_layers: whose K/V it reads): the kept
                 # layer's new index, or its own where that layer is dropped (it then produces its own)
                 kw[k] = [keep.index(v[i]) if v[i] in keep else j for j, i in enumerate(keep)]
