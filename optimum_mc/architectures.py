@@ -7,7 +7,9 @@ returns ``(router_logits, top_k_weights, top_k_index)``; the block's other child
 shared experts; decoder layers without an experts module are dense. :func:`discover` finds these in the first MoE
 layer, checks every other layer against it, and reads the routing (softmax / sigmoid scores, top-k) from the router.
 A family added to transformers later works without a code change when it follows the interface; how its experts are
-stored (transposed, interleaved gate / up, biases, gpt-oss's clamped SwiGLU) is read by :mod:`.expert_layout`;
+stored (transposed, interleaved gate / up, biases, gpt-oss's clamped SwiGLU, DBRX's stacked 2-D matrices) is read by
+:mod:`.expert_layout`; blocks that route otherwise are adapted to the contract first (:mod:`.input_scaled`: Llama 4's
+experts on router-scaled inputs; :mod:`.topk_block`: a logits-only router, the top-k done in the block, DBRX's);
 ``EXCEPTIONS`` names the families that deviate otherwise. Everything transformers-layout-specific about MoE blocks
 is here (and in :mod:`.expert_layout`), so the math in calibration/, allocation and gptq never looks at model classes.
 """
@@ -23,8 +25,9 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
-from .expert_layout import experts_layout, gate_up_weight, stacked_weights
+from .expert_layout import experts_layout, gate_up_weight
 from .input_scaled import adapt_input_scaled_blocks
+from .stacked_experts import stacked_weights
 from .topk_block import adapt_topk_blocks
 
 EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."

@@ -13,9 +13,8 @@ module itself:
 - **biases** (``gate_up_proj_bias (E, 2I)``, ``down_proj_bias (E, H)``: gpt-oss) from the parameters present.
 - **stacked 2-D** experts (three ``(E * I, H)`` matrices, each expert's ``I`` rows one after the other, the down
   one stored ``(I, H)`` per expert: ``y = (act(x @ G_e.T) * (x @ U_e.T)) @ D_e``; DBRX's ``w1`` / ``v1`` / ``w2``)
-  from the parameters present (:func:`stacked_weights`); which matrix is the gate, the up and the down one is
-  read from the module's forward on its real weights (expert 0, :func:`stacked_roles`), the gate is the module's
-  only parameter-free activation submodule.
+  from the parameters present; which matrix is the gate, the up and the down one is read from the module's
+  forward on its real weights, the gate is its only parameter-free leaf submodule (:mod:`.stacked_experts`).
 - the **gate** between the projections and whether gate / up columns are **interleaved** (``[..., ::2]`` /
   ``[..., 1::2]``: gpt-oss) rather than two halves: by probing the module's ``_apply_gate`` (transformers' hook
   for it, taking the ``(S, 2I)`` gate/up output) on fixed random values against every candidate, the module's
@@ -41,6 +40,7 @@ from torch import nn
 
 from .errors import UnsupportedArchitectureError
 from .kernels.activations import BiasedGLU, ClampedSwiGLU, Ungated, gated, intermediate
+from .stacked_experts import stacked_act, stacked_tensors, stacked_weights
 
 
 @dataclass(frozen=True)
@@ -87,19 +87,6 @@ def gate_up_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def stacked_weights(module: nn.Module) -> list[tuple[str, torch.Tensor]] | None:
-    """The three 2-D ``(E * I, H)`` matrices of stacked experts (``num_experts`` = E, see the module docstring),
-    by name in the module; None for any other module (no ``num_experts``, other parameters, other shapes)."""
-    e = getattr(module, "num_experts", None)
-    if not isinstance(e, int) or e < 1 or isinstance(getattr(module, "gate_up_proj", None), torch.Tensor):
-        return None
-    params = list(module.named_parameters())
-    if len(params) != 3 or any(p.dim() != 2 or p.shape != params[0][1].shape for _, p in params):
-        return None
-    rows = int(params[0][1].shape[0])
-    return params if rows % e == 0 and rows // e > 1 else None
-
-
 def experts_weight(module: nn.Module) -> torch.Tensor | None:
     """A weight of a float experts module, for its dtype and device: its gate/up weight, or a stacked matrix."""
     w = gate_up_weight(module)
@@ -107,41 +94,6 @@ def experts_weight(module: nn.Module) -> torch.Tensor | None:
         stacked = stacked_weights(module)
         w = stacked[0][1] if stacked else None
     return w
-
-
-def _stacked_act(name: str, module: nn.Module) -> Any:
-    acts = [m for m in module.modules() if m is not module and not list(m.parameters()) and not list(m.children())]
-    if len(acts) != 1:
-        raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({type(module).__name__}) holds stacked 2-D experts with {len(acts)} "
-            f"parameter-free submodules; expected one activation (check: experts activation)."
-        )
-    return acts[0]
-
-
-def stacked_roles(module: nn.Module, layout: ExpertsLayout) -> tuple[str, str, str]:
-    """``(gate, up, down)`` names of stacked experts' matrices: the assignment whose expert 0 reproduces the
-    module's forward on tokens all routed to expert 0 (real weights); typed error when none does."""
-    import itertools
-
-    params = dict(stacked_weights(module))
-    w = next(iter(params.values()))
-    e, i, h = layout.num_experts, layout.inter, layout.hidden
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, h, generator=g).to(device=w.device, dtype=w.dtype)
-    idx = torch.zeros(8, 1, dtype=torch.long, device=w.device)
-    with torch.no_grad():
-        want = module(x, idx, torch.ones(8, 1, dtype=w.dtype, device=w.device)).reshape(8, h).float()
-        tol = (1e-4 if w.dtype == torch.float32 else 2e-2) * (float(want.abs().max()) + 1e-6)
-        for gate, up, down in itertools.permutations(params):
-            gw, uw, dw = (params[n].view(e, i, h)[0] for n in (gate, up, down))
-            got = (gated(layout.act_fn, x @ gw.t(), x @ uw.t()) @ dw).float()
-            if float((got - want).abs().max()) <= tol:
-                return gate, up, down
-    raise UnsupportedArchitectureError(
-        f"experts module `{type(module).__name__}` holds stacked 2-D experts ({', '.join(params)}) whose forward "
-        f"no assignment of gate / up / down matrices reproduces (check: experts layout)."
-    )
 
 
 def _is_ungated(module: nn.Module) -> bool:
@@ -307,7 +259,7 @@ def experts_layout(module: nn.Module, name: str = "experts", hidden: int | None 
                 f"experts module `{name}` ({type(module).__name__}): stacked 2-D experts of {h} columns in a model "
                 f"of hidden size {hidden} (check: experts layout)."
             )
-        return ExpertsLayout(e, h, rows // e, act_fn=_stacked_act(name, module), stacked=True)
+        return ExpertsLayout(e, h, rows // e, act_fn=stacked_act(name, module), stacked=True)
     e, h, i, transposed = _shape(name, module, hidden)
     if _is_ungated(module):
         return _ungated_layout(name, module, e, h, i, transposed)
@@ -329,10 +281,7 @@ def canonical_tensors(module: nn.Module, layout: ExpertsLayout) -> dict[str, tor
     (E, H, I)``, ``gate_up_proj_bias (E, 2I)`` in the same row order and ``down_proj_bias (E, H)`` (None where the
     module has none). Exact copies (transposes and column permutations only)."""
     if layout.stacked:
-        shape = (layout.num_experts, layout.inter, layout.hidden)
-        gate, up, down = (module.get_parameter(n).detach().view(shape) for n in stacked_roles(module, layout))
-        out = {"gate_up_proj": torch.cat([gate, up], dim=1), "down_proj": down.transpose(1, 2)}
-        return {**{k: v.contiguous() for k, v in out.items()}, "gate_up_proj_bias": None, "down_proj_bias": None}
+        return stacked_tensors(module, layout.num_experts, layout.inter, layout.act_fn)
     gu, dn = gate_up_weight(module).detach(), module.down_proj.detach()
     if layout.transposed:
         gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)

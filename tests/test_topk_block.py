@@ -15,7 +15,8 @@ from torch import nn
 
 from optimum_mc.architectures import decoder_layers, discover, layer_list_name, moe_blocks
 from optimum_mc.errors import UnsupportedArchitectureError
-from optimum_mc.expert_layout import CanonicalExperts, canonical_experts, experts_layout, stacked_roles
+from optimum_mc.expert_layout import CanonicalExperts, canonical_experts, experts_layout
+from optimum_mc.stacked_experts import stacked_roles
 from optimum_mc.tools.families import IDS, quick_config, save_tiny, tiny_config, tiny_model
 from optimum_mc.topk_block import LogitsTopKRouter, TopKBlock, adapt_topk_blocks
 
@@ -55,7 +56,7 @@ def test_stacked_experts_are_read_from_the_module():
     ex = tiny_model(FAMILY).transformer.blocks[0].ffn.experts
     lay = experts_layout(ex)
     assert lay.stacked and not lay.canonical and (lay.num_experts, lay.hidden, lay.inter) == (8, 64, 64)
-    assert stacked_roles(ex, lay) == ("mlp.w1", "mlp.v1", "mlp.w2")  # DBRX's gate, up, down
+    assert stacked_roles(ex, lay.inter, lay.act_fn) == ("mlp.w1", "mlp.v1", "mlp.w2")  # DBRX's gate, up, down
     new = canonical_experts(ex)
     assert isinstance(new, CanonicalExperts) and tuple(new.gate_up_proj.shape) == (8, 128, 64)
     x, idx, w = _routing()
@@ -66,7 +67,7 @@ def test_stacked_experts_are_read_from_the_module():
     other = _Stacked()  # other names, other order: read by what the forward computes
     lay = experts_layout(other)
     assert lay.stacked and (lay.num_experts, lay.hidden, lay.inter) == (4, 64, 16)
-    assert stacked_roles(other, lay) == ("c", "b", "a")
+    assert stacked_roles(other, lay.inter, lay.act_fn) == ("c", "b", "a")
     x, idx, w = _routing(experts=4)
     with torch.no_grad():
         want, got = other(x, idx, w), canonical_experts(other)(x, idx, w)
