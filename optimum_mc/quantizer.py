@@ -150,7 +150,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if isinstance(ex, MCExperts):
             gate_up, down = ex.dequantize()
             dt = dtype or gate_up.dtype
-            if getattr(blk.block, "scales_expert_inputs", False):  # MC's adapter block (input_scaled.py)
+            # MC's adapter blocks (input_scaled.py, topk_block.py): float experts in MC's layout behind them
+            if getattr(blk.block, "scales_expert_inputs", False) or getattr(blk.block, "float_experts_canonical", 0):
                 gb, db = ex.biases()
                 tensors = dict(gate_up_proj=gate_up, down_proj=down, gate_up_proj_bias=gb, down_proj_bias=db)
                 new = CanonicalExperts({k: v.to(dt) if v is not None else None for k, v in tensors.items()}, ex.act_fn)

@@ -61,6 +61,8 @@ class TopKBlock(nn.Module):
     """``experts(x, *router(x))`` from a :class:`LogitsTopKRouter` and an experts module following the shared
     contract, returned in the shape of the input (what the replaced block returned)."""
 
+    float_experts_canonical = True  # model.dequantize(): float experts in MC's layout (CanonicalExperts) here
+
     def __init__(self, router: LogitsTopKRouter, experts: nn.Module, router_attr: str, experts_attr: str) -> None:
         super().__init__()
         self.router_attr, self.experts_attr = router_attr, experts_attr

@@ -215,3 +215,11 @@ def test_quantize_save_reload_generate_against_reference(tmp_path, monkeypatch):
     err = float((pruned - want_pruned).abs().max())
     assert err <= 1e-4 * float(want_pruned.abs().max()), err
     assert [b.layer_idx for b in moe_blocks(again)] == [0, 1]
+
+    # model.dequantize(): float experts (MC's layout) behind the same adapter blocks, the same logits
+    optimum_mc.set_odp(again, False)
+    again.dequantize()
+    assert isinstance(again.transformer.blocks[0].ffn.experts, CanonicalExperts)
+    with torch.no_grad():
+        err = float((again(input_ids=ids).logits - logits).abs().max())
+    assert err <= 1e-4 * float(logits.abs().max()), err
