@@ -7,7 +7,9 @@ returns ``(router_logits, top_k_weights, top_k_index)``; the block's other child
 shared experts; decoder layers without an experts module are dense. :func:`discover` finds these in the first MoE
 layer, checks every other layer against it, and reads the routing (softmax / sigmoid scores, top-k) from the router.
 A family added to transformers later works without a code change when it follows the interface; how its experts are
-stored (transposed, interleaved gate / up, biases, gpt-oss's clamped SwiGLU) is read by :mod:`.expert_layout`;
+stored (transposed, interleaved gate / up, biases, gpt-oss's clamped SwiGLU, DBRX's stacked 2-D matrices) is read by
+:mod:`.expert_layout`; blocks that route otherwise are adapted to the contract first (:mod:`.input_scaled`: Llama 4's
+experts on router-scaled inputs; :mod:`.topk_block`: a logits-only router, the top-k done in the block, DBRX's);
 ``EXCEPTIONS`` names the families that deviate otherwise. Everything transformers-layout-specific about MoE blocks
 is here (and in :mod:`.expert_layout`), so the math in calibration/, allocation and gptq never looks at model classes.
 """
@@ -25,6 +27,8 @@ from torch import nn
 from .errors import UnsupportedArchitectureError
 from .expert_layout import experts_layout, gate_up_weight
 from .input_scaled import adapt_input_scaled_blocks
+from .stacked_experts import stacked_weights
+from .topk_block import adapt_topk_blocks
 
 EXAMPLES = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, qwen3_next, minimax_m2, ..."
 
@@ -95,9 +99,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList) and callable(getattr(model, "get_decoder", None)):
         try:
-            layers = getattr(model.get_decoder(), "layers", None)
+            decoder = model.get_decoder()
         except Exception:  # (a model whose get_decoder has nothing to return)
-            layers = None
+            decoder = None
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList) and isinstance(decoder, nn.Module):
+            layers = _layer_list(decoder, getattr(model, "config", None))
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no decoder layer list at `model.layers` nor in its `get_decoder()` (check: "
@@ -106,13 +113,29 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _layer_list(decoder: nn.Module, config) -> nn.ModuleList | None:
+    """The decoder's one child list of ``num_hidden_layers`` modules under another name (DBRX's ``blocks``)."""
+    n = getattr(config.get_text_config(), "num_hidden_layers", None) if config is not None else None
+    lists = [c for c in decoder.children() if isinstance(c, nn.ModuleList) and len(c) == n]
+    return lists[0] if len(lists) == 1 else None
+
+
+def layer_list_name(model: nn.Module) -> str:
+    """The attribute name of the decoder layer list (``layers``; DBRX's ``blocks``): what checkpoint keys of
+    decoder layer ``i`` hold as ``<name>.<i>.``."""
+    layers = decoder_layers(model)
+    return next((n.rpartition(".")[2] for n, m in model.named_modules() if m is layers), "layers")
+
+
 def is_experts(module: nn.Module) -> bool:
     """A fused experts module: transformers' float one (3-D ``gate_up_proj``) or an MC-packed one."""
     if hasattr(module, "packed") and hasattr(module, "num_experts") and hasattr(module, "bits"):
         return True
     # gate_up_proj, or up_proj of non-gated experts (Nemotron-H's), next to a 3-D down_proj
     dn = getattr(module, "down_proj", None)
-    return gate_up_weight(module) is not None and isinstance(dn, torch.Tensor) and dn.dim() == 3
+    if gate_up_weight(module) is not None and isinstance(dn, torch.Tensor) and dn.dim() == 3:
+        return True
+    return stacked_weights(module) is not None  # three 2-D (E * I, H) matrices (DBRX's w1 / v1 / w2)
 
 
 def _find_experts(layer: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -269,6 +292,8 @@ def discover(model: nn.Module) -> MoEArchitecture:
     layers = decoder_layers(model)
     # blocks whose experts take inputs scaled by a dense router's scores (Llama 4) -> the router/experts contract
     adapt_input_scaled_blocks(layers)
+    # blocks whose router returns logits only and that select the top-k themselves (DBRX) -> the same contract
+    adapt_topk_blocks(layers)
     hidden = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
     arch, counts = None, set()
     for i, layer in enumerate(layers):

@@ -154,11 +154,12 @@ def nf4_shapes(out_features: int, in_features: int, blocksize: int = 64) -> dict
     }
 
 
-def _layer_key(key: str) -> tuple[int, str] | None:
-    """``(layer index, rest after the MoE/attention attribute)`` for keys like ``...layers.3.<attr>.<rest>``."""
+def _layer_key(key: str, list_name: str = "layers") -> tuple[int, str] | None:
+    """``(layer index, rest after the MoE/attention attribute)`` for keys like ``...layers.3.<attr>.<rest>``
+    (``list_name``: the decoder layer list's attribute, DBRX's ``blocks``)."""
     parts = key.split(".")
     for i in range(len(parts) - 1):
-        if parts[i] == "layers" and parts[i + 1].isdigit():
+        if parts[i] == list_name and parts[i + 1].isdigit():
             return int(parts[i + 1]), ".".join(parts[i + 2 :])
     return None
 
@@ -253,7 +254,9 @@ def _renaming_round_trip(model):
     return check
 
 
-def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]], rename=None) -> None:
+def check_checkpoint(
+    files: Iterable[str], expected: dict[tuple[int, str], tuple[str, tuple]], rename=None, list_name: str = "layers"
+) -> None:
     """Compare ``expected[(layer, suffix)] = (dtype, shape)`` with the checkpoint; raise CheckpointError.
 
     ``suffix`` is matched against the end of each checkpoint key of that layer, so renamed block attributes
@@ -269,7 +272,7 @@ def check_checkpoint(files: Iterable[str], expected: dict[tuple[int, str], tuple
         if not str(path).endswith(".safetensors"):
             raise CheckpointError(f"{path}: MC checkpoints are read from safetensors only (no pickle).")
         for key, info in read_safetensors_header(str(path)).items():
-            lk = _layer_key(rename(key)[0][0] if rename is not None else key)
+            lk = _layer_key(rename(key)[0][0] if rename is not None else key, list_name)
             if lk is not None:
                 by_layer.setdefault(lk[0], []).append((lk[1], info))
     problems = []
@@ -346,8 +349,9 @@ def _bits_for(key: str, cfg) -> int:
         from .bitwidths import split
 
         parts = key.split(".")
-        layer = int(parts[parts.index("layers") + 1])
-        expert = int(parts[parts.index("packed") + 1])
+        at = parts.index("packed")
+        layer = int(next(p for p in reversed(parts[:at]) if p.isdigit()))  # (layers.<i>., DBRX's blocks.<i>.)
+        expert = int(parts[at + 1])
         gu, dn = split(cfg.expert_bits[cfg.moe_layers.index(layer)][expert])
         return dn if parts[parts.index("packed") + 2] == "down" else gu
     return int(cfg.attn_bits or 4)

@@ -11,6 +11,10 @@ module itself:
   ReLU² experts) from the parameters present: MC's gate/up projection then holds the ``I`` up rows alone and the
   gate is :class:`~optimum_mc.kernels.activations.Ungated` (``act(h)`` of the whole projection output).
 - **biases** (``gate_up_proj_bias (E, 2I)``, ``down_proj_bias (E, H)``: gpt-oss) from the parameters present.
+- **stacked 2-D** experts (three ``(E * I, H)`` matrices, each expert's ``I`` rows one after the other, the down
+  one stored ``(I, H)`` per expert: ``y = (act(x @ G_e.T) * (x @ U_e.T)) @ D_e``; DBRX's ``w1`` / ``v1`` / ``w2``)
+  from the parameters present; which matrix is the gate, the up and the down one is read from the module's
+  forward on its real weights, the gate is its only parameter-free leaf submodule (:mod:`.stacked_experts`).
 - the **gate** between the projections and whether gate / up columns are **interleaved** (``[..., ::2]`` /
   ``[..., 1::2]``: gpt-oss) rather than two halves: by probing the module's ``_apply_gate`` (transformers' hook
   for it, taking the ``(S, 2I)`` gate/up output) on fixed random values against every candidate, the module's
@@ -36,6 +40,7 @@ from torch import nn
 
 from .errors import UnsupportedArchitectureError
 from .kernels.activations import BiasedGLU, ClampedSwiGLU, Ungated, gated, intermediate
+from .stacked_experts import stacked_act, stacked_tensors, stacked_weights
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class ExpertsLayout:
     down_bias: bool = False
     act_fn: Any = None  # element-wise act (act(gate) * up), a gated object (glu(gate, up)) or Ungated (act(up))
     gated: bool = True  # False: up_proj (E, I, H) alone, no gate rows
+    stacked: bool = False  # three 2-D (E * I, H) matrices (stacked_weights)
 
     @property
     def bias(self) -> bool:
@@ -64,7 +70,7 @@ class ExpertsLayout:
     @property
     def canonical(self) -> bool:
         """Stored as MC's layout already (biases and the gate are carried, not converted)."""
-        return not (self.transposed or self.interleaved or not self.gated)
+        return not (self.transposed or self.interleaved or not self.gated or self.stacked)
 
 
 def gate_up_weight(module: nn.Module) -> torch.Tensor | None:
@@ -79,6 +85,15 @@ def gate_up_weight(module: nn.Module) -> torch.Tensor | None:
         if getattr(module, "gate_proj", None) is None and getattr(module, "num_experts", None) is not None:
             return t
     return None
+
+
+def experts_weight(module: nn.Module) -> torch.Tensor | None:
+    """A weight of a float experts module, for its dtype and device: its gate/up weight, or a stacked matrix."""
+    w = gate_up_weight(module)
+    if w is None:
+        stacked = stacked_weights(module)
+        w = stacked[0][1] if stacked else None
+    return w
 
 
 def _is_ungated(module: nn.Module) -> bool:
@@ -235,6 +250,16 @@ def _ungated_layout(name: str, module: nn.Module, e: int, h: int, i: int, transp
 def experts_layout(module: nn.Module, name: str = "experts", hidden: int | None = None) -> ExpertsLayout:
     """How ``module`` (a transformers fused experts module, weights possibly on the meta device) stores its
     experts; typed error naming the failed check otherwise. ``hidden``: the model's hidden size, when known."""
+    stacked = stacked_weights(module)
+    if stacked is not None:
+        rows, h = (int(s) for s in stacked[0][1].shape)
+        e = int(module.num_experts)
+        if hidden and h != hidden:
+            raise UnsupportedArchitectureError(
+                f"experts module `{name}` ({type(module).__name__}): stacked 2-D experts of {h} columns in a model "
+                f"of hidden size {hidden} (check: experts layout)."
+            )
+        return ExpertsLayout(e, h, rows // e, act_fn=stacked_act(name, module), stacked=True)
     e, h, i, transposed = _shape(name, module, hidden)
     if _is_ungated(module):
         return _ungated_layout(name, module, e, h, i, transposed)
@@ -255,6 +280,8 @@ def canonical_tensors(module: nn.Module, layout: ExpertsLayout) -> dict[str, tor
     """The module's weights in MC's layout: ``gate_up_proj (E, 2I, H)`` (gate rows, then up rows), ``down_proj
     (E, H, I)``, ``gate_up_proj_bias (E, 2I)`` in the same row order and ``down_proj_bias (E, H)`` (None where the
     module has none). Exact copies (transposes and column permutations only)."""
+    if layout.stacked:
+        return stacked_tensors(module, layout.num_experts, layout.inter, layout.act_fn)
     gu, dn = gate_up_weight(module).detach(), module.down_proj.detach()
     if layout.transposed:
         gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
@@ -325,15 +352,37 @@ def _check_same(name: str, original: nn.Module, new: CanonicalExperts, layout: E
     w = torch.rand(tokens, k, generator=g).to(dev)
     dtype = new.gate_up_proj.dtype
     with torch.no_grad():
-        want = original(x.to(dtype), idx, w.to(dtype)).float()
         got = new(x.to(dtype), idx, w.to(dtype)).float()
+        want = original(x.to(dtype), idx, w.to(dtype)).float().reshape(got.shape)  # (dbrx's: (T, 1, H))
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     err = float((got - want).abs().max())
     if not err <= tol * (float(want.abs().max()) + 1e-6):
+        cls, extra = type(original).__name__, _unread_parameters(original)
+        if extra:  # (the parameters first: the support table keeps a row's first 300 characters)
+            raise UnsupportedArchitectureError(
+                f"experts module `{name}` ({cls}) computes more than its two projections: it holds parameters no "
+                f"expert layout reads ({extra}), and read as {layout_summary(layout)} it does not reproduce its "
+                f"forward after conversion (max |diff| {err:.3g}). A per-expert computation beyond the projections "
+                f"(ergo's RMSNorm of each expert's output, after the down projection) neither folds into the "
+                f"quantized matrices nor runs in float in front of them (check: experts layout)."
+            )
         raise UnsupportedArchitectureError(
-            f"experts module `{name}` ({type(original).__name__}) read as {layout_summary(layout)} does not "
-            f"reproduce its forward after conversion (max |diff| {err:.3g}) (check: experts layout)."
+            f"experts module `{name}` ({cls}) read as {layout_summary(layout)} does not reproduce its forward after "
+            f"conversion (max |diff| {err:.3g}) (check: experts layout)."
         )
+
+
+_READ = {"gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"}
+
+
+def _unread_parameters(module: nn.Module) -> str:
+    """``name (shape) (Class)`` of every parameter of ``module`` an experts layout does not read."""
+    out, stacked = [], {n for n, _ in stacked_weights(module) or []}
+    for n, p in module.named_parameters():
+        if n not in _READ and n not in stacked:
+            owner = module.get_submodule(n.rpartition(".")[0]) if "." in n else module
+            out.append(f"{n} {tuple(p.shape)} ({type(owner).__name__})")
+    return ", ".join(out)
 
 
 def _probed_gate(act: Any) -> bool:
@@ -346,6 +395,7 @@ def layout_summary(layout: ExpertsLayout) -> str:
     parts = ["transposed" if layout.transposed else "(E, 2I, H)"]
     parts += ["interleaved gate/up"] if layout.interleaved else []
     parts += ["non-gated"] if not layout.gated else []
+    parts += ["stacked 2-D"] if layout.stacked else []
     parts += ["biases"] if layout.bias else []
     return ", ".join(parts) + f", gate {layout.act_fn!r}"
 

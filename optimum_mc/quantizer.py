@@ -11,12 +11,20 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from .architectures import MoEArchitecture, decoder_layers, layer_module_names, moe_blocks, require_moe, set_submodule
+from .architectures import (
+    MoEArchitecture,
+    decoder_layers,
+    layer_list_name,
+    layer_module_names,
+    moe_blocks,
+    require_moe,
+    set_submodule,
+)
 from .bitwidths import split
 from .checkpoint import check_all_tensors, check_checkpoint, key_renamer, nf4_shapes, packed_shapes
 from .config import MCConfig
 from .errors import CheckpointError, MCConfigError
-from .expert_layout import CanonicalExperts, experts_layout, gate_up_weight
+from .expert_layout import CanonicalExperts, experts_layout, experts_weight
 from .skeleton import install_packed_skeleton
 
 logger = logging.getLogger(__name__)
@@ -30,7 +38,7 @@ def expected_tensors(model: nn.Module, cfg: MCConfig, arch: MoEArchitecture) -> 
     for idx, bits in zip(cfg.moe_layers, cfg.expert_bits):
         layout = experts_layout(blocks[idx].experts)  # MC's layout or its transpose
         rows, h = layout.rows, layout.hidden  # (2I gate/up rows, or I up rows of non-gated experts)
-        dtype = str(gate_up_weight(blocks[idx].experts).dtype).removeprefix("torch.")
+        dtype = str(experts_weight(blocks[idx].experts).dtype).removeprefix("torch.")
         for e, b in enumerate(bits):
             for part, (o, n), pb in zip(("gate_up", "down"), ((rows, h), (h, layout.inter)), split(b)):
                 specs = packed_shapes(o, n, pb, cfg.group_size, cfg.metadata)
@@ -142,7 +150,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if isinstance(ex, MCExperts):
             gate_up, down = ex.dequantize()
             dt = dtype or gate_up.dtype
-            if getattr(blk.block, "scales_expert_inputs", False):  # MC's adapter block (input_scaled.py)
+            # MC's adapter blocks (input_scaled.py, topk_block.py): float experts in MC's layout behind them
+            if getattr(blk.block, "scales_expert_inputs", False) or getattr(blk.block, "float_experts_canonical", 0):
                 gb, db = ex.biases()
                 tensors = dict(gate_up_proj=gate_up, down_proj=down, gate_up_proj_bias=gb, down_proj_bias=db)
                 new = CanonicalExperts({k: v.to(dt) if v is not None else None for k, v in tensors.items()}, ex.act_fn)
@@ -235,7 +244,12 @@ class MCQuantizer(HfQuantizer):
         if self.pre_quantized:
             check_results_match_model(model, cfg, arch)
             if checkpoint_files:
-                check_checkpoint(checkpoint_files, expected_tensors(model, cfg, arch), key_renamer(model, self))
+                check_checkpoint(
+                    checkpoint_files,
+                    expected_tensors(model, cfg, arch),
+                    key_renamer(model, self),
+                    layer_list_name(model),
+                )
             build_quantized_skeleton(model, cfg, arch)
             if checkpoint_files:  # every tensor, not only packed ones
                 check_all_tensors(model, checkpoint_files, self)

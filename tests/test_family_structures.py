@@ -90,3 +90,44 @@ def test_layer_tensors_stored_outside_the_layer_prefix_are_streamed():
     mapping = get_model_conversion_mapping(model, None, None)
     again = get_model_conversion_mapping(model, None, None)  # equal transforms from another copy: kept once
     assert len(_merged_transforms(mapping[:3], again[:5])) == 5
+
+
+def test_tiny_configs_keep_what_the_family_validates():
+    """Sizes derived for the tiny configs keep the relations the families' configs validate: a per-layer head_dim
+    that is qk_nope_head_dim + qk_rope_head_dim at full size is their tiny sum (dots3_note's sliding layers), a
+    per-layer list of layer indices follows the kept layers (kolibri1_1's kv_source_layers: layer 4 of the full
+    config, read by layers 9 and 14 there, is the tiny model's layer 1), and a config split into parts is sized part
+    by part (dbrx's ffn_config / attn_config)."""
+    full = tiny_config("dots3_note_text").__class__()
+    sliding = full.layer_types.index("sliding_attention")
+    fl = full.per_layer_config[sliding]
+    assert fl.head_dim == fl.qk_nope_head_dim + fl.qk_rope_head_dim
+    g = full.to_dict()  # (global sizes: not a rule of the family)
+    assert g["head_dim"] != g["qk_nope_head_dim"] + g["qk_rope_head_dim"]
+    tiny = tiny_config("dots3_note_text")
+    tl = tiny.per_layer_config[tiny.layer_types.index("sliding_attention")]
+    assert tl.head_dim == tl.qk_nope_head_dim + tl.qk_rope_head_dim and tl.head_dim < 64
+
+    kol = tiny_config("kolibri1_1")
+    assert kol.layer_types == ["sliding_attention", "indexed_attention"] and kol.kv_source_layers == [0, 1]
+
+    dbrx = tiny_config("dbrx")
+    assert (dbrx.d_model, dbrx.n_layers, dbrx.ffn_config.hidden_size) == (64, 2, 64)
+    assert (dbrx.ffn_config.moe_num_experts, dbrx.ffn_config.moe_top_k, dbrx.attn_config.kv_n_heads) == (8, 2, 2)
+
+
+def test_layer_loop_unpacking_more_than_the_hidden_states_is_captured():
+    """kolibri1_1's layers return ``(hidden, index_pool)``: the capture's stand-ins return a tuple for it, so each
+    layer gets its own attention type's mask (its indexed layer needs an explicit one), and layer by layer equals
+    the model's own loop."""
+    model = tiny_model("kolibri1_1")
+    ids = torch.tensor(IDS)
+    (batch,) = capture_layer_inputs(model, ids, batch_size=1)
+    assert batch.per_layer and 1 in batch.per_layer
+    assert batch.inputs(0)[1]["attention_mask"] is None and batch.inputs(1)[1]["attention_mask"].dim() == 4
+    h = [batch]
+    for i, layer in enumerate(decoder_layers(model)):
+        h = run_layer(layer, h, idx=i)
+    with torch.no_grad():
+        want = model.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(model.model.norm(h[0].hidden), want, rtol=1e-5, atol=1e-5)

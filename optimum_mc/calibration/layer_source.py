@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ..architectures import decoder_layers
+from ..architectures import decoder_layers, layer_list_name
 from ..errors import CheckpointError
 
 
@@ -233,7 +233,9 @@ def _merged_transforms(before: list, now: list | None) -> list:
     return out
 
 
-_LAYER_KEY = re.compile(r"(^|\.)layers\.\d+\.")
+def _any_layer_key(list_name: str = "layers") -> re.Pattern:
+    """Keys of any decoder layer: ``<list_name>.<i>.`` (``layers``; DBRX's ``blocks``)."""
+    return re.compile(rf"(^|\.){re.escape(list_name)}\.\d+\.")
 
 
 def _key_renamer(weight_mapping) -> Callable[[str], str]:
@@ -257,8 +259,8 @@ def _key_renamer(weight_mapping) -> Callable[[str], str]:
     return rename
 
 
-def _layer_key_pattern(index: int) -> re.Pattern:
-    return re.compile(rf"(^|\.)layers\.{index}\.")
+def _layer_key_pattern(index: int, list_name: str = "layers") -> re.Pattern:
+    return re.compile(rf"(^|\.){re.escape(list_name)}\.{index}\.")
 
 
 @contextlib.contextmanager
@@ -338,6 +340,7 @@ class CheckpointLayers:
         except (AttributeError, TypeError):  # older 5.x: no per-module dtype plan
             self.dtype_plan = {}
         layers = decoder_layers(model)
+        self._list_name = layer_list_name(model)  # (checkpoint keys of layer i: <name>.<i>.)
         self._other_lists = _other_layer_lists(model, layers)
         self._meta = list(layers)  # float layers on the meta device: structure only, not registered anywhere
         for i in range(len(layers)):
@@ -349,14 +352,15 @@ class CheckpointLayers:
         from safetensors import safe_open
 
         out: dict[int, list[tuple[str, str]]] = {i: [] for i in range(len(self._meta))}
-        pats = [(i, _layer_key_pattern(i)) for i in out]
+        pats = [(i, _layer_key_pattern(i, self._list_name)) for i in out]
+        any_layer = _any_layer_key(self._list_name)
         renamed = _key_renamer(self.weight_mapping)
         for path in self.files:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     if any(other in key for other in self._other_lists):  # a vision / audio tower's layer
                         continue
-                    name = key if _LAYER_KEY.search(key) else renamed(key)
+                    name = key if any_layer.search(key) else renamed(key)
                     for i, pat in pats:
                         if pat.search(name):
                             out[i].append((path, key))
@@ -393,10 +397,9 @@ class CheckpointLayers:
                 f"finite weights: re-download or repair the checkpoint."
             )
 
-    @staticmethod
-    def ignore_patterns() -> list[str]:
+    def ignore_patterns(self) -> list[str]:
         """Checkpoint keys transformers must not report as unexpected (the layers MC reads itself)."""
-        return [r"(^|\.)layers\.\d+\."]
+        return [_any_layer_key(self._list_name).pattern]
 
     # -- per layer -----------------------------------------------------------------------------------------------
     @property

@@ -87,20 +87,31 @@ def _same(a: Any, b: Any) -> bool:
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> list[LayerBatch]:
     """Run the embedding part of ``model`` on ``input_ids`` ``(N, L)`` and record what layer 0 receives, and what
     every other layer would receive besides the hidden states where that differs (the model's layer loop is run
-    with every layer standing in as the identity; the last one stops the forward). A loop the identity cannot
-    stand in for (hy_v4's layers return ``(hidden, topk_indices)`` for the next one) gets layer 0's arguments
-    for every layer, as before per-layer arguments were read."""
-    try:
-        return _capture(model, input_ids, batch_size, every_layer=True)
-    except _StandInFailed:
-        return _capture(model, input_ids, batch_size, every_layer=False)
+    with every layer standing in as the identity; the last one stops the forward). A loop that unpacks more from
+    a layer is run with stand-ins returning ``(hidden, None, ...)`` (kolibri1_1's ``(hidden, index_pool)``: what a
+    layer hands the next one is not captured, each layer gets what the loop passes it before any layer ran); a
+    loop no stand-in runs through gets layer 0's arguments for every layer, as before per-layer arguments were
+    read."""
+    for width in _STAND_IN_WIDTHS:
+        try:
+            return _capture(model, input_ids, batch_size, every_layer=True, width=width)
+        except _StandInFailed:
+            continue
+    return _capture(model, input_ids, batch_size, every_layer=False)
+
+
+# what a stand-in layer returns: the hidden states alone, or a tuple of them and Nones for a loop that unpacks more
+# (kolibri1_1's layers return (hidden, index_pool): the candidate keys an indexer layer selects, None before one)
+_STAND_IN_WIDTHS = (1, 2, 3)
 
 
 class _StandInFailed(Exception):
     """The model's layer loop did not run with identity layers."""
 
 
-def _capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int, every_layer: bool) -> list[LayerBatch]:
+def _capture(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, every_layer: bool, width: int = 1
+) -> list[LayerBatch]:
     layers = decoder_layers(model)
     last = len(layers) - 1 if every_layer else 0
     captured: list[LayerBatch] = []
@@ -115,7 +126,7 @@ def _capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int, every_l
             calls.append((hidden, tuple(args[1:]), kw))
             if i == last:
                 raise _StopForward
-            return hidden
+            return hidden if width == 1 else (hidden,) + (None,) * (width - 1)
 
         return forward
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..bitwidths import ExpertBits, join, op_bits, split
 from ..errors import CheckpointError, UnsupportedArchitectureError
-from ..expert_layout import canonical_experts, experts_layout, gate_up_weight
+from ..expert_layout import canonical_experts, experts_layout, experts_weight, gate_up_weight
 from ..kernels import activation_name, check_routing, cpu, moe_op
 from ..kernels.activations import intermediate, projection_rows
 from ..kernels.eager import plain_eager
@@ -57,7 +57,7 @@ def packed_like(
     """An empty :class:`MCExperts` for the float experts ``module`` (any layout :func:`experts_layout` reads): its
     sizes, gate, biases and dtype, on ``device`` (default: the module's); ``metadata`` as :class:`QuantLinear`."""
     layout = experts_layout(module, type(module).__name__)
-    weight = gate_up_weight(module)
+    weight = experts_weight(module)
     return MCExperts(
         layout.num_experts,
         layout.hidden,

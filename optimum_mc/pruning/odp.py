@@ -15,7 +15,7 @@ from torch import nn
 
 from ..architectures import calls_attention_interface, decoder_layers, moe_blocks, require_moe, router_output_positions
 from ..errors import MCConfigError
-from ..expert_layout import gate_up_weight
+from ..expert_layout import experts_weight, gate_up_weight
 from ..kernels.activations import projection_rows
 from .importance import install_attention, uninstall_attention
 from .routing import routing_is_normalized
@@ -162,7 +162,12 @@ def _expert_sizes(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         e, h, i = experts.num_experts, experts.hidden_dim, experts.intermediate_dim
         params = torch.full((e,), float((projection_rows(experts.act_fn, i) + i) * h))
         return params, torch.tensor([float(experts.expert_nbytes(k)) for k in range(e)])
-    gu, dn = gate_up_weight(experts), experts.down_proj
+    gu = gate_up_weight(experts)
+    if gu is None:  # stacked 2-D experts (expert_layout.stacked_weights): three (E * I, H) matrices
+        e, w = int(experts.num_experts), experts_weight(experts)
+        per = float(3 * w.numel() / e)
+        return torch.full((e,), per), torch.full((e,), per * w.element_size())
+    dn = experts.down_proj
     per = float(gu[0].numel() + dn[0].numel())
     e = gu.shape[0]
     return torch.full((e,), per), torch.full((e,), per * gu.element_size())

@@ -40,6 +40,8 @@ _SIZES = dict(
     moe_num_experts=8,
     num_experts_per_tok=2,
     moe_topk=2,
+    moe_top_k=2,  # (dbrx's ffn_config)
+    kv_n_heads=2,  # (dbrx's attn_config)
     top_k_experts=2,
     moe_k=2,
     n_shared_experts=1,
@@ -131,6 +133,10 @@ _EXCEPTIONS = {
     # its default is all Mamba layers, which transformers' mask creation cannot run with a cache (real checkpoints
     # interleave attention layers): one of each kind
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    # its attention reads attn_config.rope_theta, which the config class does not define, and clamps q/k/v to
+    # clip_qkv, which it cannot do at the class's default None: published config.json files carry both
+    # (transformers-community/dbrx-instruct: 500000 and 8); merged into the tiny attn_config
+    "dbrx": dict(attn_config=dict(rope_theta=500000, clip_qkv=8)),
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -177,6 +183,15 @@ def _get(config, key: str):
         return config.to_dict().get(key)
 
 
+def _layer_references(v: list) -> bool:
+    """A per-layer list of layer indices: each entry an earlier (or its own) layer that refers to itself, more than
+    two distinct ones (not a list of 0 / 1 flags, as llama4's no_rope_layers), some layer referring to another one
+    (not a list of all layers' indices, as llama4's moe_layers at its default)."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= i for i, x in enumerate(v)):
+        return False
+    return len(set(v)) > 2 and all(v[x] == x for x in v) and any(x != i for i, x in enumerate(v))
+
+
 def _tiny_per_layer(values: dict, per_layer: dict, keep: list[int], kw: dict) -> dict:
     """A heterogeneous config's per-layer overrides (``{"05": {"head_dim": 512}}``) for the kept layers, indexed
     anew, each size scaled as the tiny global one is (512 over a global 256 -> twice the tiny head_dim)."""
@@ -192,8 +207,18 @@ def _tiny_per_layer(values: dict, per_layer: dict, keep: list[int], kw: dict) ->
                 tiny[k] = max(1, round(t * v / g))
             elif k not in kw:
                 tiny[k] = v
+        # head_dim = qk_nope_head_dim + qk_rope_head_dim where the full-size layer has it (dots3_note's sliding
+        # layers: its config validates it); the tiny parts, scaled separately, are summed again
+        full = [over.get(p, values.get(p)) for p in _HEAD_PARTS]
+        if all(isinstance(x, int) for x in full) and full[0] == sum(full[1:]):
+            parts = [tiny.get(p, kw.get(p)) for p in _HEAD_PARTS[1:]]
+            if all(isinstance(x, int) for x in parts):
+                tiny["head_dim"] = sum(parts)
         out[str(keep.index(i)).zfill(len(key))] = tiny
     return out
+
+
+_HEAD_PARTS = ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
 
 
 def tiny_config(model_type: str, **overrides):
@@ -204,7 +229,9 @@ def tiny_config(model_type: str, **overrides):
 
     base = AutoConfig.for_model(model_type)
     if getattr(base, "sub_configs", None):
-        return _tiny_nested(model_type, base, overrides)
+        from .tiny_nested import tiny_nested
+
+        return tiny_nested(model_type, base, overrides)
     layers0 = _get(base, "num_hidden_layers")
     kw = {k: v for k, v in _SIZES.items() if _has(base, k)}
     n = kw.get("num_hidden_layers", layers0)
@@ -230,6 +257,10 @@ def tiny_config(model_type: str, **overrides):
     for k, v in values.items():
         if isinstance(v, list) and layers0 and len(v) == layers0 and n != layers0 and k not in kw:
             kw[k] = [v[i] for i in keep]
+            if _layer_references(v):
+                # per layer, the index of another layer (kolibri1_1's kv_source_layers: whose K/V it reads): the kept
+                # layer's new index, or its own where that layer is dropped (it then produces its own)
+                kw[k] = [keep.index(v[i]) if v[i] in keep else j for j, i in enumerate(keep)]
         elif k.endswith("_layers") and isinstance(v, list) and all(isinstance(x, int) for x in v) and k not in kw:
             kw[k] = [keep.index(x) for x in v if x in keep]  # layer indices follow the kept layers
         elif k.endswith("_layer_period") and isinstance(v, int):
@@ -247,60 +278,6 @@ def tiny_config(model_type: str, **overrides):
         kw = {j: v for j, v in kw.items() if alias.get(j, j) != alias.get(k, k)}
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
-
-
-# sizes of a multimodal wrapper's non-text towers (vision, audio): small, and projecting into the text model's width
-_TOWER_SIZES = dict(
-    hidden_size=64,
-    num_hidden_layers=1,
-    depth=1,
-    num_heads=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=16,
-    intermediate_size=64,
-    vision_output_dim=64,
-    projector_input_dim=64,
-    projector_output_dim=64,
-    num_position_embeddings=64,
-)
-
-
-def _tiny_nested(model_type: str, base, overrides: dict):
-    """A tiny config of a family whose config nests sub-configs: a multimodal wrapper (its ``text_config`` is the
-    tiny config of the text model type, its other towers get :data:`_TOWER_SIZES` and project into the text
-    width; only the text model's MoE is quantized) or a config split into parts (dbrx's ``attn_config`` /
-    ``ffn_config``: the size rules applied to each part and to the top level through its attribute aliases)."""
-    from transformers import AutoConfig
-
-    subs = dict(base.sub_configs)
-    kw: dict = {}
-    if "text_config" in subs:
-        text = getattr(base, "text_config", None)
-        text_type = getattr(text, "model_type", None) or getattr(subs["text_config"], "model_type", None)
-        text = tiny_config(text_type, **overrides).to_dict()
-        kw["text_config"] = text
-        for name, cls in subs.items():
-            if name == "text_config":
-                continue
-            tower = getattr(base, name, None)
-            try:  # a tower the default config leaves out (gemma4's vision and audio) is built too: it must stay float
-                values = (tower if tower is not None else cls()).to_dict()
-            except Exception:
-                continue
-            sizes = {k: v for k, v in _TOWER_SIZES.items() if k in values}
-            for k in ("out_hidden_size", "output_size", "text_hidden_size"):
-                if isinstance(values.get(k), int):
-                    sizes[k] = text["hidden_size"]
-            kw[name] = {**values, **sizes}
-        for k in _TOKEN_IDS:  # the wrapper's own token ids (text ones are in text_config)
-            if isinstance(getattr(base, k, None), int):
-                kw[k] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[k]
-        return AutoConfig.for_model(model_type, **kw)
-    raise NotImplementedError(
-        f"{model_type} nests sub-configs ({', '.join(subs)}) without a text_config; tiny sizes are derived for flat "
-        f"text configs and multimodal wrappers"
-    )
 
 
 CORPUS = [
