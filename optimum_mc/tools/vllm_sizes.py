@@ -55,6 +55,9 @@ VLLM_CONFIG_EXTRAS = {
     # MiniMaxAI/MiniMax-M2 config.json: sigmoid routing with a correction bias (transformers' MiniMaxM2 router always
     # does both); rotary_dim is the rotated part of a head (the whole head at transformers' partial_rotary_factor 1)
     "minimax_m2": dict(scoring_func="sigmoid", use_routing_bias=True, rotary_dim=VLLM_SIZES["head_dim"]),
+    # moonshotai/Kimi-Linear-48B-A3B config.json: its MLA layers rotate nothing (transformers' Kimi-Linear applies no
+    # rope), which vLLM reads from mla_use_nope (and asserts)
+    "kimi_linear": dict(mla_use_nope=True),
 }
 
 
