@@ -16,7 +16,17 @@ from ...kernels import check_experts
 from ...kernels.moe_cpu import DecodePlan
 from . import odp
 from .moe_apply import apply_packed_moe
-from .weights import EXPERT_NAME, PackedExpert, allow_amx, check_tensor, packed_shape, working_tp_sizes
+from .weights import (
+    COMPACT,
+    EXPERT_NAME,
+    CompactMetadata,
+    PackedExpert,
+    allow_amx,
+    check_compact,
+    check_tensor,
+    packed_shape,
+    working_tp_sizes,
+)
 
 if TYPE_CHECKING:
     from .config import MCVllmConfig
@@ -66,6 +76,7 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.log_every = config.odp.log_every if config.odp is not None else 0
         self.calls = 0
         self.mode = config.decode_activations  # "auto" / "float" / "int8": what the CPU decode GEMVs take
+        self.compact = CompactMetadata() if config.metadata == "q8" else None  # q8 metadata: expanded at load
 
     def get_fused_moe_quant_config(self, layer: nn.Module):
         return None
@@ -111,7 +122,8 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         # every expert's names, other ranks' as empty placeholders (checked at load, not kept; PackedMatrix)
         self.local_set = mine = set(self.local_ids)
         packed = nn.ModuleDict({
-            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group, e not in mine)
+            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group, e not in mine,
+                                 compact=self.compact is not None)
             for e in range(total)
         })  # fmt: skip
         for name, param in packed.named_parameters():
@@ -171,8 +183,23 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
             yield name
 
     def _copy(self, layer: nn.Module, e: int, proj: str, kind: str, w: torch.Tensor) -> None:
-        """Check the checkpoint's ``packed.<e>.<proj>.<kind>`` and copy this rank's slice of it in."""
+        """Check the checkpoint's ``packed.<e>.<proj>.<kind>`` and copy this rank's slice of it in (compact metadata:
+        held until the matrix's three tensors are in, then expanded to the fp16 scales / zeros and copied as those)."""
         gu_bits, dn_bits = self.expert_bits[e]
+        if kind in COMPACT:
+            if self.compact is None:
+                raise CheckpointError(
+                    f"{self.prefix}.packed.{e}.{proj}.{kind}: compact (q8) metadata, but quantization_config's metadata "
+                    "is 'fp16'; the checkpoint does not match its config."
+                )
+            bits, rows, groups = (gu_bits, 2 * self.inter_full, self.hidden // self.group) if proj == "gate_up" else (
+                dn_bits, self.hidden, self.inter_full // self.inter_group)  # fmt: skip
+            check_compact(f"{self.prefix}.packed.{e}.{proj}", kind, w, rows, groups, bits)
+            self.loaded.add(f"packed.{e}.{proj}.{kind}")
+            out = self.compact.add((e, proj), kind, w, bits)
+            for part, t in zip(("scales", "zeros"), out or ()):
+                self._copy(layer, e, proj, part, t)
+            return
         if proj == "gate_up":
             bits, full = gu_bits, packed_shape(2 * self.inter_full, self.hidden, gu_bits, self.group)
         else:
@@ -194,6 +221,11 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         allow_amx()
         self._hook.remove()
+        if self.compact is not None and self.compact.incomplete():
+            raise CheckpointError(
+                f"{self.prefix}: compact metadata incomplete ({'; '.join(self.compact.incomplete())} missing); the "
+                "checkpoint is incomplete or does not match its config."
+            )
         # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
         missing = sorted(n for n, _ in layer.packed.named_parameters(prefix="packed") if n not in self.loaded)
         if missing:
