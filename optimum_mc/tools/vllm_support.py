@@ -39,13 +39,13 @@ ENGINE_NOTES = {
     "axk1": "vLLM's AXK1 builds post_mlp_layernorm on every decoder layer and requires it in the checkpoint; "
     "transformers' A.X-K1 has it only in MoE layers, so a transformers-saved checkpoint with a dense first layer "
     "(A.X-K1's first_k_dense_replace 1) lacks it for that layer",
-    "kimi_linear": "vLLM's CPU platform turns prefix caching off for MLA without AMX (platforms/cpu.py) after the hybrid "
-    "(KDA + MLA) model hook has set mamba_block_size to the block size for prefix caching (models/config.py "
-    "MambaModelConfig), so VllmConfig's validate_mamba_block_size refuses it. Past that (enable_prefix_caching=False): "
-    "vLLM 0.32 has only NVIDIA / AMD Kimi-Linear code (vllm/models/kimi_k3): it imports cutlass unless "
-    "VLLM_KIMI_K3_GEMM_AR=0, names the dense first layer's MLP `mlp` where transformers saves it as "
-    "`block_sparse_moe` (KeyError at load), and runs its KDA layers on flash-linear-attention Triton kernels, which "
-    "this CPU build has no backend for",
+    "kimi_linear": "vLLM's CPU platform turns prefix caching off for MLA without AMX (platforms/cpu.py) after the "
+    "hybrid (KDA + MLA) model hook has set mamba_block_size to the block size for prefix caching (models/config.py "
+    "MambaModelConfig), so VllmConfig's validate_mamba_block_size refuses it. Past that "
+    "(enable_prefix_caching=False): vLLM 0.32 has only NVIDIA / AMD Kimi-Linear code (vllm/models/kimi_k3): it "
+    "imports cutlass unless VLLM_KIMI_K3_GEMM_AR=0, names the dense first layer's MLP `mlp` where transformers "
+    "saves it as `block_sparse_moe` (KeyError at load), and runs its KDA layers on flash-linear-attention Triton "
+    "kernels, which this CPU build has no backend for",
     "nemotron_h": "its MoE experts are not gated (up and down projections, ReLU²): vLLM 0.32 builds a non-gated fused "
     "MoE layer (is_act_and_mul=False) only on CUDA, XPU and ROCm; FusedMoEConfig raises NotImplementedError on CPU "
     "when the layer is built, before a quantization method is chosen, so neither the float nor the MC model loads",

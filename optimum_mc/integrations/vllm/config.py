@@ -58,7 +58,7 @@ class MCVllmConfig(QuantizationConfig):
         self.odp: ODPSettings | None = None  # resolved in maybe_update_config (it sees hf_overrides)
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % WORD_BITS):
             raise MCConfigError(f"group_size {self.group_size} is not -1 or a positive multiple of 32.")
-        # "q8": compact scales / zeros (format 3), expanded to fp16 as they load (the weight loaders), as transformers does
+        # "q8": compact scales / zeros (format 3), expanded to fp16 as they load (weight loaders), as transformers does
         self.metadata = str(config.get("metadata", "fp16"))
         if self.metadata not in ("fp16", "q8"):
             raise MCConfigError(

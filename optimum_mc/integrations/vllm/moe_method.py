@@ -189,8 +189,8 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         if kind in COMPACT:
             if self.compact is None:
                 raise CheckpointError(
-                    f"{self.prefix}.packed.{e}.{proj}.{kind}: compact (q8) metadata, but quantization_config's metadata "
-                    "is 'fp16'; the checkpoint does not match its config."
+                    f"{self.prefix}.packed.{e}.{proj}.{kind}: compact (q8) metadata, but quantization_config's "
+                    "metadata is 'fp16'; the checkpoint does not match its config."
                 )
             bits, rows, groups = (gu_bits, 2 * self.inter_full, self.hidden // self.group) if proj == "gate_up" else (
                 dn_bits, self.hidden, self.inter_full // self.inter_group)  # fmt: skip
