@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,21 @@ def test_q8_deepseek_loaded_by_its_own_loop(tmp_path):
 
     res = check("deepseek_v3", str(tmp_path), timeout=TIMEOUT, baseline=False, mc_options=Q8)
     assert res["status"] == "pass", res
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two cores")
+@pytest.mark.parametrize(
+    "extra",
+    [{"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
+    ids=["tp2", "ep2"],
+)
+def test_q8_tensor_and_expert_parallel_match_transformers(q8_dir, monkeypatch, extra):
+    """The expanded scales / zeros go through the fp16 path's sharding: TP=2 splits rows / groups, EP=2 keeps each
+    rank's experts."""
+    import torch
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1"))
+    got, err = engine(str(q8_dir), "float32", TIMEOUT, extra)
+    assert got is not None, err
+    res = compare(got, reference(str(q8_dir), torch.float32))
+    assert res["max_logprob_diff"] < 1e-4 and res["greedy_equal"] == "3/3", res
