@@ -113,9 +113,9 @@ class PackedMatrix(nn.Module):
 
 class PackedExpert(nn.Module):
     def __init__(self, hidden: int, inter: int, gate_up_bits: int, down_bits: int, group: int, inter_group: int,
-                 remote: bool = False, compact: bool = False):  # fmt: skip
-        super().__init__()
-        self.gate_up = PackedMatrix(2 * inter, hidden, gate_up_bits, group, remote, compact)
+                 remote: bool = False, compact: bool = False, gated: bool = True):  # fmt: skip
+        super().__init__()  # gated: gate then up rows (2I); else the I up rows only (Nemotron-H's ReLU² experts)
+        self.gate_up = PackedMatrix((2 if gated else 1) * inter, hidden, gate_up_bits, group, remote, compact)
         self.down = PackedMatrix(hidden, inter, down_bits, inter_group, remote, compact)
 
 
