@@ -48,7 +48,9 @@ ENGINE_NOTES = {
     "kernels, which this CPU build has no backend for",
     "nemotron_h": "its MoE experts are not gated (up and down projections, ReLU²): vLLM 0.32 builds a non-gated fused "
     "MoE layer (is_act_and_mul=False) only on CUDA, XPU and ROCm; FusedMoEConfig raises NotImplementedError on CPU "
-    "when the layer is built, before a quantization method is chosen, so neither the float nor the MC model loads",
+    "when the layer is built, before a quantization method is chosen, so neither the float nor the MC model loads. "
+    "The plugin's MoE method serves them (a per-expert loop); with that one refusal lifted the tiny MC model matches "
+    "transformers' (5.1e-5, 3/3: tests/integrations/test_vllm_ungated.py)",
     "qwen3_5_moe_text": "vLLM's Qwen3.5 model imports Qwen3-VL, whose transformers image processor needs torchvision "
     "(removed from this venv: the registry's torchvision is a CUDA build that breaks next to torch+cpu)",
 }
