@@ -76,56 +76,6 @@ _SIZES = dict(
     hc_lowrank=16,
     ple_embed_dim=64,
 )
-# sizes vLLM's CPU build takes on top of _SIZES (its attention kernels take head sizes 32, 64, 80, ...; group 32)
-VLLM_SIZES = dict(
-    hidden_size=128,
-    head_dim=32,
-    intermediate_size=128,
-    moe_intermediate_size=64,
-    shared_expert_intermediate_size=64,
-    # multi-head latent attention: vLLM's CPU MLA backends (AMX_MLA, CPU_MLA) take only a latent cache of
-    # kv_lora_rank + qk_rope_head_dim = 576 wide (DeepSeek-V2/V3's 512 + 64: "Head dimension 96 is not supported")
-    qk_rope_head_dim=64,
-    qk_nope_head_dim=32,
-    qk_head_dim=96,
-    v_head_dim=32,
-    kv_lora_rank=512,
-    q_lora_rank=64,
-    # vLLM's CPU gated delta-net kernel (chunk_gated_delta_rule_cpu) takes Qwen3-Next's head dims, 128 ("Unexpected
-    # head dim size, 32")
-    linear_key_head_dim=128,
-    linear_value_head_dim=128,
-    # sparse-attention indexers (DeepSeek-V3.2, GLM-5, Hy-V4) rotate the first or last qk_rope_head_dim of their
-    # index_head_dim-wide heads: the head must hold that part (deepseek-ai/DeepSeek-V3.2: 128 wide, 64 rotated)
-    index_head_dim=128,
-)
-# config.json fields real checkpoints of a family carry that transformers' config class does not default to (or
-# defaults otherwise), and that vLLM reads to build the model: without them vLLM builds another model than the one
-# transformers runs (DeepSeek-V3 without topk_method "noaux_tc" has no e_score_correction_bias and routes by
-# softmax; DeepSeek-V2 with transformers' default topk_method "greedy" is routed by vLLM with grouped top-k anyway).
-# Values from deepseek-ai/DeepSeek-V3 and deepseek-ai/DeepSeek-V2 config.json (group counts scaled to 8 experts).
-VLLM_CONFIG_EXTRAS = {
-    "deepseek_v2": dict(
-        topk_method="group_limited_greedy", scoring_func="softmax", n_group=2, topk_group=1, routed_scaling_factor=16.0
-    ),
-    "deepseek_v3": dict(
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        n_group=2,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-    ),
-    # arcee-ai/Trinity-Mini config.json: the routing transformers' AfmoeTokenChoiceRouter hard-codes (sigmoid scores,
-    # renormalized top-k, no expert groups), which vLLM reads from these fields
-    "afmoe": dict(score_func="sigmoid", route_norm=True, n_group=1, topk_group=1),
-    # tencent Hy3 config.json: vLLM reads the expert width as expert_hidden_dim (transformers: moe_intermediate_size),
-    # and q/k norms and renormalized top-k, which transformers' HYV3 always applies, from qk_norm / route_norm
-    "hy_v3": dict(expert_hidden_dim=VLLM_SIZES["moe_intermediate_size"], qk_norm=True, route_norm=True),
-    # MiniMaxAI/MiniMax-M2 config.json: sigmoid routing with a correction bias (transformers' MiniMaxM2 router always
-    # does both); rotary_dim is the rotated part of a head (the whole head at transformers' partial_rotary_factor 1)
-    "minimax_m2": dict(scoring_func="sigmoid", use_routing_bias=True, rotary_dim=VLLM_SIZES["head_dim"]),
-}
 # families whose defaults cannot be derived from the generic rules above
 _EXCEPTIONS = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
@@ -313,30 +263,6 @@ def build_tiny_tokenizer(vocab_size: int, corpus: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def vllm_sizes(model_type: str) -> dict:
-    """:data:`VLLM_SIZES` restricted to the attributes ``model_type``'s config has, and the family's
-    :data:`VLLM_CONFIG_EXTRAS`."""
-    from transformers import AutoConfig
-
-    base = AutoConfig.for_model(model_type)
-    # head_dim always: vLLM reads it from the config where an older transformers' config class does not define it
-    sizes = {k: v for k, v in VLLM_SIZES.items() if k == "head_dim" or hasattr(base, k)}
-    if "kv_lora_rank" in sizes and "qk_rope_head_dim" in sizes:  # MLA: transformers' rotary head is the rope part
-        sizes["head_dim"] = sizes["qk_rope_head_dim"]
-    # the family's own tie_word_embeddings (what its published checkpoints set): some vLLM models tie the head to the
-    # embedding whatever the config says (Cohere2-MoE, LFM2-MoE), so an untied tiny model would be another model there
-    if "tie_word_embeddings" in base.to_dict():
-        sizes["tie_word_embeddings"] = bool(base.tie_word_embeddings)
-    out = {**sizes, **VLLM_CONFIG_EXTRAS.get(model_type, {})}
-    if "first_k_dense_replace" not in out and not hasattr(base, "first_k_dense_replace"):
-        # a config class that lists per-layer MLP kinds (mlp_layer_types) where the published config.json still
-        # carries DeepSeek's first_k_dense_replace, which vLLM reads: the tiny model's count of leading dense layers
-        kinds = getattr(tiny_config(model_type, **out), "mlp_layer_types", None)
-        if isinstance(kinds, list) and kinds and "dense" in kinds:
-            out["first_k_dense_replace"] = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
-    return out
-
-
 def tiny_model(model_type: str, seed: int = 0, **overrides):
     """A random tiny causal LM of ``model_type`` (weights ~ N(0, 0.08²): distinct experts, non-degenerate routing);
     ``overrides`` go to :func:`tiny_config` (e.g. :data:`VLLM_SIZES`)."""
@@ -440,3 +366,7 @@ def check_family(model_type: str, workdir: str) -> dict:
         thr = ", ".join(f"{t:.2f}" for t in again.config.quantization_config.odp_thresholds)
         notes["odp"] = f"skipped {stats['skipped_fraction']:.2f} of expert slots at calibrated thresholds {thr}"
     return {"status": "pass", "notes": notes}
+
+
+# the vLLM-sized tiny configs (their own module; kept importable from here)
+from optimum_mc.tools.vllm_sizes import VLLM_CONFIG_EXTRAS, VLLM_SIZES, vllm_sizes  # noqa: E402,F401

@@ -39,6 +39,18 @@ ENGINE_NOTES = {
     "axk1": "vLLM's AXK1 builds post_mlp_layernorm on every decoder layer and requires it in the checkpoint; "
     "transformers' A.X-K1 has it only in MoE layers, so a transformers-saved checkpoint with a dense first layer "
     "(A.X-K1's first_k_dense_replace 1) lacks it for that layer",
+    "kimi_linear": "vLLM's CPU platform turns prefix caching off for MLA without AMX (platforms/cpu.py) after the "
+    "hybrid (KDA + MLA) model hook has set mamba_block_size to the block size for prefix caching (models/config.py "
+    "MambaModelConfig), so VllmConfig's validate_mamba_block_size refuses it. Past that "
+    "(enable_prefix_caching=False): vLLM 0.32 has only NVIDIA / AMD Kimi-Linear code (vllm/models/kimi_k3): it "
+    "imports cutlass unless VLLM_KIMI_K3_GEMM_AR=0, names the dense first layer's MLP `mlp` where transformers "
+    "saves it as `block_sparse_moe` (KeyError at load), and runs its KDA layers on flash-linear-attention Triton "
+    "kernels, which this CPU build has no backend for",
+    "nemotron_h": "its MoE experts are not gated (up and down projections, ReLU²): vLLM 0.32 builds a non-gated fused "
+    "MoE layer (is_act_and_mul=False) only on CUDA, XPU and ROCm; FusedMoEConfig raises NotImplementedError on CPU "
+    "when the layer is built, before a quantization method is chosen, so neither the float nor the MC model loads. "
+    "The plugin's MoE method serves them (a per-expert loop); with that one refusal lifted the tiny MC model matches "
+    "transformers' (5.1e-5, 3/3: tests/integrations/test_vllm_ungated.py)",
     "qwen3_5_moe_text": "vLLM's Qwen3.5 model imports Qwen3-VL, whose transformers image processor needs torchvision "
     "(removed from this venv: the registry's torchvision is a CUDA build that breaks next to torch+cpu)",
 }
@@ -50,7 +62,8 @@ if __name__ == "__main__":
     model, dtype, out, prompts, extra = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
     llm = LLM(model=model, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.25, enforce_eager=True,
               **json.loads(extra))
-    params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0, logprobs=0)
+    # ignore_eos: transformers' reference generates its 6 tokens past EOS too (eos_token_id=None)
+    params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0, logprobs=0, ignore_eos=True)
     rows = []
     for p, r in zip(prompts, llm.generate([{"prompt_token_ids": p} for p in prompts], params)):
         lp = [d[t].logprob for t, d in zip(p[1:], r.prompt_logprobs[1:])]
@@ -155,17 +168,19 @@ def engine_options(folder: str) -> list[tuple[str, dict]]:
     return [("float32", {}), ("bfloat16", {})]
 
 
-def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True, parallel: dict | None = None) -> dict:
+def check(model_type: str, work: str, timeout: int = 400, baseline: bool = True, parallel: dict | None = None,
+          mc_options: dict | None = None) -> dict:  # fmt: skip
     """Quantize a tiny ``model_type`` under ``work`` and compare the engines (``baseline``: the float model too;
     ``parallel``: more ``LLM`` arguments for vLLM, e.g. tensor / expert parallelism, against transformers' one
-    process); a family vLLM does not run as transformers does carries :data:`ENGINE_NOTES`' reason as ``note``."""
-    res = _check(model_type, work, timeout, baseline, parallel)
+    process; ``mc_options``: MCConfig arguments replacing the quick ones, e.g. compact metadata); a family vLLM does
+    not run as transformers does carries :data:`ENGINE_NOTES`' reason as ``note``."""
+    res = _check(model_type, work, timeout, baseline, parallel, mc_options or {})
     if res["status"] not in ("pass", "fail") and model_type in ENGINE_NOTES:
         res["note"] = ENGINE_NOTES[model_type]
     return res
 
 
-def _check(model_type: str, work: str, timeout: int, baseline: bool, parallel: dict | None) -> dict:
+def _check(model_type: str, work: str, timeout: int, baseline: bool, parallel: dict | None, mc_options: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -182,7 +197,7 @@ def _check(model_type: str, work: str, timeout: int, baseline: bool, parallel: d
                     buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
         model.save_pretrained(src)
         tok.save_pretrained(src)
-        qc = quick_config(seq_len=32)
+        qc = quick_config(**{"seq_len": 32, **mc_options})
         AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, dtype=torch.float32).save_pretrained(dst)
         tok.save_pretrained(dst)
     except Exception as exc:  # noqa: BLE001 - reported: MC's own support matrix says why (docs/support.md)

@@ -162,6 +162,13 @@ def test_vllm_sizes_follow_what_published_configs_carry():
         sizes = vllm_sizes("glm4_moe_lite")
         assert sizes["first_k_dense_replace"] == 1
         assert tiny_config("glm4_moe_lite", **sizes).mlp_layer_types == ["dense", "sparse"]
+    if "mimo_v2_flash" in types:  # the SWA fields XiaomiMiMo/MiMo-V2-Flash config.json carries, from the tiny config
+        sizes = vllm_sizes("mimo_v2_flash")
+        cfg = tiny_config("mimo_v2_flash", **sizes)
+        assert cfg.layer_types == ["full_attention", "sliding_attention"]
+        assert (sizes["hybrid_layer_pattern"], sizes["moe_layer_freq"]) == ([0, 1], [0, 1])
+        assert sizes["swa_num_key_value_heads"] == 2 * cfg.num_key_value_heads
+        assert (sizes["rope_theta"], sizes["swa_rope_theta"]) == (5e6, 1e4)
     for mt in sorted(types & {"deepseek_v32", "glm_moe_dsa", "hy_v4"}):
         sizes = vllm_sizes(mt)
         if "index_head_dim" in sizes and "qk_rope_head_dim" in sizes:

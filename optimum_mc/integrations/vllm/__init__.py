@@ -29,6 +29,7 @@ SUPPORTED_ARCHITECTURES = (
     "HunYuanMoEV1ForCausalLM",
     "Lfm2MoeForCausalLM",
     "MellumForCausalLM",
+    "MiMoV2FlashForCausalLM",
     "MixtralForCausalLM",
     "OlmoeForCausalLM",
     "Qwen2MoeForCausalLM",

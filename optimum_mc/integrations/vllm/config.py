@@ -58,11 +58,12 @@ class MCVllmConfig(QuantizationConfig):
         self.odp: ODPSettings | None = None  # resolved in maybe_update_config (it sees hf_overrides)
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % WORD_BITS):
             raise MCConfigError(f"group_size {self.group_size} is not -1 or a positive multiple of 32.")
-        if config.get("metadata", "fp16") != "fp16":
+        # "q8": compact scales / zeros (format 3), expanded to fp16 as they load (weight loaders), as transformers does
+        self.metadata = str(config.get("metadata", "fp16"))
+        if self.metadata not in ("fp16", "q8"):
             raise MCConfigError(
-                f"this checkpoint stores compact scales / zeros (metadata={config.get('metadata')!r}, format 3), "
-                "which the vLLM plugin does not read yet; serve it with transformers (optimum_mc expands them at "
-                "load), or quantize with metadata='fp16' for vLLM."
+                f"quantization_config's metadata {self.metadata!r} is not 'fp16' or 'q8'; the checkpoint was written "
+                "by a newer optimum-mc (upgrade optimum-mc) or its config was edited."
             )
         if config.get("nonexpert_method", "gptq") == "bnb_nf4":
             raise MCConfigError(

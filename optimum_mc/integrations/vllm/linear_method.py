@@ -13,7 +13,16 @@ from ...errors import CheckpointError, MCConfigError
 from ...kernels import check_packed, cpu
 from ...kernels.eager import plain_eager
 from ...packing import WORD_BITS
-from .weights import allow_amx, check_tensor, packed_shape, working_tp_sizes
+from .weights import (
+    COMPACT,
+    CompactMetadata,
+    allow_amx,
+    check_compact,
+    check_tensor,
+    compact_placeholders,
+    packed_shape,
+    working_tp_sizes,
+)
 
 if TYPE_CHECKING:
     from .config import MCVllmConfig
@@ -48,14 +57,51 @@ class MCLinearMethod(LinearMethodBase):
         qshape, gshape = packed_shape(rows, input_size_per_partition, self.bits, g)
         loader = extra_weight_attrs.pop("weight_loader")
         full_q, full_g = packed_shape(0, input_size, self.bits, g)
+        checked = {}
         for name, shape, dtype, full_cols in (("qweight", qshape, torch.int32, full_q[1]),
                                               ("scales", gshape, torch.float16, full_g[1]),
                                               ("zeros", gshape, torch.float16, full_g[1])):  # fmt: skip
             param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-            checked = self._checked_loader(loader, layer, name, full_cols)
-            set_weight_attrs(param, {"input_dim": 1, "output_dim": 0, **extra_weight_attrs, "weight_loader": checked})
+            checked[name] = self._checked_loader(loader, layer, name, full_cols)
+            set_weight_attrs(param, {"input_dim": 1, "output_dim": 0, **extra_weight_attrs,
+                                     "weight_loader": checked[name]})  # fmt: skip
             layer.register_parameter(name, param)
+        if self.config.metadata == "q8":  # compact scales / zeros in the checkpoint: expanded to fp16 as they load
+            compact_placeholders(layer)
+            for name in COMPACT:
+                getattr(layer, name).weight_loader = self._compact_loader(layer, name, full_g[1], checked)
         layer.mc_bits = self.bits
+
+    @staticmethod
+    def _shard_rows(layer: nn.Module, shard, loaded_weight: torch.Tensor) -> int:
+        """The output rows of the checkpoint tensor for ``shard`` (None: the whole layer; a fused layer's part)."""
+        sizes = getattr(layer, "output_sizes", None)
+        rows = loaded_weight.shape[0] if loaded_weight.dim() == 2 else -1
+        if shard is None:
+            rows = layer.output_size
+        elif sizes is not None:
+            idx = {"q": 0, "k": 1, "v": 2}.get(shard, shard)
+            if isinstance(idx, int) and idx < len(sizes):
+                rows = sizes[idx]
+        return rows
+
+    def _compact_loader(self, layer: nn.Module, name: str, groups: int, checked: dict):
+        """The ``weight_loader`` of a compact-metadata tensor: checked, held until the part's three are in, then
+        expanded to fp16 scales / zeros and handed to their loaders (vLLM's sharding, as for fp16 checkpoints)."""
+        prefix, bits = self.prefix, self.bits
+        pending = layer.__dict__.setdefault("_mc_compact", CompactMetadata())
+
+        def load(param: nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs):
+            shard = args[0] if args else kwargs.get("loaded_shard_id")
+            rows = self._shard_rows(layer, shard, loaded_weight)
+            where = prefix if shard is None else f"{prefix} (shard {shard})"
+            check_compact(where, name, loaded_weight, rows, groups, bits)
+            out = pending.add(shard, name, loaded_weight, bits)
+            if out is not None:
+                for part, t in zip(("scales", "zeros"), out):
+                    checked[part](getattr(layer, part), t, *args, **kwargs)
+
+        return load
 
     def _checked_loader(self, loader, layer: nn.Module, name: str, full_cols: int):
         """vLLM's weight loader for the layer, after a check naming the tensor (its own is a bare assert)."""
@@ -63,14 +109,7 @@ class MCLinearMethod(LinearMethodBase):
 
         def load(param: nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs):
             shard = args[0] if args else kwargs.get("loaded_shard_id")
-            sizes = getattr(layer, "output_sizes", None)
-            rows = loaded_weight.shape[0] if loaded_weight.dim() == 2 else -1
-            if shard is None:
-                rows = layer.output_size
-            elif sizes is not None:
-                idx = {"q": 0, "k": 1, "v": 2}.get(shard, shard)
-                if isinstance(idx, int) and idx < len(sizes):
-                    rows = sizes[idx]
+            rows = self._shard_rows(layer, shard, loaded_weight)
             where = prefix if shard is None else f"{prefix} (shard {shard})"
             check_tensor(where, name, loaded_weight, (rows, full_cols), bits)
             layer.__dict__.setdefault("_mc_loaded", set()).add((name, shard))
@@ -82,6 +121,12 @@ class MCLinearMethod(LinearMethodBase):
         allow_amx()
         # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
         loaded = layer.__dict__.pop("_mc_loaded", set())
+        incomplete = layer.__dict__.pop("_mc_compact", CompactMetadata()).incomplete()
+        if incomplete:
+            raise CheckpointError(
+                f"{self.prefix}: compact metadata incomplete (shard {'; '.join(incomplete)} missing); the checkpoint "
+                "is incomplete or does not match its config."
+            )
         sizes = getattr(layer, "output_sizes", None) or []
         shards = {"q", "k", "v"} if hasattr(layer, "num_kv_heads") else set(range(len(sizes)))
         for name in ("qweight", "scales", "zeros"):

@@ -73,3 +73,32 @@ def apply_packed_moe(
         ids, w = apply_drop(ids, w, drop, total, renormalize)
     count_routing(counts, ids, None, total)
     return moe_op(x, local_ids(ids, expert_map, total, num_local), w, *lists, op_bits, "silu", mode)
+
+
+def apply_ungated_moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    lists: list[list[torch.Tensor]],
+    bits: list[tuple[int, int]],
+    total: int,
+    *,
+    mode: str = "auto",
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum_k w[t, k] * down_e(relu(up_e(x_t))^2)`` over this rank's non-gated packed experts (Nemotron-H's), one
+    expert at a time (``optimum_mc::moe`` is gated only), as transformers' MC experts run them: ``lists`` as in
+    :func:`apply_packed_moe` with ``I``-row up projections, ``bits`` each local expert's ``(up, down)`` widths."""
+    num_local = len(lists[0])
+    ids = local_ids(topk_ids, expert_map, total, num_local)
+    out = torch.zeros(x.shape[0], lists[3][0].shape[0] if num_local else x.shape[-1], dtype=torch.float32,
+                      device=x.device)  # fmt: skip
+    for e in range(num_local):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = torch.ops.optimum_mc.qmatmul(x[tok], lists[0][e], lists[1][e], lists[2][e], bits[e][0], mode)
+        y = torch.ops.optimum_mc.qmatmul(torch.square(torch.relu(h)), lists[3][e], lists[4][e], lists[5][e],
+                                         bits[e][1], mode)  # fmt: skip
+        out.index_add_(0, tok, y.float() * topk_weights[tok, slot].float().unsqueeze(-1))
+    return out.to(x.dtype)

@@ -12,11 +12,21 @@ from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 
 from ... import bitwidths
 from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
-from ...kernels import check_experts
+from ...kernels import check_experts, check_packed
 from ...kernels.moe_cpu import DecodePlan
 from . import odp
-from .moe_apply import apply_packed_moe
-from .weights import EXPERT_NAME, PackedExpert, allow_amx, check_tensor, packed_shape, working_tp_sizes
+from .moe_apply import apply_packed_moe, apply_ungated_moe
+from .weights import (
+    COMPACT,
+    EXPERT_NAME,
+    CompactMetadata,
+    PackedExpert,
+    allow_amx,
+    check_compact,
+    check_tensor,
+    packed_shape,
+    working_tp_sizes,
+)
 
 if TYPE_CHECKING:
     from .config import MCVllmConfig
@@ -66,6 +76,7 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         self.log_every = config.odp.log_every if config.odp is not None else 0
         self.calls = 0
         self.mode = config.decode_activations  # "auto" / "float" / "int8": what the CPU decode GEMVs take
+        self.compact = CompactMetadata() if config.metadata == "q8" else None  # q8 metadata: expanded at load
 
     def get_fused_moe_quant_config(self, layer: nn.Module):
         return None
@@ -80,10 +91,14 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
                 f"{self.prefix}: the model has {total} experts here, quantization_config's expert_bits has "
                 f"{len(self.expert_bits)}; the checkpoint does not match the model."
             )
-        if moe.activation.value != "silu" or not moe.is_act_and_mul:
+        self.gated = bool(moe.is_act_and_mul)
+        if (moe.activation.value, self.gated) not in (("silu", True), ("relu2_no_mul", False)):
             raise UnsupportedArchitectureError(
-                f"{self.prefix}: MoE activation {moe.activation.value!r}; the vLLM plugin serves gated SiLU experts."
+                f"{self.prefix}: MoE activation {moe.activation.value!r}; the vLLM plugin serves gated SiLU experts "
+                "and non-gated ReLU² ones."
             )
+        if not self.gated and self.odp_threshold is not None:
+            raise MCConfigError(f"{self.prefix}: online dynamic pruning is not served for non-gated experts yet.")
         if layer.apply_router_weight_on_input:
             raise UnsupportedArchitectureError(f"{self.prefix}: router weights applied on the input not supported.")
         group = self.config.group_size
@@ -97,6 +112,7 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
                 f"{working_tp_sizes(inter_full, group)} (or enable expert parallelism, which keeps experts whole)."
             )
         self.hidden, self.inter, self.inter_full = hidden_size, inter, inter_full
+        self.rows = 2 if self.gated else 1  # gate_up rows per intermediate column
         self.tp_rank, self.tp_size = moe.moe_parallel_config.tp_rank, moe.moe_parallel_config.tp_size
         self.group = hidden_size if group <= 0 else group
         self.inter_group = inter_full if group <= 0 else group
@@ -111,7 +127,8 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         # every expert's names, other ranks' as empty placeholders (checked at load, not kept; PackedMatrix)
         self.local_set = mine = set(self.local_ids)
         packed = nn.ModuleDict({
-            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group, e not in mine)
+            str(e): PackedExpert(hidden_size, inter, *self.expert_bits[e], self.group, self.inter_group, e not in mine,
+                                 compact=self.compact is not None, gated=self.gated)
             for e in range(total)
         })  # fmt: skip
         for name, param in packed.named_parameters():
@@ -171,10 +188,27 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
             yield name
 
     def _copy(self, layer: nn.Module, e: int, proj: str, kind: str, w: torch.Tensor) -> None:
-        """Check the checkpoint's ``packed.<e>.<proj>.<kind>`` and copy this rank's slice of it in."""
+        """Check the checkpoint's ``packed.<e>.<proj>.<kind>`` and copy this rank's slice of it in (compact metadata:
+        held until the matrix's three tensors are in, then expanded to the fp16 scales / zeros and copied as those)."""
         gu_bits, dn_bits = self.expert_bits[e]
+        if kind in COMPACT:
+            if self.compact is None:
+                raise CheckpointError(
+                    f"{self.prefix}.packed.{e}.{proj}.{kind}: compact (q8) metadata, but quantization_config's "
+                    "metadata is 'fp16'; the checkpoint does not match its config."
+                )
+            if proj == "gate_up":
+                bits, rows, groups = gu_bits, self.rows * self.inter_full, self.hidden // self.group
+            else:
+                bits, rows, groups = dn_bits, self.hidden, self.inter_full // self.inter_group
+            check_compact(f"{self.prefix}.packed.{e}.{proj}", kind, w, rows, groups, bits)
+            self.loaded.add(f"packed.{e}.{proj}.{kind}")
+            out = self.compact.add((e, proj), kind, w, bits)
+            for part, t in zip(("scales", "zeros"), out or ()):
+                self._copy(layer, e, proj, part, t)
+            return
         if proj == "gate_up":
-            bits, full = gu_bits, packed_shape(2 * self.inter_full, self.hidden, gu_bits, self.group)
+            bits, full = gu_bits, packed_shape(self.rows * self.inter_full, self.hidden, gu_bits, self.group)
         else:
             bits, full = dn_bits, packed_shape(self.hidden, self.inter_full, dn_bits, self.inter_group)
         check_tensor(f"{self.prefix}.packed.{e}.{proj}", kind, w, full[0 if kind == "qweight" else 1], bits)
@@ -183,7 +217,9 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
             return
         if self.tp_size > 1:
             r, n = self.tp_rank, self.inter
-            if proj == "gate_up":  # gate rows then up rows: this rank's slice of each
+            if proj == "gate_up" and not self.gated:  # up rows only
+                w = w[r * n : (r + 1) * n]
+            elif proj == "gate_up":  # gate rows then up rows: this rank's slice of each
                 w = torch.cat([w[r * n : (r + 1) * n], w[self.inter_full + r * n : self.inter_full + (r + 1) * n]])
             else:  # input columns: words and groups of this rank's slice (whole groups, so whole words)
                 cols = w.shape[1] // self.tp_size
@@ -194,6 +230,11 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         allow_amx()
         self._hook.remove()
+        if self.compact is not None and self.compact.incomplete():
+            raise CheckpointError(
+                f"{self.prefix}: compact metadata incomplete ({'; '.join(self.compact.incomplete())} missing); the "
+                "checkpoint is incomplete or does not match its config."
+            )
         # vLLM checks that every parameter was loaded only when asked to track loading; check here, always
         missing = sorted(n for n, _ in layer.packed.named_parameters(prefix="packed") if n not in self.loaded)
         if missing:
@@ -206,9 +247,14 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         gate_up = [(x.gate_up.qweight, x.gate_up.scales, x.gate_up.zeros) for x in experts]
         down = [(x.down.qweight, x.down.scales, x.down.zeros) for x in experts]
         self.op_bits = bitwidths.op_bits([bitwidths.join(*self.expert_bits[e]) for e in self.local_ids])
-        check_experts(gate_up, down, self.op_bits)
         self.lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
         self.plan = None
+        if not self.gated:  # the per-expert loop (moe_apply.apply_ungated_moe): the fused op and its checks are gated
+            for e, g, d in zip(self.local_ids, gate_up, down):
+                check_packed(*g, self.expert_bits[e][0])
+                check_packed(*d, self.expert_bits[e][1])
+            return
+        check_experts(gate_up, down, self.op_bits)
         if all(t.device.type == "cpu" for t in self.lists[0]):
             plan = DecodePlan(tuple(self.lists), self.op_bits, "silu")
             self.plan = plan if plan.ok else None
@@ -216,6 +262,10 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:  # fmt: skip
         total, protect, counts = len(self.expert_bits), None, None
+        if not self.gated:
+            bits = [self.expert_bits[e] for e in self.local_ids]
+            return apply_ungated_moe(x, topk_weights, topk_ids, self.lists, bits, total, mode=self.mode,
+                                     expert_map=layer.expert_map)  # fmt: skip
         if self.odp_threshold is not None:
             counts = odp.counters(self.prefix, total, topk_ids.device)
             self.calls += 1

@@ -8,10 +8,14 @@ import torch
 from torch import nn
 
 from ...errors import CheckpointError
+from ...group_quant import expand_metadata, q8_shapes
 from ...packing import WORD_BITS
 
-EXPERT_NAME = re.compile(r"packed\.(\d+)\.(gate_up|down)\.(qweight|scales|zeros)")
+EXPERT_NAME = re.compile(r"packed\.(\d+)\.(gate_up|down)\.(qweight|scales|zeros|scale_codes|scale_exps|zero_codes)")
 _TENSOR_DTYPES = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.float16}
+# the stored compact form of a matrix's scales / zeros (metadata="q8", format 3: docs/format.md), expanded to the fp16
+# scales / zeros at load as transformers does (group_quant.expand_metadata: exact)
+COMPACT = ("scale_codes", "scale_exps", "zero_codes")
 
 
 def working_tp_sizes(size: int, group: int, limit: int = 64) -> list[int]:
@@ -40,6 +44,45 @@ def check_tensor(where: str, name: str, got: torch.Tensor, shape: tuple[int, int
         )
 
 
+def check_compact(where: str, name: str, got: torch.Tensor, rows: int, groups: int, bits: int) -> None:
+    """Check one stored compact-metadata tensor of a ``rows x groups`` grid (``name`` one of :data:`COMPACT`)."""
+    dtype, shape = q8_shapes(rows, groups, bits)[name]
+    if got.dtype != getattr(torch, dtype) or tuple(got.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{where}.{name}: expected {dtype} {tuple(shape)} for {bits}-bit weights with compact (q8) metadata as "
+            f"quantization_config says, the checkpoint has {got.dtype} {tuple(got.shape)}; the checkpoint does not "
+            "match its config (truncated, edited, or expert_bits / linear_bits / metadata disagree with the tensors)."
+        )
+
+
+class CompactMetadata:
+    """Collects the three compact tensors of each matrix as a loading loop hands them over, in any order; gives the
+    matrix's fp16 ``(scales, zeros)`` once all three are in (:func:`~optimum_mc.group_quant.expand_metadata`)."""
+
+    def __init__(self) -> None:
+        self.pending: dict = {}
+
+    def add(self, key, name: str, tensor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        got = self.pending.setdefault(key, {})
+        got[name] = tensor
+        if len(got) < len(COMPACT):
+            return None
+        del self.pending[key]
+        return expand_metadata(got["scale_codes"], got["scale_exps"], got["zero_codes"], bits)
+
+    def incomplete(self) -> list[str]:
+        """``<key>: <names missing>`` of every matrix with some but not all of its compact tensors."""
+        return [f"{k}: {' '.join(sorted(set(COMPACT) - set(v)))}" for k, v in self.pending.items()]
+
+
+def compact_placeholders(module: nn.Module) -> None:
+    """Empty parameters under the compact tensors' names, so that a model's own loading loop (DeepSeek's) finds the
+    checkpoint's names in ``named_parameters()`` and calls their ``weight_loader`` (which expands them)."""
+    for name in COMPACT:
+        dtype = torch.uint8 if name == "scale_codes" else torch.int8 if name == "scale_exps" else torch.int32
+        module.register_parameter(name, nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False))
+
+
 def allow_amx() -> None:
     """Ask Linux for AMX tile state for this process (once per process; no-op elsewhere).
 
@@ -58,20 +101,22 @@ class PackedMatrix(nn.Module):
     """One packed matrix's parameters; ``remote``: another rank's (expert parallelism), held as empty placeholders so
     that its checkpoint names exist in ``named_parameters()`` (models with their own loading loop look them up)."""
 
-    def __init__(self, rows: int, cols: int, bits: int, group: int, remote: bool = False) -> None:
+    def __init__(self, rows: int, cols: int, bits: int, group: int, remote: bool = False, compact: bool = False):
         super().__init__()
         qshape, gshape = ((0,), (0,)) if remote else packed_shape(rows, cols, bits, group)
         self.qweight = nn.Parameter(torch.empty(qshape, dtype=torch.int32), requires_grad=False)
         self.scales = nn.Parameter(torch.empty(gshape, dtype=torch.float16), requires_grad=False)
         self.zeros = nn.Parameter(torch.empty(gshape, dtype=torch.float16), requires_grad=False)
+        if compact:  # the checkpoint stores scale_codes / scale_exps / zero_codes: expanded into scales / zeros
+            compact_placeholders(self)
 
 
 class PackedExpert(nn.Module):
     def __init__(self, hidden: int, inter: int, gate_up_bits: int, down_bits: int, group: int, inter_group: int,
-                 remote: bool = False):  # fmt: skip
-        super().__init__()
-        self.gate_up = PackedMatrix(2 * inter, hidden, gate_up_bits, group, remote)
-        self.down = PackedMatrix(hidden, inter, down_bits, inter_group, remote)
+                 remote: bool = False, compact: bool = False, gated: bool = True):  # fmt: skip
+        super().__init__()  # gated: gate then up rows (2I); else the I up rows only (Nemotron-H's ReLU² experts)
+        self.gate_up = PackedMatrix((2 if gated else 1) * inter, hidden, gate_up_bits, group, remote, compact)
+        self.down = PackedMatrix(hidden, inter, down_bits, inter_group, remote, compact)
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
@@ -81,6 +126,8 @@ def parameter_bytes(model: nn.Module) -> dict[str, int]:
     out = {"packed": 0, "float": 0}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
+        if leaf in COMPACT:  # empty placeholders (their tensors were expanded into scales / zeros)
+            continue
         kind = "packed" if leaf in _TENSOR_DTYPES and p.dtype == _TENSOR_DTYPES[leaf] else "float"
         out[kind] += p.numel() * p.element_size()
     return out
