@@ -461,7 +461,13 @@ def qmatmul_validated(lib: ctypes.CDLL, x: torch.Tensor, qw, s, z, bits: int, in
     return y if flat else y.view(*x.shape[:-1], out_f)
 
 
+_LIB = None
+
+
 def register() -> None:
-    """Register the CPU implementations of both ops; the dispatcher then picks them for CPU tensors."""
-    torch.library.register_kernel("optimum_mc::dequantize", "cpu", dequantize_cpu)
-    torch.library.register_kernel("optimum_mc::qmatmul", "cpu", qmatmul_cpu)
+    """Register the CPU implementations of both ops; the dispatcher then picks them for CPU tensors (idempotent)."""
+    global _LIB
+    if _LIB is None:
+        _LIB = torch.library.Library("optimum_mc", "IMPL")
+        _LIB.impl("dequantize", dequantize_cpu, "CPU")
+        _LIB.impl("qmatmul", qmatmul_cpu, "CPU")

@@ -309,9 +309,29 @@ def _gemv_launcher(x, top_k_index, experts: int):
     return project, (lambda y: y), torch.float32
 
 
+def triton_moe_op(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
+                  down_scales, down_zeros, bits: list[int], activation: str, decode_activations: str = "float",
+                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                  odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``optimum_mc::moe`` on CUDA: ODP's rule and counts in torch ops (no host sync; capturable in a CUDA graph),
+    then :func:`triton_moe`."""
+    from .odp_rule import apply_odp
+
+    top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts,
+                                           len(gate_up_qweight))  # fmt: skip
+    return triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
+                      down_scales, down_zeros, bits, activation, decode_activations, gate_up_bias, down_bias)
+
+
+_LIB = None
+
+
 def register() -> bool:
-    """Register the Triton MoE kernel for the "cuda" key (when Triton imports); return whether it was."""
+    """Register the Triton MoE kernel for the "CUDA" key (when Triton imports); return whether it was."""
+    global _LIB
     if not TRITON_AVAILABLE:
         return False
-    torch.library.register_kernel("optimum_mc::moe", "cuda", triton_moe)
+    if _LIB is None:
+        _LIB = torch.library.Library("optimum_mc", "IMPL")
+        _LIB.impl("moe", triton_moe_op, "CUDA")
     return True
