@@ -7,7 +7,7 @@ kernels (:mod:`.cpu`, :mod:`.moe_cpu`) and, when Triton is importable, the Trito
 checks it).
 """
 
-from . import ops  # noqa: I001  (defines the ops before any implementation registers)
+from . import ops  # noqa: F401, I001  (defines the ops before any implementation registers)
 from . import autograd, cpu, moe_cpu, moe_triton, reference, triton
 from .activations import ACTIVATIONS, GATED, activation_name, gated, intermediate, projection_rows
 from .cpu import int8_decode, moe_decode_tokens

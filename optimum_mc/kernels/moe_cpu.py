@@ -34,10 +34,10 @@ import torch
 from ..bitwidths import from_op_bits
 from . import cpu
 from .moe import check_index_values
-from .odp_rule import apply_odp, counters
 from .moe_prefill import ACT_CODES
 from .moe_prefill import prefill as _prefill
 from .moe_prefill import ptrs as _ptrs
+from .odp_rule import apply_odp, counters
 from .reference import moe_reference
 
 _INT32, _FP16 = torch.int32, torch.float16
@@ -92,7 +92,9 @@ class DecodePlan:
         """True while every buffer is the object, with the memory, this plan was built from."""
         mine, where = iter(self.refs), iter(self.addresses)
         same = all(
-            (r := next(mine, None)) is not None and r() is t and t.data_ptr() == next(where) for lst in lists for t in lst
+            (r := next(mine, None)) is not None and r() is t and t.data_ptr() == next(where)
+            for lst in lists
+            for t in lst
         )
         return same and next(mine, None) is None
 
@@ -155,9 +157,10 @@ def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activat
         return None
     odp_counts = counters(odp_counts)
     odp = odp_threshold > 0 or odp_counts is not None
+    c = odp_counts
     if odp and not (
         top_k_weights.dtype == torch.float32
-        and (odp_counts is None or (odp_counts.dtype == torch.int64 and odp_counts.is_cpu and odp_counts.is_contiguous()))
+        and (c is None or (c.dtype == torch.int64 and c.is_cpu and c.is_contiguous()))
     ):  # (bf16 weights: the rule's renormalized weights are rounded to bf16 in torch; the kernel keeps fp32)
         top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts, plan.num_experts)
         odp_threshold, odp_counts = 0.0, None

@@ -320,7 +320,8 @@ def triton_moe_op(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales
     top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts,
                                            len(gate_up_qweight))  # fmt: skip
     return triton_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-                      down_scales, down_zeros, bits, activation, decode_activations, gate_up_bias, down_bias)
+                      down_scales, down_zeros, bits, activation, decode_activations, gate_up_bias,
+                      down_bias)  # fmt: skip
 
 
 _LIB = None

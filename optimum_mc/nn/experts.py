@@ -2,9 +2,9 @@
 
 Same interface as ``MixtralExperts`` & co.: ``forward(hidden_states, top_k_index, top_k_weights)`` with the
 fused layout (gate and up stacked in one ``(2I, H)`` matrix, ``down`` ``(H, I)``). Routing slots whose index is
-``>= num_experts`` are skipped (online dynamic pruning marks dropped slots that way). With ODP on, :attr:`MCExperts.odp`
-holds the layer's ODP state and the experts pass its threshold and counters to ``optimum_mc::moe``, which applies the
-rule and counts (inside the C decode kernel on CPU). Buffers are named
+``>= num_experts`` are skipped (online dynamic pruning marks dropped slots that way). With ODP on,
+:attr:`MCExperts.odp` holds the layer's ODP state and the experts pass its threshold and counters to
+``optimum_mc::moe``, which applies the rule and counts (inside the C decode kernel on CPU). Buffers are named
 ``packed.<e>.gate_up.*`` / ``packed.<e>.down.*`` so transformers' checkpoint conversions (which match
 ``gate_up_proj`` / ``down_proj`` and per-expert ``w1/w2/w3``) leave them alone.
 """
@@ -20,8 +20,15 @@ from torch import nn
 from ..bitwidths import ExpertBits, join, op_bits, split
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from ..expert_layout import canonical_experts, experts_layout, gate_up_weight
-from ..kernels import apply_odp, activation_name, check_routing, int8_kernels_available, intermediate, moe_op
-from ..kernels import projection_rows
+from ..kernels import (
+    activation_name,
+    apply_odp,
+    check_routing,
+    int8_kernels_available,
+    intermediate,
+    moe_op,
+    projection_rows,
+)
 from .linear import QuantLinear
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -7,6 +7,9 @@
   for an un-normalized one (sigmoid or softmax scores without renormalization) they stay as they are
   (``renormalize=False``; :mod:`.routing` tells which a router is).
 - Protected tokens (the top ``ratio`` share of each sequence by importance) keep all their experts.
+
+The rule's tensor functions (``slot_ratios``, ``drop_mask``, ``apply_drop``, ``count_routing``) live in
+:mod:`optimum_mc.kernels.odp_rule` (``optimum_mc::moe`` applies them) and are re-exported here.
 """
 
 from __future__ import annotations

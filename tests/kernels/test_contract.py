@@ -71,14 +71,15 @@ def test_odp_op_with_counts_only_changes_nothing_but_the_counts():
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
     counts = torch.zeros(len(BITS) + 3, dtype=torch.int64)
     plain = moe_op(x, idx, w, *_lists(gate_up, down), BITS, "silu")
-    assert torch.equal(moe_op(x, idx, w, *_lists(gate_up, down), BITS, "silu", "float", None, None, 0.0, counts), plain)
+    got = moe_op(x, idx, w, *_lists(gate_up, down), BITS, "silu", "float", None, None, 0.0, counts)
+    assert torch.equal(got, plain)
     assert int(counts.sum()) == idx.numel() + 3
 
 
 def _odp_experts():
-    from optimum_mc.pruning import set_odp
-
     from helpers.moe import quantized_blocks
+
+    from optimum_mc.pruning import set_odp
 
     model = quantized_blocks(tiny_model("mixtral")).eval()
     set_odp(model, True, threshold=0.8, layers=2)

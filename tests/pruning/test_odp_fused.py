@@ -60,6 +60,7 @@ def test_model_with_rule_in_experts_equals_rule_in_hook(protect, monkeypatch):
 
     calls = []
     real = DecodePlan.__call__
+
     # whether the C kernel got ODP's counters (the rule and counts inside it)
     def spy(self, *a, **kw):
         calls.append(a[4] is not None)
