@@ -155,3 +155,47 @@ def test_no_module_outside_kernels_reaches_kernel_internals():
                 continue
             bad.append(f"{path.relative_to(PACKAGE)}:{line}: imports {mod}")
     assert not bad, "\n".join(bad)
+
+
+TRITON_ODP_CHECK = r"""
+import torch
+from helpers.moe import BITS, random_experts, random_routing
+from optimum_mc.kernels.moe_triton import triton_moe_op
+from optimum_mc.kernels.reference import moe_reference
+from optimum_mc.pruning.rule import apply_drop, count_routing, drop_mask
+
+e = len(BITS)
+gate_up, down = random_experts(BITS)
+lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
+for tokens in (3, 20):  # the per-pair GEMV and the tiled kernel
+    idx, w = random_routing(tokens, e, k=3, seed=tokens)
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens))
+    counts = torch.zeros(e + 3, dtype=torch.int64)
+    got = triton_moe_op(x, idx, w, *lists, BITS, "silu", "float", None, None, 0.7, counts)
+    i2, w2 = apply_drop(idx, w, drop_mask(w, 0.7), e)
+    want = torch.zeros(e + 3, dtype=torch.int64)
+    count_routing(want, i2, None, e)
+    ref = moe_reference(x, i2, w2, gate_up, down, BITS, "silu")
+    assert torch.equal(counts, want), (counts, want)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+print("ok")
+"""
+
+
+def test_triton_backend_applies_odp_like_the_torch_rule_under_interpreter():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    tests = str(Path(__file__).parents[1])
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_ODP_CHECK], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
