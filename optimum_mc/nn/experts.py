@@ -215,7 +215,7 @@ class MCExperts(nn.Module):
             top_k_index, top_k_weights, threshold, counts = self.odp.experts_routing(
                 hidden_states, top_k_index, top_k_weights
             )
-        first = self.packed[0].gate_up.qweight
+        first = self.packed._modules["0"]._modules["gate_up"]._buffers["qweight"]  # (no __getattr__ chain per call)
         if self.activation is None or first.is_meta:
             # meta buffers: offloaded by accelerate, whose hooks load them only when each QuantLinear runs
             top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, threshold, counts, self.num_experts)
