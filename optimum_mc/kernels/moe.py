@@ -1,65 +1,36 @@
 """``optimum_mc::moe``: one op for a whole mixed-precision MoE layer (all experts, both projections, routing sum).
 
-Schema: ``moe(x (T, H), top_k_index (T, K), top_k_weights (T, K), gate_up_{qweight,scales,zeros}: E tensors each,
-down_{qweight,scales,zeros}: E tensors each, bits: E or 2E ints, activation: str, decode_activations: str,
-gate_up_bias: (E, 2I)?, down_bias: (E, H)?) -> (T, H)`` in ``x.dtype``: for every token
+Schema (:data:`.ops.SCHEMAS`): ``moe(x (T, H), top_k_index (T, K), top_k_weights (T, K),
+gate_up_{qweight,scales,zeros}: E tensors each, down_{qweight,scales,zeros}: E tensors each, bits: E or 2E ints,
+activation: str, decode_activations: str, gate_up_bias: (E, 2I)?, down_bias: (E, H)?, odp_threshold: float,
+odp_counts: int64 (E + 3)?, mutated) -> (T, H)`` in ``x.dtype``: for every token
 ``sum_k w[t, k] * down_e(glu(gate_e(x_t), up_e(x_t)))`` with ``e = top_k_index[t, k]`` (each projection plus its
-expert's bias row where biases are given: gpt-oss); a slot whose index is
-``E`` (dropped by online dynamic pruning) contributes nothing and costs nothing. Expert ``e``'s fused ``(2I, H)``
-gate/up matrix and ``(I, H)``-input down matrix are packed at ``bits[e]`` bits (docs/format.md), or, with ``2E``
-widths, at ``bits[e]`` and ``bits[E + e]`` (per-projection allocation, :mod:`optimum_mc.bitwidths`), so one call mixes
-bit-widths. Intermediates are fp32.
+expert's bias row where biases are given: gpt-oss); a slot whose index is ``E`` (dropped by online dynamic pruning)
+contributes nothing and costs nothing. With ``odp_threshold`` > 0 the op first drops slots by ODP's rule
+(:mod:`.odp_rule`, kept weights renormalized); with ``odp_counts`` it adds the post-rule routing's statistics to
+them. Expert ``e``'s fused ``(2I, H)`` gate/up matrix and ``(I, H)``-input down matrix are packed at ``bits[e]``
+bits (docs/format.md), or, with ``2E`` widths, at ``bits[e]`` and ``bits[E + e]`` (per-projection allocation,
+:mod:`optimum_mc.bitwidths`), so one call mixes bit-widths. Intermediates are fp32.
 
-The default implementation (every device) is the pure-torch reference; ``kernels/moe_cpu.py`` and
-``kernels/moe_fused.py`` register the fast ones for "cpu" and "cuda" (the latter falls back to
-``kernels/moe_triton.py``). The packed buffers are validated once, when
-the module holding them is built or loaded (:func:`check_experts`); :func:`check_routing` is the cheap per-call check
-of the routing tensors (shapes, dtypes, devices).
+The default implementation (every device) is the pure-torch reference (:mod:`.reference`); ``kernels/moe_cpu.py``
+and ``kernels/moe_fused.py`` register the fast ones for "CPU" and "CUDA" (the latter falls back to
+``kernels/moe_triton.py``'s tiled kernels). The packed buffers are validated once, when the module holding them is
+built or loaded (:func:`check_experts`); :func:`check_routing` is the cheap per-call check of the routing tensors
+(shapes, dtypes, devices).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..bitwidths import from_op_bits
 from ..errors import DeviceMismatchError, DTypeError, RoutingError, ShapeError, UnsupportedArchitectureError
 from .activations import GATED
-from .eager import plain_eager
 from .ops import check_packed
-from .reference import moe_reference
 
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@torch.library.custom_op("optimum_mc::moe", mutates_args=())
-def _moe_op(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up_qweight: list[torch.Tensor],
-    gate_up_scales: list[torch.Tensor],
-    gate_up_zeros: list[torch.Tensor],
-    down_qweight: list[torch.Tensor],
-    down_scales: list[torch.Tensor],
-    down_zeros: list[torch.Tensor],
-    bits: list[int],
-    activation: str,
-    decode_activations: str = "float",
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    check_index_values(top_k_index, len(gate_up_qweight))
-    gate_up = list(zip(gate_up_qweight, gate_up_scales, gate_up_zeros))
-    down = list(zip(down_qweight, down_scales, down_zeros))
-    return moe_reference(x, top_k_index, top_k_weights, gate_up, down, bits, activation, gate_up_bias, down_bias)
-
-
-@_moe_op.register_fake
-def _(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight, down_scales,
-      down_zeros, bits, activation, decode_activations="float", gate_up_bias=None, down_bias=None):  # fmt: skip
-    return torch.empty_like(x)
 
 
 def check_index_values(top_k_index: torch.Tensor, num_experts: int) -> None:
@@ -151,15 +122,29 @@ def moe(
     activation: str = "silu",
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    odp_threshold: float = 0.0,
+    odp_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validated entry point of ``optimum_mc::moe``: ``gate_up[e]`` / ``down[e]`` are expert ``e``'s packed
-    ``(qweight, scales, zeros)``, optional ``gate_up_bias (E, 2I)`` / ``down_bias (E, H)`` their biases. Checks the
-    packed experts too (modules check them once, at build / load)."""
+    ``(qweight, scales, zeros)``, optional ``gate_up_bias (E, 2I)`` / ``down_bias (E, H)`` their biases; ODP's
+    ``odp_threshold`` / ``odp_counts`` as :func:`moe_op`. Checks the packed experts too (modules check them once, at
+    build / load)."""
     hidden, inter = check_experts(gate_up, down, bits)
     check_routing(x, top_k_index, top_k_weights, hidden, gate_up[0][0].device, activation)
     check_biases(gate_up_bias, down_bias, len(gate_up), hidden, inter, gate_up[0][0].device)
     lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
-    return moe_op(x, top_k_index, top_k_weights, *lists, list(bits), activation, "float", gate_up_bias, down_bias)
+    if odp_counts is not None:
+        check_odp_counts(odp_counts, len(gate_up), top_k_index.device)
+    return moe_op(x, top_k_index, top_k_weights, *lists, list(bits), activation, "float", gate_up_bias, down_bias,
+                  float(odp_threshold), odp_counts)  # fmt: skip
+
+
+def check_odp_counts(counts: torch.Tensor, experts: int, device: torch.device) -> None:
+    """ODP's counters: int64 ``(E + 3,)`` on the routing's device."""
+    if counts.dtype != torch.int64 or tuple(counts.shape) != (experts + 3,):
+        raise ShapeError(f"odp_counts must be int64 ({experts + 3},), got {counts.dtype} {tuple(counts.shape)}.")
+    if counts.device != device:
+        raise DeviceMismatchError(f"odp_counts is on {counts.device}, the routing on {device}.")
 
 
 def moe_op(
@@ -177,28 +162,29 @@ def moe_op(
     decode_activations: str = "float",
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    odp_threshold: float = 0.0,
+    odp_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``optimum_mc::moe`` on already-validated experts (what :class:`~optimum_mc.nn.MCExperts` calls).
-    ``decode_activations`` ("float", "int8", "auto"): what the CPU decode kernel feeds its GEMVs
-    (``kernels.cpu.int8_decode``); prefill and other devices ignore it.
+    """``optimum_mc::moe`` on already-validated experts (what :class:`~optimum_mc.nn.MCExperts` and the vLLM method
+    call). ``decode_activations`` ("float", "int8", "auto"): what the CPU decode kernel feeds its GEMVs
+    (``kernels.cpu.int8_decode``); prefill and other devices ignore it. ``odp_threshold`` > 0 applies online dynamic
+    pruning's rule (:mod:`.odp_rule`, kept weights renormalized) inside the op; ``odp_counts`` (int64 ``E + 3`` on
+    the routing's device) accumulates the routing's statistics after the rule.
 
-    In plain eager mode on CPU the registered CPU kernel is called directly: the ``torch.library`` dispatch layers
-    cost ~30 µs per call, a third of a small decode step. Under ``torch.compile``, fake tensors or autograd (``x`` or
-    ``top_k_weights`` needing a gradient) the op goes through the dispatcher as usual (same kernel, same results).
-    """
-    args = (x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
-            down_scales, down_zeros, bits, activation, decode_activations, gate_up_bias, down_bias)  # fmt: skip
-    if x.device.type == "cpu" and plain_eager(x) and not (top_k_weights.requires_grad and torch.is_grad_enabled()):
-        fn = _EAGER.get("cpu")
-        if fn is not None:
-            return fn(*args)
-    return torch.ops.optimum_mc.moe(*args)
+    Straight to the op, unless ``x`` or ``top_k_weights`` needs a gradient: then the rule runs here in torch ops and
+    the op runs inside :class:`~.autograd.MoEFunction` (the op carries no autograd kernel of its own)."""
+    if torch.is_grad_enabled() and (x.requires_grad or top_k_weights.requires_grad):
+        from .autograd import MoEFunction
+        from .odp_rule import apply_odp
 
-
-_EAGER: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def register_eager(device_type: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Register ``fn`` for ``device_type`` with the dispatcher and as :func:`moe_op`'s direct eager call."""
-    torch.library.register_kernel("optimum_mc::moe", device_type, fn)
-    _EAGER[device_type] = fn
+        top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts,
+                                               len(gate_up_qweight))  # fmt: skip
+        return MoEFunction.apply(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros,
+                                 down_qweight, down_scales, down_zeros, bits, activation, decode_activations,
+                                 gate_up_bias, down_bias)  # fmt: skip
+    if odp_counts is None and torch.compiler.is_compiling():
+        odp_counts = top_k_index.new_empty(0, dtype=torch.int64)  # (inductor cannot lower a None mutable argument)
+    return torch.ops.optimum_mc.moe.default(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales,
+                                            gate_up_zeros, down_qweight, down_scales, down_zeros, bits, activation,
+                                            decode_activations, gate_up_bias, down_bias, odp_threshold,
+                                            odp_counts)  # fmt: skip

@@ -1,7 +1,9 @@
 """CPU implementation of ``optimum_mc::moe`` on the C kernels (``csrc/``).
 
 A few tokens (decode: at most ``cpu.moe_decode_tokens(int8)``, 12, or 32 with int8 activations) run the whole layer
-in one C call (``mc_moe_decode``, cached per module as a :class:`DecodePlan`). With more tokens (prefill,
+in one C call (``mc_moe_decode``), ODP's rule and counts included (fp32 routing weights). What that call needs of a
+layer's packed experts (pointer tables, bit-widths, shapes, checked once) is a :class:`DecodePlan`, cached here keyed
+on the buffers' identity (:func:`decode_plan`): callers pass tensors, never plans. With more tokens (prefill,
 :mod:`.moe_prefill`), token-expert pairs are sorted by expert (dropped slots sort last and are never computed) and
 each projection runs over every expert:
 
@@ -25,15 +27,17 @@ float model's is).
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
 from ..bitwidths import from_op_bits
 from . import cpu
-from .moe import check_index_values, register_eager
+from .moe import check_index_values
 from .moe_prefill import ACT_CODES
 from .moe_prefill import prefill as _prefill
 from .moe_prefill import ptrs as _ptrs
+from .odp_rule import apply_odp, counters
 from .reference import moe_reference
 
 _INT32, _FP16 = torch.int32, torch.float16
@@ -58,15 +62,16 @@ def _fits(qws, ss, zs, bits: list[int], out_f: int, in_f: int) -> bool:
 
 class DecodePlan:
     """What ``mc_moe_decode`` needs of one layer's packed experts (pointer tables, bit-widths, shapes), checked
-    (:func:`_fits`) and built once, then reused while the experts hold the same buffer objects (a module that
-    replaces a buffer, e.g. ``.to()`` or loading, gets a new plan). Saves ~50 µs of checks per layer and step."""
+    (:func:`_fits`) and built once, then reused while the op is called with the same buffer objects (a module that
+    replaces a buffer, e.g. ``.to()`` or loading, gets a new plan). Saves ~50 µs of checks per layer and step. Holds
+    weak references only: a plan never keeps a model's buffers alive."""
 
     def __init__(self, lists: tuple[list[torch.Tensor], ...], bits: list[int], activation: str,
                  checked: bool = False) -> None:  # fmt: skip
         gq, gs, gz, dq, ds, dz = lists
-        self.tensors = [t for lst in lists for t in lst]
-        self.addresses = [t.data_ptr() for t in self.tensors]
-        self.num_experts, self.activation = len(gq), activation
+        self.refs = [weakref.ref(t) for lst in lists for t in lst]
+        self.addresses = [t.data_ptr() for lst in lists for t in lst]
+        self.num_experts, self.activation, self.op_bits = len(gq), activation, list(bits)
         gu_bits, dn_bits = from_op_bits(bits, len(gq))
         self.hidden, self.inter = gq[0].shape[1] * 32 // gu_bits[0], gq[0].shape[0] // 2
         lib = cpu.library()
@@ -85,15 +90,13 @@ class DecodePlan:
 
     def matches(self, lists: tuple[list[torch.Tensor], ...]) -> bool:
         """True while every buffer is the object, with the memory, this plan was built from."""
-        mine, where = iter(self.tensors), iter(self.addresses)
-        same = all(t is next(mine, None) and t.data_ptr() == next(where) for lst in lists for t in lst)
+        mine, where = iter(self.refs), iter(self.addresses)
+        same = all(
+            (r := next(mine, None)) is not None and r() is t and t.data_ptr() == next(where)
+            for lst in lists
+            for t in lst
+        )
         return same and next(mine, None) is None
-
-    def __deepcopy__(self, memo) -> None:
-        return None  # the pointer tables belong to the original buffers: a copied module builds its own plan
-
-    def __reduce__(self):
-        return type(None), ()  # likewise never pickled
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None,
@@ -125,22 +128,65 @@ class DecodePlan:
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str,
-            int8: bool = False, biases=(None, None)) -> torch.Tensor:  # fmt: skip
-    """A few tokens: the whole layer in one C call (``mc_moe_decode``)."""
-    plan = DecodePlan((*gu, *dn), bits, activation, checked=True)
-    return plan(x, top_k_index, top_k_weights, int8=int8, gate_up_bias=biases[0], down_bias=biases[1])
+_PLANS: dict[int, DecodePlan] = {}  # id of a layer's first gate/up qweight -> the plan of its buffers
+
+
+def decode_plan(lists: tuple[list[torch.Tensor], ...], bits: list[int], activation: str) -> DecodePlan:
+    """The cached :class:`DecodePlan` of these buffers (built on first use, or when a buffer was replaced, its
+    memory moved, or the bit-widths / activation differ); dropped when the layer's first buffer is freed."""
+    first = lists[0][0]
+    key = id(first)
+    plan = _PLANS.get(key)
+    if plan is not None and plan.activation == activation and plan.op_bits == bits and plan.matches(lists):
+        return plan
+    if plan is None:
+        weakref.finalize(first, _PLANS.pop, key, None)  # the id is free again once the tensor is gone
+    plan = DecodePlan(lists, bits, activation)
+    _PLANS[key] = plan
+    return plan
+
+
+def _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits: list[int], activation: str, int8: bool = False,
+            biases=(None, None), odp_threshold: float = 0.0,
+            odp_counts: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
+    """A few tokens: the whole layer in one C call (``mc_moe_decode``), ODP's rule and counts inside it for fp32
+    routing weights and CPU int64 counters (else applied here in torch ops first); None when the C kernel does not
+    take these experts (:func:`_fits`)."""
+    plan = decode_plan((*gu, *dn), bits, activation)
+    if not plan.ok:
+        return None
+    odp_counts = counters(odp_counts)
+    odp = odp_threshold > 0 or odp_counts is not None
+    c = odp_counts
+    if odp and not (
+        top_k_weights.dtype == torch.float32
+        and (c is None or (c.dtype == torch.int64 and c.is_cpu and c.is_contiguous()))
+    ):  # (bf16 weights: the rule's renormalized weights are rounded to bf16 in torch; the kernel keeps fp32)
+        top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts, plan.num_experts)
+        odp_threshold, odp_counts = 0.0, None
+    return plan(x, top_k_index, top_k_weights, odp_threshold, odp_counts, int8, biases[0], biases[1])
 
 
 def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
             down_scales, down_zeros, bits: list[int], activation: str, decode_activations: str = "float",
-            gate_up_bias: torch.Tensor | None = None,
-            down_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+            odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """CPU implementation of ``optimum_mc::moe`` (the reference serves inputs the C kernels do not take)."""
     lib = cpu.library()
     gu, dn = (gate_up_qweight, gate_up_scales, gate_up_zeros), (down_qweight, down_scales, down_zeros)
+    biases = (gate_up_bias, down_bias)
+    if lib is not None and x.dim() == 2 and activation in ACT_CODES and gate_up_qweight[0].shape[0] >= 2:
+        int8 = cpu.int8_decode(decode_activations, x.dtype)
+        if x.shape[0] <= cpu.moe_decode_tokens(int8):
+            out = _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, int8, biases, odp_threshold,
+                          odp_counts)  # fmt: skip
+            if out is not None:
+                return out
+    num_experts = len(gate_up_qweight)
+    check_index_values(top_k_index, num_experts)
+    top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts, num_experts)
     hidden, inter = x.shape[-1], (gate_up_qweight[0].shape[0] // 2 if gate_up_qweight else 0)
-    gu_bits, dn_bits = from_op_bits(bits, len(gate_up_qweight))
+    gu_bits, dn_bits = from_op_bits(bits, num_experts)
     if (
         lib is None
         or x.dim() != 2
@@ -149,16 +195,17 @@ def moe_cpu(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate
         or not _fits(*gu, gu_bits, 2 * inter, hidden)
         or not _fits(*dn, dn_bits, hidden, inter)
     ):
-        check_index_values(top_k_index, len(gate_up_qweight))
         return moe_reference(x, top_k_index, top_k_weights, list(zip(*gu)), list(zip(*dn)), bits, activation,
                              gate_up_bias, down_bias)  # fmt: skip
-    biases = (gate_up_bias, down_bias)
-    int8 = cpu.int8_decode(decode_activations, x.dtype)
-    if x.shape[0] <= cpu.moe_decode_tokens(int8):
-        return _decode(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, int8, biases)
     return _prefill(lib, x, top_k_index, top_k_weights, gu, dn, bits, activation, biases)
 
 
+_LIB = None
+
+
 def register() -> None:
-    """Register the CPU implementation of ``optimum_mc::moe``."""
-    register_eager("cpu", moe_cpu)
+    """Register the CPU implementation of ``optimum_mc::moe`` (idempotent)."""
+    global _LIB
+    if _LIB is None:
+        _LIB = torch.library.Library("optimum_mc", "IMPL")
+        _LIB.impl("moe", moe_cpu, "CPU")

@@ -360,15 +360,19 @@ def _check_device(device: torch.device) -> None:
 
 def cuda_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
              down_scales, down_zeros, bits: list[int], activation: str, decode_activations: str = "float",
-             gate_up_bias: torch.Tensor | None = None,
-             down_bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """``optimum_mc::moe`` on CUDA: the fused kernels over the GPU layout where they apply (no expert biases, an
-    activation of ``FUSED_ACTIVATIONS``, widths of the layout), else the tiled kernels; see :func:`selected_kernel`."""
+             gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+             odp_threshold: float = 0.0, odp_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``optimum_mc::moe`` on CUDA: ODP's rule and counts in torch ops (no host sync; capturable in a CUDA graph),
+    then the fused kernels over the GPU layout where they apply (no expert biases, an activation of
+    ``FUSED_ACTIVATIONS``, widths of the layout), else the tiled kernels; see :func:`selected_kernel`."""
     from .gpu_layout import LAYOUT_BITS, layout_for
     from .moe import check_index_values
     from .moe_triton import triton_moe
+    from .odp_rule import apply_odp
     from .reference import moe_reference
 
+    top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts,
+                                           len(gate_up_qweight))  # fmt: skip
     kernel = selected_kernel()
     lists = (gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight, down_scales, down_zeros)
     if kernel == "reference":
@@ -385,9 +389,15 @@ def cuda_moe(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gat
     return fused_moe(x, top_k_index, top_k_weights, layout_for(lists, bits), activation)
 
 
+_LIB = None
+
+
 def register() -> bool:
-    """Register :func:`cuda_moe` for the "cuda" key (when Triton imports); return whether it was."""
+    """Register :func:`cuda_moe` for the "CUDA" key (when Triton imports; idempotent); return whether it was."""
+    global _LIB
     if not TRITON_AVAILABLE:
         return False
-    torch.library.register_kernel("optimum_mc::moe", "cuda", cuda_moe)
+    if _LIB is None:
+        _LIB = torch.library.Library("optimum_mc", "IMPL")
+        _LIB.impl("moe", cuda_moe, "CUDA")
     return True

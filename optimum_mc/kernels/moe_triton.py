@@ -307,11 +307,3 @@ def _gemv_launcher(x, top_k_index, experts: int):
         return y
 
     return project, (lambda y: y), torch.float32
-
-
-def register() -> bool:
-    """Register the Triton MoE kernel for the "cuda" key (when Triton imports); return whether it was."""
-    if not TRITON_AVAILABLE:
-        return False
-    torch.library.register_kernel("optimum_mc::moe", "cuda", triton_moe)
-    return True

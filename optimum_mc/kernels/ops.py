@@ -1,8 +1,22 @@
-"""torch.library schemas for the packed-weight ops, their fake (meta) implementations, and device dispatch.
+"""The kernel contract: every ``optimum_mc::`` op schema, in one place, with its fake (meta) implementation.
 
-``optimum_mc::dequantize`` and ``optimum_mc::qmatmul`` default to the pure-torch reference on every device. Faster
-implementations register themselves per device key (``kernels/cpu.py`` for "cpu", ``kernels/triton.py`` for
-"cuda"); the choice is made by the dispatcher from the tensors' device, never by patching classes.
+Three ops (docs/kernels.md, "The kernel contract"):
+
+- ``dequantize(qweight, scales, zeros, bits, dtype) -> (out, in)``: packed codes to float weights.
+- ``qmatmul(x, qweight, scales, zeros, bits, decode_activations) -> (..., out)``: ``x @ dequantize(...).T``.
+- ``moe(x, top_k_index, top_k_weights, <six lists of E packed tensors>, bits, activation, decode_activations,
+  gate_up_bias, down_bias, odp_threshold, odp_counts) -> (T, H)``: a whole mixed-precision MoE layer, with online
+  dynamic pruning's rule (``odp_threshold`` > 0) and its statistics (``odp_counts``, mutated in place) inside the
+  op (:mod:`.moe`).
+- ``moe_backward(grad, x, top_k_index, top_k_weights, <lists>, bits, activation, biases, want_x, want_weights)
+  -> (dL/dx, dL/dtop_k_weights)``: ``moe``'s gradient formula (:mod:`.autograd`).
+
+Implementations register per dispatch key, never by patching classes or by calling a kernel around the
+dispatcher: :mod:`.reference` is the pure-torch default of every op on every device ("CompositeExplicitAutograd"),
+:mod:`.cpu` / :mod:`.moe_cpu` the C kernels for "CPU", :mod:`.triton` / :mod:`.moe_triton` the Triton kernels for
+"CUDA". The ops carry no autograd kernel: gradients (for the activations and routing weights only) come from the
+Python entry points below and in :mod:`.moe`, which wrap the ops in :mod:`.autograd`'s functions when an input needs
+a gradient, and call the op directly otherwise (one dispatch, no Python autograd layer on the decode path).
 """
 
 from __future__ import annotations
@@ -11,36 +25,55 @@ import torch
 
 from ..errors import DeviceMismatchError, DTypeError, ShapeError
 from ..packing import WORD_BITS, check_bits
-from .reference import dequantize_reference, qmatmul_reference
+
+NAMESPACE = "optimum_mc"
+
+SCHEMAS = {
+    "dequantize": "(Tensor qweight, Tensor scales, Tensor zeros, int bits, ScalarType dtype) -> Tensor",
+    "qmatmul": (
+        "(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, str decode_activations='float') -> Tensor"
+    ),
+    "moe": (
+        "(Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor[] gate_up_qweight, Tensor[] gate_up_scales, "
+        "Tensor[] gate_up_zeros, Tensor[] down_qweight, Tensor[] down_scales, Tensor[] down_zeros, int[] bits, "
+        "str activation, str decode_activations='float', Tensor? gate_up_bias=None, Tensor? down_bias=None, "
+        "float odp_threshold=0.0, Tensor(a!)? odp_counts=None) -> Tensor"
+    ),
+    # moe's backward formula (:mod:`.autograd`) as an op of its own, so a compiled graph holds it as one node
+    "moe_backward": (
+        "(Tensor grad, Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor[] gate_up_qweight, "
+        "Tensor[] gate_up_scales, Tensor[] gate_up_zeros, Tensor[] down_qweight, Tensor[] down_scales, "
+        "Tensor[] down_zeros, int[] bits, str activation, Tensor? gate_up_bias, Tensor? down_bias, bool want_x, "
+        "bool want_weights) -> (Tensor, Tensor)"
+    ),
+}
+
+_LIB = torch.library.Library(NAMESPACE, "DEF")  # kept alive: the definitions live as long as this object
+for _name, _schema in SCHEMAS.items():
+    _LIB.define(_name + _schema)
 
 
-@torch.library.custom_op("optimum_mc::dequantize", mutates_args=())
-def _dequantize_op(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype
-) -> torch.Tensor:
-    return dequantize_reference(qweight, scales, zeros, bits, dtype)
+@torch.library.register_fake(f"{NAMESPACE}::moe_backward")
+def _(grad, x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight, down_scales,
+      down_zeros, bits, activation, gate_up_bias, down_bias, want_x, want_weights):  # fmt: skip
+    return torch.empty_like(x), torch.empty_like(top_k_weights)
 
 
-@_dequantize_op.register_fake
+@torch.library.register_fake(f"{NAMESPACE}::dequantize")
 def _(qweight, scales, zeros, bits, dtype):
     return qweight.new_empty((qweight.shape[0], qweight.shape[1] * WORD_BITS // bits), dtype=dtype)
 
 
-@torch.library.custom_op("optimum_mc::qmatmul", mutates_args=())
-def _qmatmul_op(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bits: int,
-    decode_activations: str = "float",
-) -> torch.Tensor:
-    return qmatmul_reference(x, qweight, scales, zeros, bits)
-
-
-@_qmatmul_op.register_fake
+@torch.library.register_fake(f"{NAMESPACE}::qmatmul")
 def _(x, qweight, scales, zeros, bits, decode_activations="float"):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::moe")
+def _(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight, down_scales,
+      down_zeros, bits, activation, decode_activations="float", gate_up_bias=None, down_bias=None,
+      odp_threshold=0.0, odp_counts=None):  # fmt: skip
+    return torch.empty_like(x)
 
 
 def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> int:
@@ -72,7 +105,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Dequantize a packed matrix to ``(out, in)`` in ``dtype``."""
     check_packed(qweight, scales, zeros, bits)
-    return torch.ops.optimum_mc.dequantize(qweight, scales, zeros, bits, dtype)
+    return torch.ops.optimum_mc.dequantize.default(qweight, scales, zeros, bits, dtype)
 
 
 def qmatmul(
@@ -86,4 +119,21 @@ def qmatmul(
         raise ShapeError(f"x has {x.shape[-1]} features, the packed weight expects {in_features}.")
     if x.device != qweight.device:
         raise DeviceMismatchError(f"x is on {x.device} but the packed weight is on {qweight.device}; move one.")
-    return torch.ops.optimum_mc.qmatmul(x, qweight, scales, zeros, bits)
+    return qmatmul_op(x, qweight, scales, zeros, bits)
+
+
+def qmatmul_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    decode_activations: str = "float",
+) -> torch.Tensor:
+    """``optimum_mc::qmatmul`` on an already-validated packed matrix (what :class:`~optimum_mc.nn.QuantLinear`
+    calls): through :class:`~.autograd.QMatmulFunction` when ``x`` needs a gradient, else the op itself."""
+    if x.requires_grad and torch.is_grad_enabled():
+        from .autograd import QMatmulFunction
+
+        return QMatmulFunction.apply(x, qweight, scales, zeros, bits, decode_activations)
+    return torch.ops.optimum_mc.qmatmul.default(x, qweight, scales, zeros, bits, decode_activations)

@@ -1,4 +1,5 @@
-"""Pure-torch implementations of the packed-weight ops; they run on any device and define the expected results."""
+"""The pure-torch default of every ``optimum_mc::`` op (:mod:`.ops`): runs on any device, defines the expected
+results; registered for "CompositeExplicitAutograd", so a device without a kernel of its own gets these."""
 
 from __future__ import annotations
 
@@ -63,3 +64,35 @@ def moe_reference(
             y = y + down_bias[e].float()
         out.index_add_(0, token, y * top_k_weights[token, slot, None].float())
     return out.to(x.dtype)
+
+
+def moe_default(x, top_k_index, top_k_weights, gate_up_qweight, gate_up_scales, gate_up_zeros, down_qweight,
+                down_scales, down_zeros, bits, activation, decode_activations="float", gate_up_bias=None,
+                down_bias=None, odp_threshold=0.0, odp_counts=None) -> torch.Tensor:  # fmt: skip
+    """``optimum_mc::moe`` in torch ops: ODP's rule and counts (:func:`~.odp_rule.apply_odp`), then
+    :func:`moe_reference` (``decode_activations`` is a CPU decode option: ignored)."""
+    from .moe import check_index_values
+    from .odp_rule import apply_odp
+
+    check_index_values(top_k_index, len(gate_up_qweight))
+    top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, odp_threshold, odp_counts,
+                                           len(gate_up_qweight))  # fmt: skip
+    gate_up = list(zip(gate_up_qweight, gate_up_scales, gate_up_zeros))
+    down = list(zip(down_qweight, down_scales, down_zeros))
+    return moe_reference(x, top_k_index, top_k_weights, gate_up, down, bits, activation, gate_up_bias, down_bias)
+
+
+_LIB = None
+
+
+def register() -> None:
+    """Register the defaults (idempotent)."""
+    global _LIB
+    if _LIB is not None:
+        return
+    _LIB = torch.library.Library("optimum_mc", "IMPL")
+    key = "CompositeExplicitAutograd"
+    _LIB.impl("dequantize", dequantize_reference, key)
+    _LIB.impl("qmatmul", lambda x, qw, s, z, bits, decode_activations="float": qmatmul_reference(x, qw, s, z, bits),
+              key)  # fmt: skip
+    _LIB.impl("moe", moe_default, key)

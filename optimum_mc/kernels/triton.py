@@ -182,10 +182,16 @@ def triton_qmatmul(x, qweight, scales, zeros, bits: int, decode_activations: str
     return (triton_gemv if rows <= GEMV_MAX_ROWS else triton_gemm)(x, qweight, scales, zeros, bits)
 
 
+_LIB = None
+
+
 def register() -> bool:
-    """Register the Triton kernels for the "cuda" key (when Triton imports); return whether they were."""
+    """Register the Triton kernels for the "CUDA" key (when Triton imports); return whether they were."""
+    global _LIB
     if not TRITON_AVAILABLE:
         return False
-    torch.library.register_kernel("optimum_mc::dequantize", "cuda", triton_dequantize)
-    torch.library.register_kernel("optimum_mc::qmatmul", "cuda", triton_qmatmul)
+    if _LIB is None:
+        _LIB = torch.library.Library("optimum_mc", "IMPL")
+        _LIB.impl("dequantize", triton_dequantize, "CUDA")
+        _LIB.impl("qmatmul", triton_qmatmul, "CUDA")
     return True

@@ -2,7 +2,9 @@
 
 Same interface as ``MixtralExperts`` & co.: ``forward(hidden_states, top_k_index, top_k_weights)`` with the
 fused layout (gate and up stacked in one ``(2I, H)`` matrix, ``down`` ``(H, I)``). Routing slots whose index is
-``>= num_experts`` are skipped (online dynamic pruning marks dropped slots that way). Buffers are named
+``>= num_experts`` are skipped (online dynamic pruning marks dropped slots that way). With ODP on,
+:attr:`MCExperts.odp` holds the layer's ODP state and the experts pass its threshold and counters to
+``optimum_mc::moe``, which applies the rule and counts (inside the C decode kernel on CPU). Buffers are named
 ``packed.<e>.gate_up.*`` / ``packed.<e>.down.*`` so transformers' checkpoint conversions (which match
 ``gate_up_proj`` / ``down_proj`` and per-expert ``w1/w2/w3``) leave them alone.
 """
@@ -18,10 +20,15 @@ from torch import nn
 from ..bitwidths import ExpertBits, join, op_bits, split
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from ..expert_layout import canonical_experts, experts_layout, experts_weight, gate_up_weight
-from ..kernels import activation_name, check_routing, cpu, moe_op
-from ..kernels.activations import intermediate, projection_rows
-from ..kernels.eager import plain_eager
-from ..kernels.moe_cpu import DecodePlan
+from ..kernels import (
+    activation_name,
+    apply_odp,
+    check_routing,
+    int8_kernels_available,
+    intermediate,
+    moe_op,
+    projection_rows,
+)
 from .linear import QuantLinear
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -109,6 +116,8 @@ class MCExperts(nn.Module):
         # what the CPU decode kernel feeds its GEMVs: "auto" (int8 for bf16 / fp16 inputs where the CPU has the
         # integer-dot kernels), "float" or "int8" (kernels.cpu.int8_decode; set_decode_activations)
         self.decode_activations = "auto"
+        # online dynamic pruning: the layer's ODPLayerState (pruning.odp.set_odp), or None; read every call
+        self.odp = None
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: list[int], group_size: int) -> MCExperts:
@@ -201,72 +210,21 @@ class MCExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        # set by ODP's router hook for this call (eager mode only: under torch.compile the hook rewrites the routing)
-        pending = None if torch.compiler.is_compiling() else self.__dict__.pop("_mc_odp_pending", None)
-        if pending is not None:
-            return self.forward_with_odp(hidden_states, top_k_index, top_k_weights, *pending)
-        first = self.packed[0].gate_up.qweight
+        threshold, counts = 0.0, None
+        if self.odp is not None:  # ODP's rule and counters for this call (pruning.odp.ODPLayerState.experts_routing)
+            top_k_index, top_k_weights, threshold, counts = self.odp.experts_routing(
+                hidden_states, top_k_index, top_k_weights
+            )
+        first = self.packed._modules["0"]._modules["gate_up"]._buffers["qweight"]  # (no __getattr__ chain per call)
         if self.activation is None or first.is_meta:
             # meta buffers: offloaded by accelerate, whose hooks load them only when each QuantLinear runs
+            top_k_index, top_k_weights = apply_odp(top_k_index, top_k_weights, threshold, counts, self.num_experts)
             return self.forward_per_expert(hidden_states, top_k_index, top_k_weights)
         # the packed buffers were validated when built or loaded (QuantLinear); only the routing is checked here
         check_routing(hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation)
-        weights = self.packed_weights()
         gb, db = self._op_biases()
-        plan, int8 = self._decode_plan(hidden_states, weights)
-        if plan is not None:
-            return plan(hidden_states, top_k_index, top_k_weights, int8=int8, gate_up_bias=gb, down_bias=db)
-        return moe_op(hidden_states, top_k_index, top_k_weights, *weights, self.op_bits, self.activation,
-                      self.decode_activations, gb, db)  # fmt: skip
-
-    def _decode_plan(self, x: torch.Tensor, weights: tuple[list[torch.Tensor], ...]) -> tuple[DecodePlan | None, bool]:
-        """The CPU decode kernel's cached plan for a plain-eager CPU decode step (at most ``cpu.moe_decode_tokens``
-        tokens: more with int8 activations), else None (the op's dispatch); and whether it takes int8 activations."""
-        if x.device.type != "cpu" or x.dim() != 2 or not plain_eager(x):
-            return None, False
-        int8 = cpu.int8_decode(self.decode_activations, x.dtype)
-        if x.shape[0] > cpu.moe_decode_tokens(int8):
-            return None, int8
-        plan = self.__dict__.get("_mc_decode_plan")
-        if plan is None or not plan.matches(weights):
-            plan = DecodePlan(weights, self.op_bits, self.activation)
-            self.__dict__["_mc_decode_plan"] = plan
-        return (plan if plan.ok else None), int8
-
-    def forward_with_odp(
-        self,
-        hidden_states: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        threshold: float,
-        counts: torch.Tensor,
-    ) -> torch.Tensor:
-        """Forward with online dynamic pruning's rule (``threshold`` 0: none) applied to the routing here, and its
-        statistics added to ``counts`` (``pruning.rule.count_routing``'s layout). On CPU in eager mode, decode
-        steps do both inside the fused C kernel; elsewhere the rule runs as torch ops (same results)."""
-        first = self.packed[0].gate_up.qweight
-        if (
-            self.activation is not None
-            and not first.is_meta
-            and top_k_weights.dtype == torch.float32
-            and counts.device.type == "cpu"
-        ):
-            plan, int8 = self._decode_plan(hidden_states, self.packed_weights())
-            if plan is not None:
-                check_routing(
-                    hidden_states, top_k_index, top_k_weights, self.hidden_dim, first.device, self.activation
-                )
-                gb, db = self._op_biases()
-                return plan(hidden_states, top_k_index, top_k_weights, threshold, counts, int8=int8, gate_up_bias=gb,
-                            down_bias=db)  # fmt: skip
-        from ..pruning.rule import apply_drop, count_routing, drop_mask
-
-        if threshold > 0:
-            drop = drop_mask(top_k_weights.reshape(-1, top_k_weights.shape[-1]), threshold).reshape(top_k_index.shape)
-            top_k_index, top_k_weights = apply_drop(top_k_index, top_k_weights, drop, self.num_experts)
-        with torch.no_grad():
-            count_routing(counts, top_k_index, None, self.num_experts)
-        return self.forward(hidden_states, top_k_index, top_k_weights)
+        return moe_op(hidden_states, top_k_index, top_k_weights, *self.packed_weights(), self.op_bits,
+                      self.activation, self.decode_activations, gb, db, threshold, counts)  # fmt: skip
 
     def forward_per_expert(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -304,8 +262,7 @@ def set_decode_activations(model: nn.Module, mode: str = "int8") -> int:
     modules = [m for m in model.modules() if isinstance(m, (MCExperts, QuantLinear))]
     if not modules:
         raise UnsupportedArchitectureError("the model has no MC-packed modules: quantize it with MCConfig first.")
-    lib = cpu.library()
-    if mode == "int8" and (lib is None or not lib.mc_i8dot_available()):
+    if mode == "int8" and not int8_kernels_available():
         logging.getLogger(__name__).warning(
             "optimum-mc: this CPU (or build) lacks the AVX512-VNNI/VBMI int8 kernel, so int8 decode activations run "
             "a portable loop that is slower than the fp32 decode; keep decode_activations='float' here."

@@ -7,8 +7,7 @@ from torch import nn
 
 from ..errors import CheckpointError, DeviceMismatchError, ShapeError
 from ..group_quant import check_group_size, compact_metadata, expand_metadata, q8_shapes, rtn_quantize
-from ..kernels import cpu, dequantize
-from ..kernels.eager import plain_eager
+from ..kernels import dequantize, qmatmul_op
 from ..packing import check_bits, pack, packed_words
 
 _INT32, _FP16 = torch.int32, torch.float16
@@ -65,10 +64,6 @@ class QuantLinear(nn.Module):
             for name, (dt, shape) in q8_shapes(out_features, groups, bits).items():
                 self.register_buffer(name, torch.zeros(shape, dtype=getattr(torch, dt), device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._qshape, self._gshape = self.qweight.shape, self.scales.shape
-        # groups of whole 32-code blocks: what the C kernels take (others go through the dispatcher's reference)
-        self._cpu_kernel = self.group_size % 32 == 0
-        self._checked: tuple[torch.Tensor, ...] = ()  # the buffers last found fit for the C kernels
         # "auto" / "float" / "int8": what the CPU decode GEMV takes (kernels.cpu.int8_decode, set_decode_activations)
         self.decode_activations = "auto"
 
@@ -145,8 +140,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The buffers' shapes and dtypes are fixed at construction and checked at load (_load_from_state_dict);
-        # _apply keeps scales / zeros in fp16 through .to(dtype). So a call only checks x and what could still
-        # have been swapped in by hand (cheap flag reads), then runs the kernel.
+        # _apply keeps scales / zeros in fp16 through .to(dtype). So a call only checks x, then runs the op.
         b = self._buffers
         qw, s, z = b["qweight"], b["scales"], b["zeros"]
         if x.shape[-1] != self.in_features:
@@ -154,28 +148,9 @@ class QuantLinear(nn.Module):
         on_cpu = x.is_cpu  # a flag read; comparing torch.device objects costs more than the rest of a small call
         if on_cpu != qw.is_cpu or (not on_cpu and x.device != qw.device):
             raise DeviceMismatchError(f"x is on {x.device} but the packed weight is on {qw.device}; move one.")
-        y = None
-        if on_cpu and x.dtype.is_floating_point and self._cpu_kernel and plain_eager(x):
-            lib = cpu.library()  # cached
-            c = self._checked
-            fits = (c and c[0] is qw and c[1] is s and c[2] is z) or self._check_cpu_buffers(qw, s, z)
-            if lib is not None and fits:
-                int8 = cpu.int8_decode(self.decode_activations, x.dtype)
-                y = cpu.qmatmul_validated(lib, x, qw, s, z, self.bits, int8)
-        if y is None:
-            y = torch.ops.optimum_mc.qmatmul(x, qw, s, z, self.bits, self.decode_activations)
+        y = qmatmul_op(x, qw, s, z, self.bits, self.decode_activations)
         bias = b["bias"]
         return y + bias.to(y.dtype) if bias is not None else y
-
-    def _check_cpu_buffers(self, qw: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> bool:
-        """Whether the buffers are what the C kernels read; remembered (by identity) until a buffer is replaced."""
-        ok = (
-            qw.dtype == _INT32 and s.dtype == _FP16 and z.dtype == _FP16
-            and qw.shape == self._qshape and s.shape == self._gshape and z.shape == self._gshape
-            and qw.is_contiguous() and s.is_contiguous() and z.is_contiguous()
-        )  # fmt: skip
-        self._checked = (qw, s, z) if ok else ()
-        return ok
 
     def _apply(self, fn, recurse: bool = True):
         """Move buffers like any module, but keep the grid fp16 (``model.to(torch.bfloat16)`` must not round it):

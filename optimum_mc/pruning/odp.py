@@ -1,8 +1,10 @@
 """Online dynamic pruning on a loaded model: switch it on/off, calibrate thresholds, rank layers, read statistics.
 
 ODP lives at the router/experts boundary of every supported architecture: a forward hook on each MoE router
-rewrites ``(router_logits, top_k_weights, top_k_index)`` with :mod:`.rule`, so the experts module (float or
-:class:`~optimum_mc.nn.MCExperts`) simply skips dropped slots. All state sits on the model's modules.
+rewrites ``(router_logits, top_k_weights, top_k_index)`` with :mod:`.rule`, so a float experts module simply skips
+dropped slots. :class:`~optimum_mc.nn.MCExperts` instead holds its layer's :class:`ODPLayerState` (``experts.odp``)
+and passes the threshold and counters to ``optimum_mc::moe``, which applies the rule and counts (inside the C decode
+kernel on CPU); the hook then leaves the routing alone. All state sits on the model's modules.
 """
 
 from __future__ import annotations
@@ -62,30 +64,54 @@ class ODPLayerState:
     handle: object | None = None
     # statistics not yet folded into ``stats``: int64 (E + 3) on the routing's device (rule.count_routing)
     counts: torch.Tensor | None = None
-    # the layer's experts module when it applies the rule itself (MCExperts: inside its fused C kernel on CPU)
+    # the layer's experts module when ODP runs inside its optimum_mc::moe call (MCExperts, whose ``odp`` is this
+    # state: it asks experts_routing each call); the router hook then leaves the routing alone
     experts: nn.Module | None = None
     # whether the router renormalizes its selected weights (routing.py): kept weights rescaled to their sum or not
     renormalize: bool = True
 
     def router_hook(self, module: nn.Module, args: tuple, output: tuple):
+        if self.experts is not None:
+            return None  # the experts module asks experts_routing and ODP runs inside optimum_mc::moe
         pos = router_output_positions(output)
         logits, weights, index = (output[i] for i in pos)
+        index2, weights2 = self._rule(args[0], int(logits.shape[-1]), index, weights)
+        out = list(output)
+        out[pos[1]], out[pos[2]] = weights2, index2
+        return tuple(out)
+
+    def experts_routing(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """For an experts module that passes ODP to ``optimum_mc::moe`` (:class:`~optimum_mc.nn.MCExperts`, whose
+        ``odp`` this state is): ``(index, weights, odp_threshold, odp_counts)`` for this call. Without padding or
+        protected tokens the routing is returned as it came, with the layer's threshold (0 where ODP is off in this
+        layer: counted only) and counters, and the op applies the rule and counts (inside the C decode kernel on
+        CPU); otherwise the rule runs here in torch ops (as the router hook does for other experts modules) and the
+        op gets neither."""
+        t = index.reshape(-1, index.shape[-1]).shape[0]
+        valid = self.valid is not None and self.valid.numel() == t
+        protect = self.enabled and self.received is not None and self.received.numel() == t
+        if not valid and not protect:
+            self.received = self.valid = None
+            return index, weights, (self.threshold if self.enabled else 0.0), self._counters(index.device)
+        index, weights = self._rule(hidden, self.num_experts, index, weights)
+        return index, weights, 0.0, None
+
+    def _rule(
+        self, hidden: torch.Tensor, width: int, index: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ODP's rule with token protection and padding as torch ops, counted; ``width``: the router's logits."""
         flat_i = index.reshape(-1, index.shape[-1])
         t = flat_i.shape[0]
         valid = self.valid.reshape(-1) if self.valid is not None and self.valid.numel() == t else None
-        protect = self.enabled and self.received is not None and self.received.numel() == t
         counts = self._counters(index.device)
-        if self.experts is not None and valid is None and not protect and not torch.compiler.is_compiling():
-            # nothing here needs the tokens' importance or padding: the experts apply the rule and count
-            self.experts._mc_odp_pending = (self.threshold if self.enabled else 0.0, counts)
-            self.received = self.valid = None
-            return None
-        hidden = args[0].reshape(-1, args[0].shape[-1])
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         flat_w = weights.reshape(-1, weights.shape[-1])
         # a router scoring experts beyond the experts module (zero-computation / identity experts, longcat_flash)
         # returns their indices in [E, R), R = its logits' width, and the block computes them itself: a dropped slot
         # is then marked R (neither kind), and those slots are not counted as expert slots
-        extra = int(logits.shape[-1]) if logits.shape[-1] > self.num_experts else None
+        extra = width if width > self.num_experts else None
         routed = flat_i
         drop = None
         if self.enabled:
@@ -104,9 +130,7 @@ class ODPLayerState:
                 counted = counted.masked_fill(drop & own, self.num_experts) if drop is not None else counted
             count_routing(counts, counted, valid, self.num_experts)
         self.received = self.valid = None
-        out = list(output)
-        out[pos[1]], out[pos[2]] = flat_w.reshape(weights.shape), flat_i.reshape(index.shape)
-        return tuple(out)
+        return flat_i.reshape(index.shape), flat_w.reshape(weights.shape)
 
     def _counters(self, device: torch.device) -> torch.Tensor:
         if self.counts is None or self.counts.device != device:
@@ -276,9 +300,11 @@ def set_odp(
         st.threshold, st.protect_ratio, st.enabled = t, float(protect_ratio), blk.layer_idx in active
         # the fused kernel's rule rescales kept weights: only for routers that renormalize
         # (not for a block scaling the experts' inputs, input_scaled.py: its experts see one slot per row)
-        fused = hasattr(blk.experts, "forward_with_odp") and not getattr(blk.block, "scales_expert_inputs", False)
+        fused = hasattr(blk.experts, "odp") and not getattr(blk.block, "scales_expert_inputs", False)
         fused = fused and blk.router_classes == blk.num_experts  # (a router scoring extra experts: the hook's rule)
         st.experts = blk.experts if fused and st.renormalize else None
+        if hasattr(blk.experts, "odp"):  # an experts module taking ODP into optimum_mc::moe (MCExperts)
+            blk.experts.odp = st if st.experts is not None else None
         attn_mod = attention_module(layer_list[blk.layer_idx])
         if attn_mod is not None:  # a linear-attention (hybrid) layer: ODP without token protection
             attn_mod._mc_odp_state = st

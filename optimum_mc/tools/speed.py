@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..kernels.cpu import int8_decode
+from ..kernels import int8_decode
 
 
 def model_bytes(model) -> int:

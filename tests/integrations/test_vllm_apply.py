@@ -8,9 +8,8 @@ import torch
 from helpers.moe import random_experts, random_routing
 
 from optimum_mc.integrations.vllm.moe_apply import apply_packed_moe, local_ids
-from optimum_mc.kernels.moe_cpu import DecodePlan
 from optimum_mc.kernels.reference import moe_reference
-from optimum_mc.pruning.rule import apply_drop, drop_mask
+from optimum_mc.pruning.rule import apply_drop, count_routing, drop_mask
 
 BITS = [2, 3, 4, 2, 3, 2]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -31,8 +30,7 @@ def test_apply_matches_the_reference_with_and_without_odp(device, tokens):
     idx, w = random_routing(tokens, len(BITS), seed=tokens)
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens))
     lists = _lists(gate_up, down, device)
-    plan = DecodePlan(tuple(lists), BITS, "silu") if device == "cpu" else None
-    kw = dict(mode="float", plan=plan)
+    kw = dict(mode="float")
     got = apply_packed_moe(x.to(device), w.to(device), idx.to(device), lists, BITS, len(BITS), **kw)
     ref = moe_reference(x, idx, w, gate_up, down, BITS, "silu")
     torch.testing.assert_close(got.cpu(), ref, **tolerance(ref))
@@ -49,6 +47,16 @@ def test_apply_matches_the_reference_with_and_without_odp(device, tokens):
     c = counts.cpu()
     assert int(c[len(BITS)]) == int(drop.sum()) and int(c[: len(BITS)].sum()) == idx.numel() - int(drop.sum())
     assert int(c[len(BITS) + 2]) == tokens
+    # no protected token: the rule and the counts run inside optimum_mc::moe (the C decode kernel on CPU)
+    counts.zero_()
+    got = apply_packed_moe(x.to(device), w.to(device), idx.to(device), lists, BITS, len(BITS), odp_threshold=0.6,
+                           counts=counts, **kw)  # fmt: skip
+    ids_ref, w_ref = apply_drop(idx, w, drop_mask(w, 0.6), len(BITS), True)
+    ref = moe_reference(x, ids_ref, w_ref, gate_up, down, BITS, "silu")
+    torch.testing.assert_close(got.cpu(), ref, **tolerance(ref))
+    want = torch.zeros(len(BITS) + 3, dtype=torch.int64)
+    count_routing(want, ids_ref, None, len(BITS))
+    assert torch.equal(counts.cpu(), want)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,8 +14,6 @@ from optimum_mc.kernels.reference import dequantize_reference
 pytestmark = pytest.mark.skipif(not cpu.amx_available(), reason="no AMX on this CPU / build")
 
 
-
-
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize(
     ("rows", "out_f", "in_f", "group"),

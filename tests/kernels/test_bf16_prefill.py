@@ -21,8 +21,6 @@ needs_fma = pytest.mark.skipif(
 )
 
 
-
-
 KERNELS = ["mc_bf16_linear", "mc_bf16_linear_fma"]
 
 

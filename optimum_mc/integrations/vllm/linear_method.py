@@ -10,8 +10,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...errors import CheckpointError, MCConfigError
-from ...kernels import check_packed, cpu
-from ...kernels.eager import plain_eager
+from ...kernels import check_packed, qmatmul_op
 from ...packing import WORD_BITS
 from .weights import (
     COMPACT,
@@ -35,7 +34,6 @@ class MCLinearMethod(LinearMethodBase):
 
     def __init__(self, config: MCVllmConfig, bits: int, prefix: str) -> None:
         self.config, self.bits, self.prefix = config, bits, prefix
-        self.lib = None  # set at load when the CPU C kernels take the packed buffers
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype,
@@ -139,17 +137,8 @@ class MCLinearMethod(LinearMethodBase):
                     + "; the checkpoint is incomplete or does not match its config."
                 )
         check_packed(layer.qweight, layer.scales, layer.zeros, self.bits)
-        # the C kernels' library when they take these buffers as they are (checked once, as QuantLinear does)
-        packed = (layer.qweight, layer.scales, layer.zeros)
-        fits = all(t.device.type == "cpu" and t.is_contiguous() for t in packed)
-        self.lib = cpu._fast_path(*packed, self.bits) if fits else None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         mode = self.config.decode_activations
-        if self.lib is not None and x.is_cpu and x.dtype.is_floating_point and plain_eager(x):
-            # plain eager on CPU: the kernel the dispatcher would pick, without its ~30 µs of layers per call
-            y = cpu.qmatmul_validated(self.lib, x, layer.qweight, layer.scales, layer.zeros, self.bits,
-                                      cpu.int8_decode(mode, x.dtype))  # fmt: skip
-        else:
-            y = torch.ops.optimum_mc.qmatmul(x, layer.qweight, layer.scales, layer.zeros, self.bits, mode)
+        y = qmatmul_op(x, layer.qweight, layer.scales, layer.zeros, self.bits, mode)
         return y if bias is None else y + bias.to(y.dtype)

@@ -3,7 +3,10 @@
 :class:`~.moe_method.MCFusedMoEMethod` ``.apply`` reads what only vLLM knows (the layer's expert map, the router's
 renormalization, ODP's protected positions from the forward context) and calls :func:`apply_packed_moe`, which does
 the rest: expert parallelism's global-to-local ids, ODP's rule and counts, and ``optimum_mc::moe`` (the C kernels on
-CPU, with the whole-layer decode kernel for a few tokens; the Triton kernels on CUDA). Kept apart so that the same
+CPU, with the whole-layer decode kernel for a few tokens; the Triton kernels on CUDA). ODP goes into the op
+(``odp_threshold`` / ``odp_counts``, the contract transformers' ``MCExperts`` uses) wherever the op's rule is the
+whole rule: all experts local, no protected tokens, a renormalizing router; otherwise the rule runs here in torch
+ops and the op gets the pruned routing. Kept apart so that the same
 code is checked on a GPU machine, where vLLM cannot be installed (``tests/integrations/test_vllm_apply.py`` on CPU
 and CUDA, ``scripts/gpu_check.sh``).
 """
@@ -12,9 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels import cpu, moe_op
-from ...kernels.eager import plain_eager
-from ...kernels.moe_cpu import DecodePlan
+from ...kernels import moe_op, qmatmul_op
 from ...pruning.rule import apply_drop, count_routing, drop_mask
 
 
@@ -36,7 +37,6 @@ def apply_packed_moe(
     total: int,
     *,
     mode: str = "auto",
-    plan: DecodePlan | None = None,
     expert_map: torch.Tensor | None = None,
     odp_threshold: float | None = None,
     protect: torch.Tensor | None = None,
@@ -47,25 +47,19 @@ def apply_packed_moe(
 
     ``lists``: the six packed lists of this rank's experts in local order (gate/up qweight, scales, zeros, then
     down's), ``op_bits`` their widths (``optimum_mc::moe``'s), ``total`` the experts of the whole model, ``mode``
-    the decode activations ("auto" / "float" / "int8"), ``plan`` the CPU decode plan of these lists (or None).
+    the decode activations ("auto" / "float" / "int8").
     ODP: ``odp_threshold`` None is off; 0.0 on but not active in this layer (counted only); > 0 drops the slots its
     rule drops, except for ``protect``-ed tokens (bool ``(T,)``), with the kept weights rescaled to their sum when
     the router ``renormalize``-s; ``counts`` (int64 ``E + 3`` on the routing's device) accumulates its statistics.
     """
     num_local = len(lists[0])
-    decode = plan is not None and x.dim() == 2 and x.device.type == "cpu" and plain_eager(x)
-    int8 = decode and cpu.int8_decode(mode, x.dtype)
-    decode = decode and x.shape[0] <= cpu.moe_decode_tokens(int8)
     ids, w = topk_ids, topk_weights
     if odp_threshold is None:  # ODP off
-        if expert_map is None and decode:
-            return plan(x, ids, w, int8=int8)
         return moe_op(x, local_ids(ids, expert_map, total, num_local), w, *lists, op_bits, "silu", mode)
     if counts is None:
         counts = torch.zeros(total + 3, dtype=torch.int64, device=ids.device)
-    if expert_map is None and decode and protect is None and w.dtype == torch.float32 and renormalize:
-        # the rule and the counts inside the C kernel (which rescales the kept weights)
-        return plan(x, ids, w, odp_threshold, counts, int8=int8)
+    if expert_map is None and protect is None and renormalize:  # the op's rule is the whole rule: ODP in the op
+        return moe_op(x, ids, w, *lists, op_bits, "silu", mode, None, None, float(odp_threshold), counts)
     if odp_threshold > 0:
         drop = drop_mask(w, odp_threshold)
         if protect is not None:
@@ -97,8 +91,7 @@ def apply_ungated_moe(
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = torch.ops.optimum_mc.qmatmul(x[tok], lists[0][e], lists[1][e], lists[2][e], bits[e][0], mode)
-        y = torch.ops.optimum_mc.qmatmul(torch.square(torch.relu(h)), lists[3][e], lists[4][e], lists[5][e],
-                                         bits[e][1], mode)  # fmt: skip
+        h = qmatmul_op(x[tok], lists[0][e], lists[1][e], lists[2][e], bits[e][0], mode)
+        y = qmatmul_op(torch.square(torch.relu(h)), lists[3][e], lists[4][e], lists[5][e], bits[e][1], mode)
         out.index_add_(0, tok, y.float() * topk_weights[tok, slot].float().unsqueeze(-1))
     return out.to(x.dtype)

@@ -13,7 +13,6 @@ from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from ... import bitwidths
 from ...errors import CheckpointError, MCConfigError, UnsupportedArchitectureError
 from ...kernels import check_experts, check_packed
-from ...kernels.moe_cpu import DecodePlan
 from . import odp
 from .moe_apply import apply_packed_moe, apply_ungated_moe
 from .weights import (
@@ -59,9 +58,9 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
 
     Routing is vLLM's (the layer's router: softmax / sigmoid, grouped top-k, renormalization, bias correction all as
     vLLM computes them for the model); ``apply`` then runs ``optimum_mc::moe`` over the packed lists. With online
-    dynamic pruning on (:mod:`.odp`), ``apply`` first drops the slots ODP's rule drops (index E: not computed); CPU
-    decode steps (a few tokens) run the whole layer, rule included, in one call of the fused C kernel through a
-    :class:`~optimum_mc.kernels.moe_cpu.DecodePlan` built once at load, as transformers' ``MCExperts`` does.
+    dynamic pruning on (:mod:`.odp`), the op gets the layer's threshold and counters (the contract transformers'
+    ``MCExperts`` uses; CPU decode steps run the whole layer, rule included, in one call of the fused C kernel), or,
+    with expert parallelism or protected tokens, the routing pruned in torch ops (:func:`.moe_apply.apply_packed_moe`).
     """
 
     def __init__(self, config: MCVllmConfig, moe, expert_bits: list, prefix: str) -> None:
@@ -248,16 +247,12 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
         down = [(x.down.qweight, x.down.scales, x.down.zeros) for x in experts]
         self.op_bits = bitwidths.op_bits([bitwidths.join(*self.expert_bits[e]) for e in self.local_ids])
         self.lists = [[m[j] for m in gate_up] for j in range(3)] + [[m[j] for m in down] for j in range(3)]
-        self.plan = None
         if not self.gated:  # the per-expert loop (moe_apply.apply_ungated_moe): the fused op and its checks are gated
             for e, g, d in zip(self.local_ids, gate_up, down):
                 check_packed(*g, self.expert_bits[e][0])
                 check_packed(*d, self.expert_bits[e][1])
             return
         check_experts(gate_up, down, self.op_bits)
-        if all(t.device.type == "cpu" for t in self.lists[0]):
-            plan = DecodePlan(tuple(self.lists), self.op_bits, "silu")
-            self.plan = plan if plan.ok else None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:  # fmt: skip
@@ -274,7 +269,7 @@ class MCFusedMoEMethod(FusedMoEMethodBase):
                 logger.info("optimum-mc ODP: %.2f%% of expert evaluations skipped", share)
             protect = odp.protected_tokens(x.shape[0], self.protect_first) if self.odp_threshold > 0 else None
         return apply_packed_moe(
-            x, topk_weights, topk_ids, self.lists, self.op_bits, total, mode=self.mode, plan=self.plan,
+            x, topk_weights, topk_ids, self.lists, self.op_bits, total, mode=self.mode,
             expert_map=layer.expert_map, odp_threshold=self.odp_threshold, protect=protect, counts=counts,
             renormalize=bool(getattr(layer, "renormalize", True)),  # the router's: kept weights rescaled, or not
         )  # fmt: skip

@@ -20,6 +20,7 @@
  * Files, by concern (one translation unit: this file includes the others, in this order, so every helper stays
  * inlinable across kernels and the build is one compiler call; kernels/cpu.py hashes every file of csrc/ into the
  * cache key):
+ *   mc_kernels.h       the interface: every exported entry point's declaration (what kernels/cpu.py loads), mc_epi
  *   common.h           includes, fp16 -> fp32, unaligned loads, the padded last row
  *   dequantize.c       mc_dequantize (exact fp32, the reference's rounding)
  *   gemv.c             the fp32 GEMV for a few rows of x (decode), per bit-width specializations
@@ -33,6 +34,7 @@
  *   fma_linear.c       mc_fma_linear: prefill with AVX2 + FMA on exactly dequantized fp32 weights
  */
 #include "common.h"
+#include "mc_kernels.h"
 #include "dequantize.c"
 #include "gemv.c"
 #include "dequantize_bf16.c"

@@ -23,14 +23,7 @@
 #define MC_EPI_GLU 1
 #define MC_EPI_SCATTER 2
 
-typedef struct {
-    int32_t mode, act, out_bf16, reserved;
-    int64_t inter, ld; /* GLU: I; the row stride of out, in elements */
-    void *out;         /* STORE: y fp32; GLU: h fp32 / bf16; SCATTER: the tokens' fp32 rows */
-    const float *bias; /* GLU: 2I (gate, then up); SCATTER: N; or NULL */
-    const float *weight;
-    const int64_t *dst; /* SCATTER: routing weight and token row of each row of x */
-} mc_epi;
+/* mc_epi: declared in mc_kernels.h (the prefill kernels and ctypes read it too). */
 
 /* glu(g, u) for one value: the formulas of glu512 below with the C library's expf / erfcf (builds without
  * AVX-512); NaN propagates as in torch (relu and the clamps keep it). */
