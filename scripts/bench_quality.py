@@ -63,6 +63,9 @@ VARIANT_OPTIONS = {
     # codes x 2^k per 16 rows, integer zeros at the code width: (8.5 + b) / 128 bits per weight instead of 0.25)
     "mcstoredint": {"bits_budget": "stored", "zero_point": "int"},
     "mcstoredq8": {"bits_budget": "stored", "zero_point": "int", "metadata": "q8"},
+    # least-squares group grids (issue 23 grid study): fitted when GPTQ reaches the group, natural column order
+    "mclsq": {"gptq": {"group_fit": "lsq", "act_order": False}},
+    "mclsqact": {"gptq": {"group_fit": "lsq"}},
     "mcclip": {"clip_search": True},  # GPTQ grids by the Hessian-weighted clip search
     "mcnoclip": {"clip_search": False},
     "mcproj23": {"allocation_granularity": "projection", "candidate_bits": [2, 3]},
@@ -91,10 +94,14 @@ def variant_config(name: str, seed: int, num_samples: int, seq_len: int):
     seed = int(at) if at else seed
     kind, _, value = name.rpartition("-")
     common = dict(seed=seed, num_samples=num_samples, seq_len=seq_len, show_progress=False)
-    if kind in ("uniform", "uniformint", "uniformclip", "uniformnoclip"):
+    if kind in ("uniform", "uniformint", "uniformclip", "uniformnoclip", "uniformlsq"):
         b = int(value)
         zp = "int" if kind == "uniformint" else "float"
-        clip = {"uniformclip": {"clip_search": True}, "uniformnoclip": {"clip_search": False}}.get(kind, {})
+        clip = {
+            "uniformclip": {"clip_search": True},
+            "uniformnoclip": {"clip_search": False},
+            "uniformlsq": {"gptq": {"group_fit": "lsq", "act_order": False}},
+        }.get(kind, {})
         return optimum_mc.MCConfig(bits=b, candidate_bits=[b], zero_point=zp, **clip, **common)
     if kind in VARIANT_OPTIONS:
         return optimum_mc.MCConfig(bits=float(value), **VARIANT_OPTIONS[kind], **common)
