@@ -166,7 +166,8 @@ def _block_kind(name: str, block: nn.Module, r_attr: str, e_attr: str, e: int, h
             probe.forward(torch.randn(1, _PROBE_TOKENS, hidden, generator=g))
         except Exception as exc:
             raise UnsupportedArchitectureError(
-                f"MoE block `{name}` ({type(block).__name__}) with a logits-only router does not run with a "
+                f"MoE block `{name}` ({type(block).__name__}): its router `{name}.{r_attr}` "
+                f"({type(block._modules[r_attr]).__name__}) returns logits only, and the block does not run with a "
                 f"stand-in router and experts ({type(exc).__name__}: {exc}) (check: block top-k)."
             ) from exc
     if len(recorder.seen) != 1:

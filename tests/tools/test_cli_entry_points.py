@@ -161,7 +161,7 @@ def test_quantize_passes_dataset_options_and_tokenizer(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "_load_tokenizer", lambda path, args: "TOKENIZER")
     monkeypatch.setattr(cli, "_load", fake_load)
-    monkeypatch.setattr("optimum_mc.config.MCConfig._check_types", lambda self: None)  # a str stands for the tok
+    monkeypatch.setattr("optimum_mc.config_checks._check_types", lambda cfg: None)  # a str stands for the tok
     argv = ["quantize", str(tmp_path), "--output", str(tmp_path / "o"), "--dataset", "me/corpus",
             "--dataset-config", "v1", "--dataset-split", "validation", "--text-column", "body"]  # fmt: skip
     with pytest.raises(_Stop):
