@@ -141,3 +141,37 @@ def summarize(rows: list[dict]) -> list[dict]:
             }
         )
     return out
+
+
+def paired_row(model: str, what: str, r: dict, base: dict) -> dict:
+    """A paired comparison of two runs' per-window NLL (same windows): Δppl of ``r`` vs ``base`` with its 95% CI."""
+    m, se, n = bq.paired(r, base)["all"]
+    ci = [100 * (math.exp(m - 1.96 * se) - 1), 100 * (math.exp(m + 1.96 * se) - 1)]
+    return {"model": model, "pair": what, "dppl_pct": 100 * (math.exp(m) - 1), "ci95_pct": ci, "n": n}
+
+
+def markdown(summary: list[dict], paired: list[dict], mean_header: str, stored_digits: int, pair_header: str) -> str:
+    """The studies' two tables: one row per (model, variant, rotation), then the paired comparisons."""
+    lines = [
+        f"| model | variant | rotation | code bits | stored bits | {mean_header} | Δppl pooled [95% CI] "
+        "| code | docs | quotes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        cb = "-" if s["code_bits"] is None else f"{s['code_bits']:.2f}"
+        sb = "-" if s["stored_bits"] is None else f"{s['stored_bits']:.{stored_digits}f}"
+        lo, hi = s["dppl_pooled_ci95_pct"]
+        lines.append(
+            f"| {s['model'].replace('mc-ref-', '')} | {s['variant']} | {'yes' if s['rotate'] else 'no'} | {cb} | {sb} "
+            f"| {s['dppl_mean_pct']:+.2f}% | {s['dppl_pooled_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | "
+            + " | ".join(f"{s[f'dppl_{d}_pct']:+.2f}%" for d in bq.DOMAINS)
+            + " |"
+        )
+    lines += ["", f"| model | {pair_header} | Δppl of a [95% CI] | windows |", "|---|---|---|---|"]
+    for p in paired:
+        lo, hi = p["ci95_pct"]
+        lines.append(
+            f"| {p['model'].replace('mc-ref-', '')} | {p['pair']} | {p['dppl_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}] "
+            f"| {p['n']} |"
+        )
+    return "\n".join(lines)

@@ -39,12 +39,14 @@ from lowbit_common import (
     MODELS,
     bq,
     library_allocation,
+    paired_row,
     quantize_plain,
     quantize_rotated,
     random_hadamard,
     routed_inputs,
     summarize,
 )
+from lowbit_common import markdown as lowbit_markdown
 
 GROUP = 128
 VARIANTS = {  # name -> (grid factory or None for the library's GPTQ, group size)
@@ -246,36 +248,12 @@ def pairs(rows: list[dict]) -> list[dict]:
                 todo.append((f"{a} vs {b} ({tag})", by[(a, rotate)], by[(b, rb)]))
     out = []
     for what, r, base in todo:
-        m, se, n = bq.paired(r, base)["all"]
-        ci = [100 * (math.exp(m - 1.96 * se) - 1), 100 * (math.exp(m + 1.96 * se) - 1)]
-        out.append({"model": r["model"], "pair": what, "dppl_pct": 100 * (math.exp(m) - 1), "ci95_pct": ci, "n": n})
+        out.append(paired_row(r["model"], what, r, base))
     return out
 
 
 def markdown(summary: list[dict], paired: list[dict]) -> str:
-    lines = [
-        "| model | variant | rotation | code bits | stored bits | Δppl mean of domains | Δppl pooled [95% CI] "
-        "| code | docs | quotes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        sb = "-" if s["stored_bits"] is None else f"{s['stored_bits']:.3f}"
-        cb = "-" if s["code_bits"] is None else f"{s['code_bits']:.2f}"
-        lo, hi = s["dppl_pooled_ci95_pct"]
-        lines.append(
-            f"| {s['model'].replace('mc-ref-', '')} | {s['variant']} | {'yes' if s['rotate'] else 'no'} | {cb} | {sb} "
-            f"| {s['dppl_mean_pct']:+.2f}% | {s['dppl_pooled_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | "
-            + " | ".join(f"{s[f'dppl_{d}_pct']:+.2f}%" for d in bq.DOMAINS)
-            + " |"
-        )
-    lines += ["", "| model | paired (a vs b, same windows) | Δppl of a [95% CI] | windows |", "|---|---|---|---|"]
-    for p in paired:
-        lo, hi = p["ci95_pct"]
-        lines.append(
-            f"| {p['model'].replace('mc-ref-', '')} | {p['pair']} | {p['dppl_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}] "
-            f"| {p['n']} |"
-        )
-    return "\n".join(lines)
+    return lowbit_markdown(summary, paired, "Δppl mean of domains", 3, "paired (a vs b, same windows)")
 
 
 def _write(args, rows, windows) -> None:

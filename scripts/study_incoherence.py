@@ -37,12 +37,14 @@ import bench_quality as bq  # noqa: E402  (windows, per-window NLL and paired st
 from lowbit_common import (  # noqa: E402
     MODELS,
     library_allocation,
+    paired_row,
     quantize_plain,
     quantize_rotated,
     random_hadamard,
     routed_inputs,
     summarize,
 )
+from lowbit_common import markdown as lowbit_markdown  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- quantization
@@ -167,40 +169,14 @@ def pairs(rows: list[dict]) -> list[dict]:
                 (f"{variant} vs uniform-2 ({'rotated' if rotate else 'plain'})", by[(model, "uniform-2", rotate)])
             )
         for what, base in todo:
-            m, se, n = bq.paired(r, base)["all"]
-            ci = [100 * (math.exp(m - 1.96 * se) - 1), 100 * (math.exp(m + 1.96 * se) - 1)]
-            out.append({"model": model, "pair": what, "dppl_pct": 100 * (math.exp(m) - 1), "ci95_pct": ci, "n": n})
+            out.append(paired_row(model, what, r, base))
     return out
 
 
 def markdown(summary: list[dict], paired: list[dict]) -> str:
-    lines = [
-        "| model | variant | rotation | code bits | stored bits | Δppl vs float (mean of domains) | Δppl pooled "
-        "[95% CI] | code | docs | quotes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        cb = "-" if s["code_bits"] is None else f"{s['code_bits']:.2f}"
-        sb = "-" if s["stored_bits"] is None else f"{s['stored_bits']:.2f}"
-        lo, hi = s["dppl_pooled_ci95_pct"]
-        lines.append(
-            f"| {s['model'].replace('mc-ref-', '')} | {s['variant']} | {'yes' if s['rotate'] else 'no'} | {cb} | {sb} "
-            f"| {s['dppl_mean_pct']:+.2f}% | {s['dppl_pooled_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | "
-            + " | ".join(f"{s[f'dppl_{d}_pct']:+.2f}%" for d in bq.DOMAINS)
-            + " |"
-        )
-    lines += [
-        "",
-        "| model | paired comparison (a vs b, same windows) | Δppl of a [95% CI] | windows |",
-        "|---|---|---|---|",
-    ]
-    for p in paired:
-        lo, hi = p["ci95_pct"]
-        lines.append(
-            f"| {p['model'].replace('mc-ref-', '')} | {p['pair']} | {p['dppl_pct']:+.2f}% [{lo:+.2f}, {hi:+.2f}] "
-            f"| {p['n']} |"
-        )
-    return "\n".join(lines)
+    return lowbit_markdown(
+        summary, paired, "Δppl vs float (mean of domains)", 2, "paired comparison (a vs b, same windows)"
+    )
 
 
 def main(argv=None) -> int:
