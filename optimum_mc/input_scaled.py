@@ -300,16 +300,22 @@ def _meta_copy(block: nn.Module) -> nn.Module:
     return copy.deepcopy(block, memo)
 
 
-def adapt_input_scaled_blocks(layers: nn.ModuleList) -> int:
-    """Replace every input-scaled MoE block of the decoder ``layers`` (see the module docstring) by an
-    :class:`InputScaledMoE`; the number replaced."""
+def replace_blocks(layers: nn.ModuleList, adapted: type, adapt) -> int:
+    """Replace each child of the decoder ``layers`` for which ``adapt(name, child)`` returns a module (children
+    already of type ``adapted`` are left as they are); the number replaced."""
     n = 0
     for i, layer in enumerate(layers):
         for name, child in list(layer.named_children()):
-            if isinstance(child, InputScaledMoE):
+            if isinstance(child, adapted):
                 continue
-            new = _adapt(f"layers.{i}.{name}", child)
+            new = adapt(f"layers.{i}.{name}", child)
             if new is not None:
                 setattr(layer, name, new)
                 n += 1
     return n
+
+
+def adapt_input_scaled_blocks(layers: nn.ModuleList) -> int:
+    """Replace every input-scaled MoE block of the decoder ``layers`` (see the module docstring) by an
+    :class:`InputScaledMoE`; the number replaced."""
+    return replace_blocks(layers, InputScaledMoE, _adapt)

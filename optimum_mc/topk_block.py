@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
-from .input_scaled import _SCORES, _meta_copy, _scores
+from .input_scaled import _SCORES, _meta_copy, _scores, replace_blocks
 
 _PROBE_TOKENS = 16
 
@@ -205,13 +205,4 @@ def _adapt(name: str, block: nn.Module) -> TopKBlock | None:
 def adapt_topk_blocks(layers: nn.ModuleList) -> int:
     """Replace every block of the decoder ``layers`` that routes in the block (see the module docstring) by a
     :class:`TopKBlock`; the number replaced."""
-    n = 0
-    for i, layer in enumerate(layers):
-        for name, child in list(layer.named_children()):
-            if isinstance(child, TopKBlock):
-                continue
-            new = _adapt(f"layers.{i}.{name}", child)
-            if new is not None:
-                setattr(layer, name, new)
-                n += 1
-    return n
+    return replace_blocks(layers, TopKBlock, _adapt)
