@@ -27,7 +27,7 @@ from .calibration.tuning import tune_layer
 from .config import MCConfig
 from .errors import CalibrationError
 from .expert_layout import canonical_experts, expert_act, experts_layout
-from .group_quant import check_finite, grid_of
+from .group_quant import check_finite
 from .nn import MCExperts
 from .nn.experts import packed_like
 
@@ -47,25 +47,12 @@ class LayerFactors:
     methods: list[str] = field(default_factory=list)
 
 
-def gptq_options(config: MCConfig) -> GPTQOptions:
-    return GPTQOptions(
-        group_size=config.group_size,
-        damp_percent=config.damp_percent,
-        block_size=config.block_size,
-        act_order=config.act_order,
-        min_tokens=config.min_expert_tokens,
-        zero_point=grid_of(config.zero_point, config.metadata),
-        clip_search=config.clip_search,
-        group_fit=config.group_fit,
-    )
-
-
 class PMQ:
     """Mixed-precision quantization of a model's routed experts; holds what it measured and chose per MoE layer."""
 
     def __init__(self, config: MCConfig, arch: MoEArchitecture, structures: list[nn.Module]) -> None:
         self.config, self.arch = config, arch
-        self.opts = gptq_options(config)
+        self.opts = GPTQOptions.from_config(config)
         blocks = {i: moe_block(layer, i, arch) for i, layer in enumerate(structures)}
         self.moe_layers = [i for i, b in blocks.items() if b is not None]
         self.num_experts = {i: int(blocks[i].experts.num_experts) for i in self.moe_layers}

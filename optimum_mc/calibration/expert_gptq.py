@@ -83,9 +83,7 @@ def quantize_experts(
     (rows, hidden), inter, dev = w0.shape, d0.shape[1], w0.device  # rows: 2I, or I of non-gated experts
     del w0, d0  # only their shapes and device were needed
     step = chunk_size(hidden, inter, dev.type)
-    kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
-    kw["zero_point"], kw["clip_search"] = opts.zero_point, opts.clip_search
-    kw["group_fit"] = opts.group_fit
+    kw = opts.gptq_kwargs()
     for start in range(0, len(gptq), step):
         chunk = gptq[start : start + step]
         widths = [split(bits[e]) for e in chunk]  # (gate_up, down) per expert

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..gptq import calibration_free_quantize, gptq_quantize_multi
-from ..group_quant import dequantize_matrix, rtn_quantize
+from ..group_quant import dequantize_matrix, grid_of, rtn_quantize
 from ..kernels.activations import intermediate
 
 QuantTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes uint8, scales fp16, zeros fp16
@@ -46,6 +46,31 @@ class GPTQOptions:
     zero_point: str = "float"
     clip_search: bool = False
     group_fit: str = "minmax"
+
+    @classmethod
+    def from_config(cls, config) -> GPTQOptions:
+        """The options an ``MCConfig`` sets (the grid: its ``zero_point`` with its ``metadata``)."""
+        return cls(
+            group_size=config.group_size,
+            damp_percent=config.damp_percent,
+            block_size=config.block_size,
+            act_order=config.act_order,
+            min_tokens=config.min_expert_tokens,
+            zero_point=grid_of(config.zero_point, config.metadata),
+            clip_search=config.clip_search,
+            group_fit=config.group_fit,
+        )
+
+    def gptq_kwargs(self) -> dict:
+        """Keyword arguments of :func:`~optimum_mc.gptq.gptq_quantize` and its multi-width / batched forms."""
+        return dict(
+            damp_percent=self.damp_percent,
+            block_size=self.block_size,
+            act_order=self.act_order,
+            zero_point=self.zero_point,
+            clip_search=self.clip_search,
+            group_fit=self.group_fit,
+        )
 
 
 @dataclass
@@ -107,9 +132,7 @@ def quantize_expert(
         }
     from .hessians import input_hessian, mid_hessian
 
-    kw = dict(damp_percent=opts.damp_percent, block_size=opts.block_size, act_order=opts.act_order)
-    kw["zero_point"], kw["clip_search"] = opts.zero_point, opts.clip_search
-    kw["group_fit"] = opts.group_fit
+    kw = opts.gptq_kwargs()
     gu = gptq_quantize_multi(w_gate_up, input_hessian(x, token_weights), bits, opts.group_size, **kw)
     dn = gptq_quantize_multi(w_down, mid_hessian(w_gate_up, x, act_fn, token_weights), bits, opts.group_size, **kw)
     return {b: ExpertQuant(b, gu[k], dn[k], "gptq") for k, b in enumerate(bits)}

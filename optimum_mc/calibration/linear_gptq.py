@@ -12,10 +12,11 @@ from torch import nn
 from ..architectures import MoEArchitecture, MoEBlock, set_submodule
 from ..config import MCConfig
 from ..gptq import gptq_quantize
-from ..group_quant import check_finite, grid_of
+from ..group_quant import check_finite
 from ..nn import QuantLinear
 from ..nn.nf4_linear import NF4Linear
 from .capture import LinearInputs
+from .factors import GPTQOptions
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class LinearGPTQ:
         self.config, self.arch = config, arch
         self.layer_names, self.converted = layer_names, converted
         self.bits: dict[str, int] = {}
+        self.opts = GPTQOptions.from_config(config)
 
     def targets(self, idx: int, layer: nn.Module, block: MoEBlock | None) -> dict[str, nn.Linear]:
         prefix = self.layer_names[idx] + "."
@@ -125,18 +127,7 @@ class LinearGPTQ:
                 continue
             self.bits[full] = bits
             w = m.weight.detach().float()
-            codes, scales, zeros = gptq_quantize(
-                w,
-                h.hessian,
-                bits,
-                cfg.group_size,
-                damp_percent=cfg.damp_percent,
-                block_size=cfg.block_size,
-                act_order=cfg.act_order,
-                zero_point=grid_of(cfg.zero_point, cfg.metadata),
-                clip_search=cfg.clip_search,
-                group_fit=cfg.group_fit,
-            )
+            codes, scales, zeros = gptq_quantize(w, h.hessian, bits, cfg.group_size, **self.opts.gptq_kwargs())
             bias = m.bias.detach() if m.bias is not None else None
             new = QuantLinear.from_codes(
                 codes, scales, zeros, bits, bias=bias, dtype=m.weight.dtype, metadata=cfg.metadata
