@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.dequantized import dequantized_reference
+from helpers.dequantized import assert_matches_reference, dequantized_reference
 from helpers.reload import reload_identical
 from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from torch import nn
@@ -142,12 +142,7 @@ def test_quantize_save_reload_generate_against_reference(tmp_path, monkeypatch):
     # against transformers' own block on the dequantized weights (fp32; kernels vs reference matmuls)
     ref = dequantized_reference(again, src)
     assert type(ref.model.layers[0].feed_forward).__name__ == "Llama4TextMoe"  # transformers' own block
-    with torch.no_grad():
-        want = ref(input_ids=ids).logits
-    err = float((logits - want).abs().max())
-    assert err <= 1e-4 * float(want.abs().max()), err
-    out = again.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, ref.generate(ids[:, :5], max_new_tokens=4, do_sample=False))
+    assert_matches_reference(again, logits, ref, ids)
 
     # ODP at the calibrated threshold: equal to the reference with the same slots' scores zeroed (sigmoid scores are
     # not renormalized: the kept weights stay as they are)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.dequantized import assert_matches_reference
 from helpers.reload import reload_identical
 from helpers.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from torch import nn
@@ -188,12 +189,7 @@ def test_quantize_save_reload_generate_against_reference(tmp_path, monkeypatch):
 
     ref = _reference(again, src)
     assert type(ref.transformer.blocks[0].ffn).__name__ == "DbrxFFN"  # transformers' own block
-    with torch.no_grad():
-        want = ref(input_ids=ids).logits
-    err = float((logits - want).abs().max())
-    assert err <= 1e-4 * float(want.abs().max()), err
-    out = again.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, ref.generate(ids[:, :5], max_new_tokens=4, do_sample=False))
+    assert_matches_reference(again, logits, ref, ids)
 
     # ODP at the calibrated thresholds, no token protection: the reference's block with the same slots dropped and
     # the kept weights renormalized (its weights sum to 1)
